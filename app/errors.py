@@ -1,0 +1,98 @@
+"""Domain errors and their one mapping to HTTP responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    """Base of every error a person may see; `code` is stable, `detail` is for people."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "detail": self.detail}
+        if self.field:
+            body["field"] = self.field
+        return body
+
+
+class NotFound(AppError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    code = "conflict"
+
+
+class Invalid(AppError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class Upstream(AppError):
+    """An outside system (registry, history source, model server) failed or is unreachable."""
+
+    status_code = 503
+    code = "upstream_unavailable"
+
+
+# Request validation errors with their own codes, so clients can tell them apart.
+class InvalidPeriod(Invalid):
+    code = "invalid_period"
+
+
+class PeriodTooLong(Invalid):
+    code = "period_too_long"
+
+
+class PartnerNotFound(Invalid):
+    code = "partner_not_found"
+
+
+class ModelNotFound(Invalid):
+    code = "model_not_found"
+
+
+class ModelVersionNotFound(Invalid):
+    code = "model_version_not_found"
+
+
+class ModelSignatureMissing(Invalid):
+    code = "model_signature_missing"
+
+
+class SourceUnknown(Invalid):
+    code = "source_unknown"
+
+
+class SchemaMismatch(Invalid):
+    """The history table lacks columns the model needs, or has incompatible types."""
+
+    code = "schema_mismatch"
+
+
+# Failures during a job.
+class JobCancelled(AppError):
+    status_code = 409
+    code = "cancelled"
+
+
+class DeploymentFailed(Upstream):
+    code = "deployment_failed"
+
+
+class ScoringFailed(Upstream):
+    code = "scoring_failed"
+
+
+class ReconciliationFailed(AppError):
+    code = "reconciliation_failed"

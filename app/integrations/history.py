@@ -1,0 +1,197 @@
+"""Feature history sources: stream a model's input rows for a period as Arrow record batches.
+
+The embedded default is DuckDB over Parquet files: columnar like the Hive tables it stands in for,
+with partition pruning and predicate pushdown, and it streams Arrow batches without loading a
+period into memory. SQLite would need row-by-row conversion and a copy of the data into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+from app.errors import SchemaMismatch, SourceUnknown, Upstream
+from app.integrations.identifiers import check_name, check_table
+from app.integrations.registry import Feature
+
+# Which source column types can feed which model input types without losing information.
+_COMPATIBLE: dict[str, tuple[str, ...]] = {
+    "double": ("floating", "integer", "decimal"),
+    "float": ("floating", "integer", "decimal"),
+    "long": ("integer",),
+    "integer": ("integer",),
+    "boolean": ("boolean",),
+    "string": ("string",),
+}
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """Which rows and columns of a history table a retro test reads."""
+
+    table: str
+    date_column: str
+    id_columns: tuple[str, ...]
+    features: tuple[Feature, ...]
+    start: date
+    end: date
+
+    def __post_init__(self) -> None:
+        check_table(self.table)
+        check_name(self.date_column, what="date_column")
+        for c in self.id_columns:
+            check_name(c, what="id_columns")
+        for f in self.features:
+            check_name(f.name, what="feature")
+
+    @property
+    def columns(self) -> list[str]:
+        """Id columns, then the date column, then features; each named once."""
+        out: list[str] = []
+        for c in (*self.id_columns, self.date_column, *(f.name for f in self.features)):
+            if c not in out:
+                out.append(c)
+        return out
+
+    def between(self, start: date, end: date) -> HistoryQuery:
+        """The same query over a sub-range of the period."""
+        return HistoryQuery(
+            table=self.table,
+            date_column=self.date_column,
+            id_columns=self.id_columns,
+            features=self.features,
+            start=start,
+            end=end,
+        )
+
+
+class HistorySource(Protocol):
+    """A store of feature history that can be read as a stream of batches."""
+
+    def check_schema(self, query: HistoryQuery) -> None:
+        """Raise SourceUnknown or SchemaMismatch before anything is deployed."""
+
+    def count(self, query: HistoryQuery) -> int:
+        """Rows in the period."""
+
+    def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The period's rows, columns as in query.columns, features cast to the model's types."""
+
+    def describe(self, query: HistoryQuery) -> str:
+        """The exact query text, for the manifest."""
+
+
+def type_family(arrow_type: pa.DataType) -> str:
+    """A coarse family of an Arrow type, to decide compatibility with a model input."""
+    if pa.types.is_floating(arrow_type):
+        return "floating"
+    if pa.types.is_integer(arrow_type):
+        return "integer"
+    if pa.types.is_decimal(arrow_type):
+        return "decimal"
+    if pa.types.is_boolean(arrow_type):
+        return "boolean"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "string"
+    if pa.types.is_date(arrow_type) or pa.types.is_timestamp(arrow_type):
+        return "temporal"
+    return str(arrow_type)
+
+
+def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -> None:
+    """Compare a source schema with what the query needs; one error listing every problem."""
+    have = {name.lower(): schema.field(name).type for name in schema.names}
+    missing = [c for c in query.columns if c.lower() not in have]
+    if missing:
+        raise SchemaMismatch(
+            f"{table_label} lacks column(s) the retro test needs: {', '.join(missing)}",
+            field="source",
+        )
+    wrong = []
+    for f in query.features:
+        family = type_family(have[f.name.lower()])
+        if family not in _COMPATIBLE[f.type]:
+            wrong.append(f"{f.name} is {have[f.name.lower()]} but the model wants {f.type}")
+    if type_family(have[query.date_column.lower()]) not in ("temporal", "string"):
+        wrong.append(f"date column {query.date_column} is {have[query.date_column.lower()]}")
+    if wrong:
+        raise SchemaMismatch(f"{table_label} has incompatible column types: {'; '.join(wrong)}", field="source")
+
+
+def conform(batch: pa.RecordBatch, query: HistoryQuery) -> pa.RecordBatch:
+    """Select the query's columns in order and cast features to the model's declared types."""
+    by_lower = {n.lower(): i for i, n in enumerate(batch.schema.names)}
+    arrays, names = [], []
+    feature_types = {f.name: f.arrow_type for f in query.features}
+    for name in query.columns:
+        arr = batch.column(by_lower[name.lower()])
+        if name in feature_types:
+            arr = arr.cast(pa.type_for_alias(feature_types[name]), safe=False)
+        arrays.append(arr)
+        names.append(name)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+class LocalParquetSource:
+    """History as Parquet files under <history_dir>/<table> (optionally Hive-partitioned)."""
+
+    def __init__(self, *, root: Path, memory_limit: str = "512MB", threads: int = 2) -> None:
+        self._root = root
+        self._memory_limit = memory_limit
+        self._threads = threads
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit='{self._memory_limit}'")
+        con.execute(f"SET threads={int(self._threads)}")
+        return con
+
+    def _files(self, query: HistoryQuery) -> str:
+        folder = self._root.joinpath(*check_table(query.table))
+        if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+            raise SourceUnknown(
+                f"history table {query.table!r} not found: no Parquet files under {folder}",
+                field="source",
+            )
+        return str(folder / "**" / "*.parquet")
+
+    def _from(self) -> str:
+        return "read_parquet($files, hive_partitioning = true, union_by_name = true)"
+
+    def _where(self, query: HistoryQuery) -> str:
+        return f'CAST("{query.date_column}" AS DATE) BETWEEN $start AND $end'
+
+    def _params(self, query: HistoryQuery) -> dict[str, object]:
+        return {"files": self._files(query), "start": query.start, "end": query.end}
+
+    def check_schema(self, query: HistoryQuery) -> None:
+        files = self._files(query)
+        with self._connect() as con:
+            try:
+                schema = con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
+            except Exception as exc:
+                raise Upstream(f"cannot read history table {query.table!r}: {exc}") from exc
+        check_columns(query, schema, table_label=f"history table {query.table!r}")
+
+    def count(self, query: HistoryQuery) -> int:
+        with self._connect() as con:
+            rows = con.sql(f"SELECT count(*) FROM {self._from()} WHERE {self._where(query)}", params=self._params(query)).fetchall()
+        return int(rows[0][0])
+
+    def describe(self, query: HistoryQuery) -> str:
+        cols = ", ".join(f'"{c}"' for c in query.columns)
+        return f"SELECT {cols} FROM {self._from()} WHERE {self._where(query)}"
+
+    def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with self._connect() as con:
+            reader = con.sql(self.describe(query), params=self._params(query)).to_arrow_reader(batch_rows)
+            for batch in reader:
+                if batch.num_rows:
+                    yield conform(batch, query)
