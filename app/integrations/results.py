@@ -1,0 +1,63 @@
+"""Result storage: a local directory by default, any fsspec URL (e.g. s3://bucket/prefix) as an option."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+
+
+class ResultStore:
+    """Files of retro tests under one root, addressed by relative paths like '<partner>/<job>/scores.parquet'."""
+
+    def __init__(self, url: str) -> None:
+        self._fs, root = fsspec.core.url_to_fs(url)
+        self._root = root.rstrip("/")
+        self.url = url
+
+    def path(self, rel: str) -> str:
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"unsafe result path {rel!r}")
+        return f"{self._root}/{rel}"
+
+    def location(self, rel: str) -> str:
+        """Where a person or another system finds rel."""
+        return self._fs.unstrip_protocol(self.path(rel))
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[Any]]:
+        """Write rel atomically: readers see the old file or the complete new one, never a partial one."""
+        final = self.path(rel)
+        tmp = f"{final}.tmp"
+        self._fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self._fs.open(tmp, "wb") as fh:
+                yield fh
+            self._fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(tmp)
+            raise
+
+    def open_read(self, rel: str) -> IO[Any]:
+        return self._fs.open(self.path(rel), "rb")  # type: ignore[no-any-return]
+
+    def exists(self, rel: str) -> bool:
+        return bool(self._fs.exists(self.path(rel)))
+
+    def size(self, rel: str) -> int:
+        return int(self._fs.size(self.path(rel)))
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.open_read(rel) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def remove_tree(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm(self.path(rel), recursive=True)

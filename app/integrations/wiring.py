@@ -1,0 +1,45 @@
+"""Build each outside-system adapter from settings, once per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from app.config import Settings, get_settings
+from app.integrations.deployers import Deployer, LocalMLServerDeployer
+from app.integrations.history import HistorySource, LocalParquetSource
+from app.integrations.registry import MlflowRegistry
+from app.integrations.results import ResultStore
+
+
+def make_registry(settings: Settings) -> MlflowRegistry:
+    return MlflowRegistry(
+        tracking_uri=settings.resolved_tracking_uri(), registry_uri=settings.resolved_registry_uri()
+    )
+
+
+def make_history_source(settings: Settings) -> HistorySource:
+    if settings.history_source == "local":
+        return LocalParquetSource(root=settings.resolved_history_dir())
+    raise NotImplementedError(f"history source {settings.history_source!r} is not available yet")
+
+
+def make_deployer(settings: Settings) -> Deployer:
+    return LocalMLServerDeployer(
+        work_dir=(settings.var_dir / "deployments").resolve(), executable=settings.mlserver_executable
+    )
+
+
+def make_result_store(settings: Settings) -> ResultStore:
+    return ResultStore(settings.resolved_results_url())
+
+
+@lru_cache
+def get_registry() -> MlflowRegistry:
+    """The process-wide registry client."""
+    return make_registry(get_settings())
+
+
+@lru_cache
+def get_result_store() -> ResultStore:
+    """The process-wide result store."""
+    return make_result_store(get_settings())

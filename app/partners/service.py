@@ -1,0 +1,68 @@
+"""Partners: the companies whose customers' history is scored."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.audit.service import record
+from app.errors import Conflict, NotFound
+from app.partners.models import Partner
+from app.partners.schemas import PartnerCreate, PartnerUpdate
+from app.retro_tests.models import RetroTest
+
+
+def get_partner(*, session: Session, partner_id: uuid.UUID) -> Partner:
+    """The partner, or NotFound."""
+    partner = session.get(Partner, partner_id)
+    if partner is None:
+        raise NotFound(f"no partner with id {partner_id}")
+    return partner
+
+
+def find_by_code(*, session: Session, code: str) -> Partner | None:
+    """The partner with this code, if any."""
+    return session.scalars(select(Partner).where(Partner.code == code)).one_or_none()
+
+
+def list_partners(*, session: Session) -> list[Partner]:
+    return list(session.scalars(select(Partner).order_by(Partner.code)))
+
+
+def create_partner(*, session: Session, data: PartnerCreate, actor: str) -> Partner:
+    """Add a partner; its code must be new."""
+    if find_by_code(session=session, code=data.code) is not None:
+        raise Conflict(f"a partner with code {data.code!r} already exists", field="code")
+    partner = Partner(code=data.code, name=data.name, contact_email=data.contact_email)
+    session.add(partner)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise Conflict(f"a partner with code {data.code!r} already exists", field="code") from None
+    record(session=session, actor=actor, action="partner.create", subject_type="partner", subject_id=partner.id, code=data.code)
+    return partner
+
+
+def update_partner(*, session: Session, partner_id: uuid.UUID, data: PartnerUpdate, actor: str) -> Partner:
+    partner = get_partner(session=session, partner_id=partner_id)
+    changes = data.model_dump(exclude_unset=True)
+    for key, value in changes.items():
+        setattr(partner, key, value)
+    session.flush()
+    record(session=session, actor=actor, action="partner.update", subject_type="partner", subject_id=partner.id, changes=changes)
+    return partner
+
+
+def delete_partner(*, session: Session, partner_id: uuid.UUID, actor: str) -> None:
+    """Delete a partner that has no retro tests; one with history is kept for the audit trail."""
+    partner = get_partner(session=session, partner_id=partner_id)
+    jobs = session.scalar(select(func.count()).select_from(RetroTest).where(RetroTest.partner_id == partner.id))
+    if jobs:
+        raise Conflict(f"partner {partner.code!r} has {jobs} retro test(s) and cannot be deleted")
+    session.delete(partner)
+    session.flush()
+    record(session=session, actor=actor, action="partner.delete", subject_type="partner", subject_id=partner_id, code=partner.code)

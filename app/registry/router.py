@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from app.integrations.registry import MlflowRegistry
+from app.integrations.wiring import get_registry
+
+router = APIRouter(prefix="/api/v1/models", tags=["registry models"])
+
+
+@router.get("")
+def list_models(registry: Annotated[MlflowRegistry, Depends(get_registry)]) -> list[dict[str, Any]]:
+    """Registered models with their aliases and latest version."""
+    return registry.list_models()
+
+
+@router.get("/{name}/versions")
+def list_versions(name: str, registry: Annotated[MlflowRegistry, Depends(get_registry)]) -> list[dict[str, Any]]:
+    """Every version of a model, newest first, with its aliases and source tags."""
+    return registry.list_versions(name=name)

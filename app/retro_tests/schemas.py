@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.config import OutputFormat
+from app.retro_tests.models import State
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class SourceOverride(BaseModel):
+    """Where the model's history lives, when the model version's tags are missing or must be overridden."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: Annotated[str, Field(max_length=257, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")] | None = None
+    date_column: Identifier | None = None
+    id_columns: Annotated[list[Identifier], Field(min_length=1, max_length=16)] | None = None
+
+
+class RetroTestCreate(BaseModel):
+    """A request to score a partner's history with one model version over one period."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "partner_code": "acme",
+                    "model_name": "churn",
+                    "model_alias": "champion",
+                    "period_start": "2026-01-01",
+                    "period_end": "2026-03-31",
+                    "output_formats": ["parquet", "csv.gz"],
+                    "note": "Q1 retro test asked for by ACME's risk team",
+                }
+            ]
+        },
+    )
+
+    partner_code: Annotated[str, Field(min_length=1, max_length=64)]
+    model_name: Annotated[str, Field(min_length=1, max_length=256)]
+    model_version: Annotated[str, Field(pattern=r"^[0-9]{1,9}$")] | None = Field(
+        default=None, description="A registry version number; give this or model_alias."
+    )
+    model_alias: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="A registry alias such as 'champion'; resolved to a version at submission."
+    )
+    period_start: date
+    period_end: date
+    output_formats: Annotated[list[OutputFormat], Field(min_length=1, max_length=2)] | None = None
+    source: SourceOverride | None = None
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_version_or_alias(self) -> RetroTestCreate:
+        if (self.model_version is None) == (self.model_alias is None):
+            raise ValueError("give exactly one of model_version or model_alias")
+        return self
+
+
+class ProgressOut(BaseModel):
+    rows_total: int | None
+    rows_read: int
+    rows_scored: int
+    rows_rejected: int
+    chunks_total: int | None
+    chunks_done: int
+    percent: float | None
+
+
+class StageOut(BaseModel):
+    state: str
+    started_at: datetime
+    seconds: float | None
+
+
+class ResultFileOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    kind: str
+    format: str
+    rows: int | None
+    bytes: int
+    sha256: str
+    download_url: str
+
+
+class RetroTestOut(BaseModel):
+    id: uuid.UUID
+    partner_id: uuid.UUID
+    partner_code: str
+    model_name: str
+    model_version: str
+    requested_version: str | None
+    requested_alias: str | None
+    model_run_id: str | None
+    model_uri: str
+    period_start: date
+    period_end: date
+    output_formats: list[str]
+    source_table: str
+    date_column: str
+    id_columns: list[str]
+    note: str | None
+    requested_by: str
+    state: State
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+    stages: list[StageOut]
+    progress: ProgressOut
+    error: dict[str, Any] | None
+    result_location: str | None
+    files: list[ResultFileOut]
+
+
+class RetroTestPage(BaseModel):
+    items: list[RetroTestOut]
+    total: int
+    limit: int
+    offset: int

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app.config import Settings, get_settings
+from app.db import get_engine
+from app.integrations.wiring import get_registry
+from worker.celery_app import celery_app
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+def _check_db() -> None:
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check_broker() -> None:
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+
+
+def _check_registry() -> None:
+    get_registry().ping()
+
+
+@router.get("/ready", responses={503: {"description": "A dependency is not reachable"}})
+def ready(settings: Annotated[Settings, Depends(get_settings)]) -> JSONResponse:
+    """Readiness: the database, the broker and the model registry all answer within a few seconds."""
+    checks: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {"database": pool.submit(_check_db), "broker": pool.submit(_check_broker), "registry": pool.submit(_check_registry)}
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=settings.registry_timeout_s)
+                checks[name] = "ok"
+            except FutureTimeout:
+                checks[name] = "timeout"
+            except Exception as exc:
+                checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
