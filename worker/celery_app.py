@@ -21,11 +21,15 @@ def make_celery() -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        # Redis redelivers unacked messages after this; it must outlast the longest job.
-        broker_transport_options={"visibility_timeout": 12 * 3600, "polling_interval": 0.5},
         worker_hijack_root_logger=False,
         task_default_queue="retrotest",
     )
+    if broker.startswith(("redis", "rediss")):
+        # Redis redelivers unacked messages after this; it must outlast the longest job.
+        app.conf.broker_transport_options = {"visibility_timeout": 12 * 3600}
+    else:
+        app.conf.broker_transport_options = {}
+        app.conf.broker_polling_interval = 0.5
     return app
 
 

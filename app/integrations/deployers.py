@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ class LocalMLServerDeployer:
         (folder / "settings.json").write_text(json.dumps(settings))
         (folder / "model-settings.json").write_text(json.dumps(model_settings))
         log = (folder / "mlserver.log").open("ab")
-        exe = shutil.which(self._executable) or self._executable
+        exe = _find_executable(self._executable)
         proc = subprocess.Popen(
             [exe, "start", str(folder)],
             stdout=log,
@@ -182,6 +183,14 @@ class LocalMLServerDeployer:
 
     def is_running(self, name: str) -> bool:
         return self._alive(name)
+
+
+def _find_executable(name: str) -> str:
+    """name on PATH, or beside this Python (a virtualenv's bin/ is often not on PATH)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise DeploymentFailed(f"cannot find the model server executable {name!r}; set RETRO_MLSERVER_EXECUTABLE")
+    return found
 
 
 def _kill_group(pid: int, grace_s: float = 10.0) -> None:

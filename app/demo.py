@@ -1,0 +1,114 @@
+"""`retrotest demo`: a real retro test on embedded defaults, from an empty folder to result files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import httpx
+import typer
+
+from app.demo_data import DEMO_MODEL, register_demo_model, write_history
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    fh = log.open("ab")
+    return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_ready(client: httpx.Client, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("the API or the worker exited while starting; see the logs in the demo folder")
+        try:
+            if client.get("/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the API did not become ready in time")
+
+
+def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_running: bool, today: date) -> int:
+    """Set everything up, run one retro test through the REST API, print the outcome; returns an exit code."""
+    t0 = time.monotonic()
+    directory = directory.resolve()
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    env = {**os.environ, "RETRO_VAR_DIR": str(directory), "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
+    for key in ("RETRO_DATABASE_URL", "RETRO_BROKER_URL", "RETRO_MLFLOW_TRACKING_URI", "RETRO_MLFLOW_REGISTRY_URI", "RETRO_RESULTS_URL", "RETRO_HISTORY_DIR"):
+        env.pop(key, None)
+    tracking = f"sqlite:///{directory / 'mlflow.db'}"
+
+    typer.echo(f"1/5 registering a sample churn model in a local MLflow registry ({tracking})")
+    version = register_demo_model(tracking_uri=tracking, artifact_root=directory / "mlflow-artifacts")
+    start = today - timedelta(days=days + 7)
+    typer.echo(f"2/5 writing synthetic feature history: {days} days x {rows_per_day:,} customers")
+    stats = write_history(root=directory / "history", start=start, days=days, rows_per_day=rows_per_day)
+    typer.echo(f"    {stats.rows:,} rows, {stats.start} .. {stats.end}")
+
+    typer.echo(f"3/5 starting the API on port {port} and a worker (SQLite database, SQLite broker)")
+    exe = [sys.executable, "-m", "app.cli"]
+    api = _start([*exe, "serve", "--port", str(port)], env, directory / "api.log")
+    worker = _start([*exe, "worker"], env, directory / "worker.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"X-Retro-User": "demo"}) as client:
+            _wait_ready(client, [api, worker])
+            client.post("/api/v1/partners", json={"code": "demo-partner", "name": "Demo Partner"}).raise_for_status()
+            body = {
+                "partner_code": "demo-partner",
+                "model_name": DEMO_MODEL,
+                "model_alias": "champion",
+                "period_start": stats.start.isoformat(),
+                "period_end": stats.end.isoformat(),
+            }
+            typer.echo(f"4/5 submitting: POST /api/v1/retro-tests {body}")
+            resp = client.post("/api/v1/retro-tests", json=body)
+            if resp.status_code != 202:
+                typer.echo(f"the API refused the request ({resp.status_code}): {resp.text}", err=True)
+                return 1
+            t_submit = time.monotonic()
+            from app.cli import _print_job, wait_for
+
+            job = wait_for(client, resp.headers["location"], interval=0.5)
+            t_done = time.monotonic()
+            typer.echo("5/5 done")
+            _print_job(job)
+            scored = job["progress"]["rows_scored"]
+            ok = job["state"] == "succeeded" and scored == stats.rows and job["progress"]["rows_read"] == stats.rows
+            typer.echo(
+                f"\nsource rows {stats.rows:,}; result rows {scored:,}: {'equal' if scored == stats.rows else 'NOT EQUAL'}"
+            )
+            typer.echo(
+                f"model version {version}; job wall time {t_done - t_submit:.1f} s "
+                f"({stats.rows / (t_done - t_submit):,.0f} rows/s end to end); demo wall time {t_done - t0:.1f} s"
+            )
+            if keep_running and ok:
+                typer.echo(f"the API stays up at http://127.0.0.1:{port}/docs; press Ctrl-C to stop")
+                try:
+                    api.wait()
+                except KeyboardInterrupt:
+                    pass
+            return 0 if ok else 1
+    finally:
+        _stop(worker)
+        _stop(api)
