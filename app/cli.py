@@ -55,9 +55,11 @@ def serve(
 @app.command()
 def worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
     """Run a Celery worker that executes retro tests."""
+    from app.config import get_settings
     from worker.celery_app import celery_app
 
-    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "-Q", "retrotest", "--without-gossip", "--without-mingle"])
+    queue = get_settings().queue_name
+    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "-Q", queue, "--without-gossip", "--without-mingle"])
 
 
 def _bar(job: dict[str, Any]) -> str:

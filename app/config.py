@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Celery broker. Embedded default: kombu's SQLAlchemy transport on SQLite (no server).
     broker_url: str = ""
+    queue_name: str = "retrotest"
 
     # MLflow registry.
     mlflow_tracking_uri: str = ""

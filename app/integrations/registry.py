@@ -9,6 +9,7 @@ from typing import Any
 
 from app.errors import (
     ModelNotFound,
+    NotFound,
     ModelSignatureMissing,
     ModelVersionNotFound,
     SourceUnknown,
@@ -229,7 +230,7 @@ class MlflowRegistry:
             )
         except MlflowException as exc:
             if _not_found(exc):
-                raise ModelNotFound(f"no model named {name!r} in the registry") from None
+                raise NotFound(f"no model named {name!r} in the registry") from None
             raise Upstream(f"the model registry failed: {exc.message}") from exc
         by_version: dict[str, list[str]] = {}
         for alias, v in (registered.aliases or {}).items():

@@ -1,0 +1,243 @@
+"""Session fixtures: a fresh Postgres database, Redis as broker, a real MLflow registry, real history files.
+
+Environment variables are set before any app module reads its settings, so the app under test, the
+worker processes and the fixtures all see the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("RETRO_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("RETRO_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+_RUN = secrets.token_hex(4)
+_TMP = Path(tempfile.mkdtemp(prefix=f"retrotest-{_RUN}-"))
+DB_NAME = f"retrotest_{_RUN}"
+
+# Settings for everything under test; set before app.config is imported anywhere.
+os.environ.update(
+    {
+        "RETRO_ENV": "test",
+        "RETRO_VAR_DIR": str(_TMP / "var"),
+        "RETRO_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
+        "RETRO_BROKER_URL": REDIS_URL,
+        "RETRO_QUEUE_NAME": f"retrotest-{_RUN}",
+        "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{_TMP / 'mlflow.db'}",
+        "RETRO_HISTORY_DIR": str(_TMP / "history"),
+        "RETRO_RESULTS_URL": str(_TMP / "results"),
+        "RETRO_CHUNK_DAYS": "1",
+        "RETRO_SCORE_BATCH_ROWS": "1000",
+        "RETRO_READ_BATCH_ROWS": "5000",
+    }
+)
+
+# The history every end-to-end test reads: 4 days before "today minus 30".
+HISTORY_START = date.today() - timedelta(days=34)
+HISTORY_DAYS = 4
+ROWS_PER_DAY = 2_500
+
+
+def _admin_engine():  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh Postgres database for this test session, migrated to head with Alembic."""
+    from sqlalchemy import text
+
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{DB_NAME}"'))
+    from app.cli import migrate_database
+
+    migrate_database()
+    yield os.environ["RETRO_DATABASE_URL"]
+    from app.db import get_engine
+
+    get_engine().dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def registry() -> dict[str, str]:
+    """A real MLflow registry (SQLite + file artifacts) holding the sample models the tests need."""
+    from app.demo_data import register_demo_model
+
+    tracking = os.environ["RETRO_MLFLOW_TRACKING_URI"]
+    artifacts = _TMP / "mlflow-artifacts"
+    versions = {
+        "churn": register_demo_model(tracking_uri=tracking, artifact_root=artifacts),
+        "nosig": register_demo_model(tracking_uri=tracking, artifact_root=artifacts, name="nosig", with_signature=False),
+    }
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    # A model whose version carries no source tags: requests must name the source themselves.
+    untagged = register_demo_model(tracking_uri=tracking, artifact_root=artifacts, name="untagged")
+    for key in ("retro.source.table", "retro.source.date_column", "retro.source.id_columns"):
+        client.delete_model_version_tag("untagged", untagged, key)
+    versions["untagged"] = untagged
+    return versions
+
+
+@pytest.fixture(scope="session")
+def history() -> Path:
+    """Synthetic partitioned history: HISTORY_DAYS days x ROWS_PER_DAY customers."""
+    from app.demo_data import write_history
+
+    root = Path(os.environ["RETRO_HISTORY_DIR"])
+    write_history(root=root, start=HISTORY_START, days=HISTORY_DAYS, rows_per_day=ROWS_PER_DAY)
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str):  # type: ignore[no-untyped-def]
+    from app.db import get_engine
+
+    return get_engine()
+
+
+@pytest.fixture()
+def db_session(engine):  # type: ignore[no-untyped-def]
+    """A session inside one transaction that is rolled back after the test; services' commits become savepoints."""
+    from sqlalchemy.orm import Session
+
+    connection = engine.connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture()
+def client(db_session, registry):  # type: ignore[no-untyped-def]
+    """The API in-process, on the rolled-back test session."""
+    from fastapi.testclient import TestClient
+
+    from app.db import get_session
+    from app.main import create_app
+
+    api = create_app()
+    api.dependency_overrides[get_session] = lambda: db_session
+    with TestClient(api, headers={"X-Retro-User": "tester"}) as c:
+        yield c
+
+
+def make_partner(client, code: str = "acme") -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """Create a partner through the API."""
+    resp = client.post("/api/v1/partners", json={"code": code, "name": code.upper()})
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stack:
+    """A running API server and Celery worker, as separate processes."""
+
+    def __init__(self, base_url: str, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+        self.base_url = base_url
+        self.procs = procs
+        self.logs = logs
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, headers={"X-Retro-User": "e2e"})
+
+    def wait(self, job_id: str, *, until: set[str], timeout_s: float = 240) -> dict:  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while True:
+                job = c.get(f"/api/v1/retro-tests/{job_id}").json()
+                if job["state"] in until:
+                    return dict(job)
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}\n{self.tail()}")
+                time.sleep(0.3)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
+
+
+def start_process(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[Stack]:
+    """The API and a real Celery worker process on Postgres + Redis, started once per session."""
+    port = free_port()
+    logs = _TMP / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    exe = [sys.executable, "-m", "app.cli"]
+    procs = [
+        start_process([*exe, "serve", "--port", str(port), "--skip-migrations"], env=env, log=logs / "api.log"),
+        start_process([*exe, "worker"], env=env, log=logs / "worker.log"),
+    ]
+    s = Stack(f"http://127.0.0.1:{port}", procs, logs)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{s.base_url}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                stop_process(p)
+            raise RuntimeError(f"the API or worker did not start:\n{s.tail()}")
+        time.sleep(0.5)
+    yield s
+    for p in procs:
+        stop_process(p)
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    """Drop this session's queue from Redis and its temporary folder."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).delete(os.environ["RETRO_QUEUE_NAME"])
+    except Exception:
+        pass
+    shutil.rmtree(_TMP, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The REST API for retro tests: every refusal at submission, duplicates, listing, cancel."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import HISTORY_DAYS, HISTORY_START, make_partner
+
+START = HISTORY_START.isoformat()
+END = (HISTORY_START + timedelta(days=HISTORY_DAYS - 1)).isoformat()
+
+
+def request(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "partner_code": "acme",
+        "model_name": "churn",
+        "model_version": "1",
+        "period_start": START,
+        "period_end": END,
+    }
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.fixture()
+def acme(client) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return make_partner(client, "acme")
+
+
+def test_create_returns_202_with_location(client, acme) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/retro-tests", json=request(model_version=None, model_alias="champion"))
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert resp.headers["location"].endswith(f"/api/v1/retro-tests/{job['id']}")
+    assert job["state"] == "queued"
+    assert job["model_version"] == "1" and job["requested_alias"] == "champion"
+    assert job["source_table"] == "features.customer_daily"
+    assert job["id_columns"] == ["customer_id"] and job["requested_by"] == "tester"
+    assert client.get(resp.headers["location"]).json()["id"] == job["id"]
+
+
+def test_identical_active_request_returns_the_existing_job(client, acme) -> None:  # type: ignore[no-untyped-def]
+    first = client.post("/api/v1/retro-tests", json=request())
+    # Same model version reached through its alias: the same work, so the same job.
+    second = client.post("/api/v1/retro-tests", json=request(model_version=None, model_alias="champion"))
+    assert first.status_code == 202 and second.status_code == 200
+    assert second.json()["id"] == first.json()["id"]
+    other = client.post("/api/v1/retro-tests", json=request(period_start=END))
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "code", "words"),
+    [
+        ({"period_start": END, "period_end": START}, 422, "invalid_period", "is after period_end"),
+        ({"period_end": (date.today() + timedelta(days=1)).isoformat()}, 422, "invalid_period", "in the future"),
+        ({"period_start": (date.today() - timedelta(days=400)).isoformat()}, 422, "period_too_long", "at most 366"),
+        ({"partner_code": "nobody"}, 422, "partner_not_found", "no partner with code 'nobody'"),
+        ({"model_name": "nope"}, 422, "model_not_found", "no model named 'nope'"),
+        ({"model_version": "99"}, 422, "model_version_not_found", "has no version 99"),
+        ({"model_version": None, "model_alias": "retired"}, 422, "model_version_not_found", "aliases: champion"),
+        ({"model_alias": "champion"}, 422, "invalid_request", "exactly one of model_version or model_alias"),
+        ({"model_version": None}, 422, "invalid_request", "exactly one of model_version or model_alias"),
+        ({"model_version": "one"}, 422, "invalid_request", "model_version"),
+        ({"model_name": "nosig"}, 422, "model_signature_missing", "without an input signature"),
+        ({"model_name": "untagged"}, 422, "source_unknown", "retro.source.table"),
+        ({"period_start": "2026-02-30"}, 422, "invalid_request", "period_start"),
+        ({"output_formats": ["xlsx"]}, 422, "invalid_request", "output_formats"),
+        ({"source": {"table": "x; DROP TABLE y"}}, 422, "invalid_request", "source.table"),
+        ({"source": {"id_columns": ["a`b"]}}, 422, "invalid_request", "source.id_columns"),
+        ({"surprise": 1}, 422, "invalid_request", "surprise"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_clear_message(client, acme, overrides, status, code, words) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/retro-tests", json=request(**overrides))
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == code
+    assert words in body["detail"]
+    assert client.get("/api/v1/retro-tests").json()["total"] == 0  # nothing was queued
+
+
+def test_malformed_json_is_a_422(client, acme) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post("/api/v1/retro-tests", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    assert resp.json()["error"] == "invalid_request"
+
+
+def test_untagged_model_works_with_a_source_in_the_request(client, acme) -> None:  # type: ignore[no-untyped-def]
+    source = {"table": "features.customer_daily", "date_column": "snapshot_date", "id_columns": ["customer_id"]}
+    resp = client.post("/api/v1/retro-tests", json=request(model_name="untagged", source=source))
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["source_table"] == "features.customer_daily"
+
+
+def test_list_filters_and_pages(client, acme) -> None:  # type: ignore[no-untyped-def]
+    make_partner(client, "globex")
+    for day in range(3):
+        d = (HISTORY_START + timedelta(days=day)).isoformat()
+        assert client.post("/api/v1/retro-tests", json=request(period_start=d, period_end=d)).status_code == 202
+    assert client.post("/api/v1/retro-tests", json=request(partner_code="globex")).status_code == 202
+    page = client.get("/api/v1/retro-tests", params={"partner": "acme", "limit": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    rest = client.get("/api/v1/retro-tests", params={"partner": "acme", "limit": 2, "offset": 2}).json()
+    assert len(rest["items"]) == 1
+    ids = {j["id"] for j in page["items"]} | {j["id"] for j in rest["items"]}
+    assert len(ids) == 3
+    assert client.get("/api/v1/retro-tests", params={"state": "queued", "model": "churn"}).json()["total"] == 4
+    assert client.get("/api/v1/retro-tests", params={"state": "succeeded"}).json()["total"] == 0
+    bad = client.get("/api/v1/retro-tests", params={"state": "sleeping"})
+    assert bad.status_code == 422 and "state" in bad.json()["detail"]
+    assert client.get("/api/v1/retro-tests", params={"limit": 0}).status_code == 422
+
+
+def test_cancel_a_queued_job_then_cancel_again_is_a_conflict(client, acme) -> None:  # type: ignore[no-untyped-def]
+    job = client.post("/api/v1/retro-tests", json=request()).json()
+    resp = client.post(f"/api/v1/retro-tests/{job['id']}/cancel")
+    assert resp.status_code == 202
+    assert resp.json()["state"] == "cancelled"
+    again = client.post(f"/api/v1/retro-tests/{job['id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    # A cancelled job no longer blocks an identical new request.
+    assert client.post("/api/v1/retro-tests", json=request()).status_code == 202
+
+
+def test_unknown_and_malformed_ids(client) -> None:  # type: ignore[no-untyped-def]
+    missing = client.get("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert client.get("/api/v1/retro-tests/not-a-uuid").status_code == 422
+    assert client.post("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000/cancel").status_code == 404
+    assert client.get("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000/files/scores.parquet").status_code == 404
+
+
+def test_audit_trail_records_who_did_what(client, acme, db_session) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from app.audit.models import AuditEvent
+
+    job = client.post("/api/v1/retro-tests", json=request()).json()
+    client.post(f"/api/v1/retro-tests/{job['id']}/cancel")
+    events = db_session.scalars(select(AuditEvent).where(AuditEvent.subject_id == job["id"]).order_by(AuditEvent.id)).all()
+    assert [(e.actor, e.action) for e in events] == [("tester", "retro_test.create"), ("tester", "retro_test.cancel")]

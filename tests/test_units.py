@@ -1,0 +1,99 @@
+"""Pure functions of the pipeline, the scorer and validation."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pytest
+
+from app.errors import Invalid, InvalidPeriod, PeriodTooLong
+from app.integrations.identifiers import check_name, check_table
+from app.integrations.registry import Feature
+from app.integrations.scoring import decode_v2, encode_v2, split_nulls
+from app.retro_tests.service import check_period
+from worker.pipeline import plan_chunks
+
+FEATURES = (Feature("x", "double"), Feature("n", "long"), Feature("flag", "boolean"), Feature("plan", "string"))
+
+
+def test_plan_chunks_cover_the_period_once() -> None:
+    chunks = plan_chunks(date(2026, 1, 30), date(2026, 2, 8), 3)
+    assert [c.key for c in chunks] == ["2026-01-30", "2026-02-02", "2026-02-05", "2026-02-08"]
+    assert chunks[-1].start == chunks[-1].end == date(2026, 2, 8)
+    days = sum((c.end - c.start).days + 1 for c in chunks)
+    assert days == 10
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "error"),
+    [
+        (date(2026, 3, 2), date(2026, 3, 1), InvalidPeriod),
+        (date(2026, 3, 1), date(2026, 3, 11), InvalidPeriod),  # after "today"
+        (date(2025, 1, 1), date(2026, 3, 1), PeriodTooLong),
+    ],
+)
+def test_check_period_refuses(start: date, end: date, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        check_period(start=start, end=end, max_days=366, today=date(2026, 3, 10))
+
+
+def test_check_period_accepts_a_year_ending_today() -> None:
+    check_period(start=date(2025, 3, 10), end=date(2026, 3, 10), max_days=366, today=date(2026, 3, 10))
+
+
+@pytest.mark.parametrize("bad", ["a b", "x;drop", "`x`", "x--", "1abc", "", "é", "a" * 129, "x'y"])
+def test_identifiers_refuse_anything_but_plain_names(bad: str) -> None:
+    with pytest.raises(Invalid):
+        check_name(bad, what="column")
+
+
+def test_table_names() -> None:
+    assert check_table("db.t_1") == ("db", "t_1")
+    for bad in ("a.b.c", "a..b", "a.b;", ".a"):
+        with pytest.raises(Invalid):
+            check_table(bad)
+
+
+def _batch() -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            "x": pa.array([1.5, None, 0.1], pa.float64()),
+            "n": pa.array([1, 2, None], pa.int64()),
+            "flag": pa.array([True, False, True]),
+            "plan": pa.array(["a", "b", "c"]),
+        }
+    )
+
+
+def test_split_nulls_names_the_columns() -> None:
+    good, bad, reasons = split_nulls(_batch(), FEATURES)
+    assert good.num_rows == 1 and bad.num_rows == 2
+    assert reasons == ["null in model input(s): x", "null in model input(s): n"]
+
+
+def test_encode_v2_is_columnwise_with_exact_floats() -> None:
+    batch = _batch().slice(0, 1)
+    body = orjson.loads(encode_v2(batch, FEATURES))
+    by_name = {i["name"]: i for i in body["inputs"]}
+    assert by_name["x"] == {"name": "x", "datatype": "FP64", "shape": [1, 1], "data": [1.5]}
+    assert by_name["n"]["datatype"] == "INT64" and by_name["flag"]["datatype"] == "BOOL"
+    assert by_name["plan"]["data"] == ["a"] and by_name["plan"]["parameters"] == {"content_type": "str"}
+    value = 0.1 + 0.2
+    assert orjson.loads(orjson.dumps(np.array([value]), option=orjson.OPT_SERIALIZE_NUMPY))[0] == value  # JSON keeps every bit of a double
+
+
+def test_decode_v2_names_score_columns() -> None:
+    two = orjson.dumps({"outputs": [{"name": "o", "shape": [2, 2], "datatype": "FP64", "data": [0.1, 0.9, 0.2, 0.8]}]})
+    assert decode_v2(two, rows=2, output_names=("p0", "p1")).to_pydict() == {"p0": [0.1, 0.2], "p1": [0.9, 0.8]}
+    assert decode_v2(two, rows=2, output_names=()).column_names == ["score_0", "score_1"]
+    one = orjson.dumps({"outputs": [{"name": "o", "shape": [2], "datatype": "FP64", "data": [1, 0]}]})
+    assert decode_v2(one, rows=2, output_names=()).column_names == ["score"]
+
+
+def test_decode_v2_refuses_a_wrong_row_count() -> None:
+    body = orjson.dumps({"outputs": [{"name": "o", "shape": [3], "datatype": "FP64", "data": [1, 0, 1]}]})
+    with pytest.raises(Exception, match="3 results for 2 rows"):
+        decode_v2(body, rows=2, output_names=())
