@@ -22,7 +22,7 @@ def make_celery() -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        task_default_queue="retrotest",
+        task_default_queue=settings.queue_name,
     )
     if broker.startswith(("redis", "rediss")):
         # Redis redelivers unacked messages after this; it must outlast the longest job.

@@ -1,0 +1,29 @@
+# retrotest API, worker and migrations: one image, the command picks the role.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RETRO_VAR_DIR=/data/var
+
+WORKDIR /app
+
+# Pinned dependencies first, so code changes do not reinstall them.
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
+
+# Editable install: `retrotest migrate` finds alembic.ini and migrations/ next to the app package.
+COPY pyproject.toml alembic.ini ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install --no-deps -e .
+
+RUN useradd --create-home --uid 10001 retro \
+    && mkdir -p /data/var /data/results /data/history \
+    && chown -R retro:retro /data
+USER retro
+
+EXPOSE 8000
+CMD ["retrotest", "serve", "--host", "0.0.0.0", "--port", "8000"]

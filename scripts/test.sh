@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The one test command: install, start PostgreSQL and Redis, run pytest with any arguments given.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/bootstrap.sh
+bash scripts/services.sh
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,227 @@
+"""Whole retro tests through the REST API, a real Celery worker, real MLServer and real files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack
+
+END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
+
+
+def mlserver_processes_for(job_id: str) -> list[int]:
+    """Pids of model servers started for this job (their cmdline holds the deployment folder)."""
+    name = f"retro-{job_id.replace('-', '')[:24]}"
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if name.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def submit(stack: Stack, partner: str, **overrides: Any) -> dict[str, Any]:
+    with stack.client() as c:
+        c.post("/api/v1/partners", json={"code": partner, "name": partner})
+        body = {
+            "partner_code": partner,
+            "model_name": "churn",
+            "model_alias": "champion",
+            "period_start": HISTORY_START.isoformat(),
+            "period_end": END.isoformat(),
+            **overrides,
+        }
+        resp = c.post("/api/v1/retro-tests", json=body)
+        assert resp.status_code == 202, resp.text
+        return dict(resp.json())
+
+
+def source_rows(history: Path, table: str = "features.customer_daily") -> pd.DataFrame:
+    dataset = ds.dataset(history.joinpath(*table.split(".")), format="parquet", partitioning="hive")
+    df = dataset.to_table().to_pandas()
+    df["snapshot_date"] = pd.to_datetime(df["snapshot_date"]).dt.date
+    return df
+
+
+def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: Stack, history: Path) -> None:
+    import mlflow
+
+    job = submit(stack, "e2e-main")
+    done = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    expected_rows = HISTORY_DAYS * ROWS_PER_DAY
+    progress = done["progress"]
+    assert progress["rows_total"] == progress["rows_read"] == progress["rows_scored"] == expected_rows
+    assert progress["chunks_done"] == progress["chunks_total"] == HISTORY_DAYS
+    assert [s["state"] for s in done["stages"]] == ["queued", "resolving", "extracting", "deploying", "scoring", "publishing", "succeeded"]
+
+    files = {f["name"]: f for f in done["files"]}
+    assert set(files) == {"scores.parquet", "scores.csv.gz", "manifest.json"}
+    with stack.client() as c:
+        blobs = {name: c.get(f["download_url"]).content for name, f in files.items()}
+    for name, f in files.items():
+        assert hashlib.sha256(blobs[name]).hexdigest() == f["sha256"]
+        assert len(blobs[name]) == f["bytes"]
+
+    scores = pq.read_table(io.BytesIO(blobs["scores.parquet"])).to_pandas()
+    assert list(scores.columns) == ["customer_id", "snapshot_date", "p_stay", "p_churn"]
+    assert len(scores) == expected_rows
+    assert not scores.duplicated(["customer_id", "snapshot_date"]).any()
+
+    src = source_rows(history)
+    model = mlflow.pyfunc.load_model("models:/churn/1")
+    feature_names = [c["name"] for c in json.loads(blobs["manifest.json"])["model"]["inputs"]]
+    expected = np.asarray(model.predict(src[feature_names]))
+    merged = src[["customer_id", "snapshot_date"]].assign(e_stay=expected[:, 0], e_churn=expected[:, 1]).merge(
+        scores, on=["customer_id", "snapshot_date"], how="outer", indicator=True
+    )
+    assert (merged["_merge"] == "both").all(), "result rows differ from source rows"
+    diff = max(np.abs(merged.e_stay - merged.p_stay).max(), np.abs(merged.e_churn - merged.p_churn).max())
+    assert diff <= 1e-9, diff
+
+    csv = pacsv.read_csv(pa.py_buffer(__import__("gzip").decompress(blobs["scores.csv.gz"]))).to_pandas()
+    assert len(csv) == expected_rows and list(csv.columns) == list(scores.columns)
+
+    manifest = json.loads(blobs["manifest.json"])
+    assert manifest["model"]["name"] == "churn" and manifest["model"]["version"] == "1"
+    assert manifest["model"]["run_id"] == done["model_run_id"]
+    assert manifest["rows"] == {"total": expected_rows, "read": expected_rows, "scored": expected_rows, "rejected": 0}
+    assert "BETWEEN $start AND $end" in manifest["source"]["query"]
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz")}
+    assert mlserver_processes_for(job["id"]) == []
+
+
+def test_cancel_mid_scoring_stops_the_job_and_the_model_server(stack: Stack, big_history: str) -> None:
+    job = submit(stack, "e2e-cancel", source={"table": big_history})
+    running = stack.wait(job["id"], until={"scoring", "succeeded", "failed", "cancelled"}, timeout_s=120)
+    assert running["state"] == "scoring", running
+    assert mlserver_processes_for(job["id"]), "the model server should be running while scoring"
+    with stack.client() as c:
+        resp = c.post(f"/api/v1/retro-tests/{job['id']}/cancel")
+        assert resp.status_code == 202 and resp.json()["cancel_requested"] is True
+    ended = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=30)
+    assert ended["state"] == "cancelled", ended
+    assert ended["progress"]["rows_scored"] < ended["progress"]["rows_total"]
+    assert ended["files"] == [] and ended["result_location"] is None
+    assert mlserver_processes_for(job["id"]) == []
+
+
+@pytest.fixture(scope="session")
+def big_history(history: Path) -> str:
+    """A larger table, so a job is still scoring when the test cancels it."""
+    from app.demo_data import write_history
+
+    write_history(root=history, table="features.big", start=HISTORY_START, days=HISTORY_DAYS, rows_per_day=150_000)
+    return "features.big"
+
+
+def test_rows_with_null_features_fail_the_job_with_reasons(stack: Stack, history: Path) -> None:
+    folder = history / "features" / "with_nulls" / f"snapshot_date={HISTORY_START.isoformat()}"
+    folder.mkdir(parents=True)
+    table = source_rows(history).query("snapshot_date == @HISTORY_START").head(50).drop(columns=["snapshot_date"])
+    table.loc[[3, 7], "monthly_spend"] = None
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), folder / "part-0.parquet")
+    job = submit(stack, "e2e-nulls", period_end=HISTORY_START.isoformat(), source={"table": "features.with_nulls"})
+    ended = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
+    assert ended["state"] == "failed"
+    assert ended["error"]["code"] == "scoring_failed"
+    assert "2 row(s) could not be scored" in ended["error"]["message"]
+    assert ended["files"] == []
+
+
+def test_missing_column_fails_before_any_deployment(stack: Stack, history: Path) -> None:
+    folder = history / "features" / "no_plan" / f"snapshot_date={HISTORY_START.isoformat()}"
+    folder.mkdir(parents=True)
+    table = source_rows(history).head(10).drop(columns=["snapshot_date", "plan"])
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), folder / "part-0.parquet")
+    job = submit(stack, "e2e-schema", source={"table": "features.no_plan"})
+    ended = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
+    assert ended["state"] == "failed"
+    assert ended["error"]["code"] == "schema_mismatch"
+    assert "plan" in ended["error"]["message"]
+    assert "deploying" not in [s["state"] for s in ended["stages"]]
+
+
+class WorkerDied(BaseException):
+    """Stands for a worker process killed mid-chunk: nothing after it runs, no except clause catches it."""
+
+
+def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(database_url: str, registry: dict[str, str], history: Path) -> None:
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+    from app.partners.models import Partner
+    from app.retro_tests.models import RetroTest, State
+    from worker.pipeline import Adapters, run_retro_test
+
+    settings = get_settings()
+    sessions = get_session_factory()
+    real_source = make_history_source(settings)
+    calls: list[str] = []
+
+    class Source:
+        def __init__(self, die_on: str | None) -> None:
+            self.die_on = die_on
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_source, name)
+
+        def batches(self, query: Any, *, batch_rows: int) -> Any:
+            calls.append(query.start.isoformat())
+            if query.start.isoformat() == self.die_on:
+                yield from real_source.batches(query, batch_rows=100)  # some rows are read and scored ...
+                raise WorkerDied()  # ... then the process dies before the chunk is committed
+            yield from real_source.batches(query, batch_rows=batch_rows)
+
+    with sessions() as s, s.begin():
+        partner = Partner(code=f"redeliver-{uuid.uuid4().hex[:6]}", name="r")
+        s.add(partner)
+        s.flush()
+        job = RetroTest(
+            partner_id=partner.id, model_name="churn", model_version="1", model_uri="", requested_by="test",
+            period_start=HISTORY_START, period_end=END, output_formats=["parquet"], source_override={},
+            request_key=uuid.uuid4().hex, source_table="features.customer_daily", date_column="snapshot_date",
+            id_columns=["customer_id"], state=State.queued, stage_started={},
+        )
+        s.add(job)
+    third_day = (HISTORY_START + timedelta(days=2)).isoformat()
+    adapters = Adapters(registry=make_registry(settings), source=Source(third_day), deployer=make_deployer(settings), store=make_result_store(settings))
+    with pytest.raises(WorkerDied):
+        run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings)
+    with sessions() as s:
+        crashed = s.get(RetroTest, job.id)
+        assert crashed is not None and crashed.state == State.scoring and crashed.chunks_done == 2
+    assert mlserver_processes_for(str(job.id)) == []  # the deployment was torn down on the way out
+
+    calls.clear()
+    adapters.source = Source(None)  # type: ignore[assignment]
+    assert run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings) == State.succeeded
+    assert calls == [third_day, (HISTORY_START + timedelta(days=3)).isoformat()]
+    with sessions() as s:
+        finished = s.get(RetroTest, job.id)
+        assert finished is not None and finished.attempts == 2
+        assert finished.rows_read == finished.rows_scored == HISTORY_DAYS * ROWS_PER_DAY
+        location = finished.result_location
+    assert location is not None
+    scores = pq.read_table(location.removeprefix("file://") + "/scores.parquet").to_pandas()
+    assert len(scores) == HISTORY_DAYS * ROWS_PER_DAY
+    assert not scores.duplicated(["customer_id", "snapshot_date"]).any()
+    assert not os.path.exists(location.removeprefix("file://") + "/parts")
