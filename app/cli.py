@@ -59,7 +59,17 @@ def worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
     from worker.celery_app import celery_app
 
     queue = get_settings().queue_name
-    celery_app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "-Q", queue, "--without-gossip", "--without-mingle"])
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--concurrency={concurrency}",
+            "-Q",
+            queue,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 def _bar(job: dict[str, Any]) -> str:
@@ -88,9 +98,13 @@ def wait_for(client: httpx.Client, job_url: str, *, interval: float = 1.0) -> di
 
 def _print_job(job: dict[str, Any]) -> None:
     typer.echo(f"retro test {job['id']}: {job['state']}")
-    typer.echo(f"  partner {job['partner_code']}, model {job['model_name']} version {job['model_version']}, period {job['period_start']}..{job['period_end']}")
+    typer.echo(
+        f"  partner {job['partner_code']}, model {job['model_name']} version {job['model_version']}, period {job['period_start']}..{job['period_end']}"
+    )
     p = job["progress"]
-    typer.echo(f"  rows total {p['rows_total']}, read {p['rows_read']}, scored {p['rows_scored']}, rejected {p['rows_rejected']}")
+    typer.echo(
+        f"  rows total {p['rows_total']}, read {p['rows_read']}, scored {p['rows_scored']}, rejected {p['rows_rejected']}"
+    )
     for stage in job["stages"]:
         secs = f"{stage['seconds']:.1f} s" if stage["seconds"] is not None else ""
         typer.echo(f"  {stage['state']:<11} {stage['started_at']}  {secs}")
@@ -99,7 +113,9 @@ def _print_job(job: dict[str, Any]) -> None:
     if job["result_location"]:
         typer.echo(f"  results: {job['result_location']}")
     for f in job["files"]:
-        typer.echo(f"  {f['name']:<16} {f['rows'] if f['rows'] is not None else '':>10} rows {f['bytes']:>12,} bytes  sha256 {f['sha256']}")
+        typer.echo(
+            f"  {f['name']:<16} {f['rows'] if f['rows'] is not None else '':>10} rows {f['bytes']:>12,} bytes  sha256 {f['sha256']}"
+        )
         typer.echo(f"    {f['download_url']}")
 
 
@@ -115,7 +131,14 @@ def submit(
     wait: bool = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
-    body = {"partner_code": partner, "model_name": model, "period_start": start, "period_end": end, "model_version": version, "model_alias": alias}
+    body = {
+        "partner_code": partner,
+        "model_name": model,
+        "period_start": start,
+        "period_end": end,
+        "model_version": version,
+        "model_alias": alias,
+    }
     with httpx.Client(base_url=api, timeout=60) as client:
         resp = client.post("/api/v1/retro-tests", json={k: v for k, v in body.items() if v is not None})
         if resp.status_code >= 400:
@@ -123,7 +146,9 @@ def submit(
             typer.echo(f"refused ({resp.status_code}): {err.get('detail', err)}", err=True)
             raise typer.Exit(2)
         job = resp.json()
-        typer.echo(f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: {resp.headers['location']}")
+        typer.echo(
+            f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: {resp.headers['location']}"
+        )
         if wait:
             job = wait_for(client, resp.headers["location"])
             _print_job(job)
@@ -143,7 +168,9 @@ def status(job_id: str, api: Annotated[str, typer.Option(envvar="RETRO_API_URL")
 
 @app.command()
 def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="Where the demo keeps its registry, data and results")] = Path("var/demo"),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo keeps its registry, data and results")
+    ] = Path("var/demo"),
     days: Annotated[int, typer.Option(min=1)] = 100,
     rows_per_day: Annotated[int, typer.Option(min=1)] = 10_000,
     port: int = 8765,
@@ -152,7 +179,16 @@ def demo(
     """Run a real retro test on embedded defaults: registry, history, API and worker on this machine."""
     from app.demo import run_demo
 
-    raise typer.Exit(run_demo(directory=directory, days=days, rows_per_day=rows_per_day, port=port, keep_running=keep_running, today=date.today()))
+    raise typer.Exit(
+        run_demo(
+            directory=directory,
+            days=days,
+            rows_per_day=rows_per_day,
+            port=port,
+            keep_running=keep_running,
+            today=date.today(),
+        )
+    )
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +20,9 @@ from app.demo_data import DEMO_MODEL, register_demo_model, write_history
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     fh = log.open("ab")
-    return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -54,8 +57,20 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    env = {**os.environ, "RETRO_VAR_DIR": str(directory), "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
-    for key in ("RETRO_DATABASE_URL", "RETRO_BROKER_URL", "RETRO_MLFLOW_TRACKING_URI", "RETRO_MLFLOW_REGISTRY_URI", "RETRO_RESULTS_URL", "RETRO_HISTORY_DIR"):
+    env = {
+        **os.environ,
+        "RETRO_VAR_DIR": str(directory),
+        "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in (
+        "RETRO_DATABASE_URL",
+        "RETRO_BROKER_URL",
+        "RETRO_MLFLOW_TRACKING_URI",
+        "RETRO_MLFLOW_REGISTRY_URI",
+        "RETRO_RESULTS_URL",
+        "RETRO_HISTORY_DIR",
+    ):
         env.pop(key, None)
     tracking = f"sqlite:///{directory / 'mlflow.db'}"
 
@@ -104,10 +119,8 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
             )
             if keep_running and ok:
                 typer.echo(f"the API stays up at http://127.0.0.1:{port}/docs; press Ctrl-C to stop")
-                try:
+                with contextlib.suppress(KeyboardInterrupt):
                     api.wait()
-                except KeyboardInterrupt:
-                    pass
             return 0 if ok else 1
     finally:
         _stop(worker)

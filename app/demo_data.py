@@ -58,7 +58,14 @@ def write_history(*, root: Path, table: str = DEMO_TABLE, start: date, days: int
     return HistoryStats(rows=days * rows_per_day, days=days, start=start, end=start + timedelta(days=days - 1))
 
 
-def register_demo_model(*, tracking_uri: str, artifact_root: Path, name: str = DEMO_MODEL, table: str = DEMO_TABLE, with_signature: bool = True) -> str:
+def register_demo_model(
+    *,
+    tracking_uri: str,
+    artifact_root: Path,
+    name: str = DEMO_MODEL,
+    table: str = DEMO_TABLE,
+    with_signature: bool = True,
+) -> str:
     """Train a small churn classifier, log it with signature and source tags, register it; return the version."""
     import mlflow
     import pandas as pd
@@ -76,10 +83,18 @@ def register_demo_model(*, tracking_uri: str, artifact_root: Path, name: str = D
     logit = 0.03 * X.support_calls * 10 + 0.5 * X.late_payments - 0.02 * X.tenure_months + (X.plan == "basic") * 0.8
     y = (logit + np.random.default_rng(1).normal(0, 0.5, len(X)) > 0).astype(int)
     pre = ColumnTransformer(
-        [("num", StandardScaler(), NUMERIC), ("flag", "passthrough", ["roaming"]), ("plan", OneHotEncoder(handle_unknown="ignore"), ["plan"])]
+        [
+            ("num", StandardScaler(), NUMERIC),
+            ("flag", "passthrough", ["roaming"]),
+            ("plan", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+        ]
     )
     model = Pipeline([("pre", pre), ("clf", LogisticRegression(max_iter=500))]).fit(X, y)
-    signature = infer_signature(X, pd.DataFrame(model.predict_proba(X), columns=["p_stay", "p_churn"])) if with_signature else None
+    signature = (
+        infer_signature(X, pd.DataFrame(model.predict_proba(X), columns=["p_stay", "p_churn"]))
+        if with_signature
+        else None
+    )
     experiment = mlflow.get_experiment_by_name("retrotest-demo")
     if experiment is None:
         mlflow.create_experiment("retrotest-demo", artifact_location=artifact_root.resolve().as_uri())

@@ -39,7 +39,7 @@ def create_app() -> FastAPI:
         description=(
             "Score a partner's feature history with an exact MLflow model version over a period. "
             "Submit a retro test, follow its progress, download its result files. "
-            "Errors are JSON: `{\"error\": code, \"detail\": message, \"field\": optional}`."
+            'Errors are JSON: `{"error": code, "detail": message, "field": optional}`.'
         ),
     )
 
@@ -63,7 +63,9 @@ def create_app() -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse({"error": "internal_error", "detail": "an unexpected error occurred; it has been logged"}, status_code=500)
+        return JSONResponse(
+            {"error": "internal_error", "detail": "an unexpected error occurred; it has been logged"}, status_code=500
+        )
 
     app.include_router(system_router)
     app.include_router(partners_router)

@@ -87,7 +87,9 @@ def registry() -> dict[str, str]:
     artifacts = _TMP / "mlflow-artifacts"
     versions = {
         "churn": register_demo_model(tracking_uri=tracking, artifact_root=artifacts),
-        "nosig": register_demo_model(tracking_uri=tracking, artifact_root=artifacts, name="nosig", with_signature=False),
+        "nosig": register_demo_model(
+            tracking_uri=tracking, artifact_root=artifacts, name="nosig", with_signature=False
+        ),
     }
     import mlflow
 
@@ -185,11 +187,15 @@ class Stack:
                 time.sleep(0.3)
 
     def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log"))
+        )
 
 
 def start_process(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

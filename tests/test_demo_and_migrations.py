@@ -13,8 +13,25 @@ from tests.conftest import ROOT, free_port
 def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRO_")}  # embedded defaults only
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--dir", str(tmp_path / "demo"), "--days", "3", "--rows-per-day", "700", "--port", str(free_port())],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "demo",
+            "--dir",
+            str(tmp_path / "demo"),
+            "--days",
+            "3",
+            "--rows-per-day",
+            "700",
+            "--port",
+            str(free_port()),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -25,7 +42,9 @@ def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> Non
 
 def _alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RETRO_DATABASE_URL": url}
-    return subprocess.run([sys.executable, "-m", "alembic", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_migrations_match_the_models_and_go_both_ways(tmp_path: Path, database_url: str) -> None:

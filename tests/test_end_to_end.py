@@ -71,7 +71,15 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     progress = done["progress"]
     assert progress["rows_total"] == progress["rows_read"] == progress["rows_scored"] == expected_rows
     assert progress["chunks_done"] == progress["chunks_total"] == HISTORY_DAYS
-    assert [s["state"] for s in done["stages"]] == ["queued", "resolving", "extracting", "deploying", "scoring", "publishing", "succeeded"]
+    assert [s["state"] for s in done["stages"]] == [
+        "queued",
+        "resolving",
+        "extracting",
+        "deploying",
+        "scoring",
+        "publishing",
+        "succeeded",
+    ]
 
     files = {f["name"]: f for f in done["files"]}
     assert set(files) == {"scores.parquet", "scores.csv.gz", "manifest.json"}
@@ -90,8 +98,10 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     model = mlflow.pyfunc.load_model("models:/churn/1")
     feature_names = [c["name"] for c in json.loads(blobs["manifest.json"])["model"]["inputs"]]
     expected = np.asarray(model.predict(src[feature_names]))
-    merged = src[["customer_id", "snapshot_date"]].assign(e_stay=expected[:, 0], e_churn=expected[:, 1]).merge(
-        scores, on=["customer_id", "snapshot_date"], how="outer", indicator=True
+    merged = (
+        src[["customer_id", "snapshot_date"]]
+        .assign(e_stay=expected[:, 0], e_churn=expected[:, 1])
+        .merge(scores, on=["customer_id", "snapshot_date"], how="outer", indicator=True)
     )
     assert (merged["_merge"] == "both").all(), "result rows differ from source rows"
     diff = max(np.abs(merged.e_stay - merged.p_stay).max(), np.abs(merged.e_churn - merged.p_churn).max())
@@ -105,7 +115,9 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     assert manifest["model"]["run_id"] == done["model_run_id"]
     assert manifest["rows"] == {"total": expected_rows, "read": expected_rows, "scored": expected_rows, "rejected": 0}
     assert "BETWEEN $start AND $end" in manifest["source"]["query"]
-    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz")}
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
+        n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz")
+    }
     assert mlserver_processes_for(job["id"]) == []
 
 
@@ -164,7 +176,9 @@ class WorkerDied(BaseException):
     """Stands for a worker process killed mid-chunk: nothing after it runs, no except clause catches it."""
 
 
-def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(database_url: str, registry: dict[str, str], history: Path) -> None:
+def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
+    database_url: str, registry: dict[str, str], history: Path
+) -> None:
     from app.config import get_settings
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
@@ -196,14 +210,30 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(databas
         s.add(partner)
         s.flush()
         job = RetroTest(
-            partner_id=partner.id, model_name="churn", model_version="1", model_uri="", requested_by="test",
-            period_start=HISTORY_START, period_end=END, output_formats=["parquet"], source_override={},
-            request_key=uuid.uuid4().hex, source_table="features.customer_daily", date_column="snapshot_date",
-            id_columns=["customer_id"], state=State.queued, stage_started={},
+            partner_id=partner.id,
+            model_name="churn",
+            model_version="1",
+            model_uri="",
+            requested_by="test",
+            period_start=HISTORY_START,
+            period_end=END,
+            output_formats=["parquet"],
+            source_override={},
+            request_key=uuid.uuid4().hex,
+            source_table="features.customer_daily",
+            date_column="snapshot_date",
+            id_columns=["customer_id"],
+            state=State.queued,
+            stage_started={},
         )
         s.add(job)
     third_day = (HISTORY_START + timedelta(days=2)).isoformat()
-    adapters = Adapters(registry=make_registry(settings), source=Source(third_day), deployer=make_deployer(settings), store=make_result_store(settings))
+    adapters = Adapters(
+        registry=make_registry(settings),
+        source=Source(third_day),
+        deployer=make_deployer(settings),
+        store=make_result_store(settings),
+    )
     with pytest.raises(WorkerDied):
         run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings)
     with sessions() as s:

@@ -54,9 +54,18 @@ def test_health_and_readiness(client) -> None:  # type: ignore[no-untyped-def]
 def test_docs_list_every_endpoint_with_examples(client) -> None:  # type: ignore[no-untyped-def]
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
-    for path in ("/api/v1/retro-tests", "/api/v1/retro-tests/{job_id}", "/api/v1/retro-tests/{job_id}/cancel",
-                 "/api/v1/retro-tests/{job_id}/files/{name}", "/api/v1/partners", "/api/v1/partners/{partner_id}",
-                 "/api/v1/models", "/api/v1/models/{name}/versions", "/health", "/ready"):
+    for path in (
+        "/api/v1/retro-tests",
+        "/api/v1/retro-tests/{job_id}",
+        "/api/v1/retro-tests/{job_id}/cancel",
+        "/api/v1/retro-tests/{job_id}/files/{name}",
+        "/api/v1/partners",
+        "/api/v1/partners/{partner_id}",
+        "/api/v1/models",
+        "/api/v1/models/{name}/versions",
+        "/health",
+        "/ready",
+    ):
         assert path in paths, path
     assert spec["components"]["schemas"]["RetroTestCreate"]["examples"][0]["model_alias"] == "champion"
     assert client.get("/docs").status_code == 200

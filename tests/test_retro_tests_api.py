@@ -131,7 +131,9 @@ def test_unknown_and_malformed_ids(client) -> None:  # type: ignore[no-untyped-d
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert client.get("/api/v1/retro-tests/not-a-uuid").status_code == 422
     assert client.post("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000/cancel").status_code == 404
-    assert client.get("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000/files/scores.parquet").status_code == 404
+    assert (
+        client.get("/api/v1/retro-tests/00000000-0000-0000-0000-000000000000/files/scores.parquet").status_code == 404
+    )
 
 
 def test_audit_trail_records_who_did_what(client, acme, db_session) -> None:  # type: ignore[no-untyped-def]
@@ -141,5 +143,7 @@ def test_audit_trail_records_who_did_what(client, acme, db_session) -> None:  # 
 
     job = client.post("/api/v1/retro-tests", json=request()).json()
     client.post(f"/api/v1/retro-tests/{job['id']}/cancel")
-    events = db_session.scalars(select(AuditEvent).where(AuditEvent.subject_id == job["id"]).order_by(AuditEvent.id)).all()
+    events = db_session.scalars(
+        select(AuditEvent).where(AuditEvent.subject_id == job["id"]).order_by(AuditEvent.id)
+    ).all()
     assert [(e.actor, e.action) for e in events] == [("tester", "retro_test.create"), ("tester", "retro_test.cancel")]

@@ -82,7 +82,9 @@ def test_encode_v2_is_columnwise_with_exact_floats() -> None:
     assert by_name["n"]["datatype"] == "INT64" and by_name["flag"]["datatype"] == "BOOL"
     assert by_name["plan"]["data"] == ["a"] and by_name["plan"]["parameters"] == {"content_type": "str"}
     value = 0.1 + 0.2
-    assert orjson.loads(orjson.dumps(np.array([value]), option=orjson.OPT_SERIALIZE_NUMPY))[0] == value  # JSON keeps every bit of a double
+    assert (
+        orjson.loads(orjson.dumps(np.array([value]), option=orjson.OPT_SERIALIZE_NUMPY))[0] == value
+    )  # JSON keeps every bit of a double
 
 
 def test_decode_v2_names_score_columns() -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import partial
 from typing import IO, Any
 
 import pyarrow as pa
@@ -110,7 +111,9 @@ def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
     return chunks
 
 
-def run_retro_test(*, job_id: uuid.UUID, sessions: sessionmaker[Session], adapters: Adapters, settings: Settings) -> State:
+def run_retro_test(
+    *, job_id: uuid.UUID, sessions: sessionmaker[Session], adapters: Adapters, settings: Settings
+) -> State:
     """Run a job to a terminal state; safe to call again for a redelivered job."""
     with sessions() as s, s.begin():
         job = s.get(RetroTest, job_id)
@@ -126,13 +129,29 @@ def run_retro_test(*, job_id: uuid.UUID, sessions: sessionmaker[Session], adapte
     control = JobControl(sessions=sessions, job_id=job_id)
     try:
         model = _stage(sessions, job_id, State.resolving, lambda job: resolve(job=job, registry=adapters.registry))
-        query, total = _stage(sessions, job_id, State.extracting, lambda job: extract(job=job, model=model, source=adapters.source))
+        query, total = _stage(
+            sessions, job_id, State.extracting, lambda job: extract(job=job, model=model, source=adapters.source)
+        )
         chunks = plan_chunks(query.start, query.end, settings.chunk_days)
         _set_counters(sessions, job_id, rows_total=total, chunks_total=len(chunks))
-        with deployed(sessions=sessions, job_id=job_id, model=model, deployer=adapters.deployer, settings=settings, control=control) as scorer:
+        with deployed(
+            sessions=sessions,
+            job_id=job_id,
+            model=model,
+            deployer=adapters.deployer,
+            settings=settings,
+            control=control,
+        ) as scorer:
             _stage(sessions, job_id, State.scoring, lambda job: None)
             score_chunks(
-                job_id=job_id, query=query, chunks=chunks, scorer=scorer, adapters=adapters, settings=settings, sessions=sessions, control=control
+                job_id=job_id,
+                query=query,
+                chunks=chunks,
+                scorer=scorer,
+                adapters=adapters,
+                settings=settings,
+                sessions=sessions,
+                control=control,
             )
         _stage(sessions, job_id, State.publishing, lambda job: None)
         publish(job_id=job_id, model=model, query=query, adapters=adapters, sessions=sessions, control=control)
@@ -144,7 +163,9 @@ def run_retro_test(*, job_id: uuid.UUID, sessions: sessionmaker[Session], adapte
         return _finish(sessions, job_id, State.failed, error_code=exc.code, error_message=exc.detail)
     except Exception as exc:
         log.exception("retro test %s failed unexpectedly", job_id)
-        return _finish(sessions, job_id, State.failed, error_code="internal_error", error_message=f"{type(exc).__name__}: {exc}")
+        return _finish(
+            sessions, job_id, State.failed, error_code="internal_error", error_message=f"{type(exc).__name__}: {exc}"
+        )
 
 
 def _stage(sessions: sessionmaker[Session], job_id: uuid.UUID, state: State, work: Callable[[RetroTest], Any]) -> Any:
@@ -168,7 +189,14 @@ def _set_counters(sessions: sessionmaker[Session], job_id: uuid.UUID, **values: 
             setattr(job, key, value)
 
 
-def _finish(sessions: sessionmaker[Session], job_id: uuid.UUID, state: State, *, error_code: str | None = None, error_message: str | None = None) -> State:
+def _finish(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    state: State,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> State:
     with sessions() as s, s.begin():
         job = s.get(RetroTest, job_id)
         assert job is not None
@@ -272,11 +300,17 @@ def score_chunks(
                 pool=pool,
                 adapters=adapters,
                 settings=settings,
-                on_progress=lambda c, base=base: control.progress(
-                    rows_read=base.read + c.read, rows_scored=base.scored + c.scored, rows_rejected=base.rejected + c.rejected
-                ),
+                on_progress=partial(_report, control=control, base=base),
             )
             _commit_chunk(sessions, job_id, chunk=chunk, counts=counts, prefix=prefix, settings=settings)
+
+
+def _report(counts: ChunkCounts, *, control: JobControl, base: ChunkCounts) -> None:
+    control.progress(
+        rows_read=base.read + counts.read,
+        rows_scored=base.scored + counts.scored,
+        rows_rejected=base.rejected + counts.rejected,
+    )
 
 
 def _committed_totals(sessions: sessionmaker[Session], job_id: uuid.UUID) -> ChunkCounts:
@@ -292,7 +326,13 @@ def _committed_totals(sessions: sessionmaker[Session], job_id: uuid.UUID) -> Chu
 
 
 def _commit_chunk(
-    sessions: sessionmaker[Session], job_id: uuid.UUID, *, chunk: Chunk, counts: ChunkCounts, prefix: str, settings: Settings
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    *,
+    chunk: Chunk,
+    counts: ChunkCounts,
+    prefix: str,
+    settings: Settings,
 ) -> None:
     """Record a finished chunk and the job's totals in one transaction: the checkpoint."""
     with sessions() as s, s.begin():
@@ -405,7 +445,13 @@ def score_chunk(
 
 
 def publish(
-    *, job_id: uuid.UUID, model: ModelVersionInfo, query: HistoryQuery, adapters: Adapters, sessions: sessionmaker[Session], control: JobControl
+    *,
+    job_id: uuid.UUID,
+    model: ModelVersionInfo,
+    query: HistoryQuery,
+    adapters: Adapters,
+    sessions: sessionmaker[Session],
+    control: JobControl,
 ) -> None:
     """Merge the parts into the result files, write the manifest, reconcile, and record the files."""
     store = adapters.store
@@ -413,9 +459,18 @@ def publish(
         job = s.get(RetroTest, job_id)
         assert job is not None
         prefix = job_prefix(job)
-        chunks = list(s.scalars(select(RetroTestChunk).where(RetroTestChunk.retro_test_id == job_id).order_by(RetroTestChunk.chunk_key)))
+        chunks = list(
+            s.scalars(
+                select(RetroTestChunk).where(RetroTestChunk.retro_test_id == job_id).order_by(RetroTestChunk.chunk_key)
+            )
+        )
         formats = list(job.output_formats)
-        rows_total, rows_read, rows_scored, rows_rejected = job.rows_total, job.rows_read, job.rows_scored, job.rows_rejected
+        rows_total, rows_read, rows_scored, rows_rejected = (
+            job.rows_total,
+            job.rows_read,
+            job.rows_scored,
+            job.rows_rejected,
+        )
         manifest_job = {
             "id": str(job.id),
             "partner_id": str(job.partner_id),
@@ -471,7 +526,16 @@ def publish(
     with store.open_write(f"{prefix}/manifest.json") as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
     mrel = f"{prefix}/manifest.json"
-    files.append({"name": "manifest.json", "kind": "manifest", "format": "json", "rows": None, "bytes": store.size(mrel), "sha256": store.sha256(mrel)})
+    files.append(
+        {
+            "name": "manifest.json",
+            "kind": "manifest",
+            "format": "json",
+            "rows": None,
+            "bytes": store.size(mrel),
+            "sha256": store.sha256(mrel),
+        }
+    )
     with sessions() as s, s.begin():
         s.execute(delete(ResultFile).where(ResultFile.retro_test_id == job_id))
         for f in files:

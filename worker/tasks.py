@@ -26,7 +26,7 @@ def _adapters() -> Adapters:
     )
 
 
-@celery_app.task(name="retrotest.run_retro_test", acks_late=True)
+@celery_app.task(name="retrotest.run_retro_test", acks_late=True)  # type: ignore[untyped-decorator]
 def run_retro_test_task(job_id: str) -> str:
     """Run one retro test to a terminal state."""
     state = run_retro_test(

@@ -9,9 +9,7 @@ from sqlalchemy.orm import Session
 from app.audit.models import AuditEvent
 
 
-def record(
-    *, session: Session, actor: str, action: str, subject_type: str, subject_id: object, **detail: Any
-) -> None:
+def record(*, session: Session, actor: str, action: str, subject_type: str, subject_id: object, **detail: Any) -> None:
     """Add an audit event to the session; the caller commits it with the change it describes."""
     session.add(
         AuditEvent(

@@ -6,6 +6,7 @@ can stop it by name, and stop is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,9 +126,7 @@ class LocalMLServerDeployer:
                 if should_stop():
                     raise JobCancelled("cancelled while the model server was starting")
                 if not self._alive(deployment.name):
-                    raise DeploymentFailed(
-                        f"the model server exited while starting: {self._log_tail(deployment.name)}"
-                    )
+                    raise DeploymentFailed(f"the model server exited while starting: {self._log_tail(deployment.name)}")
                 try:
                     if client.get(url).status_code == 200:
                         return
@@ -208,16 +207,12 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
         _reap(pid)
         time.sleep(0.1)
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     _reap(pid)
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status if it is our child, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

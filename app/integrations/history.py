@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -145,7 +145,7 @@ class LocalParquetSource:
         self._memory_limit = memory_limit
         self._threads = threads
 
-    def _connect(self):  # type: ignore[no-untyped-def]
+    def _connect(self) -> Any:
         import duckdb
 
         con = duckdb.connect()
@@ -175,14 +175,18 @@ class LocalParquetSource:
         files = self._files(query)
         with self._connect() as con:
             try:
-                schema = con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
+                schema = (
+                    con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
+                )
             except Exception as exc:
                 raise Upstream(f"cannot read history table {query.table!r}: {exc}") from exc
         check_columns(query, schema, table_label=f"history table {query.table!r}")
 
     def count(self, query: HistoryQuery) -> int:
         with self._connect() as con:
-            rows = con.sql(f"SELECT count(*) FROM {self._from()} WHERE {self._where(query)}", params=self._params(query)).fetchall()
+            rows = con.sql(
+                f"SELECT count(*) FROM {self._from()} WHERE {self._where(query)}", params=self._params(query)
+            ).fetchall()
         return int(rows[0][0])
 
     def describe(self, query: HistoryQuery) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 
 from app.errors import (
     ModelNotFound,
-    NotFound,
     ModelSignatureMissing,
     ModelVersionNotFound,
+    NotFound,
     SourceUnknown,
     Upstream,
 )
@@ -121,9 +121,7 @@ class MlflowRegistry:
             registered = self._client.get_registered_model(name)
         except MlflowException as exc:
             if _not_found(exc):
-                raise ModelNotFound(
-                    f"no model named {name!r} in the registry", field="model_name"
-                ) from None
+                raise ModelNotFound(f"no model named {name!r} in the registry", field="model_name") from None
             raise Upstream(f"the model registry failed: {exc.message}") from exc
         except Exception as exc:
             raise Upstream(f"the model registry is unreachable: {exc}") from exc
@@ -132,9 +130,7 @@ class MlflowRegistry:
                 mv = self._client.get_model_version_by_alias(name, alias)
             else:
                 if version is None or not _VERSION.fullmatch(version):
-                    raise ModelVersionNotFound(
-                        f"version {version!r} is not a version number", field="model_version"
-                    )
+                    raise ModelVersionNotFound(f"version {version!r} is not a version number", field="model_version")
                 mv = self._client.get_model_version(name, version)
         except MlflowException as exc:
             aliases = ", ".join(sorted(getattr(registered, "aliases", {}) or {})) or "none"

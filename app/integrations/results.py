@@ -25,7 +25,7 @@ class ResultStore:
 
     def location(self, rel: str) -> str:
         """Where a person or another system finds rel."""
-        return self._fs.unstrip_protocol(self.path(rel))
+        return str(self._fs.unstrip_protocol(self.path(rel)))
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[Any]]:

@@ -44,7 +44,9 @@ class Scorer(Protocol):
         """Score one batch; raise ScoringFailed once retries are spent."""
 
 
-def split_nulls(batch: pa.RecordBatch, features: tuple[Feature, ...]) -> tuple[pa.RecordBatch, pa.RecordBatch, list[str]]:
+def split_nulls(
+    batch: pa.RecordBatch, features: tuple[Feature, ...]
+) -> tuple[pa.RecordBatch, pa.RecordBatch, list[str]]:
     """Split a batch into rows whose features are all present and rows with a null, with reasons."""
     null_masks = {f.name: batch.column(f.name).is_null() for f in features if batch.column(f.name).null_count}
     if not null_masks:

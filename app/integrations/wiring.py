@@ -12,9 +12,7 @@ from app.integrations.results import ResultStore
 
 
 def make_registry(settings: Settings) -> MlflowRegistry:
-    return MlflowRegistry(
-        tracking_uri=settings.resolved_tracking_uri(), registry_uri=settings.resolved_registry_uri()
-    )
+    return MlflowRegistry(tracking_uri=settings.resolved_tracking_uri(), registry_uri=settings.resolved_registry_uri())
 
 
 def make_history_source(settings: Settings) -> HistorySource:

@@ -22,8 +22,11 @@ def list_partners(session: Annotated[Session, Depends(get_session)]) -> list[Par
 
 @router.post("", status_code=201, response_model=PartnerOut, responses={409: {"description": "Code already used"}})
 def create_partner(
-    data: PartnerCreate, request: Request, response: Response,
-    session: Annotated[Session, Depends(get_session)], actor: Annotated[str, Depends(current_actor)],
+    data: PartnerCreate,
+    request: Request,
+    response: Response,
+    session: Annotated[Session, Depends(get_session)],
+    actor: Annotated[str, Depends(current_actor)],
 ) -> PartnerOut:
     """Add a partner. Its code is what account managers type in requests."""
     partner = service.create_partner(session=session, data=data, actor=actor)
@@ -39,17 +42,25 @@ def get_partner(partner_id: uuid.UUID, session: Annotated[Session, Depends(get_s
 
 @router.patch("/{partner_id}", response_model=PartnerOut, responses={404: {"description": "No such partner"}})
 def update_partner(
-    partner_id: uuid.UUID, data: PartnerUpdate,
-    session: Annotated[Session, Depends(get_session)], actor: Annotated[str, Depends(current_actor)],
+    partner_id: uuid.UUID,
+    data: PartnerUpdate,
+    session: Annotated[Session, Depends(get_session)],
+    actor: Annotated[str, Depends(current_actor)],
 ) -> PartnerOut:
     partner = service.update_partner(session=session, partner_id=partner_id, data=data, actor=actor)
     session.commit()
     return PartnerOut.model_validate(partner)
 
 
-@router.delete("/{partner_id}", status_code=204, responses={404: {"description": "No such partner"}, 409: {"description": "The partner has retro tests"}})
+@router.delete(
+    "/{partner_id}",
+    status_code=204,
+    responses={404: {"description": "No such partner"}, 409: {"description": "The partner has retro tests"}},
+)
 def delete_partner(
-    partner_id: uuid.UUID, session: Annotated[Session, Depends(get_session)], actor: Annotated[str, Depends(current_actor)]
+    partner_id: uuid.UUID,
+    session: Annotated[Session, Depends(get_session)],
+    actor: Annotated[str, Depends(current_actor)],
 ) -> Response:
     service.delete_partner(session=session, partner_id=partner_id, actor=actor)
     session.commit()

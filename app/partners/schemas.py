@@ -12,7 +12,9 @@ PartnerCode = Annotated[str, Field(min_length=2, max_length=64, pattern=r"^[a-z0
 class PartnerCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"code": "acme", "name": "ACME Telecom Resale", "contact_email": "risk@acme.example"}]},
+        json_schema_extra={
+            "examples": [{"code": "acme", "name": "ACME Telecom Resale", "contact_email": "risk@acme.example"}]
+        },
     )
 
     code: PartnerCode

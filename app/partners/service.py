@@ -43,7 +43,14 @@ def create_partner(*, session: Session, data: PartnerCreate, actor: str) -> Part
             session.flush()
     except IntegrityError:
         raise Conflict(f"a partner with code {data.code!r} already exists", field="code") from None
-    record(session=session, actor=actor, action="partner.create", subject_type="partner", subject_id=partner.id, code=data.code)
+    record(
+        session=session,
+        actor=actor,
+        action="partner.create",
+        subject_type="partner",
+        subject_id=partner.id,
+        code=data.code,
+    )
     return partner
 
 
@@ -53,7 +60,14 @@ def update_partner(*, session: Session, partner_id: uuid.UUID, data: PartnerUpda
     for key, value in changes.items():
         setattr(partner, key, value)
     session.flush()
-    record(session=session, actor=actor, action="partner.update", subject_type="partner", subject_id=partner.id, changes=changes)
+    record(
+        session=session,
+        actor=actor,
+        action="partner.update",
+        subject_type="partner",
+        subject_id=partner.id,
+        changes=changes,
+    )
     return partner
 
 
@@ -65,4 +79,11 @@ def delete_partner(*, session: Session, partner_id: uuid.UUID, actor: str) -> No
         raise Conflict(f"partner {partner.code!r} has {jobs} retro test(s) and cannot be deleted")
     session.delete(partner)
     session.flush()
-    record(session=session, actor=actor, action="partner.delete", subject_type="partner", subject_id=partner_id, code=partner.code)
+    record(
+        session=session,
+        actor=actor,
+        action="partner.delete",
+        subject_type="partner",
+        subject_id=partner_id,
+        code=partner.code,
+    )

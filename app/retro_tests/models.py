@@ -151,9 +151,7 @@ class RetroTestChunk(Base):
     __table_args__ = (UniqueConstraint("retro_test_id", "chunk_key"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    retro_test_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True
-    )
+    retro_test_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True)
     chunk_key: Mapped[str] = mapped_column(String(32))
     rows_read: Mapped[int] = mapped_column(BigInteger)
     rows_scored: Mapped[int] = mapped_column(BigInteger)
@@ -170,9 +168,7 @@ class ResultFile(Base):
     __table_args__ = (UniqueConstraint("retro_test_id", "name"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    retro_test_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True
-    )
+    retro_test_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # scores | rejects | manifest
     format: Mapped[str] = mapped_column(String(16))

@@ -3,10 +3,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.actors import current_actor
@@ -31,21 +31,60 @@ from worker.celery_app import celery_app
 
 router = APIRouter(prefix="/api/v1/retro-tests", tags=["retro tests"])
 
-ERRORS = {
-    404: {"description": "Not found", "content": {"application/json": {"example": {"error": "not_found", "detail": "no retro test with id ..."}}}},
-    409: {"description": "Conflict", "content": {"application/json": {"example": {"error": "conflict", "detail": "retro test ... is already succeeded and cannot be cancelled"}}}},
-    422: {"description": "Invalid request", "content": {"application/json": {"example": {"error": "period_too_long", "detail": "the period covers 400 days; at most 366 are allowed in one retro test", "field": "period_end"}}}},
-    503: {"description": "An outside system is unavailable", "content": {"application/json": {"example": {"error": "upstream_unavailable", "detail": "the model registry is unreachable: ..."}}}},
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {
+        "description": "Not found",
+        "content": {"application/json": {"example": {"error": "not_found", "detail": "no retro test with id ..."}}},
+    },
+    409: {
+        "description": "Conflict",
+        "content": {
+            "application/json": {
+                "example": {
+                    "error": "conflict",
+                    "detail": "retro test ... is already succeeded and cannot be cancelled",
+                }
+            }
+        },
+    },
+    422: {
+        "description": "Invalid request",
+        "content": {
+            "application/json": {
+                "example": {
+                    "error": "period_too_long",
+                    "detail": "the period covers 400 days; at most 366 are allowed in one retro test",
+                    "field": "period_end",
+                }
+            }
+        },
+    },
+    503: {
+        "description": "An outside system is unavailable",
+        "content": {
+            "application/json": {
+                "example": {"error": "upstream_unavailable", "detail": "the model registry is unreachable: ..."}
+            }
+        },
+    },
 }
 
 
 def to_out(job: RetroTest, request: Request) -> RetroTestOut:
     """The public view of a job, with stage durations and progress worked out."""
-    starts = sorted(((state, datetime.fromisoformat(at)) for state, at in (job.stage_started or {}).items()), key=lambda x: x[1])
+    starts = sorted(
+        ((state, datetime.fromisoformat(at)) for state, at in (job.stage_started or {}).items()), key=lambda x: x[1]
+    )
     stages = []
     for i, (state, at) in enumerate(starts):
-        end = starts[i + 1][1] if i + 1 < len(starts) else (job.finished_at if state not in ("succeeded", "failed", "cancelled") else None)
-        stages.append(StageOut(state=state, started_at=at, seconds=round((end - at).total_seconds(), 3) if end else None))
+        end = (
+            starts[i + 1][1]
+            if i + 1 < len(starts)
+            else (job.finished_at if state not in ("succeeded", "failed", "cancelled") else None)
+        )
+        stages.append(
+            StageOut(state=state, started_at=at, seconds=round((end - at).total_seconds(), 3) if end else None)
+        )
     percent = None
     if job.rows_total:
         percent = round(100.0 * (job.rows_scored + job.rows_rejected) / job.rows_total, 1)
@@ -53,22 +92,48 @@ def to_out(job: RetroTest, request: Request) -> RetroTestOut:
         percent = 100.0
     files = [
         ResultFileOut(
-            name=f.name, kind=f.kind, format=f.format, rows=f.rows, bytes=f.bytes, sha256=f.sha256,
+            name=f.name,
+            kind=f.kind,
+            format=f.format,
+            rows=f.rows,
+            bytes=f.bytes,
+            sha256=f.sha256,
             download_url=str(request.url_for("download_result_file", job_id=job.id, name=f.name)),
         )
         for f in job.files
     ]
     return RetroTestOut(
-        id=job.id, partner_id=job.partner_id, partner_code=job.partner.code, model_name=job.model_name,
-        model_version=job.model_version, requested_version=job.requested_version, requested_alias=job.requested_alias,
-        model_run_id=job.model_run_id, model_uri=job.model_uri, period_start=job.period_start, period_end=job.period_end,
-        output_formats=list(job.output_formats), source_table=job.source_table, date_column=job.date_column,
-        id_columns=list(job.id_columns), note=job.note, requested_by=job.requested_by, state=job.state,
-        cancel_requested=job.cancel_requested, attempts=job.attempts, created_at=job.created_at, finished_at=job.finished_at,
+        id=job.id,
+        partner_id=job.partner_id,
+        partner_code=job.partner.code,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        requested_version=job.requested_version,
+        requested_alias=job.requested_alias,
+        model_run_id=job.model_run_id,
+        model_uri=job.model_uri,
+        period_start=job.period_start,
+        period_end=job.period_end,
+        output_formats=list(job.output_formats),
+        source_table=job.source_table,
+        date_column=job.date_column,
+        id_columns=list(job.id_columns),
+        note=job.note,
+        requested_by=job.requested_by,
+        state=job.state,
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
         stages=stages,
         progress=ProgressOut(
-            rows_total=job.rows_total, rows_read=job.rows_read, rows_scored=job.rows_scored, rows_rejected=job.rows_rejected,
-            chunks_total=job.chunks_total, chunks_done=job.chunks_done, percent=percent,
+            rows_total=job.rows_total,
+            rows_read=job.rows_read,
+            rows_scored=job.rows_scored,
+            rows_rejected=job.rows_rejected,
+            chunks_total=job.chunks_total,
+            chunks_done=job.chunks_done,
+            percent=percent,
         ),
         error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
         result_location=job.result_location if job.state == State.succeeded else None,
@@ -81,7 +146,15 @@ def enqueue(job_id: uuid.UUID) -> None:
     celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
 
 
-@router.post("", status_code=202, response_model=RetroTestOut, responses={200: {"description": "An identical request is already active; that job is returned", "model": RetroTestOut}, **ERRORS})
+@router.post(
+    "",
+    status_code=202,
+    response_model=RetroTestOut,
+    responses={
+        200: {"description": "An identical request is already active; that job is returned", "model": RetroTestOut},
+        **ERRORS,
+    },
+)
 def create_retro_test(
     data: RetroTestCreate,
     request: Request,
@@ -92,7 +165,9 @@ def create_retro_test(
     actor: Annotated[str, Depends(current_actor)],
 ) -> RetroTestOut:
     """Validate and queue a retro test. 202 with Location for a new job; 200 with the existing job for a duplicate."""
-    job, created = service.create_retro_test(session=session, registry=registry, settings=settings, data=data, actor=actor)
+    job, created = service.create_retro_test(
+        session=session, registry=registry, settings=settings, data=data, actor=actor
+    )
     session.commit()
     if created:
         try:
@@ -118,19 +193,28 @@ def list_retro_tests(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RetroTestPage:
     """Retro tests, newest first, filtered by partner, state and model."""
-    jobs, total = service.list_retro_tests(session=session, partner_code=partner, state=state, model_name=model, limit=limit, offset=offset)
+    jobs, total = service.list_retro_tests(
+        session=session, partner_code=partner, state=state, model_name=model, limit=limit, offset=offset
+    )
     return RetroTestPage(items=[to_out(j, request) for j in jobs], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=RetroTestOut, responses={404: ERRORS[404]})
-def get_retro_test(job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)]) -> RetroTestOut:
+def get_retro_test(
+    job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)]
+) -> RetroTestOut:
     """One retro test with its stages, progress, error and result files."""
     return to_out(service.get_retro_test(session=session, job_id=job_id), request)
 
 
-@router.post("/{job_id}/cancel", response_model=RetroTestOut, status_code=202, responses={404: ERRORS[404], 409: ERRORS[409]})
+@router.post(
+    "/{job_id}/cancel", response_model=RetroTestOut, status_code=202, responses={404: ERRORS[404], 409: ERRORS[409]}
+)
 def cancel_retro_test(
-    job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)], actor: Annotated[str, Depends(current_actor)]
+    job_id: uuid.UUID,
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    actor: Annotated[str, Depends(current_actor)],
 ) -> RetroTestOut:
     """Cancel a job. A queued job is cancelled at once; a running one stops within seconds and its model server is stopped."""
     service.request_cancel(session=session, job_id=job_id, actor=actor)
@@ -138,7 +222,11 @@ def cancel_retro_test(
     return to_out(service.get_retro_test(session=session, job_id=job_id), request)
 
 
-@router.get("/{job_id}/files/{name}", response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}}, 404: ERRORS[404]})
+@router.get(
+    "/{job_id}/files/{name}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: ERRORS[404]},
+)
 def download_result_file(
     job_id: uuid.UUID,
     name: str,
@@ -163,10 +251,22 @@ def download_result_file(
             while block := fh.read(1 << 20):
                 yield block
 
-    record(session=session, actor=actor, action="result.download", subject_type="retro_test", subject_id=job.id, file=file.name)
+    record(
+        session=session,
+        actor=actor,
+        action="result.download",
+        subject_type="retro_test",
+        subject_id=job.id,
+        file=file.name,
+    )
     session.commit()
     media = "application/json" if file.format == "json" else "application/octet-stream"
     return StreamingResponse(
-        chunks(), media_type=media,
-        headers={"Content-Length": str(file.bytes), "Content-Disposition": f'attachment; filename="{file.name}"', "Cache-Control": "no-store"},
+        chunks(),
+        media_type=media,
+        headers={
+            "Content-Length": str(file.bytes),
+            "Content-Disposition": f'attachment; filename="{file.name}"',
+            "Cache-Control": "no-store",
+        },
     )

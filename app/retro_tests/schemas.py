@@ -17,7 +17,9 @@ class SourceOverride(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    table: Annotated[str, Field(max_length=257, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")] | None = None
+    table: (
+        Annotated[str, Field(max_length=257, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")] | None
+    ) = None
     date_column: Identifier | None = None
     id_columns: Annotated[list[Identifier], Field(min_length=1, max_length=16)] | None = None
 

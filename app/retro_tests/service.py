@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Protocol
 
@@ -51,7 +52,14 @@ def check_period(*, start: date, end: date, max_days: int, today: date | None = 
         )
 
 
-def request_key(*, partner_id: uuid.UUID, model: ModelVersionInfo, data: RetroTestCreate, source: dict[str, object], formats: list[str]) -> str:
+def request_key(
+    *,
+    partner_id: uuid.UUID,
+    model: ModelVersionInfo,
+    data: RetroTestCreate,
+    source: Mapping[str, object],
+    formats: Sequence[str],
+) -> str:
     """A fingerprint of what the job would compute, so an identical active request is not run twice."""
     canonical = json.dumps(
         {
@@ -207,7 +215,9 @@ def fail_unqueued(*, session: Session, job_id: uuid.UUID, reason: str) -> None:
     """Mark a job that could not be sent to the workers as failed, so it is not left queued forever."""
     job = get_retro_test(session=session, job_id=job_id)
     if job.state == State.queued:
-        advance(job, State.failed, error_code="queue_unavailable", error_message=f"the job queue refused the job: {reason}")
+        advance(
+            job, State.failed, error_code="queue_unavailable", error_message=f"the job queue refused the job: {reason}"
+        )
     session.flush()
 
 

@@ -41,7 +41,11 @@ def ready(settings: Annotated[Settings, Depends(get_settings)]) -> JSONResponse:
     """Readiness: the database, the broker and the model registry all answer within a few seconds."""
     checks: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {"database": pool.submit(_check_db), "broker": pool.submit(_check_broker), "registry": pool.submit(_check_registry)}
+        futures = {
+            "database": pool.submit(_check_db),
+            "broker": pool.submit(_check_broker),
+            "registry": pool.submit(_check_registry),
+        }
         for name, fut in futures.items():
             try:
                 fut.result(timeout=settings.registry_timeout_s)
