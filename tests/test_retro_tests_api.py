@@ -80,7 +80,7 @@ def test_bad_requests_are_refused_with_a_clear_message(client, acme, overrides, 
     body = resp.json()
     assert body["error"] == code
     assert words in body["detail"]
-    assert client.get("/api/v1/retro-tests").json()["total"] == 0  # nothing was queued
+    assert client.get("/api/v1/retro-tests", params={"partner": "acme"}).json()["total"] == 0  # nothing was queued
 
 
 def test_malformed_json_is_a_422(client, acme) -> None:  # type: ignore[no-untyped-def]
@@ -108,8 +108,11 @@ def test_list_filters_and_pages(client, acme) -> None:  # type: ignore[no-untype
     assert len(rest["items"]) == 1
     ids = {j["id"] for j in page["items"]} | {j["id"] for j in rest["items"]}
     assert len(ids) == 3
-    assert client.get("/api/v1/retro-tests", params={"state": "queued", "model": "churn"}).json()["total"] == 4
-    assert client.get("/api/v1/retro-tests", params={"state": "succeeded"}).json()["total"] == 0
+    queued = {"state": "queued", "model": "churn"}
+    assert client.get("/api/v1/retro-tests", params={**queued, "partner": "acme"}).json()["total"] == 3
+    assert client.get("/api/v1/retro-tests", params={**queued, "partner": "globex"}).json()["total"] == 1
+    assert client.get("/api/v1/retro-tests", params={"partner": "acme", "state": "succeeded"}).json()["total"] == 0
+    assert client.get("/api/v1/retro-tests", params={"partner": "acme", "model": "other"}).json()["total"] == 0
     bad = client.get("/api/v1/retro-tests", params={"state": "sleeping"})
     assert bad.status_code == 422 and "state" in bad.json()["detail"]
     assert client.get("/api/v1/retro-tests", params={"limit": 0}).status_code == 422

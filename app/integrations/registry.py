@@ -122,6 +122,8 @@ class MlflowRegistry:
         except MlflowException as exc:
             if _not_found(exc):
                 raise ModelNotFound(f"no model named {name!r} in the registry", field="model_name") from None
+            if _invalid(exc):
+                raise ModelNotFound(f"{name!r} cannot be a model name: {exc.message}", field="model_name") from None
             raise Upstream(f"the model registry failed: {exc.message}") from exc
         except Exception as exc:
             raise Upstream(f"the model registry is unreachable: {exc}") from exc
@@ -225,7 +227,7 @@ class MlflowRegistry:
                 filter_string=f"name = '{name.replace(chr(39), chr(39) * 2)}'", max_results=1000
             )
         except MlflowException as exc:
-            if _not_found(exc):
+            if _not_found(exc) or _invalid(exc):
                 raise NotFound(f"no model named {name!r} in the registry") from None
             raise Upstream(f"the model registry failed: {exc.message}") from exc
         by_version: dict[str, list[str]] = {}
@@ -253,3 +255,7 @@ class MlflowRegistry:
 
 def _not_found(exc: Any) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _invalid(exc: Any) -> bool:
+    return getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE"

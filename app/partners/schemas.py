@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.validation import SafeText
+
 PartnerCode = Annotated[str, Field(min_length=2, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
 
@@ -18,15 +20,19 @@ class PartnerCreate(BaseModel):
     )
 
     code: PartnerCode
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    contact_email: Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    name: Annotated[SafeText, Field(min_length=1, max_length=200)]
+    contact_email: (
+        Annotated[str, Field(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")] | None
+    ) = None
 
 
 class PartnerUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    contact_email: Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    name: Annotated[SafeText, Field(min_length=1, max_length=200)] | None = None
+    contact_email: (
+        Annotated[str, Field(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")] | None
+    ) = None
 
 
 class PartnerOut(BaseModel):

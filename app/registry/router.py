@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 
 from app.integrations.registry import MlflowRegistry
 from app.integrations.wiring import get_registry
+from app.validation import NO_CONTROL_PATTERN
 
 router = APIRouter(prefix="/api/v1/models", tags=["registry models"])
 
@@ -17,6 +18,9 @@ def list_models(registry: Annotated[MlflowRegistry, Depends(get_registry)]) -> l
 
 
 @router.get("/{name}/versions")
-def list_versions(name: str, registry: Annotated[MlflowRegistry, Depends(get_registry)]) -> list[dict[str, Any]]:
+def list_versions(
+    name: Annotated[str, Path(max_length=256, pattern=NO_CONTROL_PATTERN)],
+    registry: Annotated[MlflowRegistry, Depends(get_registry)],
+) -> list[dict[str, Any]]:
     """Every version of a model, newest first, with its aliases and source tags."""
     return registry.list_versions(name=name)

@@ -27,6 +27,7 @@ from app.retro_tests.schemas import (
     RetroTestPage,
     StageOut,
 )
+from app.validation import NO_CONTROL_PATTERN
 from worker.celery_app import celery_app
 
 router = APIRouter(prefix="/api/v1/retro-tests", tags=["retro tests"])
@@ -186,9 +187,11 @@ def create_retro_test(
 def list_retro_tests(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
-    partner: Annotated[str | None, Query(description="Partner code")] = None,
+    partner: Annotated[str | None, Query(description="Partner code", max_length=64, pattern=NO_CONTROL_PATTERN)] = None,
     state: State | None = None,
-    model: Annotated[str | None, Query(description="Registry model name")] = None,
+    model: Annotated[
+        str | None, Query(description="Registry model name", max_length=256, pattern=NO_CONTROL_PATTERN)
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RetroTestPage:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import OutputFormat
 from app.retro_tests.models import State
+from app.validation import NO_CONTROL_PATTERN, Name, SafeText
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -44,19 +45,19 @@ class RetroTestCreate(BaseModel):
         },
     )
 
-    partner_code: Annotated[str, Field(min_length=1, max_length=64)]
-    model_name: Annotated[str, Field(min_length=1, max_length=256)]
+    partner_code: Annotated[str, Field(min_length=1, max_length=64, pattern=NO_CONTROL_PATTERN)]
+    model_name: Name
     model_version: Annotated[str, Field(pattern=r"^[0-9]{1,9}$")] | None = Field(
         default=None, description="A registry version number; give this or model_alias."
     )
-    model_alias: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+    model_alias: Name | None = Field(
         default=None, description="A registry alias such as 'champion'; resolved to a version at submission."
     )
     period_start: date
     period_end: date
     output_formats: Annotated[list[OutputFormat], Field(min_length=1, max_length=2)] | None = None
     source: SourceOverride | None = None
-    note: Annotated[str, Field(max_length=2000)] | None = None
+    note: Annotated[SafeText, Field(max_length=2000)] | None = None
 
     @model_validator(mode="after")
     def _one_of_version_or_alias(self) -> RetroTestCreate:

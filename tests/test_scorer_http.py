@@ -1,0 +1,106 @@
+"""The V2 client's retry policy against a real HTTP server on loopback that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pytest
+
+from app.errors import ScoringFailed
+from app.integrations.deployers import Deployment
+from app.integrations.registry import Feature
+from app.integrations.scoring import BatchRejected, V2Scorer
+
+FEATURES = (Feature("x", "double"),)
+
+
+class Script:
+    """What the server answers, one entry per request: a status code, or 'hang'."""
+
+    def __init__(self) -> None:
+        self.answers: list[int | str] = []
+        self.requests = 0
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[str, Script]]:
+    script = Script()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            script.requests += 1
+            answer = script.answers.pop(0) if script.answers else 200
+            if answer == "hang":
+                time.sleep(1.5)
+                return
+            if answer == 200:
+                xs = body["inputs"][0]["data"]
+                payload = {
+                    "outputs": [{"name": "o", "shape": [len(xs), 1], "datatype": "FP64", "data": [v * 2 for v in xs]}]
+                }
+            else:
+                payload = {"error": f"scripted failure {answer}"}
+            data = json.dumps(payload).encode()
+            self.send_response(int(answer))
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    httpd.shutdown()
+
+
+def scorer(url: str, retries: int = 3) -> V2Scorer:
+    return V2Scorer(
+        deployment=Deployment(name="m", base_url=url, model_name="m"),
+        features=FEATURES,
+        output_names=(),
+        timeout_s=0.5,
+        retries=retries,
+        backoff_s=0.01,
+    )
+
+
+BATCH = pa.RecordBatch.from_pydict({"x": pa.array([1.0, 2.5], pa.float64())})
+
+
+def test_5xx_and_hangs_are_retried_then_scored(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [503, "hang", 500]
+    with scorer(url) as s:
+        result = s.score(BATCH)
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
+    assert script.requests == 4
+
+
+def test_a_4xx_fails_the_batch_at_once_with_the_servers_message(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [400]
+    with scorer(url) as s, pytest.raises(BatchRejected, match="scripted failure 400"):
+        s.score(BATCH)
+    assert script.requests == 1
+
+
+def test_retry_budget_ends_in_a_clear_failure(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [503, 503, 503]
+    with scorer(url, retries=2) as s, pytest.raises(ScoringFailed, match="after 3 attempts.*HTTP 503"):
+        s.score(BATCH)
+
+
+def test_connection_refused_is_retried_and_reported() -> None:
+    with scorer("http://127.0.0.1:9", retries=1) as s, pytest.raises(ScoringFailed, match="ConnectError"):
+        s.score(BATCH)
