@@ -97,7 +97,7 @@ def test_a_4xx_fails_the_batch_at_once_with_the_servers_message(server: tuple[st
 def test_retry_budget_ends_in_a_clear_failure(server: tuple[str, Script]) -> None:
     url, script = server
     script.answers = [503, 503, 503]
-    with scorer(url, retries=2) as s, pytest.raises(ScoringFailed, match="after 3 attempts.*HTTP 503"):
+    with scorer(url, retries=2) as s, pytest.raises(ScoringFailed, match=r"after 3 attempts.*HTTP 503"):
         s.score(BATCH)
 
 
