@@ -40,10 +40,46 @@ class Settings(BaseSettings):
     read_batch_rows: int = Field(default=50_000, ge=1)
     chunk_days: int = Field(default=1, ge=1)
 
-    # Temporary model deployments: "local" starts an MLServer process on this machine.
-    deployer: Literal["local"] = "local"
+    # Temporary model deployments: "local" starts an MLServer process on this machine; the others create a
+    # Seldon Core v1 SeldonDeployment, a Seldon Core v2 Model or a KServe InferenceService on Kubernetes.
+    deployer: Literal["local", "seldon", "seldon_v2", "kserve"] = "local"
     mlserver_executable: str = "mlserver"
     deploy_ready_timeout_s: float = Field(default=180.0, gt=0)
+
+    # Kubernetes (deployers other than "local").
+    k8s_namespace: str = "retrotest-models"
+    k8s_in_cluster: bool = False
+    k8s_kubeconfig: Path | None = None
+    k8s_api_url: str = ""  # overrides kubeconfig/in-cluster with a plain API URL (tests, kubectl proxy)
+    k8s_replicas: int = Field(default=1, ge=1)
+    k8s_cpu_request: str = "500m"
+    k8s_memory_request: str = "1Gi"
+    k8s_cpu_limit: str = "2"
+    k8s_memory_limit: str = "4Gi"
+    k8s_storage_secret: str = ""  # Secret with storage credentials (Seldon envSecretRefName, KServe SA)
+    k8s_image: str = ""  # optional model server image override
+    seldon_protocol: Literal["v2", "seldon"] = "v2"
+    # Where to reach a deployment: a template with {name} and {namespace}; empty means the in-cluster service.
+    k8s_endpoint_template: str = ""
+    seldon_v2_mesh_url: str = "http://seldon-mesh.{namespace}.svc.cluster.local"
+    deployment_ttl_s: int = Field(default=24 * 3600, ge=60)  # expiry label; the reaper deletes after it
+    reaper_interval_s: float = Field(default=300.0, gt=0)
+
+    # Hive (history_source = "hive").
+    hive_host: str = "127.0.0.1"
+    hive_port: int = 10000
+    hive_database: str = "default"
+    hive_username: str = "retrotest"
+    hive_password: SecretStr = SecretStr("")
+    hive_auth: Literal["NONE", "NOSASL", "LDAP", "KERBEROS"] = "NONE"
+    hive_kerberos_service_name: str = "hive"
+    hive_configuration: dict[str, str] = {}  # session settings, e.g. {"mapreduce.job.queuename": "retro"}
+    hive_connect_timeout_s: float = Field(default=30.0, gt=0)
+    hive_query_timeout_s: float = Field(default=3600.0, gt=0)
+    hive_fetch_rows: int = Field(default=50_000, ge=1)
+    # A DATE partition column is compared as a date; a STRING one as text in this format.
+    hive_date_string_format: Literal["yyyy-MM-dd", "yyyyMMdd"] = "yyyy-MM-dd"
+    hive_count_rows: bool = True  # COUNT(*) first, for progress and reconciliation
 
     # Scoring over the Open Inference Protocol (V2).
     score_batch_rows: int = Field(default=5_000, ge=1)
@@ -60,6 +96,13 @@ class Settings(BaseSettings):
     # Public base URL of the API, used in links printed for people.
     public_base_url: str = "http://127.0.0.1:8000"
     secret_key: SecretStr = SecretStr("dev-only-change-me")
+
+    # Seldon Core v1 graph parameters for the model server, e.g. {"xtype": "DataFrame"} (strings).
+    seldon_parameters: dict[str, str] = {}
+    # Observability: the worker serves Prometheus metrics on this port (0: off); logs as JSON lines or text.
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir.resolve() / 'retrotest.db'}"

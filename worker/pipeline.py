@@ -211,7 +211,7 @@ def resolve(*, job: RetroTest, registry: MlflowRegistry) -> ModelVersionInfo:
     return registry.resolve(name=job.model_name, version=job.model_version)
 
 
-def extract(*, job: RetroTest, model: ModelVersionInfo, source: HistorySource) -> tuple[HistoryQuery, int]:
+def extract(*, job: RetroTest, model: ModelVersionInfo, source: HistorySource) -> tuple[HistoryQuery, int | None]:
     """Check the source schema and count the period's rows, before any model is deployed."""
     query = HistoryQuery(
         table=job.source_table,

@@ -76,8 +76,8 @@ class HistorySource(Protocol):
     def check_schema(self, query: HistoryQuery) -> None:
         """Raise SourceUnknown or SchemaMismatch before anything is deployed."""
 
-    def count(self, query: HistoryQuery) -> int:
-        """Rows in the period."""
+    def count(self, query: HistoryQuery) -> int | None:
+        """Rows in the period, or None where counting is switched off."""
 
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
         """The period's rows, columns as in query.columns, features cast to the model's types."""

@@ -16,9 +16,11 @@ def make_registry(settings: Settings) -> MlflowRegistry:
 
 
 def make_history_source(settings: Settings) -> HistorySource:
-    if settings.history_source == "local":
-        return LocalParquetSource(root=settings.resolved_history_dir())
-    raise NotImplementedError(f"history source {settings.history_source!r} is not available yet")
+    if settings.history_source == "hive":
+        from app.integrations.hive import HiveSource, settings_from
+
+        return HiveSource(settings_from(settings))
+    return LocalParquetSource(root=settings.resolved_history_dir())
 
 
 def make_deployer(settings: Settings) -> Deployer:
