@@ -23,7 +23,20 @@ TABLE = "bench.customer_daily"
 DAYS = 10
 START = date(2026, 1, 1)
 END = date(2026, 1, DAYS)
-COLUMNS = ["customer_id", "snapshot_date", "tenure", "spend", "data_gb", "calls", "roaming", "plan", "score_dec", "seg", "flag_i", "ts"]
+COLUMNS = [
+    "customer_id",
+    "snapshot_date",
+    "tenure",
+    "spend",
+    "data_gb",
+    "calls",
+    "roaming",
+    "plan",
+    "score_dec",
+    "seg",
+    "flag_i",
+    "ts",
+]
 
 
 def create_table(host: str, port: int, rows: int) -> None:
@@ -72,16 +85,39 @@ def pull_retrotest(host: str, port: int, fetch: int) -> dict[str, float]:
 
     source = HiveSource(
         HiveSettings(
-            host=host, port=port, database="default", username="bench", password="", auth="NONE",
-            kerberos_service_name="hive", configuration={}, connect_timeout_s=30, query_timeout_s=3600,
-            date_string_format="yyyy-MM-dd", count_rows=False,
+            host=host,
+            port=port,
+            database="default",
+            username="bench",
+            password="",
+            auth="NONE",
+            kerberos_service_name="hive",
+            configuration={},
+            connect_timeout_s=30,
+            query_timeout_s=3600,
+            date_string_format="yyyy-MM-dd",
+            count_rows=False,
         )
     )
-    types = {"tenure": "long", "spend": "double", "data_gb": "double", "calls": "long", "roaming": "boolean",
-             "plan": "string", "score_dec": "double", "seg": "string", "flag_i": "long", "ts": "string"}
+    types = {
+        "tenure": "long",
+        "spend": "double",
+        "data_gb": "double",
+        "calls": "long",
+        "roaming": "boolean",
+        "plan": "string",
+        "score_dec": "double",
+        "seg": "string",
+        "flag_i": "long",
+        "ts": "string",
+    }
     query = HistoryQuery(
-        table=TABLE, date_column="snapshot_date", id_columns=("customer_id",),
-        features=tuple(Feature(n, t) for n, t in types.items() if n != "ts"), start=START, end=END,
+        table=TABLE,
+        date_column="snapshot_date",
+        id_columns=("customer_id",),
+        features=tuple(Feature(n, t) for n, t in types.items() if n != "ts"),
+        start=START,
+        end=END,
     )
     source.check_schema(query)
     t0 = time.perf_counter()
@@ -99,8 +135,22 @@ def child(method: str, host: str, port: int, fetch: int) -> None:
 
 def measure(method: str, host: str, port: int, fetch: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.hive_pull", "--child", method, "--host", host, "--port", str(port), "--fetch", str(fetch)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.hive_pull",
+            "--child",
+            method,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--fetch",
+            str(fetch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -125,18 +175,25 @@ def main() -> None:
         server = start_hive_server(Path(tempfile.mkdtemp(prefix="bench-hive-")))
         args.host, args.port = server.host, server.port
     try:
-        print(f"creating {TABLE} with {args.rows:,} rows, {len(COLUMNS)} columns, {DAYS} date partitions ...", flush=True)
+        print(
+            f"creating {TABLE} with {args.rows:,} rows, {len(COLUMNS)} columns, {DAYS} date partitions ...", flush=True
+        )
         create_table(args.host, args.port, args.rows)
         best: dict[str, dict[str, float]] = {}
         for i in range(args.repeat):
             for method in ("pyhive", "retrotest"):  # interleaved, so both see the same machine load
                 r = measure(method, args.host, args.port, args.fetch)
                 assert r["rows"] == args.rows, f"{method} read {r['rows']} rows, expected {args.rows}"
-                print(f"  run {i + 1} {method:<10} {r['rows'] / r['seconds']:>12,.0f} rows/s  {r['seconds']:6.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+                print(
+                    f"  run {i + 1} {method:<10} {r['rows'] / r['seconds']:>12,.0f} rows/s  {r['seconds']:6.2f} s  peak RSS {r['peak_rss_mb']:6.0f} MB",
+                    flush=True,
+                )
                 if method not in best or r["seconds"] < best[method]["seconds"]:
                     best[method] = r
         p, o = best["pyhive"], best["retrotest"]
-        print(f"\nhive_pull: {args.rows:,} rows x {len(COLUMNS)} columns, fetch size {args.fetch:,}, best of {args.repeat}")
+        print(
+            f"\nhive_pull: {args.rows:,} rows x {len(COLUMNS)} columns, fetch size {args.fetch:,}, best of {args.repeat}"
+        )
         print(f"  PyHive fetchmany     {p['rows'] / p['seconds']:>12,.0f} rows/s   peak RSS {p['peak_rss_mb']:5.0f} MB")
         print(f"  retrotest HiveSource {o['rows'] / o['seconds']:>12,.0f} rows/s   peak RSS {o['peak_rss_mb']:5.0f} MB")
         print(f"  ratio (HiveSource / PyHive): {p['seconds'] / o['seconds']:.2f}x  (goal >= 3x)")

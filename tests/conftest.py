@@ -186,6 +186,10 @@ class Stack:
                     raise AssertionError(f"job {job_id} still {job['state']} after {timeout_s} s: {job}\n{self.tail()}")
                 time.sleep(0.3)
 
+    def stop(self) -> None:
+        for p in self.procs:
+            stop_process(p)
+
     def tail(self) -> str:
         return "\n".join(
             f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log"))
@@ -208,13 +212,12 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[Stack]:
-    """The API and a real Celery worker process on Postgres + Redis, started once per session."""
+def start_stack(name: str, **env_overrides: str) -> Stack:
+    """Start the API and a real Celery worker as processes, with extra settings; wait until ready."""
     port = free_port()
-    logs = _TMP / "logs"
+    logs = _TMP / f"logs-{name}"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
     exe = [sys.executable, "-m", "app.cli"]
     procs = [
         start_process([*exe, "serve", "--port", str(port), "--skip-migrations"], env=env, log=logs / "api.log"),
@@ -233,9 +236,15 @@ def stack(database_url: str, registry: dict[str, str], history: Path) -> Iterato
                 stop_process(p)
             raise RuntimeError(f"the API or worker did not start:\n{s.tail()}")
         time.sleep(0.5)
+    return s
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[Stack]:
+    """The API and a real Celery worker process on Postgres + Redis, started once per session."""
+    s = start_stack("local")
     yield s
-    for p in procs:
-        stop_process(p)
+    s.stop()
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]

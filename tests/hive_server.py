@@ -43,24 +43,42 @@ def _free_port() -> int:
 def start_hive_server(workdir: Path, *, timeout_s: float = 180) -> HiveServer:
     """Start a Spark Thrift Server on a free loopback port with its own warehouse and metastore; wait until it answers."""
     if shutil.which("java") is None:
-        raise RuntimeError("java is not installed; the Spark Thrift Server needs Java 17 (apt-get install openjdk-17-jre-headless)")
+        raise RuntimeError(
+            "java is not installed; the Spark Thrift Server needs Java 17 (apt-get install openjdk-17-jre-headless)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     spark_home = Path(pyspark.__file__).parent
     port = _free_port()
-    env = {**os.environ, "SPARK_HOME": str(spark_home), "SPARK_LOG_DIR": str(workdir / "logs"), "SPARK_LOCAL_IP": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(spark_home),
+        "SPARK_LOG_DIR": str(workdir / "logs"),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
     args = [
         str(spark_home / "bin" / "spark-submit"),
-        "--class", "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2",
-        "--master", "local[2]",
-        "--driver-memory", "2g",
-        "--conf", f"spark.sql.warehouse.dir={workdir / 'warehouse'}",
-        "--conf", f"spark.driver.extraJavaOptions=-Dderby.system.home={workdir / 'derby'}",
-        "--conf", "spark.ui.enabled=false",
-        "--conf", "spark.sql.shuffle.partitions=4",
-        "--conf", f"spark.local.dir={workdir / 'tmp'}",
-        "--hiveconf", f"hive.server2.thrift.port={port}",
-        "--hiveconf", "hive.server2.thrift.bind.host=127.0.0.1",
-        "--hiveconf", f"javax.jdo.option.ConnectionURL=jdbc:derby:;databaseName={workdir / 'metastore'};create=true",
+        "--class",
+        "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2",
+        "--master",
+        "local[2]",
+        "--driver-memory",
+        "2g",
+        "--conf",
+        f"spark.sql.warehouse.dir={workdir / 'warehouse'}",
+        "--conf",
+        f"spark.driver.extraJavaOptions=-Dderby.system.home={workdir / 'derby'}",
+        "--conf",
+        "spark.ui.enabled=false",
+        "--conf",
+        "spark.sql.shuffle.partitions=4",
+        "--conf",
+        f"spark.local.dir={workdir / 'tmp'}",
+        "--hiveconf",
+        f"hive.server2.thrift.port={port}",
+        "--hiveconf",
+        "hive.server2.thrift.bind.host=127.0.0.1",
+        "--hiveconf",
+        f"javax.jdo.option.ConnectionURL=jdbc:derby:;databaseName={workdir / 'metastore'};create=true",
         "spark-internal",
     ]
     log = (workdir / "server.log").open("ab")
@@ -79,7 +97,9 @@ def start_hive_server(workdir: Path, *, timeout_s: float = 180) -> HiveServer:
         except Exception:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"the Spark Thrift Server did not answer in {timeout_s} s:\n{server.log_tail()}") from None
+                raise RuntimeError(
+                    f"the Spark Thrift Server did not answer in {timeout_s} s:\n{server.log_tail()}"
+                ) from None
             time.sleep(1)
 
 

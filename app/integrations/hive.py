@@ -63,6 +63,23 @@ def hive_type_to_arrow(type_name: str) -> pa.DataType:
     return pa.string()
 
 
+def where_clause(query: HistoryQuery, *, date_is_string: bool, date_string_format: str) -> tuple[str, dict[str, Any]]:
+    """The period filter on the date (partition) column, with the dates as parameters, so Hive prunes partitions."""
+    column = quote(query.date_column)
+    if date_is_string:
+        fmt = _DATE_FORMATS[date_string_format]
+        params = {"start": query.start.strftime(fmt), "end": query.end.strftime(fmt)}
+        return f"{column} BETWEEN %(start)s AND %(end)s", params
+    params = {"start": query.start.isoformat(), "end": query.end.isoformat()}
+    return f"{column} BETWEEN CAST(%(start)s AS DATE) AND CAST(%(end)s AS DATE)", params
+
+
+def select_sql(query: HistoryQuery, *, where: str) -> str:
+    """SELECT of the query's columns; every identifier has passed the allow-list and is back-quoted."""
+    columns = ", ".join(quote(c) for c in query.columns)
+    return f"SELECT {columns} FROM {quote(*check_table(query.table))} WHERE {where}"
+
+
 def quote(*parts: str) -> str:
     """`a`.`b` from parts that have passed the identifier check."""
     return ".".join(f"`{p}`" for p in parts)
@@ -279,18 +296,13 @@ class HiveSource:
         return self._date_types[key]
 
     def _where(self, query: HistoryQuery) -> tuple[str, dict[str, Any]]:
-        column = quote(query.date_column)
-        if self._date_is_string(query):
-            fmt = _DATE_FORMATS[self._settings.date_string_format]
-            params = {"start": query.start.strftime(fmt), "end": query.end.strftime(fmt)}
-            return f"{column} BETWEEN %(start)s AND %(end)s", params
-        params = {"start": query.start.isoformat(), "end": query.end.isoformat()}
-        return f"{column} BETWEEN CAST(%(start)s AS DATE) AND CAST(%(end)s AS DATE)", params
+        return where_clause(
+            query, date_is_string=self._date_is_string(query), date_string_format=self._settings.date_string_format
+        )
 
     def describe(self, query: HistoryQuery) -> str:
         where, _ = self._where(query)
-        columns = ", ".join(quote(c) for c in query.columns)
-        return f"SELECT {columns} FROM {quote(*check_table(query.table))} WHERE {where}"
+        return select_sql(query, where=where)
 
     def count(self, query: HistoryQuery) -> int | None:
         if not self._settings.count_rows:

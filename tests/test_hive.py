@@ -1,0 +1,359 @@
+"""HiveSource against a real HiveServer2 (the Spark Thrift Server), and whole retro tests reading from it."""
+
+from __future__ import annotations
+
+import io
+import os
+import string
+from collections.abc import Iterator
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.errors import Invalid, SchemaMismatch, SourceUnknown
+from app.integrations.history import HistoryQuery
+from app.integrations.hive import HiveSettings, HiveSource, hive_type_to_arrow, select_sql, where_clause
+from app.integrations.registry import Feature
+from tests.conftest import _TMP, HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
+from tests.hive_server import HiveServer, run_sql, start_hive_server
+from tests.test_end_to_end import source_rows
+
+END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
+DAY = date(2026, 1, 5)
+
+
+@pytest.fixture(scope="session")
+def hive(history: Path) -> Iterator[HiveServer]:
+    """One Spark Thrift Server per session, with the tables the tests read."""
+    server = start_hive_server(_TMP / "hive")
+    folder = history / "features" / "customer_daily"
+    cols = (
+        "customer_id BIGINT, tenure_months BIGINT, monthly_spend DOUBLE, data_gb DOUBLE, voice_minutes BIGINT, "
+        "sms_count BIGINT, support_calls BIGINT, late_payments BIGINT, roaming BOOLEAN, plan STRING"
+    )
+    try:
+        run_sql(
+            server,
+            "CREATE DATABASE IF NOT EXISTS features",
+            # The same files the local source reads, as a DATE-partitioned Hive table.
+            f"CREATE TABLE features.customer_daily ({cols}, snapshot_date DATE) USING parquet "
+            f"PARTITIONED BY (snapshot_date) LOCATION '{folder}'",
+            "ALTER TABLE features.customer_daily RECOVER PARTITIONS",
+            # A STRING partition column in yyyyMMdd, a common Hive layout.
+            f"CREATE TABLE features.by_day_string ({cols}, ds STRING) USING parquet PARTITIONED BY (ds)",
+            f"INSERT INTO features.by_day_string SELECT {', '.join(c.split()[0] for c in cols.split(', '))}, "
+            f"date_format(snapshot_date, 'yyyyMMdd') FROM features.customer_daily",
+            # Every scalar type, and a row of nulls in each.
+            """CREATE TABLE features.all_types (id BIGINT, b BOOLEAN, ti TINYINT, si SMALLINT, i INT, bi BIGINT,
+               f FLOAT, d DOUBLE, dec DECIMAL(12,4), s STRING, vc VARCHAR(10), ch CHAR(4), dt DATE, ts TIMESTAMP,
+               day DATE) USING parquet PARTITIONED BY (day)""",
+            f"""INSERT INTO features.all_types VALUES
+               (1, true, -8, 300, 70000, 9000000000, 1.5, 2.25, 1234.5678, "a'b", 'vc', 'ch', DATE'2025-02-03',
+                TIMESTAMP'2026-01-05 10:11:12.5', DATE'{DAY}'),
+               (2, null, null, null, null, null, null, null, null, null, null, null, null, null, DATE'{DAY}'),
+               (3, false, 7, -2, 0, -1, -0.25, 1e300, -0.0001, '', 'ü', 'x', DATE'1999-12-31',
+                TIMESTAMP'1999-12-31 23:59:59', DATE'{DAY + timedelta(days=1)}')""",
+        )
+    except Exception:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+def hive_settings(server: HiveServer, **overrides: object) -> HiveSettings:
+    values: dict[str, object] = {
+        "host": server.host,
+        "port": server.port,
+        "database": "default",
+        "username": "test",
+        "password": "",
+        "auth": "NONE",
+        "kerberos_service_name": "hive",
+        "configuration": {},
+        "connect_timeout_s": 10,
+        "query_timeout_s": 300,
+        "date_string_format": "yyyy-MM-dd",
+        "count_rows": True,
+    }
+    values.update(overrides)
+    return HiveSettings(**values)  # type: ignore[arg-type]
+
+
+MODEL_FEATURES = (
+    Feature("tenure_months", "long"),
+    Feature("monthly_spend", "double"),
+    Feature("data_gb", "double"),
+    Feature("voice_minutes", "long"),
+    Feature("sms_count", "long"),
+    Feature("support_calls", "long"),
+    Feature("late_payments", "long"),
+    Feature("roaming", "boolean"),
+    Feature("plan", "string"),
+)
+
+
+def query(table: str = "features.customer_daily", date_column: str = "snapshot_date", **kw: object) -> HistoryQuery:
+    values: dict[str, object] = {
+        "table": table,
+        "date_column": date_column,
+        "id_columns": ("customer_id",),
+        "features": MODEL_FEATURES,
+        "start": HISTORY_START,
+        "end": END,
+    }
+    values.update(kw)
+    return HistoryQuery(**values)  # type: ignore[arg-type]
+
+
+def read_all(source: HiveSource, q: HistoryQuery, batch_rows: int = 3000) -> pa.Table:
+    return pa.Table.from_batches(list(source.batches(q, batch_rows=batch_rows)))
+
+
+def test_every_hive_type_arrives_typed_with_its_nulls(hive: HiveServer) -> None:
+    source = HiveSource(hive_settings(hive))
+    features = (
+        Feature("b", "boolean"),
+        Feature("ti", "long"),
+        Feature("si", "long"),
+        Feature("i", "integer"),
+        Feature("bi", "long"),
+        Feature("f", "float"),
+        Feature("d", "double"),
+        Feature("dec", "double"),
+        Feature("s", "string"),
+        Feature("vc", "string"),
+        Feature("ch", "string"),
+    )
+    q = HistoryQuery(
+        table="features.all_types",
+        date_column="day",
+        id_columns=("id", "dt", "ts"),
+        features=features,
+        start=DAY,
+        end=DAY + timedelta(days=1),
+    )
+    source.check_schema(q)
+    table = read_all(source, q).sort_by("id")
+    assert source.count(q) == table.num_rows == 3
+    types = {f.name: f.type for f in table.schema}
+    assert types == {
+        "id": pa.int64(),
+        "dt": pa.date32(),
+        "ts": pa.timestamp("us"),
+        "day": pa.date32(),
+        "b": pa.bool_(),
+        "ti": pa.int64(),
+        "si": pa.int64(),
+        "i": pa.int32(),
+        "bi": pa.int64(),
+        "f": pa.float32(),
+        "d": pa.float64(),
+        "dec": pa.float64(),
+        "s": pa.string(),
+        "vc": pa.string(),
+        "ch": pa.string(),
+    }
+    rows = table.to_pylist()
+    assert rows[0]["b"] is True and rows[0]["ti"] == -8 and rows[0]["si"] == 300 and rows[0]["i"] == 70000
+    assert rows[0]["bi"] == 9_000_000_000 and rows[0]["f"] == 1.5 and rows[0]["d"] == 2.25
+    assert rows[0]["dec"] == 1234.5678 and rows[0]["s"] == "a'b" and rows[0]["ch"] == "ch  "
+    assert rows[0]["dt"] == date(2025, 2, 3) and str(rows[0]["ts"]) == "2026-01-05 10:11:12.500000"
+    assert all(v is None for k, v in rows[1].items() if k not in ("id", "day"))
+    assert (
+        rows[2]["d"] == 1e300
+        and rows[2]["vc"] == "ü"
+        and rows[2]["s"] == ""
+        and rows[2]["day"] == DAY + timedelta(days=1)
+    )
+
+
+def test_type_mapping_of_describe_output() -> None:
+    assert hive_type_to_arrow("decimal(10,2)") == pa.decimal128(10, 2)
+    assert hive_type_to_arrow("varchar(20)") == pa.string() and hive_type_to_arrow("char(3)") == pa.string()
+    assert hive_type_to_arrow("array<int>") == pa.string()  # complex types arrive as their JSON text
+
+
+def test_count_equals_rows_read_and_only_the_period_is_read(hive: HiveServer, history: Path) -> None:
+    source = HiveSource(hive_settings(hive))
+    q = query(start=HISTORY_START + timedelta(days=1), end=HISTORY_START + timedelta(days=2))
+    table = read_all(source, q)
+    assert source.count(q) == table.num_rows == 2 * ROWS_PER_DAY
+    assert set(table.column("snapshot_date").to_pylist()) == {q.start, q.end}
+    assert table.column_names == ["customer_id", "snapshot_date", *(f.name for f in MODEL_FEATURES)]
+    local = source_rows(history)
+    local = local[(local.snapshot_date >= q.start) & (local.snapshot_date <= q.end)]
+    mine = table.to_pandas().sort_values(["snapshot_date", "customer_id"]).reset_index(drop=True)
+    theirs = local[mine.columns].sort_values(["snapshot_date", "customer_id"]).reset_index(drop=True)
+    assert mine.equals(theirs)
+
+
+def test_string_date_partitions(hive: HiveServer) -> None:
+    source = HiveSource(hive_settings(hive, date_string_format="yyyyMMdd"))
+    q = query(table="features.by_day_string", date_column="ds", start=HISTORY_START, end=HISTORY_START)
+    source.check_schema(q)
+    table = read_all(source, q)
+    assert source.count(q) == table.num_rows == ROWS_PER_DAY
+    assert set(table.column("ds").to_pylist()) == {HISTORY_START}
+    assert "`ds` BETWEEN %(start)s AND %(end)s" in source.describe(q)
+
+
+def test_missing_columns_and_wrong_types_are_named(hive: HiveServer) -> None:
+    source = HiveSource(hive_settings(hive))
+    missing = query(features=(*MODEL_FEATURES, Feature("churn_flag", "double"), Feature("arpu", "double")))
+    with pytest.raises(SchemaMismatch, match=r"lacks column.*churn_flag, arpu"):
+        source.check_schema(missing)
+    wrong = query(features=(Feature("plan", "double"),))
+    with pytest.raises(SchemaMismatch, match="plan is string but the model wants double"):
+        source.check_schema(wrong)
+    with pytest.raises(SourceUnknown, match="not found"):
+        source.check_schema(query(table="features.nope"))
+
+
+def test_unreachable_server_is_a_clear_upstream_error() -> None:
+    from app.errors import Upstream
+
+    source = HiveSource(
+        HiveSettings(
+            host="127.0.0.1",
+            port=9,
+            database="default",
+            username="u",
+            password="secret-pw",
+            auth="LDAP",
+            kerberos_service_name="hive",
+            configuration={},
+            connect_timeout_s=2,
+            query_timeout_s=5,
+            date_string_format="yyyy-MM-dd",
+            count_rows=True,
+        )
+    )
+    with pytest.raises(Upstream, match=r"cannot open a HiveServer2 session at 127\.0\.0\.1:9") as info:
+        source.count(query())
+    assert "secret-pw" not in str(info.value) and "secret-pw" not in repr(source._settings)
+
+
+HOSTILE = ["x`; DROP TABLE y; --", "a b", "x'--", "t/*c*/", "`", "café", "x\u202e", "t;", "a.b.c", "1x", ""]
+
+
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_hostile_identifiers_are_refused_before_any_sql(bad: str) -> None:
+    for field in ("table", "date_column", "id_columns"):
+        kw: dict[str, object] = {field: (bad,) if field == "id_columns" else bad}
+        with pytest.raises(Invalid):
+            query(**kw)
+    with pytest.raises(Invalid):
+        query(features=(Feature(bad, "double"),))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=0, max_size=40))
+def test_any_identifier_is_either_refused_or_plain(name: str) -> None:
+    """Whatever text arrives, it never reaches SQL unless it is letters, digits and underscores."""
+    try:
+        q = query(date_column=name)
+    except Invalid:
+        return
+    allowed = set(string.ascii_letters + string.digits + "_")
+    assert set(name) <= allowed and name[0] not in string.digits
+    for is_string in (True, False):
+        where, params = where_clause(q, date_is_string=is_string, date_string_format="yyyyMMdd")
+        sql = select_sql(q, where=where)
+        assert f"`{name}` BETWEEN" in sql and sql.count("`") % 2 == 0
+        assert all(v.isdigit() or v.replace("-", "").isdigit() for v in params.values())
+
+
+def test_values_are_parameters_not_text(hive: HiveServer) -> None:
+    source = HiveSource(hive_settings(hive))
+    sql = source.describe(query())
+    assert HISTORY_START.isoformat() not in sql and "%(start)s" in sql
+
+
+# --- whole retro tests reading from Hive: the API, a real worker and a real model server ---
+
+
+@pytest.fixture(scope="session")
+def hive_stack(hive: HiveServer, stack: Stack) -> Iterator[Stack]:
+    s = start_stack(
+        "hive",
+        RETRO_HISTORY_SOURCE="hive",
+        RETRO_HIVE_HOST=hive.host,
+        RETRO_HIVE_PORT=str(hive.port),
+        RETRO_QUEUE_NAME=os.environ["RETRO_QUEUE_NAME"] + "-hive",
+        RETRO_WORKER_METRICS_PORT="0",
+    )
+    yield s
+    s.stop()
+
+
+def submit(stack: Stack, partner: str, **overrides: object) -> dict:  # type: ignore[type-arg]
+    with stack.client() as c:
+        c.post("/api/v1/partners", json={"code": partner, "name": partner})
+        body = {
+            "partner_code": partner,
+            "model_name": "churn",
+            "model_version": "1",
+            "period_start": HISTORY_START.isoformat(),
+            "period_end": END.isoformat(),
+            **overrides,
+        }
+        resp = c.post("/api/v1/retro-tests", json=body)
+        assert resp.status_code == 202, resp.text
+        return dict(resp.json())
+
+
+def test_retro_test_from_hive_scores_like_the_model_in_process(hive_stack: Stack, hive: HiveServer) -> None:
+    job = submit(hive_stack, "hive-main")
+    done = hive_stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    total = HISTORY_DAYS * ROWS_PER_DAY
+    assert done["progress"]["rows_total"] == done["progress"]["rows_read"] == done["progress"]["rows_scored"] == total
+    parquet = next(f for f in done["files"] if f["name"] == "scores.parquet")
+    with hive_stack.client() as c:
+        scores = pq.read_table(io.BytesIO(c.get(parquet["download_url"]).content)).to_pandas()
+    assert len(scores) == total and not scores.duplicated(["customer_id", "snapshot_date"]).any()
+    source = HiveSource(hive_settings(hive))
+    rows = read_all(source, query()).to_pandas()
+    expected = np.asarray(mlflow.pyfunc.load_model("models:/churn/1").predict(rows[[f.name for f in MODEL_FEATURES]]))
+    merged = (
+        rows[["customer_id", "snapshot_date"]]
+        .assign(e=expected[:, 1])
+        .merge(scores, on=["customer_id", "snapshot_date"])
+    )
+    assert len(merged) == total
+    assert np.abs(merged.e - merged.p_churn).max() <= 1e-9
+
+
+def test_missing_hive_column_fails_the_job_before_deployment(hive_stack: Stack, hive: HiveServer) -> None:
+    run_sql(
+        hive,
+        "CREATE TABLE IF NOT EXISTS features.no_plan (customer_id BIGINT, tenure_months BIGINT, snapshot_date DATE) USING parquet",
+    )
+    job = submit(hive_stack, "hive-schema", source={"table": "features.no_plan"})
+    ended = hive_stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
+    assert ended["state"] == "failed" and ended["error"]["code"] == "schema_mismatch"
+    assert "monthly_spend" in ended["error"]["message"] and "plan" in ended["error"]["message"]
+    assert "deploying" not in [s["state"] for s in ended["stages"]]
+
+
+def test_decimal_values_are_cast_to_float(hive: HiveServer) -> None:
+    source = HiveSource(hive_settings(hive))
+    q = HistoryQuery(
+        table="features.all_types",
+        date_column="day",
+        id_columns=("id",),
+        features=(Feature("dec", "double"),),
+        start=DAY,
+        end=DAY,
+    )
+    values = sorted((r["id"], r["dec"]) for r in read_all(source, q).to_pylist())
+    assert values == [(1, float(Decimal("1234.5678"))), (2, None)]
