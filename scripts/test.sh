@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one test command: install, start PostgreSQL and Redis, run pytest with any arguments given.
+# The one test command: install (Python packages, then docker-compose if missing), start PostgreSQL and Redis,
+# run pytest with any arguments given.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/bootstrap.sh
+bash scripts/system-packages.sh
 bash scripts/services.sh
 exec .venv/bin/python -m pytest "$@"

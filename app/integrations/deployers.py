@@ -1,7 +1,11 @@
 """Temporary model deployments: start exactly one model version, wait until it serves, stop it.
 
 Each deployment has a name derived from the job, so any process (the worker, a cancel, the reaper)
-can stop it by name, and stop is idempotent.
+can stop it by name, and stop is idempotent. Each also records its job id and an expiry time, so the
+reaper can find deployments whose job ended without them (a worker killed mid-job).
+
+Implementations: LocalMLServerDeployer here (an MLServer process on this machine); Seldon Core v1,
+Seldon Core v2 and KServe in app/integrations/k8s_deployers.py.
 """
 
 from __future__ import annotations
@@ -9,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,11 +43,20 @@ class Deployment:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ManagedDeployment:
+    """A deployment this service created, as the reaper sees it."""
+
+    name: str
+    job_id: str | None  # None when it cannot be told (then the reaper treats the job as missing)
+    expires_at: float | None  # unix seconds; None: never expires on its own
+
+
 class Deployer(Protocol):
     """Starts and stops temporary model deployments."""
 
-    def start(self, *, name: str, model: ModelVersionInfo) -> Deployment:
-        """Create the deployment; return at once, before it is ready."""
+    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
+        """Create the deployment for the job; return at once, before it is ready."""
 
     def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
         """Block until the deployment serves, it fails, should_stop() is true, or the deadline passes."""
@@ -49,10 +64,19 @@ class Deployer(Protocol):
     def stop(self, name: str) -> None:
         """Tear the deployment down; a deployment that is already gone is fine."""
 
+    def list_managed(self) -> list[ManagedDeployment]:
+        """Every deployment this service created that still exists."""
+
+
+_DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
 
 def deployment_name(job_id: object) -> str:
-    """A DNS-1123 label unique to the job."""
-    return f"retro-{str(job_id).replace('-', '')[:24]}"
+    """A DNS-1123 label (<= 63 characters) unique to the job: 96 bits of its id."""
+    name = f"retro-{str(job_id).replace('-', '').lower()[:24]}"
+    if not _DNS_1123_LABEL.fullmatch(name):
+        raise ValueError(f"cannot derive a deployment name from job id {job_id!r}")
+    return name
 
 
 def _free_port() -> int:
@@ -62,19 +86,26 @@ def _free_port() -> int:
 
 
 class LocalMLServerDeployer:
-    """Runs `mlserver start` with the MLflow runtime as a child process on a free loopback port."""
+    """Runs `mlserver start` with the MLflow runtime as a child process on a free loopback port.
 
-    def __init__(self, *, work_dir: Path, executable: str = "mlserver") -> None:
+    Each deployment is a folder under work_dir named after it, holding the settings, the model, the log,
+    the pid, the job id and the expiry time.
+    """
+
+    def __init__(self, *, work_dir: Path, executable: str = "mlserver", ttl_s: float | None = None) -> None:
         self._work_dir = work_dir
         self._executable = executable
+        self._ttl_s = ttl_s
 
     def _dir(self, name: str) -> Path:
         return self._work_dir / name
 
-    def start(self, *, name: str, model: ModelVersionInfo) -> Deployment:
+    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
+        adopted = self._adopt(name, job_id, model)
+        if adopted is not None:
+            return adopted
         self.stop(name)  # a leftover from a crashed attempt must not keep the port or the model
-        folder = self._dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self._claim(name, job_id)
         model_dir = self._fetch_model(model, folder / "model")
         http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
         settings = {
@@ -106,6 +137,39 @@ class LocalMLServerDeployer:
         log.close()
         (folder / "pid").write_text(str(proc.pid))
         return Deployment(name=name, base_url=f"http://127.0.0.1:{http_port}", model_name=name)
+
+    def _adopt(self, name: str, job_id: str, model: ModelVersionInfo) -> Deployment | None:
+        """The server a killed attempt of the same job left running, if it serves this model version and is ready.
+
+        A worker killed mid-job leaves its model server behind (its own process group); the next attempt
+        takes it over instead of paying for a cold start.
+        """
+        folder = self._dir(name)
+        try:
+            same_job = (folder / "job-id").read_text().strip() == job_id
+            port = json.loads((folder / "settings.json").read_text())["http_port"]
+            version = json.loads((folder / "model-settings.json").read_text())["parameters"]["version"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if not (same_job and version == model.version and self._alive(name)):
+            return None
+        deployment = Deployment(name=name, base_url=f"http://127.0.0.1:{port}", model_name=name)
+        try:
+            ready = httpx.get(f"{deployment.base_url}/v2/models/{name}/ready", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        return deployment if ready else None
+
+    def _claim(self, name: str, job_id: str) -> Path:
+        """The deployment's folder, created with its job id and expiry already in it (list_managed never sees it half-made)."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self._work_dir))
+        (staging / "job-id").write_text(job_id)
+        if self._ttl_s is not None:
+            (staging / "expires-at").write_text(str(int(time.time() + self._ttl_s)))
+        folder = self._dir(name)
+        staging.rename(folder)
+        return folder
 
     @staticmethod
     def _fetch_model(model: ModelVersionInfo, dest: Path) -> Path:
@@ -178,10 +242,36 @@ class LocalMLServerDeployer:
         """Deployments this machine still has files or processes for."""
         if not self._work_dir.is_dir():
             return []
-        return sorted(p.name for p in self._work_dir.iterdir() if p.is_dir())
+        return sorted(p.name for p in self._work_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def list_managed(self) -> list[ManagedDeployment]:
+        """Deployment folders on this machine, with the job id and expiry written into them at start."""
+        return [
+            ManagedDeployment(
+                name=name,
+                job_id=_read_text(self._dir(name) / "job-id"),
+                expires_at=_read_float(self._dir(name) / "expires-at"),
+            )
+            for name in self.list_names()
+        ]
 
     def is_running(self, name: str) -> bool:
         return self._alive(name)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _read_float(path: Path) -> float | None:
+    text = _read_text(path)
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _find_executable(name: str) -> str:

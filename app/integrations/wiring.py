@@ -24,9 +24,15 @@ def make_history_source(settings: Settings) -> HistorySource:
 
 
 def make_deployer(settings: Settings) -> Deployer:
-    return LocalMLServerDeployer(
-        work_dir=(settings.var_dir / "deployments").resolve(), executable=settings.mlserver_executable
-    )
+    if settings.deployer == "local":
+        return LocalMLServerDeployer(
+            work_dir=(settings.var_dir / "deployments").resolve(),
+            executable=settings.mlserver_executable,
+            ttl_s=settings.deployment_ttl_s,
+        )
+    from app.integrations.k8s_deployers import KUBERNETES_DEPLOYERS
+
+    return KUBERNETES_DEPLOYERS[settings.deployer](settings=settings)
 
 
 def make_result_store(settings: Settings) -> ResultStore:

@@ -5,7 +5,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 
 from app.config import Settings, get_settings
@@ -14,6 +15,12 @@ from app.integrations.wiring import get_registry
 from worker.celery_app import celery_app
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    """Prometheus metrics: job counts from the database, and this process's own counters."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -1,0 +1,147 @@
+"""Prometheus metrics.
+
+The worker counts what it does (rows, stage durations, scoring requests, live deployments) and serves them on
+its own port (RETRO_WORKER_METRICS_PORT). The API's /metrics adds job counts read from the database at scrape
+time, so they are right whichever worker ran the jobs.
+
+The worker runs tasks in forked child processes, so it uses prometheus_client's multiprocess mode: the
+`worker` command sets PROMETHEUS_MULTIPROC_DIR before anything imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+ROWS_SCORED = Counter("retrotest_rows_scored", "Rows scored by model servers.", ["protocol"])
+ROWS_REJECTED = Counter("retrotest_rows_rejected", "Rows not sent to the model (null inputs).", ["protocol"])
+STAGE_SECONDS = Histogram(
+    "retrotest_stage_duration_seconds",
+    "Time a retro test spent in a stage, observed when it leaves the stage.",
+    ["stage"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200, 4 * 3600, 12 * 3600),
+)
+SCORING_REQUEST_SECONDS = Histogram(
+    "retrotest_scoring_request_duration_seconds",
+    "Latency of one inference request to a model server, per attempt.",
+    ["protocol"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SCORING_REQUEST_ERRORS = Counter(
+    "retrotest_scoring_request_errors",
+    "Failed inference requests by HTTP status ('transport' for connection errors and timeouts).",
+    ["protocol", "status"],
+)
+DEPLOYMENTS_ALIVE = Gauge(
+    "retrotest_deployments_alive",
+    "Temporary model deployments this worker holds right now.",
+    ["deployer"],
+    multiprocess_mode="livesum",
+)
+REAPER_RUNS = Counter("retrotest_reaper_runs", "Runs of the deployment reaper.")
+DEPLOYMENTS_REAPED = Counter(
+    "retrotest_deployments_reaped", "Deployments deleted by the reaper, by reason.", ["reason"]
+)
+
+
+class JobsCollector(Collector):
+    """Job counts by state, rows counted by jobs, and jobs holding a deployment, read at scrape time."""
+
+    def __init__(self, sessions: Callable[[], sessionmaker[Session]]) -> None:
+        self._sessions = sessions
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("retrotest_jobs", "Retro tests by state (database).", labels=["state"]),
+            GaugeMetricFamily("retrotest_job_rows", "Rows counted by all retro tests (database).", labels=["kind"]),
+            GaugeMetricFamily(
+                "retrotest_jobs_holding_deployment", "Running retro tests with a model deployment (database)."
+            ),
+            GaugeMetricFamily("retrotest_database_up", "1 when the job database answered this scrape."),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        from sqlalchemy import func, select
+
+        from app.retro_tests.models import RetroTest, State
+
+        jobs, rows, holding, up = self._families()
+        try:
+            with self._sessions()() as s:
+                counts = dict(s.execute(select(RetroTest.state, func.count()).group_by(RetroTest.state)).tuples().all())
+                sums = s.execute(
+                    select(
+                        func.coalesce(func.sum(RetroTest.rows_read), 0),
+                        func.coalesce(func.sum(RetroTest.rows_scored), 0),
+                        func.coalesce(func.sum(RetroTest.rows_rejected), 0),
+                    )
+                ).one()
+                with_deployment = s.scalar(
+                    select(func.count()).where(
+                        RetroTest.state.in_([State.deploying, State.scoring]), RetroTest.deployment_name.is_not(None)
+                    )
+                )
+        except Exception as exc:
+            log.warning("metrics: the job database did not answer: %s", exc)
+            up.add_metric([], 0)
+            return [up]
+        for state in State:
+            jobs.add_metric([state.value], counts.get(state, 0))
+        for kind, value in zip(("read", "scored", "rejected"), sums, strict=True):
+            rows.add_metric([kind], int(value))
+        holding.add_metric([], int(with_deployment or 0))
+        up.add_metric([], 1)
+        return [jobs, rows, holding, up]
+
+
+_jobs_collector_lock = threading.Lock()
+_jobs_collector: JobsCollector | None = None
+
+
+def register_jobs_collector(sessions: Callable[[], sessionmaker[Session]]) -> None:
+    """Add the database collector to the default registry, once per process."""
+    global _jobs_collector
+    with _jobs_collector_lock:
+        if _jobs_collector is None:
+            _jobs_collector = JobsCollector(sessions)
+            REGISTRY.register(_jobs_collector)
+
+
+def start_worker_metrics(port: int) -> None:
+    """Serve the metrics of this worker and its child processes on port (0: do nothing)."""
+    if port == 0:
+        return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client.values import ValueClass
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ or not getattr(ValueClass, "_multiprocess", False):
+        log.warning("worker metrics: multiprocess mode is not active; child processes' metrics will be missing")
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    try:
+        start_http_server(port, registry=registry)
+    except OSError as exc:
+        log.warning("worker metrics: cannot listen on port %s (%s); metrics are off", port, exc)
+        return
+    log.info("worker metrics on :%s/metrics", port)
+
+
+def mark_worker_process_dead(pid: int) -> None:
+    """Drop a finished child process's live gauges."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

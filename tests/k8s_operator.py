@@ -1,0 +1,441 @@
+"""A Kubernetes API emulator and a small operator for it, standing in for a cluster with Seldon Core and KServe.
+
+ApiServer runs kmock's KubernetesEmulator (an in-memory API server over real HTTP) in a background thread.
+
+TestOperator watches SeldonDeployments, Seldon v2 Models and KServe InferenceServices through that API with the
+official client, as the real operators do: for each new resource it starts a real MLServer serving the
+resource's modelUri/storageUri (LocalMLServerDeployer) and patches the resource's status the way its operator
+would (Seldon v1: state Available + address; Seldon v2: Ready condition; KServe: Ready condition + url), or
+Failed with a message when a test scripts that. When the resource is deleted it stops the MLServer.
+
+Its gateway is the network in front of the model servers:
+  /gateway/{namespace}/{name}/...  one deployment, like an ingress path (RETRO_K8S_ENDPOINT_TEMPLATE); for
+                                   Seldon v1 with protocol "seldon" it translates /api/v1.0/predictions to V2,
+                                   as Seldon's executor does in front of a V2 model server
+  /mesh/{namespace}/...            the Seldon v2 mesh: routes by the Seldon-Model header alone, so a client
+                                   that does not send it gets a 404
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.errors import AppError
+from app.integrations.deployers import LocalMLServerDeployer
+from app.integrations.k8s_deployers import INFERENCE_SERVICE, SELDON_DEPLOYMENT, SELDON_MODEL, ResourceKind
+from app.integrations.registry import ModelVersionInfo
+
+log = logging.getLogger(__name__)
+
+KINDS = (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)
+
+
+class ApiServer:
+    """kmock's KubernetesEmulator on a loopback port, served from its own event loop thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._emulator: Any = None
+        self.url = ""
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the Kubernetes API emulator did not start")
+
+    async def _serve(self) -> None:
+        from kmock import KubernetesEmulator, Server
+
+        self._stop = asyncio.Event()
+        async with KubernetesEmulator() as emulator, Server(emulator) as server:
+            for kind in KINDS:
+                emulator.resources[f"{kind.group}/{kind.version}/{kind.plural}"] = {
+                    "kind": kind.kind,
+                    "namespaced": True,
+                    "verbs": {"create", "delete", "get", "list", "patch", "watch"},
+                    "subresources": {"status"},
+                }
+            self._emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def objects(self) -> list[tuple[str, str, str]]:
+        """(plural, namespace, name) of every object that exists now."""
+
+        async def read() -> list[tuple[str, str, str]]:
+            return sorted(
+                (resource.plural, namespace, name)
+                for (resource, namespace, name), obj in self._emulator.objects.items()
+                if not obj.deleted
+            )
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The operator gives up on the resource with this message."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Hang:
+    """The operator never makes the resource ready."""
+
+
+Script = Fail | Hang
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One resource as the operator first saw it; generation tells a re-created one of the same name apart."""
+
+    kind: ResourceKind
+    obj: dict[str, Any]
+    generation: int
+
+
+class TestOperator:
+    """Seldon Core v1, Seldon Core v2 and KServe, played by local MLServers; see the module docstring."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, *, api_url: str, work_dir: Path) -> None:
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = api_url
+        self._api = client.CustomObjectsApi(client.ApiClient(cfg))
+        self._servers = LocalMLServerDeployer(work_dir=work_dir)
+        self.scripts: dict[str, Script] = {}
+        self.seen: dict[str, dict[str, Any]] = {}  # the last spec and labels seen per name, for assertions
+        self.mesh_requests: list[tuple[str, str | None]] = []  # (path, Seldon-Model header) at the mesh
+        self._live: dict[str, Seen] = {}
+        self._backends: dict[str, str] = {}
+        self._generations: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._queues: dict[str, ThreadPoolExecutor] = {}
+        self.gateway = Gateway(self)
+        self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True) for kind in KINDS]
+        for t in self._threads:
+            t.start()
+
+    # Watching, as an informer does: list, then watch until the window ends, then list again.
+    def _run(self, kind: ResourceKind) -> None:
+        import urllib3
+        from kubernetes import watch
+
+        while not self._stopping.is_set():
+            try:
+                listed = self._api.list_custom_object_for_all_namespaces(kind.group, kind.version, kind.plural)
+                self._reconcile(kind, listed.get("items") or [])
+                w = watch.Watch()
+                for event in w.stream(
+                    self._api.list_custom_object_for_all_namespaces,
+                    kind.group,
+                    kind.version,
+                    kind.plural,
+                    timeout_seconds=1,
+                    _request_timeout=(5, 1),
+                ):
+                    self._on_event(kind, event["type"], event["raw_object"])
+                    if self._stopping.is_set():
+                        break
+            except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+                pass
+            except Exception:
+                if not self._stopping.is_set():
+                    log.exception("test operator: watching %s failed", kind.plural)
+                    time.sleep(0.2)
+
+    def _reconcile(self, kind: ResourceKind, items: list[dict[str, Any]]) -> None:
+        names = set()
+        for obj in items:
+            names.add(obj["metadata"]["name"])
+            self._on_event(kind, "ADDED", obj)
+        with self._lock:
+            gone = [n for n, s in self._live.items() if s.kind == kind and n not in names]
+        for name in gone:
+            self._on_event(kind, "DELETED", {"metadata": {"name": name}})
+
+    def _on_event(self, kind: ResourceKind, event: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            seen = self._live.get(name)
+            if event in ("ADDED", "MODIFIED") and seen is None:
+                self._generations[name] += 1
+                seen = Seen(kind=kind, obj=obj, generation=self._generations[name])
+                self._live[name] = seen
+                self.seen[name] = obj
+                self._submit(name, lambda: self._provision(name, seen))
+            elif event == "DELETED" and seen is not None:
+                del self._live[name]
+                self._submit(name, lambda: self._teardown(name))
+
+    def _submit(self, name: str, work: Callable[[], None]) -> None:
+        # One queue per name, so a teardown and a re-creation of the same name run in order.
+        queue = self._queues.setdefault(name, ThreadPoolExecutor(max_workers=1, thread_name_prefix=name))
+        queue.submit(_logged(work))
+
+    def _alive(self, name: str, generation: int) -> bool:
+        with self._lock:
+            seen = self._live.get(name)
+            return seen is not None and seen.generation == generation and not self._stopping.is_set()
+
+    # Acting as each operator would.
+    def _provision(self, name: str, seen: Seen) -> None:
+        kind, obj = seen.kind, seen.obj
+        self._patch_status(kind, name, progressing_status(kind))
+        script = self.scripts.get(name)
+        if isinstance(script, Hang):
+            return
+        if isinstance(script, Fail):
+            time.sleep(0.3)  # a moment of "Creating" first, as a real operator shows
+            self._patch_status(kind, name, failed_status(kind, script.message))
+            return
+        uri = artifact_uri(kind, obj)
+        model = ModelVersionInfo(
+            name=name, version="1", run_id=None, source=uri, artifact_uri=uri, inputs=(), outputs=()
+        )
+        try:
+            deployment = self._servers.start(name=name, job_id=name, model=model)
+            self._servers.wait_ready(
+                deployment, timeout_s=120, should_stop=lambda: not self._alive(name, seen.generation)
+            )
+        except AppError as exc:
+            self._servers.stop(name)
+            if self._alive(name, seen.generation):
+                self._patch_status(kind, name, failed_status(kind, exc.detail))
+            return
+        with self._lock:
+            self._backends[name] = deployment.base_url
+        self._patch_status(kind, name, ready_status(kind, name, obj["metadata"]["namespace"]))
+
+    def _teardown(self, name: str) -> None:
+        with self._lock:
+            self._backends.pop(name, None)
+        self._servers.stop(name)
+
+    def _patch_status(self, kind: ResourceKind, name: str, status: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        namespace = self.seen[name]["metadata"]["namespace"]
+        try:
+            self._api.patch_namespaced_custom_object_status(
+                kind.group, kind.version, namespace, kind.plural, name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile
+                raise
+
+    # For tests.
+    def backend(self, name: str) -> str | None:
+        with self._lock:
+            return self._backends.get(name)
+
+    def model_servers(self) -> list[str]:
+        """Names of the MLServers the operator still runs (or has files for)."""
+        return self._servers.list_names()
+
+    def wait_idle(self, timeout_s: float = 30) -> list[str]:
+        """Wait until no MLServer is left; return the names still there at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while self.model_servers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.model_servers()
+
+    def close(self) -> None:
+        self._stopping.set()
+        for t in self._threads:
+            t.join(10)
+        for queue in self._queues.values():
+            queue.shutdown(wait=True)
+        for name in self.model_servers():
+            self._servers.stop(name)
+        self.gateway.shutdown()
+
+
+def _logged(work: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("test operator: a reconcile step failed")
+
+    return run
+
+
+def artifact_uri(kind: ResourceKind, obj: dict[str, Any]) -> str:
+    spec = obj["spec"]
+    if kind == SELDON_DEPLOYMENT:
+        return str(spec["predictors"][0]["graph"]["modelUri"])
+    if kind == SELDON_MODEL:
+        return str(spec["storageUri"])
+    return str(spec["predictor"]["model"]["storageUri"])
+
+
+def progressing_status(kind: ResourceKind) -> dict[str, Any]:
+    if kind == SELDON_DEPLOYMENT:
+        return {"state": "Creating", "description": "waiting for the model server"}
+    reason = "ModelProgressing" if kind == SELDON_MODEL else "PredictorNotReady"
+    return {
+        "conditions": [
+            {"type": "ModelReady" if kind == SELDON_MODEL else "PredictorReady", "status": "False", "reason": reason},
+            {"type": "Ready", "status": "False", "reason": reason},
+        ]
+    }
+
+
+def ready_status(kind: ResourceKind, name: str, namespace: str) -> dict[str, Any]:
+    if kind == SELDON_DEPLOYMENT:
+        url = f"http://{name}-default.{namespace}.svc.cluster.local:8000/api/v1.0/predictions"
+        return {"state": "Available", "description": "", "address": {"url": url}, "replicas": 1}
+    if kind == SELDON_MODEL:
+        return {
+            "conditions": [
+                {"type": "ModelReady", "status": "True", "reason": "ModelAvailable"},
+                {"type": "Ready", "status": "True"},
+            ],
+            "replicas": 1,
+            "availableReplicas": 1,
+        }
+    return {
+        "conditions": [{"type": "PredictorReady", "status": "True"}, {"type": "Ready", "status": "True"}],
+        "url": f"http://{name}.{namespace}.example.com",
+        "address": {"url": f"http://{name}.{namespace}.svc.cluster.local"},
+        "modelStatus": {"transitionStatus": "UpToDate", "states": {"activeModelState": "Loaded"}},
+    }
+
+
+def failed_status(kind: ResourceKind, message: str) -> dict[str, Any]:
+    if kind == SELDON_DEPLOYMENT:
+        return {"state": "Failed", "description": message}
+    if kind == SELDON_MODEL:
+        return {
+            "conditions": [
+                {"type": "ModelReady", "status": "False", "reason": "ModelFailed", "message": message},
+                {"type": "Ready", "status": "False", "reason": "ModelFailed", "message": message},
+            ]
+        }
+    return {
+        "conditions": [
+            {"type": "PredictorReady", "status": "False", "reason": "RevisionFailed", "message": message},
+            {"type": "Ready", "status": "False", "reason": "RevisionFailed", "message": message},
+        ],
+        "modelStatus": {
+            "transitionStatus": "BlockedByFailedLoad",
+            "lastFailureInfo": {"reason": "ModelLoadFailed", "message": message},
+        },
+    }
+
+
+class Gateway(ThreadingHTTPServer):
+    """The ingress and the Seldon v2 mesh in front of the operator's model servers."""
+
+    daemon_threads = True
+
+    def __init__(self, operator: TestOperator) -> None:
+        super().__init__(("127.0.0.1", 0), _GatewayHandler)
+        self.operator = operator
+        self.client = httpx.Client(timeout=60)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _GatewayHandler(BaseHTTPRequestHandler):
+    server: Gateway
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._route(b"")
+
+    def do_POST(self) -> None:
+        self._route(self.rfile.read(int(self.headers.get("content-length") or 0)))
+
+    def _route(self, body: bytes) -> None:
+        parts = self.path.strip("/").split("/")
+        operator = self.server.operator
+        if parts[0] == "gateway" and len(parts) >= 4:
+            name, rest = parts[2], "/".join(parts[3:])
+        elif parts[0] == "mesh" and len(parts) >= 3:
+            name, rest = self.headers.get("Seldon-Model") or "", "/".join(parts[2:])
+            operator.mesh_requests.append((self.path, self.headers.get("Seldon-Model")))
+            if not name:
+                return self._answer(404, {"error": "the mesh routes by the Seldon-Model header; none was sent"})
+        else:
+            return self._answer(404, {"error": f"no route for {self.path}"})
+        backend = operator.backend(name)
+        if backend is None:
+            return self._answer(404, {"error": f"no model server for {name!r}"})
+        if rest == "api/v1.0/predictions":
+            return self._seldon_predictions(backend, name, body)
+        resp = self.server.client.request(
+            self.command, f"{backend}/{rest}", content=body or None, headers={"content-type": "application/json"}
+        )
+        self._answer(resp.status_code, resp.content)
+
+    def _seldon_predictions(self, backend: str, name: str, body: bytes) -> None:
+        """Seldon protocol in, V2 to the model server, Seldon protocol out, as Seldon's executor does."""
+        data = json.loads(body)["data"]
+        columns = list(zip(*data["ndarray"], strict=True))
+        inputs = []
+        for column_name, values in zip(data["names"], columns, strict=True):
+            first = next((v for v in values if v is not None), None)
+            datatype = (
+                "BOOL"
+                if isinstance(first, bool)
+                else "INT64"
+                if isinstance(first, int)
+                else "FP64"
+                if isinstance(first, float)
+                else "BYTES"
+            )
+            entry: dict[str, Any] = {"name": column_name, "datatype": datatype, "shape": [len(values), 1]}
+            entry["data"] = list(values)
+            if datatype == "BYTES":
+                entry["parameters"] = {"content_type": "str"}
+            inputs.append(entry)
+        resp = self.server.client.post(f"{backend}/v2/models/{name}/infer", json={"inputs": inputs})
+        if resp.status_code != 200:
+            info = resp.text[:500]
+            status = {"code": -1, "info": info, "reason": "MICROSERVICE_BAD_DATA", "status": "FAILURE"}
+            return self._answer(resp.status_code, {"status": status})
+        outputs = resp.json()["outputs"]
+        rows = len(data["ndarray"])
+        arrays = [np.asarray(o["data"]).reshape(rows, -1) for o in outputs]
+        matrix = np.concatenate(arrays, axis=1)
+        names = [f"t:{j}" for j in range(matrix.shape[1])]
+        self._answer(200, {"data": {"names": names, "ndarray": matrix.tolist()}, "meta": {}})
+
+    def _answer(self, status: int, payload: bytes | dict[str, Any]) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

@@ -1,0 +1,74 @@
+"""The reaper: deletes temporary model deployments that outlived their job.
+
+A job stops its deployment on every path it controls (success, failure, cancel). A worker that is killed
+cannot, so beat runs this every RETRO_REAPER_INTERVAL_S: a managed deployment goes when its job is terminal
+or missing, or when its expiry time has passed (RETRO_DEPLOYMENT_TTL_S after it was created, which must be
+longer than the longest job). Deleting is idempotent, so a reaper racing a job's own stop is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.integrations.deployers import Deployer, ManagedDeployment
+from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
+from app.retro_tests.models import TERMINAL_STATES, RetroTest, State
+
+log = logging.getLogger(__name__)
+
+
+def reap_deployments(*, deployer: Deployer, sessions: sessionmaker[Session], now: float | None = None) -> list[str]:
+    """Delete managed deployments whose job is terminal or missing, or whose expiry has passed; return their names."""
+    REAPER_RUNS.inc()
+    now = time.time() if now is None else now
+    managed = deployer.list_managed()
+    if not managed:
+        return []
+    states = _job_states(sessions, [m.job_id for m in managed])
+    reaped = []
+    for deployment in managed:
+        reason = reap_reason(deployment, states=states, now=now)
+        if reason is None:
+            continue
+        try:
+            deployer.stop(deployment.name)
+        except Exception:
+            log.exception("reaper: could not delete deployment %s; trying again next time", deployment.name)
+            continue
+        DEPLOYMENTS_REAPED.labels(reason).inc()
+        log.info("reaper: deleted deployment %s of job %s (%s)", deployment.name, deployment.job_id, reason)
+        reaped.append(deployment.name)
+    return reaped
+
+
+def reap_reason(deployment: ManagedDeployment, *, states: dict[str, State], now: float) -> str | None:
+    """Why a deployment should go ("expired", "job_missing", "job_finished"), or None to keep it."""
+    if deployment.expires_at is not None and deployment.expires_at <= now:
+        return "expired"
+    state = states.get(_canonical(deployment.job_id) or "")
+    if state is None:
+        return "job_missing"
+    if state in TERMINAL_STATES:
+        return "job_finished"
+    return None
+
+
+def _canonical(job_id: str | None) -> str | None:
+    try:
+        return str(uuid.UUID(job_id)) if job_id else None
+    except ValueError:
+        return None
+
+
+def _job_states(sessions: sessionmaker[Session], job_ids: list[str | None]) -> dict[str, State]:
+    ids = {uuid.UUID(c) for c in map(_canonical, job_ids) if c is not None}
+    if not ids:
+        return {}
+    with sessions() as s:
+        rows = s.execute(select(RetroTest.id, RetroTest.state).where(RetroTest.id.in_(ids))).tuples()
+        return {str(job_id): state for job_id, state in rows}
