@@ -1,0 +1,294 @@
+"""Users, passwords, personal API tokens and which partners each account manager is assigned to."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.audit.service import record
+from app.auth.models import ApiToken, Role, User, UserPartner
+from app.auth.schemas import UserCreate, UserUpdate
+from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.errors import Conflict, Invalid, NotFound
+from app.partners.models import Partner
+
+API_TOKEN_PREFIX = "rtk_"
+# How stale last_used_at may get before a request writes it again: one write per token per minute at most.
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+_hasher = PasswordHasher()
+# Checked when the user does not exist, so a wrong username takes as long as a wrong password.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite hands times back without their zone)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of password."""
+    return _hasher.hash(password)
+
+
+def _password_matches(password_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def secret_digest(secret: str) -> str:
+    """sha256 of a random secret (API or link token): enough for 256 random bits, and fast to look up."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def find_user(*, session: Session, username: str) -> User | None:
+    return session.scalars(select(User).where(User.username == username)).one_or_none()
+
+
+def get_user(*, session: Session, user_id: uuid.UUID) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user with id {user_id}")
+    return user
+
+
+def list_users(*, session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.username)))
+
+
+def create_user(*, session: Session, data: UserCreate, actor: str) -> User:
+    """Add a user; the username must be new."""
+    if find_user(session=session, username=data.username) is not None:
+        raise Conflict(f"a user named {data.username!r} already exists", field="username")
+    user = User(
+        username=data.username,
+        role=data.role,
+        password_hash=hash_password(data.password) if data.password else None,
+        is_active=True,
+    )
+    session.add(user)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError:
+        raise Conflict(f"a user named {data.username!r} already exists", field="username") from None
+    record(
+        session=session,
+        actor=actor,
+        action="user.create",
+        subject_type="user",
+        subject_id=user.id,
+        username=user.username,
+        role=user.role.value,
+    )
+    return user
+
+
+def _active_admins(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(User).where(User.role == Role.admin, User.is_active)) or 0
+
+
+def update_user(*, session: Session, user_id: uuid.UUID, data: UserUpdate, actor: str) -> User:
+    """Change a user's role, password or whether they may sign in; the last active admin stays one."""
+    user = get_user(session=session, user_id=user_id)
+    stays_admin = (data.role or user.role) == Role.admin and (
+        user.is_active if data.is_active is None else data.is_active
+    )
+    if user.is_admin and user.is_active and not stays_admin and _active_admins(session) <= 1:
+        raise Conflict(f"{user.username!r} is the last active admin; make another admin first")
+    if data.role is not None:
+        user.role = data.role
+    if data.is_active is not None:
+        user.is_active = data.is_active
+    if data.password is not None:
+        user.password_hash = hash_password(data.password)
+    session.flush()
+    changes = data.model_dump(exclude_unset=True, exclude={"password"}, mode="json")
+    if data.password is not None:
+        changes["password"] = "changed"
+    record(session=session, actor=actor, action="user.update", subject_type="user", subject_id=user.id, **changes)
+    return user
+
+
+def authenticate(*, session: Session, username: str, password: str) -> User | None:
+    """The active user with this username and password, or None; upgrades an outdated hash."""
+    user = find_user(session=session, username=username)
+    stored = user.password_hash if user is not None else None
+    if not _password_matches(stored, password) or user is None or not user.is_active:
+        return None
+    if stored is not None and _hasher.check_needs_rehash(stored):
+        user.password_hash = hash_password(password)
+    user.last_login_at = utcnow()
+    session.flush()
+    return user
+
+
+def create_api_token(*, session: Session, user: User, name: str, actor: str) -> tuple[ApiToken, str]:
+    """A new personal API token for user: returns the row and the token, which is never stored or shown again."""
+    secret = API_TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
+    token = ApiToken(user_id=user.id, name=name, token_hash=secret_digest(secret), prefix=secret[:12])
+    session.add(token)
+    session.flush()
+    record(
+        session=session,
+        actor=actor,
+        action="api_token.create",
+        subject_type="user",
+        subject_id=user.id,
+        token_id=str(token.id),
+        name=name,
+    )
+    return token, secret
+
+
+def list_api_tokens(*, session: Session, user: User) -> list[ApiToken]:
+    return list(
+        session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc()))
+    )
+
+
+def revoke_api_token(*, session: Session, user: User, token_id: uuid.UUID, actor: str) -> ApiToken:
+    """Revoke one of user's tokens; it stops working at once."""
+    token = session.get(ApiToken, token_id)
+    if token is None or token.user_id != user.id:
+        raise NotFound(f"you have no API token with id {token_id}")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        session.flush()
+        record(
+            session=session,
+            actor=actor,
+            action="api_token.revoke",
+            subject_type="user",
+            subject_id=user.id,
+            token_id=str(token.id),
+        )
+    return token
+
+
+def user_for_api_token(*, session: Session, secret: str) -> User | None:
+    """The active user a presented token belongs to, or None if it is unknown or revoked; notes its use."""
+    if not secret.startswith(API_TOKEN_PREFIX) or len(secret) > 200:
+        return None
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == secret_digest(secret), ApiToken.revoked_at.is_(None), User.is_active)
+    ).one_or_none()
+    if row is None:
+        return None
+    token, user = row
+    now = utcnow()
+    if token.last_used_at is None or now - as_utc(token.last_used_at) > _LAST_USED_RESOLUTION:
+        token.last_used_at = now
+        session.flush()
+    return user
+
+
+def active_user(*, session: Session, user_id: uuid.UUID) -> User | None:
+    """The user of a signed-in session, if they still exist and may sign in."""
+    user = session.get(User, user_id)
+    return user if user is not None and user.is_active else None
+
+
+def partner_scope(*, session: Session, user: User) -> PartnerScope:
+    """Every partner for an admin; the assigned ones for an account manager."""
+    if user.is_admin:
+        return ALL_PARTNERS
+    ids = session.scalars(select(UserPartner.partner_id).where(UserPartner.user_id == user.id))
+    return PartnerScope(partner_ids=frozenset(ids))
+
+
+def assigned_partner_codes(*, session: Session, user: User) -> list[str]:
+    return list(
+        session.scalars(
+            select(Partner.code)
+            .join(UserPartner, UserPartner.partner_id == Partner.id)
+            .where(UserPartner.user_id == user.id)
+            .order_by(Partner.code)
+        )
+    )
+
+
+def partner_managers(*, session: Session, partner_id: uuid.UUID) -> list[User]:
+    """The account managers assigned to a partner, by username."""
+    return list(
+        session.scalars(
+            select(User)
+            .join(UserPartner, UserPartner.user_id == User.id)
+            .where(UserPartner.partner_id == partner_id)
+            .order_by(User.username)
+        )
+    )
+
+
+def set_partner_managers(*, session: Session, partner: Partner, usernames: list[str], actor: str) -> list[User]:
+    """Make exactly these users the partner's account managers."""
+    wanted = sorted(set(usernames))
+    users = list(session.scalars(select(User).where(User.username.in_(wanted)))) if wanted else []
+    missing = sorted(set(wanted) - {u.username for u in users})
+    if missing:
+        raise Invalid(f"no user named {', '.join(repr(m) for m in missing)}", field="usernames")
+    current = {m.id for m in partner_managers(session=session, partner_id=partner.id)}
+    target = {u.id for u in users}
+    for user_id in current - target:
+        link = session.get(UserPartner, (user_id, partner.id))
+        if link is not None:
+            session.delete(link)
+    for user_id in target - current:
+        session.add(UserPartner(user_id=user_id, partner_id=partner.id))
+    session.flush()
+    record(
+        session=session,
+        actor=actor,
+        action="partner.managers",
+        subject_type="partner",
+        subject_id=partner.id,
+        usernames=wanted,
+    )
+    return sorted(users, key=lambda u: u.username)
+
+
+def sign_in_oidc(*, session: Session, subject: str, username: str, create: bool) -> User | None:
+    """The user for an OIDC identity: linked before, or matched by username and linked now, or created."""
+    user = session.scalars(select(User).where(User.oidc_subject == subject)).one_or_none()
+    if user is None:
+        user = find_user(session=session, username=username)
+        if user is not None and user.oidc_subject is not None:
+            return None  # that username belongs to another OIDC identity
+        if user is None:
+            if not create:
+                return None
+            user = User(username=username, role=Role.account_manager, is_active=True)
+            session.add(user)
+            session.flush()
+            record(
+                session=session,
+                actor=username,
+                action="user.create",
+                subject_type="user",
+                subject_id=user.id,
+                username=username,
+                role=user.role.value,
+                via="oidc",
+            )
+        user.oidc_subject = subject
+    if not user.is_active:
+        return None
+    user.last_login_at = utcnow()
+    session.flush()
+    return user

@@ -1,0 +1,231 @@
+"""Web pages to sign in and out (password or OIDC) and to manage one's own API tokens."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.audit.service import record
+from app.auth import oidc
+from app.auth import service as auth_service
+from app.auth.deps import session_user, sign_in, sign_out
+from app.auth.models import User
+from app.auth.schemas import TokenCreate
+from app.config import Settings, get_settings
+from app.db import get_session
+from app.errors import AppError, NotFound
+from app.web.deps import WebUser, csrf_guard, field_errors, render
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
+
+_USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
+OIDC_CALLBACK = "/auth/oidc/callback"
+
+
+def safe_next(value: str | None) -> str:
+    """Where to go after signing in: only a path on this site, never another host."""
+    if not value:
+        return "/jobs"
+    on_site = value.startswith("/") and not value.startswith("//") and "\\" not in value
+    return value if on_site and not any(ord(c) < 32 for c in value) else "/jobs"
+
+
+def _login_page(
+    request: Request, settings: Settings, *, next_url: str, username: str = "", error: str | None, status_code: int
+) -> HTMLResponse:
+    return render(
+        request,
+        "login.html",
+        {"next": next_url, "username": username, "error": error, "oidc_enabled": settings.oidc_enabled()},
+        user=None,
+        status_code=status_code,
+    )
+
+
+def _signed_in(request: Request, session: Session, user: User, *, via: str, next_url: str) -> RedirectResponse:
+    record(
+        session=session,
+        actor=user.username,
+        action="user.sign_in",
+        subject_type="user",
+        subject_id=user.id,
+        via=via,
+        ip=request.client.host if request.client else None,
+    )
+    session.commit()
+    sign_in(request, user)
+    return RedirectResponse(safe_next(next_url), status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    next: Annotated[str, Query(max_length=2000)] = "/jobs",
+) -> Response:
+    if session_user(request, session) is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return _login_page(request, settings, next_url=safe_next(next), error=None, status_code=200)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    username: Annotated[str, Form(max_length=200)] = "",
+    password: Annotated[str, Form(max_length=1024)] = "",
+    next: Annotated[str, Form(max_length=2000)] = "/jobs",
+) -> Response:
+    """Check a username and password; on success start a session (a new cookie and CSRF token)."""
+    user = auth_service.authenticate(session=session, username=username, password=password)
+    if user is None:
+        log.warning("failed sign-in for %r from %s", username[:150], request.client.host if request.client else "?")
+        return _login_page(
+            request,
+            settings,
+            next_url=safe_next(next),
+            username=username,
+            error="Wrong username or password, or the account is deactivated.",
+            status_code=401,
+        )
+    return _signed_in(request, session, user, via="password", next_url=next)
+
+
+@router.post("/logout")
+def logout(request: Request) -> RedirectResponse:
+    sign_out(request)
+    return RedirectResponse("/login", status_code=303)
+
+
+@router.get("/auth/oidc/start")
+def oidc_start(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    next: Annotated[str, Query(max_length=2000)] = "/jobs",
+) -> RedirectResponse:
+    """Send the browser to the identity provider, remembering state, nonce and PKCE verifier in the session."""
+    if not settings.oidc_enabled():
+        raise NotFound("single sign-on is not configured")
+    auth = oidc.start(settings, redirect_uri=settings.public_base_url.rstrip("/") + OIDC_CALLBACK)
+    request.session["oidc"] = {
+        "state": auth.state,
+        "nonce": auth.nonce,
+        "verifier": auth.verifier,
+        "next": safe_next(next),
+    }
+    return RedirectResponse(auth.url, status_code=303)
+
+
+@router.get(OIDC_CALLBACK, response_class=HTMLResponse)
+def oidc_callback(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    code: Annotated[str, Query(max_length=4096)] = "",
+    state: Annotated[str, Query(max_length=512)] = "",
+    error: Annotated[str, Query(max_length=200)] = "",
+) -> Response:
+    """The identity provider sends the browser back here; verify everything before signing anyone in."""
+    if not settings.oidc_enabled():
+        raise NotFound("single sign-on is not configured")
+    pending = request.session.pop("oidc", None)
+    next_url = pending.get("next", "/jobs") if isinstance(pending, dict) else "/jobs"
+
+    def refuse(message: str, status_code: int = 401) -> HTMLResponse:
+        return _login_page(request, settings, next_url=next_url, error=message, status_code=status_code)
+
+    if error:
+        return refuse(f"Single sign-on did not complete: {error}.")
+    if not isinstance(pending, dict) or not state or not secrets.compare_digest(str(pending.get("state")), state):
+        return refuse("This single sign-on answer does not belong to a sign-in started here; try again.")
+    try:
+        claims = oidc.finish(
+            settings,
+            code=code,
+            redirect_uri=settings.public_base_url.rstrip("/") + OIDC_CALLBACK,
+            verifier=str(pending["verifier"]),
+            nonce=str(pending["nonce"]),
+        )
+    except AppError as exc:
+        return refuse(f"Single sign-on failed: {exc.detail}", exc.status_code)
+    username = str(claims.get(settings.oidc_username_claim) or "")
+    if not _USERNAME.fullmatch(username):
+        return refuse(f"Your single sign-on account has no usable {settings.oidc_username_claim!r}.", 403)
+    user = auth_service.sign_in_oidc(
+        session=session,
+        subject=f"{claims['iss']} {claims['sub']}",
+        username=username,
+        create=settings.oidc_create_users,
+    )
+    if user is None:
+        session.rollback()
+        return refuse(f"{username!r} may not sign in here; ask an admin.", 403)
+    return _signed_in(request, session, user, via="oidc", next_url=next_url)
+
+
+def _tokens_page(
+    request: Request,
+    session: Session,
+    user: User,
+    *,
+    form: dict[str, str],
+    errors: dict[str, str],
+    new_token: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    return render(
+        request,
+        "account/tokens.html",
+        {
+            "active": "tokens",
+            "tokens": auth_service.list_api_tokens(session=session, user=user),
+            "form": form,
+            "errors": errors,
+            "labels": {"name": "Token name"},
+            "new_token": new_token,
+        },
+        user=user,
+        status_code=status_code,
+    )
+
+
+@router.get("/account/tokens", response_class=HTMLResponse)
+def tokens_page(request: Request, user: WebUser, session: Annotated[Session, Depends(get_session)]) -> HTMLResponse:
+    return _tokens_page(request, session, user, form={"name": ""}, errors={})
+
+
+@router.post("/account/tokens", response_class=HTMLResponse)
+def create_token(
+    request: Request,
+    user: WebUser,
+    session: Annotated[Session, Depends(get_session)],
+    name: Annotated[str, Form(max_length=400)] = "",
+) -> HTMLResponse:
+    """Create a personal API token and show it this once."""
+    try:
+        data = TokenCreate(name=name)
+    except ValidationError as exc:
+        return _tokens_page(request, session, user, form={"name": name}, errors=field_errors(exc), status_code=422)
+    _, secret = auth_service.create_api_token(session=session, user=user, name=data.name, actor=user.username)
+    session.commit()
+    return _tokens_page(request, session, user, form={"name": ""}, errors={}, new_token=secret, status_code=201)
+
+
+@router.post("/account/tokens/{token_id}/revoke")
+def revoke_token(
+    token_id: uuid.UUID, user: WebUser, session: Annotated[Session, Depends(get_session)]
+) -> RedirectResponse:
+    auth_service.revoke_api_token(session=session, user=user, token_id=token_id, actor=user.username)
+    session.commit()
+    return RedirectResponse("/account/tokens", status_code=303)

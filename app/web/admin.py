@@ -1,0 +1,294 @@
+"""Web pages for partners (admins create, edit and assign account managers) and for users (admins)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.auth import service as auth_service
+from app.auth.models import Role, User
+from app.auth.schemas import UserCreate, UserUpdate
+from app.auth.scope import ALL_PARTNERS
+from app.db import get_session
+from app.errors import AppError
+from app.partners import service as partners
+from app.partners.models import Partner
+from app.partners.schemas import PartnerCreate, PartnerUpdate
+from app.web.deps import WebAdmin, WebScope, WebUser, csrf_guard, field_errors, render
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
+
+PARTNER_LABELS = {"code": "Code", "name": "Name", "contact_email": "Contact e-mail", "usernames": "Account managers"}
+USER_LABELS = {"username": "Username", "role": "Role", "password": "Password"}
+
+
+def _field(name: str | None, labels: dict[str, str]) -> str:
+    return name if name in labels else "form"
+
+
+@router.get("/partners", response_class=HTMLResponse)
+def partner_list(
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    deleted: Annotated[str, Query(max_length=64)] = "",
+) -> HTMLResponse:
+    """Partners the user acts on (every partner for admins), with their account managers."""
+    rows = partners.list_partners(session=session, scope=scope)
+    managers = {
+        p.id: [u.username for u in auth_service.partner_managers(session=session, partner_id=p.id)] for p in rows
+    }
+    notice = f"Partner {deleted} was deleted." if deleted else None
+    return render(
+        request,
+        "partners/list.html",
+        {"active": "partners", "partners": rows, "managers": managers, "notice": notice},
+        user=user,
+    )
+
+
+def _partner_page(
+    request: Request,
+    session: Session,
+    user: User,
+    *,
+    partner: Partner | None,
+    form: dict[str, object],
+    errors: dict[str, str],
+    notice: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    candidates = [u for u in auth_service.list_users(session=session) if u.role == Role.account_manager]
+    return render(
+        request,
+        "partners/form.html",
+        {
+            "active": "partners",
+            "partner": partner,
+            "form": form,
+            "errors": errors,
+            "labels": PARTNER_LABELS,
+            "candidates": candidates,
+            "notice": notice,
+        },
+        user=user,
+        status_code=status_code,
+    )
+
+
+@router.get("/partners/new", response_class=HTMLResponse)
+def new_partner_form(
+    request: Request, admin: WebAdmin, session: Annotated[Session, Depends(get_session)]
+) -> HTMLResponse:
+    form: dict[str, object] = {"code": "", "name": "", "contact_email": ""}
+    return _partner_page(request, session, admin, partner=None, form=form, errors={})
+
+
+@router.post("/partners/new", response_class=HTMLResponse)
+def create_partner(
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    code: Annotated[str, Form(max_length=200)] = "",
+    name: Annotated[str, Form(max_length=400)] = "",
+    contact_email: Annotated[str, Form(max_length=400)] = "",
+) -> Response:
+    form: dict[str, object] = {"code": code, "name": name, "contact_email": contact_email}
+    try:
+        data = PartnerCreate(code=code, name=name, contact_email=contact_email or None)
+        partner = partners.create_partner(session=session, data=data, actor=admin.username)
+    except ValidationError as exc:
+        errors = {_field(k, PARTNER_LABELS): v for k, v in field_errors(exc).items()}
+        return _partner_page(request, session, admin, partner=None, form=form, errors=errors, status_code=422)
+    except AppError as exc:
+        session.rollback()
+        errors = {_field(exc.field, PARTNER_LABELS): exc.detail}
+        return _partner_page(
+            request, session, admin, partner=None, form=form, errors=errors, status_code=exc.status_code
+        )
+    session.commit()
+    return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
+
+
+@router.get("/partners/{partner_id}", response_class=HTMLResponse)
+def edit_partner_form(
+    partner_id: uuid.UUID,
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    saved: Annotated[str, Query(max_length=8)] = "",
+) -> HTMLResponse:
+    partner = partners.get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
+    form: dict[str, object] = {
+        "name": partner.name,
+        "contact_email": partner.contact_email or "",
+        "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
+    }
+    notice = "Saved." if saved else None
+    return _partner_page(request, session, admin, partner=partner, form=form, errors={}, notice=notice)
+
+
+@router.post("/partners/{partner_id}", response_class=HTMLResponse)
+def update_partner(
+    partner_id: uuid.UUID,
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    name: Annotated[str, Form(max_length=400)] = "",
+    contact_email: Annotated[str, Form(max_length=400)] = "",
+    managers: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies defaults
+) -> Response:
+    """Save a partner's name, contact and account managers together."""
+    partner = partners.get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
+    form: dict[str, object] = {"name": name, "contact_email": contact_email, "managers": managers}
+    try:
+        data = PartnerUpdate(name=name, contact_email=contact_email or None)
+        partners.update_partner(session=session, partner_id=partner.id, data=data, actor=admin.username)
+        auth_service.set_partner_managers(session=session, partner=partner, usernames=managers, actor=admin.username)
+    except ValidationError as exc:
+        session.rollback()
+        errors = {_field(k, PARTNER_LABELS): v for k, v in field_errors(exc).items()}
+        return _partner_page(request, session, admin, partner=partner, form=form, errors=errors, status_code=422)
+    except AppError as exc:
+        session.rollback()
+        errors = {_field(exc.field, PARTNER_LABELS): exc.detail}
+        return _partner_page(
+            request, session, admin, partner=partner, form=form, errors=errors, status_code=exc.status_code
+        )
+    session.commit()
+    return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
+
+
+@router.post("/partners/{partner_id}/delete", response_class=HTMLResponse)
+def delete_partner(
+    partner_id: uuid.UUID, request: Request, admin: WebAdmin, session: Annotated[Session, Depends(get_session)]
+) -> Response:
+    partner = partners.get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
+    code = partner.code
+    try:
+        partners.delete_partner(session=session, partner_id=partner.id, actor=admin.username)
+    except AppError as exc:
+        session.rollback()
+        form: dict[str, object] = {
+            "name": partner.name,
+            "contact_email": partner.contact_email or "",
+            "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
+        }
+        return _partner_page(
+            request,
+            session,
+            admin,
+            partner=partner,
+            form=form,
+            errors={"form": exc.detail},
+            status_code=exc.status_code,
+        )
+    session.commit()
+    return RedirectResponse(f"/partners?deleted={quote(code)}", status_code=303)
+
+
+def _users_page(
+    request: Request,
+    session: Session,
+    admin: User,
+    *,
+    form: dict[str, str],
+    errors: dict[str, str],
+    notice: str | None = None,
+    action_error: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    return render(
+        request,
+        "admin/users.html",
+        {
+            "active": "users",
+            "users": auth_service.list_users(session=session),
+            "roles": list(Role),
+            "form": form,
+            "errors": errors,
+            "labels": USER_LABELS,
+            "notice": notice,
+            "action_error": action_error,
+        },
+        user=admin,
+        status_code=status_code,
+    )
+
+
+_EMPTY_USER = {"username": "", "role": Role.account_manager.value}
+
+
+@router.get("/admin/users", response_class=HTMLResponse)
+def users_page(
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    saved: Annotated[str, Query(max_length=150)] = "",
+) -> HTMLResponse:
+    notice = f"Saved {saved}." if saved else None
+    return _users_page(request, session, admin, form=dict(_EMPTY_USER), errors={}, notice=notice)
+
+
+@router.post("/admin/users", response_class=HTMLResponse)
+def create_user(
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    username: Annotated[str, Form(max_length=400)] = "",
+    role: Annotated[str, Form(max_length=40)] = Role.account_manager.value,
+    password: Annotated[str, Form(max_length=1024)] = "",
+) -> Response:
+    form = {"username": username, "role": role}
+    try:
+        data = UserCreate.model_validate({"username": username, "role": role, "password": password or None})
+        user = auth_service.create_user(session=session, data=data, actor=admin.username)
+    except ValidationError as exc:
+        errors = {_field(k, USER_LABELS): v for k, v in field_errors(exc).items()}
+        return _users_page(request, session, admin, form=form, errors=errors, status_code=422)
+    except AppError as exc:
+        session.rollback()
+        errors = {_field(exc.field, USER_LABELS): exc.detail}
+        return _users_page(request, session, admin, form=form, errors=errors, status_code=exc.status_code)
+    session.commit()
+    return RedirectResponse(f"/admin/users?saved={quote(user.username)}", status_code=303)
+
+
+@router.post("/admin/users/{user_id}", response_class=HTMLResponse)
+def update_user(
+    user_id: uuid.UUID,
+    request: Request,
+    admin: WebAdmin,
+    session: Annotated[Session, Depends(get_session)],
+    role: Annotated[str, Form(max_length=40)] = "",
+    is_active: Annotated[str, Form(max_length=8)] = "",
+) -> Response:
+    """Change a user's role and whether they may sign in."""
+    try:
+        data = UserUpdate.model_validate({"role": role, "is_active": is_active == "true"})
+        user = auth_service.update_user(session=session, user_id=user_id, data=data, actor=admin.username)
+    except ValidationError as exc:
+        message = "; ".join(field_errors(exc).values())
+        return _users_page(
+            request, session, admin, form=dict(_EMPTY_USER), errors={}, action_error=message, status_code=422
+        )
+    except AppError as exc:
+        session.rollback()
+        return _users_page(
+            request,
+            session,
+            admin,
+            form=dict(_EMPTY_USER),
+            errors={},
+            action_error=exc.detail,
+            status_code=exc.status_code,
+        )
+    session.commit()
+    return RedirectResponse(f"/admin/users?saved={quote(user.username)}", status_code=303)

@@ -1,0 +1,94 @@
+"""What every web page needs: the signed-in user, CSRF checks on forms, and rendering with safe headers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import HTMLResponse
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.auth import service as auth_service
+from app.auth.deps import SAFE_METHODS, csrf_matches, csrf_token, session_user
+from app.auth.models import User
+from app.auth.scope import PartnerScope
+from app.db import get_session
+from app.errors import Forbidden, Unauthorized
+from app.web.templating import templates
+
+WEB_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+}
+
+
+class SignInRequired(Unauthorized):
+    """A page needs a signed-in user; the browser is sent to the sign-in page."""
+
+    code = "sign_in_required"
+
+
+def web_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
+    """The signed-in user of this browser, or SignInRequired."""
+    user = session_user(request, session)
+    if user is None:
+        raise SignInRequired("sign in to see this page")
+    return user
+
+
+WebUser = Annotated[User, Depends(web_user)]
+
+
+def web_scope(user: WebUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:
+    return auth_service.partner_scope(session=session, user=user)
+
+
+WebScope = Annotated[PartnerScope, Depends(web_scope)]
+
+
+def web_admin(user: WebUser) -> User:
+    if not user.is_admin:
+        raise Forbidden("only an admin may open this page")
+    return user
+
+
+WebAdmin = Annotated[User, Depends(web_admin)]
+
+
+async def csrf_guard(request: Request) -> None:
+    """Every form that changes something carries the session's CSRF token; refuse it otherwise."""
+    if request.method in SAFE_METHODS:
+        return
+    form = await request.form()
+    presented = form.get("csrf_token")
+    if not isinstance(presented, str) or not csrf_matches(request, presented):
+        raise Forbidden("the form's security token is missing or out of date; reload the page and try again")
+
+
+def render(
+    request: Request, template: str, context: dict[str, Any], *, user: User | None, status_code: int = 200
+) -> HTMLResponse:
+    """A page with the user, the CSRF token for its forms, and the web security headers."""
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"user": user, "csrf_token": csrf_token(request), **context},
+        status_code=status_code,
+        headers=WEB_HEADERS,
+    )
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
+    """Pydantic's first error per field (a model-level one under "__root__"), with the API's messages."""
+    errors: dict[str, str] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        name = loc[0] if loc else "__root__"
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        errors.setdefault(name, message)
+    return errors

@@ -1,0 +1,44 @@
+"""Errors on pages people open in a browser: an HTML page with the same message the API would give."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import RedirectResponse, Response
+
+from app.downloads.router import link_not_found
+from app.web.deps import render
+
+WEB_SECTIONS = frozenset({"", "jobs", "partners", "account", "admin", "login", "logout", "auth"})
+TITLES = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 409: "Cannot do that now"}
+
+
+def page_kind(path: str) -> Literal["link", "web", "api"]:
+    """Partner link pages, web pages, or everything else (the JSON API, docs, health)."""
+    if path == "/d" or path.startswith("/d/"):
+        return "link"
+    first = path.lstrip("/").split("/", 1)[0]
+    return "web" if first in WEB_SECTIONS else "api"
+
+
+def error_page(request: Request, *, status_code: int, detail: str) -> Response | None:
+    """The HTML answer for an error on a web or partner page; None where the answer is JSON."""
+    kind = page_kind(request.url.path)
+    if kind == "api":
+        return None
+    if kind == "link":
+        return link_not_found()  # whatever went wrong, a partner link says only "not found"
+    if status_code == 401:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    signed_in = isinstance(request.session.get("uid"), str)
+    title = TITLES.get(status_code, "Something went wrong" if status_code >= 500 else "Cannot do that")
+    return render(
+        request,
+        "error.html",
+        {"title": title, "detail": detail, "signed_in": signed_in},
+        user=None,
+        status_code=status_code,
+    )

@@ -1,0 +1,406 @@
+"""Web pages for retro tests: the list, the new-request form, and the job page with its links and downloads."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.db import get_session
+from app.downloads import service as links
+from app.errors import AppError, Conflict
+from app.integrations.registry import MlflowRegistry
+from app.integrations.wiring import get_registry
+from app.partners import service as partners
+from app.retro_tests import dispatch
+from app.retro_tests import service as retro_tests
+from app.retro_tests.models import TERMINAL_STATES, State
+from app.retro_tests.router import to_out
+from app.retro_tests.schemas import RetroTestCreate
+from app.web.deps import WebScope, WebUser, csrf_guard, field_errors, render
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
+
+PAGE_SIZE = 25
+FORMATS = [("", "Parquet and CSV (gzip)"), ("parquet", "Parquet only"), ("csv.gz", "CSV (gzip) only")]
+LABELS = {
+    "partner_code": "Partner",
+    "model_name": "Model",
+    "model_ref": "Version or alias",
+    "period_start": "First day",
+    "period_end": "Last day",
+    "output_format": "Output format",
+    "note": "Note",
+}
+# Where the API's field names land on this form; a model-level refusal ("give exactly one ...") lands on model_ref.
+FIELD_OF = {
+    "model_version": "model_ref",
+    "model_alias": "model_ref",
+    "output_formats": "output_format",
+    "__root__": "model_ref",
+}
+EXPIRY_CHOICES = (1, 3, 7, 14, 30, 90, 365)
+
+
+@router.get("/")
+def home(_: WebUser) -> RedirectResponse:
+    return RedirectResponse("/jobs", status_code=303)
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def job_list(
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    partner: Annotated[str, Query(max_length=64)] = "",
+    model: Annotated[str, Query(max_length=256)] = "",
+    state: Annotated[str, Query(max_length=16)] = "",
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+) -> HTMLResponse:
+    """Retro tests of the user's partners, newest first, with filters and pages."""
+    chosen_state = State(state) if state in State.__members__ else None
+    jobs, total = retro_tests.list_retro_tests(
+        session=session,
+        scope=scope,
+        partner_code=partner or None,
+        state=chosen_state,
+        model_name=model or None,
+        limit=PAGE_SIZE,
+        offset=(page - 1) * PAGE_SIZE,
+    )
+    filters = {"partner": partner, "model": model, "state": chosen_state.value if chosen_state else ""}
+    pages = max(1, -(-total // PAGE_SIZE))
+
+    def page_url(n: int) -> str:
+        return "/jobs?" + urlencode({**{k: v for k, v in filters.items() if v}, "page": n})
+
+    return render(
+        request,
+        "jobs/list.html",
+        {
+            "active": "jobs",
+            "jobs": [to_out(j, request) for j in jobs],
+            "total": total,
+            "first": (page - 1) * PAGE_SIZE + 1,
+            "last": (page - 1) * PAGE_SIZE + len(jobs),
+            "page": page,
+            "pages": pages,
+            "prev_url": page_url(page - 1) if page > 1 else None,
+            "next_url": page_url(page + 1) if page < pages else None,
+            "filters": filters,
+            "partners": partners.list_partners(session=session, scope=scope),
+            "states": [s.value for s in State],
+        },
+        user=user,
+    )
+
+
+def model_ref_groups(registry: MlflowRegistry, model_name: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The choices of version or alias for one model: aliases first (with the version each points at)."""
+    if not model_name:
+        return []
+    try:
+        versions = registry.list_versions(name=model_name)
+    except AppError:
+        return []
+    aliases = sorted((alias, v["version"]) for v in versions for alias in v["aliases"])
+    groups = []
+    if aliases:
+        groups.append(("Aliases", [(f"alias:{a}", f"{a} (now version {v})") for a, v in aliases]))
+    if versions:
+        groups.append(("Versions", [(f"version:{v['version']}", f"version {v['version']}") for v in versions]))
+    return groups
+
+
+@router.get("/jobs/model-options")
+def model_options(
+    _: WebUser,
+    registry: Annotated[MlflowRegistry, Depends(get_registry)],
+    model: Annotated[str, Query(max_length=256)] = "",
+) -> dict[str, Any]:
+    """JSON for the form: the versions and aliases of one registry model."""
+    groups = model_ref_groups(registry, model)
+    return {
+        "groups": [
+            {"label": label, "options": [{"value": v, "label": text} for v, text in options]}
+            for label, options in groups
+        ]
+    }
+
+
+def _form_page(
+    request: Request,
+    *,
+    user: WebUser,
+    scope: WebScope,
+    session: Session,
+    registry: MlflowRegistry,
+    form: dict[str, str],
+    errors: dict[str, str],
+    status_code: int = 200,
+) -> HTMLResponse:
+    try:
+        models = registry.list_models()
+    except AppError as exc:
+        models = []
+        errors = {**errors, "form": errors.get("form", exc.detail)}
+    return render(
+        request,
+        "jobs/new.html",
+        {
+            "active": "new",
+            "form": form,
+            "errors": errors,
+            "labels": LABELS,
+            "partners": partners.list_partners(session=session, scope=scope),
+            "models": models,
+            "model_names": {m["name"] for m in models},
+            "model_refs": model_ref_groups(registry, form.get("model_name", "")),
+            "formats": FORMATS,
+            "today": date.today().isoformat(),
+        },
+        user=user,
+        status_code=status_code,
+    )
+
+
+@router.get("/jobs/new", response_class=HTMLResponse)
+def new_job_form(
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    registry: Annotated[MlflowRegistry, Depends(get_registry)],
+) -> HTMLResponse:
+    """The form an account manager fills in when a partner asks for a retro test."""
+    form = dict.fromkeys(LABELS, "")
+    return _form_page(request, user=user, scope=scope, session=session, registry=registry, form=form, errors={})
+
+
+def request_body(form: dict[str, str]) -> dict[str, Any]:
+    """The API request the form stands for; empty fields are left out so they are reported as required."""
+    body: dict[str, Any] = {k: form[k] for k in ("partner_code", "model_name", "period_start", "period_end") if form[k]}
+    kind, _, value = form["model_ref"].partition(":")
+    if kind == "version":
+        body["model_version"] = value
+    elif kind == "alias":
+        body["model_alias"] = value
+    if form["output_format"]:
+        body["output_formats"] = [form["output_format"]]
+    if form["note"].strip():
+        body["note"] = form["note"]
+    return body
+
+
+def _error_field(field: str | None) -> str:
+    name = FIELD_OF.get(field or "", field or "form")
+    return name if name in LABELS else "form"
+
+
+@router.post("/jobs/new", response_class=HTMLResponse)
+def submit_job(
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    registry: Annotated[MlflowRegistry, Depends(get_registry)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    partner_code: Annotated[str, Form(max_length=200)] = "",
+    model_name: Annotated[str, Form(max_length=400)] = "",
+    model_ref: Annotated[str, Form(max_length=400)] = "",
+    period_start: Annotated[str, Form(max_length=40)] = "",
+    period_end: Annotated[str, Form(max_length=40)] = "",
+    output_format: Annotated[str, Form(max_length=40)] = "",
+    note: Annotated[str, Form(max_length=4000)] = "",
+) -> Response:
+    """Validate the form with the API's own schema and service function; errors go next to their fields."""
+    form = {
+        "partner_code": partner_code,
+        "model_name": model_name,
+        "model_ref": model_ref,
+        "period_start": period_start,
+        "period_end": period_end,
+        "output_format": output_format,
+        "note": note,
+    }
+    try:
+        data = RetroTestCreate.model_validate(request_body(form))
+    except ValidationError as exc:
+        errors: dict[str, str] = {}
+        for name, message in field_errors(exc).items():
+            errors.setdefault(_error_field(name), message)
+        return _form_page(
+            request,
+            user=user,
+            scope=scope,
+            session=session,
+            registry=registry,
+            form=form,
+            errors=errors,
+            status_code=422,
+        )
+    try:
+        job, created = dispatch.submit(
+            session=session, registry=registry, settings=settings, data=data, actor=user.username, scope=scope
+        )
+    except AppError as exc:
+        session.rollback()
+        errors = {_error_field(exc.field): exc.detail}
+        return _form_page(
+            request,
+            user=user,
+            scope=scope,
+            session=session,
+            registry=registry,
+            form=form,
+            errors=errors,
+            status_code=exc.status_code,
+        )
+    suffix = "" if created else "?existing=1"
+    return RedirectResponse(f"/jobs/{job.id}{suffix}", status_code=303)
+
+
+def _expiry_choices(settings: Settings) -> list[int]:
+    wanted = {d for d in EXPIRY_CHOICES if d <= settings.download_link_max_days}
+    wanted.add(min(settings.download_link_default_days, settings.download_link_max_days))
+    return sorted(wanted)
+
+
+def _job_page(
+    request: Request,
+    *,
+    user: WebUser,
+    scope: WebScope,
+    session: Session,
+    settings: Settings,
+    job_id: uuid.UUID,
+    status_code: int = 200,
+    **extra: Any,
+) -> HTMLResponse:
+    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    return render(
+        request,
+        "jobs/detail.html",
+        {
+            "active": "jobs",
+            "job": to_out(job, request),
+            "terminal": job.state in TERMINAL_STATES,
+            "links": [links.link_out(link) for link in links.list_links(session=session, job_id=job.id)],
+            "downloads": links.download_history(session=session, job_id=job.id),
+            "expiry_choices": _expiry_choices(settings),
+            "default_days": min(settings.download_link_default_days, settings.download_link_max_days),
+            **extra,
+        },
+        user=user,
+        status_code=status_code,
+    )
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(
+    job_id: uuid.UUID,
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    existing: Annotated[str, Query(max_length=8)] = "",
+) -> HTMLResponse:
+    """One retro test: stages, live progress, error, result files, partner links and downloads."""
+    notice = "An identical request is already running; this is that retro test." if existing else None
+    return _job_page(request, user=user, scope=scope, session=session, settings=settings, job_id=job_id, notice=notice)
+
+
+@router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
+def cancel_job(
+    job_id: uuid.UUID,
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Response:
+    try:
+        retro_tests.request_cancel(session=session, job_id=job_id, actor=user.username, scope=scope)
+    except Conflict as exc:
+        session.rollback()
+        return _job_page(
+            request,
+            user=user,
+            scope=scope,
+            session=session,
+            settings=settings,
+            job_id=job_id,
+            status_code=409,
+            action_error=exc.detail,
+        )
+    session.commit()
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/links", response_class=HTMLResponse)
+def create_link(
+    job_id: uuid.UUID,
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7,
+) -> HTMLResponse:
+    """Make a partner link and show it once."""
+    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    try:
+        link, token = links.create_link(
+            session=session,
+            job=job,
+            expires_in_days=expires_in_days,
+            max_days=settings.download_link_max_days,
+            actor=user.username,
+        )
+    except AppError as exc:
+        session.rollback()
+        return _job_page(
+            request,
+            user=user,
+            scope=scope,
+            session=session,
+            settings=settings,
+            job_id=job_id,
+            status_code=exc.status_code,
+            action_error=exc.detail,
+        )
+    session.commit()
+    return _job_page(
+        request,
+        user=user,
+        scope=scope,
+        session=session,
+        settings=settings,
+        job_id=job_id,
+        status_code=201,
+        new_link_url=links.link_url(settings.public_base_url, token),
+        new_link_expires=link.expires_at,
+    )
+
+
+@router.post("/jobs/{job_id}/links/{link_id}/revoke")
+def revoke_link(
+    job_id: uuid.UUID,
+    link_id: uuid.UUID,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+) -> RedirectResponse:
+    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    links.revoke_link(session=session, job_id=job.id, link_id=link_id, actor=user.username)
+    session.commit()
+    return RedirectResponse(f"/jobs/{job_id}#links-heading", status_code=303)

@@ -1,0 +1,68 @@
+// Live progress on the job page: poll the JSON API and update state, progress, stages and error in place.
+(function () {
+  "use strict";
+  var root = document.getElementById("job");
+  if (!root || root.dataset.terminal === "true") { return; }
+  var TERMINAL = ["succeeded", "failed", "cancelled"];
+  var url = root.dataset.apiUrl;
+
+  function num(n) { return n === null || n === undefined ? "?" : n.toLocaleString("en-US"); }
+  function took(stage) {
+    if (TERMINAL.indexOf(stage.state) >= 0) { return "–"; }
+    if (stage.seconds === null) { return "running"; }
+    if (stage.seconds < 60) { return stage.seconds.toFixed(1) + " s"; }
+    var s = Math.round(stage.seconds);
+    return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  }
+  function when(iso) { return iso.replace("T", " ").replace(/\.\d+/, "").replace(/(\+00:00|Z)$/, " UTC"); }
+  function cell(row, label, text, cls) {
+    var td = document.createElement("td");
+    td.dataset.label = label;
+    td.textContent = text;
+    if (cls) { td.className = cls; }
+    row.appendChild(td);
+  }
+
+  function show(job) {
+    var state = document.getElementById("job-state");
+    state.textContent = job.state;
+    state.className = "state state-" + job.state;
+    var p = job.progress;
+    var pct = p.percent || 0;
+    document.getElementById("job-progress").value = pct;
+    document.getElementById("job-progress-text").textContent =
+      pct.toFixed(1) + "% · " + num(p.rows_scored + p.rows_rejected) + " of " + num(p.rows_total) + " rows";
+    var body = document.getElementById("stages");
+    body.textContent = "";
+    job.stages.forEach(function (stage) {
+      var tr = document.createElement("tr");
+      cell(tr, "Stage", stage.state);
+      cell(tr, "Started", when(stage.started_at));
+      cell(tr, "Took", took(stage), "num");
+      body.appendChild(tr);
+    });
+    var err = document.getElementById("job-error");
+    if (job.error) {
+      err.textContent = job.state + ": " + job.error.message + " (" + job.error.code + ")";
+      err.hidden = false;
+    }
+  }
+
+  function poll() {
+    fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (r) {
+        if (r.status === 401) { throw new Error("signed out"); }
+        return r.json();
+      })
+      .then(function (job) {
+        show(job);
+        if (TERMINAL.indexOf(job.state) >= 0) {
+          window.location.reload();  // once, to show the result files and the link form
+        } else {
+          window.setTimeout(poll, 1000);
+        }
+      })
+      .catch(function () { window.setTimeout(poll, 5000); });
+  }
+  window.setTimeout(poll, 1000);
+})();
