@@ -1,9 +1,12 @@
-"""The `retrotest` command: serve, worker, submit, status, demo, migrate."""
+"""The `retrotest` command: serve, worker, beat, submit, status, demo, migrate."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -47,27 +50,85 @@ def serve(
     """Run the REST API (migrations first, unless told not to)."""
     import uvicorn
 
+    from app.config import get_settings
+    from app.logging_setup import configure_logging
+
+    settings = get_settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
     if not skip_migrations:
         migrate_database()
-    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info", access_log=False)
+    # log_config=None: uvicorn's loggers go through our root handler, as JSON.
+    uvicorn.run(
+        "app.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
+
+
+def _use_multiprocess_metrics(port: int) -> None:
+    """Tasks run in forked children: prometheus_client must use multiprocess mode, chosen before it is imported."""
+    if port == 0 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="retrotest-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not in a forked child that happens to run exit handlers
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 @app.command()
-def worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
-    """Run a Celery worker that executes retro tests."""
+def worker(concurrency: int = 1, loglevel: Annotated[str | None, typer.Option()] = None) -> None:
+    """Run a Celery worker that executes retro tests; its metrics are on RETRO_WORKER_METRICS_PORT."""
     from app.config import get_settings
+
+    settings = get_settings()
+    _use_multiprocess_metrics(settings.worker_metrics_port)
+    from app.metrics import start_worker_metrics
     from worker.celery_app import celery_app
 
-    queue = get_settings().queue_name
+    start_worker_metrics(settings.worker_metrics_port)
     celery_app.worker_main(
         [
             "worker",
-            f"--loglevel={loglevel}",
+            f"--loglevel={loglevel or settings.log_level}",
             f"--concurrency={concurrency}",
             "-Q",
-            queue,
+            settings.queue_name,
             "--without-gossip",
             "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def beat(loglevel: Annotated[str | None, typer.Option()] = None) -> None:
+    """Run the control process: Celery beat plus a worker for its periodic tasks (deployment reaper, job reconciler)."""
+    from app.config import get_settings
+    from worker.celery_app import celery_app, control_queue
+
+    settings = get_settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    # Beat runs inside a small worker of its own that consumes only the control queue, so the reaper and
+    # the reconciler never wait behind a long retro test in the job queue.
+    celery_app.worker_main(
+        [
+            "worker",
+            "--beat",
+            f"--loglevel={loglevel or settings.log_level}",
+            "--pool=solo",
+            "-Q",
+            control_queue(settings),
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname=control@%h",
         ]
     )
 
@@ -119,6 +180,12 @@ def _print_job(job: dict[str, Any]) -> None:
         typer.echo(f"    {f['download_url']}")
 
 
+def api_client(api: str, token: str, *, timeout: float) -> httpx.Client:
+    """A client for the REST API that sends the personal token, if any."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=api, timeout=timeout, headers=headers)
+
+
 @app.command()
 def submit(
     partner: Annotated[str, typer.Option(help="Partner code")],
@@ -128,6 +195,7 @@ def submit(
     version: Annotated[str | None, typer.Option(help="Model version number")] = None,
     alias: Annotated[str | None, typer.Option(help="Model alias, e.g. champion")] = None,
     api: Annotated[str, typer.Option(envvar="RETRO_API_URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
     wait: bool = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
@@ -139,7 +207,7 @@ def submit(
         "model_version": version,
         "model_alias": alias,
     }
-    with httpx.Client(base_url=api, timeout=60) as client:
+    with api_client(api, token, timeout=60) as client:
         resp = client.post("/api/v1/retro-tests", json={k: v for k, v in body.items() if v is not None})
         if resp.status_code >= 400:
             err = resp.json()
@@ -156,14 +224,75 @@ def submit(
 
 
 @app.command()
-def status(job_id: str, api: Annotated[str, typer.Option(envvar="RETRO_API_URL")] = "http://127.0.0.1:8000") -> None:
+def status(
+    job_id: str,
+    api: Annotated[str, typer.Option(envvar="RETRO_API_URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
+) -> None:
     """Show a retro test's state, progress and files."""
-    with httpx.Client(base_url=api, timeout=30) as client:
+    with api_client(api, token, timeout=30) as client:
         resp = client.get(f"/api/v1/retro-tests/{job_id}")
         if resp.status_code >= 400:
             typer.echo(f"{resp.status_code}: {resp.json().get('detail')}", err=True)
             raise typer.Exit(2)
         _print_job(resp.json())
+
+
+@app.command("create-admin")
+def create_admin(
+    username: Annotated[str, typer.Option(help="The admin's username")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input (one line)")
+    ] = False,
+) -> None:
+    """Create an admin who signs in with a password; migrates the database first, so it works on a fresh install."""
+    from pydantic import ValidationError
+
+    from app.auth import service
+    from app.auth.models import Role
+    from app.auth.schemas import UserCreate
+    from app.db import get_session_factory
+    from app.errors import AppError
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        data = UserCreate(username=username, role=Role.admin, password=password)
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+    migrate_database()
+    with get_session_factory()() as session:
+        try:
+            user = service.create_user(session=session, data=data, actor="cli")
+        except AppError as exc:
+            typer.echo(exc.detail, err=True)
+            raise typer.Exit(1) from None
+        session.commit()
+    typer.echo(f"created admin {user.username!r}; sign in at /login or make an API token with create-token")
+
+
+@app.command("create-token")
+def create_token(
+    username: Annotated[str, typer.Option(help="Whose token it is")],
+    name: Annotated[str, typer.Option(help="What the token is for")] = "cli",
+) -> None:
+    """Create a personal API token for a user and print it once (only its sha256 is stored)."""
+    from app.auth import service
+    from app.db import get_session_factory
+
+    with get_session_factory()() as session:
+        user = service.find_user(session=session, username=username)
+        if user is None or not user.is_active:
+            typer.echo(f"no active user named {username!r}", err=True)
+            raise typer.Exit(1)
+        _, secret = service.create_api_token(session=session, user=user, name=name[:100], actor="cli")
+        session.commit()
+    typer.echo(f"API token for {username!r} ({name}); it is shown only now:", err=True)
+    typer.echo(secret)
 
 
 @app.command()

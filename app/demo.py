@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,9 @@ import httpx
 import typer
 
 from app.demo_data import DEMO_MODEL, register_demo_model, write_history
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_USER = "demo"
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -50,6 +54,46 @@ def _wait_ready(client: httpx.Client, procs: list[subprocess.Popen[bytes]], time
     raise RuntimeError("the API did not become ready in time")
 
 
+def prepare_database(database_url: str) -> tuple[str, str]:
+    """Migrate the demo database and add its admin through the service layer; returns (password, API token)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy.orm import Session
+
+    from app.auth import service
+    from app.auth.models import Role
+    from app.auth.schemas import UserCreate
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            config = Config(str(ROOT / "alembic.ini"))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        password = secrets.token_urlsafe(12)
+        with Session(engine) as session:
+            admin = service.create_user(
+                session=session,
+                data=UserCreate(username=DEMO_USER, role=Role.admin, password=password),
+                actor="demo",
+            )
+            _, token = service.create_api_token(session=session, user=admin, name="demo", actor="demo")
+            session.commit()
+    finally:
+        engine.dispose()
+    return password, token
+
+
+def share_with_partner(client: httpx.Client, job_id: str) -> str:
+    """Make a 7-day partner download link through the API and check that it opens; returns its URL."""
+    url = str(
+        client.post(f"/api/v1/retro-tests/{job_id}/links", json={"expires_in_days": 7}).raise_for_status().json()["url"]
+    )
+    httpx.get(url, timeout=30).raise_for_status()  # the partner's landing page, without any credentials
+    return url
+
+
 def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_running: bool, today: date) -> int:
     """Set everything up, run one retro test through the REST API, print the outcome; returns an exit code."""
     t0 = time.monotonic()
@@ -82,11 +126,14 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
     typer.echo(f"    {stats.rows:,} rows, {stats.start} .. {stats.end}")
 
     typer.echo(f"3/5 starting the API on port {port} and a worker (SQLite database, SQLite broker)")
+    password, token = prepare_database(f"sqlite:///{directory / 'retrotest.db'}")
+    typer.echo(f"    admin {DEMO_USER!r} with an API token, made through the service layer in the demo database")
     exe = [sys.executable, "-m", "app.cli"]
     api = _start([*exe, "serve", "--port", str(port)], env, directory / "api.log")
     worker = _start([*exe, "worker"], env, directory / "worker.log")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"X-Retro-User": "demo"}) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=auth) as client:
             _wait_ready(client, [api, worker])
             client.post("/api/v1/partners", json={"code": "demo-partner", "name": "Demo Partner"}).raise_for_status()
             body = {
@@ -117,8 +164,13 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
                 f"model version {version}; job wall time {t_done - t_submit:.1f} s "
                 f"({stats.rows / (t_done - t_submit):,.0f} rows/s end to end); demo wall time {t_done - t0:.1f} s"
             )
+            if ok:
+                typer.echo(f"partner download link (7 days): {share_with_partner(client, job['id'])}")
             if keep_running and ok:
-                typer.echo(f"the API stays up at http://127.0.0.1:{port}/docs; press Ctrl-C to stop")
+                typer.echo(
+                    f"the web UI stays up at http://127.0.0.1:{port}/ (sign in as {DEMO_USER!r} with password "
+                    f"{password!r}), the API docs at /docs (token {token}); press Ctrl-C to stop"
+                )
                 with contextlib.suppress(KeyboardInterrupt):
                     api.wait()
             return 0 if ok else 1

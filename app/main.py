@@ -6,15 +6,25 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.sessions import SessionMiddleware
 
+from app.auth.router import router as auth_router
 from app.config import get_settings
-from app.errors import AppError
+from app.db import get_session_factory
+from app.downloads.router import api_router as links_router
+from app.downloads.router import partner_router as partner_links_router
+from app.errors import AppError, Unauthorized
+from app.metrics import register_jobs_collector
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
 from app.retro_tests.router import router as retro_tests_router
 from app.system.router import router as system_router
+from app.web.errors import error_page
+from app.web.router import router as web_router
+from app.web.templating import STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +54,26 @@ def create_app() -> FastAPI:
     )
 
     @app.exception_handler(AppError)
-    async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+    async def app_error(request: Request, exc: AppError) -> Response:
+        if (page := error_page(request, status_code=exc.status_code, detail=exc.detail)) is not None:
+            return page
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         detail, field = _describe_validation(exc)
+        if (page := error_page(request, status_code=422, detail=detail)) is not None:
+            return page
         body = {"error": "invalid_request", "detail": detail}
         if field:
             body["field"] = field
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if (page := error_page(request, status_code=exc.status_code, detail=str(exc.detail))) is not None:
+            return page
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
 
@@ -67,10 +84,25 @@ def create_app() -> FastAPI:
             {"error": "internal_error", "detail": "an unexpected error occurred; it has been logged"}, status_code=500
         )
 
+    register_jobs_collector(get_session_factory)
     app.include_router(system_router)
     app.include_router(partners_router)
     app.include_router(retro_tests_router)
     app.include_router(registry_router)
+    app.include_router(auth_router)
+    app.include_router(links_router)
+    app.include_router(partner_links_router)
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Signed (not encrypted) cookie holding the user id and CSRF token; HttpOnly and SameSite=Lax.
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=settings.secret_key.get_secret_value(),
+        session_cookie="retrotest_session",
+        max_age=settings.session_max_age_s,
+        same_site="lax",
+        https_only=settings.resolved_session_cookie_secure(),
+    )
     return app
 
 

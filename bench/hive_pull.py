@@ -79,8 +79,8 @@ def pull_pyhive(host: str, port: int, fetch: int) -> dict[str, float]:
 
 
 def pull_retrotest(host: str, port: int, fetch: int) -> dict[str, float]:
-    from app.integrations.hive import HiveSettings, HiveSource
     from app.integrations.history import HistoryQuery
+    from app.integrations.hive import HiveSettings, HiveSource
     from app.integrations.registry import Feature
 
     source = HiveSource(

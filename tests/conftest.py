@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -145,8 +145,54 @@ def client(db_session, registry):  # type: ignore[no-untyped-def]
 
     api = create_app()
     api.dependency_overrides[get_session] = lambda: db_session
-    with TestClient(api, headers={"X-Retro-User": "tester"}) as c:
+    token = make_user(db_session, "tester", role="admin")
+    with TestClient(api, headers={"Authorization": f"Bearer {token}"}) as c:
         yield c
+
+
+def make_user(
+    session,  # type: ignore[no-untyped-def]
+    username: str,
+    *,
+    role: str = "admin",
+    partners: Sequence[str] = (),
+    password: str | None = None,
+) -> str:
+    """Add a user (unless there) through the service layer, assign partner codes; returns a new API token."""
+    from app.auth import service
+    from app.auth.models import Role, UserPartner
+    from app.auth.schemas import UserCreate
+    from app.partners.service import find_by_code
+
+    user = service.find_user(session=session, username=username) or service.create_user(
+        session=session, data=UserCreate(username=username, role=Role(role), password=password), actor="test"
+    )
+    for code in partners:
+        partner = find_by_code(session=session, code=code)
+        assert partner is not None, f"no partner {code!r}"
+        if session.get(UserPartner, (user.id, partner.id)) is None:
+            session.add(UserPartner(user_id=user.id, partner_id=partner.id))
+    session.flush()
+    _, token = service.create_api_token(session=session, user=user, name="test", actor="test")
+    return token
+
+
+@pytest.fixture()
+def account_manager_client(client, db_session) -> Iterator[Callable[..., object]]:  # type: ignore[no-untyped-def]
+    """A factory: make_am("jane", ["acme"]) is an API client acting as account manager jane, assigned to acme."""
+    from fastapi.testclient import TestClient
+
+    opened: list[TestClient] = []
+
+    def make(username: str, partners: Sequence[str] = ()) -> TestClient:
+        token = make_user(db_session, username, role="account_manager", partners=partners)
+        c = TestClient(client.app, headers={"Authorization": f"Bearer {token}"})
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.close()
 
 
 def make_partner(client, code: str = "acme") -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -167,13 +213,15 @@ def free_port() -> int:
 class Stack:
     """A running API server and Celery worker, as separate processes."""
 
-    def __init__(self, base_url: str, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    def __init__(self, base_url: str, procs: list[subprocess.Popen[bytes]], logs: Path, token: str) -> None:
         self.base_url = base_url
         self.procs = procs
         self.logs = logs
+        self.token = token
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30, headers={"X-Retro-User": "e2e"})
+        """A client of the stack's API, signed in as the stack's admin by API token."""
+        return httpx.Client(base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
 
     def wait(self, job_id: str, *, until: set[str], timeout_s: float = 240) -> dict:  # type: ignore[type-arg]
         deadline = time.monotonic() + timeout_s
@@ -214,16 +262,26 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def start_stack(name: str, **env_overrides: str) -> Stack:
     """Start the API and a real Celery worker as processes, with extra settings; wait until ready."""
+    from app.db import get_session_factory
+
     port = free_port()
     logs = _TMP / f"logs-{name}"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
+    with get_session_factory()() as session:  # the stack's admin, in the session database
+        token = make_user(session, f"e2e-{name}", role="admin")
+        session.commit()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        **env_overrides,
+    }
     exe = [sys.executable, "-m", "app.cli"]
     procs = [
         start_process([*exe, "serve", "--port", str(port), "--skip-migrations"], env=env, log=logs / "api.log"),
         start_process([*exe, "worker"], env=env, log=logs / "worker.log"),
     ]
-    s = Stack(f"http://127.0.0.1:{port}", procs, logs)
+    s = Stack(f"http://127.0.0.1:{port}", procs, logs, token)
     deadline = time.monotonic() + 90
     while True:
         try:

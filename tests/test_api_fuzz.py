@@ -1,4 +1,7 @@
-"""Property-based: no request the OpenAPI schema admits, or nearly admits, makes the API answer 5xx."""
+"""Property-based: no request the OpenAPI schema admits, or nearly admits, makes the API answer 5xx.
+
+The requests carry an admin's API token, so they reach the real handlers instead of stopping at 401.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +13,27 @@ from hypothesis import HealthCheck, settings
 
 from app.db import get_session
 from app.main import create_app
+from tests.conftest import make_user
 
 api = create_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", api)
 
 
 @pytest.fixture()
-def on_test_session(db_session, registry) -> Iterator[None]:  # type: ignore[no-untyped-def]
+def on_test_session(db_session, registry) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The app on the rolled-back test session; yields the headers of a signed-in admin."""
     api.dependency_overrides[get_session] = lambda: db_session
-    yield
+    token = make_user(db_session, "fuzzer", role="admin")
+    yield {"Authorization": f"Bearer {token}"}
     api.dependency_overrides.clear()
 
 
 @schema.exclude(path="/ready").parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_makes_a_server_error(case, on_test_session) -> None:  # type: ignore[no-untyped-def]
+    case.headers = {**(case.headers or {}), **on_test_session}  # ours wins over any generated Authorization
     response = case.call()
+    assert response.status_code != 401, f"{case.method} {case.formatted_path}: the token was not accepted"
     assert response.status_code < 500, (
         f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}"
     )

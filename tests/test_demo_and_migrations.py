@@ -37,6 +37,7 @@ def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> Non
     assert proc.returncode == 0, out[-4000:]
     assert "source rows 2,100; result rows 2,100: equal" in out
     assert ": succeeded" in out and "/files/scores.parquet" in out
+    assert "partner download link (7 days): http://127.0.0.1:" in out and "/d/" in out
     assert (tmp_path / "demo" / "retrotest.db").exists() and (tmp_path / "demo" / "broker.db").exists()
 
 

@@ -9,16 +9,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
+from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.errors import Conflict, NotFound
 from app.partners.models import Partner
 from app.partners.schemas import PartnerCreate, PartnerUpdate
 from app.retro_tests.models import RetroTest
 
 
-def get_partner(*, session: Session, partner_id: uuid.UUID) -> Partner:
-    """The partner, or NotFound."""
+def get_partner(*, session: Session, partner_id: uuid.UUID, scope: PartnerScope) -> Partner:
+    """The partner, or NotFound (also when the caller is not assigned to it)."""
     partner = session.get(Partner, partner_id)
-    if partner is None:
+    if partner is None or not scope.allows(partner.id):
         raise NotFound(f"no partner with id {partner_id}")
     return partner
 
@@ -28,8 +29,12 @@ def find_by_code(*, session: Session, code: str) -> Partner | None:
     return session.scalars(select(Partner).where(Partner.code == code)).one_or_none()
 
 
-def list_partners(*, session: Session) -> list[Partner]:
-    return list(session.scalars(select(Partner).order_by(Partner.code)))
+def list_partners(*, session: Session, scope: PartnerScope) -> list[Partner]:
+    """The partners the caller may see, by code."""
+    query = select(Partner).order_by(Partner.code)
+    if scope.partner_ids is not None:
+        query = query.where(Partner.id.in_(list(scope.partner_ids)))
+    return list(session.scalars(query))
 
 
 def create_partner(*, session: Session, data: PartnerCreate, actor: str) -> Partner:
@@ -55,7 +60,7 @@ def create_partner(*, session: Session, data: PartnerCreate, actor: str) -> Part
 
 
 def update_partner(*, session: Session, partner_id: uuid.UUID, data: PartnerUpdate, actor: str) -> Partner:
-    partner = get_partner(session=session, partner_id=partner_id)
+    partner = get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
     changes = data.model_dump(exclude_unset=True)
     for key, value in changes.items():
         setattr(partner, key, value)
@@ -73,7 +78,7 @@ def update_partner(*, session: Session, partner_id: uuid.UUID, data: PartnerUpda
 
 def delete_partner(*, session: Session, partner_id: uuid.UUID, actor: str) -> None:
     """Delete a partner that has no retro tests; one with history is kept for the audit trail."""
-    partner = get_partner(session=session, partner_id=partner_id)
+    partner = get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
     jobs = session.scalar(select(func.count()).select_from(RetroTest).where(RetroTest.partner_id == partner.id))
     if jobs:
         raise Conflict(f"partner {partner.code!r} has {jobs} retro test(s) and cannot be deleted")

@@ -4,11 +4,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 
+from app.auth.deps import current_user
 from app.integrations.registry import MlflowRegistry
 from app.integrations.wiring import get_registry
 from app.validation import NO_CONTROL_PATTERN
 
-router = APIRouter(prefix="/api/v1/models", tags=["registry models"])
+router = APIRouter(prefix="/api/v1/models", tags=["registry models"], dependencies=[Depends(current_user)])
 
 
 @router.get("")

@@ -1,23 +1,23 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.actors import current_actor
 from app.audit.service import record
+from app.auth.deps import CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
 from app.db import get_session
-from app.errors import NotFound, Upstream
+from app.downloads import files as result_files
+from app.errors import NotFound
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 from app.integrations.wiring import get_registry, get_result_store
-from app.retro_tests import service
+from app.retro_tests import dispatch, service
 from app.retro_tests.models import RetroTest, State
 from app.retro_tests.schemas import (
     ProgressOut,
@@ -28,9 +28,8 @@ from app.retro_tests.schemas import (
     StageOut,
 )
 from app.validation import NO_CONTROL_PATTERN
-from worker.celery_app import celery_app
 
-router = APIRouter(prefix="/api/v1/retro-tests", tags=["retro tests"])
+router = APIRouter(prefix="/api/v1/retro-tests", tags=["retro tests"], dependencies=[Depends(current_user)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {
@@ -142,11 +141,6 @@ def to_out(job: RetroTest, request: Request) -> RetroTestOut:
     )
 
 
-def enqueue(job_id: uuid.UUID) -> None:
-    """Send the job to the workers; called only after the row is committed."""
-    celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
-
-
 @router.post(
     "",
     status_code=202,
@@ -163,30 +157,27 @@ def create_retro_test(
     session: Annotated[Session, Depends(get_session)],
     registry: Annotated[MlflowRegistry, Depends(get_registry)],
     settings: Annotated[Settings, Depends(get_settings)],
-    actor: Annotated[str, Depends(current_actor)],
+    user: CurrentUser,
+    scope: CurrentScope,
 ) -> RetroTestOut:
-    """Validate and queue a retro test. 202 with Location for a new job; 200 with the existing job for a duplicate."""
-    job, created = service.create_retro_test(
-        session=session, registry=registry, settings=settings, data=data, actor=actor
+    """Validate and queue a retro test. 202 with Location for a new job; 200 with the existing job for a duplicate.
+
+    Account managers may only name partners they are assigned to.
+    """
+    job, created = dispatch.submit(
+        session=session, registry=registry, settings=settings, data=data, actor=user.username, scope=scope
     )
-    session.commit()
-    if created:
-        try:
-            enqueue(job.id)
-        except Exception as exc:
-            service.fail_unqueued(session=session, job_id=job.id, reason=str(exc))
-            session.commit()
-            raise Upstream(f"the job queue is unavailable, the retro test was not started: {exc}") from exc
-    else:
+    if not created:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_retro_test", job_id=job.id))
-    return to_out(service.get_retro_test(session=session, job_id=job.id), request)
+    return to_out(service.get_retro_test(session=session, job_id=job.id, scope=scope), request)
 
 
 @router.get("", response_model=RetroTestPage)
 def list_retro_tests(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
+    scope: CurrentScope,
     partner: Annotated[str | None, Query(description="Partner code", max_length=64, pattern=NO_CONTROL_PATTERN)] = None,
     state: State | None = None,
     model: Annotated[
@@ -195,19 +186,19 @@ def list_retro_tests(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RetroTestPage:
-    """Retro tests, newest first, filtered by partner, state and model."""
+    """Retro tests of the caller's partners, newest first, filtered by partner, state and model."""
     jobs, total = service.list_retro_tests(
-        session=session, partner_code=partner, state=state, model_name=model, limit=limit, offset=offset
+        session=session, scope=scope, partner_code=partner, state=state, model_name=model, limit=limit, offset=offset
     )
     return RetroTestPage(items=[to_out(j, request) for j in jobs], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=RetroTestOut, responses={404: ERRORS[404]})
 def get_retro_test(
-    job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)]
+    job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)], scope: CurrentScope
 ) -> RetroTestOut:
     """One retro test with its stages, progress, error and result files."""
-    return to_out(service.get_retro_test(session=session, job_id=job_id), request)
+    return to_out(service.get_retro_test(session=session, job_id=job_id, scope=scope), request)
 
 
 @router.post(
@@ -217,59 +208,59 @@ def cancel_retro_test(
     job_id: uuid.UUID,
     request: Request,
     session: Annotated[Session, Depends(get_session)],
-    actor: Annotated[str, Depends(current_actor)],
+    user: CurrentUser,
+    scope: CurrentScope,
 ) -> RetroTestOut:
     """Cancel a job. A queued job is cancelled at once; a running one stops within seconds and its model server is stopped."""
-    service.request_cancel(session=session, job_id=job_id, actor=actor)
+    service.request_cancel(session=session, job_id=job_id, actor=user.username, scope=scope)
     session.commit()
-    return to_out(service.get_retro_test(session=session, job_id=job_id), request)
+    return to_out(service.get_retro_test(session=session, job_id=job_id, scope=scope), request)
 
 
 @router.get(
     "/{job_id}/files/{name}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: ERRORS[404]},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "The byte range asked for with a Range header"},
+        404: ERRORS[404],
+        416: {"description": "The Range asked for lies outside the file"},
+    },
 )
 def download_result_file(
     job_id: uuid.UUID,
-    name: str,
+    name: Annotated[str, Path(max_length=256)],
+    request: Request,
     session: Annotated[Session, Depends(get_session)],
     store: Annotated[ResultStore, Depends(get_result_store)],
-    actor: Annotated[str, Depends(current_actor)],
-) -> StreamingResponse:
-    """Stream one result file of a succeeded job."""
-    job = service.get_retro_test(session=session, job_id=job_id)
+    user: CurrentUser,
+    scope: CurrentScope,
+) -> Response:
+    """Stream one result file of a succeeded job, whole or one byte range (Range: bytes=...)."""
+    job = service.get_retro_test(session=session, job_id=job_id, scope=scope)
     # The file name is looked up among the job's recorded files, never used as a path on its own.
-    file = next((f for f in job.files if f.name == name), None)
-    if job.state != State.succeeded or file is None:
+    file = result_files.find_result_file(job, name)
+    if file is None:
         raise NotFound(f"retro test {job_id} has no result file {name!r}")
-    rel = f"{service.job_prefix(job)}/{file.name}"
-    try:
-        fh = store.open_read(rel)
-    except FileNotFoundError:
-        raise NotFound(f"result file {name!r} of retro test {job_id} is no longer in the result store") from None
-
-    def chunks() -> Iterator[bytes]:
-        with fh:
-            while block := fh.read(1 << 20):
-                yield block
-
+    part = result_files.choose_slice(
+        size=file.bytes,
+        range_header=request.headers.get("range"),
+        if_range=request.headers.get("if-range"),
+        etag=result_files.etag_of(file),
+    )
+    if part is None:
+        return result_files.not_satisfiable(file.bytes, {"Cache-Control": "no-store"})
+    fh = result_files.open_result(store, job, file)
+    if fh is None:
+        raise NotFound(f"result file {name!r} of retro test {job_id} is no longer in the result store")
     record(
         session=session,
-        actor=actor,
+        actor=user.username,
         action="result.download",
         subject_type="retro_test",
         subject_id=job.id,
         file=file.name,
+        bytes=part.length,
     )
     session.commit()
-    media = "application/json" if file.format == "json" else "application/octet-stream"
-    return StreamingResponse(
-        chunks(),
-        media_type=media,
-        headers={
-            "Content-Length": str(file.bytes),
-            "Content-Disposition": f'attachment; filename="{file.name}"',
-            "Cache-Control": "no-store",
-        },
-    )
+    return result_files.stream_slice(fh=fh, file=file, part=part, headers={})

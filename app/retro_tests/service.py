@@ -14,9 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from app.audit.service import record
+from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.config import Settings
 from app.errors import Conflict, InvalidPeriod, NotFound, PartnerNotFound, PeriodTooLong
 from app.integrations.registry import ModelVersionInfo
+from app.metrics import STAGE_SECONDS
 from app.partners.models import Partner
 from app.partners.service import find_by_code
 from app.retro_tests.models import (
@@ -82,14 +84,29 @@ def _active_with_key(session: Session, key: str) -> RetroTest | None:
     ).first()
 
 
+def _unknown_partner(code: str, scope: PartnerScope) -> PartnerNotFound:
+    # An account manager hears the same thing for a partner that exists but is not theirs: nothing leaks.
+    if scope.everything:
+        return PartnerNotFound(f"no partner with code {code!r}; create it first", field="partner_code")
+    return PartnerNotFound(
+        f"no partner with code {code!r} is assigned to you; an admin can assign it", field="partner_code"
+    )
+
+
 def create_retro_test(
-    *, session: Session, registry: ModelResolver, settings: Settings, data: RetroTestCreate, actor: str
+    *,
+    session: Session,
+    registry: ModelResolver,
+    settings: Settings,
+    data: RetroTestCreate,
+    actor: str,
+    scope: PartnerScope,
 ) -> tuple[RetroTest, bool]:
     """Validate a request and add it as a queued job; returns (job, created). An identical active job is reused."""
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
     partner = find_by_code(session=session, code=data.partner_code)
-    if partner is None:
-        raise PartnerNotFound(f"no partner with code {data.partner_code!r}; create it first", field="partner_code")
+    if partner is None or not scope.allows(partner.id):
+        raise _unknown_partner(data.partner_code, scope)
     model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
     override = data.source.model_dump(exclude_none=True) if data.source else {}
     spec = model.source_spec(override)
@@ -144,15 +161,15 @@ def create_retro_test(
     return job, True
 
 
-def get_retro_test(*, session: Session, job_id: uuid.UUID) -> RetroTest:
-    """The job with its partner and files loaded, or NotFound."""
+def get_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> RetroTest:
+    """The job with its partner and files loaded, or NotFound (also when it is another account manager's)."""
     job = session.scalars(
         select(RetroTest)
         .where(RetroTest.id == job_id)
         .options(selectinload(RetroTest.partner), selectinload(RetroTest.files))
         .execution_options(populate_existing=True)
     ).one_or_none()
-    if job is None:
+    if job is None or not scope.allows(job.partner_id):
         raise NotFound(f"no retro test with id {job_id}")
     return job
 
@@ -160,6 +177,7 @@ def get_retro_test(*, session: Session, job_id: uuid.UUID) -> RetroTest:
 def list_retro_tests(
     *,
     session: Session,
+    scope: PartnerScope,
     partner_code: str | None = None,
     state: State | None = None,
     model_name: str | None = None,
@@ -168,6 +186,8 @@ def list_retro_tests(
 ) -> tuple[list[RetroTest], int]:
     """A page of jobs, newest first, with the total that match the filters."""
     query = select(RetroTest)
+    if scope.partner_ids is not None:
+        query = query.where(RetroTest.partner_id.in_(list(scope.partner_ids)))
     if partner_code is not None:
         query = query.join(Partner).where(Partner.code == partner_code)
     if state is not None:
@@ -184,9 +204,9 @@ def list_retro_tests(
     return list(rows), total
 
 
-def request_cancel(*, session: Session, job_id: uuid.UUID, actor: str) -> RetroTest:
+def request_cancel(*, session: Session, job_id: uuid.UUID, actor: str, scope: PartnerScope) -> RetroTest:
     """Cancel a job: a queued one at once, a running one by flagging it for its worker."""
-    job = get_retro_test(session=session, job_id=job_id)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     if job.state in TERMINAL_STATES:
         raise Conflict(f"retro test {job_id} is already {job.state.value} and cannot be cancelled")
     job.cancel_requested = True
@@ -203,6 +223,7 @@ def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_m
     if to not in TRANSITIONS[job.state] and not restart and to != job.state:
         raise Conflict(f"retro test {job.id} cannot go from {job.state.value} to {to.value}")
     now = utcnow()
+    _observe_stage(job, now)
     job.state = to
     job.stage_started = {**(job.stage_started or {}), to.value: now.isoformat()}
     if to in TERMINAL_STATES:
@@ -211,9 +232,21 @@ def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_m
         job.error_message = error_message
 
 
+def _observe_stage(job: RetroTest, now: datetime) -> None:
+    """Record how long the job spent in the stage it is leaving (queued or a running stage)."""
+    started = (job.stage_started or {}).get(job.state.value) if job.state is not None else None
+    if started is None or job.state in TERMINAL_STATES:
+        return
+    try:
+        seconds = (now - datetime.fromisoformat(started)).total_seconds()
+    except (TypeError, ValueError):
+        return
+    STAGE_SECONDS.labels(job.state.value).observe(max(0.0, seconds))
+
+
 def fail_unqueued(*, session: Session, job_id: uuid.UUID, reason: str) -> None:
     """Mark a job that could not be sent to the workers as failed, so it is not left queued forever."""
-    job = get_retro_test(session=session, job_id=job_id)
+    job = get_retro_test(session=session, job_id=job_id, scope=ALL_PARTNERS)
     if job.state == State.queued:
         advance(
             job, State.failed, error_code="queue_unavailable", error_message=f"the job queue refused the job: {reason}"
