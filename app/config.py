@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     score_retries: int = Field(default=5, ge=0)
     score_backoff_s: float = Field(default=0.5, ge=0)
     max_rejected_rows: int = Field(default=0, ge=0)
+    max_rejected_ratio: float = Field(default=0.0, ge=0.0, le=1.0)  # of rows read; the larger budget wins
+
+    # Reliability: leases, redelivery, recovery.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    stale_after_s: float = Field(default=60.0, gt=0)  # a running job without a heartbeat this long is stranded
+    max_attempts: int = Field(default=5, ge=1)  # deliveries of one job before it fails as a poison job
+    max_redeploys: int = Field(default=2, ge=0)  # re-created model servers per attempt when one stays down
+    job_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    requeue_queued_after_s: float = Field(default=600.0, gt=0)
 
     # Results: a local directory or any fsspec URL (s3://bucket/prefix with s3fs installed).
     results_url: str = ""
@@ -103,6 +113,29 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+
+    # Sign-in. The session cookie is HttpOnly and SameSite=Lax; Secure by default when the public URL is https.
+    session_cookie_secure: bool | None = None
+    session_max_age_s: int = Field(default=12 * 3600, ge=60)
+    # Partner download links: how long a new link lives unless told, and the longest allowed.
+    download_link_default_days: int = Field(default=7, ge=1)
+    download_link_max_days: int = Field(default=30, ge=1)
+    # Optional OpenID Connect sign-in (authorization-code flow), e.g. Keycloak: https://kc/realms/<realm>.
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr = SecretStr("")
+    oidc_scopes: str = "openid profile email"
+    oidc_username_claim: str = "preferred_username"
+    oidc_create_users: bool = True  # first sign-in creates an account manager with no partners
+    oidc_timeout_s: float = Field(default=10.0, gt=0)
+
+    def resolved_session_cookie_secure(self) -> bool:
+        if self.session_cookie_secure is not None:
+            return self.session_cookie_secure
+        return self.public_base_url.startswith("https://")
+
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir.resolve() / 'retrotest.db'}"

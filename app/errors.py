@@ -23,6 +23,20 @@ class AppError(Exception):
         return body
 
 
+class Unauthorized(AppError):
+    """No valid credentials: sign in, or send `Authorization: Bearer <token>`."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(AppError):
+    """Signed in, but not allowed to do this (a role, or a missing or wrong CSRF token)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(AppError):
     status_code = 404
     code = "not_found"
@@ -92,6 +106,24 @@ class DeploymentFailed(Upstream):
 
 class ScoringFailed(Upstream):
     code = "scoring_failed"
+
+
+class ModelServerDown(ScoringFailed):
+    """The model server kept failing or could not be reached through every retry: re-creating it may help."""
+
+    code = "model_server_down"
+
+
+class TooManyRejectedRows(ScoringFailed):
+    code = "too_many_rejected_rows"
+
+
+class DeadlineExceeded(AppError):
+    code = "deadline_exceeded"
+
+
+class TooManyAttempts(AppError):
+    code = "too_many_attempts"
 
 
 class ReconciliationFailed(AppError):

@@ -154,7 +154,7 @@ def test_rows_with_null_features_fail_the_job_with_reasons(stack: Stack, history
     job = submit(stack, "e2e-nulls", period_end=HISTORY_START.isoformat(), source={"table": "features.with_nulls"})
     ended = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"})
     assert ended["state"] == "failed"
-    assert ended["error"]["code"] == "scoring_failed"
+    assert ended["error"]["code"] == "too_many_rejected_rows"
     assert "2 row(s) could not be scored" in ended["error"]["message"]
     assert ended["files"] == []
 
@@ -242,6 +242,13 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
     assert mlserver_processes_for(str(job.id)) == []  # the deployment was torn down on the way out
 
     calls.clear()
+    # The dead attempt still holds the lease until its heartbeat goes stale; then a new delivery may take over.
+    assert run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings) == State.scoring
+    assert calls == []
+    with sessions() as s, s.begin():
+        stranded = s.get(RetroTest, job.id)
+        assert stranded is not None
+        stranded.heartbeat_at = stranded.heartbeat_at - timedelta(seconds=settings.stale_after_s + 1)
     adapters.source = Source(None)  # type: ignore[assignment]
     assert run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings) == State.succeeded
     assert calls == [third_day, (HISTORY_START + timedelta(days=3)).isoformat()]

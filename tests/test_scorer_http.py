@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from app.errors import ScoringFailed
+from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.registry import Feature
-from app.integrations.scoring import BatchRejected, V2Scorer
+from app.integrations.scoring import V2Scorer
 
 FEATURES = (Feature("x", "double"),)
 
@@ -25,6 +25,7 @@ class Script:
     def __init__(self) -> None:
         self.answers: list[int | str] = []
         self.requests = 0
+        self.poison = -1.0  # a batch holding this value is refused with 400, as a validating model would
 
 
 @pytest.fixture()
@@ -39,6 +40,8 @@ def server() -> Iterator[tuple[str, Script]]:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             script.requests += 1
             answer = script.answers.pop(0) if script.answers else 200
+            if answer == 200 and script.poison in body["inputs"][0]["data"]:
+                answer = 400
             if answer == "hang":
                 time.sleep(1.5)
                 return
@@ -86,10 +89,22 @@ def test_5xx_and_hangs_are_retried_then_scored(server: tuple[str, Script]) -> No
     assert script.requests == 4
 
 
-def test_a_4xx_fails_the_batch_at_once_with_the_servers_message(server: tuple[str, Script]) -> None:
+def test_a_400_is_bisected_until_the_refused_rows_stand_alone(server: tuple[str, Script]) -> None:
     url, script = server
-    script.answers = [400]
-    with scorer(url) as s, pytest.raises(BatchRejected, match="scripted failure 400"):
+    script.poison = 2.5
+    batch = pa.RecordBatch.from_pydict({"x": pa.array([1.0, 2.5, 3.0, 4.0, 2.5, 6.0], pa.float64())})
+    with scorer(url) as s:
+        result = s.score(batch)
+    assert result.scored_rows.column("x").to_pylist() == [1.0, 3.0, 4.0, 6.0]
+    assert result.scores.to_pydict() == {"score": [2.0, 6.0, 8.0, 12.0]}
+    assert result.rejected_rows.column("x").to_pylist() == [2.5, 2.5]
+    assert all("refused the row(s) (400)" in r and "scripted failure 400" in r for r in result.reject_reasons)
+
+
+def test_other_4xx_fail_the_batch_at_once_with_the_servers_message(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [404]
+    with scorer(url) as s, pytest.raises(ScoringFailed, match=r"answered 404.*scripted failure 404"):
         s.score(BATCH)
     assert script.requests == 1
 
@@ -97,7 +112,7 @@ def test_a_4xx_fails_the_batch_at_once_with_the_servers_message(server: tuple[st
 def test_retry_budget_ends_in_a_clear_failure(server: tuple[str, Script]) -> None:
     url, script = server
     script.answers = [503, 503, 503]
-    with scorer(url, retries=2) as s, pytest.raises(ScoringFailed, match=r"after 3 attempts.*HTTP 503"):
+    with scorer(url, retries=2) as s, pytest.raises(ModelServerDown, match=r"after 3 attempts.*HTTP 503"):
         s.score(BATCH)
 
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import os
+from typing import Any
 
-from app.config import get_settings
+from celery import Celery
+from celery.signals import setup_logging, worker_process_shutdown
+
+from app.config import Settings, get_settings
+from app.logging_setup import configure_logging
+
+
+def control_queue(settings: Settings) -> str:
+    """The queue of the periodic control tasks, consumed by `retrotest beat`, never by the job workers."""
+    return f"{settings.queue_name}.control"
 
 
 def make_celery() -> Celery:
@@ -23,6 +33,26 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         task_default_queue=settings.queue_name,
+        task_routes={
+            "retrotest.reap_deployments": {"queue": control_queue(settings)},
+            "retrotest.reconcile_jobs": {"queue": control_queue(settings)},
+        },
+        beat_schedule={
+            # Re-enqueues jobs whose worker died or whose message the broker lost.
+            "reconcile-jobs": {
+                "task": "retrotest.reconcile_jobs",
+                "schedule": settings.reconcile_interval_s,
+                "options": {"expires": settings.reconcile_interval_s},
+            },
+            # Deletes deployments a killed worker left behind (or whose job ended, or whose expiry passed).
+            # Expiring after one interval keeps a stopped control process from collecting a backlog of them.
+            "reap-deployments": {
+                "task": "retrotest.reap_deployments",
+                "schedule": settings.reaper_interval_s,
+                "options": {"expires": settings.reaper_interval_s},
+            },
+        },
+        beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
     if broker.startswith(("redis", "rediss")):
         # Redis redelivers unacked messages after this; it must outlast the longest job.
@@ -31,6 +61,20 @@ def make_celery() -> Celery:
         app.conf.broker_transport_options = {}
         app.conf.broker_polling_interval = 0.5
     return app
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _logging(loglevel: Any = None, **_: Any) -> None:
+    """Our JSON logs in the worker and beat, instead of Celery's own setup."""
+    settings = get_settings()
+    configure_logging(level=loglevel or settings.log_level, fmt=settings.log_format)
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _forget_process_metrics(**_: Any) -> None:
+    from app.metrics import mark_worker_process_dead
+
+    mark_worker_process_dead(os.getpid())
 
 
 celery_app = make_celery()

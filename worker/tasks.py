@@ -1,4 +1,4 @@
-"""Thin Celery tasks: load by id, hand off to the pipeline."""
+"""Thin Celery tasks: load by id, hand off to the pipeline or the reaper."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import logging
 import uuid
 from functools import lru_cache
 
+from celery import Task
+
 from app.config import get_settings
 from app.db import get_session_factory
+from app.integrations.deployers import Deployer
 from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+from app.logging_setup import job_context
+from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, run_retro_test
+from worker.reaper import reap_deployments
+from worker.reconciler import reconcile_jobs
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache
+def _deployer() -> Deployer:
+    return make_deployer(get_settings())
 
 
 @lru_cache
@@ -21,16 +33,50 @@ def _adapters() -> Adapters:
     return Adapters(
         registry=make_registry(settings),
         source=make_history_source(settings),
-        deployer=make_deployer(settings),
+        deployer=_deployer(),
         store=make_result_store(settings),
     )
 
 
-@celery_app.task(name="retrotest.run_retro_test", acks_late=True)  # type: ignore[untyped-decorator]
-def run_retro_test_task(job_id: str) -> str:
-    """Run one retro test to a terminal state."""
-    state = run_retro_test(
-        job_id=uuid.UUID(job_id), sessions=get_session_factory(), adapters=_adapters(), settings=get_settings()
-    )
-    log.info("retro test %s finished: %s", job_id, state.value)
+@celery_app.task(name="retrotest.run_retro_test", bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
+def run_retro_test_task(self: Task, job_id: str) -> str:
+    """Run one retro test to a terminal state.
+
+    A delivery that finds the job held by another attempt checks back once that attempt's heartbeat could
+    have gone stale, so a job whose worker was killed is taken over within about RETRO_STALE_AFTER_S.
+    """
+    settings = get_settings()
+    with job_context(job_id):
+        state = run_retro_test(
+            job_id=uuid.UUID(job_id), sessions=get_session_factory(), adapters=_adapters(), settings=settings
+        )
+        if state not in TERMINAL_STATES:
+            log.info(
+                "retro test %s is held by another attempt; checking back in %.0f s", job_id, settings.stale_after_s
+            )
+            raise self.retry(countdown=settings.stale_after_s + 1)
+        log.info("retro test %s finished: %s", job_id, state.value)
     return state.value
+
+
+@celery_app.task(name="retrotest.reap_deployments")  # type: ignore[untyped-decorator]
+def reap_deployments_task() -> list[str]:
+    """Delete model deployments whose job has ended or whose expiry has passed (sent by beat)."""
+    return reap_deployments(deployer=_deployer(), sessions=get_session_factory())
+
+
+def _send(job_id: uuid.UUID) -> None:
+    celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
+
+
+@celery_app.task(name="retrotest.reconcile_jobs")  # type: ignore[untyped-decorator]
+def reconcile_jobs_task() -> list[str]:
+    """Send jobs that a lost message or a dead worker stranded to the workers again (sent by beat)."""
+    settings = get_settings()
+    ids = reconcile_jobs(
+        sessions=get_session_factory(),
+        enqueue=_send,
+        stale_after_s=settings.stale_after_s,
+        requeue_queued_after_s=settings.requeue_queued_after_s,
+    )
+    return [str(i) for i in ids]

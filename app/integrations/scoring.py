@@ -1,4 +1,5 @@
-"""Scoring over the Open Inference Protocol (V2) REST API, as served by MLServer, Seldon and KServe.
+"""Scoring over the Open Inference Protocol (V2) REST API, as served by MLServer, Seldon and KServe, and over
+the Seldon protocol (Seldon Core v1 with `protocol: seldon`).
 
 Null rule: JSON has no NaN and MLServer refuses nulls, so a row with a null in any model input is
 not sent. It is returned as a rejected row naming the columns; the job decides, by its budget of
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,9 +20,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from app.errors import ScoringFailed
+from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.registry import Feature
+from app.metrics import ROWS_REJECTED, ROWS_SCORED, SCORING_REQUEST_ERRORS, SCORING_REQUEST_SECONDS
 
 
 class BatchRejected(ScoringFailed):
@@ -87,19 +90,22 @@ def decode_v2(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> pa.Ta
     """Named score columns from a V2 response: one column per output, or per output column."""
     payload = orjson.loads(body)
     outputs = payload.get("outputs") or []
-    columns: dict[str, np.ndarray] = {}
-    width_total = 0
     parts = []
     for out in outputs:
         data = np.asarray(out["data"])
         shape = out.get("shape") or [len(data)]
         if shape[0] != rows or data.size % rows:
             raise ScoringFailed(f"the model server returned {shape[0]} results for {rows} rows")
-        width = data.size // rows
-        parts.append((out.get("name", "output"), data.reshape(rows, width)))
-        width_total += width
+        parts.append((out.get("name", "output"), data.reshape(rows, data.size // rows)))
     if not parts:
         raise ScoringFailed("the model server returned no outputs")
+    return _score_columns(parts, output_names)
+
+
+def _score_columns(parts: Sequence[tuple[str, np.ndarray]], output_names: tuple[str, ...]) -> pa.Table:
+    """Name the result columns: the signature's output names when they fit, else score / score_j / output_j."""
+    columns: dict[str, np.ndarray] = {}
+    width_total = sum(arr.shape[1] for _, arr in parts)
     if len(output_names) == width_total:
         names = iter(output_names)  # the signature names every output column: use those names
         for _, arr in parts:
@@ -119,8 +125,37 @@ def decode_v2(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> pa.Ta
     return pa.table(columns)
 
 
+def encode_seldon(batch: pa.RecordBatch, features: tuple[Feature, ...]) -> bytes:
+    """A Seldon protocol request: {"data": {"names": [...], "ndarray": [[row], ...]}}."""
+    columns = [batch.column(f.name).to_pylist() for f in features]
+    return orjson.dumps({"data": {"names": [f.name for f in features], "ndarray": list(zip(*columns, strict=True))}})
+
+
+def decode_seldon(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> pa.Table:
+    """Named score columns from a Seldon protocol response (data.ndarray or data.tensor), named as for V2."""
+    payload = orjson.loads(body)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        raise ScoringFailed("the model server's Seldon response has no data")
+    if "ndarray" in data:
+        arr = np.asarray(data["ndarray"])
+    elif isinstance(data.get("tensor"), dict):
+        arr = np.asarray(data["tensor"].get("values") or []).reshape(data["tensor"].get("shape") or [-1])
+    else:
+        raise ScoringFailed("the model server's Seldon response has neither data.ndarray nor data.tensor")
+    got = arr.shape[0] if arr.ndim else 0
+    if got != rows:
+        raise ScoringFailed(f"the model server returned {got} results for {rows} rows")
+    return _score_columns([("output", arr.reshape(rows, -1))], output_names)
+
+
 class V2Scorer:
-    """An httpx client for one deployment, with retries on connection errors, timeouts and 5xx."""
+    """An httpx client for one deployment, with retries on connection errors, timeouts and 5xx.
+
+    The request path and body are the hooks _endpoint/_encode/_decode; SeldonScorer changes only those.
+    """
+
+    protocol = "v2"
 
     def __init__(
         self,
@@ -133,7 +168,7 @@ class V2Scorer:
         backoff_s: float,
         max_connections: int = 8,
     ) -> None:
-        self._url = f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
+        self._url = self._endpoint(deployment)
         self._features = features
         self._output_names = output_names
         self._retries = retries
@@ -153,34 +188,113 @@ class V2Scorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def _endpoint(deployment: Deployment) -> str:
+        return f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
+
+    def _encode(self, batch: pa.RecordBatch) -> bytes:
+        return encode_v2(batch, self._features)
+
+    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
+        return decode_v2(body, rows=rows, output_names=self._output_names)
+
     def score(self, batch: pa.RecordBatch) -> ScoredBatch:
         good, bad, reasons = split_nulls(batch, self._features)
-        if good.num_rows == 0:
-            scores = pa.table({})
-        else:
-            body = self._post(encode_v2(good, self._features))
-            scores = decode_v2(body, rows=good.num_rows, output_names=self._output_names)
-        return ScoredBatch(scored_rows=good, scores=scores, rejected_rows=bad, reject_reasons=reasons)
+        scored: list[tuple[pa.RecordBatch, pa.Table]] = []
+        refused: list[tuple[pa.RecordBatch, str]] = []
+        if good.num_rows:
+            self._score_isolating(good, scored, refused)
+        rejected = [bad, *(rows for rows, _ in refused)]
+        reasons = reasons + [reason for rows, reason in refused for _ in range(rows.num_rows)]
+        result = ScoredBatch(
+            scored_rows=_concat_batches([rows for rows, _ in scored], batch.schema),
+            scores=pa.concat_tables([t for _, t in scored]) if scored else pa.table({}),
+            rejected_rows=_concat_batches(rejected, batch.schema),
+            reject_reasons=reasons,
+        )
+        ROWS_SCORED.labels(self.protocol).inc(result.scored_rows.num_rows)
+        ROWS_REJECTED.labels(self.protocol).inc(result.rejected_rows.num_rows)
+        return result
+
+    def _score_isolating(
+        self,
+        batch: pa.RecordBatch,
+        scored: list[tuple[pa.RecordBatch, pa.Table]],
+        refused: list[tuple[pa.RecordBatch, str]],
+    ) -> None:
+        """Score a batch; when the server refuses it as invalid, halve it until the refused rows stand alone."""
+        try:
+            body = self._post(self._encode(batch))
+        except BatchRejected as exc:
+            if batch.num_rows == 1:
+                refused.append((batch, exc.detail))
+                return
+            half = batch.num_rows // 2
+            self._score_isolating(batch.slice(0, half), scored, refused)
+            self._score_isolating(batch.slice(half), scored, refused)
+            return
+        scored.append((batch, self._decode(body, rows=batch.num_rows)))
 
     def _post(self, body: bytes) -> bytes:
         last_error = ""
+        latency = SCORING_REQUEST_SECONDS.labels(self.protocol)
         for attempt in range(self._retries + 1):
             if attempt:
                 # Exponential backoff with full jitter, so many batches do not retry in lockstep.
                 time.sleep(random.uniform(0, self._backoff_s * 2 ** (attempt - 1)))
+            started = time.perf_counter()
             try:
                 resp = self._client.post(self._url, content=body)
             except httpx.TransportError as exc:
+                latency.observe(time.perf_counter() - started)
+                SCORING_REQUEST_ERRORS.labels(self.protocol, "transport").inc()
                 last_error = f"{type(exc).__name__}: {exc}"
                 continue
+            latency.observe(time.perf_counter() - started)
             if resp.status_code == 200:
                 return resp.content
-            if 400 <= resp.status_code < 500:
-                raise BatchRejected(f"the model server refused the batch ({resp.status_code}): {_message(resp)}")
+            SCORING_REQUEST_ERRORS.labels(self.protocol, str(resp.status_code)).inc()
+            if resp.status_code in (400, 422):  # the data: split the batch to find the rows
+                raise BatchRejected(f"the model server refused the row(s) ({resp.status_code}): {_message(resp)}")
+            if 400 <= resp.status_code < 500:  # the request itself (wrong model, auth, size): no retry helps
+                raise ScoringFailed(f"the model server answered {resp.status_code} at {self._url}: {_message(resp)}")
             last_error = f"HTTP {resp.status_code}: {_message(resp)}"
-        raise ScoringFailed(
+        raise ModelServerDown(
             f"scoring failed after {self._retries + 1} attempts against {self._url}; last error: {last_error}"
         )
+
+
+class SeldonScorer(V2Scorer):
+    """The Seldon protocol: POST /api/v1.0/predictions with data.names and data.ndarray.
+
+    The same client, null rule and retry loop as V2Scorer; only the path and the bodies differ.
+    """
+
+    protocol = "seldon"
+
+    @staticmethod
+    def _endpoint(deployment: Deployment) -> str:
+        return f"{deployment.base_url}/api/v1.0/predictions"
+
+    def _encode(self, batch: pa.RecordBatch) -> bytes:
+        return encode_seldon(batch, self._features)
+
+    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
+        return decode_seldon(body, rows=rows, output_names=self._output_names)
+
+
+# The scorer for each Deployment.protocol.
+SCORERS: dict[str, type[V2Scorer]] = {"v2": V2Scorer, "seldon": SeldonScorer}
+
+
+def _concat_batches(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    """One record batch from several with the same schema (an empty one for none)."""
+    batches = [b for b in batches if b.num_rows]
+    if len(batches) == 1:
+        return batches[0]
+    if not batches:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    return pa.Table.from_batches(batches, schema=schema).combine_chunks().to_batches()[0]
 
 
 def _message(resp: httpx.Response) -> str:
@@ -189,5 +303,7 @@ def _message(resp: httpx.Response) -> str:
     except ValueError:
         return resp.text[:500]
     if isinstance(body, dict):
-        return str(body.get("error") or body.get("detail") or body)[:500]
+        status = body.get("status")
+        seldon_info = status.get("info") if isinstance(status, dict) else None  # Seldon's error body
+        return str(body.get("error") or body.get("detail") or seldon_info or body)[:500]
     return str(body)[:500]

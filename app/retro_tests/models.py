@@ -57,7 +57,7 @@ TRANSITIONS: dict[State, tuple[State, ...]] = {
     State.resolving: (State.extracting, State.cancelled, State.failed),
     State.extracting: (State.deploying, State.cancelled, State.failed),
     State.deploying: (State.scoring, State.cancelled, State.failed),
-    State.scoring: (State.publishing, State.cancelled, State.failed),
+    State.scoring: (State.publishing, State.deploying, State.cancelled, State.failed),  # deploying: re-created
     State.publishing: (State.succeeded, State.cancelled, State.failed),
     State.succeeded: (),
     State.failed: (),
@@ -120,6 +120,9 @@ class RetroTest(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker attempt that owns the job: only it may move the job on; others back off.
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    last_enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Progress.
     rows_total: Mapped[int | None] = mapped_column(BigInteger)

@@ -1,0 +1,407 @@
+"""Benchmark: a retro test end to end against a local MLServer, side by side with its baselines, in one run.
+
+    .venv/bin/python -m bench.e2e [--sizes 100000,1000000,5000000] [--batch 5000] [--concurrency 4]
+
+For each size it writes synthetic history (11 columns, 9 model inputs), starts one MLServer for the demo model,
+and measures on the same rows:
+  compute      in-process mlflow.pyfunc predict (the compute limit)
+  source       reading the period from the history source alone (the source pull rate)
+  server       a saturating direct client: pre-encoded V2 requests, `concurrency` in flight (server capacity)
+  naive        fetch all rows, then score batch by batch sequentially, then write (the naive baseline)
+  mlserver     `mlserver infer` (MLServer's own batch CLI), same rows and batch size
+  retrotest    the real pipeline (resolve, extract, deploy, score, publish) in a worker-like process
+Each process-based measurement reports its own peak RSS. Ratios are printed, not just times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+DAYS = 10
+START = date(2025, 1, 1)
+
+
+def env_for(root: Path) -> dict[str, str]:
+    """Embedded settings under root, shared by every child process of the benchmark."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RETRO_")},
+        "RETRO_VAR_DIR": str(root / "var"),
+        "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "RETRO_WORKER_METRICS_PORT": "0",
+    }
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def history_dir(root: Path, rows: int) -> Path:
+    return root / f"history-{rows}"
+
+
+def prepare(root: Path, rows: int) -> None:
+    from app.demo_data import write_history
+
+    folder = history_dir(root, rows)
+    if not folder.exists():
+        write_history(root=folder, start=START, days=DAYS, rows_per_day=rows // DAYS)
+
+
+def model_info(root: Path) -> Any:
+    from app.integrations.registry import MlflowRegistry
+
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowRegistry(tracking_uri=tracking, registry_uri=tracking).resolve(name="churn", version="1")
+
+
+def history_query(model: Any) -> Any:
+    from app.integrations.history import HistoryQuery
+
+    return HistoryQuery(
+        table="features.customer_daily",
+        date_column="snapshot_date",
+        id_columns=("customer_id",),
+        features=model.inputs,
+        start=START,
+        end=START + timedelta(days=DAYS - 1),
+    )
+
+
+# --- measurements that run in a child process -------------------------------------------------------------
+
+
+def child_source(root: Path, rows: int, batch: int) -> dict[str, float]:
+    from app.integrations.history import LocalParquetSource
+
+    source = LocalParquetSource(root=history_dir(root, rows))
+    query = history_query(model_info(root))
+    t0 = time.perf_counter()
+    n = sum(b.num_rows for b in source.batches(query, batch_rows=50_000))
+    return {"rows": n, "seconds": time.perf_counter() - t0}
+
+
+def child_compute(root: Path, rows: int, batch: int) -> dict[str, float]:
+    import mlflow
+
+    from app.integrations.history import LocalParquetSource
+
+    model = model_info(root)
+    pyfunc = mlflow.pyfunc.load_model(model.artifact_uri)
+    source = LocalParquetSource(root=history_dir(root, rows))
+    names = [f.name for f in model.inputs]
+    frames = [b.to_pandas()[names] for b in source.batches(history_query(model), batch_rows=100_000)]
+    t0 = time.perf_counter()
+    n = 0
+    for frame in frames:
+        n += len(pyfunc.predict(frame))
+    return {"rows": n, "seconds": time.perf_counter() - t0}
+
+
+def child_server(root: Path, rows: int, batch: int, url: str, concurrency: int) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from app.integrations.history import LocalParquetSource
+    from app.integrations.scoring import encode_v2
+
+    model = model_info(root)
+    source = LocalParquetSource(root=history_dir(root, rows))
+    bodies: list[tuple[bytes, int]] = []
+    for b in source.batches(history_query(model), batch_rows=batch):
+        bodies.append((encode_v2(b, model.inputs), b.num_rows))
+        if len(bodies) * batch >= 200_000:
+            break  # the same few payloads, reused: this measures the server, not the encoder
+    total_requests = max(1, rows // batch)
+    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency))
+
+    def send(i: int) -> int:
+        body, n = bodies[i % len(bodies)]
+        resp = client.post(url, content=body, headers={"content-type": "application/json"})
+        resp.raise_for_status()
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        n = sum(pool.map(send, range(total_requests)))
+    return {"rows": n, "seconds": time.perf_counter() - t0}
+
+
+def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -> dict[str, float]:
+    import httpx
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.integrations.history import LocalParquetSource
+    from app.integrations.scoring import decode_v2, encode_v2
+
+    model = model_info(root)
+    source = LocalParquetSource(root=history_dir(root, rows))
+    t0 = time.perf_counter()
+    table = pa.Table.from_batches(list(source.batches(history_query(model), batch_rows=50_000)))  # all rows first
+    scores = []
+    with httpx.Client(timeout=120) as client:
+        for b in table.to_batches(max_chunksize=batch):  # then one request after another
+            resp = client.post(url, content=encode_v2(b, model.inputs), headers={"content-type": "application/json"})
+            resp.raise_for_status()
+            scores.append(decode_v2(resp.content, rows=b.num_rows, output_names=model.outputs))
+    out = pa.concat_tables(scores)
+    result = table.select(["customer_id", "snapshot_date"])
+    for name in out.column_names:
+        result = result.append_column(name, out.column(name))
+    pq.write_table(result, root / "naive.parquet")  # then write everything
+    return {"rows": result.num_rows, "seconds": time.perf_counter() - t0}
+
+
+def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[str, Any]:
+    import uuid
+
+    from app.cli import migrate_database
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.integrations.history import LocalParquetSource
+    from app.integrations.wiring import make_deployer, make_registry, make_result_store
+    from app.partners.models import Partner
+    from app.retro_tests.models import RetroTest, State
+    from worker.pipeline import Adapters, run_retro_test
+
+    migrate_database()
+    settings = get_settings()
+    sessions = get_session_factory()
+    with sessions() as s, s.begin():
+        partner = Partner(code=f"bench-{uuid.uuid4().hex[:8]}", name="bench")
+        s.add(partner)
+        s.flush()
+        job = RetroTest(
+            partner_id=partner.id,
+            model_name="churn",
+            model_version="1",
+            model_uri="",
+            requested_by="bench",
+            period_start=START,
+            period_end=START + timedelta(days=DAYS - 1),
+            output_formats=["parquet"],
+            source_override={},
+            request_key=uuid.uuid4().hex,
+            source_table="features.customer_daily",
+            date_column="snapshot_date",
+            id_columns=["customer_id"],
+            state=State.queued,
+            stage_started={},
+        )
+        s.add(job)
+    adapters = Adapters(
+        registry=make_registry(settings),
+        source=LocalParquetSource(root=history_dir(root, rows)),
+        deployer=make_deployer(settings),
+        store=make_result_store(settings),
+    )
+    t0 = time.perf_counter()
+    state = run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings)
+    seconds = time.perf_counter() - t0
+    with sessions() as s:
+        done = s.get(RetroTest, job.id)
+        assert done is not None
+        if state != State.succeeded:
+            raise SystemExit(f"pipeline ended {state}: {done.error_message}")
+        starts = sorted((datetime.fromisoformat(v).timestamp(), k) for k, v in done.stage_started.items())
+        stages = {k: starts[i + 1][0] - t for i, (t, k) in enumerate(starts[:-1])}
+        return {"rows": done.rows_scored, "seconds": seconds, "stages": stages}
+
+
+def child(args: argparse.Namespace) -> None:
+    root = Path(args.dir)
+    kind = args.child
+    if kind == "source":
+        result: dict[str, Any] = child_source(root, args.rows, args.batch)
+    elif kind == "compute":
+        result = child_compute(root, args.rows, args.batch)
+    elif kind == "server":
+        result = child_server(root, args.rows, args.batch, args.url, args.concurrency)
+    elif kind == "naive":
+        result = child_naive(root, args.rows, args.batch, args.url, args.concurrency)
+    else:
+        result = child_pipeline(root, args.rows, args.batch, args.concurrency)
+    result["peak_rss_mb"] = rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(kind: str, root: Path, rows: int, args: argparse.Namespace, url: str = "") -> dict[str, Any]:
+    env = env_for(root)
+    env["RETRO_SCORE_BATCH_ROWS"] = str(args.batch)
+    env["RETRO_SCORE_CONCURRENCY"] = str(args.concurrency)
+    env["RETRO_HISTORY_DIR"] = str(history_dir(root, rows))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.e2e",
+        "--child",
+        kind,
+        "--dir",
+        str(root),
+        "--rows",
+        str(rows),
+        "--batch",
+        str(args.batch),
+        "--concurrency",
+        str(args.concurrency),
+        "--url",
+        url,
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        raise SystemExit(f"{kind} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return dict(json.loads(line[len("RESULT ") :]))
+
+
+def run_mlserver_infer(
+    root: Path, rows: int, args: argparse.Namespace, host_port: str, model_name: str
+) -> dict[str, Any]:
+    """MLServer's own batch CLI, fed the same rows as V2 requests of the same batch size."""
+    from app.integrations.history import LocalParquetSource
+    from app.integrations.scoring import encode_v2
+
+    model = model_info(root)
+    source = LocalParquetSource(root=history_dir(root, rows))
+    inp, outp = root / f"infer-in-{rows}.txt", root / f"infer-out-{rows}.txt"
+    with inp.open("wb") as fh:
+        for i, b in enumerate(source.batches(history_query(model), batch_rows=args.batch)):
+            req = json.loads(encode_v2(b, model.inputs))
+            req["id"] = str(i)
+            fh.write(json.dumps(req).encode() + b"\n")
+    exe = str(Path(sys.executable).parent / "mlserver")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            exe,
+            "infer",
+            "-u",
+            host_port,
+            "-m",
+            model_name,
+            "-i",
+            str(inp),
+            "-o",
+            str(outp),
+            "-w",
+            str(args.concurrency),
+            "-s",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"mlserver infer failed: {proc.stderr[-3000:]}")
+    with outp.open() as fh:
+        scored = sum(json.loads(line)["outputs"][0]["shape"][0] for line in fh if line.strip())
+    inp.unlink()
+    outp.unlink()
+    return {"rows": scored, "seconds": seconds, "peak_rss_mb": float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000,5000000")
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--dir", default="")
+    parser.add_argument("--child", default="")
+    parser.add_argument("--rows", type=int, default=0)
+    parser.add_argument("--url", default="")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-e2e-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.update(env_for(root))
+    from app.demo_data import register_demo_model
+    from app.integrations.deployers import LocalMLServerDeployer
+
+    if not (root / "mlflow.db").exists():
+        print("registering the demo model ...", flush=True)
+        register_demo_model(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    deployer = LocalMLServerDeployer(work_dir=root / "bench-deployments")
+    deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
+    table: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    try:
+        deployer.wait_ready(deployment, timeout_s=180, should_stop=lambda: False)
+        url = f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
+        for rows in sizes:
+            print(f"\n== {rows:,} rows: writing history ...", flush=True)
+            prepare(root, rows)
+            r: dict[str, dict[str, Any]] = {}
+            for kind in ("source", "compute", "server", "naive"):
+                r[kind] = run_child(kind, root, rows, args, url)
+                print(
+                    f"   {kind:<10} {r[kind]['rows'] / r[kind]['seconds']:>10,.0f} rows/s  {r[kind]['seconds']:7.1f} s  peak RSS {r[kind]['peak_rss_mb']:6.0f} MB",
+                    flush=True,
+                )
+            r["mlserver"] = run_mlserver_infer(
+                root, rows, args, deployment.base_url.removeprefix("http://"), deployment.model_name
+            )
+            print(
+                f"   {'mlserver':<10} {r['mlserver']['rows'] / r['mlserver']['seconds']:>10,.0f} rows/s  {r['mlserver']['seconds']:7.1f} s",
+                flush=True,
+            )
+            r["retrotest"] = run_child("pipeline", root, rows, args)
+            st = r["retrotest"]["stages"]
+            print(
+                f"   {'retrotest':<10} {rows / st['scoring']:>10,.0f} rows/s while scoring; stages "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in st.items())
+                + f"; peak RSS {r['retrotest']['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+            table.append((rows, r))
+    finally:
+        deployer.stop("bench-server")
+    report(table, args)
+
+
+def report(table: list[tuple[int, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> None:
+    rate = lambda r: r["rows"] / r["seconds"]  # noqa: E731
+    print(f"\nbench/e2e: batch {args.batch}, concurrency {args.concurrency}, {os.cpu_count()} cores")
+    print(
+        f"{'rows':>10} {'retrotest':>10} {'e2e(excl.':>10} {'source':>9} {'server':>9} {'compute':>9} {'naive':>9} {'mlserver':>9} {'RSS MB':>7}"
+    )
+    print(
+        f"{'':>10} {'scoring/s':>10} {'deploy)/s':>10} {'/s':>9} {'/s':>9} {'/s':>9} {'/s':>9} {'infer/s':>9} {'worker':>7}"
+    )
+    for rows, r in table:
+        st = r["retrotest"]["stages"]
+        scoring = rows / st["scoring"]
+        e2e = rows / (r["retrotest"]["seconds"] - st.get("deploying", 0.0))
+        print(
+            f"{rows:>10,} {scoring:>10,.0f} {e2e:>10,.0f} {rate(r['source']):>9,.0f} {rate(r['server']):>9,.0f} "
+            f"{rate(r['compute']):>9,.0f} {rate(r['naive']):>9,.0f} {rate(r['mlserver']):>9,.0f} {r['retrotest']['peak_rss_mb']:>7.0f}"
+        )
+    print("\nratios (targets in brackets):")
+    for rows, r in table:
+        st = r["retrotest"]["stages"]
+        e2e = rows / (r["retrotest"]["seconds"] - st.get("deploying", 0.0))
+        limit = min(rate(r["source"]), rate(r["server"]))
+        print(
+            f"  {rows:>10,} rows: e2e / min(source, server) {e2e / limit:.2f} [>= 0.85]   e2e / naive {e2e / rate(r['naive']):.2f} [>= 3]   "
+            f"scoring / mlserver infer {rows / st['scoring'] / rate(r['mlserver']):.2f} [>= 2]   server / compute {rate(r['server']) / rate(r['compute']):.2f}"
+        )
+    rss = [r["retrotest"]["peak_rss_mb"] for _, r in table]
+    print(f"  worker peak RSS: {', '.join(f'{x:.0f}' for x in rss)} MB [<= 400, flat from 1M to 5M]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""The chaos suite: a retro test that must come out whole while its world falls apart.
+
+    .venv/bin/python -m tests.chaos.run                   # the full run: 1,000,000 rows
+    .venv/bin/python -m tests.chaos.run --rows 60000 ...  # smaller (CI runs one through tests/chaos/test_chaos.py)
+
+It starts its own Redis (so it can restart it), a fresh Postgres database, an MLflow registry, the API, a
+worker and the control process (beat + reaper + reconciler), runs the job once cleanly, then again while:
+  (a) the worker is SIGKILLed repeatedly (and started again),
+  (b) Redis is restarted (its queued messages are lost),
+  (c) the model server answers 5% 503, 1% hangs, 1% connection resets, and 400 for batches holding poison rows,
+  (d) a second job is cancelled mid-run and the API is restarted.
+It prints rows lost, rows duplicated, poison rows isolated, orphan deployments and the time against the clean
+run, and exits non-zero when any of them misses its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PG_ADMIN = os.environ.get("RETRO_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POISON_INPUT, POISON_VALUE = "voice_minutes", -1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.popen = subprocess.Popen(
+            self.args, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout=60)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@dataclass
+class World:
+    root: Path
+    env: dict[str, str]
+    redis_port: int
+    api_port: int
+    token: str
+    db_name: str
+    procs: dict[str, Proc] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
+
+    def note(self, what: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.events.append(f"{stamp} {what}")
+        print(f"  [{stamp}] {what}", flush=True)
+
+
+def start_redis(port: int, root: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(root),
+        ],
+        stdout=(root / "redis.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("redis-server did not start")
+
+
+def write_history(root: Path, *, days: int, rows_per_day: int, poison: int, start: date) -> tuple[int, int]:
+    """Synthetic history with about `poison` poison rows (voice_minutes = -1) spread evenly; returns (rows, poison)."""
+    poison_every = max(1, days * rows_per_day // max(1, poison))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.demo_data import _day_table
+
+    poison = 0
+    for i in range(days):
+        offset = i * rows_per_day
+        day = start + timedelta(days=i)
+        table = _day_table(day, rows_per_day, seed=i).drop_columns(["snapshot_date"])
+        minutes = table.column("voice_minutes").to_numpy().copy()
+        ids = table.column("customer_id").to_numpy()
+        mask = (ids + offset) % poison_every == 0
+        minutes[mask] = POISON_VALUE
+        poison += int(mask.sum())
+        table = table.set_column(table.schema.get_field_index("voice_minutes"), "voice_minutes", pa.array(minutes))
+        folder = root / "features" / "customer_daily" / f"snapshot_date={day.isoformat()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / "part-0.parquet")
+    return days * rows_per_day, poison
+
+
+def build_world(args: argparse.Namespace) -> World:
+    root = Path(tempfile.mkdtemp(prefix="retro-chaos-"))
+    redis_port, api_port = free_port(), free_port()
+    db_name = f"retrochaos_{secrets.token_hex(4)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRO_")}
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "RETRO_ENV": "test",
+            "RETRO_VAR_DIR": str(root / "var"),
+            "RETRO_DATABASE_URL": PG_ADMIN.rsplit("/", 1)[0] + f"/{db_name}",
+            "RETRO_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "RETRO_QUEUE_NAME": "chaos",
+            "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "RETRO_HISTORY_DIR": str(root / "history"),
+            "RETRO_RESULTS_URL": str(root / "results"),
+            "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+            "RETRO_WORKER_METRICS_PORT": "0",
+            "RETRO_CHUNK_DAYS": "1",
+            "RETRO_SCORE_BATCH_ROWS": str(args.batch),
+            "RETRO_SCORE_TIMEOUT_S": "3",
+            "RETRO_SCORE_RETRIES": "8",
+            "RETRO_SCORE_BACKOFF_S": "0.05",
+            "RETRO_MAX_REJECTED_RATIO": "0.01",
+            "RETRO_HEARTBEAT_INTERVAL_S": "1",
+            "RETRO_STALE_AFTER_S": "4",
+            "RETRO_RECONCILE_INTERVAL_S": "3",
+            "RETRO_REQUEUE_QUEUED_AFTER_S": "6",
+            "RETRO_REAPER_INTERVAL_S": "3",
+            "RETRO_MAX_ATTEMPTS": "50",
+            "RETRO_CHAOS_HANG_S": "6",
+        }
+    )
+    os.environ.update(env)
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+    admin.dispose()
+    subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=env, check=True, capture_output=True)
+    from app.demo_data import register_demo_model
+
+    register_demo_model(tracking_uri=env["RETRO_MLFLOW_TRACKING_URI"], artifact_root=root / "artifacts")
+    token = make_admin_token()
+    world = World(root=root, env=env, redis_port=redis_port, api_port=api_port, token=token, db_name=db_name)
+    world.procs["redis"] = Proc("redis", [], env, root / "redis.log")
+    world.procs["redis"].popen = start_redis(redis_port, root)
+    return world
+
+
+def make_admin_token() -> str:
+    from app.auth import service
+    from app.auth.models import Role
+    from app.auth.schemas import UserCreate
+    from app.db import get_session_factory
+
+    with get_session_factory()() as session:
+        user = service.create_user(
+            session=session, data=UserCreate(username="chaos", role=Role.admin, password=None), actor="chaos"
+        )
+        session.flush()
+        _, secret = service.create_api_token(session=session, user=user, name="chaos", actor="chaos")
+        session.commit()
+    return secret
+
+
+def start_services(world: World, *, faults: bool) -> None:
+    env = {**world.env, "RETRO_CHAOS_FAULTS": "1" if faults else "0"}
+    py = sys.executable
+    world.procs["api"] = Proc(
+        "api",
+        [py, "-m", "app.cli", "serve", "--port", str(world.api_port), "--skip-migrations"],
+        env,
+        world.root / "api.log",
+    ).start()
+    world.procs["worker"] = Proc("worker", [py, "-m", "tests.chaos.worker"], env, world.root / "worker.log").start()
+    world.procs["control"] = Proc("control", [py, "-m", "app.cli", "beat"], env, world.root / "control.log").start()
+    wait_ready(world)
+
+
+def wait_ready(world: World, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{world.api}/ready", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the API did not become ready; see {world.root}/api.log")
+
+
+def stop_services(world: World) -> None:
+    for name in ("worker", "control", "api"):
+        if name in world.procs:
+            world.procs[name].stop()
+
+
+def submit(world: World, start: date, end: date) -> str:
+    body = {
+        "partner_code": "chaos",
+        "model_name": "churn",
+        "model_version": "1",
+        "period_start": start.isoformat(),
+        "period_end": end.isoformat(),
+        "output_formats": ["parquet"],
+    }
+    for _ in range(30):  # the API may be restarting
+        try:
+            with world.client() as c:
+                c.post("/api/v1/partners", json={"code": "chaos", "name": "Chaos"})
+                resp = c.post("/api/v1/retro-tests", json=body)
+            if resp.status_code in (200, 202):
+                return str(resp.json()["id"])
+            raise RuntimeError(f"submit refused: {resp.status_code} {resp.text}")
+        except httpx.HTTPError:
+            time.sleep(1)
+    raise RuntimeError("could not submit")
+
+
+def job(world: World, job_id: str) -> dict[str, Any] | None:
+    try:
+        with world.client() as c:
+            resp = c.get(f"/api/v1/retro-tests/{job_id}")
+        return dict(resp.json()) if resp.status_code == 200 else None
+    except httpx.HTTPError:
+        return None  # the API is restarting
+
+
+def wait_terminal(world: World, job_id: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        j = job(world, job_id)
+        if j and j["state"] in ("succeeded", "failed", "cancelled"):
+            return j
+        time.sleep(0.5)
+    raise RuntimeError(f"job {job_id} did not end within {timeout_s} s: {job(world, job_id)}")
+
+
+def duration(j: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(j["finished_at"]) - datetime.fromisoformat(j["created_at"])).total_seconds()
+
+
+def check_rows(
+    world: World, j: dict[str, Any], source_keys: set[tuple[int, str]], poison_keys: set[tuple[int, str]]
+) -> dict[str, int]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    files = {f["name"]: f for f in j["files"]}
+    with world.client() as c:
+        scores = pq.read_table(io.BytesIO(c.get(files["scores.parquet"]["download_url"]).content))
+        rejects_blob = c.get(files["rejects.csv.gz"]["download_url"]).content if "rejects.csv.gz" in files else None
+    scored = list(
+        zip(
+            scores.column("customer_id").to_pylist(),
+            (d.isoformat() for d in scores.column("snapshot_date").to_pylist()),
+            strict=True,
+        )
+    )
+    rejected: list[tuple[int, str]] = []
+    if rejects_blob:
+        rej = pacsv.read_csv(io.BytesIO(gzip.decompress(rejects_blob)))
+        rejected = list(
+            zip(
+                rej.column("customer_id").to_pylist(),
+                (str(d) for d in rej.column("snapshot_date").to_pylist()),
+                strict=True,
+            )
+        )
+    seen = set(scored) | set(rejected)
+    return {
+        "rows_source": len(source_keys),
+        "rows_scored": len(scored),
+        "rows_lost": len(source_keys - seen),
+        "rows_duplicated": (len(scored) - len(set(scored)))
+        + (len(rejected) - len(set(rejected)))
+        + len(set(scored) & set(rejected)),
+        "poison_rows": len(poison_keys),
+        "poison_isolated": len(set(rejected) & poison_keys),
+        "clean_rows_rejected": len(set(rejected) - poison_keys),
+    }
+
+
+def orphan_deployments(world: World) -> int:
+    """Model servers still running, or deployment folders still on disk, for this world."""
+    folder = world.root / "var" / "deployments"
+    leftovers = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.exists() else []
+    running = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(folder).encode() in cmd and b"mlserver" in cmd:
+                running += 1
+    return len(leftovers) + running
+
+
+def pool_children(pid: int) -> list[int]:
+    """The Celery pool processes under a worker's main process."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def chaos_loop(
+    world: World, *, main_id: str, cancel_id: str, kills: int, kill_every_s: float, stop: threading.Event
+) -> None:
+    """While the main job scores: kill worker processes, restart Redis, cancel the second job, restart the API."""
+    actions = ["cancel+api", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
+    actions.insert(min(2, len(actions)), "redis")
+    last_rows = -1
+    for action in actions:
+        # Strike only while rows are being scored, and only after progress since the last strike.
+        while not stop.is_set():
+            j = job(world, main_id)
+            if j and j["state"] in ("succeeded", "failed", "cancelled"):
+                return
+            if j and j["state"] == "scoring" and j["progress"]["rows_scored"] > last_rows:
+                break
+            stop.wait(0.3)
+        if stop.wait(kill_every_s):
+            return
+        j = job(world, main_id)
+        if not j or j["state"] in ("succeeded", "failed", "cancelled"):
+            return
+        last_rows = j["progress"]["rows_scored"]
+        worker = world.procs["worker"]
+        if action == "kill-pool" and worker.popen is not None:
+            children = pool_children(worker.popen.pid)
+            for child in children:
+                os.kill(child, signal.SIGKILL)
+            world.note(f"SIGKILL worker pool process(es) {children} at {last_rows:,} rows scored")
+        elif action == "kill-worker":
+            worker.kill()
+            world.note(f"SIGKILL whole worker at {last_rows:,} rows scored")
+            worker.start()
+        elif action == "redis":
+            world.procs["redis"].kill()
+            world.procs["redis"].popen = start_redis(world.redis_port, world.root)
+            world.note(f"Redis restarted at {last_rows:,} rows scored (its queued messages are lost)")
+        else:
+            with world.client() as c:
+                resp = c.post(f"/api/v1/retro-tests/{cancel_id}/cancel")
+            world.note(f"cancel of the second job -> {resp.status_code}")
+            world.procs["api"].kill()
+            world.procs["api"].start()
+            wait_ready(world)
+            world.note("API killed and started again")
+
+
+def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(
+        world.root / "history" / "features" / "customer_daily", format="parquet", partitioning="hive"
+    ).to_table(columns=["customer_id", "snapshot_date", "voice_minutes"])
+    keys, poison = set(), set()
+    for cid, day, minutes in zip(
+        *(table.column(c).to_pylist() for c in ("customer_id", "snapshot_date", "voice_minutes")), strict=True
+    ):
+        day = str(day)
+        if start.isoformat() <= day <= end.isoformat():
+            keys.add((cid, day))
+            if minutes == POISON_VALUE:
+                poison.add((cid, day))
+    return keys, poison
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    world = build_world(args)
+    start = date.today() - timedelta(days=args.days + 10)
+    end = start + timedelta(days=args.days - 1)
+    rows, poison = write_history(
+        world.root / "history", days=args.days, rows_per_day=args.rows // args.days, poison=args.poison, start=start
+    )
+    print(f"chaos: {rows:,} rows over {args.days} days, {poison} poison rows; work dir {world.root}", flush=True)
+    keys, poison_keys = source_keys(world, start, end)
+    report: dict[str, Any] = {"rows": rows}
+    try:
+        print("clean run ...", flush=True)
+        start_services(world, faults=False)
+        clean = wait_terminal(world, submit(world, start, end), timeout_s=args.timeout)
+        assert clean["state"] == "succeeded", clean
+        report["clean_seconds"] = duration(clean)
+        stop_services(world)
+
+        print("chaos run ...", flush=True)
+        start_services(world, faults=True)
+        main_id = submit(world, start, end)
+        cancel_id = submit(world, start, start + timedelta(days=max(0, args.days // 2 - 1)))
+        stop = threading.Event()
+        chaos = threading.Thread(
+            target=chaos_loop,
+            args=(world,),
+            kwargs={
+                "main_id": main_id,
+                "cancel_id": cancel_id,
+                "kills": args.kills,
+                "kill_every_s": args.kill_every,
+                "stop": stop,
+            },
+            daemon=True,
+        )
+        chaos.start()
+        final = wait_terminal(world, main_id, timeout_s=args.timeout)
+        stop.set()
+        chaos.join()
+        cancelled = wait_terminal(world, cancel_id, timeout_s=args.timeout)
+        report["chaos_seconds"] = duration(final)
+        report["chaos_state"] = final["state"]
+        report["chaos_error"] = final["error"]
+        report["attempts"] = final["attempts"]
+        report["cancelled_job_state"] = cancelled["state"]
+        if final["state"] == "succeeded":
+            report.update(check_rows(world, final, keys, poison_keys))
+        time.sleep(3 * float(world.env["RETRO_REAPER_INTERVAL_S"]) + 2)  # the reaper's turn
+        report["orphan_deployments"] = orphan_deployments(world)
+        report["events"] = world.events
+    finally:
+        stop_services(world)
+        world.procs["redis"].kill()
+        leftover = orphan_deployments(world)
+        if leftover:
+            subprocess.run(["pkill", "-f", str(world.root / "var" / "deployments")], check=False)
+        drop_database(world.db_name)
+        if not args.keep:
+            shutil.rmtree(world.root, ignore_errors=True)
+    report["time_ratio"] = report["chaos_seconds"] / report["clean_seconds"]
+    return report
+
+
+def drop_database(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from app.db import get_engine
+
+    get_engine().dispose()
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def verdict(report: dict[str, Any], max_ratio: float) -> list[str]:
+    """Targets missed, as sentences; empty when the run met every target."""
+    misses = []
+    if report.get("chaos_state") != "succeeded":
+        misses.append(f"the job ended {report.get('chaos_state')}: {report.get('chaos_error')}")
+        return misses
+    if report["rows_lost"]:
+        misses.append(f"{report['rows_lost']} rows lost")
+    if report["rows_duplicated"]:
+        misses.append(f"{report['rows_duplicated']} rows duplicated")
+    if report["poison_isolated"] != report["poison_rows"] or report["clean_rows_rejected"]:
+        misses.append(
+            f"poison rows isolated {report['poison_isolated']}/{report['poison_rows']}, clean rows rejected {report['clean_rows_rejected']}"
+        )
+    if report["orphan_deployments"]:
+        misses.append(f"{report['orphan_deployments']} orphan deployments")
+    if report["cancelled_job_state"] != "cancelled":
+        misses.append(f"the cancelled job ended {report['cancelled_job_state']}")
+    if report["time_ratio"] > max_ratio:
+        misses.append(f"time {report['time_ratio']:.2f}x the clean run (target <= {max_ratio}x)")
+    return misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--kill-every", type=float, default=8.0)
+    parser.add_argument("--poison", type=int, default=40, help="about how many poison rows")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--max-ratio", type=float, default=1.5)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print("\nchaos report")
+    for line in report.pop("events", []):
+        print(f"  event {line}")
+    for key in (
+        "rows",
+        "rows_scored",
+        "rows_lost",
+        "rows_duplicated",
+        "poison_rows",
+        "poison_isolated",
+        "clean_rows_rejected",
+        "orphan_deployments",
+        "attempts",
+        "cancelled_job_state",
+        "clean_seconds",
+        "chaos_seconds",
+        "time_ratio",
+    ):
+        value = report.get(key)
+        print(f"  {key:<22} {value:.2f}" if isinstance(value, float) else f"  {key:<22} {value}")
+    misses = verdict(report, args.max_ratio)
+    print("  verdict: " + ("all targets met" if not misses else "; ".join(misses)))
+    print("RESULT " + json.dumps(report, default=str))
+    return 0 if not misses else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
