@@ -184,7 +184,7 @@ def list_retro_tests(
         str | None, Query(description="Registry model name", max_length=256, pattern=NO_CONTROL_PATTERN)
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> RetroTestPage:
     """Retro tests of the caller's partners, newest first, filtered by partner, state and model."""
     jobs, total = service.list_retro_tests(
