@@ -85,7 +85,11 @@ def _use_multiprocess_metrics(port: int) -> None:
 
 
 @app.command()
-def worker(concurrency: int = 1, loglevel: Annotated[str | None, typer.Option()] = None) -> None:
+def worker(
+    concurrency: int = 1,
+    loglevel: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str, typer.Option(help="node name, unique per host when several workers run there")] = "retrotest",
+) -> None:
     """Run a Celery worker that executes retro tests; its metrics are on RETRO_WORKER_METRICS_PORT."""
     from app.config import get_settings
 
@@ -100,6 +104,7 @@ def worker(concurrency: int = 1, loglevel: Annotated[str | None, typer.Option()]
             "worker",
             f"--loglevel={loglevel or settings.log_level}",
             f"--concurrency={concurrency}",
+            f"--hostname={name}@%h",
             "-Q",
             settings.queue_name,
             "--without-gossip",

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     history_dir: Path | None = None
     read_batch_rows: int = Field(default=50_000, ge=1)
     chunk_days: int = Field(default=1, ge=1)
+    # Workers that score one job at once: the job's own worker sends partitions (date ranges of whole chunks)
+    # to partitions - 1 helpers on the same queue, all against the job's one deployment.
+    partitions: int = Field(default=1, ge=1, le=64)
 
     # Temporary model deployments: "local" starts an MLServer process on this machine; the others create a
     # Seldon Core v1 SeldonDeployment, a Seldon Core v2 Model or a KServe InferenceService on Kubernetes.

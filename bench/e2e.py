@@ -164,42 +164,23 @@ def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -
 
 
 def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[str, Any]:
-    import uuid
 
     from app.cli import migrate_database
     from app.config import get_settings
     from app.db import get_session_factory
     from app.integrations.history import LocalParquetSource
     from app.integrations.wiring import make_deployer, make_registry, make_result_store
-    from app.partners.models import Partner
     from app.retro_tests.models import RetroTest, State
+    from tests.factories import make_retro_test
     from worker.pipeline import Adapters, run_retro_test
 
     migrate_database()
     settings = get_settings()
     sessions = get_session_factory()
     with sessions() as s, s.begin():
-        partner = Partner(code=f"bench-{uuid.uuid4().hex[:8]}", name="bench")
-        s.add(partner)
-        s.flush()
-        job = RetroTest(
-            partner_id=partner.id,
-            model_name="churn",
-            model_version="1",
-            model_uri="",
-            requested_by="bench",
-            period_start=START,
-            period_end=START + timedelta(days=DAYS - 1),
-            output_formats=["parquet"],
-            source_override={},
-            request_key=uuid.uuid4().hex,
-            source_table="features.customer_daily",
-            date_column="snapshot_date",
-            id_columns=["customer_id"],
-            state=State.queued,
-            stage_started={},
+        job_id = make_retro_test(
+            s, start=START, end=START + timedelta(days=DAYS - 1), partner_prefix="bench", requested_by="bench"
         )
-        s.add(job)
     adapters = Adapters(
         registry=make_registry(settings),
         source=LocalParquetSource(root=history_dir(root, rows)),
@@ -207,10 +188,10 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
         store=make_result_store(settings),
     )
     t0 = time.perf_counter()
-    state = run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings)
+    state = run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings)
     seconds = time.perf_counter() - t0
     with sessions() as s:
-        done = s.get(RetroTest, job.id)
+        done = s.get(RetroTest, job_id)
         assert done is not None
         if state != State.succeeded:
             raise SystemExit(f"pipeline ended {state}: {done.error_message}")

@@ -113,6 +113,15 @@ def history() -> Path:
 
 
 @pytest.fixture(scope="session")
+def big_history(history: Path) -> str:
+    """A larger table, so a job is still scoring when the test cancels it."""
+    from app.demo_data import write_history
+
+    write_history(root=history, table="features.big", start=HISTORY_START, days=HISTORY_DAYS, rows_per_day=150_000)
+    return "features.big"
+
+
+@pytest.fixture(scope="session")
 def engine(database_url: str):  # type: ignore[no-untyped-def]
     from app.db import get_engine
 
@@ -260,8 +269,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def start_stack(name: str, **env_overrides: str) -> Stack:
-    """Start the API and a real Celery worker as processes, with extra settings; wait until ready."""
+def start_stack(name: str, *, workers: int = 1, **env_overrides: str) -> Stack:
+    """Start the API and real Celery workers as processes, with extra settings; wait until ready."""
     from app.db import get_session_factory
 
     port = free_port()
@@ -279,7 +288,10 @@ def start_stack(name: str, **env_overrides: str) -> Stack:
     exe = [sys.executable, "-m", "app.cli"]
     procs = [
         start_process([*exe, "serve", "--port", str(port), "--skip-migrations"], env=env, log=logs / "api.log"),
-        start_process([*exe, "worker"], env=env, log=logs / "worker.log"),
+        *(
+            start_process([*exe, "worker", "--name", f"w{i}"], env=env, log=logs / f"worker{i or ''}.log")
+            for i in range(workers)
+        ),
     ]
     s = Stack(f"http://127.0.0.1:{port}", procs, logs, token)
     deadline = time.monotonic() + 90

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -136,15 +135,6 @@ def test_cancel_mid_scoring_stops_the_job_and_the_model_server(stack: Stack, big
     assert mlserver_processes_for(job["id"]) == []
 
 
-@pytest.fixture(scope="session")
-def big_history(history: Path) -> str:
-    """A larger table, so a job is still scoring when the test cancels it."""
-    from app.demo_data import write_history
-
-    write_history(root=history, table="features.big", start=HISTORY_START, days=HISTORY_DAYS, rows_per_day=150_000)
-    return "features.big"
-
-
 def test_rows_with_null_features_fail_the_job_with_reasons(stack: Stack, history: Path) -> None:
     folder = history / "features" / "with_nulls" / f"snapshot_date={HISTORY_START.isoformat()}"
     folder.mkdir(parents=True)
@@ -182,8 +172,8 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
     from app.config import get_settings
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
-    from app.partners.models import Partner
     from app.retro_tests.models import RetroTest, State
+    from tests.factories import make_retro_test
     from worker.pipeline import Adapters, run_retro_test
 
     settings = get_settings()
@@ -206,27 +196,7 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
             yield from real_source.batches(query, batch_rows=batch_rows)
 
     with sessions() as s, s.begin():
-        partner = Partner(code=f"redeliver-{uuid.uuid4().hex[:6]}", name="r")
-        s.add(partner)
-        s.flush()
-        job = RetroTest(
-            partner_id=partner.id,
-            model_name="churn",
-            model_version="1",
-            model_uri="",
-            requested_by="test",
-            period_start=HISTORY_START,
-            period_end=END,
-            output_formats=["parquet"],
-            source_override={},
-            request_key=uuid.uuid4().hex,
-            source_table="features.customer_daily",
-            date_column="snapshot_date",
-            id_columns=["customer_id"],
-            state=State.queued,
-            stage_started={},
-        )
-        s.add(job)
+        job_id = make_retro_test(s, start=HISTORY_START, end=END, partner_prefix="redeliver")
     third_day = (HISTORY_START + timedelta(days=2)).isoformat()
     adapters = Adapters(
         registry=make_registry(settings),
@@ -235,25 +205,25 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
         store=make_result_store(settings),
     )
     with pytest.raises(WorkerDied):
-        run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings)
+        run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings)
     with sessions() as s:
-        crashed = s.get(RetroTest, job.id)
+        crashed = s.get(RetroTest, job_id)
         assert crashed is not None and crashed.state == State.scoring and crashed.chunks_done == 2
-    assert mlserver_processes_for(str(job.id)) == []  # the deployment was torn down on the way out
+    assert mlserver_processes_for(str(job_id)) == []  # the deployment was torn down on the way out
 
     calls.clear()
     # The dead attempt still holds the lease until its heartbeat goes stale; then a new delivery may take over.
-    assert run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings) == State.scoring
+    assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings) == State.scoring
     assert calls == []
     with sessions() as s, s.begin():
-        stranded = s.get(RetroTest, job.id)
+        stranded = s.get(RetroTest, job_id)
         assert stranded is not None
         stranded.heartbeat_at = stranded.heartbeat_at - timedelta(seconds=settings.stale_after_s + 1)
     adapters.source = Source(None)  # type: ignore[assignment]
-    assert run_retro_test(job_id=job.id, sessions=sessions, adapters=adapters, settings=settings) == State.succeeded
+    assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings) == State.succeeded
     assert calls == [third_day, (HISTORY_START + timedelta(days=3)).isoformat()]
     with sessions() as s:
-        finished = s.get(RetroTest, job.id)
+        finished = s.get(RetroTest, job_id)
         assert finished is not None and finished.attempts == 2
         assert finished.rows_read == finished.rows_scored == HISTORY_DAYS * ROWS_PER_DAY
         location = finished.result_location

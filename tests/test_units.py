@@ -14,7 +14,7 @@ from app.integrations.identifiers import check_name, check_table
 from app.integrations.registry import Feature
 from app.integrations.scoring import decode_v2, encode_v2, split_nulls
 from app.retro_tests.service import check_period
-from worker.pipeline import plan_chunks
+from worker.chunks import plan_chunks
 
 FEATURES = (Feature("x", "double"), Feature("n", "long"), Feature("flag", "boolean"), Feature("plan", "string"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from functools import lru_cache
+from typing import Any
 
 from celery import Task
 
@@ -15,7 +16,7 @@ from app.integrations.wiring import make_deployer, make_history_source, make_reg
 from app.logging_setup import job_context
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
-from worker.pipeline import Adapters, run_retro_test
+from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
 from worker.reaper import reap_deployments
 from worker.reconciler import reconcile_jobs
 
@@ -35,7 +36,12 @@ def _adapters() -> Adapters:
         source=make_history_source(settings),
         deployer=_deployer(),
         store=make_result_store(settings),
+        send_partition=_send_partition,
     )
+
+
+def _send_partition(order: PartitionOrder) -> None:
+    celery_app.send_task("retrotest.score_partition", args=[order.to_message()])
 
 
 @celery_app.task(name="retrotest.run_retro_test", bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
@@ -57,6 +63,18 @@ def run_retro_test_task(self: Task, job_id: str) -> str:
             raise self.retry(countdown=settings.stale_after_s + 1)
         log.info("retro test %s finished: %s", job_id, state.value)
     return state.value
+
+
+@celery_app.task(name="retrotest.score_partition", acks_late=True)  # type: ignore[untyped-decorator]
+def score_partition_task(message: dict[str, Any]) -> str:
+    """Score a helper's share (a date range) of a job that another worker coordinates (RETRO_PARTITIONS > 1)."""
+    order = PartitionOrder.from_message(message)
+    with job_context(str(order.job_id)):
+        outcome = score_partition(
+            order=order, sessions=get_session_factory(), adapters=_adapters(), settings=get_settings()
+        )
+        log.info("partition %s..%s of retro test %s: %s", order.first, order.last, order.job_id, outcome)
+    return outcome
 
 
 @celery_app.task(name="retrotest.reap_deployments")  # type: ignore[untyped-decorator]

@@ -61,3 +61,7 @@ class ResultStore:
     def remove_tree(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._fs.rm(self.path(rel), recursive=True)
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm(self.path(rel))

@@ -122,6 +122,7 @@ class RetroTest(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The worker attempt that owns the job: only it may move the job on; others back off.
     lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_holder: Mapped[str | None] = mapped_column(String(300))  # "<host>:<pid>" of the attempt holding the lease
     last_enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # Progress.

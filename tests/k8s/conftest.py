@@ -77,32 +77,12 @@ def k8s_settings(deployer: str, **overrides: Any) -> Any:
 def new_job(*, period_end: Any = END, output_formats: tuple[str, ...] = ("parquet",)) -> uuid.UUID:
     """A queued retro test of the churn model, created directly in the database; returns its id."""
     from app.db import get_session_factory
-    from app.partners.models import Partner
-    from app.retro_tests.models import RetroTest, State
+    from tests.factories import make_retro_test
 
     with get_session_factory()() as s, s.begin():
-        partner = Partner(code=f"k8s-{uuid.uuid4().hex[:8]}", name="k8s")
-        s.add(partner)
-        s.flush()
-        job = RetroTest(
-            partner_id=partner.id,
-            model_name="churn",
-            model_version="1",
-            model_uri="",
-            requested_by="test",
-            period_start=HISTORY_START,
-            period_end=period_end,
-            output_formats=list(output_formats),
-            source_override={},
-            request_key=uuid.uuid4().hex,
-            source_table="features.customer_daily",
-            date_column="snapshot_date",
-            id_columns=["customer_id"],
-            state=State.queued,
-            stage_started={},
+        return make_retro_test(
+            s, start=HISTORY_START, end=period_end, output_formats=output_formats, partner_prefix="k8s"
         )
-        s.add(job)
-    return job.id
 
 
 def wait_for(check: Any, *, timeout_s: float, what: str) -> Any:

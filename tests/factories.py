@@ -1,0 +1,51 @@
+"""Plain `make_*` helpers for rows that tests and benchmarks create directly in the database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import date
+
+from sqlalchemy.orm import Session
+
+
+def make_retro_test(
+    session: Session,
+    *,
+    start: date,
+    end: date,
+    table: str = "features.customer_daily",
+    output_formats: Sequence[str] = ("parquet",),
+    partner_prefix: str = "test",
+    requested_by: str = "test",
+) -> uuid.UUID:
+    """A queued retro test of churn v1 for a new partner, as the API would have created it; returns its id.
+
+    The session's transaction is the caller's to commit.
+    """
+    from app.partners.models import Partner
+    from app.retro_tests.models import RetroTest, State
+
+    partner = Partner(code=f"{partner_prefix}-{uuid.uuid4().hex[:8]}", name=partner_prefix)
+    session.add(partner)
+    session.flush()
+    job = RetroTest(
+        partner_id=partner.id,
+        model_name="churn",
+        model_version="1",
+        model_uri="",
+        requested_by=requested_by,
+        period_start=start,
+        period_end=end,
+        output_formats=list(output_formats),
+        source_override={},
+        request_key=uuid.uuid4().hex,
+        source_table=table,
+        date_column="snapshot_date",
+        id_columns=["customer_id"],
+        state=State.queued,
+        stage_started={},
+    )
+    session.add(job)
+    session.flush()
+    return job.id

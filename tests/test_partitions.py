@@ -1,0 +1,168 @@
+"""Scale-out: one job's period split into date ranges that several workers score against one deployment."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
+from tests.factories import make_retro_test
+from tests.test_end_to_end import END, submit
+from worker.chunks import Chunk, plan_chunks
+from worker.pipeline import split_ranges
+
+
+@given(days=st.integers(1, 60), parts=st.integers(1, 10))
+def test_ranges_cover_every_chunk_once_in_order_and_evenly(days: int, parts: int) -> None:
+    chunks = plan_chunks(date(2025, 1, 1), date(2025, 1, 1) + timedelta(days=days - 1), 1)
+    ranges = split_ranges(chunks, parts)
+    assert [c for r in ranges for c in r] == chunks
+    assert len(ranges) == min(parts, days)
+    sizes = [len(r) for r in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _in_process(send: Any) -> tuple[Any, Any, Any]:
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+    from worker.pipeline import Adapters
+
+    settings = get_settings().model_copy(update={"partitions": 2})
+    adapters = Adapters(
+        registry=make_registry(settings),
+        source=make_history_source(settings),
+        deployer=make_deployer(settings),
+        store=make_result_store(settings),
+        send_partition=send,
+    )
+    return settings, get_session_factory(), adapters
+
+
+@pytest.fixture()
+def job_id(database_url: str, registry: dict[str, str], history: Path) -> Iterator[uuid.UUID]:
+    from app.db import get_session_factory
+
+    with get_session_factory()() as s, s.begin():
+        new = make_retro_test(s, start=HISTORY_START, end=END, partner_prefix="partition")
+    yield new
+
+
+def _result_keys(sessions: Any, adapters: Any, job_id: uuid.UUID) -> list[tuple[int, date]]:
+    from app.retro_tests.models import RetroTest, State
+    from app.retro_tests.service import job_prefix
+
+    with sessions() as s:
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.state == State.succeeded, (job.state, job.error_message)
+        assert job.rows_read == job.rows_scored == job.rows_total == HISTORY_DAYS * ROWS_PER_DAY
+        prefix = job_prefix(job)
+    with adapters.store.open_read(f"{prefix}/scores.parquet") as fh:
+        table = pq.read_table(fh, columns=["customer_id", "snapshot_date"])
+    return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+
+
+def test_a_job_whose_helpers_never_start_is_finished_by_its_own_worker(job_id: uuid.UUID) -> None:
+    from worker.pipeline import PartitionOrder, run_retro_test, score_partition
+
+    orders: list[PartitionOrder] = []
+    settings, sessions, adapters = _in_process(orders.append)
+    assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings).value == "succeeded"
+    # The helper got the second half of the period and was never run: the coordinator scored it, backwards.
+    assert [(o.first, o.last) for o in orders] == [
+        ((HISTORY_START + timedelta(days=2)).isoformat(), (HISTORY_START + timedelta(days=3)).isoformat())
+    ]
+    keys = _result_keys(sessions, adapters, job_id)
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+    # Delivered late, the order finds the job finished and does nothing.
+    assert score_partition(order=orders[0], sessions=sessions, adapters=adapters, settings=settings).startswith("stale")
+
+
+def test_chunks_a_helper_committed_are_used_and_not_scored_again(job_id: uuid.UUID) -> None:
+    from worker.pipeline import PartitionOrder, run_retro_test, score_partition
+
+    outcomes: list[str] = []
+    reads: list[str] = []
+
+    def run_helper_now(order: PartitionOrder) -> None:  # the helper finishes its range before the coordinator starts
+        outcomes.append(score_partition(order=order, sessions=sessions, adapters=adapters, settings=settings))
+
+    settings, sessions, adapters = _in_process(run_helper_now)
+    real_batches = adapters.source.batches
+
+    def counting_batches(query: Any, *, batch_rows: int) -> Any:
+        reads.append(query.start.isoformat())
+        return real_batches(query, batch_rows=batch_rows)
+
+    adapters.source.batches = counting_batches  # type: ignore[method-assign]
+    assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings).value == "succeeded"
+    assert outcomes == [f"done: this helper scored {2 * ROWS_PER_DAY} rows"]
+    days = [(HISTORY_START + timedelta(days=i)).isoformat() for i in range(HISTORY_DAYS)]
+    assert sorted(reads) == days  # each day read once: the helper's two, then the coordinator's two
+    keys = _result_keys(sessions, adapters, job_id)
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+
+
+def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: uuid.UUID) -> None:
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.retro_tests.models import RetroTest, RetroTestChunk
+    from worker.chunks import ChunkCounts, commit_chunk
+
+    sessions = get_session_factory()
+    with sessions() as s, s.begin():
+        job = s.get(RetroTest, job_id)
+        assert job is not None
+        job.lease_token = "lease-of-the-test"
+
+    class Output:  # a finished chunk's files, as _ChunkOutput leaves them
+        def __init__(self, tag: str) -> None:
+            self.part_path = f"p/{tag}.parquet"
+            self.rejects_path = f"p/{tag}.rejects.parquet"
+            self.counts = ChunkCounts(read=10, scored=10, rejected=0)
+
+    chunk = Chunk(key=HISTORY_START.isoformat(), start=HISTORY_START, end=HISTORY_START)
+    args: dict[str, Any] = {"chunk": chunk, "settings": get_settings(), "lease": "lease-of-the-test"}
+    assert commit_chunk(sessions, job_id, output=Output("first"), **args) is True  # type: ignore[arg-type]
+    assert commit_chunk(sessions, job_id, output=Output("second"), **args) is False  # type: ignore[arg-type]
+    with sessions() as s:
+        rows = s.query(RetroTestChunk).filter_by(retro_test_id=job_id).all()
+        assert [(r.part_path, r.rows_scored) for r in rows] == [("p/first.parquet", 10)]
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.rows_scored == 10 and job.chunks_done == 1
+
+
+@pytest.fixture(scope="module")
+def two_workers(database_url: str, registry: dict[str, str], history: Path) -> Iterator[Stack]:
+    """The API and two Celery workers on a queue of their own, each job split in two."""
+    s = start_stack(
+        "partitions", workers=2, RETRO_PARTITIONS="2", RETRO_QUEUE_NAME=f"partitions-{uuid.uuid4().hex[:8]}"
+    )
+    yield s
+    s.stop()
+
+
+def test_two_workers_share_a_job_and_every_row_is_scored_once(two_workers: Stack, big_history: str) -> None:
+    job = submit(two_workers, "partitions-two", source={"table": big_history})
+    done = two_workers.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=300)
+    assert done["state"] == "succeeded", done
+    total = HISTORY_DAYS * 150_000
+    assert done["progress"]["rows_scored"] == done["progress"]["rows_total"] == total
+    files = {f["name"]: f for f in done["files"]}
+    with two_workers.client() as c:
+        blob = c.get(files["scores.parquet"]["download_url"]).content
+    scores = pq.read_table(io.BytesIO(blob), columns=["customer_id", "snapshot_date"]).to_pandas()
+    assert len(scores) == total and not scores.duplicated().any()
+    logs = "".join(p.read_text(errors="replace") for p in two_workers.logs.glob("worker*.log"))
+    helped = [int(n) for n in re.findall(r"done: this helper scored (\d+) rows", logs)]
+    assert helped and helped[0] > 0, f"the helper worker scored nothing:\n{two_workers.tail()}"

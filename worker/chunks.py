@@ -1,0 +1,385 @@
+"""A job's period scored as one stream of chunks, each committed together with its part files (the checkpoint).
+
+A chunk is a slice of the period of RETRO_CHUNK_DAYS days. Its rows are read, scored and written to part files
+of its own; a row in retro_test_chunks then records it as finished, in the same transaction as the job's
+totals. Whatever runs next (a redelivered attempt, a partition helper, the coordinator taking over a helper's
+range) skips committed chunks, and the first commit of a chunk wins: a second copy is thrown away, never merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.errors import ReconciliationFailed, TooManyRejectedRows
+from app.integrations.history import HistoryQuery, HistorySource
+from app.integrations.results import ResultStore
+from app.integrations.scoring import ScoredBatch, Scorer
+from app.retro_tests.models import RetroTest, RetroTestChunk
+from app.retro_tests.service import job_prefix
+from worker.control import JobControl, LeaseLost
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    key: str  # the ISO date of its first day: chunk keys sort like the period
+    start: date
+    end: date
+
+
+@dataclass
+class ChunkCounts:
+    read: int = 0
+    scored: int = 0
+    rejected: int = 0
+
+
+def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
+    """Consecutive, non-overlapping slices of [start, end] of at most `days` days each."""
+    chunks = []
+    day = start
+    while day <= end:
+        last = min(end, day + timedelta(days=days - 1))
+        chunks.append(Chunk(key=day.isoformat(), start=day, end=last))
+        day = last + timedelta(days=1)
+    return chunks
+
+
+def committed_keys(sessions: sessionmaker[Session], job_id: uuid.UUID) -> set[str]:
+    with sessions() as s:
+        return set(s.scalars(select(RetroTestChunk.chunk_key).where(RetroTestChunk.retro_test_id == job_id)))
+
+
+def score_chunks(
+    *,
+    job_id: uuid.UUID,
+    query: HistoryQuery,
+    chunks: list[Chunk],
+    scorer: Scorer,
+    source: HistorySource,
+    store: ResultStore,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    control: JobControl,
+    live_progress: bool = True,
+) -> ChunkCounts:
+    """Score the given chunks, in the given order, skipping any already committed; commit each as it ends.
+
+    Returns the rows of the chunks this stream committed itself.
+
+    Reading (a background thread), scoring (`score_concurrency` requests in flight) and writing (this thread,
+    in source order) overlap, and the stream does not drain at chunk boundaries. With live_progress the job's
+    counters move with every batch; without (several workers share the job) they move with each commit.
+    """
+    with sessions() as s:
+        job = s.get(RetroTest, job_id)
+        assert job is not None
+        prefix = job_prefix(job)
+    done = committed_keys(sessions, job_id)
+    pending = [c for c in chunks if c.key not in done]
+    tag = uuid.uuid4().hex[:8]  # this stream's part files never collide with another's for the same chunk
+    base = _committed_totals(sessions, job_id)
+    own = ChunkCounts()
+    window: deque[tuple[Chunk, Future[ScoredBatch] | _ChunkEnd]] = deque()
+    current: _ChunkOutput | None = None
+
+    def handle(chunk: Chunk, item: Future[ScoredBatch] | _ChunkEnd) -> None:
+        nonlocal current, base, own
+        if current is None:
+            current = _ChunkOutput(store, f"{prefix}/parts/{chunk.key}.{tag}", query)
+        if isinstance(item, _ChunkEnd):
+            output, current = current, None
+            counts = output.close(read=item.read)
+            if commit_chunk(sessions, job_id, chunk=chunk, output=output, settings=settings, lease=control.lease):
+                base = _plus(base, counts)
+                own = _plus(own, counts)
+            else:
+                log.info(
+                    "chunk %s of retro test %s was committed by another worker first; dropping this copy",
+                    chunk.key,
+                    job_id,
+                )
+                output.remove()
+            return
+        current.write(item.result())
+        if not live_progress:
+            control.check()
+            return
+        c = current.counts
+        control.progress(
+            rows_read=base.read + c.read, rows_scored=base.scored + c.scored, rows_rejected=base.rejected + c.rejected
+        )
+
+    def in_flight() -> int:
+        return sum(1 for _, item in window if not isinstance(item, _ChunkEnd))
+
+    def is_committed(chunk: Chunk) -> bool:
+        return chunk.key in committed_keys(sessions, job_id)
+
+    stream = _read_ahead(source, query, pending, settings, skip=is_committed, depth=2 * settings.score_concurrency)
+    with (
+        ThreadPoolExecutor(max_workers=settings.score_concurrency, thread_name_prefix="score") as pool,
+        stream as items,
+    ):
+        try:
+            for chunk, item in items:
+                if not isinstance(item, _ChunkEnd):  # the scoring thread logs with this job's id
+                    item = pool.submit(contextvars.copy_context().run, scorer.score, item)
+                window.append((chunk, item))
+                while in_flight() >= settings.score_concurrency:
+                    handle(*window.popleft())
+            while window:
+                handle(*window.popleft())
+            return own
+        finally:
+            for _, item in window:
+                if isinstance(item, Future):
+                    item.cancel()
+            if current is not None:
+                current.abort()
+
+
+@dataclass(frozen=True)
+class _ChunkEnd:
+    """Marks the end of a chunk in the stream, with how many rows the source gave for it."""
+
+    read: int
+
+
+@contextlib.contextmanager
+def _read_ahead(
+    source: HistorySource,
+    query: HistoryQuery,
+    chunks: list[Chunk],
+    settings: Settings,
+    *,
+    skip: Callable[[Chunk], bool],
+    depth: int,
+) -> Iterator[Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]]:
+    """Slices of score_batch_rows rows, chunk after chunk, read on a background thread at most `depth` ahead.
+
+    A chunk that `skip` says is finished by the time the reader reaches it is not read at all.
+    """
+    items: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if skip(chunk):
+                    continue
+                read = 0
+                for batch in source.batches(query.between(chunk.start, chunk.end), batch_rows=settings.read_batch_rows):
+                    read += batch.num_rows
+                    for offset in range(0, batch.num_rows, settings.score_batch_rows):
+                        put((chunk, batch.slice(offset, settings.score_batch_rows)))
+                    if stop.is_set():
+                        return
+                put((chunk, _ChunkEnd(read)))
+        except BaseException as exc:  # raised again in the consuming thread
+            put(exc)
+        finally:
+            put(finished)
+
+    def consume() -> Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]:
+        while True:
+            item = items.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    reader = threading.Thread(target=produce, name="history-reader", daemon=True)
+    reader.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.get_nowait()
+        reader.join(timeout=60)
+
+
+class _ChunkOutput:
+    """The part files of the chunk being written (`<stem>.parquet`, `<stem>.rejects.parquet`) and its counts."""
+
+    def __init__(self, store: ResultStore, stem: str, query: HistoryQuery) -> None:
+        self._store = store
+        self._query = query
+        self.part_path = f"{stem}.parquet"
+        self.rejects_path = f"{stem}.rejects.parquet"
+        self._parts = _PartWriter(store, self.part_path)
+        self._rejects = _PartWriter(store, self.rejects_path)
+        self.counts = ChunkCounts()
+
+    def write(self, result: ScoredBatch) -> None:
+        if result.scored_rows.num_rows:
+            self._parts.write(_output_table(result.scored_rows, self._query, result.scores))
+        if result.rejected_rows.num_rows:
+            reasons = pa.table({"reason": pa.array(result.reject_reasons, pa.string())})
+            self._rejects.write(_output_table(result.rejected_rows, self._query, reasons))
+        self.counts.scored += result.scored_rows.num_rows
+        self.counts.rejected += result.rejected_rows.num_rows
+
+    def close(self, *, read: int) -> ChunkCounts:
+        """Finish both files; every row the source gave must be scored or rejected."""
+        self._parts.__exit__(None, None, None)
+        self._rejects.__exit__(None, None, None)
+        self.counts.read = read
+        if self.counts.scored + self.counts.rejected != read:
+            raise ReconciliationFailed(
+                f"the source gave {read} rows for a chunk but {self.counts.scored + self.counts.rejected} were accounted for"
+            )
+        return self.counts
+
+    def abort(self) -> None:
+        """Drop unfinished files; the chunk is read and scored again on the next attempt."""
+        error = RuntimeError("chunk aborted")
+        self._parts.__exit__(RuntimeError, error, None)
+        self._rejects.__exit__(RuntimeError, error, None)
+
+    def remove(self) -> None:
+        """Delete finished files that lost the race to another copy of the chunk."""
+        self._store.remove(self.part_path)
+        self._store.remove(self.rejects_path)
+
+
+def _plus(a: ChunkCounts, b: ChunkCounts) -> ChunkCounts:
+    return ChunkCounts(read=a.read + b.read, scored=a.scored + b.scored, rejected=a.rejected + b.rejected)
+
+
+def _committed_totals(sessions: sessionmaker[Session], job_id: uuid.UUID) -> ChunkCounts:
+    with sessions() as s:
+        row = s.execute(
+            select(
+                func.coalesce(func.sum(RetroTestChunk.rows_read), 0),
+                func.coalesce(func.sum(RetroTestChunk.rows_scored), 0),
+                func.coalesce(func.sum(RetroTestChunk.rows_rejected), 0),
+            ).where(RetroTestChunk.retro_test_id == job_id)
+        ).one()
+    return ChunkCounts(read=int(row[0]), scored=int(row[1]), rejected=int(row[2]))
+
+
+def commit_chunk(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    *,
+    chunk: Chunk,
+    output: _ChunkOutput,
+    settings: Settings,
+    lease: str,
+) -> bool:
+    """Record a finished chunk and the job's totals in one transaction: the checkpoint.
+
+    False when another worker committed the same chunk first. The job row is locked, so commits of one job
+    are serialized and exactly one copy of a chunk is ever recorded.
+    """
+    counts = output.counts
+    with sessions() as s, s.begin():
+        owner = s.scalar(select(RetroTest.lease_token).where(RetroTest.id == job_id).with_for_update())
+        if owner != lease:
+            raise LeaseLost(f"retro test {job_id} was taken over by another attempt; chunk {chunk.key} not recorded")
+        taken = s.scalar(
+            select(RetroTestChunk.id).where(
+                RetroTestChunk.retro_test_id == job_id, RetroTestChunk.chunk_key == chunk.key
+            )
+        )
+        if taken is not None:
+            return False
+        s.add(
+            RetroTestChunk(
+                retro_test_id=job_id,
+                chunk_key=chunk.key,
+                rows_read=counts.read,
+                rows_scored=counts.scored,
+                rows_rejected=counts.rejected,
+                part_path=output.part_path if counts.scored else None,
+                rejects_path=output.rejects_path if counts.rejected else None,
+            )
+        )
+        s.flush()
+        totals = s.execute(
+            select(
+                func.sum(RetroTestChunk.rows_read),
+                func.sum(RetroTestChunk.rows_scored),
+                func.sum(RetroTestChunk.rows_rejected),
+                func.count(),
+            ).where(RetroTestChunk.retro_test_id == job_id)
+        ).one()
+        job = s.get(RetroTest, job_id)
+        assert job is not None
+        job.rows_read, job.rows_scored, job.rows_rejected, job.chunks_done = (int(v or 0) for v in totals)
+        rejected, read_total = job.rows_rejected, job.rows_total or job.rows_read
+    enforce_reject_budget(rejected=rejected, read_total=read_total, settings=settings)
+    return True
+
+
+def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings) -> None:
+    """Fail the job once more rows were rejected than RETRO_MAX_REJECTED_ROWS / _RATIO allow."""
+    if rejected > max(settings.max_rejected_rows, int(settings.max_rejected_ratio * read_total)):
+        raise TooManyRejectedRows(
+            f"{rejected} row(s) could not be scored (for example a null in a model input), more than the "
+            f"allowed (RETRO_MAX_REJECTED_ROWS={settings.max_rejected_rows}, RETRO_MAX_REJECTED_RATIO={settings.max_rejected_ratio}); "
+            "fix those rows at the source, or raise the budget if scoring the rest is what the partner needs"
+        )
+
+
+class _PartWriter:
+    """A Parquet part written through the result store, opened on the first batch."""
+
+    def __init__(self, store: ResultStore, rel: str) -> None:
+        self._stack = contextlib.ExitStack()
+        self._store = store
+        self._rel = rel
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._writer is None:
+            fh = self._stack.enter_context(self._store.open_write(self._rel))
+            self._writer = self._stack.enter_context(pq.ParquetWriter(fh, table.schema))
+        self._writer.write_table(table)
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._stack.__exit__(*exc)
+
+
+def _output_table(batch: pa.RecordBatch, query: HistoryQuery, extra: pa.Table) -> pa.Table:
+    keys = [*query.id_columns, query.date_column]
+    columns = {k: batch.column(k) for k in dict.fromkeys(keys)}
+    for name in extra.column_names:
+        columns[name] = extra.column(name)
+    return pa.table(columns)

@@ -1,0 +1,173 @@
+"""A running attempt's hold on its job: the lease, its heartbeat, cancel and the deadline.
+
+One attempt at a time owns a job through `lease_token`. It renews `heartbeat_at` from a background thread; an
+attempt whose heartbeat is older than RETRO_STALE_AFTER_S is presumed dead and the next delivery takes the lease.
+Every checkpoint and the verdict are written only while the writer's lease is still the job's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.errors import DeadlineExceeded, JobCancelled
+from app.retro_tests.models import RetroTest
+from app.retro_tests.service import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the job now (this one was presumed dead); this attempt stops without a verdict."""
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time stored here is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class JobControl:
+    """The running attempt's link to its job row: heartbeat, lease, cancel, deadline and progress.
+
+    A background thread renews the heartbeat every heartbeat_interval_s while the attempt holds the lease,
+    so a job in a long call (a model server starting, a COUNT over a quarter) is not taken for dead. A partition
+    helper (heartbeat_s=None) only watches the lease: the heartbeat is its coordinator's to keep.
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        job_id: uuid.UUID,
+        lease: str,
+        deadline: datetime,
+        heartbeat_s: float | None,
+        interval_s: float = 1.0,
+    ) -> None:
+        self._sessions = sessions
+        self._job_id = job_id
+        self.lease = lease
+        self._deadline = deadline
+        self._heartbeat_s = heartbeat_s
+        self._interval_s = interval_s
+        self._last = 0.0
+        self._cancelled = False
+        self._lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> JobControl:
+        if self._heartbeat_s is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        assert self._heartbeat_s is not None
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._write({})
+            except Exception:
+                log.warning("heartbeat of retro test %s failed; will try again", self._job_id, exc_info=True)
+
+    def cancel_requested(self) -> bool:
+        self._sync({}, force=False)
+        return self._cancelled or self._lost
+
+    def check(self) -> None:
+        """Raise if the attempt must stop: lease lost, cancel asked, deadline passed."""
+        self._sync({}, force=False)
+        self._raise_if_stopped()
+
+    def progress(self, *, force: bool = False, **counters: int) -> None:
+        self._sync(counters, force=force)
+        self._raise_if_stopped()
+
+    def _raise_if_stopped(self) -> None:
+        if self._lost:
+            raise LeaseLost(f"retro test {self._job_id} was taken over by another attempt")
+        if self._cancelled:
+            raise JobCancelled("cancelled on request")
+        if utcnow() > self._deadline:
+            raise DeadlineExceeded(
+                f"the job passed its deadline of {self._deadline:%Y-%m-%d %H:%M} UTC (RETRO_JOB_DEADLINE_S)"
+            )
+
+    def _sync(self, counters: dict[str, int], *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self._interval_s:
+            return
+        self._last = now
+        self._write(counters)
+
+    def _write(self, counters: dict[str, int]) -> None:
+        with self._sessions() as s, s.begin():
+            job = s.get(RetroTest, self._job_id)
+            if job is None or job.lease_token != self.lease:
+                self._lost = True
+                return
+            for key, value in counters.items():
+                setattr(job, key, value)
+            if self._heartbeat_s is not None:
+                job.heartbeat_at = utcnow()
+            self._cancelled = job.cancel_requested
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_is_dead(holder: str | None) -> bool:
+    """True only when the lease holder ran on this host and its process is gone (a killed pool process).
+
+    Elsewhere, or when unsure, the heartbeat decides: a holder on another host is dead once it is stale.
+    """
+    host, _, pid = (holder or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process its parent has not reaped yet is a zombie: dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def claim(
+    *, sessions: sessionmaker[Session], job_id: uuid.UUID, settings: Settings
+) -> tuple[str | None, RetroTest | None]:
+    """Take the job's lease for this attempt, unless it is finished or another live attempt holds it."""
+    lease = uuid.uuid4().hex
+    now = utcnow()
+    with sessions() as s, s.begin():
+        job = s.get(RetroTest, job_id, with_for_update=True)
+        if job is None or job.is_terminal:
+            return None, job
+        held = job.lease_token is not None and job.heartbeat_at is not None
+        fresh = held and aware(job.heartbeat_at) > now - timedelta(seconds=settings.stale_after_s)  # type: ignore[arg-type]
+        if fresh and not holder_is_dead(job.lease_holder):
+            return None, job
+        job.lease_token = lease
+        job.lease_holder = this_process()
+        job.heartbeat_at = now
+        job.attempts += 1
+        s.flush()
+        s.expunge(job)
+        return lease, job
