@@ -1,6 +1,6 @@
 """Benchmark: one large retro test scored by 1 worker, then by 2 workers sharing it (RETRO_PARTITIONS), in one run.
 
-    .venv/bin/python -m bench.scale_out [--rows 1000000] [--days 20] [--workers 1,2]
+    .venv/bin/python -m bench.scale_out [--rows 1000000] [--days 20] [--workers 1,2] [--source-rows-per-s 40000]
 
 Needs PostgreSQL on 127.0.0.1:5432 (it creates and drops a database of its own) and Redis on 127.0.0.1:6379, as
 `./scripts/services.sh` starts them. For each worker count it starts that many real `retrotest worker`
@@ -57,12 +57,16 @@ def admin_sql(sql: str) -> None:
     engine.dispose()
 
 
-def start_workers(count: int, logs: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(count: int, logs: Path, source_rows_per_s: float) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "RETRO_PARTITIONS": str(count), "PYTHONUNBUFFERED": "1"}
+    module = ["app.cli"]
+    if source_rows_per_s:
+        env["BENCH_SOURCE_ROWS_PER_S"] = str(source_rows_per_s)
+        module = ["bench.throttled_worker"]
     procs = []
     for i in range(count):
         log = (logs / f"worker-{count}-{i}.log").open("wb")
-        cmd = [sys.executable, "-m", "app.cli", "worker", "--name", f"bench{i}"]
+        cmd = [sys.executable, "-m", *module, "worker", "--name", f"bench{i}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     time.sleep(8)  # the workers import the app and connect to the broker before the job is sent
     return procs
@@ -102,7 +106,7 @@ def run_job(days: int) -> dict[str, Any]:
     return {
         "job": job,
         "scoring_s": stamps["publishing"] - stamps["scoring"],
-        "job_s": stamps["succeeded"] - stamps["queued"],
+        "job_s": stamps["succeeded"] - stamps["resolving"],
         "deploy_s": stamps["scoring"] - stamps["deploying"],
     }
 
@@ -125,7 +129,7 @@ def check_result(root: Path, job: Any, rows: int) -> None:
 
 def helper_rows(logs: Path, count: int) -> list[int]:
     text = "".join((logs / f"worker-{count}-{i}.log").read_text(errors="replace") for i in range(count))
-    return [int(n) for n in re.findall(r"done: this helper scored (\d+) rows", text)]
+    return [int(n) for n in re.findall(r"partition \S+ of retro test \S+ this helper scored (\d+) rows", text)]
 
 
 def main() -> None:
@@ -133,6 +137,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=20)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--source-rows-per-s",
+        type=float,
+        default=0,
+        help="pace each reader to this rate, standing for a slow source such as PyHive (0: as fast as it goes)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     db_name = f"retro_bench_scale_{os.getpid()}"
@@ -149,7 +159,7 @@ def main() -> None:
         write_history(root=root / "history", start=START, days=args.days, rows_per_day=rows // args.days)
         results: dict[int, dict[str, Any]] = {}
         for count in [int(w) for w in args.workers.split(",")]:
-            procs = start_workers(count, root)
+            procs = start_workers(count, root, args.source_rows_per_s)
             try:
                 r = run_job(args.days)
             finally:
@@ -163,7 +173,10 @@ def main() -> None:
                 f"every row once: yes",
                 flush=True,
             )
-        print(f"\nbench/scale_out: {rows:,} rows over {args.days} days, {os.cpu_count()} cores, one local MLServer")
+        paced = f", source paced to {args.source_rows_per_s:,.0f} rows/s per reader" if args.source_rows_per_s else ""
+        print(
+            f"\nbench/scale_out: {rows:,} rows over {args.days} days, {os.cpu_count()} cores, one local MLServer{paced}"
+        )
         if 1 in results:
             for count, r in results.items():
                 if count != 1:

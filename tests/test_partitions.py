@@ -106,7 +106,7 @@ def test_chunks_a_helper_committed_are_used_and_not_scored_again(job_id: uuid.UU
 
     adapters.source.batches = counting_batches  # type: ignore[method-assign]
     assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings).value == "succeeded"
-    assert outcomes == [f"done: this helper scored {2 * ROWS_PER_DAY} rows"]
+    assert outcomes == [f"this helper scored {2 * ROWS_PER_DAY} rows, its whole range"]
     days = [(HISTORY_START + timedelta(days=i)).isoformat() for i in range(HISTORY_DAYS)]
     assert sorted(reads) == days  # each day read once: the helper's two, then the coordinator's two
     keys = _result_keys(sessions, adapters, job_id)
@@ -164,5 +164,5 @@ def test_two_workers_share_a_job_and_every_row_is_scored_once(two_workers: Stack
     scores = pq.read_table(io.BytesIO(blob), columns=["customer_id", "snapshot_date"]).to_pandas()
     assert len(scores) == total and not scores.duplicated().any()
     logs = "".join(p.read_text(errors="replace") for p in two_workers.logs.glob("worker*.log"))
-    helped = [int(n) for n in re.findall(r"done: this helper scored (\d+) rows", logs)]
+    helped = [int(n) for n in re.findall(r"this helper scored (\d+) rows", logs)]
     assert helped and helped[0] > 0, f"the helper worker scored nothing:\n{two_workers.tail()}"

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_shutdown
 
 from app.config import Settings, get_settings
 from app.logging_setup import configure_logging
@@ -68,6 +68,12 @@ def _logging(loglevel: Any = None, **_: Any) -> None:
     """Our JSON logs in the worker and beat, instead of Celery's own setup."""
     settings = get_settings()
     configure_logging(level=loglevel or settings.log_level, fmt=settings.log_format)
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _import_mlflow_before_forking(**_: Any) -> None:
+    """Import mlflow (~5 s) once in the main process, so no pool process pays it on its first job or partition."""
+    import mlflow  # noqa: F401
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]

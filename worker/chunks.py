@@ -30,7 +30,7 @@ from app.config import Settings
 from app.errors import ReconciliationFailed, TooManyRejectedRows
 from app.integrations.history import HistoryQuery, HistorySource
 from app.integrations.results import ResultStore
-from app.integrations.scoring import ScoredBatch, Scorer
+from app.integrations.scoring import ScoredBatch, Scorer, ScoringStopped
 from app.retro_tests.models import RetroTest, RetroTestChunk
 from app.retro_tests.service import job_prefix
 from worker.control import JobControl, LeaseLost
@@ -80,10 +80,11 @@ def score_chunks(
     sessions: sessionmaker[Session],
     control: JobControl,
     live_progress: bool = True,
-) -> ChunkCounts:
+    tally: ChunkCounts | None = None,
+) -> None:
     """Score the given chunks, in the given order, skipping any already committed; commit each as it ends.
 
-    Returns the rows of the chunks this stream committed itself.
+    `tally`, when given, adds up the rows of the chunks this stream committed itself, even if it stops early.
 
     Reading (a background thread), scoring (`score_concurrency` requests in flight) and writing (this thread,
     in source order) overlap, and the stream does not drain at chunk boundaries. With live_progress the job's
@@ -97,12 +98,12 @@ def score_chunks(
     pending = [c for c in chunks if c.key not in done]
     tag = uuid.uuid4().hex[:8]  # this stream's part files never collide with another's for the same chunk
     base = _committed_totals(sessions, job_id)
-    own = ChunkCounts()
+    own = tally if tally is not None else ChunkCounts()
     window: deque[tuple[Chunk, Future[ScoredBatch] | _ChunkEnd]] = deque()
     current: _ChunkOutput | None = None
 
     def handle(chunk: Chunk, item: Future[ScoredBatch] | _ChunkEnd) -> None:
-        nonlocal current, base, own
+        nonlocal current, base
         if current is None:
             current = _ChunkOutput(store, f"{prefix}/parts/{chunk.key}.{tag}", query)
         if isinstance(item, _ChunkEnd):
@@ -110,7 +111,11 @@ def score_chunks(
             counts = output.close(read=item.read)
             if commit_chunk(sessions, job_id, chunk=chunk, output=output, settings=settings, lease=control.lease):
                 base = _plus(base, counts)
-                own = _plus(own, counts)
+                own.read, own.scored, own.rejected = (
+                    own.read + counts.read,
+                    own.scored + counts.scored,
+                    own.rejected + counts.rejected,
+                )
             else:
                 log.info(
                     "chunk %s of retro test %s was committed by another worker first; dropping this copy",
@@ -119,7 +124,12 @@ def score_chunks(
                 )
                 output.remove()
             return
-        current.write(item.result())
+        try:
+            result = item.result()
+        except ScoringStopped:
+            control.check()  # raises why: cancelled, lease lost or deadline passed
+            raise
+        current.write(result)
         if not live_progress:
             control.check()
             return
@@ -148,7 +158,6 @@ def score_chunks(
                     handle(*window.popleft())
             while window:
                 handle(*window.popleft())
-            return own
         finally:
             for _, item in window:
                 if isinstance(item, Future):

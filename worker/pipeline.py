@@ -47,7 +47,7 @@ from app.integrations.scoring import SCORERS, V2Scorer
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk, State
 from app.retro_tests.service import advance, job_prefix, utcnow
-from worker.chunks import Chunk, committed_keys, enforce_reject_budget, plan_chunks, score_chunks
+from worker.chunks import Chunk, ChunkCounts, committed_keys, enforce_reject_budget, plan_chunks, score_chunks
 from worker.control import JobControl, LeaseLost, aware, claim
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def deployed(
     try:
         deployment = deployer.start(name=name, job_id=str(job_id), model=model)
         deployer.wait_ready(deployment, timeout_s=settings.deploy_ready_timeout_s, should_stop=control.cancel_requested)
-        with open_scorer(deployment=deployment, model=model, settings=settings) as scorer:
+        with open_scorer(deployment=deployment, model=model, settings=settings, control=control) as scorer:
             yield deployment, scorer
     finally:
         alive.dec()
@@ -306,7 +306,9 @@ def deployed(
             log.exception("could not stop deployment %s of retro test %s; the reaper will", name, job_id)
 
 
-def open_scorer(*, deployment: Deployment, model: ModelVersionInfo, settings: Settings) -> V2Scorer:
+def open_scorer(
+    *, deployment: Deployment, model: ModelVersionInfo, settings: Settings, control: JobControl
+) -> V2Scorer:
     """A client for the deployment, speaking its protocol: V2 (Open Inference Protocol) or Seldon's."""
     scorer_class = SCORERS.get(deployment.protocol)
     if scorer_class is None:
@@ -319,6 +321,7 @@ def open_scorer(*, deployment: Deployment, model: ModelVersionInfo, settings: Se
         retries=settings.score_retries,
         backoff_s=settings.score_backoff_s,
         max_connections=settings.score_concurrency,
+        should_stop=control.cancel_requested,
     )
 
 
@@ -404,14 +407,15 @@ def score_partition(
     query = history_query(job=job, model=model)
     chunks = [c for c in plan_chunks(query.start, query.end, settings.chunk_days) if order.first <= c.key <= order.last]
     deadline = aware(job.created_at) + timedelta(seconds=settings.job_deadline_s)
+    own = ChunkCounts()
     try:
         with (
             JobControl(
                 sessions=sessions, job_id=order.job_id, lease=order.lease, deadline=deadline, heartbeat_s=None
             ) as control,
-            open_scorer(deployment=order.deployment, model=model, settings=settings) as scorer,
+            open_scorer(deployment=order.deployment, model=model, settings=settings, control=control) as scorer,
         ):
-            own = score_chunks(
+            score_chunks(
                 job_id=order.job_id,
                 query=query,
                 chunks=chunks,
@@ -422,9 +426,10 @@ def score_partition(
                 sessions=sessions,
                 control=control,
                 live_progress=False,
+                tally=own,
             )
     except (LeaseLost, JobCancelled) as exc:
-        return f"stopped: {exc}"
+        return f"this helper scored {own.read} rows, then stopped: {exc}"
     except AppError as exc:
         log.warning(
             "partition %s..%s of retro test %s stopped: %s; its coordinator scores the rest",
@@ -433,8 +438,8 @@ def score_partition(
             order.job_id,
             exc.detail,
         )
-        return f"stopped: {exc.detail}"
-    return f"done: this helper scored {own.read} rows"
+        return f"this helper scored {own.read} rows, then stopped: {exc.detail}"
+    return f"this helper scored {own.read} rows, its whole range"
 
 
 def publish(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,10 @@ class BatchRejected(ScoringFailed):
     """The model server refused a batch as invalid (4xx): retrying cannot help."""
 
     code = "batch_rejected"
+
+
+class ScoringStopped(ScoringFailed):
+    """The caller asked the scorer to stop between retries (a cancel, a lost lease); the caller knows why."""
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,10 @@ class V2Scorer:
         retries: int,
         backoff_s: float,
         max_connections: int = 8,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self._url = self._endpoint(deployment)
+        self._should_stop = should_stop
         self._features = features
         self._output_names = output_names
         self._retries = retries
@@ -242,6 +248,8 @@ class V2Scorer:
             if attempt:
                 # Exponential backoff with full jitter, so many batches do not retry in lockstep.
                 time.sleep(random.uniform(0, self._backoff_s * 2 ** (attempt - 1)))
+                if self._should_stop():  # no point retrying for a job that was cancelled or moved on
+                    raise ScoringStopped(f"stopped retrying against {self._url}; last error: {last_error}")
             started = time.perf_counter()
             try:
                 resp = self._client.post(self._url, content=body)
