@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -43,6 +44,37 @@ def env_for(root: Path) -> dict[str, str]:
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class AnonPeak:
+    """Samples this process's anonymous resident memory (RssAnon: heap, Arrow buffers, thread stacks).
+
+    Peak RSS also counts pages of shared libraries and files the process touched, which vary with the page
+    cache from run to run; RssAnon is what the job itself holds, the figure that must stay flat with size.
+    """
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self.peak_mb = 0.0
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+            if self._stop.wait(self._every_s):
+                return
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def history_dir(root: Path, rows: int) -> Path:
@@ -77,13 +109,45 @@ def history_query(model: Any) -> Any:
     )
 
 
+def timed_source(root: Path, rows: int) -> Any:
+    """The history source the timed stages read: local Parquet, or HiveServer2 when RETRO_HISTORY_SOURCE=hive."""
+    from app.config import get_settings
+    from app.integrations.history import LocalParquetSource
+    from app.integrations.wiring import make_history_source
+
+    settings = get_settings()
+    if settings.history_source == "hive":
+        return make_history_source(settings)
+    return LocalParquetSource(root=history_dir(root, rows))
+
+
+def pyhive_fetch_all(model: Any) -> Any:
+    """The anchor's extraction: PyHive fetchmany into Python rows, then one Arrow table of all of them."""
+    import pyarrow as pa
+    from pyhive import hive
+
+    from app.config import get_settings
+
+    settings = get_settings()
+    columns = ["customer_id", "snapshot_date", *(f.name for f in model.inputs)]
+    cursor = hive.connect(host=settings.hive_host, port=settings.hive_port, username="bench").cursor()
+    q = history_query(model)
+    cursor.execute(
+        f"SELECT {', '.join(columns)} FROM {q.table} "
+        "WHERE snapshot_date BETWEEN CAST(%(s)s AS DATE) AND CAST(%(e)s AS DATE)",
+        {"s": q.start.isoformat(), "e": q.end.isoformat()},
+    )
+    fetched: list[tuple[Any, ...]] = []
+    while block := cursor.fetchmany(settings.hive_fetch_rows):
+        fetched.extend(block)
+    return pa.table({name: [row[i] for row in fetched] for i, name in enumerate(columns)})
+
+
 # --- measurements that run in a child process -------------------------------------------------------------
 
 
 def child_source(root: Path, rows: int, batch: int) -> dict[str, float]:
-    from app.integrations.history import LocalParquetSource
-
-    source = LocalParquetSource(root=history_dir(root, rows))
+    source = timed_source(root, rows)
     query = history_query(model_info(root))
     t0 = time.perf_counter()
     n = sum(b.num_rows for b in source.batches(query, batch_rows=50_000))
@@ -142,13 +206,16 @@ def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from app.integrations.history import LocalParquetSource
+    from app.config import get_settings
     from app.integrations.scoring import decode_v2, encode_v2
 
     model = model_info(root)
-    source = LocalParquetSource(root=history_dir(root, rows))
     t0 = time.perf_counter()
-    table = pa.Table.from_batches(list(source.batches(history_query(model), batch_rows=50_000)))  # all rows first
+    if get_settings().history_source == "hive":
+        table = pyhive_fetch_all(model)  # all rows first, the way the anchors pull them
+    else:
+        source = timed_source(root, rows)
+        table = pa.Table.from_batches(list(source.batches(history_query(model), batch_rows=50_000)))
     scores = []
     with httpx.Client(timeout=120) as client:
         for b in table.to_batches(max_chunksize=batch):  # then one request after another
@@ -168,7 +235,6 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
     from app.cli import migrate_database
     from app.config import get_settings
     from app.db import get_session_factory
-    from app.integrations.history import LocalParquetSource
     from app.integrations.wiring import make_deployer, make_registry, make_result_store
     from app.retro_tests.models import RetroTest, State
     from tests.factories import make_retro_test
@@ -183,7 +249,7 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
         )
     adapters = Adapters(
         registry=make_registry(settings),
-        source=LocalParquetSource(root=history_dir(root, rows)),
+        source=timed_source(root, rows),
         deployer=make_deployer(settings),
         store=make_result_store(settings),
     )
@@ -201,6 +267,14 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
 
 
 def child(args: argparse.Namespace) -> None:
+    with AnonPeak() as anon:
+        result = measure_child(args)
+    result["peak_rss_mb"] = rss_mb()
+    result["peak_anon_mb"] = anon.peak_mb
+    print("RESULT " + json.dumps(result))
+
+
+def measure_child(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.dir)
     kind = args.child
     if kind == "source":
@@ -213,8 +287,7 @@ def child(args: argparse.Namespace) -> None:
         result = child_naive(root, args.rows, args.batch, args.url, args.concurrency)
     else:
         result = child_pipeline(root, args.rows, args.batch, args.concurrency)
-    result["peak_rss_mb"] = rss_mb()
-    print("RESULT " + json.dumps(result))
+    return result
 
 
 def run_child(kind: str, root: Path, rows: int, args: argparse.Namespace, url: str = "") -> dict[str, Any]:
@@ -222,6 +295,10 @@ def run_child(kind: str, root: Path, rows: int, args: argparse.Namespace, url: s
     env["RETRO_SCORE_BATCH_ROWS"] = str(args.batch)
     env["RETRO_SCORE_CONCURRENCY"] = str(args.concurrency)
     env["RETRO_HISTORY_DIR"] = str(history_dir(root, rows))
+    if args.source == "hive":
+        env.update(
+            {"RETRO_HISTORY_SOURCE": "hive", "RETRO_HIVE_HOST": "127.0.0.1", "RETRO_HIVE_PORT": str(args.hive_port)}
+        )
     cmd = [
         sys.executable,
         "-m",
@@ -302,6 +379,14 @@ def main() -> None:
     parser.add_argument("--child", default="")
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--url", default="")
+    parser.add_argument(
+        "--source",
+        choices=["local", "hive"],
+        default="local",
+        help="where the timed stages read history: local Parquet, or a Spark Thrift Server (HiveServer2) started "
+        "here over the same files; with hive the naive baseline pulls with PyHive, as the anchors do",
+    )
+    parser.add_argument("--hive-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -320,12 +405,21 @@ def main() -> None:
     deployer = LocalMLServerDeployer(work_dir=root / "bench-deployments")
     deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
     table: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    hive = None
     try:
+        if args.source == "hive":
+            from tests.hive_server import start_hive_server
+
+            print("starting a Spark Thrift Server (HiveServer2) ...", flush=True)
+            hive = start_hive_server(root / "hive")
+            args.hive_port = hive.port
         deployer.wait_ready(deployment, timeout_s=180, should_stop=lambda: False)
         url = f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
         for rows in sizes:
             print(f"\n== {rows:,} rows: writing history ...", flush=True)
             prepare(root, rows)
+            if hive is not None:
+                hive_table_over(hive, history_dir(root, rows))
             r: dict[str, dict[str, Any]] = {}
             for kind in ("source", "compute", "server", "naive"):
                 r[kind] = run_child(kind, root, rows, args, url)
@@ -351,12 +445,36 @@ def main() -> None:
             table.append((rows, r))
     finally:
         deployer.stop("bench-server")
+        if hive is not None:
+            hive.stop()
     report(table, args)
 
 
+def hive_table_over(server: Any, folder: Path) -> None:
+    """features.customer_daily in HiveServer2, a DATE-partitioned table over the same Parquet files."""
+    from tests.hive_server import run_sql
+
+    cols = (
+        "customer_id BIGINT, tenure_months BIGINT, monthly_spend DOUBLE, data_gb DOUBLE, voice_minutes BIGINT, "
+        "sms_count BIGINT, support_calls BIGINT, late_payments BIGINT, roaming BOOLEAN, plan STRING"
+    )
+    run_sql(
+        server,
+        "CREATE DATABASE IF NOT EXISTS features",
+        "DROP TABLE IF EXISTS features.customer_daily",
+        f"CREATE TABLE features.customer_daily ({cols}, snapshot_date DATE) USING parquet "
+        f"PARTITIONED BY (snapshot_date) LOCATION '{folder / 'features' / 'customer_daily'}'",
+        "ALTER TABLE features.customer_daily RECOVER PARTITIONS",
+    )
+
+
 def report(table: list[tuple[int, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> None:
-    rate = lambda r: r["rows"] / r["seconds"]  # noqa: E731
-    print(f"\nbench/e2e: batch {args.batch}, concurrency {args.concurrency}, {os.cpu_count()} cores")
+    def rate(r: dict[str, Any]) -> float:
+        return float(r["rows"]) / float(r["seconds"])
+
+    print(
+        f"\nbench/e2e: source {args.source}, batch {args.batch}, concurrency {args.concurrency}, {os.cpu_count()} cores"
+    )
     print(
         f"{'rows':>10} {'retrotest':>10} {'e2e(excl.':>10} {'source':>9} {'server':>9} {'compute':>9} {'naive':>9} {'mlserver':>9} {'RSS MB':>7}"
     )
