@@ -87,7 +87,10 @@ class Settings(BaseSettings):
     # Scoring over the Open Inference Protocol (V2).
     score_batch_rows: int = Field(default=5_000, ge=1)
     score_concurrency: int = Field(default=4, ge=1)
-    score_timeout_s: float = Field(default=60.0, gt=0)
+    score_timeout_s: float = Field(default=60.0, gt=0)  # the longest a request may take, on any attempt
+    # A request is given up after 8x the slowest of the server's last 50 answers (at least this): a hung
+    # request costs about a second, not score_timeout_s.
+    score_timeout_floor_s: float = Field(default=1.0, gt=0)
     score_retries: int = Field(default=5, ge=0)
     score_backoff_s: float = Field(default=0.5, ge=0)
     max_rejected_rows: int = Field(default=0, ge=0)

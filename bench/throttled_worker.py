@@ -45,7 +45,7 @@ def main() -> None:
     real = wiring.make_history_source
 
     def make_history_source(settings: Any) -> HistorySource:
-        return ThrottledSource(real(settings), rate)  # type: ignore[return-value]
+        return ThrottledSource(real(settings), rate)
 
     wiring.make_history_source = make_history_source  # before worker.tasks imports it
     from app.cli import app as cli

@@ -119,3 +119,44 @@ def test_retry_budget_ends_in_a_clear_failure(server: tuple[str, Script]) -> Non
 def test_connection_refused_is_retried_and_reported() -> None:
     with scorer("http://127.0.0.1:9", retries=1) as s, pytest.raises(ScoringFailed, match="ConnectError"):
         s.score(BATCH)
+
+
+def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_full_timeout(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    with V2Scorer(
+        deployment=Deployment(name="m", base_url=url, model_name="m"),
+        features=FEATURES,
+        output_names=(),
+        timeout_s=30.0,  # the hang (1.5 s) would be waited out in full under a fixed timeout
+        retries=2,
+        backoff_s=0.01,
+        timeout_floor_s=0.2,
+    ) as s:
+        for _ in range(10):  # the warm-up: answers in a few milliseconds
+            s.score(BATCH)
+        script.answers = ["hang"]
+        started = time.perf_counter()
+        result = s.score(BATCH)
+        elapsed = time.perf_counter() - started
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
+    assert script.requests == 12  # the hung request, given up, then its retry
+    assert elapsed < 1.4, elapsed
+
+
+def test_adaptive_timeout_follows_the_slowest_recent_answer_within_its_bounds() -> None:
+    from app.integrations.scoring import AdaptiveTimeout
+
+    t = AdaptiveTimeout(ceiling_s=60.0, floor_s=1.0, factor=8.0, window=5, warmup=3)
+    assert t.for_attempt(0) == 60.0  # nothing seen yet: the configured timeout
+    for seconds in (0.05, 0.02, 0.03):
+        t.observe(seconds)
+    assert t.for_attempt(0) == 1.0  # 8 x 0.05 is below the floor
+    assert t.for_attempt(2) == 4.0  # doubled per retry
+    t.observe(0.5)
+    assert t.for_attempt(0) == 4.0
+    assert t.for_attempt(5) == 60.0  # never above the ceiling
+    for _ in range(5):  # the slow answer leaves the window
+        t.observe(0.01)
+    assert t.for_attempt(0) == 1.0

@@ -322,6 +322,7 @@ def open_scorer(
         backoff_s=settings.score_backoff_s,
         max_connections=settings.score_concurrency,
         should_stop=control.cancel_requested,
+        timeout_floor_s=settings.score_timeout_floor_s,
     )
 
 

@@ -9,7 +9,9 @@ rejected rows (default 0), whether that fails the job. Every other row gets exac
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -153,6 +155,37 @@ def decode_seldon(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> p
     return _score_columns([("output", arr.reshape(rows, -1))], output_names)
 
 
+class AdaptiveTimeout:
+    """Read timeouts that follow the server's recent answers, so a hung request costs little.
+
+    Once `warmup` answers have been seen, a request is given up after `factor` times the slowest of the last
+    `window` answers (at least floor_s), doubled on each retry, never more than ceiling_s. Before that, and
+    whenever in doubt, ceiling_s (RETRO_SCORE_TIMEOUT_S) applies. A server that slows down for everyone
+    sees retries with longer timeouts, not failures: only the retry budget ends a batch.
+    """
+
+    def __init__(
+        self, *, ceiling_s: float, floor_s: float, factor: float = 8.0, window: int = 50, warmup: int = 10
+    ) -> None:
+        self._ceiling_s = ceiling_s
+        self._floor_s = min(floor_s, ceiling_s)
+        self._factor = factor
+        self._warmup = warmup
+        self._recent: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._recent.append(seconds)
+
+    def for_attempt(self, attempt: int) -> float:
+        with self._lock:
+            if len(self._recent) < self._warmup:
+                return self._ceiling_s
+            slowest = max(self._recent)
+        return float(min(self._ceiling_s, max(self._floor_s, self._factor * slowest) * 2**attempt))
+
+
 class V2Scorer:
     """An httpx client for one deployment, with retries on connection errors, timeouts and 5xx.
 
@@ -172,8 +205,10 @@ class V2Scorer:
         backoff_s: float,
         max_connections: int = 8,
         should_stop: Callable[[], bool] = lambda: False,
+        timeout_floor_s: float = 1.0,
     ) -> None:
         self._url = self._endpoint(deployment)
+        self._timeouts = AdaptiveTimeout(ceiling_s=timeout_s, floor_s=timeout_floor_s)
         self._should_stop = should_stop
         self._features = features
         self._output_names = output_names
@@ -251,15 +286,20 @@ class V2Scorer:
                 if self._should_stop():  # no point retrying for a job that was cancelled or moved on
                     raise ScoringStopped(f"stopped retrying against {self._url}; last error: {last_error}")
             started = time.perf_counter()
+            read_s = self._timeouts.for_attempt(attempt)
             try:
-                resp = self._client.post(self._url, content=body)
+                resp = self._client.post(
+                    self._url, content=body, timeout=httpx.Timeout(read_s, connect=min(read_s, 10.0))
+                )
             except httpx.TransportError as exc:
                 latency.observe(time.perf_counter() - started)
                 SCORING_REQUEST_ERRORS.labels(self.protocol, "transport").inc()
                 last_error = f"{type(exc).__name__}: {exc}"
                 continue
-            latency.observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            latency.observe(seconds)
             if resp.status_code == 200:
+                self._timeouts.observe(seconds)
                 return resp.content
             SCORING_REQUEST_ERRORS.labels(self.protocol, str(resp.status_code)).inc()
             if resp.status_code in (400, 422):  # the data: split the batch to find the rows

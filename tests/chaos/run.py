@@ -360,8 +360,26 @@ def pool_children(pid: int) -> list[int]:
         return []
 
 
+def supervise(world: World, *, stop: threading.Event, lock: threading.Lock) -> None:
+    """Start the worker or the control process again when one exits on its own, as Kubernetes or compose would."""
+    while not stop.wait(1.0):
+        with lock:
+            for name in ("worker", "control"):
+                proc = world.procs[name]
+                if proc.popen is not None and proc.popen.poll() is not None:
+                    world.note(f"{name} exited on its own (code {proc.popen.returncode}); started again")
+                    proc.start()
+
+
 def chaos_loop(
-    world: World, *, main_id: str, cancel_id: str, kills: int, kill_every_s: float, stop: threading.Event
+    world: World,
+    *,
+    main_id: str,
+    cancel_id: str,
+    kills: int,
+    kill_every_s: float,
+    stop: threading.Event,
+    lock: threading.Lock,
 ) -> None:
     """While the main job scores: kill worker processes, restart Redis, cancel the second job, restart the API."""
     actions = ["cancel+api", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
@@ -382,28 +400,34 @@ def chaos_loop(
         if not j or j["state"] in ("succeeded", "failed", "cancelled"):
             return
         last_rows = j["progress"]["rows_scored"]
-        worker = world.procs["worker"]
-        if action == "kill-pool" and worker.popen is not None:
-            children = pool_children(worker.popen.pid)
-            for child in children:
-                os.kill(child, signal.SIGKILL)
-            world.note(f"SIGKILL worker pool process(es) {children} at {last_rows:,} rows scored")
-        elif action == "kill-worker":
-            worker.kill()
-            world.note(f"SIGKILL whole worker at {last_rows:,} rows scored")
-            worker.start()
-        elif action == "redis":
-            world.procs["redis"].kill()
-            world.procs["redis"].popen = start_redis(world.redis_port, world.root)
-            world.note(f"Redis restarted at {last_rows:,} rows scored (its queued messages are lost)")
-        else:
-            with world.client() as c:
-                resp = c.post(f"/api/v1/retro-tests/{cancel_id}/cancel")
-            world.note(f"cancel of the second job -> {resp.status_code}")
-            world.procs["api"].kill()
-            world.procs["api"].start()
-            wait_ready(world)
-            world.note("API killed and started again")
+        with lock:
+            strike(world, action, last_rows, cancel_id)
+
+
+def strike(world: World, action: str, last_rows: int, cancel_id: str) -> None:
+    """One blow: kill the pool processes or the whole worker, restart Redis, or cancel a job and restart the API."""
+    worker = world.procs["worker"]
+    if action == "kill-pool" and worker.popen is not None:
+        children = pool_children(worker.popen.pid)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+        world.note(f"SIGKILL worker pool process(es) {children} at {last_rows:,} rows scored")
+    elif action == "kill-worker":
+        worker.kill()
+        world.note(f"SIGKILL whole worker at {last_rows:,} rows scored")
+        worker.start()
+    elif action == "redis":
+        world.procs["redis"].kill()
+        world.procs["redis"].popen = start_redis(world.redis_port, world.root)
+        world.note(f"Redis restarted at {last_rows:,} rows scored (its queued messages are lost)")
+    else:
+        with world.client() as c:
+            resp = c.post(f"/api/v1/retro-tests/{cancel_id}/cancel")
+        world.note(f"cancel of the second job -> {resp.status_code}")
+        world.procs["api"].kill()
+        world.procs["api"].start()
+        wait_ready(world)
+        world.note("API killed and started again")
 
 
 def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
@@ -446,7 +470,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start_services(world, faults=True)
         main_id = submit(world, start, end)
         cancel_id = submit(world, start, start + timedelta(days=max(0, args.days // 2 - 1)))
-        stop = threading.Event()
+        stop, lock = threading.Event(), threading.Lock()
+        supervisor = threading.Thread(target=supervise, args=(world,), kwargs={"stop": stop, "lock": lock}, daemon=True)
+        supervisor.start()
         chaos = threading.Thread(
             target=chaos_loop,
             args=(world,),
@@ -456,6 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "kills": args.kills,
                 "kill_every_s": args.kill_every,
                 "stop": stop,
+                "lock": lock,
             },
             daemon=True,
         )
@@ -463,6 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         final = wait_terminal(world, main_id, timeout_s=args.timeout)
         stop.set()
         chaos.join()
+        supervisor.join()
         cancelled = wait_terminal(world, cancel_id, timeout_s=args.timeout)
         report["chaos_seconds"] = duration(final)
         report["chaos_state"] = final["state"]
