@@ -86,9 +86,12 @@ class Settings(BaseSettings):
 
     # Scoring over the Open Inference Protocol (V2).
     score_batch_rows: int = Field(default=5_000, ge=1)
-    score_concurrency: int = Field(default=4, ge=1)
+    score_concurrency: int = Field(default=4, ge=1)  # requests in flight per job
+    # Batches queued for scoring ahead of the one being written (results are written in source order). A
+    # slow answer then holds up only its own batch: the others go on scoring until the window is full.
+    score_window_batches: int = Field(default=16, ge=1)
     score_timeout_s: float = Field(default=60.0, gt=0)  # the longest a request may take, on any attempt
-    # A request is given up after 8x the slowest of the server's last 50 answers (at least this): a hung
+    # A request is given up after 4x the slowest of the server's last 50 answers (at least this): a hung
     # request costs about a second, not score_timeout_s.
     score_timeout_floor_s: float = Field(default=1.0, gt=0)
     score_retries: int = Field(default=5, ge=0)

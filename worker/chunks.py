@@ -87,7 +87,9 @@ def score_chunks(
     `tally`, when given, adds up the rows of the chunks this stream committed itself, even if it stops early.
 
     Reading (a background thread), scoring (`score_concurrency` requests in flight) and writing (this thread,
-    in source order) overlap, and the stream does not drain at chunk boundaries. With live_progress the job's
+    in source order) overlap, and the stream does not drain at chunk boundaries. Up to `score_window_batches`
+    batches are handed to the scoring threads ahead of the one being written, so one slow answer (a hang
+    given up and retried, a batch bisected around a poison row) does not stop the others. With live_progress the job's
     counters move with every batch; without (several workers share the job) they move with each commit.
     """
     with sessions() as s:
@@ -144,7 +146,7 @@ def score_chunks(
     def is_committed(chunk: Chunk) -> bool:
         return chunk.key in committed_keys(sessions, job_id)
 
-    stream = _read_ahead(source, query, pending, settings, skip=is_committed, depth=2 * settings.score_concurrency)
+    stream = _read_ahead(source, query, pending, settings, skip=is_committed, depth=settings.score_window_batches)
     with (
         ThreadPoolExecutor(max_workers=settings.score_concurrency, thread_name_prefix="score") as pool,
         stream as items,
@@ -154,7 +156,7 @@ def score_chunks(
                 if not isinstance(item, _ChunkEnd):  # the scoring thread logs with this job's id
                     item = pool.submit(contextvars.copy_context().run, scorer.score, item)
                 window.append((chunk, item))
-                while in_flight() >= settings.score_concurrency:
+                while in_flight() >= settings.score_window_batches:
                     handle(*window.popleft())
             while window:
                 handle(*window.popleft())

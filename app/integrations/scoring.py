@@ -165,7 +165,7 @@ class AdaptiveTimeout:
     """
 
     def __init__(
-        self, *, ceiling_s: float, floor_s: float, factor: float = 8.0, window: int = 50, warmup: int = 10
+        self, *, ceiling_s: float, floor_s: float, factor: float = 4.0, window: int = 50, warmup: int = 10
     ) -> None:
         self._ceiling_s = ceiling_s
         self._floor_s = min(floor_s, ceiling_s)
