@@ -81,6 +81,7 @@ class World:
     db_name: str
     procs: dict[str, Proc] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    strikes: list[str] = field(default_factory=list)
 
     @property
     def api(self) -> str:
@@ -371,6 +372,14 @@ def supervise(world: World, *, stop: threading.Event, lock: threading.Lock) -> N
                     proc.start()
 
 
+def planned_strikes(kills: int) -> list[str]:
+    """The cancel first (the second job stops taking CPU), then kills, with Redis and the API restarted between."""
+    actions = ["cancel", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
+    actions.insert(min(2, len(actions)), "redis")
+    actions.insert(min(4, len(actions)), "api")
+    return actions
+
+
 def chaos_loop(
     world: World,
     *,
@@ -382,9 +391,8 @@ def chaos_loop(
     lock: threading.Lock,
 ) -> None:
     """While the main job scores: kill worker processes, restart Redis, cancel the second job, restart the API."""
-    actions = ["cancel+api", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
-    actions.insert(min(2, len(actions)), "redis")
     last_rows = -1
+    actions = planned_strikes(kills)
     for action in actions:
         # Strike only while rows are being scored, and only after progress since the last strike.
         while not stop.is_set():
@@ -402,6 +410,7 @@ def chaos_loop(
         last_rows = j["progress"]["rows_scored"]
         with lock:
             strike(world, action, last_rows, cancel_id)
+        world.strikes.append(action)
 
 
 def strike(world: World, action: str, last_rows: int, cancel_id: str) -> None:
@@ -420,14 +429,14 @@ def strike(world: World, action: str, last_rows: int, cancel_id: str) -> None:
         world.procs["redis"].kill()
         world.procs["redis"].popen = start_redis(world.redis_port, world.root)
         world.note(f"Redis restarted at {last_rows:,} rows scored (its queued messages are lost)")
-    else:
+    elif action == "cancel":
         with world.client() as c:
             resp = c.post(f"/api/v1/retro-tests/{cancel_id}/cancel")
         world.note(f"cancel of the second job -> {resp.status_code}")
+    else:  # the API: the next strike waits until it answers again
         world.procs["api"].kill()
         world.procs["api"].start()
-        wait_ready(world)
-        world.note("API killed and started again")
+        world.note(f"API killed and started again at {last_rows:,} rows scored")
 
 
 def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
@@ -504,6 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(3 * float(world.env["RETRO_REAPER_INTERVAL_S"]) + 2)  # the reaper's turn
         report["orphan_deployments"] = orphan_deployments(world)
         report["events"] = world.events
+        report["strikes_planned"] = 0 if args.faults_only else len(planned_strikes(args.kills))
+        report["strikes_done"] = len(world.strikes)
     finally:
         stop_services(world)
         world.procs["redis"].kill()
@@ -547,6 +558,11 @@ def verdict(report: dict[str, Any], max_ratio: float) -> list[str]:
         misses.append(f"{report['orphan_deployments']} orphan deployments")
     if report["cancelled_job_state"] not in ("cancelled", "not run"):
         misses.append(f"the cancelled job ended {report['cancelled_job_state']}")
+    if report["strikes_done"] < report["strikes_planned"]:
+        misses.append(
+            f"only {report['strikes_done']} of {report['strikes_planned']} strikes landed before the job ended "
+            "(use more rows or a smaller --kill-every)"
+        )
     if report["time_ratio"] > max_ratio:
         misses.append(f"time {report['time_ratio']:.2f}x the clean run (target <= {max_ratio}x)")
     return misses
@@ -558,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=20)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--kill-every", type=float, default=8.0)
+    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds of scoring between strikes")
     parser.add_argument("--poison", type=int, default=40, help="about how many poison rows")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--max-ratio", type=float, default=1.5)

@@ -23,17 +23,17 @@ def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
             "-m",
             "tests.chaos.run",
             "--rows",
-            "60000",
+            "600000",  # enough scoring time for all five strikes to land while the job scores
             "--days",
-            "6",
+            "12",
             "--kills",
             "2",
             "--kill-every",
             "1",
             "--batch",
-            "1000",
+            "5000",
             "--poison",
-            "8",
+            "12",
             "--max-ratio",
             "4",
             "--timeout",
@@ -54,4 +54,5 @@ def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
     assert report["poison_isolated"] == report["poison_rows"] > 0 and report["clean_rows_rejected"] == 0, out
     assert report["orphan_deployments"] == 0, out
     assert report["cancelled_job_state"] == "cancelled", out
+    assert report["strikes_done"] == report["strikes_planned"] == 5, out  # every blow landed while it scored
     assert proc.returncode == 0, out
