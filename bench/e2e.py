@@ -387,6 +387,9 @@ def main() -> None:
         "here over the same files; with hive the naive baseline pulls with PyHive, as the anchors do",
     )
     parser.add_argument("--hive-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sweep", action="store_true", help="only the pipeline, at batch 1000/5000/20000 x concurrency 1/2/4/8"
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -402,6 +405,9 @@ def main() -> None:
         print("registering the demo model ...", flush=True)
         register_demo_model(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.sweep:
+        sweep(root, sizes, args)
+        return
     deployer = LocalMLServerDeployer(work_dir=root / "bench-deployments")
     deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
     table: list[tuple[int, dict[str, dict[str, Any]]]] = []
@@ -448,6 +454,25 @@ def main() -> None:
         if hive is not None:
             hive.stop()
     report(table, args)
+
+
+def sweep(root: Path, sizes: list[int], args: argparse.Namespace) -> None:
+    """The pipeline alone at each batch size x concurrency: how the defaults were chosen."""
+    import copy
+
+    for rows in sizes:
+        prepare(root, rows)
+        print(f"\n== {rows:,} rows: scoring rows/s of the pipeline by batch rows (down) and concurrency (across)")
+        concurrencies = [1, 2, 4, 8]
+        print(f"{'batch':>8} " + " ".join(f"{c:>9}" for c in concurrencies), flush=True)
+        for batch in (1000, 5000, 20000):
+            rates = []
+            for concurrency in concurrencies:
+                run = copy.copy(args)
+                run.batch, run.concurrency = batch, concurrency
+                r = run_child("pipeline", root, rows, run)
+                rates.append(rows / r["stages"]["scoring"])
+            print(f"{batch:>8} " + " ".join(f"{x:>9,.0f}" for x in rates), flush=True)
 
 
 def hive_table_over(server: Any, folder: Path) -> None:
