@@ -306,6 +306,13 @@ def start_stack(name: str, *, workers: int = 1, **env_overrides: str) -> Stack:
                 stop_process(p)
             raise RuntimeError(f"the API or worker did not start:\n{s.tail()}")
         time.sleep(0.5)
+    # Each worker consumes once Celery says it is ready; a test that submits before might race a slow start.
+    while not all(" ready." in log.read_text(errors="replace") for log in logs.glob("worker*.log")):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                stop_process(p)
+            raise RuntimeError(f"a worker did not become ready:\n{s.tail()}")
+        time.sleep(0.3)
     return s
 
 

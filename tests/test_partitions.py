@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -163,6 +164,13 @@ def test_two_workers_share_a_job_and_every_row_is_scored_once(two_workers: Stack
         blob = c.get(files["scores.parquet"]["download_url"]).content
     scores = pq.read_table(io.BytesIO(blob), columns=["customer_id", "snapshot_date"]).to_pandas()
     assert len(scores) == total and not scores.duplicated().any()
-    logs = "".join(p.read_text(errors="replace") for p in two_workers.logs.glob("worker*.log"))
-    helped = [int(n) for n in re.findall(r"this helper scored (\d+) rows", logs)]
+
+    def helper_outcome() -> list[int]:  # logged when the helper's task ends, which may be after the job's
+        logs = "".join(p.read_text(errors="replace") for p in two_workers.logs.glob("worker*.log"))
+        return [int(n) for n in re.findall(r"this helper scored (\d+) rows", logs)]
+
+    deadline = time.monotonic() + 60
+    while not helper_outcome() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    helped = helper_outcome()
     assert helped and helped[0] > 0, f"the helper worker scored nothing:\n{two_workers.tail()}"

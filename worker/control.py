@@ -87,6 +87,11 @@ class JobControl:
         self._sync({}, force=False)
         return self._cancelled or self._lost
 
+    def stop_now(self) -> bool:
+        """Cancel asked or lease lost, read from the job row now (between retries of a failing request)."""
+        self._sync({}, force=True)
+        return self._cancelled or self._lost
+
     def check(self) -> None:
         """Raise if the attempt must stop: lease lost, cancel asked, deadline passed."""
         self._sync({}, force=False)

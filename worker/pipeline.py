@@ -321,7 +321,7 @@ def open_scorer(
         retries=settings.score_retries,
         backoff_s=settings.score_backoff_s,
         max_connections=settings.score_concurrency,
-        should_stop=control.cancel_requested,
+        should_stop=control.stop_now,
         timeout_floor_s=settings.score_timeout_floor_s,
     )
 
@@ -432,6 +432,8 @@ def score_partition(
     except (LeaseLost, JobCancelled) as exc:
         return f"this helper scored {own.read} rows, then stopped: {exc}"
     except AppError as exc:
+        if not _holds_lease(sessions, order):  # the job ended or moved on while this helper was scoring
+            return f"this helper scored {own.read} rows, then the job moved on ({exc.detail})"
         log.warning(
             "partition %s..%s of retro test %s stopped: %s; its coordinator scores the rest",
             order.first,
@@ -441,6 +443,11 @@ def score_partition(
         )
         return f"this helper scored {own.read} rows, then stopped: {exc.detail}"
     return f"this helper scored {own.read} rows, its whole range"
+
+
+def _holds_lease(sessions: sessionmaker[Session], order: PartitionOrder) -> bool:
+    with sessions() as s:
+        return s.scalar(select(RetroTest.lease_token).where(RetroTest.id == order.job_id)) == order.lease
 
 
 def publish(

@@ -345,7 +345,9 @@ def test_a_worker_killed_while_scoring_leaves_a_deployment_that_the_reaper_delet
     from app.integrations.wiring import make_deployer, make_history_source
     from app.retro_tests.models import State
 
-    settings = k8s_settings("seldon", seldon_protocol="v2")
+    # A window of 4 batches makes the writer reach the end of the first day before the source dies on the
+    # second; with a wider window the death could outrun the first day's commit (as it could in a real crash).
+    settings = k8s_settings("seldon", seldon_protocol="v2", score_window_batches=4)
     deployer = make_deployer(settings)
     real_source = make_history_source(settings)
     second_day = (HISTORY_START + timedelta(days=1)).isoformat()
