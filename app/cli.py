@@ -44,28 +44,31 @@ def migrate() -> None:
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Server processes [default: RETRO_API_WORKERS, 2]", show_default=False)
+    ] = None,
     skip_migrations: Annotated[bool, typer.Option(help="Do not run migrations first")] = False,
 ) -> None:
     """Run the REST API (migrations first, unless told not to)."""
     import uvicorn
 
     from app.config import get_settings
-    from app.logging_setup import configure_logging
+    from app.logging_setup import configure_logging, logging_config
 
     settings = get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     if not skip_migrations:
         migrate_database()
-    # log_config=None: uvicorn's loggers go through our root handler, as JSON.
+    # uvicorn applies log_config in each worker process it starts, so every process logs through our root
+    # handler, as JSON; uvicorn's own loggers propagate to it.
     uvicorn.run(
         "app.main:app",
         host=host,
         port=port,
-        workers=workers,
+        workers=workers or settings.api_workers,
         log_level=settings.log_level.lower(),
         access_log=False,
-        log_config=None,
+        log_config=logging_config(level=settings.log_level, fmt=settings.log_format),
     )
 
 

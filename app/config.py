@@ -22,6 +22,18 @@ class Settings(BaseSettings):
 
     # Storage of jobs. SQLite is the embedded default; Postgres in production.
     database_url: str = ""
+    # Database connections of each process. A request holds one only while it runs on a thread (app/db.py), so
+    # threads beyond the pool would just wait their turn. No overflow by default: under steady load, connections
+    # opened beyond the pool are closed as soon as they are returned and opened again, a new server process each
+    # time. Per process: `retrotest serve` runs api_workers of them.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=0, ge=0)
+    db_pool_timeout_s: float = Field(default=30.0, gt=0)
+
+    # The API: uvicorn worker processes of `retrotest serve` (one Python process uses at most one core), and the
+    # threads each runs sync endpoints on; keep db_pool_size at least api_threads.
+    api_workers: int = Field(default=2, ge=1)
+    api_threads: int = Field(default=8, ge=1)
     # Celery broker. Embedded default: kombu's SQLAlchemy transport on SQLite (no server).
     broker_url: str = ""
     queue_name: str = "retrotest"

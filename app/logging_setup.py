@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
+import logging.config
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 # The job the current code works for; set by the worker task, read by every log record.
 current_job_id: ContextVar[str | None] = ContextVar("current_job_id", default=None)
@@ -54,15 +55,27 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [job %(job_id)s] %(message)s"
 
 
+def logging_config(*, level: str | int = "INFO", fmt: str = "json") -> dict[str, Any]:
+    """The dictConfig of configure_logging, for servers that set logging up in each process they start."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"job_id": {"()": JobIdFilter}},
+        "formatters": {"json": {"()": JsonFormatter}, "text": {"format": TEXT_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "filters": ["job_id"],
+                "formatter": "json" if fmt == "json" else "text",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper() if isinstance(level, str) else level},
+        # One line per scoring request would drown everything else; their failures are logged by the scorer.
+        "loggers": {"httpx": {"level": "WARNING"}},
+    }
+
+
 def configure_logging(*, level: str | int = "INFO", fmt: str = "json") -> None:
     """Send every logger's records to stderr, as JSON lines (fmt="json") or plain text."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(JobIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
-    # One line per scoring request would drown everything else; their failures are logged by the scorer.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.config.dictConfig(logging_config(level=level, fmt=fmt))

@@ -7,13 +7,14 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import service
 from app.auth.models import User
-from app.auth.scope import PartnerScope
-from app.db import get_session
+from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.db import get_session, release_connection
 from app.errors import Forbidden, Unauthorized
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -70,11 +71,12 @@ def current_user(
     """The caller: by `Authorization: Bearer <token>`, else by the session cookie (plus X-CSRF-Token to change things)."""
     if credentials is not None:
         user = service.user_for_api_token(session=session, secret=credentials.credentials)
+        release_connection(session)  # and write the token's last-used time, when it was due
         if user is None:
             raise Unauthorized("the API token is unknown or revoked, or its user is deactivated")
-        session.commit()  # the token's last-used time
         return user
     user = session_user(request, session)
+    release_connection(session)
     if user is None:
         raise Unauthorized("sign in, or send `Authorization: Bearer <token>` with a personal API token")
     if request.method not in SAFE_METHODS and not csrf_matches(request, request.headers.get(CSRF_HEADER)):
@@ -85,9 +87,21 @@ def current_user(
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def current_scope(user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:
-    """The partners the caller may see and act on."""
-    return service.partner_scope(session=session, user=user)
+async def current_scope(user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:
+    """The partners the caller may see and act on.
+
+    Async, so that an admin's scope, which needs no query, costs no thread switch; an account manager's is read
+    on a thread.
+    """
+    if user.is_admin:
+        return ALL_PARTNERS
+    return await run_in_threadpool(_assigned_scope, session, user)
+
+
+def _assigned_scope(session: Session, user: User) -> PartnerScope:
+    scope = service.partner_scope(session=session, user=user)
+    release_connection(session)
+    return scope
 
 
 CurrentScope = Annotated[PartnerScope, Depends(current_scope)]

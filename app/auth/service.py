@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -180,22 +180,26 @@ def revoke_api_token(*, session: Session, user: User, token_id: uuid.UUID, actor
     return token
 
 
+# The active user of an unrevoked token, with the token's id and last use; built once, as every API request
+# runs it.
+_TOKEN_USER = (
+    select(User, ApiToken.id, ApiToken.last_used_at)
+    .join(ApiToken, ApiToken.user_id == User.id)
+    .where(ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked_at.is_(None), User.is_active)
+)
+
+
 def user_for_api_token(*, session: Session, secret: str) -> User | None:
     """The active user a presented token belongs to, or None if it is unknown or revoked; notes its use."""
     if not secret.startswith(API_TOKEN_PREFIX) or len(secret) > 200:
         return None
-    row = session.execute(
-        select(ApiToken, User)
-        .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_hash == secret_digest(secret), ApiToken.revoked_at.is_(None), User.is_active)
-    ).one_or_none()
+    row = session.execute(_TOKEN_USER, {"token_hash": secret_digest(secret)}).one_or_none()
     if row is None:
         return None
-    token, user = row
+    user, token_id, last_used_at = row
     now = utcnow()
-    if token.last_used_at is None or now - as_utc(token.last_used_at) > _LAST_USED_RESOLUTION:
-        token.last_used_at = now
-        session.flush()
+    if last_used_at is None or now - as_utc(last_used_at) > _LAST_USED_RESOLUTION:
+        session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
     return user
 
 

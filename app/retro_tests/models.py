@@ -147,6 +147,17 @@ class RetroTest(Base):
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
 
+    @property
+    def partner_code(self) -> str:
+        """The partner's code, as the rows of the public view carry it; the partner must be loaded."""
+        return self.partner.code
+
+
+# The list's order, newest first with the id breaking ties, alone or within one state: a page is read in order
+# from an index rather than sorted out of every matching job, and counting a state needs only the index.
+Index("ix_retro_tests_created_at_id", RetroTest.created_at.desc(), RetroTest.id)
+Index("ix_retro_tests_state_created_at_id", RetroTest.state, RetroTest.created_at.desc(), RetroTest.id)
+
 
 class RetroTestChunk(Base):
     """A finished slice of the period; its part file is final once this row is committed."""

@@ -1,31 +1,30 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.auth.deps import CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
-from app.db import get_session
+from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.errors import NotFound
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 from app.integrations.wiring import get_registry, get_result_store
 from app.retro_tests import dispatch, service
-from app.retro_tests.models import RetroTest, State
+from app.retro_tests.models import TERMINAL_STATES, ResultFile, RetroTest, State
 from app.retro_tests.schemas import (
-    ProgressOut,
-    ResultFileOut,
     RetroTestCreate,
     RetroTestOut,
     RetroTestPage,
-    StageOut,
 )
 from app.validation import NO_CONTROL_PATTERN
 
@@ -70,75 +69,112 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_out(job: RetroTest, request: Request) -> RetroTestOut:
-    """The public view of a job, with stage durations and progress worked out."""
+def files_url(request: Request) -> str:
+    """Where this router serves a job's result files, as seen by this request.
+
+    `{files_url}/{job_id}/files/{name}` is what request.url_for("download_result_file", ...) gives, without
+    url_for's walk over every route of the app for each file of a page.
+    """
+    return f"{str(request.base_url).rstrip('/')}{router.prefix}"
+
+
+def json_response(model: BaseModel) -> Response:
+    """The model as JSON, serialized once and here.
+
+    Returned as a model instead, FastAPI would validate it a second time, then serialize it on another trip to
+    the threadpool.
+    """
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+# A job as its public view reads it: a RetroTest (partner and files loaded) or a row of service.JOB_VIEW; a
+# result file: a ResultFile or a row of service.FILE_VIEW. Both read the same, by attribute.
+JobFields = RetroTest | service.ViewRow
+FileFields = ResultFile | service.ViewRow
+
+
+def job_view(job: JobFields, files: Iterable[FileFields], files_at: str) -> dict[str, Any]:
+    """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out."""
+    succeeded = job.state == State.succeeded
+    return {
+        "id": job.id,
+        "partner_id": job.partner_id,
+        "partner_code": job.partner_code,
+        "model_name": job.model_name,
+        "model_version": job.model_version,
+        "requested_version": job.requested_version,
+        "requested_alias": job.requested_alias,
+        "model_run_id": job.model_run_id,
+        "model_uri": job.model_uri,
+        "period_start": job.period_start,
+        "period_end": job.period_end,
+        "output_formats": job.output_formats,
+        "source_table": job.source_table,
+        "date_column": job.date_column,
+        "id_columns": job.id_columns,
+        "note": job.note,
+        "requested_by": job.requested_by,
+        "state": job.state,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "stages": _stages(job),
+        "progress": {
+            "rows_total": job.rows_total,
+            "rows_read": job.rows_read,
+            "rows_scored": job.rows_scored,
+            "rows_rejected": job.rows_rejected,
+            "chunks_total": job.chunks_total,
+            "chunks_done": job.chunks_done,
+            "percent": 100.0 if succeeded else _percent(job),
+        },
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "result_location": job.result_location if succeeded else None,
+        "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
+    }
+
+
+def _stages(job: JobFields) -> list[dict[str, Any]]:
+    """The stages the job went through, in order, each with how long it took (the last one: so far, or None)."""
     starts = sorted(
         ((state, datetime.fromisoformat(at)) for state, at in (job.stage_started or {}).items()), key=lambda x: x[1]
     )
     stages = []
     for i, (state, at) in enumerate(starts):
-        end = (
-            starts[i + 1][1]
-            if i + 1 < len(starts)
-            else (job.finished_at if state not in ("succeeded", "failed", "cancelled") else None)
-        )
+        end = starts[i + 1][1] if i + 1 < len(starts) else (job.finished_at if state not in TERMINAL_STATES else None)
         stages.append(
-            StageOut(state=state, started_at=at, seconds=round((end - at).total_seconds(), 3) if end else None)
+            {"state": state, "started_at": at, "seconds": round((end - at).total_seconds(), 3) if end else None}
         )
-    percent = None
-    if job.rows_total:
-        percent = round(100.0 * (job.rows_scored + job.rows_rejected) / job.rows_total, 1)
-    if job.state == State.succeeded:
-        percent = 100.0
-    files = [
-        ResultFileOut(
-            name=f.name,
-            kind=f.kind,
-            format=f.format,
-            rows=f.rows,
-            bytes=f.bytes,
-            sha256=f.sha256,
-            download_url=str(request.url_for("download_result_file", job_id=job.id, name=f.name)),
-        )
-        for f in job.files
-    ]
-    return RetroTestOut(
-        id=job.id,
-        partner_id=job.partner_id,
-        partner_code=job.partner.code,
-        model_name=job.model_name,
-        model_version=job.model_version,
-        requested_version=job.requested_version,
-        requested_alias=job.requested_alias,
-        model_run_id=job.model_run_id,
-        model_uri=job.model_uri,
-        period_start=job.period_start,
-        period_end=job.period_end,
-        output_formats=list(job.output_formats),
-        source_table=job.source_table,
-        date_column=job.date_column,
-        id_columns=list(job.id_columns),
-        note=job.note,
-        requested_by=job.requested_by,
-        state=job.state,
-        cancel_requested=job.cancel_requested,
-        attempts=job.attempts,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
-        stages=stages,
-        progress=ProgressOut(
-            rows_total=job.rows_total,
-            rows_read=job.rows_read,
-            rows_scored=job.rows_scored,
-            rows_rejected=job.rows_rejected,
-            chunks_total=job.chunks_total,
-            chunks_done=job.chunks_done,
-            percent=percent,
-        ),
-        error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        result_location=job.result_location if job.state == State.succeeded else None,
-        files=files if job.state == State.succeeded else [],
-    )
+    return stages
+
+
+def _percent(job: JobFields) -> float | None:
+    if not job.rows_total:
+        return None
+    return round(100.0 * (job.rows_scored + job.rows_rejected) / job.rows_total, 1)
+
+
+def _file_view(job: JobFields, file: FileFields, files_at: str) -> dict[str, Any]:
+    return {
+        "name": file.name,
+        "kind": file.kind,
+        "format": file.format,
+        "rows": file.rows,
+        "bytes": file.bytes,
+        "sha256": file.sha256,
+        "download_url": f"{files_at}/{job.id}/files/{file.name}",
+    }
+
+
+def to_out(job: RetroTest, request: Request) -> RetroTestOut:
+    """The public view of a job loaded as an ORM object, with its partner and files."""
+    return RetroTestOut.model_validate(job_view(job, job.files, files_url(request)))
+
+
+def read_out(read: service.JobRead, files_at: str) -> RetroTestOut:
+    """The public view of a job read as rows (service.read_retro_test, service.list_retro_tests)."""
+    return RetroTestOut.model_validate(job_view(read.job, read.files, files_at))
 
 
 @router.post(
@@ -185,20 +221,27 @@ def list_retro_tests(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-) -> RetroTestPage:
+) -> Response:
     """Retro tests of the caller's partners, newest first, filtered by partner, state and model."""
     jobs, total = service.list_retro_tests(
         session=session, scope=scope, partner_code=partner, state=state, model_name=model, limit=limit, offset=offset
     )
-    return RetroTestPage(items=[to_out(j, request) for j in jobs], total=total, limit=limit, offset=offset)
+    release_connection(session)
+    files_at = files_url(request)
+    items = [job_view(j.job, j.files, files_at) for j in jobs]
+    return json_response(
+        RetroTestPage.model_validate({"items": items, "total": total, "limit": limit, "offset": offset})
+    )
 
 
 @router.get("/{job_id}", response_model=RetroTestOut, responses={404: ERRORS[404]})
 def get_retro_test(
     job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)], scope: CurrentScope
-) -> RetroTestOut:
+) -> Response:
     """One retro test with its stages, progress, error and result files."""
-    return to_out(service.get_retro_test(session=session, job_id=job_id, scope=scope), request)
+    job = service.read_retro_test(session=session, job_id=job_id, scope=scope)
+    release_connection(session)
+    return json_response(read_out(job, files_url(request)))
 
 
 @router.post(

@@ -13,7 +13,7 @@ from app.auth import service as auth_service
 from app.auth.deps import SAFE_METHODS, csrf_matches, csrf_token, session_user
 from app.auth.models import User
 from app.auth.scope import PartnerScope
-from app.db import get_session
+from app.db import get_session, release_connection
 from app.errors import Forbidden, Unauthorized
 from app.web.templating import templates
 
@@ -36,6 +36,7 @@ class SignInRequired(Unauthorized):
 def web_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
     """The signed-in user of this browser, or SignInRequired."""
     user = session_user(request, session)
+    release_connection(session)
     if user is None:
         raise SignInRequired("sign in to see this page")
     return user
@@ -45,7 +46,9 @@ WebUser = Annotated[User, Depends(web_user)]
 
 
 def web_scope(user: WebUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:
-    return auth_service.partner_scope(session=session, user=user)
+    scope = auth_service.partner_scope(session=session, user=user)
+    release_connection(session)
+    return scope
 
 
 WebScope = Annotated[PartnerScope, Depends(web_scope)]

@@ -22,7 +22,7 @@ from app.partners import service as partners
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
 from app.retro_tests.models import TERMINAL_STATES, State
-from app.retro_tests.router import to_out
+from app.retro_tests.router import files_url, read_out, to_out
 from app.retro_tests.schemas import RetroTestCreate
 from app.web.deps import WebScope, WebUser, csrf_guard, field_errors, render
 
@@ -87,7 +87,7 @@ def job_list(
         "jobs/list.html",
         {
             "active": "jobs",
-            "jobs": [to_out(j, request) for j in jobs],
+            "jobs": [read_out(j, files_url(request)) for j in jobs],
             "total": total,
             "first": (page - 1) * PAGE_SIZE + 1,
             "last": (page - 1) * PAGE_SIZE + len(jobs),

@@ -1,0 +1,120 @@
+"""Overload: more concurrent requests than the API has threads and connections are all answered, never stuck.
+
+The API runs as a real server process with a one-connection pool. Before the fix, a request kept its database
+connection while it waited for a thread to serialize its answer, and every thread waited for that connection:
+nothing moved until the pool timed out. Now a request holds a connection only while it runs on a thread, so the
+requests just queue. The test asserts outcomes (every answer a 200), not timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import httpx
+import pytest
+
+from tests.conftest import _TMP, free_port, make_user, start_process, stop_process
+from tests.factories import make_retro_test
+
+# Many times as many requests at once as the server has threads (THREADS) and connections (one).
+THREADS = 4
+CONCURRENT_REQUESTS = 120
+
+
+@dataclass
+class TinyPoolApi:
+    base_url: str
+    token: str
+    job_id: uuid.UUID
+    partner_code: str
+
+
+def _wait_ready(base_url: str, proc: object, log: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the API did not start:\n{log}")
+
+
+@pytest.fixture(scope="module")
+def tiny_pool_api(database_url: str) -> Iterator[TinyPoolApi]:
+    """The API as its own process with one database connection, and a committed job and admin token to read."""
+    from sqlalchemy import delete
+
+    from app.auth.models import User
+    from app.db import get_session_factory
+    from app.partners.models import Partner
+    from app.retro_tests.models import RetroTest
+
+    username = f"overload-{uuid.uuid4().hex[:8]}"
+    with get_session_factory()() as session:
+        token = make_user(session, username, role="admin")
+        start = date.today() - timedelta(days=40)
+        job_id = make_retro_test(session, start=start, end=start, partner_prefix="overload")
+        job = session.get(RetroTest, job_id)
+        assert job is not None
+        partner_id = job.partner_id
+        partner = session.get(Partner, partner_id)
+        assert partner is not None
+        partner_code = partner.code
+        session.commit()
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "RETRO_API_THREADS": str(THREADS),
+        "RETRO_DB_POOL_SIZE": "1",
+        "RETRO_DB_MAX_OVERFLOW": "0",
+        "RETRO_DB_POOL_TIMEOUT_S": "20",
+    }
+    log = _TMP / f"overload-api-{port}.log"
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
+    proc = start_process(cmd, env=env, log=log)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc, log.read_text(errors="replace") if log.exists() else "")
+        yield TinyPoolApi(f"http://127.0.0.1:{port}", token, job_id, partner_code)
+    finally:
+        stop_process(proc)
+        with get_session_factory()() as session:
+            session.execute(delete(RetroTest).where(RetroTest.id == job_id))
+            session.execute(delete(Partner).where(Partner.id == partner_id))
+            session.execute(delete(User).where(User.username == username))
+            session.commit()
+
+
+async def _get_all(api: TinyPoolApi, paths: list[str]) -> list[int | str]:
+    """GET every path at once; each answer's status, or the error that stood in for it."""
+    limits = httpx.Limits(max_connections=len(paths))
+    headers = {"Authorization": f"Bearer {api.token}"}
+    async with httpx.AsyncClient(base_url=api.base_url, headers=headers, limits=limits, timeout=120) as client:
+
+        async def one(path: str) -> int | str:
+            try:
+                return (await client.get(path)).status_code
+            except httpx.HTTPError as exc:
+                return f"{type(exc).__name__}: {exc}"
+
+        return list(await asyncio.gather(*(one(p) for p in paths)))
+
+
+def test_more_concurrent_reads_than_threads_on_a_one_connection_pool_all_answer(tiny_pool_api: TinyPoolApi) -> None:
+    api = tiny_pool_api
+    paths = [
+        f"/api/v1/retro-tests/{api.job_id}",
+        f"/api/v1/retro-tests?partner={api.partner_code}&limit=50",
+        "/api/v1/me",  # an endpoint that returns a model through FastAPI's own serialization
+    ]
+    statuses = asyncio.run(_get_all(api, [paths[i % len(paths)] for i in range(CONCURRENT_REQUESTS)]))
+    assert statuses == [200] * CONCURRENT_REQUESTS, sorted({str(s) for s in statuses})
