@@ -51,6 +51,11 @@ class ChunkCounts:
     scored: int = 0
     rejected: int = 0
 
+    def add(self, other: ChunkCounts) -> None:
+        self.read += other.read
+        self.scored += other.scored
+        self.rejected += other.rejected
+
 
 def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
     """Consecutive, non-overlapping slices of [start, end] of at most `days` days each."""
@@ -105,19 +110,15 @@ def score_chunks(
     current: _ChunkOutput | None = None
 
     def handle(chunk: Chunk, item: Future[ScoredBatch] | _ChunkEnd) -> None:
-        nonlocal current, base
+        nonlocal current
         if current is None:
             current = _ChunkOutput(store, f"{prefix}/parts/{chunk.key}.{tag}", query)
         if isinstance(item, _ChunkEnd):
             output, current = current, None
             counts = output.close(read=item.read)
             if commit_chunk(sessions, job_id, chunk=chunk, output=output, settings=settings, lease=control.lease):
-                base = _plus(base, counts)
-                own.read, own.scored, own.rejected = (
-                    own.read + counts.read,
-                    own.scored + counts.scored,
-                    own.rejected + counts.rejected,
-                )
+                base.add(counts)
+                own.add(counts)
             else:
                 log.info(
                     "chunk %s of retro test %s was committed by another worker first; dropping this copy",
@@ -282,10 +283,6 @@ class _ChunkOutput:
         """Delete finished files that lost the race to another copy of the chunk."""
         self._store.remove(self.part_path)
         self._store.remove(self.rejects_path)
-
-
-def _plus(a: ChunkCounts, b: ChunkCounts) -> ChunkCounts:
-    return ChunkCounts(read=a.read + b.read, scored=a.scored + b.scored, rejected=a.rejected + b.rejected)
 
 
 def _committed_totals(sessions: sessionmaker[Session], job_id: uuid.UUID) -> ChunkCounts:
