@@ -114,6 +114,42 @@ def test_chunks_a_helper_committed_are_used_and_not_scored_again(job_id: uuid.UU
     assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
 
 
+def test_an_attempt_that_finds_every_chunk_committed_publishes_without_deploying(
+    job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.pipeline
+    from app.retro_tests.models import RetroTest
+
+    class Killed(BaseException):
+        """The process dies: nothing in the pipeline handles it."""
+
+    def die(**_: Any) -> None:
+        raise Killed
+
+    settings, sessions, adapters = _in_process(None)
+    settings = settings.model_copy(update={"partitions": 1})
+    real_publish = worker.pipeline.publish
+    monkeypatch.setattr(worker.pipeline, "publish", die)
+    with pytest.raises(Killed):  # every chunk committed, then the worker died before publishing
+        run_retro_test_now(job_id, sessions, adapters, settings)
+    with sessions() as s, s.begin():
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.state.value == "publishing" and job.chunks_done == HISTORY_DAYS
+        job.heartbeat_at = None  # its heartbeat went stale
+
+    monkeypatch.setattr(worker.pipeline, "publish", real_publish)
+    monkeypatch.setattr(adapters.deployer, "start", die)  # nothing is left to score: no model server
+    assert run_retro_test_now(job_id, sessions, adapters, settings) == "succeeded"
+    keys = _result_keys(sessions, adapters, job_id)
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+
+
+def run_retro_test_now(job_id: uuid.UUID, sessions: Any, adapters: Any, settings: Any) -> str:
+    from worker.pipeline import run_retro_test
+
+    return run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings).value
+
+
 def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: uuid.UUID) -> None:
     from app.config import get_settings
     from app.db import get_session_factory

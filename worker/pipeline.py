@@ -163,7 +163,8 @@ def _run_stages(
     chunks = plan_chunks(query.start, query.end, settings.chunk_days)
     _set_counters(sessions, job_id, rows_total=total, chunks_total=len(chunks))
     redeploys = 0
-    while True:
+    # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
+    while not {c.key for c in chunks} <= committed_keys(sessions, job_id):
         try:
             with deployed(
                 sessions=sessions,
@@ -210,6 +211,7 @@ def _stage(sessions: sessionmaker[Session], job_id: uuid.UUID, state: State, wor
         if job.cancel_requested:
             raise JobCancelled("cancelled on request")
         advance(job, state)
+    log.info("retro test %s: %s", job_id, state.value)  # the log's timestamps show each stage's time
     with sessions() as s:
         job = s.get(RetroTest, job_id)
         assert job is not None

@@ -55,7 +55,7 @@ TERMINAL_STATES = (State.succeeded, State.failed, State.cancelled)
 TRANSITIONS: dict[State, tuple[State, ...]] = {
     State.queued: (State.resolving, State.cancelled, State.failed),
     State.resolving: (State.extracting, State.cancelled, State.failed),
-    State.extracting: (State.deploying, State.cancelled, State.failed),
+    State.extracting: (State.deploying, State.publishing, State.cancelled, State.failed),  # publishing: all scored
     State.deploying: (State.scoring, State.cancelled, State.failed),
     State.scoring: (State.publishing, State.deploying, State.cancelled, State.failed),  # deploying: re-created
     State.publishing: (State.succeeded, State.cancelled, State.failed),

@@ -372,6 +372,34 @@ def supervise(world: World, *, stop: threading.Event, lock: threading.Lock) -> N
                     proc.start()
 
 
+def sample_progress(
+    world: World, job_id: str, *, into: list[tuple[float, str, int]], stop: threading.Event
+) -> threading.Thread:
+    """A thread noting a job's (seconds, state, rows scored) every half second: where a run spends its time."""
+
+    def sample() -> None:
+        started = time.monotonic()
+        while not stop.wait(0.5):
+            j = job(world, job_id)
+            if j is not None:
+                into.append((time.monotonic() - started, j["state"], j["progress"]["rows_scored"]))
+
+    thread = threading.Thread(target=sample, name="progress", daemon=True)
+    thread.start()
+    return thread
+
+
+def timeline_lines(timeline: list[tuple[float, str, int]], every_s: float = 2.0) -> list[str]:
+    """The sampled progress, one line per `every_s` seconds and per change of state."""
+    lines, last_t, last_state, last_rows = [], -every_s, "", 0
+    for t, state, rows in timeline:
+        if state != last_state or t - last_t >= every_s:
+            rate = (rows - last_rows) / (t - last_t) if t > last_t and state == last_state else 0.0
+            lines.append(f"{t:6.1f} s  {state:<11} {rows:>10,} rows  {rate:>9,.0f} rows/s")
+            last_t, last_state, last_rows = t, state, rows
+    return lines
+
+
 def planned_strikes(kills: int) -> list[str]:
     """The cancel first (the second job stops taking CPU), then kills, with Redis and the API restarted between."""
     actions = ["cancel", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
@@ -385,14 +413,13 @@ def chaos_loop(
     *,
     main_id: str,
     cancel_id: str,
-    kills: int,
+    actions: list[str],
     kill_every_s: float,
     stop: threading.Event,
     lock: threading.Lock,
 ) -> None:
     """While the main job scores: kill worker processes, restart Redis, cancel the second job, restart the API."""
     last_rows = -1
-    actions = planned_strikes(kills)
     for action in actions:
         # Strike only while rows are being scored, and only after progress since the last strike.
         while not stop.is_set():
@@ -433,10 +460,12 @@ def strike(world: World, action: str, last_rows: int, cancel_id: str) -> None:
         with world.client() as c:
             resp = c.post(f"/api/v1/retro-tests/{cancel_id}/cancel")
         world.note(f"cancel of the second job -> {resp.status_code}")
-    else:  # the API: the next strike waits until it answers again
+    elif action == "api":  # the next strike waits until it answers again
         world.procs["api"].kill()
         world.procs["api"].start()
         world.note(f"API killed and started again at {last_rows:,} rows scored")
+    else:
+        raise ValueError(f"unknown strike {action!r}")
 
 
 def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
@@ -458,6 +487,7 @@ def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    strikes = [] if args.faults_only else (args.strikes.split(",") if args.strikes else planned_strikes(args.kills))
     world = build_world(args)
     start = date.today() - timedelta(days=args.days + 10)
     end = start + timedelta(days=args.days - 1)
@@ -470,7 +500,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print("clean run ...", flush=True)
         start_services(world, faults=False)
-        clean = wait_terminal(world, submit(world, start, end), timeout_s=args.timeout)
+        clean_id, clean_timeline, clean_stop = submit(world, start, end), [], threading.Event()
+        sample_progress(world, clean_id, into=clean_timeline, stop=clean_stop)
+        clean = wait_terminal(world, clean_id, timeout_s=args.timeout)
+        clean_stop.set()
         assert clean["state"] == "succeeded", clean
         report["clean_seconds"] = duration(clean)
         stop_services(world)
@@ -478,24 +511,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("chaos run ...", flush=True)
         start_services(world, faults=True)
         main_id = submit(world, start, end)
-        cancel_id = "" if args.faults_only else submit(world, start, start + timedelta(days=max(0, args.days // 2 - 1)))
+        cancel_id = (
+            submit(world, start, start + timedelta(days=max(0, args.days // 2 - 1))) if "cancel" in strikes else ""
+        )
         stop, lock = threading.Event(), threading.Lock()
         supervisor = threading.Thread(target=supervise, args=(world,), kwargs={"stop": stop, "lock": lock}, daemon=True)
         supervisor.start()
+        chaos_timeline: list[tuple[float, str, int]] = []
+        sample_progress(world, main_id, into=chaos_timeline, stop=stop)
         chaos = threading.Thread(
             target=chaos_loop,
             args=(world,),
             kwargs={
                 "main_id": main_id,
                 "cancel_id": cancel_id,
-                "kills": args.kills,
+                "actions": strikes,
                 "kill_every_s": args.kill_every,
                 "stop": stop,
                 "lock": lock,
             },
             daemon=True,
         )
-        if not args.faults_only:
+        if strikes:
             chaos.start()
         final = wait_terminal(world, main_id, timeout_s=args.timeout)
         stop.set()
@@ -513,7 +550,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(3 * float(world.env["RETRO_REAPER_INTERVAL_S"]) + 2)  # the reaper's turn
         report["orphan_deployments"] = orphan_deployments(world)
         report["events"] = world.events
-        report["strikes_planned"] = 0 if args.faults_only else len(planned_strikes(args.kills))
+        report["timeline"] = [f"clean {line}" for line in timeline_lines(clean_timeline)]
+        report["timeline"] += [f"chaos {line}" for line in timeline_lines(chaos_timeline)]
+        report["strikes_planned"] = len(strikes)
         report["strikes_done"] = len(world.strikes)
     finally:
         stop_services(world)
@@ -584,11 +623,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="model server faults and poison rows, but no kills, restarts or cancel: what the faults alone cost",
     )
+    parser.add_argument(
+        "--strikes",
+        help="comma-separated strikes in order, from cancel, kill-pool, kill-worker, redis, api (default: the cancel, "
+        "then --kills kills with Redis and the API restarted between)",
+    )
     args = parser.parse_args(argv)
     report = run(args)
     print("\nchaos report")
     for line in report.pop("events", []):
         print(f"  event {line}")
+    for line in report.pop("timeline", []):
+        print(f"  progress {line}")
     for key in (
         "rows",
         "rows_scored",
