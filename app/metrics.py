@@ -36,6 +36,11 @@ SCORING_REQUEST_SECONDS = Histogram(
     ["protocol"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+SCORING_HEDGED_REQUESTS = Counter(
+    "retrotest_scoring_hedged_requests",
+    "Inference requests sent a second time because the first was late (the first answer wins).",
+    ["protocol"],
+)
 SCORING_REQUEST_ERRORS = Counter(
     "retrotest_scoring_request_errors",
     "Failed inference requests by HTTP status ('transport' for connection errors and timeouts).",

@@ -145,18 +145,71 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
     assert elapsed < 1.4, elapsed
 
 
-def test_adaptive_timeout_follows_the_slowest_recent_answer_within_its_bounds() -> None:
-    from app.integrations.scoring import AdaptiveTimeout
+def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_their_bounds() -> None:
+    from app.integrations.scoring import LatencyTracker
 
-    t = AdaptiveTimeout(ceiling_s=60.0, floor_s=1.0, factor=8.0, window=5, warmup=3)
-    assert t.for_attempt(0) == 60.0  # nothing seen yet: the configured timeout
+    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, factor=8.0, window=5, warmup=3)
+    assert t.timeout_s(rows=5000, attempt=0) == 60.0  # nothing seen yet: the configured timeout
+    assert t.hedge_after_s(rows=5000) is None  # and no hedging
     for seconds in (0.05, 0.02, 0.03):
-        t.observe(seconds)
-    assert t.for_attempt(0) == 1.0  # 8 x 0.05 is below the floor
-    assert t.for_attempt(2) == 4.0  # doubled per retry
-    t.observe(0.5)
-    assert t.for_attempt(0) == 4.0
-    assert t.for_attempt(5) == 60.0  # never above the ceiling
+        t.observe(seconds, rows=5000)
+    assert t.timeout_s(rows=5000, attempt=0) == 1.0  # 8 x 0.05 is below the floor
+    assert t.timeout_s(rows=5000, attempt=2) == 4.0  # doubled per retry
+    t.observe(0.5, rows=5000)
+    assert t.timeout_s(rows=5000, attempt=0) == 4.0
+    assert t.timeout_s(rows=5000, attempt=5) == 60.0  # never above the ceiling
+    assert t.timeout_s(rows=10, attempt=0) == 4.0  # a size not seen yet borrows every answer
     for _ in range(5):  # the slow answer leaves the window
-        t.observe(0.01)
-    assert t.for_attempt(0) == 1.0
+        t.observe(0.01, rows=5000)
+    assert t.timeout_s(rows=5000, attempt=0) == 1.0
+
+
+def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size() -> None:
+    from app.integrations.scoring import LatencyTracker
+
+    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, window=10, warmup=3)
+    for seconds in (0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.4):
+        t.observe(seconds, rows=5000)
+    for seconds in (0.004, 0.005, 0.006):
+        t.observe(seconds, rows=20)
+    assert t.hedge_after_s(rows=4097) == pytest.approx(0.8)  # 2 x the slowest of ten
+    assert t.hedge_after_s(rows=17) == 0.02  # small requests: 2 x 6 ms, raised to the 20 ms floor
+
+
+def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, Script]) -> None:
+    url, script = server
+    with V2Scorer(
+        deployment=Deployment(name="m", base_url=url, model_name="m"),
+        features=FEATURES,
+        output_names=(),
+        timeout_s=30.0,
+        retries=0,  # no retry: only the hedge can save the hung request
+        backoff_s=0.01,
+    ) as s:
+        for _ in range(5):  # the warm-up: answers in a few milliseconds
+            s.score(BATCH)
+        script.answers = ["hang"]  # the next request hangs (1.5 s); its copy is answered at once
+        started = time.perf_counter()
+        result = s.score(BATCH)
+        elapsed = time.perf_counter() - started
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
+    assert script.requests == 7
+    assert elapsed < 1.0, elapsed
+
+
+def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_order(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.poison = 2.5
+    xs = [float(i) for i in range(1000)]
+    xs[3] = xs[777] = 2.5
+    batch = pa.RecordBatch.from_pydict({"x": pa.array(xs, pa.float64())})
+    with scorer(url) as s:
+        result = s.score(batch)
+    kept = [x for i, x in enumerate(xs) if i not in (3, 777)]
+    assert result.scored_rows.column("x").to_pylist() == kept
+    assert result.scores.column("score").to_pylist() == [2 * x for x in kept]
+    assert result.rejected_rows.column("x").to_pylist() == [2.5, 2.5]
+    # 1000 rows cut in eighths: 125, 16, 2, 1. Binary halving would need 2 x 10 requests per poison row.
+    assert script.requests == 1 + 8 + 2 * (8 + 8 + 2)

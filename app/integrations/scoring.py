@@ -8,11 +8,13 @@ rejected rows (default 0), whether that fails the job. Every other row gets exac
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +27,13 @@ import pyarrow.compute as pc
 from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.registry import Feature
-from app.metrics import ROWS_REJECTED, ROWS_SCORED, SCORING_REQUEST_ERRORS, SCORING_REQUEST_SECONDS
+from app.metrics import (
+    ROWS_REJECTED,
+    ROWS_SCORED,
+    SCORING_HEDGED_REQUESTS,
+    SCORING_REQUEST_ERRORS,
+    SCORING_REQUEST_SECONDS,
+)
 
 
 class BatchRejected(ScoringFailed):
@@ -155,39 +163,70 @@ def decode_seldon(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> p
     return _score_columns([("output", arr.reshape(rows, -1))], output_names)
 
 
-class AdaptiveTimeout:
-    """Read timeouts that follow the server's recent answers, so a hung request costs little.
+class LatencyTracker:
+    """Recent answer times by request size, for read timeouts and hedging delays that follow the server.
 
-    Once `warmup` answers have been seen, a request is given up after `factor` times the slowest of the last
-    `window` answers (at least floor_s), doubled on each retry, never more than ceiling_s. Before that, and
-    whenever in doubt, ceiling_s (RETRO_SCORE_TIMEOUT_S) applies. A server that slows down for everyone
-    sees retries with longer timeouts, not failures: only the retry budget ends a batch.
+    Requests are grouped by size (rows, in powers of two), so a 10-row request of a bisection is not judged by
+    the answer times of 5,000-row batches; a group with fewer than `warmup` answers borrows all recent answers.
+    - Read timeout: `factor` x the slowest recent answer, at least floor_s, doubled on each retry, never more
+      than ceiling_s (RETRO_SCORE_TIMEOUT_S). Before `warmup` answers, ceiling_s. A server that slows down for
+      everyone sees retries with longer timeouts, not failures: only the retry budget ends a batch.
+    - Hedging delay: a request still unanswered after `hedge_factor` x the 90th percentile of recent answers is
+      sent a second time, and the first answer wins: a hung or lost request costs about one slow answer.
+      None (no hedging) before the warm-up.
     """
 
     def __init__(
-        self, *, ceiling_s: float, floor_s: float, factor: float = 4.0, window: int = 50, warmup: int = 10
+        self,
+        *,
+        ceiling_s: float,
+        floor_s: float,
+        factor: float = 4.0,
+        hedge_factor: float = 2.0,
+        hedge_floor_s: float = 0.02,
+        window: int = 50,
+        warmup: int = 3,
     ) -> None:
         self._ceiling_s = ceiling_s
         self._floor_s = min(floor_s, ceiling_s)
         self._factor = factor
+        self._hedge_factor = hedge_factor
+        self._hedge_floor_s = hedge_floor_s
+        self._window = window
         self._warmup = warmup
-        self._recent: deque[float] = deque(maxlen=window)
+        self._all: deque[float] = deque(maxlen=window)
+        self._by_size: dict[int, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, *, rows: int) -> None:
         with self._lock:
-            self._recent.append(seconds)
+            self._all.append(seconds)
+            self._by_size.setdefault(rows.bit_length(), deque(maxlen=self._window)).append(seconds)
 
-    def for_attempt(self, attempt: int) -> float:
+    def _recent(self, rows: int) -> list[float]:
         with self._lock:
-            if len(self._recent) < self._warmup:
-                return self._ceiling_s
-            slowest = max(self._recent)
-        return float(min(self._ceiling_s, max(self._floor_s, self._factor * slowest) * 2**attempt))
+            group = self._by_size.get(rows.bit_length())
+            if group is not None and len(group) >= self._warmup:
+                return list(group)
+            return list(self._all) if len(self._all) >= self._warmup else []
+
+    def timeout_s(self, *, rows: int, attempt: int) -> float:
+        recent = self._recent(rows)
+        if not recent:
+            return self._ceiling_s
+        return float(min(self._ceiling_s, max(self._floor_s, self._factor * max(recent)) * 2**attempt))
+
+    def hedge_after_s(self, *, rows: int) -> float | None:
+        recent = sorted(self._recent(rows))
+        if not recent:
+            return None
+        p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))]
+        return max(self._hedge_floor_s, self._hedge_factor * p90)
 
 
 class V2Scorer:
-    """An httpx client for one deployment, with retries on connection errors, timeouts and 5xx.
+    """An httpx client for one deployment: retries on connection errors, timeouts and 5xx, hedged requests, and
+    parallel isolation of the rows a server refuses.
 
     The request path and body are the hooks _endpoint/_encode/_decode; SeldonScorer changes only those.
     """
@@ -206,21 +245,32 @@ class V2Scorer:
         max_connections: int = 8,
         should_stop: Callable[[], bool] = lambda: False,
         timeout_floor_s: float = 1.0,
+        isolation_fanout: int = 8,
     ) -> None:
         self._url = self._endpoint(deployment)
-        self._timeouts = AdaptiveTimeout(ceiling_s=timeout_s, floor_s=timeout_floor_s)
+        self._latency = LatencyTracker(ceiling_s=timeout_s, floor_s=timeout_floor_s)
+        self._ceiling_s = timeout_s
         self._should_stop = should_stop
         self._features = features
         self._output_names = output_names
         self._retries = retries
         self._backoff_s = backoff_s
+        self._fanout = max(2, isolation_fanout)
+        # Room for every batch in flight, the parts of a batch being isolated, and a hedge for each of them.
+        connections = 2 * (max_connections + self._fanout)
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             headers={"content-type": "application/json", **deployment.headers},
         )
+        # Requests run on these threads so that a late one can be hedged; a request given up by its caller
+        # keeps its thread until its own read timeout.
+        self._requests = ThreadPoolExecutor(max_workers=2 * connections, thread_name_prefix="score-request")
+        self._parts = ThreadPoolExecutor(max_workers=self._fanout, thread_name_prefix="score-isolate")
 
     def close(self) -> None:
+        self._parts.shutdown(wait=False, cancel_futures=True)
+        self._requests.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def __enter__(self) -> V2Scorer:
@@ -263,43 +313,60 @@ class V2Scorer:
         scored: list[tuple[pa.RecordBatch, pa.Table]],
         refused: list[tuple[pa.RecordBatch, str]],
     ) -> None:
-        """Score a batch; when the server refuses it as invalid, halve it until the refused rows stand alone."""
-        try:
-            body = self._post(self._encode(batch))
-        except BatchRejected as exc:
-            if batch.num_rows == 1:
-                refused.append((batch, exc.detail))
-                return
-            half = batch.num_rows // 2
-            self._score_isolating(batch.slice(0, half), scored, refused)
-            self._score_isolating(batch.slice(half), scored, refused)
-            return
-        scored.append((batch, self._decode(body, rows=batch.num_rows)))
+        """Score a batch; when the server refuses it as invalid, find the refused rows, keeping source order.
 
-    def _post(self, body: bytes) -> bytes:
+        A refused batch is cut into `isolation_fanout` parts scored side by side, and each refused part again,
+        until the refused rows stand alone: a poison row in 5,000 costs 5 rounds of requests, not 13 in a row.
+        """
+        outcome = self._try(batch)
+        if not isinstance(outcome, str):
+            scored.append((batch, outcome))
+            return
+        found: list[tuple[int, pa.RecordBatch, pa.Table | str]] = []  # (offset, rows, scores or reason)
+        suspects = [(0, batch, outcome)]
+        while suspects:
+            parts: list[tuple[int, pa.RecordBatch]] = []
+            for offset, rows, reason in suspects:
+                if rows.num_rows == 1:
+                    found.append((offset, rows, reason))  # a refused row on its own: isolated
+                else:
+                    parts += [(offset + at, piece) for at, piece in _split(rows, self._fanout)]
+            outcomes = self._parts.map(self._try, [piece for _, piece in parts])
+            suspects = []
+            for (offset, piece), result in zip(parts, outcomes, strict=True):
+                if isinstance(result, str):
+                    suspects.append((offset, piece, result))
+                else:
+                    found.append((offset, piece, result))
+        for _, rows, result in sorted(found, key=lambda f: f[0]):
+            if isinstance(result, str):
+                refused.append((rows, result))
+            else:
+                scored.append((rows, result))
+
+    def _try(self, batch: pa.RecordBatch) -> pa.Table | str:
+        """The scores of a batch, or the server's reason for refusing it as invalid."""
+        try:
+            body = self._post(self._encode(batch), rows=batch.num_rows)
+        except BatchRejected as exc:
+            return exc.detail
+        return self._decode(body, rows=batch.num_rows)
+
+    def _post(self, body: bytes, *, rows: int) -> bytes:
         last_error = ""
-        latency = SCORING_REQUEST_SECONDS.labels(self.protocol)
         for attempt in range(self._retries + 1):
             if attempt:
                 # Exponential backoff with full jitter, so many batches do not retry in lockstep.
                 time.sleep(random.uniform(0, self._backoff_s * 2 ** (attempt - 1)))
                 if self._should_stop():  # no point retrying for a job that was cancelled or moved on
                     raise ScoringStopped(f"stopped retrying against {self._url}; last error: {last_error}")
-            started = time.perf_counter()
-            read_s = self._timeouts.for_attempt(attempt)
             try:
-                resp = self._client.post(
-                    self._url, content=body, timeout=httpx.Timeout(read_s, connect=min(read_s, 10.0))
-                )
+                resp = self._send(body, rows=rows, attempt=attempt)
             except httpx.TransportError as exc:
-                latency.observe(time.perf_counter() - started)
                 SCORING_REQUEST_ERRORS.labels(self.protocol, "transport").inc()
                 last_error = f"{type(exc).__name__}: {exc}"
                 continue
-            seconds = time.perf_counter() - started
-            latency.observe(seconds)
             if resp.status_code == 200:
-                self._timeouts.observe(seconds)
                 return resp.content
             SCORING_REQUEST_ERRORS.labels(self.protocol, str(resp.status_code)).inc()
             if resp.status_code in (400, 422):  # the data: split the batch to find the rows
@@ -310,6 +377,34 @@ class V2Scorer:
         raise ModelServerDown(
             f"scoring failed after {self._retries + 1} attempts against {self._url}; last error: {last_error}"
         )
+
+    def _send(self, body: bytes, *, rows: int, attempt: int) -> httpx.Response:
+        """One attempt: the request, and a second copy of it if the first is late; the first 200 wins."""
+        timeout_s = self._latency.timeout_s(rows=rows, attempt=attempt)
+        hedge_after_s = self._latency.hedge_after_s(rows=rows)
+        first = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
+        if hedge_after_s is None or hedge_after_s >= timeout_s or wait([first], timeout=hedge_after_s).done:
+            return first.result()
+        SCORING_HEDGED_REQUESTS.labels(self.protocol).inc()
+        second = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
+        # The first to end decides, even with an error: waiting on the other might mean waiting out a hang.
+        done, _ = wait([first, second], return_when=FIRST_COMPLETED)
+        return next((f for f in done if _answered_200(f)), next(iter(done))).result()
+
+    def _timed_post(self, body: bytes, *, rows: int, timeout_s: float) -> httpx.Response:
+        started = time.perf_counter()
+        try:
+            resp = self._client.post(
+                self._url,
+                content=body,
+                timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=self._ceiling_s),
+            )
+        finally:
+            seconds = time.perf_counter() - started
+            SCORING_REQUEST_SECONDS.labels(self.protocol).observe(seconds)
+        if resp.status_code == 200:
+            self._latency.observe(seconds, rows=rows)
+        return resp
 
 
 class SeldonScorer(V2Scorer):
@@ -333,6 +428,17 @@ class SeldonScorer(V2Scorer):
 
 # The scorer for each Deployment.protocol.
 SCORERS: dict[str, type[V2Scorer]] = {"v2": V2Scorer, "seldon": SeldonScorer}
+
+
+def _split(batch: pa.RecordBatch, parts: int) -> list[tuple[int, pa.RecordBatch]]:
+    """A batch cut into at most `parts` slices of near-equal size, each with its offset in the batch."""
+    n = batch.num_rows
+    bounds = [n * i // min(parts, n) for i in range(min(parts, n) + 1)]
+    return [(a, batch.slice(a, b - a)) for a, b in itertools.pairwise(bounds)]
+
+
+def _answered_200(request: Future[httpx.Response]) -> bool:
+    return request.exception() is None and request.result().status_code == 200
 
 
 def _concat_batches(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
