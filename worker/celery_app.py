@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.concurrency import asynpool, prefork
 from celery.signals import setup_logging, worker_init, worker_process_shutdown
 
 from app.config import Settings, get_settings
@@ -15,6 +16,37 @@ from app.logging_setup import configure_logging
 def control_queue(settings: Settings) -> str:
     """The queue of the periodic control tasks, consumed by `retrotest beat`, never by the job workers."""
     return f"{settings.queue_name}.control"
+
+
+class _PromptReapAsynPool(asynpool.AsynPool):  # type: ignore[misc]
+    """Celery's prefork pool, noticing a killed pool process within a second instead of up to 5 s later.
+
+    A dead child's sentinel pipe reaches EOF a moment before the child can be reaped (its threads are still
+    exiting). When Celery's one check at that moment loses the race, only its 5-second maintain_pool timer
+    finds the death, and the job's message waits that long to be redelivered. So look again shortly after,
+    backing off. This overrides a private method of celery.concurrency.asynpool (unchanged in 5.5 to 5.7):
+    re-check it when upgrading Celery.
+    """
+
+    def _event_process_exit(self, hub: Any, proc: Any) -> None:
+        super()._event_process_exit(hub, proc)
+        self._reap_later(hub, proc, 0.02)
+
+    def _reap_later(self, hub: Any, proc: Any, delay: float) -> None:
+        # `proc in self._pool` and not proc.exitcode: reading exitcode would reap the child outside
+        # maintain_pool, and its job would never be marked lost.
+        if proc in self._pool and delay <= 0.64:
+            hub.call_later(delay, self._reap_again, hub, proc, delay)
+
+    def _reap_again(self, hub: Any, proc: Any, delay: float) -> None:
+        self.maintain_pool()
+        self._reap_later(hub, proc, delay * 2)
+
+
+class PromptReapTaskPool(prefork.TaskPool):  # type: ignore[misc]
+    """The prefork pool with _PromptReapAsynPool: a killed pool process's job is redelivered at once."""
+
+    Pool = _PromptReapAsynPool
 
 
 def make_celery() -> Celery:
@@ -27,6 +59,7 @@ def make_celery() -> Celery:
         task_ignore_result=True,  # state lives in our database, not in a result backend
         task_acks_late=True,  # a job whose worker dies is redelivered; the pipeline skips finished chunks
         task_reject_on_worker_lost=True,
+        worker_pool="worker.celery_app:PromptReapTaskPool",
         worker_prefetch_multiplier=1,
         task_serializer="json",
         accept_content=["json"],
@@ -55,6 +88,7 @@ def make_celery() -> Celery:
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
     if broker.startswith(("redis", "rediss")):
+        app.conf.broker_transport = "worker.broker:Transport"  # survives a Redis restart (see worker/broker.py)
         # Redis redelivers unacked messages after this; it must outlast the longest job.
         app.conf.broker_transport_options = {"visibility_timeout": 12 * 3600}
     else:
@@ -72,8 +106,18 @@ def _logging(loglevel: Any = None, **_: Any) -> None:
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _import_mlflow_before_forking(**_: Any) -> None:
-    """Import mlflow (~5 s) once in the main process, so no pool process pays it on its first job or partition."""
-    import mlflow  # noqa: F401
+    """Import mlflow (~5 s) once in the main process, so no pool process pays it on its first job or partition.
+
+    With a database-backed registry, also its SQL stores (~1 s more), which a pool process started after a
+    crash would otherwise import before it could resume the job.
+    """
+    import mlflow
+
+    settings = get_settings()
+    uris = (settings.resolved_tracking_uri(), settings.resolved_registry_uri())
+    if any(uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql") for uri in uris):
+        import mlflow.store.model_registry.sqlalchemy_store
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]

@@ -1,7 +1,7 @@
 """Recovery that does not rely on the broker's memory: re-enqueue jobs a lost message or a dead worker stranded.
 
 A running job renews its heartbeat every few seconds; one whose heartbeat is older than stale_after_s lost
-its worker. A queued job whose message was never picked up (a Redis restart drops unacked and queued
+its worker, and one whose lease holder was a process on this host that is gone lost it for certain. A queued job whose message was never picked up (a Redis restart drops unacked and queued
 messages) is sent again after requeue_queued_after_s. Sending a job twice is harmless: the pipeline's
 lease lets one attempt run it and the others do nothing.
 """
@@ -9,6 +9,7 @@ lease lets one attempt run it and the others do nothing.
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.service import record
 from app.retro_tests.models import RUNNING_STATES, RetroTest, State
 from app.retro_tests.service import utcnow
+from worker.control import holder_is_dead
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,17 @@ def reconcile_jobs(
                 .with_for_update(skip_locked=True)
             )
         )
+        # On one machine (a laptop, a single VM) a dead holder is seen at once, without waiting for its heartbeat.
+        held_here = s.scalars(
+            select(RetroTest)
+            .where(
+                RetroTest.state.in_(RUNNING_STATES),
+                RetroTest.lease_holder.startswith(f"{socket.gethostname()}:"),
+                or_(RetroTest.last_enqueued_at.is_(None), RetroTest.last_enqueued_at < stale),
+            )
+            .with_for_update(skip_locked=True)
+        )
+        jobs += [job for job in held_here if job not in jobs and holder_is_dead(job.lease_holder)]
         for job in jobs:
             job.last_enqueued_at = now
             record(
