@@ -1,6 +1,6 @@
 """A retrotest Celery worker whose model servers sit behind a fault-injecting proxy (the chaos suite's worker).
 
-    python -m tests.chaos.worker        # RETRO_CHAOS_FAULTS=1 turns the faults on
+    python -m tests.chaos.worker        # RETRO_CHAOS_FAULTS=1 turns the faults on; RETRO_CHAOS_WORKER_NAME names it
 
 The proxy runs inside this process, so killing the worker kills the proxy too, as a crashed node would.
 """
@@ -70,7 +70,15 @@ def main() -> None:
         wiring.make_deployer = make_deployer  # before worker.tasks imports it
     from app.cli import app as cli
 
-    cli(["worker", "--concurrency", os.environ.get("RETRO_CHAOS_CONCURRENCY", "2")])
+    cli(
+        [
+            "worker",
+            "--concurrency",
+            os.environ.get("RETRO_CHAOS_CONCURRENCY", "1"),
+            "--name",
+            os.environ.get("RETRO_CHAOS_WORKER_NAME", "retrotest"),
+        ]
+    )
 
 
 if __name__ == "__main__":
