@@ -150,7 +150,7 @@ def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_
 
     t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, factor=8.0, window=5, warmup=3)
     assert t.timeout_s(rows=5000, attempt=0) == 60.0  # nothing seen yet: the configured timeout
-    assert t.hedge_after_s(rows=5000) is None  # and no hedging
+    assert t.hedge_after_s(rows=5000) == 1.0  # and a late request is hedged after the floor
     for seconds in (0.05, 0.02, 0.03):
         t.observe(seconds, rows=5000)
     assert t.timeout_s(rows=5000, attempt=0) == 1.0  # 8 x 0.05 is below the floor
@@ -213,3 +213,25 @@ def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_or
     assert result.rejected_rows.column("x").to_pylist() == [2.5, 2.5]
     # 1000 rows cut in eighths: 125, 16, 2, 1. Binary halving would need 2 x 10 requests per poison row.
     assert script.requests == 1 + 8 + 2 * (8 + 8 + 2)
+
+
+def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceiling(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.answers = ["hang"]  # the very first request hangs (1.5 s); nothing is known of the server yet
+    with V2Scorer(
+        deployment=Deployment(name="m", base_url=url, model_name="m"),
+        features=FEATURES,
+        output_names=(),
+        timeout_s=30.0,
+        retries=0,
+        backoff_s=0.01,
+        timeout_floor_s=0.2,
+    ) as s:
+        started = time.perf_counter()
+        result = s.score(BATCH)
+        elapsed = time.perf_counter() - started
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
+    assert script.requests == 2
+    assert elapsed < 1.0, elapsed

@@ -94,7 +94,7 @@ def score_chunks(
     Reading (a background thread), scoring (`score_concurrency` requests in flight) and writing (this thread,
     in source order) overlap, and the stream does not drain at chunk boundaries. Up to `score_window_batches`
     batches are handed to the scoring threads ahead of the one being written, so one slow answer (a hang
-    given up and retried, a batch bisected around a poison row) does not stop the others. With live_progress the job's
+    given up and retried, a batch cut up around a poison row) does not stop the others. With live_progress the job's
     counters move with every batch; without (several workers share the job) they move with each commit.
     """
     with sessions() as s:

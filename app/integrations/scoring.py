@@ -166,14 +166,15 @@ def decode_seldon(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> p
 class LatencyTracker:
     """Recent answer times by request size, for read timeouts and hedging delays that follow the server.
 
-    Requests are grouped by size (rows, in powers of two), so a 10-row request of a bisection is not judged by
-    the answer times of 5,000-row batches; a group with fewer than `warmup` answers borrows all recent answers.
+    Requests are grouped by size (rows, in powers of two), so a 10-row request isolating a poison row is not
+    judged by the answer times of 5,000-row batches; a group with fewer than `warmup` answers borrows them all.
     - Read timeout: `factor` x the slowest recent answer, at least floor_s, doubled on each retry, never more
       than ceiling_s (RETRO_SCORE_TIMEOUT_S). Before `warmup` answers, ceiling_s. A server that slows down for
       everyone sees retries with longer timeouts, not failures: only the retry budget ends a batch.
     - Hedging delay: a request still unanswered after `hedge_factor` x the 90th percentile of recent answers is
       sent a second time, and the first answer wins: a hung or lost request costs about one slow answer.
-      None (no hedging) before the warm-up.
+      Before the warm-up, after floor_s (RETRO_SCORE_TIMEOUT_FLOOR_S): a hang among the first requests of a
+      job (or of a resumed attempt) costs a second, not the ceiling.
     """
 
     def __init__(
@@ -216,10 +217,10 @@ class LatencyTracker:
             return self._ceiling_s
         return float(min(self._ceiling_s, max(self._floor_s, self._factor * max(recent)) * 2**attempt))
 
-    def hedge_after_s(self, *, rows: int) -> float | None:
+    def hedge_after_s(self, *, rows: int) -> float:
         recent = sorted(self._recent(rows))
         if not recent:
-            return None
+            return self._floor_s
         p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))]
         return max(self._hedge_floor_s, self._hedge_factor * p90)
 
@@ -383,7 +384,7 @@ class V2Scorer:
         timeout_s = self._latency.timeout_s(rows=rows, attempt=attempt)
         hedge_after_s = self._latency.hedge_after_s(rows=rows)
         first = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
-        if hedge_after_s is None or hedge_after_s >= timeout_s or wait([first], timeout=hedge_after_s).done:
+        if hedge_after_s >= timeout_s or wait([first], timeout=hedge_after_s).done:
             return first.result()
         SCORING_HEDGED_REQUESTS.labels(self.protocol).inc()
         second = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
