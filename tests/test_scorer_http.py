@@ -66,14 +66,15 @@ def server() -> Iterator[tuple[str, Script]]:
     httpd.shutdown()
 
 
-def scorer(url: str, retries: int = 3) -> V2Scorer:
+def scorer(url: str, retries: int = 3, *, timeout_s: float = 0.5, timeout_floor_s: float = 1.0) -> V2Scorer:
     return V2Scorer(
         deployment=Deployment(name="m", base_url=url, model_name="m"),
         features=FEATURES,
         output_names=(),
-        timeout_s=0.5,
+        timeout_s=timeout_s,
         retries=retries,
         backoff_s=0.01,
+        timeout_floor_s=timeout_floor_s,
     )
 
 
@@ -125,15 +126,8 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
     server: tuple[str, Script],
 ) -> None:
     url, script = server
-    with V2Scorer(
-        deployment=Deployment(name="m", base_url=url, model_name="m"),
-        features=FEATURES,
-        output_names=(),
-        timeout_s=30.0,  # the hang (1.5 s) would be waited out in full under a fixed timeout
-        retries=2,
-        backoff_s=0.01,
-        timeout_floor_s=0.2,
-    ) as s:
+    # The hang (1.5 s) would be waited out in full under a fixed timeout of 30 s.
+    with scorer(url, retries=2, timeout_s=30.0, timeout_floor_s=0.2) as s:
         for _ in range(10):  # the warm-up: answers in a few milliseconds
             s.score(BATCH)
         script.answers = ["hang"]
@@ -178,14 +172,7 @@ def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size
 
 def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, Script]) -> None:
     url, script = server
-    with V2Scorer(
-        deployment=Deployment(name="m", base_url=url, model_name="m"),
-        features=FEATURES,
-        output_names=(),
-        timeout_s=30.0,
-        retries=0,  # no retry: only the hedge can save the hung request
-        backoff_s=0.01,
-    ) as s:
+    with scorer(url, retries=0, timeout_s=30.0) as s:  # no retry: only the hedge can save the hung request
         for _ in range(5):  # the warm-up: answers in a few milliseconds
             s.score(BATCH)
         script.answers = ["hang"]  # the next request hangs (1.5 s); its copy is answered at once
@@ -220,15 +207,7 @@ def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceili
 ) -> None:
     url, script = server
     script.answers = ["hang"]  # the very first request hangs (1.5 s); nothing is known of the server yet
-    with V2Scorer(
-        deployment=Deployment(name="m", base_url=url, model_name="m"),
-        features=FEATURES,
-        output_names=(),
-        timeout_s=30.0,
-        retries=0,
-        backoff_s=0.01,
-        timeout_floor_s=0.2,
-    ) as s:
+    with scorer(url, retries=0, timeout_s=30.0, timeout_floor_s=0.2) as s:
         started = time.perf_counter()
         result = s.score(BATCH)
         elapsed = time.perf_counter() - started
