@@ -25,6 +25,7 @@ class Script:
     def __init__(self) -> None:
         self.answers: list[int | str] = []
         self.requests = 0
+        self.lock = threading.Lock()  # the server answers on several threads
         self.poison = -1.0  # a batch holding this value is refused with 400, as a validating model would
 
 
@@ -38,8 +39,9 @@ def server() -> Iterator[tuple[str, Script]]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            script.requests += 1
-            answer = script.answers.pop(0) if script.answers else 200
+            with script.lock:
+                script.requests += 1
+                answer = script.answers.pop(0) if script.answers else 200
             if answer == 200 and script.poison in body["inputs"][0]["data"]:
                 answer = 400
             if answer == "hang":
@@ -126,6 +128,7 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
     server: tuple[str, Script],
 ) -> None:
     url, script = server
+    hedged_before = _hedged()
     # The hang (1.5 s) would be waited out in full under a fixed timeout of 30 s.
     with scorer(url, retries=2, timeout_s=30.0, timeout_floor_s=0.2) as s:
         for _ in range(10):  # the warm-up: answers in a few milliseconds
@@ -135,7 +138,7 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
         result = s.score(BATCH)
         elapsed = time.perf_counter() - started
     assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert script.requests == 12  # the hung request, given up, then its retry
+    assert _hedged() - hedged_before >= 1  # the hung request was sent again before its timeout
     assert elapsed < 1.4, elapsed
 
 
@@ -172,6 +175,7 @@ def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size
 
 def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, Script]) -> None:
     url, script = server
+    hedged_before = _hedged()
     with scorer(url, retries=0, timeout_s=30.0) as s:  # no retry: only the hedge can save the hung request
         for _ in range(5):  # the warm-up: answers in a few milliseconds
             s.score(BATCH)
@@ -180,13 +184,16 @@ def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, S
         result = s.score(BATCH)
         elapsed = time.perf_counter() - started
     assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert script.requests == 7
+    assert _hedged() - hedged_before >= 1
     assert elapsed < 1.0, elapsed
 
 
 def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_order(
-    server: tuple[str, Script],
+    server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from app.integrations.scoring import LatencyTracker
+
+    monkeypatch.setattr(LatencyTracker, "hedge_after_s", lambda self, rows: 1e9)  # exact request counts: no hedges
     url, script = server
     script.poison = 2.5
     xs = [float(i) for i in range(1000)]
@@ -202,15 +209,22 @@ def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_or
     assert script.requests == 1 + 8 + 2 * (8 + 8 + 2)
 
 
+def _hedged() -> float:
+    from app.metrics import SCORING_HEDGED_REQUESTS
+
+    return float(SCORING_HEDGED_REQUESTS.labels("v2")._value.get())
+
+
 def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceiling(
     server: tuple[str, Script],
 ) -> None:
     url, script = server
+    hedged_before = _hedged()
     script.answers = ["hang"]  # the very first request hangs (1.5 s); nothing is known of the server yet
     with scorer(url, retries=0, timeout_s=30.0, timeout_floor_s=0.2) as s:
         started = time.perf_counter()
         result = s.score(BATCH)
         elapsed = time.perf_counter() - started
     assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert script.requests == 2
+    assert _hedged() - hedged_before >= 1
     assert elapsed < 1.0, elapsed
