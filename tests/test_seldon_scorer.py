@@ -28,11 +28,16 @@ BATCH = pa.RecordBatch.from_pydict(
 
 
 class Seldon:
-    """A scripted Seldon predictions endpoint: answers by status code, one per request; 200 doubles x."""
+    """A scripted Seldon predictions endpoint: answers by status code, one per request; 200 doubles x.
+
+    A request holding a row whose plan is `refused_plan` is answered 400, as a validating model would.
+    """
 
     def __init__(self) -> None:
         self.answers: list[int] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.refused_plan: str | None = None
+        self.lock = threading.Lock()  # the server answers on several threads
 
 
 @pytest.fixture()
@@ -45,8 +50,11 @@ def seldon() -> Iterator[tuple[str, Seldon]]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            script.requests.append((self.path, body))
-            answer = script.answers.pop(0) if script.answers else 200
+            with script.lock:
+                script.requests.append((self.path, body))
+                answer = script.answers.pop(0) if script.answers else 200
+            if any(row[1] == script.refused_plan for row in body["data"]["ndarray"]):
+                answer = 400
             if answer == 200:
                 rows = body["data"]["ndarray"]
                 payload: dict[str, Any] = {
@@ -108,13 +116,14 @@ def test_5xx_is_retried_and_other_4xx_fail_at_once_with_seldons_message(seldon: 
 
 def test_a_400_isolates_the_refused_row_with_seldons_message(seldon: tuple[str, Seldon]) -> None:
     url, script = seldon
-    script.answers = [400, 200, 400]  # the pair is refused; alone, the first row passes and the second does not
+    script.refused_plan = "plus"  # the pair is refused; alone, the first row passes and the second does not
     with scorer(url) as s:
         result = s.score(BATCH)
     assert result.scores.to_pydict() == {"p": [3.0], "q": [-2.0]}
     assert result.rejected_rows.column("plan").to_pylist() == ["pro", "plus"]
     assert result.reject_reasons[1].endswith("(400): scripted failure 400")
-    assert [len(body["data"]["ndarray"]) for _, body in script.requests] == [2, 1, 1]
+    # The two single rows are sent side by side, in either order.
+    assert sorted(len(body["data"]["ndarray"]) for _, body in script.requests) == [1, 1, 2]
 
 
 def test_floats_go_exactly_and_responses_are_named_like_v2() -> None:
