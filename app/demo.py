@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -29,29 +30,42 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """SIGTERM the process's group (it was started in a session of its own), SIGKILL it after grace_s."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
-def _wait_ready(client: httpx.Client, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
+def wait_until_ready(
+    url: str,
+    *,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+    timeout_s: float = 120,
+    logs: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll `url` (the API's /ready or /health) until it answers 200.
+
+    RuntimeError, ending with `logs()`, when one of `procs` exits first or the time runs out.
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("the API or the worker exited while starting; see the logs in the demo folder")
+    while True:
         try:
-            if client.get("/ready").status_code == 200:
+            if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise RuntimeError("the API did not become ready in time")
+        exited = [p for p in procs if p.poll() is not None]
+        if exited:
+            raise RuntimeError(f"a process exited with {exited[0].returncode} while starting:\n{logs()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s:\n{logs()}")
+        time.sleep(0.3)
 
 
 def prepare_database(database_url: str) -> tuple[str, str]:
@@ -134,7 +148,9 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
     try:
         auth = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=auth) as client:
-            _wait_ready(client, [api, worker])
+            wait_until_ready(
+                f"http://127.0.0.1:{port}/ready", procs=[api, worker], logs=lambda: f"see the logs in {directory}"
+            )
             client.post("/api/v1/partners", json={"code": "demo-partner", "name": "Demo Partner"}).raise_for_status()
             body = {
                 "partner_code": "demo-partner",
@@ -175,5 +191,5 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
                     api.wait()
             return 0 if ok else 1
     finally:
-        _stop(worker)
-        _stop(api)
+        stop_process(worker)
+        stop_process(api)

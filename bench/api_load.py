@@ -294,32 +294,6 @@ def start_server(*, cmd: list[str], env: dict[str, str], log_path: Path) -> subp
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_healthy(*, base_url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the API did not answer /health within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the server's process group (uvicorn shuts down gracefully), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def server_errors(log_path: Path) -> dict[str, int]:
     """ERROR and CRITICAL records of the API's JSON log: each distinct message (with its exception's last line)."""
     counts: dict[str, int] = {}
@@ -724,6 +698,7 @@ def run(args: argparse.Namespace, *, db_name: str, tmp: Path) -> dict[str, Any]:
         f"seeded {len(seeded.job_ids):,} retro tests and {seeded.files:,} result files in {time.perf_counter() - t0:.1f} s"
     )
     from app.db import get_engine
+    from app.demo import stop_process, wait_until_ready
 
     get_engine().dispose()
 
@@ -740,7 +715,7 @@ def run(args: argparse.Namespace, *, db_name: str, tmp: Path) -> dict[str, Any]:
     log_path = tmp / "api.log"
     proc = start_server(cmd=cmd, env=env, log_path=log_path)
     try:
-        wait_healthy(base_url=base_url, proc=proc, log_path=log_path)
+        wait_until_ready(f"{base_url}/health", procs=[proc], timeout_s=60, logs=lambda: log_path.read_text()[-3000:])
         check_answers(base_url=base_url, token=seeded.token, seeded=seeded)
         log(f"load: {args.warmup:g} s warm-up, then {args.duration:g} s at {args.rate:g} req/s")
         result = asyncio.run(
@@ -758,7 +733,7 @@ def run(args: argparse.Namespace, *, db_name: str, tmp: Path) -> dict[str, Any]:
         )
     finally:
         log("stopping the API")
-        stop_server(proc)
+        stop_process(proc, grace_s=15)
     summary = build_summary(result=result, args=args, seeded=seeded, workers=workers)
     summary["server_log_errors"] = server_errors(log_path)
     return summary

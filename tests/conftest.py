@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ os.environ.update(
         "RETRO_READ_BATCH_ROWS": "5000",
     }
 )
+
+from app.demo import stop_process, wait_until_ready  # noqa: E402  (after the settings above)
 
 # The history every end-to-end test reads: 4 days before "today minus 30".
 HISTORY_START = date.today() - timedelta(days=34)
@@ -259,16 +260,6 @@ def start_process(args: list[str], *, env: dict[str, str], log: Path) -> subproc
     )
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def start_stack(name: str, *, workers: int = 1, **env_overrides: str) -> Stack:
     """Start the API and real Celery workers as processes, with extra settings; wait until ready."""
     from app.db import get_session_factory
@@ -295,17 +286,12 @@ def start_stack(name: str, *, workers: int = 1, **env_overrides: str) -> Stack:
     ]
     s = Stack(f"http://127.0.0.1:{port}", procs, logs, token)
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{s.base_url}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            for p in procs:
-                stop_process(p)
-            raise RuntimeError(f"the API or worker did not start:\n{s.tail()}")
-        time.sleep(0.5)
+    try:
+        wait_until_ready(f"{s.base_url}/ready", procs=procs, timeout_s=90, logs=s.tail)
+    except RuntimeError:
+        for p in procs:
+            stop_process(p)
+        raise
     # Each worker consumes once Celery says it is ready; a test that submits before might race a slow start.
     while not all(" ready." in log.read_text(errors="replace") for log in logs.glob("worker*.log")):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from datetime import date, timedelta
 import httpx
 import pytest
 
-from tests.conftest import _TMP, free_port, make_user, start_process, stop_process
+from tests.conftest import _TMP, free_port, make_user, start_process, stop_process, wait_until_ready
 from tests.factories import make_retro_test
 
 # Many times as many requests at once as the server has threads (THREADS) and connections (one).
@@ -34,18 +33,6 @@ class TinyPoolApi:
     token: str
     job_id: uuid.UUID
     partner_code: str
-
-
-def _wait_ready(base_url: str, proc: object, log: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the API did not start:\n{log}")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,9 @@ def tiny_pool_api(database_url: str) -> Iterator[TinyPoolApi]:
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
     proc = start_process(cmd, env=env, log=log)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc, log.read_text(errors="replace") if log.exists() else "")
+        wait_until_ready(
+            f"http://127.0.0.1:{port}/ready", procs=[proc], timeout_s=90, logs=lambda: log.read_text(errors="replace")
+        )
         yield TinyPoolApi(f"http://127.0.0.1:{port}", token, job_id, partner_code)
     finally:
         stop_process(proc)

@@ -47,7 +47,12 @@ def test_jobs_of_dead_or_silent_holders_are_sent_again_and_live_ones_are_left_al
     fresh_elsewhere = _running_job(holder="other-host:1234", heartbeat_age_s=0)
 
     sent: list[uuid.UUID] = []
-    args = {"sessions": get_session_factory(), "enqueue": sent.append, "stale_after_s": 60, "requeue_queued_after_s": 60}
+    args = {
+        "sessions": get_session_factory(),
+        "enqueue": sent.append,
+        "stale_after_s": 60,
+        "requeue_queued_after_s": 60,
+    }
     reconcile_jobs(**args)  # type: ignore[arg-type]
     assert dead_here in sent and silent_elsewhere in sent
     assert live not in sent and fresh_elsewhere not in sent

@@ -128,17 +128,11 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
     server: tuple[str, Script],
 ) -> None:
     url, script = server
-    hedged_before = _hedged()
     # The hang (1.5 s) would be waited out in full under a fixed timeout of 30 s.
     with scorer(url, retries=2, timeout_s=30.0, timeout_floor_s=0.2) as s:
         for _ in range(10):  # the warm-up: answers in a few milliseconds
             s.score(BATCH)
-        script.answers = ["hang"]
-        started = time.perf_counter()
-        result = s.score(BATCH)
-        elapsed = time.perf_counter() - started
-    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert _hedged() - hedged_before >= 1  # the hung request was sent again before its timeout
+        elapsed = _score_through_a_hang(s, script)
     assert elapsed < 1.4, elapsed
 
 
@@ -175,16 +169,10 @@ def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size
 
 def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, Script]) -> None:
     url, script = server
-    hedged_before = _hedged()
     with scorer(url, retries=0, timeout_s=30.0) as s:  # no retry: only the hedge can save the hung request
         for _ in range(5):  # the warm-up: answers in a few milliseconds
             s.score(BATCH)
-        script.answers = ["hang"]  # the next request hangs (1.5 s); its copy is answered at once
-        started = time.perf_counter()
-        result = s.score(BATCH)
-        elapsed = time.perf_counter() - started
-    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert _hedged() - hedged_before >= 1
+        elapsed = _score_through_a_hang(s, script)
     assert elapsed < 1.0, elapsed
 
 
@@ -209,6 +197,18 @@ def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_or
     assert script.requests == 1 + 8 + 2 * (8 + 8 + 2)
 
 
+def _score_through_a_hang(s: V2Scorer, script: Script) -> float:
+    """Score BATCH while its first request hangs (1.5 s); checks the scores and that a copy was sent; the seconds."""
+    hedged_before = _hedged()
+    script.answers = ["hang"]
+    started = time.perf_counter()
+    result = s.score(BATCH)
+    elapsed = time.perf_counter() - started
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
+    assert _hedged() - hedged_before >= 1  # the hung request was sent again before its timeout
+    return elapsed
+
+
 def _hedged() -> float:
     from app.metrics import SCORING_HEDGED_REQUESTS
 
@@ -219,12 +219,6 @@ def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceili
     server: tuple[str, Script],
 ) -> None:
     url, script = server
-    hedged_before = _hedged()
-    script.answers = ["hang"]  # the very first request hangs (1.5 s); nothing is known of the server yet
     with scorer(url, retries=0, timeout_s=30.0, timeout_floor_s=0.2) as s:
-        started = time.perf_counter()
-        result = s.score(BATCH)
-        elapsed = time.perf_counter() - started
-    assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
-    assert _hedged() - hedged_before >= 1
+        elapsed = _score_through_a_hang(s, script)  # the first request: nothing is known of the server yet
     assert elapsed < 1.0, elapsed

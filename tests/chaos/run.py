@@ -247,16 +247,10 @@ def start_services(world: World, *, faults: bool) -> None:
     wait_ready(world)
 
 
-def wait_ready(world: World, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{world.api}/ready", timeout=3).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the API did not become ready; see {world.root}/api.log")
+def wait_ready(world: World) -> None:
+    from app.demo import wait_until_ready
+
+    wait_until_ready(f"{world.api}/ready", timeout_s=90, logs=lambda: f"see {world.root}/api.log")
 
 
 def stop_services(world: World) -> None:
