@@ -106,10 +106,10 @@ def _logging(loglevel: Any = None, **_: Any) -> None:
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _import_mlflow_before_forking(**_: Any) -> None:
-    """Import mlflow (~5 s) once in the main process, so no pool process pays it on its first job or partition.
+    """Import mlflow (~4 s) once in the main process, so no pool process pays it on its first job or partition.
 
-    With a database-backed registry, also its SQL stores (~1 s more), which a pool process started after a
-    crash would otherwise import before it could resume the job.
+    With a database-backed registry, also its SQL stores (~1 s more). A resumed attempt needs neither: it reads
+    the model its first attempt recorded on the job (worker.pipeline.resolve).
     """
     import mlflow
 

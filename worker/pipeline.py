@@ -156,6 +156,7 @@ def _run_stages(
     *, job_id: uuid.UUID, sessions: sessionmaker[Session], adapters: Adapters, settings: Settings, control: JobControl
 ) -> None:
     model = _stage(sessions, job_id, State.resolving, lambda job: resolve(job=job, registry=adapters.registry))
+    _set_counters(sessions, job_id, model_info=model.to_record())
     query, total = _stage(
         sessions, job_id, State.extracting, lambda job: extract(job=job, model=model, source=adapters.source)
     )
@@ -248,7 +249,14 @@ def _finish(
 
 
 def resolve(*, job: RetroTest, registry: MlflowRegistry) -> ModelVersionInfo:
-    """The exact version the job was created for; never an alias that may have moved since."""
+    """The exact version the job was created for; never an alias that may have moved since.
+
+    The first attempt asks the registry and records the answer on the job; a resumed attempt or a helper reads
+    that record back, so it starts at once and still runs while the registry is down. A version's signature and
+    artifacts do not change, and the job's source columns were fixed at submission.
+    """
+    if job.model_info:
+        return ModelVersionInfo.from_record(job.model_info)
     return registry.resolve(name=job.model_name, version=job.model_version)
 
 
@@ -265,10 +273,14 @@ def history_query(*, job: RetroTest, model: ModelVersionInfo) -> HistoryQuery:
 
 
 def extract(*, job: RetroTest, model: ModelVersionInfo, source: HistorySource) -> tuple[HistoryQuery, int | None]:
-    """Check the source schema and count the period's rows, before any model is deployed."""
+    """Check the source schema and count the period's rows, before any model is deployed.
+
+    A resumed attempt keeps the first attempt's count (a COUNT over a long period can take minutes in Hive);
+    publishing compares it with the rows read, so a source that changed in between still fails the job.
+    """
     query = history_query(job=job, model=model)
     source.check_schema(query)
-    total = source.count(query)
+    total = job.rows_total if job.rows_total is not None else source.count(query)
     if total == 0:
         raise SourceUnknown(
             f"history table {job.source_table!r} has no rows between {job.period_start} and {job.period_end}",

@@ -95,6 +95,32 @@ class ModelVersionInfo:
             check_name(c, what="id_columns")
         return SourceSpec(table=table, date_column=date_column, id_columns=tuple(ids))
 
+    def to_record(self) -> dict[str, Any]:
+        """As JSON, to keep on the job: a resumed attempt reads it back instead of asking the registry."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "artifact_uri": self.artifact_uri,
+            "inputs": [[f.name, f.type] for f in self.inputs],
+            "outputs": list(self.outputs),
+            "tags": dict(self.tags),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ModelVersionInfo:
+        return cls(
+            name=record["name"],
+            version=record["version"],
+            run_id=record["run_id"],
+            source=record["source"],
+            artifact_uri=record["artifact_uri"],
+            inputs=tuple(Feature(name=name, type=type_) for name, type_ in record["inputs"]),
+            outputs=tuple(record["outputs"]),
+            tags=dict(record["tags"]),
+        )
+
 
 def _split(value: str) -> list[str]:
     return [p.strip() for p in value.split(",") if p.strip()]
@@ -104,14 +130,23 @@ _VERSION = re.compile(r"^[0-9]{1,9}$")
 
 
 class MlflowRegistry:
-    """The MLflow model registry, through MlflowClient."""
+    """The MLflow model registry, through MlflowClient (made on first use: a process that never asks the
+    registry, such as a worker resuming a job whose model is recorded, never pays for it)."""
 
     def __init__(self, *, tracking_uri: str, registry_uri: str) -> None:
-        import mlflow  # heavy import, only where the registry is used
+        self._uris = (tracking_uri, registry_uri)
+        self._made: Any = None
 
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(registry_uri)
-        self._client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    @property
+    def _client(self) -> Any:
+        if self._made is None:
+            import mlflow  # heavy import, only where the registry is used
+
+            tracking_uri, registry_uri = self._uris
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(registry_uri)
+            self._made = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        return self._made
 
     def resolve(self, *, name: str, version: str | None = None, alias: str | None = None) -> ModelVersionInfo:
         """Resolve name + version or alias; refuse models without a column-based input signature."""
