@@ -149,7 +149,7 @@ def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_
     t.observe(0.5, rows=5000)
     assert t.timeout_s(rows=5000, attempt=0) == 4.0
     assert t.timeout_s(rows=5000, attempt=5) == 60.0  # never above the ceiling
-    assert t.timeout_s(rows=10, attempt=0) == 4.0  # a size not seen yet borrows every answer
+    assert t.timeout_s(rows=10, attempt=0) == 4.0  # a size not seen yet borrows from a larger one
     for _ in range(5):  # the slow answer leaves the window
         t.observe(0.01, rows=5000)
     assert t.timeout_s(rows=5000, attempt=0) == 1.0
@@ -165,6 +165,13 @@ def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size
         t.observe(seconds, rows=20)
     assert t.hedge_after_s(rows=4097) == pytest.approx(0.8)  # 2 x the slowest of ten
     assert t.hedge_after_s(rows=17) == 0.02  # small requests: 2 x 6 ms, raised to the 20 ms floor
+    # Sizes not seen yet borrow from the nearest larger size seen (no slower), or, larger than any, from all.
+    assert t.hedge_after_s(rows=3) == 0.02
+    assert t.hedge_after_s(rows=600) == pytest.approx(0.8)
+    for seconds in (0.005,) * 7:  # the last ten answers of any size: 2 x p90 of them
+        t.observe(seconds, rows=20)
+    assert t.hedge_after_s(rows=100_000) == 0.02
+    assert t.hedge_after_s(rows=4097) == pytest.approx(0.8)  # its own size is unchanged
 
 
 def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, Script]) -> None:
@@ -176,7 +183,7 @@ def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, S
     assert elapsed < 1.0, elapsed
 
 
-def test_refused_rows_are_isolated_in_parallel_rounds_and_the_rest_keep_their_order(
+def test_refused_rows_are_isolated_part_by_part_in_parallel_and_the_rest_keep_their_order(
     server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.integrations.scoring import LatencyTracker

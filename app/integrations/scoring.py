@@ -167,7 +167,8 @@ class LatencyTracker:
     """Recent answer times by request size, for read timeouts and hedging delays that follow the server.
 
     Requests are grouped by size (rows, in powers of two), so a 10-row request isolating a poison row is not
-    judged by the answer times of 5,000-row batches; a group with fewer than `warmup` answers borrows them all.
+    judged by the answer times of 5,000-row batches; a group with fewer than `warmup` answers borrows those of
+    the nearest larger group that has them, or all of them.
     - Read timeout: `factor` x the slowest recent answer, at least floor_s, doubled on each retry, never more
       than ceiling_s (RETRO_SCORE_TIMEOUT_S). Before `warmup` answers, ceiling_s. A server that slows down for
       everyone sees retries with longer timeouts, not failures: only the retry budget ends a batch.
@@ -205,10 +206,13 @@ class LatencyTracker:
             self._by_size.setdefault(rows.bit_length(), deque(maxlen=self._window)).append(seconds)
 
     def _recent(self, rows: int) -> list[float]:
+        """The answer times of this size, else of the nearest larger size with enough of them (an answer takes
+        no longer for fewer rows), else of every size."""
         with self._lock:
-            group = self._by_size.get(rows.bit_length())
-            if group is not None and len(group) >= self._warmup:
-                return list(group)
+            warm = [size for size, group in self._by_size.items() if len(group) >= self._warmup]
+            size = min((w for w in warm if w >= rows.bit_length()), default=None)
+            if size is not None:
+                return list(self._by_size[size])
             return list(self._all) if len(self._all) >= self._warmup else []
 
     def timeout_s(self, *, rows: int, attempt: int) -> float:
@@ -267,7 +271,8 @@ class V2Scorer:
         # Requests run on these threads so that a late one can be hedged; a request given up by its caller
         # keeps its thread until its own read timeout.
         self._requests = ThreadPoolExecutor(max_workers=2 * connections, thread_name_prefix="score-request")
-        self._parts = ThreadPoolExecutor(max_workers=self._fanout, thread_name_prefix="score-isolate")
+        # Room for a batch's parts and the parts of a refused one being cut up while its siblings are out.
+        self._parts = ThreadPoolExecutor(max_workers=2 * self._fanout, thread_name_prefix="score-isolate")
 
     def close(self) -> None:
         self._parts.shutdown(wait=False, cancel_futures=True)
@@ -316,29 +321,31 @@ class V2Scorer:
     ) -> None:
         """Score a batch; when the server refuses it as invalid, find the refused rows, keeping source order.
 
-        A refused batch is cut into `isolation_fanout` parts scored side by side, and each refused part again,
-        until the refused rows stand alone: a poison row in 5,000 costs 5 rounds of requests, not 13 in a row.
+        A refused batch is cut into `isolation_fanout` parts scored side by side, and each refused part is cut
+        again as soon as its answer comes, without waiting for its siblings: a poison row in 5,000 costs 5
+        requests in a row, and a hung request for a clean part delays only that part.
         """
         outcome = self._try(batch)
         if not isinstance(outcome, str):
             scored.append((batch, outcome))
             return
         found: list[tuple[int, pa.RecordBatch, pa.Table | str]] = []  # (offset, rows, scores or reason)
-        suspects = [(0, batch, outcome)]
-        while suspects:
-            parts: list[tuple[int, pa.RecordBatch]] = []
-            for offset, rows, reason in suspects:
-                if rows.num_rows == 1:
-                    found.append((offset, rows, reason))  # a refused row on its own: isolated
+        pending: dict[Future[pa.Table | str], tuple[int, pa.RecordBatch]] = {}
+
+        def cut(offset: int, rows: pa.RecordBatch) -> None:
+            for at, piece in _split(rows, self._fanout):
+                pending[self._parts.submit(self._try, piece)] = (offset + at, piece)
+
+        cut(0, batch)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                offset, piece = pending.pop(future)
+                result = future.result()
+                if isinstance(result, str) and piece.num_rows > 1:
+                    cut(offset, piece)
                 else:
-                    parts += [(offset + at, piece) for at, piece in _split(rows, self._fanout)]
-            outcomes = self._parts.map(self._try, [piece for _, piece in parts])
-            suspects = []
-            for (offset, piece), result in zip(parts, outcomes, strict=True):
-                if isinstance(result, str):
-                    suspects.append((offset, piece, result))
-                else:
-                    found.append((offset, piece, result))
+                    found.append((offset, piece, result))  # scored, or a refused row on its own: isolated
         for _, rows, result in sorted(found, key=lambda f: f[0]):
             if isinstance(result, str):
                 refused.append((rows, result))
