@@ -7,6 +7,7 @@ model that validates its inputs would. Every decision is counted so a test can c
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import struct
@@ -17,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import orjson
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Faults:
     def count(self, key: str) -> None:
         with self.lock:
             self.counts[key] += 1
+        if key != "forwarded":  # the worker's log shows when each fault struck, to set beside its progress
+            log.info("fault proxy: %s", key)
 
 
 class FaultProxy:
