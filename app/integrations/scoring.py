@@ -261,8 +261,9 @@ class V2Scorer:
         self._retries = retries
         self._backoff_s = backoff_s
         self._fanout = max(2, isolation_fanout)
-        # Room for every batch in flight, the parts of a batch being isolated, and a hedge for each of them.
-        connections = 2 * (max_connections + self._fanout)
+        # Room for every batch in flight, the parts being isolated (2 x fanout: a refused part is cut while its
+        # siblings are still out), and a hedge for each of them.
+        connections = 2 * (max_connections + 2 * self._fanout)
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
@@ -271,7 +272,6 @@ class V2Scorer:
         # Requests run on these threads so that a late one can be hedged; a request given up by its caller
         # keeps its thread until its own read timeout.
         self._requests = ThreadPoolExecutor(max_workers=2 * connections, thread_name_prefix="score-request")
-        # Room for a batch's parts and the parts of a refused one being cut up while its siblings are out.
         self._parts = ThreadPoolExecutor(max_workers=2 * self._fanout, thread_name_prefix="score-isolate")
 
     def close(self) -> None:
