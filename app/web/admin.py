@@ -20,7 +20,7 @@ from app.errors import AppError
 from app.partners import service as partners
 from app.partners.models import Partner
 from app.partners.schemas import PartnerCreate, PartnerUpdate
-from app.web.deps import WebAdmin, WebScope, WebUser, csrf_guard, field_errors, render
+from app.web.deps import WebAdmin, WebScope, WebUser, csrf_guard, field_errors, form_errors, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -28,8 +28,12 @@ PARTNER_LABELS = {"code": "Code", "name": "Name", "contact_email": "Contact e-ma
 USER_LABELS = {"username": "Username", "role": "Role", "password": "Password"}
 
 
-def _field(name: str | None, labels: dict[str, str]) -> str:
-    return name if name in labels else "form"
+def _partner_field(name: str | None) -> str:
+    return name if name in PARTNER_LABELS else "form"
+
+
+def _user_field(name: str | None) -> str:
+    return name if name in USER_LABELS else "form"
 
 
 @router.get("/partners", response_class=HTMLResponse)
@@ -104,15 +108,10 @@ def create_partner(
     try:
         data = PartnerCreate(code=code, name=name, contact_email=contact_email or None)
         partner = partners.create_partner(session=session, data=data, actor=admin.username)
-    except ValidationError as exc:
-        errors = {_field(k, PARTNER_LABELS): v for k, v in field_errors(exc).items()}
-        return _partner_page(request, session, admin, partner=None, form=form, errors=errors, status_code=422)
-    except AppError as exc:
+    except (ValidationError, AppError) as exc:
         session.rollback()
-        errors = {_field(exc.field, PARTNER_LABELS): exc.detail}
-        return _partner_page(
-            request, session, admin, partner=None, form=form, errors=errors, status_code=exc.status_code
-        )
+        errors, status = form_errors(exc, _partner_field)
+        return _partner_page(request, session, admin, partner=None, form=form, errors=errors, status_code=status)
     session.commit()
     return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
 
@@ -152,16 +151,10 @@ def update_partner(
         data = PartnerUpdate(name=name, contact_email=contact_email or None)
         partners.update_partner(session=session, partner_id=partner.id, data=data, actor=admin.username)
         auth_service.set_partner_managers(session=session, partner=partner, usernames=managers, actor=admin.username)
-    except ValidationError as exc:
+    except (ValidationError, AppError) as exc:
         session.rollback()
-        errors = {_field(k, PARTNER_LABELS): v for k, v in field_errors(exc).items()}
-        return _partner_page(request, session, admin, partner=partner, form=form, errors=errors, status_code=422)
-    except AppError as exc:
-        session.rollback()
-        errors = {_field(exc.field, PARTNER_LABELS): exc.detail}
-        return _partner_page(
-            request, session, admin, partner=partner, form=form, errors=errors, status_code=exc.status_code
-        )
+        errors, status = form_errors(exc, _partner_field)
+        return _partner_page(request, session, admin, partner=partner, form=form, errors=errors, status_code=status)
     session.commit()
     return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
 
@@ -250,13 +243,10 @@ def create_user(
     try:
         data = UserCreate.model_validate({"username": username, "role": role, "password": password or None})
         user = auth_service.create_user(session=session, data=data, actor=admin.username)
-    except ValidationError as exc:
-        errors = {_field(k, USER_LABELS): v for k, v in field_errors(exc).items()}
-        return _users_page(request, session, admin, form=form, errors=errors, status_code=422)
-    except AppError as exc:
+    except (ValidationError, AppError) as exc:
         session.rollback()
-        errors = {_field(exc.field, USER_LABELS): exc.detail}
-        return _users_page(request, session, admin, form=form, errors=errors, status_code=exc.status_code)
+        errors, status = form_errors(exc, _user_field)
+        return _users_page(request, session, admin, form=form, errors=errors, status_code=status)
     session.commit()
     return RedirectResponse(f"/admin/users?saved={quote(user.username)}", status_code=303)
 

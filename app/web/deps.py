@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -14,7 +15,7 @@ from app.auth.deps import SAFE_METHODS, csrf_matches, csrf_token, session_user
 from app.auth.models import User
 from app.auth.scope import PartnerScope
 from app.db import get_session, release_connection
-from app.errors import Forbidden, Unauthorized
+from app.errors import AppError, Forbidden, Unauthorized
 from app.web.templating import templates
 
 WEB_HEADERS = {
@@ -95,3 +96,13 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         errors.setdefault(name, message)
     return errors
+
+
+def form_errors(exc: ValidationError | AppError, field_of: Callable[[str | None], str]) -> tuple[dict[str, str], int]:
+    """A refused form's messages by the form field they belong to (field_of), and the status to answer with."""
+    if isinstance(exc, AppError):
+        return {field_of(exc.field): exc.detail}, exc.status_code
+    errors: dict[str, str] = {}
+    for name, message in field_errors(exc).items():
+        errors.setdefault(field_of(name), message)
+    return errors, 422

@@ -24,7 +24,7 @@ from app.retro_tests import service as retro_tests
 from app.retro_tests.models import TERMINAL_STATES, State
 from app.retro_tests.router import files_url, read_out, to_out
 from app.retro_tests.schemas import RetroTestCreate
-from app.web.deps import WebScope, WebUser, csrf_guard, field_errors, render
+from app.web.deps import WebScope, WebUser, csrf_guard, form_errors, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -233,27 +233,12 @@ def submit_job(
     }
     try:
         data = RetroTestCreate.model_validate(request_body(form))
-    except ValidationError as exc:
-        errors: dict[str, str] = {}
-        for name, message in field_errors(exc).items():
-            errors.setdefault(_error_field(name), message)
-        return _form_page(
-            request,
-            user=user,
-            scope=scope,
-            session=session,
-            registry=registry,
-            form=form,
-            errors=errors,
-            status_code=422,
-        )
-    try:
         job, created = dispatch.submit(
             session=session, registry=registry, settings=settings, data=data, actor=user.username, scope=scope
         )
-    except AppError as exc:
+    except (ValidationError, AppError) as exc:
         session.rollback()
-        errors = {_error_field(exc.field): exc.detail}
+        errors, status = form_errors(exc, _error_field)
         return _form_page(
             request,
             user=user,
@@ -262,7 +247,7 @@ def submit_job(
             registry=registry,
             form=form,
             errors=errors,
-            status_code=exc.status_code,
+            status_code=status,
         )
     suffix = "" if created else "?existing=1"
     return RedirectResponse(f"/jobs/{job.id}{suffix}", status_code=303)
