@@ -118,25 +118,19 @@ def test_an_attempt_that_finds_every_chunk_committed_publishes_without_deploying
     job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """...and, reading the model the first attempt recorded, without asking the registry either."""
-    import worker.pipeline
     from app.integrations.registry import ModelVersionInfo
     from app.retro_tests.models import RetroTest
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
-    real_publish = worker.pipeline.publish
-    monkeypatch.setattr(worker.pipeline, "publish", die)
-    with pytest.raises(Killed):  # every chunk committed, then the worker died before publishing
-        run_retro_test_now(job_id, sessions, adapters, settings)
-    with sessions() as s, s.begin():
+    die_before_publishing(job_id, sessions, adapters, settings, monkeypatch)
+    with sessions() as s:
         job = s.get(RetroTest, job_id)
         assert job is not None and job.state.value == "publishing" and job.chunks_done == HISTORY_DAYS
-        job.heartbeat_at = None  # its heartbeat went stale
         assert job.model_info is not None
         recorded = ModelVersionInfo.from_record(job.model_info)
     assert recorded == adapters.registry.resolve(name=recorded.name, version=recorded.version)
 
-    monkeypatch.setattr(worker.pipeline, "publish", real_publish)
     monkeypatch.setattr(adapters.deployer, "start", die)  # nothing is left to score: no model server
     monkeypatch.setattr(adapters.registry, "resolve", die)  # and no registry: the model is on the job
     monkeypatch.setattr(adapters.source, "count", die)  # nor a second count of the period: it is on the job too
@@ -149,23 +143,13 @@ def test_a_source_that_changed_between_attempts_fails_the_job_at_publishing(
     job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A resumed attempt keeps the first attempt's count; the rows it reads must still add up to it."""
-    import worker.pipeline
     from app.retro_tests.models import RetroTest
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
     real_count = adapters.source.count
     monkeypatch.setattr(adapters.source, "count", lambda query: real_count(query) + 1)  # a row since deleted
-    real_publish = worker.pipeline.publish
-    monkeypatch.setattr(worker.pipeline, "publish", die)
-    with pytest.raises(Killed):
-        run_retro_test_now(job_id, sessions, adapters, settings)
-    with sessions() as s, s.begin():
-        job = s.get(RetroTest, job_id)
-        assert job is not None
-        job.heartbeat_at = None
-
-    monkeypatch.setattr(worker.pipeline, "publish", real_publish)
+    die_before_publishing(job_id, sessions, adapters, settings, monkeypatch)
     monkeypatch.setattr(adapters.source, "count", real_count)
     assert run_retro_test_now(job_id, sessions, adapters, settings) == "failed"
     with sessions() as s:
@@ -181,6 +165,23 @@ class Killed(BaseException):
 
 def die(**_: Any) -> None:
     raise Killed
+
+
+def die_before_publishing(
+    job_id: uuid.UUID, sessions: Any, adapters: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt that commits every chunk and dies before publishing; its heartbeat is then left to go stale."""
+    import worker.pipeline
+    from app.retro_tests.models import RetroTest
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.pipeline, "publish", die)
+        with pytest.raises(Killed):
+            run_retro_test_now(job_id, sessions, adapters, settings)
+    with sessions() as s, s.begin():
+        job = s.get(RetroTest, job_id)
+        assert job is not None
+        job.heartbeat_at = None
 
 
 def run_retro_test_now(job_id: uuid.UUID, sessions: Any, adapters: Any, settings: Any) -> str:

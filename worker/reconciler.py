@@ -1,9 +1,10 @@
 """Recovery that does not rely on the broker's memory: re-enqueue jobs a lost message or a dead worker stranded.
 
 A running job renews its heartbeat every few seconds; one whose heartbeat is older than stale_after_s lost
-its worker, and one whose lease holder was a process on this host that is gone lost it for certain. A queued job whose message was never picked up (a Redis restart drops unacked and queued
-messages) is sent again after requeue_queued_after_s. Sending a job twice is harmless: the pipeline's
-lease lets one attempt run it and the others do nothing.
+its worker, and one whose lease holder was a process on this host that is gone lost it for certain. A queued
+job whose message was never picked up (a Redis restart drops unacked and queued messages) is sent again after
+requeue_queued_after_s. Sending a job twice is harmless: the pipeline's lease lets one attempt run it and the
+others do nothing.
 """
 
 from __future__ import annotations
