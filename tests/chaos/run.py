@@ -421,18 +421,25 @@ def planned_strikes(kills: int) -> list[str]:
     return [*actions, "api"]
 
 
+def strike_marks(rows: int, strikes: int) -> list[int]:
+    """Rows scored at which each strike after the cancel lands: evenly spaced over the job, the last before its end.
+
+    Marks in rows rather than seconds put every strike in the same place on a fast machine as on a slow one.
+    """
+    return [rows * (i + 1) // (strikes + 1) for i in range(strikes)]
+
+
 def chaos_loop(
     world: World,
     *,
     main_id: str,
     cancel_id: str,
     actions: list[str],
-    kill_every_s: float,
+    rows: int,
     stop: threading.Event,
     lock: threading.Lock,
 ) -> None:
     """While the main job scores: kill worker processes, restart Redis, cancel the second job, restart the API."""
-    last_rows = -1
     pending = list(actions)
     while pending and pending[0] == "cancel":
         # The second job is cancelled while it starts its model server, the stage with the most to undo.
@@ -443,25 +450,19 @@ def chaos_loop(
             world.strikes.append(pending.pop(0))
         elif stop.wait(0.2):
             return
-    while pending:
-        # Strike only while rows are being scored, and only after progress since the last strike.
-        while not stop.is_set():
+    for action, mark in zip(pending, strike_marks(rows, len(pending)), strict=True):
+        # Strike while rows are being scored, once the job has scored past this strike's mark.
+        while True:
             j = job(world, main_id)
             if j and j["state"] in ("succeeded", "failed", "cancelled"):
                 return
-            if j and j["state"] == "scoring" and j["progress"]["rows_scored"] > last_rows:
-                break
-            stop.wait(0.3)
-        if stop.wait(kill_every_s):
-            return
-        j = job(world, main_id)
-        if not j or j["state"] in ("succeeded", "failed", "cancelled"):
-            return
-        with lock:
-            landed = strike(world, pending[0], j["progress"]["rows_scored"], main_id=main_id, cancel_id=cancel_id)
-        if landed:
-            last_rows = j["progress"]["rows_scored"]
-            world.strikes.append(pending.pop(0))
+            if j and j["state"] == "scoring" and j["progress"]["rows_scored"] >= mark:
+                with lock:
+                    if strike(world, action, j["progress"]["rows_scored"], main_id=main_id, cancel_id=cancel_id):
+                        break
+            if stop.wait(0.2):
+                return
+        world.strikes.append(action)
 
 
 def holder_pid(job_id: str) -> int | None:
@@ -571,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "main_id": main_id,
                 "cancel_id": cancel_id,
                 "actions": strikes,
-                "kill_every_s": args.kill_every,
+                "rows": rows,
                 "stop": stop,
                 "lock": lock,
             },
@@ -646,7 +647,7 @@ def verdict(report: dict[str, Any], max_ratio: float) -> list[str]:
     if report["strikes_done"] < report["strikes_planned"]:
         misses.append(
             f"only {report['strikes_done']} of {report['strikes_planned']} strikes landed before the job ended "
-            "(use more rows or a smaller --kill-every)"
+            "(the job ended before the last strike's mark)"
         )
     if report["time_ratio"] > max_ratio:
         misses.append(f"time {report['time_ratio']:.2f}x the clean run (target <= {max_ratio}x)")
@@ -659,7 +660,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=20)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--kill-every", type=float, default=1.5, help="seconds of scoring between strikes")
     parser.add_argument(
         "--poison",
         type=int,

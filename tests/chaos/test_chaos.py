@@ -28,8 +28,6 @@ def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
             "12",
             "--kills",
             "2",
-            "--kill-every",
-            "1",
             "--batch",
             "5000",
             "--poison",
