@@ -229,3 +229,26 @@ def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceili
     with scorer(url, retries=0, timeout_s=30.0, timeout_floor_s=0.2) as s:
         elapsed = _score_through_a_hang(s, script)  # the first request: nothing is known of the server yet
     assert elapsed < 1.0, elapsed
+
+
+def test_a_hang_among_the_first_requests_is_hedged_once_its_siblings_answers_show_it_is_late(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.answers = ["hang"]
+    with scorer(url, retries=0, timeout_s=30.0, timeout_floor_s=1.0) as s:
+        hung: dict[str, float] = {}
+
+        def score_the_first() -> None:
+            started = time.perf_counter()
+            assert s.score(BATCH).scores.to_pydict() == {"score": [2.0, 5.0]}
+            hung["seconds"] = time.perf_counter() - started
+
+        first = threading.Thread(target=score_the_first)
+        first.start()
+        while script.requests < 1:  # sent, and hanging, before anything was known of the server
+            time.sleep(0.005)
+        for _ in range(5):  # its siblings answer in a few milliseconds
+            s.score(BATCH)
+        first.join()
+    assert hung["seconds"] < 0.6, hung  # not the floor (1 s) nor the hang (1.5 s)

@@ -35,6 +35,10 @@ from app.metrics import (
     SCORING_REQUEST_SECONDS,
 )
 
+# How often a waiting request asks again whether it is late: a request sent before any answer came is hedged
+# soon after the first answers show what an answer takes, not only after the floor.
+HEDGE_RECHECK_S = 0.05
+
 
 class BatchRejected(ScoringFailed):
     """The model server refused a batch as invalid (4xx): retrying cannot help."""
@@ -389,15 +393,32 @@ class V2Scorer:
     def _send(self, body: bytes, *, rows: int, attempt: int) -> httpx.Response:
         """One attempt: the request, and a second copy of it if the first is late; the first 200 wins."""
         timeout_s = self._latency.timeout_s(rows=rows, attempt=attempt)
-        hedge_after_s = self._latency.hedge_after_s(rows=rows)
         first = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
-        if hedge_after_s >= timeout_s or wait([first], timeout=hedge_after_s).done:
+        if not self._late(first, rows=rows, timeout_s=timeout_s):
             return first.result()
         SCORING_HEDGED_REQUESTS.labels(self.protocol).inc()
         second = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
         # The first to end decides, even with an error: waiting on the other might mean waiting out a hang.
         done, _ = wait([first, second], return_when=FIRST_COMPLETED)
         return next((f for f in done if _answered_200(f)), next(iter(done))).result()
+
+    def _late(self, request: Future[httpx.Response], *, rows: int, timeout_s: float) -> bool:
+        """Wait for a request until it is answered (False) or late enough to hedge (True).
+
+        What counts as late is asked again every HEDGE_RECHECK_S: a request sent before any answer came (the
+        first of a job or of a resumed attempt) waits the floor only until its siblings' answers show what an
+        answer takes.
+        """
+        started = time.perf_counter()
+        while True:
+            hedge_after_s = self._latency.hedge_after_s(rows=rows)
+            if hedge_after_s >= timeout_s:
+                return False  # its own read timeout comes first; a retry follows
+            left = hedge_after_s - (time.perf_counter() - started)
+            if left <= 0:
+                return not request.done()
+            if wait([request], timeout=min(left, HEDGE_RECHECK_S)).done:
+                return False
 
     def _timed_post(self, body: bytes, *, rows: int, timeout_s: float) -> httpx.Response:
         started = time.perf_counter()
