@@ -139,6 +139,44 @@ def test_an_attempt_that_finds_every_chunk_committed_publishes_without_deploying
     assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
 
 
+def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_registry_down(
+    database_url: str, registry: dict[str, str], history: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API records the registry's answer at submission: no attempt asks the registry again."""
+    from app.auth.scope import ALL_PARTNERS
+    from app.partners.models import Partner
+    from app.retro_tests.models import RetroTest
+    from app.retro_tests.schemas import RetroTestCreate
+    from app.retro_tests.service import create_retro_test
+
+    settings, sessions, adapters = _in_process(None)
+    settings = settings.model_copy(update={"partitions": 1})
+    code = f"accepted-{uuid.uuid4().hex[:8]}"
+    with sessions() as s, s.begin():
+        s.add(Partner(code=code, name=code))
+        s.flush()
+        data = RetroTestCreate(
+            partner_code=code,
+            model_name="churn",
+            model_alias="champion",
+            period_start=HISTORY_START,
+            period_end=END,
+        )
+        job, _ = create_retro_test(
+            session=s, registry=adapters.registry, settings=settings, data=data, actor="test", scope=ALL_PARTNERS
+        )
+        job_id = job.id
+        assert job.model_info == adapters.registry.resolve(name="churn", alias="champion").to_record()
+
+    monkeypatch.setattr(adapters.registry, "resolve", die)
+    assert run_retro_test_now(job_id, sessions, adapters, settings) == "succeeded"
+    with sessions() as s:
+        finished = s.get(RetroTest, job_id)
+        assert finished is not None and finished.attempts == 1
+    keys = _result_keys(sessions, adapters, job_id)
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+
+
 def test_a_source_that_changed_between_attempts_fails_the_job_at_publishing(
     job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:

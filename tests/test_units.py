@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -99,3 +100,16 @@ def test_decode_v2_refuses_a_wrong_row_count() -> None:
     body = orjson.dumps({"outputs": [{"name": "o", "shape": [3], "datatype": "FP64", "data": [1, 0, 1]}]})
     with pytest.raises(Exception, match="3 results for 2 rows"):
         decode_v2(body, rows=2, output_names=())
+
+
+def test_model_artifacts_on_this_file_system_are_found_without_mlflow(tmp_path: Path) -> None:
+    from app.integrations.deployers import _local_path
+
+    model = tmp_path / "my model"
+    model.mkdir()
+    assert _local_path(model.as_uri()) == model  # file:///... with the space quoted
+    assert _local_path(str(model)) == model
+    assert _local_path(f"file://localhost{model}") == model
+    assert _local_path((tmp_path / "gone").as_uri()) is None  # not there: mlflow says why
+    assert _local_path("s3://bucket/models/m-1/artifacts") is None
+    assert _local_path("mlflow-artifacts:/models/m-1/artifacts") is None

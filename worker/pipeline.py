@@ -251,9 +251,10 @@ def _finish(
 def resolve(*, job: RetroTest, registry: MlflowRegistry) -> ModelVersionInfo:
     """The exact version the job was created for; never an alias that may have moved since.
 
-    The first attempt asks the registry and records the answer on the job; a resumed attempt or a helper reads
-    that record back, so it starts at once and still runs while the registry is down. A version's signature and
-    artifacts do not change, and the job's source columns were fixed at submission.
+    The API records the registry's answer on the job when it accepts the request, and every attempt and helper
+    reads that record: a job scores the version its requester was shown, starts at once, and still runs while
+    the registry is down. A version's signature and artifacts do not change. A job without the record (accepted
+    before it was kept) asks the registry once, and its first attempt records the answer.
     """
     if job.model_info:
         return ModelVersionInfo.from_record(job.model_info)

@@ -132,6 +132,7 @@ def create_retro_test(
         model_version=model.version,
         model_run_id=model.run_id,
         model_uri=model.artifact_uri,
+        model_info=model.to_record(),  # what the workers deploy: this answer, not a later one for the same name
         source_table=spec.table,
         date_column=spec.date_column,
         id_columns=list(spec.id_columns),
