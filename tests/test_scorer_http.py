@@ -186,9 +186,7 @@ def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, S
 def test_refused_rows_are_isolated_part_by_part_in_parallel_and_the_rest_keep_their_order(
     server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.integrations.scoring import LatencyTracker
-
-    monkeypatch.setattr(LatencyTracker, "hedge_after_s", lambda self, rows: 1e9)  # exact request counts: no hedges
+    monkeypatch.setattr(V2Scorer, "_late", lambda self, request, **_: False)  # exact request counts: no hedges
     url, script = server
     script.poison = 2.5
     xs = [float(i) for i in range(1000)]
@@ -252,3 +250,12 @@ def test_a_hang_among_the_first_requests_is_hedged_once_its_siblings_answers_sho
             s.score(BATCH)
         first.join()
     assert hung["seconds"] < 0.6, hung  # not the floor (1 s) nor the hang (1.5 s)
+
+
+def test_when_recent_answers_were_slow_a_hang_is_hedged_at_half_its_read_timeout(server: tuple[str, Script]) -> None:
+    url, script = server
+    with scorer(url, retries=0, timeout_s=1.2) as s:  # no retry: only the hedge can save the hung request
+        for _ in range(5):  # a busy server: answers of 0.7 s; twice their 90th percentile is past the timeout
+            s._latency.observe(0.7, rows=BATCH.num_rows)
+        elapsed = _score_through_a_hang(s, script)
+    assert elapsed < 1.0, elapsed  # hedged at 0.6 s

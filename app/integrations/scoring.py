@@ -407,13 +407,12 @@ class V2Scorer:
 
         What counts as late is asked again every HEDGE_RECHECK_S: a request sent before any answer came (the
         first of a job or of a resumed attempt) waits the floor only until its siblings' answers show what an
-        answer takes.
+        answer takes. A request is late at half its read timeout at the latest: when recent answers were slow
+        (a busy server, a timeout cut to the ceiling), a hang costs half the timeout, not all of it and a retry.
         """
         started = time.perf_counter()
         while True:
-            hedge_after_s = self._latency.hedge_after_s(rows=rows)
-            if hedge_after_s >= timeout_s:
-                return False  # its own read timeout comes first; a retry follows
+            hedge_after_s = min(self._latency.hedge_after_s(rows=rows), timeout_s / 2)
             left = hedge_after_s - (time.perf_counter() - started)
             if left <= 0:
                 return not request.done()
