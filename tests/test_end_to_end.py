@@ -232,3 +232,56 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
     assert len(scores) == HISTORY_DAYS * ROWS_PER_DAY
     assert not scores.duplicated(["customer_id", "snapshot_date"]).any()
     assert not os.path.exists(location.removeprefix("file://") + "/parts")
+
+
+def test_a_job_whose_model_server_stays_down_fails_naming_the_cause_and_offers_no_results(
+    database_url: str, registry: dict[str, str], history: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry budget, then the re-creation budget, spent: the job fails and its committed chunks stay hidden."""
+    import worker.chunks
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+    from app.retro_tests.models import RetroTest, State
+    from app.retro_tests.service import job_prefix
+    from tests.chaos.fault_proxy import Faults
+    from tests.chaos.worker import FaultyDeployer
+    from tests.factories import make_retro_test
+    from worker.pipeline import Adapters, run_retro_test
+
+    settings = get_settings().model_copy(
+        update={"score_retries": 2, "score_backoff_s": 0.01, "max_redeploys": 1, "partitions": 1}
+    )
+    sessions = get_session_factory()
+    faults = Faults(unavailable=0.0, hang=0.0, reset=0.0, poison_input="")
+    real_commit = worker.chunks.commit_chunk
+
+    def commit_then_go_down(*args: Any, **kwargs: Any) -> bool:
+        committed = real_commit(*args, **kwargs)
+        faults.unavailable = 1.0  # after the first chunk, every request is answered 503, by every server made
+        return committed
+
+    monkeypatch.setattr(worker.chunks, "commit_chunk", commit_then_go_down)
+    with sessions() as s, s.begin():
+        job_id = make_retro_test(s, start=HISTORY_START, end=END, partner_prefix="down")
+    adapters = Adapters(
+        registry=make_registry(settings),
+        source=make_history_source(settings),
+        deployer=FaultyDeployer(make_deployer(settings), lambda: faults),
+        store=make_result_store(settings),
+    )
+    assert run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings) == State.failed
+    with sessions() as s:
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.chunks_done >= 1  # some rows were scored before the server went down
+        assert job.error_code == "model_server_down"
+        message = job.error_message or ""
+        assert "after 3 attempts" in message and "HTTP 503" in message, message
+        assert "re-created 1 time(s) without help" in message, message
+        assert job.result_location is None  # nothing is offered for download
+        prefix = job_prefix(job)
+    store = make_result_store(settings)
+    with pytest.raises(FileNotFoundError):
+        store.open_read(f"{prefix}/scores.parquet").close()
+    assert faults.counts["unavailable"] >= 2 * 3  # each of the two servers got the whole retry budget
+    assert mlserver_processes_for(str(job_id)) == []  # and both were torn down
