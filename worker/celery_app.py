@@ -113,8 +113,7 @@ def _import_before_forking(**_: Any) -> None:
     server. mlflow is not among them: the API records the model on the job when it accepts it, so a worker
     imports mlflow only for a job accepted before that record was kept, or for artifacts in a remote store.
     """
-    import h11  # noqa: F401
-    import httpcore  # noqa: F401
+    import httpcore  # noqa: F401  (and h11 with it)
     import pandas  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 

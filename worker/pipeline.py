@@ -155,8 +155,14 @@ def run_retro_test(
 def _run_stages(
     *, job_id: uuid.UUID, sessions: sessionmaker[Session], adapters: Adapters, settings: Settings, control: JobControl
 ) -> None:
-    model = _stage(sessions, job_id, State.resolving, lambda job: resolve(job=job, registry=adapters.registry))
-    _set_counters(sessions, job_id, model_info=model.to_record())
+    model, recorded = _stage(
+        sessions,
+        job_id,
+        State.resolving,
+        lambda job: (resolve(job=job, registry=adapters.registry), job.model_info is not None),
+    )
+    if not recorded:  # accepted before the API kept the model on the job: keep the registry's answer now
+        _set_counters(sessions, job_id, model_info=model.to_record())
     query, total = _stage(
         sessions, job_id, State.extracting, lambda job: extract(job=job, model=model, source=adapters.source)
     )
@@ -254,7 +260,7 @@ def resolve(*, job: RetroTest, registry: MlflowRegistry) -> ModelVersionInfo:
     The API records the registry's answer on the job when it accepts the request, and every attempt and helper
     reads that record: a job scores the version its requester was shown, starts at once, and still runs while
     the registry is down. A version's signature and artifacts do not change. A job without the record (accepted
-    before it was kept) asks the registry once, and its first attempt records the answer.
+    before it was kept) asks the registry; _run_stages then records the answer, so only its first attempt asks.
     """
     if job.model_info:
         return ModelVersionInfo.from_record(job.model_info)

@@ -96,7 +96,7 @@ class ModelVersionInfo:
         return SourceSpec(table=table, date_column=date_column, id_columns=tuple(ids))
 
     def to_record(self) -> dict[str, Any]:
-        """As JSON, to keep on the job: a resumed attempt reads it back instead of asking the registry."""
+        """As JSON, to keep on the job: every attempt reads it back instead of asking the registry."""
         return {
             "name": self.name,
             "version": self.version,
@@ -131,7 +131,7 @@ _VERSION = re.compile(r"^[0-9]{1,9}$")
 
 class MlflowRegistry:
     """The MLflow model registry, through MlflowClient (made on first use: a process that never asks the
-    registry, such as a worker resuming a job whose model is recorded, never pays for it)."""
+    registry, such as a worker whose jobs carry their model, never imports mlflow)."""
 
     def __init__(self, *, tracking_uri: str, registry_uri: str) -> None:
         self._uris = (tracking_uri, registry_uri)

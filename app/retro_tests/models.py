@@ -106,8 +106,8 @@ class RetroTest(Base):
     source_table: Mapped[str] = mapped_column(String(512))
     date_column: Mapped[str] = mapped_column(String(256))
     id_columns: Mapped[list[str]] = mapped_column(JSON)
-    # The registry's full answer (signature, artifact location), recorded by the first attempt to resolve it:
-    # later attempts read it here and need neither the registry nor mlflow (ModelVersionInfo.to_record).
+    # The registry's full answer (signature, artifact location), recorded by the API when it accepts the job:
+    # every attempt reads it here and needs neither the registry nor mlflow (ModelVersionInfo.to_record).
     model_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # State machine and timings.
