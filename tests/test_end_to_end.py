@@ -250,7 +250,14 @@ def test_a_job_whose_model_server_stays_down_fails_naming_the_cause_and_offers_n
     from worker.pipeline import Adapters, run_retro_test
 
     settings = get_settings().model_copy(
-        update={"score_retries": 2, "score_backoff_s": 0.01, "max_redeploys": 1, "partitions": 1}
+        # One batch in flight at a time: no batch of a later chunk is sent before the first chunk is committed.
+        update={
+            "score_retries": 2,
+            "score_backoff_s": 0.01,
+            "max_redeploys": 1,
+            "partitions": 1,
+            "score_window_batches": 1,
+        }
     )
     sessions = get_session_factory()
     faults = Faults(unavailable=0.0, hang=0.0, reset=0.0, poison_input="")
