@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # Where to reach a deployment: a template with {name} and {namespace}; empty means the in-cluster service.
     k8s_endpoint_template: str = ""
     seldon_v2_mesh_url: str = "http://seldon-mesh.{namespace}.svc.cluster.local"
+    # Where to reach a deployment's V2 gRPC endpoint: host:port, a template with {name} and {namespace}; empty
+    # means the in-cluster service (Seldon Core v1 with protocol v2: port 5001; KServe: port 80 with h2c).
+    k8s_grpc_endpoint_template: str = ""
+    seldon_v2_mesh_grpc: str = "seldon-mesh.{namespace}.svc.cluster.local:80"  # the mesh serves gRPC too
     deployment_ttl_s: int = Field(default=24 * 3600, ge=60)  # expiry label; the reaper deletes after it
     reaper_interval_s: float = Field(default=300.0, gt=0)
 
@@ -96,7 +100,10 @@ class Settings(BaseSettings):
     hive_date_string_format: Literal["yyyy-MM-dd", "yyyyMMdd"] = "yyyy-MM-dd"
     hive_count_rows: bool = True  # COUNT(*) first, for progress and reconciliation
 
-    # Scoring over the Open Inference Protocol (V2).
+    # Scoring: "auto" speaks the fastest protocol the deployment serves: V2 gRPC (binary tensors) where it has a
+    # gRPC endpoint (local MLServer, Seldon Core v2, KServe, Seldon Core v1 with protocol v2), else V2 REST; the
+    # Seldon protocol for Seldon Core v1 with protocol "seldon".
+    score_protocol: Literal["auto", "v2-grpc", "v2-rest", "seldon"] = "auto"
     score_batch_rows: int = Field(default=5_000, ge=1)
     score_concurrency: int = Field(default=4, ge=1)  # requests in flight per job
     # Batches queued for scoring ahead of the one being written (results are written in source order). A

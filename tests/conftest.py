@@ -16,9 +16,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from tests.hive_server import HiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("RETRO_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -51,6 +55,7 @@ from app.demo import stop_process, wait_until_ready  # noqa: E402  (after the se
 HISTORY_START = date.today() - timedelta(days=34)
 HISTORY_DAYS = 4
 ROWS_PER_DAY = 2_500
+HIVE_DAY = date(2026, 1, 5)  # the day of features.all_types in the session's Hive
 
 
 def _admin_engine():  # type: ignore[no-untyped-def]
@@ -111,6 +116,47 @@ def history() -> Path:
     root = Path(os.environ["RETRO_HISTORY_DIR"])
     write_history(root=root, start=HISTORY_START, days=HISTORY_DAYS, rows_per_day=ROWS_PER_DAY)
     return root
+
+
+@pytest.fixture(scope="session")
+def hive(history: Path) -> Iterator[HiveServer]:
+    """One Spark Thrift Server per session, with the tables the tests read."""
+    from tests.hive_server import run_sql, start_hive_server
+
+    server = start_hive_server(_TMP / "hive")
+    folder = history / "features" / "customer_daily"
+    cols = (
+        "customer_id BIGINT, tenure_months BIGINT, monthly_spend DOUBLE, data_gb DOUBLE, voice_minutes BIGINT, "
+        "sms_count BIGINT, support_calls BIGINT, late_payments BIGINT, roaming BOOLEAN, plan STRING"
+    )
+    try:
+        run_sql(
+            server,
+            "CREATE DATABASE IF NOT EXISTS features",
+            # The same files the local source reads, as a DATE-partitioned Hive table.
+            f"CREATE TABLE features.customer_daily ({cols}, snapshot_date DATE) USING parquet "
+            f"PARTITIONED BY (snapshot_date) LOCATION '{folder}'",
+            "ALTER TABLE features.customer_daily RECOVER PARTITIONS",
+            # A STRING partition column in yyyyMMdd, a common Hive layout.
+            f"CREATE TABLE features.by_day_string ({cols}, ds STRING) USING parquet PARTITIONED BY (ds)",
+            f"INSERT INTO features.by_day_string SELECT {', '.join(c.split()[0] for c in cols.split(', '))}, "
+            f"date_format(snapshot_date, 'yyyyMMdd') FROM features.customer_daily",
+            # Every scalar type, and a row of nulls in each.
+            """CREATE TABLE features.all_types (id BIGINT, b BOOLEAN, ti TINYINT, si SMALLINT, i INT, bi BIGINT,
+               f FLOAT, d DOUBLE, dec DECIMAL(12,4), s STRING, vc VARCHAR(10), ch CHAR(4), dt DATE, ts TIMESTAMP,
+               day DATE) USING parquet PARTITIONED BY (day)""",
+            f"""INSERT INTO features.all_types VALUES
+               (1, true, -8, 300, 70000, 9000000000, 1.5, 2.25, 1234.5678, "a'b", 'vc', 'ch', DATE'2025-02-03',
+                TIMESTAMP'2026-01-05 10:11:12.5', DATE'{HIVE_DAY}'),
+               (2, null, null, null, null, null, null, null, null, null, null, null, null, null, DATE'{HIVE_DAY}'),
+               (3, false, 7, -2, 0, -1, -0.25, 1e300, -0.0001, '', 'ü', 'x', DATE'1999-12-31',
+                TIMESTAMP'1999-12-31 23:59:59', DATE'{HIVE_DAY + timedelta(days=1)}')""",
+        )
+    except Exception:
+        server.stop()
+        raise
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

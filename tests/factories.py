@@ -18,8 +18,12 @@ def make_retro_test(
     output_formats: Sequence[str] = ("parquet",),
     partner_prefix: str = "test",
     requested_by: str = "test",
+    model_name: str = "churn",
+    date_column: str = "snapshot_date",
+    id_columns: Sequence[str] = ("customer_id",),
 ) -> uuid.UUID:
-    """A queued retro test of churn v1 for a new partner, as the API would have created it; returns its id.
+    """A queued retro test of version 1 of a model (churn) for a new partner, as the API would have created it
+    (without the registry's answer, which the worker then asks for); returns its id.
 
     The session's transaction is the caller's to commit.
     """
@@ -31,7 +35,7 @@ def make_retro_test(
     session.flush()
     job = RetroTest(
         partner_id=partner.id,
-        model_name="churn",
+        model_name=model_name,
         model_version="1",
         model_uri="",
         requested_by=requested_by,
@@ -41,8 +45,8 @@ def make_retro_test(
         source_override={},
         request_key=uuid.uuid4().hex,
         source_table=table,
-        date_column="snapshot_date",
-        id_columns=["customer_id"],
+        date_column=date_column,
+        id_columns=list(id_columns),
         state=State.queued,
         stage_started={},
     )

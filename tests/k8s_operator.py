@@ -10,10 +10,13 @@ Failed with a message when a test scripts that. When the resource is deleted it 
 
 Its gateway is the network in front of the model servers:
   /gateway/{namespace}/{name}/...  one deployment, like an ingress path (RETRO_K8S_ENDPOINT_TEMPLATE); for
-                                   Seldon v1 with protocol "seldon" it translates /api/v1.0/predictions to V2,
-                                   as Seldon's executor does in front of a V2 model server
+                                   Seldon v1 with protocol "seldon" it answers /api/v1.0/predictions as Seldon's
+                                   MLflow server does: a DataFrame of the rows, scored under the model's signature
+                                   (here: translated to V2 with the signature's datatypes, nulls kept)
   /mesh/{namespace}/...            the Seldon v2 mesh: routes by the Seldon-Model header alone, so a client
                                    that does not send it gets a 404
+and its gRPC gateways do the same for V2 gRPC (ModelInfer): `grpc_ingress` routes by the request's model name
+(RETRO_K8S_GRPC_ENDPOINT_TEMPLATE), `grpc_mesh` by the seldon-model header alone (RETRO_SELDON_V2_MESH_GRPC).
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 
 from app.errors import AppError
-from app.integrations.deployers import LocalMLServerDeployer
+from app.integrations.deployers import Deployment, LocalMLServerDeployer
 from app.integrations.k8s_deployers import INFERENCE_SERVICE, SELDON_DEPLOYMENT, SELDON_MODEL, ResourceKind
+from app.integrations.protocols import GRPC_MODEL_INFER
 from app.integrations.registry import ModelVersionInfo
+from app.integrations.v2_grpc import inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +139,14 @@ class TestOperator:
         self.seen: dict[str, dict[str, Any]] = {}  # the last spec and labels seen per name, for assertions
         self.mesh_requests: list[tuple[str, str | None]] = []  # (path, Seldon-Model header) at the mesh
         self._live: dict[str, Seen] = {}
-        self._backends: dict[str, str] = {}
+        self._backends: dict[str, Deployment] = {}
         self._generations: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._queues: dict[str, ThreadPoolExecutor] = {}
         self.gateway = Gateway(self)
+        self.grpc_ingress = GrpcGateway(self, mesh=False)
+        self.grpc_mesh = GrpcGateway(self, mesh=True)
         self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True) for kind in KINDS]
         for t in self._threads:
             t.start()
@@ -231,7 +239,7 @@ class TestOperator:
                 self._patch_status(kind, name, failed_status(kind, exc.detail))
             return
         with self._lock:
-            self._backends[name] = deployment.base_url
+            self._backends[name] = deployment
         self._patch_status(kind, name, ready_status(kind, name, obj["metadata"]["namespace"]))
 
     def _teardown(self, name: str) -> None:
@@ -254,7 +262,13 @@ class TestOperator:
     # For tests.
     def backend(self, name: str) -> str | None:
         with self._lock:
-            return self._backends.get(name)
+            deployment = self._backends.get(name)
+        return deployment.base_url if deployment else None
+
+    def grpc_backend(self, name: str) -> str | None:
+        with self._lock:
+            deployment = self._backends.get(name)
+        return deployment.grpc_target if deployment else None
 
     def model_servers(self) -> list[str]:
         """Names of the MLServers the operator still runs (or has files for)."""
@@ -276,6 +290,8 @@ class TestOperator:
         for name in self.model_servers():
             self._servers.stop(name)
         self.gateway.shutdown()
+        self.grpc_ingress.stop()
+        self.grpc_mesh.stop()
 
 
 def _logged(work: Callable[[], None]) -> Callable[[], None]:
@@ -400,29 +416,31 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self._answer(resp.status_code, resp.content)
 
     def _seldon_predictions(self, backend: str, name: str, body: bytes) -> None:
-        """Seldon protocol in, V2 to the model server, Seldon protocol out, as Seldon's executor does."""
+        """Seldon protocol in, V2 to the model server, Seldon protocol out.
+
+        Seldon's MLflow server builds a DataFrame from names and ndarray and lets the model's signature decide
+        each column's type; here each column goes to V2 with the signature's datatype, and a non-float column
+        with a null as JSON values (pd_json), which MLServer turns into the same pandas column.
+        """
         data = json.loads(body)["data"]
         columns = list(zip(*data["ndarray"], strict=True))
+        metadata = self.server.client.get(f"{backend}/v2/models/{name}").json()
+        datatypes = {i["name"]: i["datatype"] for i in metadata.get("inputs") or []}
         inputs = []
         for column_name, values in zip(data["names"], columns, strict=True):
-            first = next((v for v in values if v is not None), None)
-            datatype = (
-                "BOOL"
-                if isinstance(first, bool)
-                else "INT64"
-                if isinstance(first, int)
-                else "FP64"
-                if isinstance(first, float)
-                else "BYTES"
-            )
+            datatype = datatypes[column_name]
             entry: dict[str, Any] = {"name": column_name, "datatype": datatype, "shape": [len(values), 1]}
-            entry["data"] = list(values)
-            if datatype == "BYTES":
-                entry["parameters"] = {"content_type": "str"}
+            if datatype not in ("FP64", "FP32") and None in values:
+                entry.update(datatype="BYTES", data=[json.dumps(v) for v in values])
+                entry["parameters"] = {"content_type": "pd_json"}
+            else:
+                entry["data"] = list(values)
+                if datatype == "BYTES":
+                    entry["parameters"] = {"content_type": "str"}
             inputs.append(entry)
         resp = self.server.client.post(f"{backend}/v2/models/{name}/infer", json={"inputs": inputs})
         if resp.status_code != 200:
-            info = resp.text[:500]
+            info = resp.text[-500:]
             status = {"code": -1, "info": info, "reason": "MICROSERVICE_BAD_DATA", "status": "FAILURE"}
             return self._answer(resp.status_code, {"status": status})
         outputs = resp.json()["outputs"]
@@ -439,3 +457,53 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class GrpcGateway:
+    """V2 gRPC in front of the operator's model servers: ModelInfer passed through, bytes for bytes.
+
+    The ingress routes by the request's model name; the mesh (Seldon Core v2) by the seldon-model header alone,
+    answering NOT_FOUND to a request without it, as the real mesh does.
+    """
+
+    def __init__(self, operator: TestOperator, *, mesh: bool) -> None:
+        self._operator = operator
+        self._mesh = mesh
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=32), options=options)
+        handler = grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer)}
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def _infer(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if self._mesh:
+            name = dict(context.invocation_metadata()).get("seldon-model") or ""
+            self._operator.mesh_requests.append(("grpc ModelInfer", name or None))
+            if not name:
+                context.abort(grpc.StatusCode.NOT_FOUND, "the mesh routes by the seldon-model header; none was sent")
+        else:
+            name = inference_pb2.ModelInferRequest.FromString(request).model_name
+        target = self._operator.grpc_backend(name)
+        if target is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model server for {name!r}")
+        assert target is not None
+        with self._lock:
+            channel = self._channels.get(target) or grpc.insecure_channel(
+                target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+            )
+            self._channels[target] = channel
+        try:
+            answer: bytes = channel.unary_unary(GRPC_MODEL_INFER)(request, timeout=60)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details())  # type: ignore[attr-defined]
+        return answer
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+        for channel in self._channels.values():
+            channel.close()

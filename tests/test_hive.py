@@ -22,51 +22,12 @@ from app.errors import Invalid, SchemaMismatch, SourceUnknown
 from app.integrations.history import HistoryQuery
 from app.integrations.hive import HiveSettings, HiveSource, hive_type_to_arrow, select_sql, where_clause
 from app.integrations.registry import Feature
-from tests.conftest import _TMP, HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
-from tests.hive_server import HiveServer, run_sql, start_hive_server
+from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
+from tests.conftest import HIVE_DAY as DAY
+from tests.hive_server import HiveServer, run_sql
 from tests.test_end_to_end import source_rows
 
 END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
-DAY = date(2026, 1, 5)
-
-
-@pytest.fixture(scope="session")
-def hive(history: Path) -> Iterator[HiveServer]:
-    """One Spark Thrift Server per session, with the tables the tests read."""
-    server = start_hive_server(_TMP / "hive")
-    folder = history / "features" / "customer_daily"
-    cols = (
-        "customer_id BIGINT, tenure_months BIGINT, monthly_spend DOUBLE, data_gb DOUBLE, voice_minutes BIGINT, "
-        "sms_count BIGINT, support_calls BIGINT, late_payments BIGINT, roaming BOOLEAN, plan STRING"
-    )
-    try:
-        run_sql(
-            server,
-            "CREATE DATABASE IF NOT EXISTS features",
-            # The same files the local source reads, as a DATE-partitioned Hive table.
-            f"CREATE TABLE features.customer_daily ({cols}, snapshot_date DATE) USING parquet "
-            f"PARTITIONED BY (snapshot_date) LOCATION '{folder}'",
-            "ALTER TABLE features.customer_daily RECOVER PARTITIONS",
-            # A STRING partition column in yyyyMMdd, a common Hive layout.
-            f"CREATE TABLE features.by_day_string ({cols}, ds STRING) USING parquet PARTITIONED BY (ds)",
-            f"INSERT INTO features.by_day_string SELECT {', '.join(c.split()[0] for c in cols.split(', '))}, "
-            f"date_format(snapshot_date, 'yyyyMMdd') FROM features.customer_daily",
-            # Every scalar type, and a row of nulls in each.
-            """CREATE TABLE features.all_types (id BIGINT, b BOOLEAN, ti TINYINT, si SMALLINT, i INT, bi BIGINT,
-               f FLOAT, d DOUBLE, dec DECIMAL(12,4), s STRING, vc VARCHAR(10), ch CHAR(4), dt DATE, ts TIMESTAMP,
-               day DATE) USING parquet PARTITIONED BY (day)""",
-            f"""INSERT INTO features.all_types VALUES
-               (1, true, -8, 300, 70000, 9000000000, 1.5, 2.25, 1234.5678, "a'b", 'vc', 'ch', DATE'2025-02-03',
-                TIMESTAMP'2026-01-05 10:11:12.5', DATE'{DAY}'),
-               (2, null, null, null, null, null, null, null, null, null, null, null, null, null, DATE'{DAY}'),
-               (3, false, 7, -2, 0, -1, -0.25, 1e300, -0.0001, '', 'ü', 'x', DATE'1999-12-31',
-                TIMESTAMP'1999-12-31 23:59:59', DATE'{DAY + timedelta(days=1)}')""",
-        )
-    except Exception:
-        server.stop()
-        raise
-    yield server
-    server.stop()
 
 
 def hive_settings(server: HiveServer, **overrides: object) -> HiveSettings:

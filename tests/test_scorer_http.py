@@ -14,7 +14,7 @@ import pytest
 from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.registry import Feature
-from app.integrations.scoring import V2Scorer
+from app.integrations.scoring import V2RestScorer
 
 FEATURES = (Feature("x", "double"),)
 
@@ -68,8 +68,8 @@ def server() -> Iterator[tuple[str, Script]]:
     httpd.shutdown()
 
 
-def scorer(url: str, retries: int = 3, *, timeout_s: float = 0.5, timeout_floor_s: float = 1.0) -> V2Scorer:
-    return V2Scorer(
+def scorer(url: str, retries: int = 3, *, timeout_s: float = 0.5, timeout_floor_s: float = 1.0) -> V2RestScorer:
+    return V2RestScorer(
         deployment=Deployment(name="m", base_url=url, model_name="m"),
         features=FEATURES,
         output_names=(),
@@ -85,7 +85,7 @@ BATCH = pa.RecordBatch.from_pydict({"x": pa.array([1.0, 2.5], pa.float64())})
 
 def test_5xx_and_hangs_are_retried_then_scored(server: tuple[str, Script]) -> None:
     url, script = server
-    script.answers = [503, "hang", 500]
+    script.answers = [503, "hang", 502]
     with scorer(url) as s:
         result = s.score(BATCH)
     assert result.scores.to_pydict() == {"score": [2.0, 5.0]}
@@ -102,6 +102,18 @@ def test_a_400_is_bisected_until_the_refused_rows_stand_alone(server: tuple[str,
     assert result.scores.to_pydict() == {"score": [2.0, 6.0, 8.0, 12.0]}
     assert result.rejected_rows.column("x").to_pylist() == [2.5, 2.5]
     assert all("refused the row(s) (400)" in r and "scripted failure 400" in r for r in result.reject_reasons)
+
+
+def test_a_500_is_the_model_raising_on_the_rows_its_message_read_from_the_traceback(
+    server: tuple[str, Script],
+) -> None:
+    # MLServer answers 500 when the model raises in predict; with debug on, the body is the traceback.
+    url, script = server
+    script.answers = [500]  # the whole batch once; each row alone then scores
+    with scorer(url) as s:
+        result = s.score(BATCH)
+    assert result.scores.to_pydict() == {"score": [2.0, 5.0]} and result.rejected_rows.num_rows == 0
+    assert script.requests == 3  # no retry of the 500: the batch was cut at once
 
 
 def test_other_4xx_fail_the_batch_at_once_with_the_servers_message(server: tuple[str, Script]) -> None:
@@ -186,7 +198,7 @@ def test_a_late_request_is_hedged_and_the_first_answer_wins(server: tuple[str, S
 def test_refused_rows_are_isolated_part_by_part_in_parallel_and_the_rest_keep_their_order(
     server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(V2Scorer, "_late", lambda self, request, **_: False)  # exact request counts: no hedges
+    monkeypatch.setattr(V2RestScorer, "_late", lambda self, request, **_: False)  # exact request counts: no hedges
     url, script = server
     script.poison = 2.5
     xs = [float(i) for i in range(1000)]
@@ -202,7 +214,7 @@ def test_refused_rows_are_isolated_part_by_part_in_parallel_and_the_rest_keep_th
     assert script.requests == 1 + 8 + 2 * (8 + 8 + 2)
 
 
-def _score_through_a_hang(s: V2Scorer, script: Script) -> float:
+def _score_through_a_hang(s: V2RestScorer, script: Script) -> float:
     """Score BATCH while its first request hangs (1.5 s); checks the scores and that a copy was sent; the seconds."""
     hedged_before = _hedged()
     script.answers = ["hang"]
@@ -217,7 +229,7 @@ def _score_through_a_hang(s: V2Scorer, script: Script) -> float:
 def _hedged() -> float:
     from app.metrics import SCORING_HEDGED_REQUESTS
 
-    return float(SCORING_HEDGED_REQUESTS.labels("v2")._value.get())
+    return float(SCORING_HEDGED_REQUESTS.labels("v2-rest")._value.get())
 
 
 def test_a_hang_among_the_first_requests_is_hedged_after_the_floor_not_the_ceiling(

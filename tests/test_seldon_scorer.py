@@ -14,8 +14,9 @@ import pytest
 
 from app.errors import ScoringFailed
 from app.integrations.deployers import Deployment
+from app.integrations.protocols import decode_seldon, encode_seldon
 from app.integrations.registry import Feature
-from app.integrations.scoring import SCORERS, SeldonScorer, V2Scorer, decode_seldon, encode_seldon
+from app.integrations.scoring import SCORERS, BatchScorer, SeldonScorer, V2GrpcScorer, choose_protocol
 
 FEATURES = (Feature("x", "double"), Feature("plan", "string"), Feature("n", "long"))
 BATCH = pa.RecordBatch.from_pydict(
@@ -58,7 +59,10 @@ def seldon() -> Iterator[tuple[str, Seldon]]:
             if answer == 200:
                 rows = body["data"]["ndarray"]
                 payload: dict[str, Any] = {
-                    "data": {"names": ["t:0", "t:1"], "ndarray": [[r[0] * 2, 1 - r[0] * 2] for r in rows]},
+                    "data": {
+                        "names": ["t:0", "t:1"],
+                        "ndarray": [[(r[0] or 0.0) * 2, 1 - (r[0] or 0.0) * 2] for r in rows],
+                    },
                     "meta": {},
                 }
             else:
@@ -76,9 +80,9 @@ def seldon() -> Iterator[tuple[str, Seldon]]:
     httpd.shutdown()
 
 
-def scorer(url: str, *, output_names: tuple[str, ...] = ("p", "q"), retries: int = 3) -> V2Scorer:
+def scorer(url: str, *, output_names: tuple[str, ...] = ("p", "q"), retries: int = 3) -> BatchScorer:
     deployment = Deployment(name="m", base_url=url, model_name="m", protocol="seldon")
-    return SCORERS[deployment.protocol](
+    return SCORERS[choose_protocol(deployment, "auto")](
         deployment=deployment,
         features=FEATURES,
         output_names=output_names,
@@ -88,23 +92,24 @@ def scorer(url: str, *, output_names: tuple[str, ...] = ("p", "q"), retries: int
     )
 
 
-def test_rows_go_as_names_and_ndarray_and_nulls_are_not_sent(seldon: tuple[str, Seldon]) -> None:
+def test_rows_go_as_names_and_ndarray_with_nulls_as_json_null(seldon: tuple[str, Seldon]) -> None:
     url, script = seldon
     with scorer(url) as s:
         assert isinstance(s, SeldonScorer)
         result = s.score(BATCH)
     [(path, body)] = script.requests
     assert path == "/api/v1.0/predictions"
-    assert body == {"data": {"names": ["x", "plan", "n"], "ndarray": [[1.5, "basic", 1], [0.1, "plus", 3]]}}
-    assert result.scores.to_pydict() == {"p": [3.0, 0.2], "q": [-2.0, 0.8]}
-    assert result.rejected_rows.num_rows == 1 and result.reject_reasons == ["null in model input(s): x"]
+    ndarray = [[1.5, "basic", 1], [None, "pro", 2], [0.1, "plus", 3]]
+    assert body == {"data": {"names": ["x", "plan", "n"], "ndarray": ndarray}}
+    assert result.scores.to_pydict() == {"p": [3.0, 0.0, 0.2], "q": [-2.0, 1.0, 0.8]}
+    assert result.rejected_rows.num_rows == 0
 
 
 def test_5xx_is_retried_and_other_4xx_fail_at_once_with_seldons_message(seldon: tuple[str, Seldon]) -> None:
     url, script = seldon
-    script.answers = [503, 500]
+    script.answers = [503, 502]
     with scorer(url) as s:
-        assert s.score(BATCH).scores.num_rows == 2
+        assert s.score(BATCH).scores.num_rows == 3
     assert len(script.requests) == 3
     script.answers = [404]
     with scorer(url) as s, pytest.raises(ScoringFailed, match=r"answered 404 .*scripted failure 404"):
@@ -116,14 +121,14 @@ def test_5xx_is_retried_and_other_4xx_fail_at_once_with_seldons_message(seldon: 
 
 def test_a_400_isolates_the_refused_row_with_seldons_message(seldon: tuple[str, Seldon]) -> None:
     url, script = seldon
-    script.refused_plan = "plus"  # the pair is refused; alone, the first row passes and the second does not
+    script.refused_plan = "plus"  # the batch is refused; alone, the first two rows pass and the third does not
     with scorer(url) as s:
         result = s.score(BATCH)
-    assert result.scores.to_pydict() == {"p": [3.0], "q": [-2.0]}
-    assert result.rejected_rows.column("plan").to_pylist() == ["pro", "plus"]
-    assert result.reject_reasons[1].endswith("(400): scripted failure 400")
-    # The two single rows are sent side by side, in either order.
-    assert sorted(len(body["data"]["ndarray"]) for _, body in script.requests) == [1, 1, 2]
+    assert result.scores.to_pydict() == {"p": [3.0, 0.0], "q": [-2.0, 1.0]}
+    assert result.rejected_rows.column("plan").to_pylist() == ["plus"]
+    assert result.reject_reasons[0].endswith("(400): scripted failure 400")
+    # The three single rows are sent side by side, in any order.
+    assert sorted(len(body["data"]["ndarray"]) for _, body in script.requests) == [1, 1, 1, 3]
 
 
 def test_floats_go_exactly_and_responses_are_named_like_v2() -> None:
@@ -140,6 +145,14 @@ def test_floats_go_exactly_and_responses_are_named_like_v2() -> None:
         decode_seldon(orjson.dumps({"data": {"jsonData": {}}}), rows=2, output_names=())
 
 
-def test_v2_is_still_the_default_protocol() -> None:
-    deployment = Deployment(name="m", base_url="http://h", model_name="m")
-    assert SCORERS[deployment.protocol] is V2Scorer
+def test_auto_speaks_the_fastest_protocol_a_deployment_serves() -> None:
+    rest_only = Deployment(name="m", base_url="http://h", model_name="m")
+    both = Deployment(name="m", base_url="http://h", model_name="m", grpc_target="h:9000")
+    seldon = Deployment(name="m", base_url="http://h", model_name="m", protocol="seldon")
+    assert [choose_protocol(d, "auto") for d in (rest_only, both, seldon)] == ["v2-rest", "v2-grpc", "seldon"]
+    assert SCORERS[choose_protocol(both, "auto")] is V2GrpcScorer
+    assert choose_protocol(both, "v2-rest") == "v2-rest"
+    with pytest.raises(ScoringFailed, match="serves only v2-rest"):
+        choose_protocol(rest_only, "v2-grpc")
+    with pytest.raises(ScoringFailed, match="serves only seldon"):
+        choose_protocol(seldon, "v2-rest")

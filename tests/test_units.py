@@ -12,8 +12,16 @@ import pytest
 
 from app.errors import Invalid, InvalidPeriod, PeriodTooLong
 from app.integrations.identifiers import check_name, check_table
+from app.integrations.protocols import (
+    decode_v2_grpc,
+    decode_v2_json,
+    encode_v2_grpc,
+    encode_v2_json,
+    model_message,
+    v2_inputs,
+)
 from app.integrations.registry import Feature
-from app.integrations.scoring import decode_v2, encode_v2, split_nulls
+from app.integrations.v2_grpc import inference_pb2
 from app.retro_tests.service import check_period
 from worker.chunks import plan_chunks
 
@@ -69,16 +77,13 @@ def _batch() -> pa.RecordBatch:
     )
 
 
-def test_split_nulls_names_the_columns() -> None:
-    good, bad, reasons = split_nulls(_batch(), FEATURES)
-    assert good.num_rows == 1 and bad.num_rows == 2
-    assert reasons == ["null in model input(s): x", "null in model input(s): n"]
+def _json(batch: pa.RecordBatch) -> dict[str, dict]:  # type: ignore[type-arg]
+    body = orjson.loads(encode_v2_json(v2_inputs(batch, FEATURES), rows=batch.num_rows))
+    return {i["name"]: i for i in body["inputs"]}
 
 
 def test_encode_v2_is_columnwise_with_exact_floats() -> None:
-    batch = _batch().slice(0, 1)
-    body = orjson.loads(encode_v2(batch, FEATURES))
-    by_name = {i["name"]: i for i in body["inputs"]}
+    by_name = _json(_batch().slice(0, 1))
     assert by_name["x"] == {"name": "x", "datatype": "FP64", "shape": [1, 1], "data": [1.5]}
     assert by_name["n"]["datatype"] == "INT64" and by_name["flag"]["datatype"] == "BOOL"
     assert by_name["plan"]["data"] == ["a"] and by_name["plan"]["parameters"] == {"content_type": "str"}
@@ -88,18 +93,86 @@ def test_encode_v2_is_columnwise_with_exact_floats() -> None:
     )  # JSON keeps every bit of a double
 
 
+def test_nulls_travel_as_the_null_of_their_column() -> None:
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "x": pa.array([None, 0.5], pa.float64()),
+            "n": pa.array([None, 2], pa.int64()),
+            "flag": pa.array([None, False]),
+            "plan": pa.array([None, "b"]),
+        }
+    )
+    by_name = _json(batch)
+    assert by_name["x"]["datatype"] == "FP64" and by_name["x"]["data"] == [None, 0.5]  # NaN as JSON null
+    # A BOOL or INT tensor cannot hold a null (MLServer reads a null BOOL as False): JSON values, pd_json.
+    for name, second in (("n", "2"), ("flag", "false"), ("plan", '"b"')):
+        assert by_name[name]["datatype"] == "BYTES"
+        assert by_name[name]["parameters"] == {"content_type": "pd_json"}
+        assert by_name[name]["data"] == ["null", second]
+    # A column without nulls in this batch keeps its own datatype, whatever other batches held.
+    assert _json(batch.slice(1))["flag"]["datatype"] == "BOOL"
+
+
+def test_grpc_requests_carry_raw_little_endian_tensors_and_nan() -> None:
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "x": pa.array([None, 0.1], pa.float64()),
+            "n": pa.array([7, 2**40], pa.int64()),
+            "flag": pa.array([True, None]),
+            "plan": pa.array(["ab", "ü"]),
+        }
+    )
+    request = inference_pb2.ModelInferRequest.FromString(
+        encode_v2_grpc(v2_inputs(batch, FEATURES), rows=2, model_name="m")
+    )
+    assert request.model_name == "m" and [i.name for i in request.inputs] == ["x", "n", "flag", "plan"]
+    assert [list(i.shape) for i in request.inputs] == [[2, 1]] * 4
+    x, n, flag, plan = request.raw_input_contents
+    assert np.isnan(np.frombuffer(x, "<f8")[0]) and np.frombuffer(x, "<f8")[1] == 0.1
+    assert np.frombuffer(n, "<i8").tolist() == [7, 2**40]
+    assert (
+        request.inputs[2].datatype == "BYTES" and request.inputs[2].parameters["content_type"].string_param == "pd_json"
+    )
+    assert flag == b"\x04\x00\x00\x00true\x04\x00\x00\x00null"
+    assert plan == b"\x02\x00\x00\x00ab\x02\x00\x00\x00" + "ü".encode()
+
+
+def test_decode_v2_grpc_reads_raw_and_typed_outputs() -> None:
+    raw = inference_pb2.ModelInferResponse()
+    raw.outputs.add(name="o", datatype="FP64", shape=[2, 2])
+    raw.raw_output_contents.append(np.array([0.1, 0.9, 0.2, 0.8], "<f8").tobytes())
+    table = decode_v2_grpc(raw.SerializeToString(), rows=2, output_names=("p0", "p1"))
+    assert table.to_pydict() == {"p0": [0.1, 0.2], "p1": [0.9, 0.8]}
+    typed = inference_pb2.ModelInferResponse()
+    typed.outputs.add(name="o", datatype="FP32", shape=[2]).contents.fp32_contents.extend([1.0, 0.0])
+    assert decode_v2_grpc(typed.SerializeToString(), rows=2, output_names=()).column_names == ["score"]
+    with pytest.raises(Exception, match="2 results for 3 rows"):
+        decode_v2_grpc(raw.SerializeToString(), rows=3, output_names=())
+
+
 def test_decode_v2_names_score_columns() -> None:
     two = orjson.dumps({"outputs": [{"name": "o", "shape": [2, 2], "datatype": "FP64", "data": [0.1, 0.9, 0.2, 0.8]}]})
-    assert decode_v2(two, rows=2, output_names=("p0", "p1")).to_pydict() == {"p0": [0.1, 0.2], "p1": [0.9, 0.8]}
-    assert decode_v2(two, rows=2, output_names=()).column_names == ["score_0", "score_1"]
+    assert decode_v2_json(two, rows=2, output_names=("p0", "p1")).to_pydict() == {"p0": [0.1, 0.2], "p1": [0.9, 0.8]}
+    assert decode_v2_json(two, rows=2, output_names=()).column_names == ["score_0", "score_1"]
     one = orjson.dumps({"outputs": [{"name": "o", "shape": [2], "datatype": "FP64", "data": [1, 0]}]})
-    assert decode_v2(one, rows=2, output_names=()).column_names == ["score"]
+    assert decode_v2_json(one, rows=2, output_names=()).column_names == ["score"]
 
 
 def test_decode_v2_refuses_a_wrong_row_count() -> None:
     body = orjson.dumps({"outputs": [{"name": "o", "shape": [3], "datatype": "FP64", "data": [1, 0, 1]}]})
     with pytest.raises(Exception, match="3 results for 2 rows"):
-        decode_v2(body, rows=2, output_names=())
+        decode_v2_json(body, rows=2, output_names=())
+
+
+def test_model_message_is_the_exception_a_traceback_ends_with() -> None:
+    traceback = (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise ValueError('a')\n"
+        "ValueError: first\n\nDuring handling...\nmlflow.exceptions.MlflowException: Failed to enforce schema\n"
+        "of data 'x'"
+    )
+    assert model_message(traceback) == "MlflowException: Failed to enforce schema of data 'x'"
+    assert model_message("Internal Server Error") == "Internal Server Error"
+    assert len(model_message("x" * 2000)) == 500
 
 
 def test_model_artifacts_on_this_file_system_are_found_without_mlflow(tmp_path: Path) -> None:

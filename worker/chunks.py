@@ -355,9 +355,9 @@ def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings)
     """Fail the job once more rows were rejected than RETRO_MAX_REJECTED_ROWS / _RATIO allow."""
     if rejected > max(settings.max_rejected_rows, int(settings.max_rejected_ratio * read_total)):
         raise TooManyRejectedRows(
-            f"{rejected} row(s) could not be scored (for example a null in a model input), more than the "
+            f"{rejected} row(s) were refused by the model (each with its reason in the rejects), more than the "
             f"allowed (RETRO_MAX_REJECTED_ROWS={settings.max_rejected_rows}, RETRO_MAX_REJECTED_RATIO={settings.max_rejected_ratio}); "
-            "fix those rows at the source, or raise the budget if scoring the rest is what the partner needs"
+            "fix those rows at the source or the model, or raise the budget if scoring the rest is what the partner needs"
         )
 
 

@@ -32,7 +32,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.errors import (
     AppError,
-    DeploymentFailed,
     JobCancelled,
     ModelServerDown,
     ReconciliationFailed,
@@ -43,7 +42,7 @@ from app.integrations.deployers import Deployer, Deployment, deployment_name
 from app.integrations.history import HistoryQuery, HistorySource
 from app.integrations.registry import MlflowRegistry, ModelVersionInfo
 from app.integrations.results import ResultStore
-from app.integrations.scoring import SCORERS, V2Scorer
+from app.integrations.scoring import SCORERS, BatchScorer, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk, State
 from app.retro_tests.service import advance, job_prefix, utcnow
@@ -305,7 +304,7 @@ def deployed(
     deployer: Deployer,
     settings: Settings,
     control: JobControl,
-) -> Iterator[tuple[Deployment, V2Scorer]]:
+) -> Iterator[tuple[Deployment, BatchScorer]]:
     """A ready model server for the job's model version, torn down when the block exits, however it exits."""
     name = deployment_name(job_id)
     _stage(sessions, job_id, State.deploying, lambda job: None)
@@ -317,6 +316,7 @@ def deployed(
         deployment = deployer.start(name=name, job_id=str(job_id), model=model)
         deployer.wait_ready(deployment, timeout_s=settings.deploy_ready_timeout_s, should_stop=control.cancel_requested)
         with open_scorer(deployment=deployment, model=model, settings=settings, control=control) as scorer:
+            _set_counters(sessions, job_id, score_protocol=scorer.protocol)
             yield deployment, scorer
     finally:
         alive.dec()
@@ -329,12 +329,9 @@ def deployed(
 
 def open_scorer(
     *, deployment: Deployment, model: ModelVersionInfo, settings: Settings, control: JobControl
-) -> V2Scorer:
-    """A client for the deployment, speaking its protocol: V2 (Open Inference Protocol) or Seldon's."""
-    scorer_class = SCORERS.get(deployment.protocol)
-    if scorer_class is None:
-        raise DeploymentFailed(f"no client for the inference protocol {deployment.protocol!r}")
-    return scorer_class(
+) -> BatchScorer:
+    """A client for the deployment in RETRO_SCORE_PROTOCOL, or the fastest protocol it serves (auto)."""
+    return SCORERS[choose_protocol(deployment, settings.score_protocol)](
         deployment=deployment,
         features=model.inputs,
         output_names=model.outputs,
@@ -365,7 +362,7 @@ def score_period(
     query: HistoryQuery,
     chunks: list[Chunk],
     deployment: Deployment,
-    scorer: V2Scorer,
+    scorer: BatchScorer,
     adapters: Adapters,
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -505,6 +502,7 @@ def publish(
             "created_at": job.created_at.isoformat() if job.created_at else None,
             "stage_started": dict(job.stage_started or {}),
         }
+        score_protocol = job.score_protocol
     if rows_total is not None and rows_read != rows_total:
         raise ReconciliationFailed(
             f"read {rows_read} rows but the source counted {rows_total} for the period; the source changed while "
@@ -546,6 +544,7 @@ def publish(
             "parameters": {"start": query.start.isoformat(), "end": query.end.isoformat()},
         },
         "period": {"start": query.start.isoformat(), "end": query.end.isoformat()},
+        "scoring": {"protocol": score_protocol},
         "rows": {"total": rows_total, "read": rows_read, "scored": rows_scored, "rejected": rows_rejected},
         "files": files,
         "published_at": utcnow().isoformat(),

@@ -38,10 +38,18 @@ class Deployment:
     """A running model server that accepts inference requests."""
 
     name: str
-    base_url: str
+    base_url: str  # its REST endpoint
     model_name: str
-    protocol: str = "v2"
+    protocol: str = "v2"  # what its REST endpoint speaks: "v2" (Open Inference Protocol) or "seldon"
     headers: dict[str, str] = field(default_factory=dict)
+    grpc_target: str | None = None  # host:port of its V2 gRPC endpoint, where it serves one
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The protocols a scorer can speak to it (RETRO_SCORE_PROTOCOL values), fastest first."""
+        if self.protocol == "seldon":
+            return ("seldon",)
+        return ("v2-grpc", "v2-rest") if self.grpc_target else ("v2-rest",)
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,9 @@ class LocalMLServerDeployer:
             "metrics_port": metrics_port,
             # parallel_workers >= 1 crashes at start with uvloop 0.23 ("There is no current event loop").
             "parallel_workers": 0,
-            "debug": False,
+            # With debug on, a REST answer 500 (the model raised) carries the traceback: the job can name the
+            # model's own reason for refusing a row. gRPC carries it either way.
+            "debug": True,
         }
         model_settings = {
             "name": name,
@@ -137,7 +147,7 @@ class LocalMLServerDeployer:
         )
         log.close()
         (folder / "pid").write_text(str(proc.pid))
-        return Deployment(name=name, base_url=f"http://127.0.0.1:{http_port}", model_name=name)
+        return _local_deployment(name, settings)
 
     def _adopt(self, name: str, job_id: str, model: ModelVersionInfo) -> Deployment | None:
         """The server a killed attempt of the same job left running, if it serves this model version and is ready.
@@ -148,13 +158,16 @@ class LocalMLServerDeployer:
         folder = self._dir(name)
         try:
             same_job = (folder / "job-id").read_text().strip() == job_id
-            port = json.loads((folder / "settings.json").read_text())["http_port"]
+            settings = json.loads((folder / "settings.json").read_text())
             version = json.loads((folder / "model-settings.json").read_text())["parameters"]["version"]
         except (OSError, ValueError, KeyError):
             return None
         if not (same_job and version == model.version and self._alive(name)):
             return None
-        deployment = Deployment(name=name, base_url=f"http://127.0.0.1:{port}", model_name=name)
+        try:
+            deployment = _local_deployment(name, settings)
+        except KeyError:
+            return None
         try:
             ready = httpx.get(f"{deployment.base_url}/v2/models/{name}/ready", timeout=2.0).status_code == 200
         except httpx.HTTPError:
@@ -266,6 +279,16 @@ class LocalMLServerDeployer:
 
     def is_running(self, name: str) -> bool:
         return self._alive(name)
+
+
+def _local_deployment(name: str, settings: dict[str, object]) -> Deployment:
+    """The endpoints of a local MLServer, from its settings.json."""
+    return Deployment(
+        name=name,
+        base_url=f"http://127.0.0.1:{settings['http_port']}",
+        model_name=name,
+        grpc_target=f"127.0.0.1:{settings['grpc_port']}",
+    )
 
 
 def _read_text(path: Path) -> str | None:

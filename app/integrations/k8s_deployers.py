@@ -247,6 +247,7 @@ class KubernetesDeployer:
         self._namespace = settings.k8s_namespace
         self._instance = label_value(settings.queue_name)
         _check_template(settings.k8s_endpoint_template, "RETRO_K8S_ENDPOINT_TEMPLATE")
+        _check_template(settings.k8s_grpc_endpoint_template, "RETRO_K8S_GRPC_ENDPOINT_TEMPLATE")
 
     # What each kind defines.
     def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
@@ -266,6 +267,10 @@ class KubernetesDeployer:
         template = self._settings.k8s_endpoint_template
         url = template.format(name=name, namespace=self._namespace) if template else in_cluster
         return url.rstrip("/")
+
+    def _grpc_target(self, name: str, *, in_cluster: str) -> str:
+        template = self._settings.k8s_grpc_endpoint_template
+        return template.format(name=name, namespace=self._namespace) if template else in_cluster
 
     def _resources_spec(self) -> dict[str, dict[str, str]]:
         s = self._settings
@@ -442,12 +447,16 @@ class SeldonDeployer(KubernetesDeployer):
         return Readiness(state=state + (f" ({status['description']})" if status.get("description") else ""))
 
     def deployment(self, name: str) -> Deployment:
-        in_cluster = f"http://{name}-{self.predictor}.{self._namespace}.svc.cluster.local:8000"
+        service = f"{name}-{self.predictor}.{self._namespace}.svc.cluster.local"
+        # With protocol v2 the executor serves V2 gRPC on the service's gRPC port; the Seldon protocol's gRPC
+        # API is another one, so that deployment is scored over REST.
+        v2 = self._settings.seldon_protocol == "v2"
         return Deployment(
             name=name,
-            base_url=self._base_url(name, in_cluster=in_cluster),
+            base_url=self._base_url(name, in_cluster=f"http://{service}:8000"),
             model_name=name,
             protocol=self._settings.seldon_protocol,
+            grpc_target=self._grpc_target(name, in_cluster=f"{service}:5001") if v2 else None,
         )
 
 
@@ -459,6 +468,7 @@ class SeldonV2Deployer(KubernetesDeployer):
     def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
         super().__init__(settings=settings, resources=resources)
         _check_template(settings.seldon_v2_mesh_url, "RETRO_SELDON_V2_MESH_URL")
+        _check_template(settings.seldon_v2_mesh_grpc, "RETRO_SELDON_V2_MESH_GRPC")
 
     def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
         s = self._settings
@@ -478,7 +488,15 @@ class SeldonV2Deployer(KubernetesDeployer):
     def deployment(self, name: str) -> Deployment:
         # The mesh routes by the Seldon-Model header; the path names the model too.
         mesh = self._settings.seldon_v2_mesh_url.format(name=name, namespace=self._namespace).rstrip("/")
-        return Deployment(name=name, base_url=mesh, model_name=name, protocol="v2", headers={"Seldon-Model": name})
+        mesh_grpc = self._settings.seldon_v2_mesh_grpc.format(name=name, namespace=self._namespace)
+        return Deployment(
+            name=name,
+            base_url=mesh,
+            model_name=name,
+            protocol="v2",
+            headers={"Seldon-Model": name},
+            grpc_target=mesh_grpc,
+        )
 
 
 class KServeDeployer(KubernetesDeployer):
@@ -496,6 +514,9 @@ class KServeDeployer(KubernetesDeployer):
         }
         if s.k8s_image:
             model_spec["image"] = s.k8s_image
+        if self._grpc:
+            # KServe routes one port per predictor: naming it h2c makes that port MLServer's gRPC server.
+            model_spec["ports"] = [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
         predictor: dict[str, Any] = {"minReplicas": s.k8s_replicas, "maxReplicas": s.k8s_replicas, "model": model_spec}
         if s.k8s_storage_secret:
             predictor["serviceAccountName"] = s.k8s_storage_secret  # a ServiceAccount that carries the storage Secret
@@ -512,9 +533,19 @@ class KServeDeployer(KubernetesDeployer):
             )
         return _readiness_from_conditions(obj)
 
+    @property
+    def _grpc(self) -> bool:
+        """Whether the InferenceService serves V2 gRPC: it serves one port, so gRPC only when asked for by name."""
+        return self._settings.score_protocol == "v2-grpc"
+
     def deployment(self, name: str) -> Deployment:
-        in_cluster = f"http://{name}-predictor.{self._namespace}.svc.cluster.local"
-        return Deployment(name=name, base_url=self._base_url(name, in_cluster=in_cluster), model_name=name)
+        service = f"{name}-predictor.{self._namespace}.svc.cluster.local"
+        return Deployment(
+            name=name,
+            base_url=self._base_url(name, in_cluster=f"http://{service}"),
+            model_name=name,
+            grpc_target=self._grpc_target(name, in_cluster=f"{service}:80") if self._grpc else None,
+        )
 
 
 KUBERNETES_DEPLOYERS: dict[str, type[KubernetesDeployer]] = {

@@ -1,9 +1,12 @@
-"""Scoring over the Open Inference Protocol (V2) REST API, as served by MLServer, Seldon and KServe, and over
-the Seldon protocol (Seldon Core v1 with `protocol: seldon`).
+"""Scoring a deployment batch by batch: V2 gRPC (binary tensors), V2 REST (JSON) and the Seldon protocol.
 
-Null rule: JSON has no NaN and MLServer refuses nulls, so a row with a null in any model input is
-not sent. It is returned as a rejected row naming the columns; the job decides, by its budget of
-rejected rows (default 0), whether that fails the job. Every other row gets exactly one score.
+One mechanism for every protocol (BatchScorer): bounded concurrency, retries with backoff, read timeouts and
+hedging that follow the server's answer times, and isolation of the rows the model refuses. Each protocol is a
+subclass that only says how a batch goes on the wire and how an answer is read (app/integrations/protocols.py).
+
+Nulls travel to the model (see protocols.py for the rule): no row is held back for being null. A row is rejected
+only when the model refuses it, with the model's own message; the job decides, by its budget of rejected rows
+(default 0), whether that fails the job. Every other row gets exactly one score.
 """
 
 from __future__ import annotations
@@ -13,19 +16,27 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
-import numpy as np
-import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
+from app.integrations.protocols import (
+    GRPC_MODEL_INFER,
+    decode_seldon,
+    decode_v2_grpc,
+    decode_v2_json,
+    encode_seldon,
+    encode_v2_grpc,
+    encode_v2_json,
+    model_message,
+    v2_inputs,
+)
 from app.integrations.registry import Feature
 from app.metrics import (
     ROWS_REJECTED,
@@ -39,11 +50,8 @@ from app.metrics import (
 # soon after the first answers show what an answer takes, not only after the floor.
 HEDGE_RECHECK_S = 0.05
 
-
-class BatchRejected(ScoringFailed):
-    """The model server refused a batch as invalid (4xx): retrying cannot help."""
-
-    code = "batch_rejected"
+# The protocols a scorer can speak (RETRO_SCORE_PROTOCOL).
+PROTOCOLS = ("v2-grpc", "v2-rest", "seldon")
 
 
 class ScoringStopped(ScoringFailed):
@@ -52,7 +60,7 @@ class ScoringStopped(ScoringFailed):
 
 @dataclass(frozen=True)
 class ScoredBatch:
-    """Scores for the sent rows (in order) and the rows that were not sent, with reasons."""
+    """Scores for the rows the model scored (in order) and the rows it refused, with its reasons."""
 
     scored_rows: pa.RecordBatch  # the input rows that were scored
     scores: pa.Table  # one row per scored row, columns named by score_columns
@@ -65,106 +73,14 @@ class Scorer(Protocol):
         """Score one batch; raise ScoringFailed once retries are spent."""
 
 
-def split_nulls(
-    batch: pa.RecordBatch, features: tuple[Feature, ...]
-) -> tuple[pa.RecordBatch, pa.RecordBatch, list[str]]:
-    """Split a batch into rows whose features are all present and rows with a null, with reasons."""
-    null_masks = {f.name: batch.column(f.name).is_null() for f in features if batch.column(f.name).null_count}
-    if not null_masks:
-        return batch, batch.slice(0, 0), []
-    any_null = None
-    for mask in null_masks.values():
-        any_null = mask if any_null is None else pc.or_(any_null, mask)
-    assert any_null is not None
-    bad = batch.filter(any_null)
-    masks_np = {name: m.filter(any_null).to_numpy(zero_copy_only=False) for name, m in null_masks.items()}
-    reasons = [
-        "null in model input(s): " + ", ".join(name for name, m in masks_np.items() if m[i])
-        for i in range(bad.num_rows)
-    ]
-    return batch.filter(pc.invert(any_null)), bad, reasons
+@dataclass(frozen=True)
+class Reply:
+    """What one request brought back: scores, the model's refusal, a failure worth retrying, or one that is not."""
 
-
-def encode_v2(batch: pa.RecordBatch, features: tuple[Feature, ...]) -> bytes:
-    """A V2 inference request, built column by column."""
-    inputs: list[dict[str, Any]] = []
-    n = batch.num_rows
-    for f in features:
-        col = batch.column(f.name)
-        if f.v2_datatype == "BYTES":
-            data: Any = col.to_pylist()
-            params = {"content_type": "str"}
-        else:
-            data = col.to_numpy(zero_copy_only=False)
-            params = {}
-        entry: dict[str, Any] = {"name": f.name, "datatype": f.v2_datatype, "shape": [n, 1], "data": data}
-        if params:
-            entry["parameters"] = params
-        inputs.append(entry)
-    return orjson.dumps({"inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def decode_v2(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> pa.Table:
-    """Named score columns from a V2 response: one column per output, or per output column."""
-    payload = orjson.loads(body)
-    outputs = payload.get("outputs") or []
-    parts = []
-    for out in outputs:
-        data = np.asarray(out["data"])
-        shape = out.get("shape") or [len(data)]
-        if shape[0] != rows or data.size % rows:
-            raise ScoringFailed(f"the model server returned {shape[0]} results for {rows} rows")
-        parts.append((out.get("name", "output"), data.reshape(rows, data.size // rows)))
-    if not parts:
-        raise ScoringFailed("the model server returned no outputs")
-    return _score_columns(parts, output_names)
-
-
-def _score_columns(parts: Sequence[tuple[str, np.ndarray]], output_names: tuple[str, ...]) -> pa.Table:
-    """Name the result columns: the signature's output names when they fit, else score / score_j / output_j."""
-    columns: dict[str, np.ndarray] = {}
-    width_total = sum(arr.shape[1] for _, arr in parts)
-    if len(output_names) == width_total:
-        names = iter(output_names)  # the signature names every output column: use those names
-        for _, arr in parts:
-            for j in range(arr.shape[1]):
-                columns[next(names)] = arr[:, j]
-    elif len(parts) == 1:
-        arr = parts[0][1]
-        if arr.shape[1] == 1:
-            columns["score"] = arr[:, 0]
-        else:
-            for j in range(arr.shape[1]):
-                columns[f"score_{j}"] = arr[:, j]
-    else:
-        for name, arr in parts:
-            for j in range(arr.shape[1]):
-                columns[name if arr.shape[1] == 1 else f"{name}_{j}"] = arr[:, j]
-    return pa.table(columns)
-
-
-def encode_seldon(batch: pa.RecordBatch, features: tuple[Feature, ...]) -> bytes:
-    """A Seldon protocol request: {"data": {"names": [...], "ndarray": [[row], ...]}}."""
-    columns = [batch.column(f.name).to_pylist() for f in features]
-    return orjson.dumps({"data": {"names": [f.name for f in features], "ndarray": list(zip(*columns, strict=True))}})
-
-
-def decode_seldon(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> pa.Table:
-    """Named score columns from a Seldon protocol response (data.ndarray or data.tensor), named as for V2."""
-    payload = orjson.loads(body)
-    data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, dict):
-        raise ScoringFailed("the model server's Seldon response has no data")
-    if "ndarray" in data:
-        arr = np.asarray(data["ndarray"])
-    elif isinstance(data.get("tensor"), dict):
-        arr = np.asarray(data["tensor"].get("values") or []).reshape(data["tensor"].get("shape") or [-1])
-    else:
-        raise ScoringFailed("the model server's Seldon response has neither data.ndarray nor data.tensor")
-    got = arr.shape[0] if arr.ndim else 0
-    if got != rows:
-        raise ScoringFailed(f"the model server returned {got} results for {rows} rows")
-    return _score_columns([("output", arr.reshape(rows, -1))], output_names)
+    body: bytes | None = None  # the answer, when the server scored the batch
+    refused: str | None = None  # the model refused these rows (a 4xx or the model's own exception): its message
+    retry: str | None = None  # the server or the network failed; another try may work
+    fatal: str | None = None  # the request itself is wrong (model name, auth, size): no retry helps
 
 
 class LatencyTracker:
@@ -233,14 +149,15 @@ class LatencyTracker:
         return max(self._hedge_floor_s, self._hedge_factor * p90)
 
 
-class V2Scorer:
-    """An httpx client for one deployment: retries on connection errors, timeouts and 5xx, hedged requests, and
-    parallel isolation of the rows a server refuses.
+class BatchScorer:
+    """The scoring mechanism for one deployment, whatever the protocol: retries on failures worth retrying,
+    hedged requests, and parallel isolation of the rows the model refuses.
 
-    The request path and body are the hooks _endpoint/_encode/_decode; SeldonScorer changes only those.
+    A protocol is a subclass that says how a batch is encoded (_encode), sent once (_exchange) and read back
+    (_decode); the rest is shared.
     """
 
-    protocol = "v2"
+    protocol: ClassVar[str]
 
     def __init__(
         self,
@@ -256,7 +173,7 @@ class V2Scorer:
         timeout_floor_s: float = 1.0,
         isolation_fanout: int = 8,
     ) -> None:
-        self._url = self._endpoint(deployment)
+        self._deployment = deployment
         self._latency = LatencyTracker(ceiling_s=timeout_s, floor_s=timeout_floor_s)
         self._ceiling_s = timeout_s
         self._should_stop = should_stop
@@ -267,51 +184,49 @@ class V2Scorer:
         self._fanout = max(2, isolation_fanout)
         # Room for every batch in flight, the parts being isolated (2 x fanout: a refused part is cut while its
         # siblings are still out), and a hedge for each of them.
-        connections = 2 * (max_connections + 2 * self._fanout)
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            headers={"content-type": "application/json", **deployment.headers},
-        )
+        self._connections = 2 * (max_connections + 2 * self._fanout)
         # Requests run on these threads so that a late one can be hedged; a request given up by its caller
         # keeps its thread until its own read timeout.
-        self._requests = ThreadPoolExecutor(max_workers=2 * connections, thread_name_prefix="score-request")
+        self._requests = ThreadPoolExecutor(max_workers=2 * self._connections, thread_name_prefix="score-request")
         self._parts = ThreadPoolExecutor(max_workers=2 * self._fanout, thread_name_prefix="score-isolate")
 
+    # What each protocol defines.
+    @property
+    def target(self) -> str:
+        """Where requests go, for messages."""
+        raise NotImplementedError
+
+    def _encode(self, batch: pa.RecordBatch) -> bytes:
+        raise NotImplementedError
+
+    def _exchange(self, payload: bytes, *, timeout_s: float) -> Reply:
+        """Send one request and classify what came back; never raises for what the server or network does."""
+        raise NotImplementedError
+
+    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
+        raise NotImplementedError
+
+    # The shared mechanism.
     def close(self) -> None:
         self._parts.shutdown(wait=False, cancel_futures=True)
         self._requests.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
 
-    def __enter__(self) -> V2Scorer:
+    def __enter__(self) -> BatchScorer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _endpoint(deployment: Deployment) -> str:
-        return f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
-
-    def _encode(self, batch: pa.RecordBatch) -> bytes:
-        return encode_v2(batch, self._features)
-
-    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
-        return decode_v2(body, rows=rows, output_names=self._output_names)
-
     def score(self, batch: pa.RecordBatch) -> ScoredBatch:
-        good, bad, reasons = split_nulls(batch, self._features)
         scored: list[tuple[pa.RecordBatch, pa.Table]] = []
         refused: list[tuple[pa.RecordBatch, str]] = []
-        if good.num_rows:
-            self._score_isolating(good, scored, refused)
-        rejected = [bad, *(rows for rows, _ in refused)]
-        reasons = reasons + [reason for rows, reason in refused for _ in range(rows.num_rows)]
+        if batch.num_rows:
+            self._score_isolating(batch, scored, refused)
         result = ScoredBatch(
             scored_rows=_concat_batches([rows for rows, _ in scored], batch.schema),
             scores=pa.concat_tables([t for _, t in scored]) if scored else pa.table({}),
-            rejected_rows=_concat_batches(rejected, batch.schema),
-            reject_reasons=reasons,
+            rejected_rows=_concat_batches([rows for rows, _ in refused], batch.schema),
+            reject_reasons=[reason for rows, reason in refused for _ in range(rows.num_rows)],
         )
         ROWS_SCORED.labels(self.protocol).inc(result.scored_rows.num_rows)
         ROWS_REJECTED.labels(self.protocol).inc(result.rejected_rows.num_rows)
@@ -323,7 +238,7 @@ class V2Scorer:
         scored: list[tuple[pa.RecordBatch, pa.Table]],
         refused: list[tuple[pa.RecordBatch, str]],
     ) -> None:
-        """Score a batch; when the server refuses it as invalid, find the refused rows, keeping source order.
+        """Score a batch; when the model refuses it, find the refused rows, keeping source order.
 
         A refused batch is cut into `isolation_fanout` parts scored side by side, and each refused part is cut
         again as soon as its answer comes, without waiting for its siblings: a poison row in 5,000 costs 5
@@ -357,52 +272,45 @@ class V2Scorer:
                 scored.append((rows, result))
 
     def _try(self, batch: pa.RecordBatch) -> pa.Table | str:
-        """The scores of a batch, or the server's reason for refusing it as invalid."""
-        try:
-            body = self._post(self._encode(batch), rows=batch.num_rows)
-        except BatchRejected as exc:
-            return exc.detail
-        return self._decode(body, rows=batch.num_rows)
+        """The scores of a batch, or the model's reason for refusing it."""
+        reply = self._call(self._encode(batch), rows=batch.num_rows)
+        if reply.refused is not None:
+            return reply.refused
+        assert reply.body is not None
+        return self._decode(reply.body, rows=batch.num_rows)
 
-    def _post(self, body: bytes, *, rows: int) -> bytes:
+    def _call(self, payload: bytes, *, rows: int) -> Reply:
+        """An answer or a refusal, retrying what is worth retrying; raises once that budget is spent."""
         last_error = ""
         for attempt in range(self._retries + 1):
             if attempt:
                 # Exponential backoff with full jitter, so many batches do not retry in lockstep.
                 time.sleep(random.uniform(0, self._backoff_s * 2 ** (attempt - 1)))
                 if self._should_stop():  # no point retrying for a job that was cancelled or moved on
-                    raise ScoringStopped(f"stopped retrying against {self._url}; last error: {last_error}")
-            try:
-                resp = self._send(body, rows=rows, attempt=attempt)
-            except httpx.TransportError as exc:
-                SCORING_REQUEST_ERRORS.labels(self.protocol, "transport").inc()
-                last_error = f"{type(exc).__name__}: {exc}"
-                continue
-            if resp.status_code == 200:
-                return resp.content
-            SCORING_REQUEST_ERRORS.labels(self.protocol, str(resp.status_code)).inc()
-            if resp.status_code in (400, 422):  # the data: split the batch to find the rows
-                raise BatchRejected(f"the model server refused the row(s) ({resp.status_code}): {_message(resp)}")
-            if 400 <= resp.status_code < 500:  # the request itself (wrong model, auth, size): no retry helps
-                raise ScoringFailed(f"the model server answered {resp.status_code} at {self._url}: {_message(resp)}")
-            last_error = f"HTTP {resp.status_code}: {_message(resp)}"
+                    raise ScoringStopped(f"stopped retrying against {self.target}; last error: {last_error}")
+            reply = self._send(payload, rows=rows, attempt=attempt)
+            if reply.body is not None or reply.refused is not None:
+                return reply
+            if reply.fatal is not None:
+                raise ScoringFailed(reply.fatal)
+            last_error = reply.retry or "no answer"
         raise ModelServerDown(
-            f"scoring failed after {self._retries + 1} attempts against {self._url}; last error: {last_error}"
+            f"scoring failed after {self._retries + 1} attempts against {self.target}; last error: {last_error}"
         )
 
-    def _send(self, body: bytes, *, rows: int, attempt: int) -> httpx.Response:
-        """One attempt: the request, and a second copy of it if the first is late; the first 200 wins."""
+    def _send(self, payload: bytes, *, rows: int, attempt: int) -> Reply:
+        """One attempt: the request, and a second copy of it if the first is late; the first answer wins."""
         timeout_s = self._latency.timeout_s(rows=rows, attempt=attempt)
-        first = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
+        first = self._requests.submit(self._timed, payload, rows=rows, timeout_s=timeout_s)
         if not self._late(first, rows=rows, timeout_s=timeout_s):
             return first.result()
         SCORING_HEDGED_REQUESTS.labels(self.protocol).inc()
-        second = self._requests.submit(self._timed_post, body, rows=rows, timeout_s=timeout_s)
+        second = self._requests.submit(self._timed, payload, rows=rows, timeout_s=timeout_s)
         # The first to end decides, even with an error: waiting on the other might mean waiting out a hang.
         done, _ = wait([first, second], return_when=FIRST_COMPLETED)
-        return next((f for f in done if _answered_200(f)), next(iter(done))).result()
+        return next((f for f in done if f.result().body is not None), next(iter(done))).result()
 
-    def _late(self, request: Future[httpx.Response], *, rows: int, timeout_s: float) -> bool:
+    def _late(self, request: Future[Reply], *, rows: int, timeout_s: float) -> bool:
         """Wait for a request until it is answered (False) or late enough to hedge (True).
 
         What counts as late is asked again every HEDGE_RECHECK_S: a request sent before any answer came (the
@@ -419,26 +327,76 @@ class V2Scorer:
             if wait([request], timeout=min(left, HEDGE_RECHECK_S)).done:
                 return False
 
-    def _timed_post(self, body: bytes, *, rows: int, timeout_s: float) -> httpx.Response:
+    def _timed(self, payload: bytes, *, rows: int, timeout_s: float) -> Reply:
         started = time.perf_counter()
         try:
-            resp = self._client.post(
-                self._url,
-                content=body,
-                timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=self._ceiling_s),
-            )
+            reply = self._exchange(payload, timeout_s=timeout_s)
         finally:
             seconds = time.perf_counter() - started
             SCORING_REQUEST_SECONDS.labels(self.protocol).observe(seconds)
-        if resp.status_code == 200:
+        if reply.body is not None:
             self._latency.observe(seconds, rows=rows)
-        return resp
+        return reply
 
 
-class SeldonScorer(V2Scorer):
+class V2RestScorer(BatchScorer):
+    """The Open Inference Protocol (V2) over REST: POST /v2/models/{name}/infer with JSON tensors."""
+
+    protocol = "v2-rest"
+
+    def __init__(self, *, deployment: Deployment, **options: Any) -> None:
+        super().__init__(deployment=deployment, **options)
+        self._url = self._endpoint(deployment)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self._ceiling_s, connect=min(self._ceiling_s, 10.0)),
+            limits=httpx.Limits(max_connections=self._connections, max_keepalive_connections=self._connections),
+            headers={"content-type": "application/json", **deployment.headers},
+        )
+
+    def close(self) -> None:
+        super().close()
+        self._client.close()
+
+    @property
+    def target(self) -> str:
+        return self._url
+
+    @staticmethod
+    def _endpoint(deployment: Deployment) -> str:
+        return f"{deployment.base_url}/v2/models/{deployment.model_name}/infer"
+
+    def _encode(self, batch: pa.RecordBatch) -> bytes:
+        return encode_v2_json(v2_inputs(batch, self._features), rows=batch.num_rows)
+
+    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
+        return decode_v2_json(body, rows=rows, output_names=self._output_names)
+
+    def _exchange(self, payload: bytes, *, timeout_s: float) -> Reply:
+        try:
+            resp = self._client.post(
+                self._url,
+                content=payload,
+                timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0), pool=self._ceiling_s),
+            )
+        except httpx.TransportError as exc:
+            SCORING_REQUEST_ERRORS.labels(self.protocol, "transport").inc()
+            return Reply(retry=f"{type(exc).__name__}: {exc}")
+        if resp.status_code == 200:
+            return Reply(body=resp.content)
+        SCORING_REQUEST_ERRORS.labels(self.protocol, str(resp.status_code)).inc()
+        # 400/422: the server refused the data. 500: the model (or the decoding of its inputs) raised on these
+        # rows; MLServer answers 500 for any exception in predict. A server that is unwell says 502/503/504.
+        if resp.status_code in (400, 422, 500):
+            return Reply(refused=f"the model refused the row(s) ({resp.status_code}): {_message(resp)}")
+        if 400 <= resp.status_code < 500:
+            return Reply(fatal=f"the model server answered {resp.status_code} at {self._url}: {_message(resp)}")
+        return Reply(retry=f"HTTP {resp.status_code}: {_message(resp)}")
+
+
+class SeldonScorer(V2RestScorer):
     """The Seldon protocol: POST /api/v1.0/predictions with data.names and data.ndarray.
 
-    The same client, null rule and retry loop as V2Scorer; only the path and the bodies differ.
+    The same client, retries and isolation as V2 REST; only the path and the bodies differ.
     """
 
     protocol = "seldon"
@@ -454,8 +412,85 @@ class SeldonScorer(V2Scorer):
         return decode_seldon(body, rows=rows, output_names=self._output_names)
 
 
-# The scorer for each Deployment.protocol.
-SCORERS: dict[str, type[V2Scorer]] = {"v2": V2Scorer, "seldon": SeldonScorer}
+class V2GrpcScorer(BatchScorer):
+    """The Open Inference Protocol (V2) over gRPC: ModelInfer with raw_input_contents / raw_output_contents.
+
+    Binary tensors both ways (a NaN is just a float), on one long-lived HTTP/2 channel that carries every request
+    in flight; no JSON is built or parsed on either side.
+    """
+
+    protocol = "v2-grpc"
+
+    # gRPC status codes by what they mean for a batch: the model refused it (MLServer answers INTERNAL with the
+    # model's exception), it is worth another try, or no retry can help (the rest).
+    _REFUSED = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "INTERNAL")
+    _RETRY = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "UNKNOWN")
+
+    def __init__(self, *, deployment: Deployment, **options: Any) -> None:
+        import grpc  # only a gRPC job loads it
+
+        super().__init__(deployment=deployment, **options)
+        if not deployment.grpc_target:
+            raise ScoringFailed(f"the deployment {deployment.name} offers no gRPC endpoint")
+        self._target = deployment.grpc_target
+        self._rpc_error = grpc.RpcError
+        self._channel = grpc.insecure_channel(
+            self._target,
+            options=[
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.enable_retries", 0),  # retries and hedging are this class's own
+                ("grpc.keepalive_time_ms", 30_000),
+            ],
+        )
+        self._infer = self._channel.unary_unary(GRPC_MODEL_INFER)
+        self._metadata = tuple((k.lower(), v) for k, v in deployment.headers.items())
+
+    def close(self) -> None:
+        super().close()
+        self._channel.close()
+
+    @property
+    def target(self) -> str:
+        return f"grpc://{self._target}"
+
+    def _encode(self, batch: pa.RecordBatch) -> bytes:
+        tensors = v2_inputs(batch, self._features)
+        return encode_v2_grpc(tensors, rows=batch.num_rows, model_name=self._deployment.model_name)
+
+    def _decode(self, body: bytes, *, rows: int) -> pa.Table:
+        return decode_v2_grpc(body, rows=rows, output_names=self._output_names)
+
+    def _exchange(self, payload: bytes, *, timeout_s: float) -> Reply:
+        try:
+            body = self._infer(payload, timeout=timeout_s, metadata=self._metadata)
+        except self._rpc_error as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            SCORING_REQUEST_ERRORS.labels(self.protocol, code).inc()
+            if code in self._REFUSED:
+                return Reply(refused=f"the model refused the row(s) ({code}): {model_message(details or '')}")
+            if code in self._RETRY:
+                return Reply(retry=f"gRPC {code}: {details}")
+            return Reply(fatal=f"the model server answered {code} at {self.target}: {details}")
+        return Reply(body=bytes(body))
+
+
+# The scorer class for each RETRO_SCORE_PROTOCOL.
+SCORERS: dict[str, type[BatchScorer]] = {"v2-grpc": V2GrpcScorer, "v2-rest": V2RestScorer, "seldon": SeldonScorer}
+
+
+def choose_protocol(deployment: Deployment, setting: str) -> str:
+    """The protocol to score a deployment with: the setting, or the fastest the deployment serves ("auto")."""
+    served = deployment.protocols
+    if setting == "auto":
+        return served[0]
+    if setting not in served:
+        raise ScoringFailed(
+            f"RETRO_SCORE_PROTOCOL={setting}, but the deployment serves only {', '.join(served)}; "
+            "choose one of those or auto"
+        )
+    return setting
 
 
 def _split(batch: pa.RecordBatch, parts: int) -> list[tuple[int, pa.RecordBatch]]:
@@ -463,10 +498,6 @@ def _split(batch: pa.RecordBatch, parts: int) -> list[tuple[int, pa.RecordBatch]
     n = batch.num_rows
     bounds = [n * i // min(parts, n) for i in range(min(parts, n) + 1)]
     return [(a, batch.slice(a, b - a)) for a, b in itertools.pairwise(bounds)]
-
-
-def _answered_200(request: Future[httpx.Response]) -> bool:
-    return request.exception() is None and request.result().status_code == 200
 
 
 def _concat_batches(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
@@ -483,7 +514,7 @@ def _message(resp: httpx.Response) -> str:
     try:
         body = resp.json()
     except ValueError:
-        return resp.text[:500]
+        return model_message(resp.text)
     if isinstance(body, dict):
         status = body.get("status")
         seldon_info = status.get("info") if isinstance(status, dict) else None  # Seldon's error body

@@ -138,6 +138,7 @@ class RetroTest(Base):
 
     # Outcome.
     deployment_name: Mapped[str | None] = mapped_column(String(128))
+    score_protocol: Mapped[str | None] = mapped_column(String(16))  # v2-grpc, v2-rest or seldon, once scoring starts
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     result_location: Mapped[str | None] = mapped_column(Text)

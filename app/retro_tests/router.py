@@ -120,6 +120,7 @@ def job_view(job: JobFields, files: Iterable[FileFields], files_at: str) -> dict
         "created_at": job.created_at,
         "finished_at": job.finished_at,
         "stages": _stages(job),
+        "score_protocol": job.score_protocol,
         "progress": {
             "rows_total": job.rows_total,
             "rows_read": job.rows_read,

@@ -118,6 +118,9 @@ class RetroTestOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     stages: list[StageOut]
+    score_protocol: str | None = Field(
+        default=None, description="the inference protocol the rows were scored over: v2-grpc, v2-rest or seldon"
+    )
     progress: ProgressOut
     error: dict[str, Any] | None
     result_location: str | None

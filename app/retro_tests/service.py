@@ -178,7 +178,7 @@ def get_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) 
 
 # What the public view of a job shows (app/retro_tests/router.py job_view), read as plain rows rather than ORM
 # objects: the API's read endpoints answer many times a second, and building ORM objects costs several times
-# more CPU than the rows do. Built once, since building a select of 32 columns costs CPU on every request too.
+# more CPU than the rows do. Built once, since building a select of 33 columns costs CPU on every request too.
 JOB_VIEW = select(
     RetroTest.id,
     RetroTest.partner_id,
@@ -203,6 +203,7 @@ JOB_VIEW = select(
     RetroTest.created_at,
     RetroTest.finished_at,
     RetroTest.stage_started,
+    RetroTest.score_protocol,
     RetroTest.rows_total,
     RetroTest.rows_read,
     RetroTest.rows_scored,

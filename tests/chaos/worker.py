@@ -33,7 +33,8 @@ class FaultyDeployer:
             old.stop()
         proxy = FaultProxy(deployment.base_url, self._faults()).start()
         self._proxies[name] = proxy
-        return replace(deployment, base_url=proxy.url)
+        # The proxy speaks HTTP: the job scores over V2 REST through it (no gRPC endpoint offered).
+        return replace(deployment, base_url=proxy.url, grpc_target=None)
 
     def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
         # Readiness is asked of the real server: the faults are for inference requests.

@@ -40,6 +40,8 @@ def operator(cluster: ApiServer) -> Iterator[TestOperator]:
         "RETRO_K8S_NAMESPACE": NAMESPACE,
         "RETRO_K8S_ENDPOINT_TEMPLATE": op.gateway.url + "/gateway/{namespace}/{name}",
         "RETRO_SELDON_V2_MESH_URL": op.gateway.url + "/mesh/{namespace}",
+        "RETRO_K8S_GRPC_ENDPOINT_TEMPLATE": op.grpc_ingress.target,
+        "RETRO_SELDON_V2_MESH_GRPC": op.grpc_mesh.target,
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -107,3 +109,24 @@ def job_row(job_id: uuid.UUID) -> Any:
 
 def results_path(location: str) -> Path:
     return Path(location.removeprefix("file://"))
+
+
+def adapters(settings: Any, *, deployer: Any = None, source: Any = None) -> Any:
+    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+    from worker.pipeline import Adapters
+
+    return Adapters(
+        registry=make_registry(settings),
+        source=source or make_history_source(settings),
+        deployer=deployer or make_deployer(settings),
+        store=make_result_store(settings),
+    )
+
+
+def run(job_id: uuid.UUID, settings: Any, **kw: Any) -> Any:
+    from app.db import get_session_factory
+    from worker.pipeline import run_retro_test
+
+    return run_retro_test(
+        job_id=job_id, sessions=get_session_factory(), adapters=adapters(settings, **kw), settings=settings
+    )

@@ -37,7 +37,7 @@ from app.integrations.k8s_deployers import (
 )
 from app.integrations.registry import ModelVersionInfo
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY
-from tests.k8s.conftest import NAMESPACE, job_row, k8s_settings, new_job, results_path, wait_for
+from tests.k8s.conftest import NAMESPACE, job_row, k8s_settings, new_job, results_path, run, wait_for
 from tests.k8s_operator import ApiServer, Fail, Hang, TestOperator, artifact_uri
 
 KINDS = {"seldon": SELDON_DEPLOYMENT, "seldon_v2": SELDON_MODEL, "kserve": INFERENCE_SERVICE}
@@ -48,27 +48,6 @@ PLACEHOLDER_MODEL = ModelVersionInfo(
 
 class WorkerDied(BaseException):
     """Stands for a worker process killed mid-chunk: nothing after it runs, no except clause catches it."""
-
-
-def adapters(settings: Any, *, deployer: Any = None, source: Any = None) -> Any:
-    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
-    from worker.pipeline import Adapters
-
-    return Adapters(
-        registry=make_registry(settings),
-        source=source or make_history_source(settings),
-        deployer=deployer or make_deployer(settings),
-        store=make_result_store(settings),
-    )
-
-
-def run(job_id: uuid.UUID, settings: Any, **kw: Any) -> Any:
-    from app.db import get_session_factory
-    from worker.pipeline import run_retro_test
-
-    return run_retro_test(
-        job_id=job_id, sessions=get_session_factory(), adapters=adapters(settings, **kw), settings=settings
-    )
 
 
 @pytest.fixture(scope="session")
