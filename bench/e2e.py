@@ -6,10 +6,12 @@ For each size it writes synthetic history (11 columns, 9 model inputs), starts o
 and measures on the same rows:
   compute      in-process mlflow.pyfunc predict (the compute limit)
   source       reading the period from the history source alone (the source pull rate)
-  server       a saturating direct client: pre-encoded V2 requests, `concurrency` in flight (server capacity)
+  server       a saturating direct client: pre-encoded V2 REST requests, `concurrency` in flight (server capacity)
+  server-grpc  the same over V2 gRPC with raw tensors, on the same server
   naive        fetch all rows, then score batch by batch sequentially, then write (the naive baseline)
-  mlserver     `mlserver infer` (MLServer's own batch CLI), same rows and batch size
-  retrotest    the real pipeline (resolve, extract, deploy, score, publish) in a worker-like process
+  mlserver     `mlserver infer` (MLServer's own batch CLI; REST, its only working transport), same rows and batch
+  retrotest    the real pipeline (resolve, extract, deploy, score, publish) in a worker-like process, over V2 gRPC
+  retro-rest   the same pipeline over V2 REST (RETRO_SCORE_PROTOCOL=v2-rest)
 Each process-based measurement reports its own peak RSS. Ratios are printed, not just times.
 """
 
@@ -171,29 +173,51 @@ def child_compute(root: Path, rows: int, batch: int) -> dict[str, float]:
     return {"rows": n, "seconds": time.perf_counter() - t0}
 
 
-def child_server(root: Path, rows: int, batch: int, url: str, concurrency: int) -> dict[str, float]:
+def encode_rest(batch: Any, model: Any) -> bytes:
+    from app.integrations.protocols import encode_v2_json, v2_inputs
+
+    return encode_v2_json(v2_inputs(batch, model.inputs), rows=batch.num_rows)
+
+
+def child_server(root: Path, rows: int, batch: int, url: str, concurrency: int, *, grpc: bool) -> dict[str, float]:
+    """A saturating client on the server alone: the same few pre-encoded requests, `concurrency` in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
-
     from app.integrations.history import LocalParquetSource
-    from app.integrations.scoring import encode_v2
+    from app.integrations.protocols import GRPC_MODEL_INFER, encode_v2_grpc, v2_inputs
 
     model = model_info(root)
     source = LocalParquetSource(root=history_dir(root, rows))
     bodies: list[tuple[bytes, int]] = []
     for b in source.batches(history_query(model), batch_rows=batch):
-        bodies.append((encode_v2(b, model.inputs), b.num_rows))
+        if grpc:
+            body = encode_v2_grpc(v2_inputs(b, model.inputs), rows=b.num_rows, model_name=url.split("|")[1])
+        else:
+            body = encode_rest(b, model)
+        bodies.append((body, b.num_rows))
         if len(bodies) * batch >= 200_000:
             break  # the same few payloads, reused: this measures the server, not the encoder
     total_requests = max(1, rows // batch)
-    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency))
+    if grpc:
+        import grpc as grpc_lib
 
-    def send(i: int) -> int:
-        body, n = bodies[i % len(bodies)]
-        resp = client.post(url, content=body, headers={"content-type": "application/json"})
-        resp.raise_for_status()
-        return n
+        channel = grpc_lib.insecure_channel(url.split("|")[0], options=[("grpc.max_receive_message_length", -1)])
+        infer = channel.unary_unary(GRPC_MODEL_INFER)
+
+        def send(i: int) -> int:
+            body, n = bodies[i % len(bodies)]
+            infer(body, timeout=120)
+            return n
+    else:
+        import httpx
+
+        client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency))
+
+        def send(i: int) -> int:
+            body, n = bodies[i % len(bodies)]
+            resp = client.post(url, content=body, headers={"content-type": "application/json"})
+            resp.raise_for_status()
+            return n
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -207,7 +231,7 @@ def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -
     import pyarrow.parquet as pq
 
     from app.config import get_settings
-    from app.integrations.scoring import decode_v2, encode_v2
+    from app.integrations.protocols import decode_v2_json
 
     model = model_info(root)
     t0 = time.perf_counter()
@@ -219,9 +243,9 @@ def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -
     scores = []
     with httpx.Client(timeout=120) as client:
         for b in table.to_batches(max_chunksize=batch):  # then one request after another
-            resp = client.post(url, content=encode_v2(b, model.inputs), headers={"content-type": "application/json"})
+            resp = client.post(url, content=encode_rest(b, model), headers={"content-type": "application/json"})
             resp.raise_for_status()
-            scores.append(decode_v2(resp.content, rows=b.num_rows, output_names=model.outputs))
+            scores.append(decode_v2_json(resp.content, rows=b.num_rows, output_names=model.outputs))
     out = pa.concat_tables(scores)
     result = table.select(["customer_id", "snapshot_date"])
     for name in out.column_names:
@@ -245,7 +269,12 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
     sessions = get_session_factory()
     with sessions() as s, s.begin():
         job_id = make_retro_test(
-            s, start=START, end=START + timedelta(days=DAYS - 1), partner_prefix="bench", requested_by="bench"
+            s,
+            start=START,
+            end=START + timedelta(days=DAYS - 1),
+            partner_prefix="bench",
+            requested_by="bench",
+            model_info=model_info(root).to_record(),  # as the API records it at submission
         )
     adapters = Adapters(
         registry=make_registry(settings),
@@ -281,8 +310,8 @@ def measure_child(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = child_source(root, args.rows, args.batch)
     elif kind == "compute":
         result = child_compute(root, args.rows, args.batch)
-    elif kind == "server":
-        result = child_server(root, args.rows, args.batch, args.url, args.concurrency)
+    elif kind in ("server", "server-grpc"):
+        result = child_server(root, args.rows, args.batch, args.url, args.concurrency, grpc=kind == "server-grpc")
     elif kind == "naive":
         result = child_naive(root, args.rows, args.batch, args.url, args.concurrency)
     else:
@@ -290,8 +319,11 @@ def measure_child(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_child(kind: str, root: Path, rows: int, args: argparse.Namespace, url: str = "") -> dict[str, Any]:
+def run_child(
+    kind: str, root: Path, rows: int, args: argparse.Namespace, url: str = "", *, protocol: str = "auto"
+) -> dict[str, Any]:
     env = env_for(root)
+    env["RETRO_SCORE_PROTOCOL"] = protocol
     env["RETRO_SCORE_BATCH_ROWS"] = str(args.batch)
     env["RETRO_SCORE_CONCURRENCY"] = str(args.concurrency)
     env["RETRO_HISTORY_DIR"] = str(history_dir(root, rows))
@@ -328,14 +360,13 @@ def run_mlserver_infer(
 ) -> dict[str, Any]:
     """MLServer's own batch CLI, fed the same rows as V2 requests of the same batch size."""
     from app.integrations.history import LocalParquetSource
-    from app.integrations.scoring import encode_v2
 
     model = model_info(root)
     source = LocalParquetSource(root=history_dir(root, rows))
     inp, outp = root / f"infer-in-{rows}.txt", root / f"infer-out-{rows}.txt"
     with inp.open("wb") as fh:
         for i, b in enumerate(source.batches(history_query(model), batch_rows=args.batch)):
-            req = json.loads(encode_v2(b, model.inputs))
+            req = json.loads(encode_rest(b, model))
             req["id"] = str(i)
             fh.write(json.dumps(req).encode() + b"\n")
     exe = str(Path(sys.executable).parent / "mlserver")
@@ -427,8 +458,9 @@ def main() -> None:
             if hive is not None:
                 hive_table_over(hive, history_dir(root, rows))
             r: dict[str, dict[str, Any]] = {}
-            for kind in ("source", "compute", "server", "naive"):
-                r[kind] = run_child(kind, root, rows, args, url)
+            grpc_url = f"{deployment.grpc_target}|{deployment.model_name}"
+            for kind in ("source", "compute", "server", "server-grpc", "naive"):
+                r[kind] = run_child(kind, root, rows, args, grpc_url if kind == "server-grpc" else url)
                 print(
                     f"   {kind:<10} {r[kind]['rows'] / r[kind]['seconds']:>10,.0f} rows/s  {r[kind]['seconds']:7.1f} s  peak RSS {r[kind]['peak_rss_mb']:6.0f} MB",
                     flush=True,
@@ -440,14 +472,15 @@ def main() -> None:
                 f"   {'mlserver':<10} {r['mlserver']['rows'] / r['mlserver']['seconds']:>10,.0f} rows/s  {r['mlserver']['seconds']:7.1f} s",
                 flush=True,
             )
-            r["retrotest"] = run_child("pipeline", root, rows, args)
-            st = r["retrotest"]["stages"]
-            print(
-                f"   {'retrotest':<10} {rows / st['scoring']:>10,.0f} rows/s while scoring; stages "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in st.items())
-                + f"; peak RSS {r['retrotest']['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+            for label, protocol in (("retrotest", "v2-grpc"), ("retro-rest", "v2-rest")):
+                r[label] = run_child("pipeline", root, rows, args, protocol=protocol)
+                st = r[label]["stages"]
+                print(
+                    f"   {label:<10} {rows / st['scoring']:>10,.0f} rows/s while scoring ({protocol}); stages "
+                    + ", ".join(f"{k} {v:.1f} s" for k, v in st.items())
+                    + f"; peak RSS {r[label]['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
             table.append((rows, r))
     finally:
         deployer.stop("bench-server")
@@ -504,28 +537,36 @@ def report(table: list[tuple[int, dict[str, dict[str, Any]]]], args: argparse.Na
         f"{'rows':>10} {'retrotest':>10} {'e2e(excl.':>10} {'source':>9} {'server':>9} {'compute':>9} {'naive':>9} {'mlserver':>9} {'RSS MB':>7}"
     )
     print(
-        f"{'':>10} {'scoring/s':>10} {'deploy)/s':>10} {'/s':>9} {'/s':>9} {'/s':>9} {'/s':>9} {'infer/s':>9} {'worker':>7}"
+        f"{'':>10} {'scoring/s':>10} {'deploy)/s':>10} {'/s':>9} {'gRPC/s':>9} {'/s':>9} {'/s':>9} {'infer/s':>9} {'worker':>7}"
     )
     for rows, r in table:
         st = r["retrotest"]["stages"]
         scoring = rows / st["scoring"]
         e2e = rows / (r["retrotest"]["seconds"] - st.get("deploying", 0.0))
         print(
-            f"{rows:>10,} {scoring:>10,.0f} {e2e:>10,.0f} {rate(r['source']):>9,.0f} {rate(r['server']):>9,.0f} "
+            f"{rows:>10,} {scoring:>10,.0f} {e2e:>10,.0f} {rate(r['source']):>9,.0f} {rate(r['server-grpc']):>9,.0f} "
             f"{rate(r['compute']):>9,.0f} {rate(r['naive']):>9,.0f} {rate(r['mlserver']):>9,.0f} {r['retrotest']['peak_rss_mb']:>7.0f}"
         )
     print("\nratios (targets in brackets):")
     for rows, r in table:
         st = r["retrotest"]["stages"]
         e2e = rows / (r["retrotest"]["seconds"] - st.get("deploying", 0.0))
-        limit = min(rate(r["source"]), rate(r["server"]))
+        limit = min(rate(r["source"]), rate(r["server-grpc"]))
         # Source and server each measured alone may both use every core; on one machine they share them, so
         # when both are CPU-bound here the pipeline cannot beat the rate of doing one after the other per row.
-        shared = 1 / (1 / rate(r["source"]) + 1 / rate(r["server"]))
+        shared = 1 / (1 / rate(r["source"]) + 1 / rate(r["server-grpc"]))
         print(
             f"  {rows:>10,} rows: e2e / min(source, server) {e2e / limit:.2f} [>= 0.85]   e2e / shared-CPU bound {e2e / shared:.2f}   "
             f"e2e / naive {e2e / rate(r['naive']):.2f} [>= 3]   scoring / mlserver infer {rows / st['scoring'] / rate(r['mlserver']):.2f} [>= 2]   "
-            f"server / compute {rate(r['server']) / rate(r['compute']):.2f}"
+            f"server(gRPC) / compute {rate(r['server-grpc']) / rate(r['compute']):.2f}"
+        )
+        rest_scoring = rows / r["retro-rest"]["stages"]["scoring"]
+        print(
+            f"  {rows:>10,} rows, batch {args.batch}: V2 gRPC / V2 REST on the same server: "
+            f"pipeline scoring {rows / st['scoring'] / rest_scoring:.2f} [>= 2] "
+            f"({rows / st['scoring']:,.0f} vs {rest_scoring:,.0f} rows/s), "
+            f"direct client {rate(r['server-grpc']) / rate(r['server']):.2f} "
+            f"({rate(r['server-grpc']):,.0f} vs {rate(r['server']):,.0f} rows/s)"
         )
     rss = ", ".join(f"{r['retrotest']['peak_rss_mb']:.0f}" for _, r in table)
     anon = ", ".join(f"{r['retrotest'].get('peak_anon_mb', float('nan')):.0f}" for _, r in table)

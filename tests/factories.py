@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import date
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -21,9 +22,11 @@ def make_retro_test(
     model_name: str = "churn",
     date_column: str = "snapshot_date",
     id_columns: Sequence[str] = ("customer_id",),
+    model_info: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """A queued retro test of version 1 of a model (churn) for a new partner, as the API would have created it
-    (without the registry's answer, which the worker then asks for); returns its id.
+    (with `model_info`, the registry's answer the API records; without, the worker asks the registry); returns
+    its id.
 
     The session's transaction is the caller's to commit.
     """
@@ -36,6 +39,7 @@ def make_retro_test(
     job = RetroTest(
         partner_id=partner.id,
         model_name=model_name,
+        model_info=model_info,
         model_version="1",
         model_uri="",
         requested_by=requested_by,
