@@ -85,14 +85,14 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
 def run_job(days: int) -> dict[str, Any]:
     """Create a job over the whole history, send it to the workers and wait for its verdict."""
     from app.db import get_session_factory
+    from app.queue import send_retro_test
     from app.retro_tests.models import RetroTest
     from tests.factories import make_retro_test
-    from worker.celery_app import celery_app
 
     sessions = get_session_factory()
     with sessions() as s, s.begin():
         job_id = make_retro_test(s, start=START, end=START + timedelta(days=days - 1), partner_prefix="scale")
-    celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
+    send_retro_test(job_id)
     while True:
         time.sleep(1)
         with sessions() as s:

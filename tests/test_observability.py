@@ -56,7 +56,7 @@ def test_log_lines_are_json_with_the_job_id_while_a_job_runs() -> None:
 def test_beat_runs_the_reaper_and_the_worker_serves_its_childrens_metrics(database_url: str, tmp_path: Path) -> None:
     import redis as redis_lib
 
-    from worker.celery_app import celery_app
+    from app.queue import REAP_DEPLOYMENTS, celery_client
 
     queue = f"retrotest-beat-{secrets.token_hex(4)}"
     port = free_port()
@@ -77,7 +77,7 @@ def test_beat_runs_the_reaper_and_the_worker_serves_its_childrens_metrics(databa
     ]
     try:
         # A reaper sent to the job queue runs in the worker's forked child; the parent serves what it counted.
-        celery_app.send_task("retrotest.reap_deployments", queue=queue)
+        celery_client().send_task(REAP_DEPLOYMENTS, queue=queue)
         deadline = time.monotonic() + 180
         while True:
             try:

@@ -1,21 +1,17 @@
-"""The Celery application; its configuration comes from app.config."""
+"""The Celery application of worker and beat processes: app/queue.py's, plus what only those processes need
+(the prompt-reaping pool, logging, imports before forking, per-process metrics)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from celery import Celery
 from celery.concurrency import asynpool, prefork
 from celery.signals import setup_logging, worker_init, worker_process_shutdown
 
-from app.config import Settings, get_settings
+from app.config import get_settings
 from app.logging_setup import configure_logging
-
-
-def control_queue(settings: Settings) -> str:
-    """The queue of the periodic control tasks, consumed by `retrotest beat`, never by the job workers."""
-    return f"{settings.queue_name}.control"
+from app.queue import make_celery
 
 
 class _PromptReapAsynPool(asynpool.AsynPool):  # type: ignore[misc]
@@ -47,54 +43,6 @@ class PromptReapTaskPool(prefork.TaskPool):  # type: ignore[misc]
     """The prefork pool with _PromptReapAsynPool: a killed pool process's job is redelivered at once."""
 
     Pool = _PromptReapAsynPool
-
-
-def make_celery() -> Celery:
-    settings = get_settings()
-    broker = settings.resolved_broker_url()
-    if broker.startswith("sqla+sqlite"):
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
-    app = Celery("retrotest", broker=broker, include=["worker.tasks"])
-    app.conf.update(
-        task_ignore_result=True,  # state lives in our database, not in a result backend
-        task_acks_late=True,  # a job whose worker dies is redelivered; the pipeline skips finished chunks
-        task_reject_on_worker_lost=True,
-        worker_pool="worker.celery_app:PromptReapTaskPool",
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        task_default_queue=settings.queue_name,
-        task_routes={
-            "retrotest.reap_deployments": {"queue": control_queue(settings)},
-            "retrotest.reconcile_jobs": {"queue": control_queue(settings)},
-        },
-        beat_schedule={
-            # Re-enqueues jobs whose worker died or whose message the broker lost.
-            "reconcile-jobs": {
-                "task": "retrotest.reconcile_jobs",
-                "schedule": settings.reconcile_interval_s,
-                "options": {"expires": settings.reconcile_interval_s},
-            },
-            # Deletes deployments a killed worker left behind (or whose job ended, or whose expiry passed).
-            # Expiring after one interval keeps a stopped control process from collecting a backlog of them.
-            "reap-deployments": {
-                "task": "retrotest.reap_deployments",
-                "schedule": settings.reaper_interval_s,
-                "options": {"expires": settings.reaper_interval_s},
-            },
-        },
-        beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
-    )
-    if broker.startswith(("redis", "rediss")):
-        app.conf.broker_transport = "worker.broker:Transport"  # survives a Redis restart (see worker/broker.py)
-        # Redis redelivers unacked messages after this; it must outlast the longest job.
-        app.conf.broker_transport_options = {"visibility_timeout": 12 * 3600}
-    else:
-        app.conf.broker_transport_options = {}
-        app.conf.broker_polling_interval = 0.5
-    return app
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]

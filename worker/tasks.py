@@ -14,6 +14,14 @@ from app.db import get_session_factory
 from app.integrations.deployers import Deployer
 from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
 from app.logging_setup import job_context
+from app.queue import (
+    REAP_DEPLOYMENTS,
+    RECONCILE_JOBS,
+    RUN_RETRO_TEST,
+    SCORE_PARTITION,
+    send_partition,
+    send_retro_test,
+)
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
@@ -36,15 +44,11 @@ def _adapters() -> Adapters:
         source=make_history_source(settings),
         deployer=_deployer(),
         store=make_result_store(settings),
-        send_partition=_send_partition,
+        send_partition=lambda order: send_partition(order.to_message()),
     )
 
 
-def _send_partition(order: PartitionOrder) -> None:
-    celery_app.send_task("retrotest.score_partition", args=[order.to_message()])
-
-
-@celery_app.task(name="retrotest.run_retro_test", bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
+@celery_app.task(name=RUN_RETRO_TEST, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
 def run_retro_test_task(self: Task, job_id: str) -> str:
     """Run one retro test to a terminal state.
 
@@ -65,7 +69,7 @@ def run_retro_test_task(self: Task, job_id: str) -> str:
     return state.value
 
 
-@celery_app.task(name="retrotest.score_partition", acks_late=True)  # type: ignore[untyped-decorator]
+@celery_app.task(name=SCORE_PARTITION, acks_late=True)  # type: ignore[untyped-decorator]
 def score_partition_task(message: dict[str, Any]) -> str:
     """Score a helper's share (a date range) of a job that another worker coordinates (RETRO_PARTITIONS > 1)."""
     order = PartitionOrder.from_message(message)
@@ -77,23 +81,19 @@ def score_partition_task(message: dict[str, Any]) -> str:
     return outcome
 
 
-@celery_app.task(name="retrotest.reap_deployments")  # type: ignore[untyped-decorator]
+@celery_app.task(name=REAP_DEPLOYMENTS)  # type: ignore[untyped-decorator]
 def reap_deployments_task() -> list[str]:
     """Delete model deployments whose job has ended or whose expiry has passed (sent by beat)."""
     return reap_deployments(deployer=_deployer(), sessions=get_session_factory())
 
 
-def _send(job_id: uuid.UUID) -> None:
-    celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
-
-
-@celery_app.task(name="retrotest.reconcile_jobs")  # type: ignore[untyped-decorator]
+@celery_app.task(name=RECONCILE_JOBS)  # type: ignore[untyped-decorator]
 def reconcile_jobs_task() -> list[str]:
     """Send jobs that a lost message or a dead worker stranded to the workers again (sent by beat)."""
     settings = get_settings()
     ids = reconcile_jobs(
         sessions=get_session_factory(),
-        enqueue=_send,
+        enqueue=send_retro_test,
         stale_after_s=settings.stale_after_s,
         requeue_queued_after_s=settings.requeue_queued_after_s,
     )

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-
 from sqlalchemy.orm import Session
 
 from app.auth.scope import PartnerScope
 from app.config import Settings
 from app.errors import Upstream
+from app.queue import send_retro_test
 from app.retro_tests import service
 from app.retro_tests.models import RetroTest
 from app.retro_tests.schemas import RetroTestCreate
-from worker.celery_app import celery_app
-
-
-def enqueue(job_id: uuid.UUID) -> None:
-    """Send the job to the workers; called only after the row is committed."""
-    celery_app.send_task("retrotest.run_retro_test", args=[str(job_id)])
 
 
 def submit(
@@ -36,7 +29,7 @@ def submit(
     session.commit()
     if created:
         try:
-            enqueue(job.id)
+            send_retro_test(job.id)
         except Exception as exc:
             service.fail_unqueued(session=session, job_id=job.id, reason=str(exc))
             session.commit()

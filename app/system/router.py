@@ -12,7 +12,7 @@ from sqlalchemy import text
 from app.config import Settings, get_settings
 from app.db import get_engine
 from app.integrations.wiring import get_registry
-from worker.celery_app import celery_app
+from app.queue import check_broker
 
 router = APIRouter(tags=["health"])
 
@@ -34,11 +34,6 @@ def _check_db() -> None:
         conn.execute(text("SELECT 1"))
 
 
-def _check_broker() -> None:
-    with celery_app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=3)
-
-
 def _check_registry() -> None:
     get_registry().ping()
 
@@ -50,7 +45,7 @@ def ready(settings: Annotated[Settings, Depends(get_settings)]) -> JSONResponse:
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {
             "database": pool.submit(_check_db),
-            "broker": pool.submit(_check_broker),
+            "broker": pool.submit(check_broker),
             "registry": pool.submit(_check_registry),
         }
         for name, fut in futures.items():
