@@ -44,16 +44,21 @@ def test_a_fresh_lease_is_taken_over_at_once_when_its_holder_died_here(database_
     settings = get_settings()
     with sessions() as s, s.begin():
         job_id = make_retro_test(s, start=HISTORY_START, end=HISTORY_START + timedelta(days=1))
-    first, _ = claim(sessions=sessions, job_id=job_id, settings=settings)
-    assert first is not None
+    claimed = claim(sessions=sessions, job_id=job_id, settings=settings)
+    assert claimed is not None and claimed.lease is not None
+    first = claimed.lease
     # A second attempt while the first is alive (this process) and fresh: refused.
-    assert claim(sessions=sessions, job_id=job_id, settings=settings)[0] is None
+    refused = claim(sessions=sessions, job_id=job_id, settings=settings)
+    assert refused is not None and refused.lease is None
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     with sessions() as s, s.begin():
         job = s.get(RetroTest, job_id)
         assert job is not None
         job.lease_holder = f"{socket.gethostname()}:{gone.pid}"  # the holder was a pool process, now killed
-    second, job = claim(sessions=sessions, job_id=job_id, settings=settings)
-    assert second is not None and second != first
-    assert job is not None and job.attempts == 2 and job.lease_holder == this_process()
+    second = claim(sessions=sessions, job_id=job_id, settings=settings)
+    assert second is not None and second.lease is not None and second.lease != first
+    assert second.attempts == 2
+    with sessions() as s:
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.lease_holder == this_process()

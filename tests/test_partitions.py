@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
 from tests.factories import make_retro_test
 from tests.test_end_to_end import END, submit
-from worker.chunks import Chunk, plan_chunks
+from worker.chunks import plan_chunks
 from worker.pipeline import split_ranges
 
 
@@ -201,7 +201,7 @@ class Killed(BaseException):
     """The process dies: nothing in the pipeline handles it."""
 
 
-def die(**_: Any) -> None:
+def die(*_: Any, **__: Any) -> None:
     raise Killed
 
 
@@ -229,10 +229,10 @@ def run_retro_test_now(job_id: uuid.UUID, sessions: Any, adapters: Any, settings
 
 
 def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: uuid.UUID) -> None:
-    from app.config import get_settings
     from app.db import get_session_factory
+    from app.retro_tests import runs
     from app.retro_tests.models import RetroTest, RetroTestChunk
-    from worker.chunks import ChunkCounts, commit_chunk
+    from app.retro_tests.runs import ChunkRecord, Counts
 
     sessions = get_session_factory()
     with sessions() as s, s.begin():
@@ -240,16 +240,18 @@ def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: u
         assert job is not None
         job.lease_token = "lease-of-the-test"
 
-    class Output:  # a finished chunk's files, as _ChunkOutput leaves them
-        def __init__(self, tag: str) -> None:
-            self.part_path = f"p/{tag}.parquet"
-            self.rejects_path = f"p/{tag}.rejects.parquet"
-            self.counts = ChunkCounts(read=10, scored=10, rejected=0)
+    def copy(tag: str) -> ChunkRecord:  # a finished chunk's files, as a stream leaves them
+        return ChunkRecord(
+            key=HISTORY_START.isoformat(),
+            counts=Counts(read=10, scored=10, rejected=0),
+            part_path=f"p/{tag}.parquet",
+            rejects_path=None,
+        )
 
-    chunk = Chunk(key=HISTORY_START.isoformat(), start=HISTORY_START, end=HISTORY_START)
-    args: dict[str, Any] = {"chunk": chunk, "settings": get_settings(), "lease": "lease-of-the-test"}
-    assert commit_chunk(sessions, job_id, output=Output("first"), **args) is True  # type: ignore[arg-type]
-    assert commit_chunk(sessions, job_id, output=Output("second"), **args) is False  # type: ignore[arg-type]
+    for tag, wins in (("first", True), ("second", False)):
+        with sessions() as s, s.begin():
+            recorded = runs.record_chunk(session=s, job_id=job_id, lease="lease-of-the-test", chunk=copy(tag))
+        assert (recorded is not None) is wins
     with sessions() as s:
         rows = s.query(RetroTestChunk).filter_by(retro_test_id=job_id).all()
         assert [(r.part_path, r.rows_scored) for r in rows] == [("p/first.parquet", 10)]

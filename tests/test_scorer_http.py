@@ -14,7 +14,7 @@ import pytest
 from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.registry import Feature
-from app.integrations.scoring import V2RestScorer
+from app.integrations.scoring import ScoringOptions, V2RestScorer
 
 FEATURES = (Feature("x", "double"),)
 
@@ -73,10 +73,7 @@ def scorer(url: str, retries: int = 3, *, timeout_s: float = 0.5, timeout_floor_
         deployment=Deployment(name="m", base_url=url, model_name="m"),
         features=FEATURES,
         output_names=(),
-        timeout_s=timeout_s,
-        retries=retries,
-        backoff_s=0.01,
-        timeout_floor_s=timeout_floor_s,
+        options=ScoringOptions(timeout_s=timeout_s, retries=retries, backoff_s=0.01, timeout_floor_s=timeout_floor_s),
     )
 
 
@@ -149,9 +146,9 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
 
 
 def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_their_bounds() -> None:
-    from app.integrations.scoring import LatencyTracker
+    from app.integrations.scoring import LatencyTracker, Tuning
 
-    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, factor=8.0, window=5, warmup=3)
+    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, tuning=Tuning(factor=8.0, window=5, warmup=3))
     assert t.timeout_s(rows=5000, attempt=0) == 60.0  # nothing seen yet: the configured timeout
     assert t.hedge_after_s(rows=5000) == 1.0  # and a late request is hedged after the floor
     for seconds in (0.05, 0.02, 0.03):
@@ -168,9 +165,9 @@ def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_
 
 
 def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size() -> None:
-    from app.integrations.scoring import LatencyTracker
+    from app.integrations.scoring import LatencyTracker, Tuning
 
-    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, window=10, warmup=3)
+    t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, tuning=Tuning(window=10, warmup=3))
     for seconds in (0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.4):
         t.observe(seconds, rows=5000)
     for seconds in (0.004, 0.005, 0.006):

@@ -16,7 +16,7 @@ from app.errors import ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.protocols import decode_seldon, encode_seldon
 from app.integrations.registry import Feature
-from app.integrations.scoring import SCORERS, BatchScorer, SeldonScorer, V2GrpcScorer, choose_protocol
+from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, SeldonScorer, V2GrpcScorer, choose_protocol
 
 FEATURES = (Feature("x", "double"), Feature("plan", "string"), Feature("n", "long"))
 BATCH = pa.RecordBatch.from_pydict(
@@ -86,9 +86,7 @@ def scorer(url: str, *, output_names: tuple[str, ...] = ("p", "q"), retries: int
         deployment=deployment,
         features=FEATURES,
         output_names=output_names,
-        timeout_s=2,
-        retries=retries,
-        backoff_s=0.01,
+        options=ScoringOptions(timeout_s=2, retries=retries, backoff_s=0.01),
     )
 
 

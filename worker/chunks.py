@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import queue
-import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,17 +21,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.errors import ReconciliationFailed, TooManyRejectedRows
 from app.integrations.history import HistoryQuery, HistorySource
+from app.integrations.prefetch import prefetched
 from app.integrations.results import ResultStore
 from app.integrations.scoring import ScoredBatch, Scorer, ScoringStopped
-from app.retro_tests.models import RetroTest, RetroTestChunk
-from app.retro_tests.service import job_prefix
-from worker.control import JobControl, LeaseLost
+from app.retro_tests import runs
+from app.retro_tests.runs import ChunkRecord, Counts
+from worker.run import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +44,19 @@ class Chunk:
 
 @dataclass
 class ChunkCounts:
+    """Rows counted as they go by (a chunk being written, or what one stream committed)."""
+
     read: int = 0
     scored: int = 0
     rejected: int = 0
 
-    def add(self, other: ChunkCounts) -> None:
+    def add(self, other: ChunkCounts | Counts) -> None:
         self.read += other.read
         self.scored += other.scored
         self.rejected += other.rejected
+
+    def frozen(self) -> Counts:
+        return Counts(read=self.read, scored=self.scored, rejected=self.rejected)
 
 
 def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
@@ -68,22 +70,17 @@ def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
     return chunks
 
 
-def committed_keys(sessions: sessionmaker[Session], job_id: uuid.UUID) -> set[str]:
-    with sessions() as s:
-        return set(s.scalars(select(RetroTestChunk.chunk_key).where(RetroTestChunk.retro_test_id == job_id)))
+def committed_keys(run: JobRun) -> set[str]:
+    with run.transaction() as s:
+        return runs.committed_keys(session=s, job_id=run.job_id)
 
 
 def score_chunks(
+    run: JobRun,
     *,
-    job_id: uuid.UUID,
     query: HistoryQuery,
     chunks: list[Chunk],
     scorer: Scorer,
-    source: HistorySource,
-    store: ResultStore,
-    settings: Settings,
-    sessions: sessionmaker[Session],
-    control: JobControl,
     live_progress: bool = True,
     tally: ChunkCounts | None = None,
 ) -> None:
@@ -97,14 +94,13 @@ def score_chunks(
     given up and retried, a batch cut up around a poison row) does not stop the others. With live_progress the job's
     counters move with every batch; without (several workers share the job) they move with each commit.
     """
-    with sessions() as s:
-        job = s.get(RetroTest, job_id)
-        assert job is not None
-        prefix = job_prefix(job)
-    done = committed_keys(sessions, job_id)
+    settings, control, store = run.settings, run.control, run.adapters.store
+    with run.transaction() as s:
+        done = runs.committed_keys(session=s, job_id=run.job_id)
+        base = ChunkCounts()
+        base.add(runs.committed_counts(session=s, job_id=run.job_id))
     pending = [c for c in chunks if c.key not in done]
     tag = uuid.uuid4().hex[:8]  # this stream's part files never collide with another's for the same chunk
-    base = _committed_totals(sessions, job_id)
     own = tally if tally is not None else ChunkCounts()
     window: deque[tuple[Chunk, Future[ScoredBatch] | _ChunkEnd]] = deque()
     current: _ChunkOutput | None = None
@@ -112,18 +108,18 @@ def score_chunks(
     def handle(chunk: Chunk, item: Future[ScoredBatch] | _ChunkEnd) -> None:
         nonlocal current
         if current is None:
-            current = _ChunkOutput(store, f"{prefix}/parts/{chunk.key}.{tag}", query)
+            current = _ChunkOutput(store, f"{run.spec.prefix}/parts/{chunk.key}.{tag}", query)
         if isinstance(item, _ChunkEnd):
             output, current = current, None
             counts = output.close(read=item.read)
-            if commit_chunk(sessions, job_id, chunk=chunk, output=output, settings=settings, lease=control.lease):
+            if commit_chunk(run, chunk=chunk, output=output):
                 base.add(counts)
                 own.add(counts)
             else:
                 log.info(
                     "chunk %s of retro test %s was committed by another worker first; dropping this copy",
                     chunk.key,
-                    job_id,
+                    run.job_id,
                 )
                 output.remove()
             return
@@ -136,18 +132,17 @@ def score_chunks(
         if not live_progress:
             control.check()
             return
-        c = current.counts
-        control.progress(
-            rows_read=base.read + c.read, rows_scored=base.scored + c.scored, rows_rejected=base.rejected + c.rejected
-        )
+        control.progress(base.frozen() + current.counts.frozen())
 
     def in_flight() -> int:
         return sum(1 for _, item in window if not isinstance(item, _ChunkEnd))
 
     def is_committed(chunk: Chunk) -> bool:
-        return chunk.key in committed_keys(sessions, job_id)
+        return chunk.key in committed_keys(run)
 
-    stream = _read_ahead(source, query, pending, settings, skip=is_committed, depth=settings.score_window_batches)
+    stream = _read_ahead(
+        run.adapters.source, query, pending, settings, skip=is_committed, depth=settings.score_window_batches
+    )
     with (
         ThreadPoolExecutor(max_workers=settings.score_concurrency, thread_name_prefix="score") as pool,
         stream as items,
@@ -176,7 +171,6 @@ class _ChunkEnd:
     read: int
 
 
-@contextlib.contextmanager
 def _read_ahead(
     source: HistorySource,
     query: HistoryQuery,
@@ -185,60 +179,24 @@ def _read_ahead(
     *,
     skip: Callable[[Chunk], bool],
     depth: int,
-) -> Iterator[Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]]:
+) -> contextlib.AbstractContextManager[Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]]:
     """Slices of score_batch_rows rows, chunk after chunk, read on a background thread at most `depth` ahead.
 
     A chunk that `skip` says is finished by the time the reader reaches it is not read at all.
     """
-    items: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    finished = object()
 
-    def put(item: Any) -> None:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.2)
-                return
-            except queue.Full:
+    def produce() -> Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]:
+        for chunk in chunks:
+            if skip(chunk):
                 continue
+            read = 0
+            for batch in source.batches(query.between(chunk.start, chunk.end), batch_rows=settings.read_batch_rows):
+                read += batch.num_rows
+                for offset in range(0, batch.num_rows, settings.score_batch_rows):
+                    yield chunk, batch.slice(offset, settings.score_batch_rows)
+            yield chunk, _ChunkEnd(read)
 
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                if skip(chunk):
-                    continue
-                read = 0
-                for batch in source.batches(query.between(chunk.start, chunk.end), batch_rows=settings.read_batch_rows):
-                    read += batch.num_rows
-                    for offset in range(0, batch.num_rows, settings.score_batch_rows):
-                        put((chunk, batch.slice(offset, settings.score_batch_rows)))
-                    if stop.is_set():
-                        return
-                put((chunk, _ChunkEnd(read)))
-        except BaseException as exc:  # raised again in the consuming thread
-            put(exc)
-        finally:
-            put(finished)
-
-    def consume() -> Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]:
-        while True:
-            item = items.get()
-            if item is finished:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    reader = threading.Thread(target=produce, name="history-reader", daemon=True)
-    reader.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                items.get_nowait()
-        reader.join(timeout=60)
+    return prefetched(produce, depth=depth, name="history-reader")
 
 
 class _ChunkOutput:
@@ -285,69 +243,22 @@ class _ChunkOutput:
         self._store.remove(self.rejects_path)
 
 
-def _committed_totals(sessions: sessionmaker[Session], job_id: uuid.UUID) -> ChunkCounts:
-    with sessions() as s:
-        row = s.execute(
-            select(
-                func.coalesce(func.sum(RetroTestChunk.rows_read), 0),
-                func.coalesce(func.sum(RetroTestChunk.rows_scored), 0),
-                func.coalesce(func.sum(RetroTestChunk.rows_rejected), 0),
-            ).where(RetroTestChunk.retro_test_id == job_id)
-        ).one()
-    return ChunkCounts(read=int(row[0]), scored=int(row[1]), rejected=int(row[2]))
-
-
-def commit_chunk(
-    sessions: sessionmaker[Session],
-    job_id: uuid.UUID,
-    *,
-    chunk: Chunk,
-    output: _ChunkOutput,
-    settings: Settings,
-    lease: str,
-) -> bool:
-    """Record a finished chunk and the job's totals in one transaction: the checkpoint.
-
-    False when another worker committed the same chunk first. The job row is locked, so commits of one job
-    are serialized and exactly one copy of a chunk is ever recorded.
-    """
+def commit_chunk(run: JobRun, *, chunk: Chunk, output: _ChunkOutput) -> bool:
+    """Record a finished chunk with its part files (the checkpoint); False when another copy was first."""
     counts = output.counts
-    with sessions() as s, s.begin():
-        owner = s.scalar(select(RetroTest.lease_token).where(RetroTest.id == job_id).with_for_update())
-        if owner != lease:
-            raise LeaseLost(f"retro test {job_id} was taken over by another attempt; chunk {chunk.key} not recorded")
-        taken = s.scalar(
-            select(RetroTestChunk.id).where(
-                RetroTestChunk.retro_test_id == job_id, RetroTestChunk.chunk_key == chunk.key
-            )
-        )
-        if taken is not None:
-            return False
-        s.add(
-            RetroTestChunk(
-                retro_test_id=job_id,
-                chunk_key=chunk.key,
-                rows_read=counts.read,
-                rows_scored=counts.scored,
-                rows_rejected=counts.rejected,
-                part_path=output.part_path if counts.scored else None,
-                rejects_path=output.rejects_path if counts.rejected else None,
-            )
-        )
-        s.flush()
-        totals = s.execute(
-            select(
-                func.sum(RetroTestChunk.rows_read),
-                func.sum(RetroTestChunk.rows_scored),
-                func.sum(RetroTestChunk.rows_rejected),
-                func.count(),
-            ).where(RetroTestChunk.retro_test_id == job_id)
-        ).one()
-        job = s.get(RetroTest, job_id)
-        assert job is not None
-        job.rows_read, job.rows_scored, job.rows_rejected, job.chunks_done = (int(v or 0) for v in totals)
-        rejected, read_total = job.rows_rejected, job.rows_total or job.rows_read
-    enforce_reject_budget(rejected=rejected, read_total=read_total, settings=settings)
+    record = ChunkRecord(
+        key=chunk.key,
+        counts=counts.frozen(),
+        part_path=output.part_path if counts.scored else None,
+        rejects_path=output.rejects_path if counts.rejected else None,
+    )
+    with run.transaction() as s:
+        totals = runs.record_chunk(session=s, job_id=run.job_id, lease=run.control.lease, chunk=record)
+    if totals is None:
+        return False
+    enforce_reject_budget(
+        rejected=totals.counts.rejected, read_total=totals.rows_total or totals.counts.read, settings=run.settings
+    )
     return True
 
 

@@ -13,26 +13,20 @@ import socket
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.clock import utcnow
 from app.config import Settings
 from app.errors import DeadlineExceeded, JobCancelled
-from app.retro_tests.models import RetroTest
-from app.retro_tests.service import utcnow
+from app.retro_tests import runs
+from app.retro_tests.runs import Claim, Counts, LeaseLost
 
 log = logging.getLogger(__name__)
 
-
-class LeaseLost(Exception):
-    """Another attempt owns the job now (this one was presumed dead); this attempt stops without a verdict."""
-
-
-def aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every time stored here is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+__all__ = ["JobControl", "LeaseLost", "claim", "holder_is_dead", "this_process"]
 
 
 class JobControl:
@@ -79,26 +73,27 @@ class JobControl:
         assert self._heartbeat_s is not None
         while not self._stop.wait(self._heartbeat_s):
             try:
-                self._write({})
+                self._write(None)
             except Exception:
                 log.warning("heartbeat of retro test %s failed; will try again", self._job_id, exc_info=True)
 
     def cancel_requested(self) -> bool:
-        self._sync({}, force=False)
+        self._sync(None, force=False)
         return self._cancelled or self._lost
 
     def stop_now(self) -> bool:
         """Cancel asked or lease lost, read from the job row now (between retries of a failing request)."""
-        self._sync({}, force=True)
+        self._sync(None, force=True)
         return self._cancelled or self._lost
 
     def check(self) -> None:
         """Raise if the attempt must stop: lease lost, cancel asked, deadline passed."""
-        self._sync({}, force=False)
+        self._sync(None, force=False)
         self._raise_if_stopped()
 
-    def progress(self, *, force: bool = False, **counters: int) -> None:
-        self._sync(counters, force=force)
+    def progress(self, counts: Counts) -> None:
+        """The job's live counters (at most once a second), then stop if the attempt must."""
+        self._sync(counts, force=False)
         self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
@@ -111,24 +106,24 @@ class JobControl:
                 f"the job passed its deadline of {self._deadline:%Y-%m-%d %H:%M} UTC (RETRO_JOB_DEADLINE_S)"
             )
 
-    def _sync(self, counters: dict[str, int], *, force: bool) -> None:
+    def _sync(self, counts: Counts | None, *, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self._last < self._interval_s:
             return
         self._last = now
-        self._write(counters)
+        self._write(counts)
 
-    def _write(self, counters: dict[str, int]) -> None:
+    def _write(self, counts: Counts | None) -> None:
         with self._sessions() as s, s.begin():
-            job = s.get(RetroTest, self._job_id)
-            if job is None or job.lease_token != self.lease:
-                self._lost = True
-                return
-            for key, value in counters.items():
-                setattr(job, key, value)
-            if self._heartbeat_s is not None:
-                job.heartbeat_at = utcnow()
-            self._cancelled = job.cancel_requested
+            found = runs.beat(
+                session=s,
+                job_id=self._job_id,
+                lease=self.lease,
+                progress=counts,
+                heartbeat=self._heartbeat_s is not None,
+            )
+        self._lost = not found.held
+        self._cancelled = found.cancel_requested
 
 
 def this_process() -> str:
@@ -155,24 +150,13 @@ def holder_is_dead(holder: str | None) -> bool:
         return False
 
 
-def claim(
-    *, sessions: sessionmaker[Session], job_id: uuid.UUID, settings: Settings
-) -> tuple[str | None, RetroTest | None]:
+def claim(*, sessions: sessionmaker[Session], job_id: uuid.UUID, settings: Settings) -> Claim | None:
     """Take the job's lease for this attempt, unless it is finished or another live attempt holds it."""
-    lease = uuid.uuid4().hex
-    now = utcnow()
     with sessions() as s, s.begin():
-        job = s.get(RetroTest, job_id, with_for_update=True)
-        if job is None or job.is_terminal:
-            return None, job
-        held = job.lease_token is not None and job.heartbeat_at is not None
-        fresh = held and aware(job.heartbeat_at) > now - timedelta(seconds=settings.stale_after_s)  # type: ignore[arg-type]
-        if fresh and not holder_is_dead(job.lease_holder):
-            return None, job
-        job.lease_token = lease
-        job.lease_holder = this_process()
-        job.heartbeat_at = now
-        job.attempts += 1
-        s.flush()
-        s.expunge(job)
-        return lease, job
+        return runs.claim(
+            session=s,
+            job_id=job_id,
+            holder=this_process(),
+            stale_after_s=settings.stale_after_s,
+            holder_is_dead=holder_is_dead,
+        )

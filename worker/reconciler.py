@@ -19,8 +19,9 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.service import record
+from app.clock import utcnow
+from app.retro_tests import runs
 from app.retro_tests.models import RUNNING_STATES, RetroTest, State
-from app.retro_tests.service import utcnow
 from worker.control import holder_is_dead
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def reconcile_jobs(
         )
         jobs += [job for job in held_here if job not in jobs and holder_is_dead(job.lease_holder)]
         for job in jobs:
-            job.last_enqueued_at = now
+            runs.mark_requeued(session=s, job_id=job.id, at=now)
             record(
                 session=s,
                 actor="reconciler",

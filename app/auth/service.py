@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -17,6 +17,7 @@ from app.audit.service import record
 from app.auth.models import ApiToken, Role, User, UserPartner
 from app.auth.schemas import UserCreate, UserUpdate
 from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.clock import as_utc, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.partners.models import Partner
 
@@ -27,15 +28,6 @@ _LAST_USED_RESOLUTION = timedelta(minutes=1)
 _hasher = PasswordHasher()
 # Checked when the user does not exist, so a wrong username takes as long as a wrong password.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """A stored time as an aware UTC datetime (SQLite hands times back without their zone)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def hash_password(password: str) -> str:

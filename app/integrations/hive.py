@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +24,7 @@ import pyarrow as pa
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
 from app.integrations.history import HistoryQuery, check_columns, conform
 from app.integrations.identifiers import check_table
+from app.integrations.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -341,62 +340,35 @@ def _dates_as_dates(
 
 def _prefetched(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
     """Columns of each FetchResults block, fetched one block ahead on a background thread."""
+    with prefetched(lambda: _fetch_blocks(conn, cursor, rows), depth=2, name="hive-fetch") as blocks:
+        try:
+            yield from blocks
+        except Upstream:
+            raise
+        except Exception as exc:
+            raise Upstream(f"reading from HiveServer2 failed: {_reason(exc)}") from exc
+
+
+def _fetch_blocks(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
+    """Columns of each FetchResults block of the cursor's query, until an empty block."""
     from TCLIService import ttypes
 
-    blocks: queue.Queue[Any] = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    done = object()
-
-    def fetch() -> None:
-        try:
-            while not stop.is_set():
-                req = ttypes.TFetchResultsReq(
-                    operationHandle=cursor._operationHandle,
-                    orientation=ttypes.TFetchOrientation.FETCH_NEXT,
-                    maxRows=rows,
-                )
-                resp = conn.client.FetchResults(req)
-                if resp.status.statusCode not in (
-                    ttypes.TStatusCode.SUCCESS_STATUS,
-                    ttypes.TStatusCode.SUCCESS_WITH_INFO_STATUS,
-                ):
-                    raise Upstream(f"HiveServer2 failed to fetch rows: {resp.status.errorMessage}")
-                columns = resp.results.columns or []
-                if not columns or not _column_length(columns[0]):
-                    break
-                _put(blocks, columns, stop)
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            _put(blocks, exc, stop)
-        finally:
-            _put(blocks, done, stop)
-
-    worker = threading.Thread(target=fetch, name="hive-fetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = blocks.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                if isinstance(item, Upstream):
-                    raise item
-                raise Upstream(f"reading from HiveServer2 failed: {_reason(item)}") from item
-            yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                blocks.get_nowait()
-        worker.join(timeout=30)
-
-
-def _put(blocks: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            blocks.put(item, timeout=0.2)
+    while True:
+        req = ttypes.TFetchResultsReq(
+            operationHandle=cursor._operationHandle,
+            orientation=ttypes.TFetchOrientation.FETCH_NEXT,
+            maxRows=rows,
+        )
+        resp = conn.client.FetchResults(req)
+        if resp.status.statusCode not in (
+            ttypes.TStatusCode.SUCCESS_STATUS,
+            ttypes.TStatusCode.SUCCESS_WITH_INFO_STATUS,
+        ):
+            raise Upstream(f"HiveServer2 failed to fetch rows: {resp.status.errorMessage}")
+        columns = resp.results.columns or []
+        if not columns or not _column_length(columns[0]):
             return
-        except queue.Full:
-            continue
+        yield columns
 
 
 def _column_length(column: Any) -> int:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 import httpx
 import pyarrow as pa
 
+from app.config import Settings
 from app.errors import ModelServerDown, ScoringFailed
 from app.integrations.deployers import Deployment
 from app.integrations.protocols import (
@@ -83,6 +84,17 @@ class Reply:
     fatal: str | None = None  # the request itself is wrong (model name, auth, size): no retry helps
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How LatencyTracker turns recent answer times into timeouts and hedging delays (see there)."""
+
+    factor: float = 4.0
+    hedge_factor: float = 2.0
+    hedge_floor_s: float = 0.02
+    window: int = 50
+    warmup: int = 3
+
+
 class LatencyTracker:
     """Recent answer times by request size, for read timeouts and hedging delays that follow the server.
 
@@ -98,25 +110,15 @@ class LatencyTracker:
       job (or of a resumed attempt) costs a second, not the ceiling.
     """
 
-    def __init__(
-        self,
-        *,
-        ceiling_s: float,
-        floor_s: float,
-        factor: float = 4.0,
-        hedge_factor: float = 2.0,
-        hedge_floor_s: float = 0.02,
-        window: int = 50,
-        warmup: int = 3,
-    ) -> None:
+    def __init__(self, *, ceiling_s: float, floor_s: float, tuning: Tuning = Tuning()) -> None:
         self._ceiling_s = ceiling_s
         self._floor_s = min(floor_s, ceiling_s)
-        self._factor = factor
-        self._hedge_factor = hedge_factor
-        self._hedge_floor_s = hedge_floor_s
-        self._window = window
-        self._warmup = warmup
-        self._all: deque[float] = deque(maxlen=window)
+        self._factor = tuning.factor
+        self._hedge_factor = tuning.hedge_factor
+        self._hedge_floor_s = tuning.hedge_floor_s
+        self._window = tuning.window
+        self._warmup = tuning.warmup
+        self._all: deque[float] = deque(maxlen=tuning.window)
         self._by_size: dict[int, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -149,6 +151,28 @@ class LatencyTracker:
         return max(self._hedge_floor_s, self._hedge_factor * p90)
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a scorer sends: timeouts, retries, requests in flight, isolation (RETRO_SCORE_*)."""
+
+    timeout_s: float  # the longest a request may take, on any attempt
+    retries: int
+    backoff_s: float
+    max_connections: int = 8  # batches in flight
+    timeout_floor_s: float = 1.0
+    isolation_fanout: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ScoringOptions:
+        return cls(
+            timeout_s=settings.score_timeout_s,
+            retries=settings.score_retries,
+            backoff_s=settings.score_backoff_s,
+            max_connections=settings.score_concurrency,
+            timeout_floor_s=settings.score_timeout_floor_s,
+        )
+
+
 class BatchScorer:
     """The scoring mechanism for one deployment, whatever the protocol: retries on failures worth retrying,
     hedged requests, and parallel isolation of the rows the model refuses.
@@ -165,26 +189,21 @@ class BatchScorer:
         deployment: Deployment,
         features: tuple[Feature, ...],
         output_names: tuple[str, ...],
-        timeout_s: float,
-        retries: int,
-        backoff_s: float,
-        max_connections: int = 8,
+        options: ScoringOptions,
         should_stop: Callable[[], bool] = lambda: False,
-        timeout_floor_s: float = 1.0,
-        isolation_fanout: int = 8,
     ) -> None:
         self._deployment = deployment
-        self._latency = LatencyTracker(ceiling_s=timeout_s, floor_s=timeout_floor_s)
-        self._ceiling_s = timeout_s
+        self._latency = LatencyTracker(ceiling_s=options.timeout_s, floor_s=options.timeout_floor_s)
+        self._ceiling_s = options.timeout_s
         self._should_stop = should_stop
         self._features = features
         self._output_names = output_names
-        self._retries = retries
-        self._backoff_s = backoff_s
-        self._fanout = max(2, isolation_fanout)
+        self._retries = options.retries
+        self._backoff_s = options.backoff_s
+        self._fanout = max(2, options.isolation_fanout)
         # Room for every batch in flight, the parts being isolated (2 x fanout: a refused part is cut while its
         # siblings are still out), and a hedge for each of them.
-        self._connections = 2 * (max_connections + 2 * self._fanout)
+        self._connections = 2 * (options.max_connections + 2 * self._fanout)
         # Requests run on these threads so that a late one can be hedged; a request given up by its caller
         # keeps its thread until its own read timeout.
         self._requests = ThreadPoolExecutor(max_workers=2 * self._connections, thread_name_prefix="score-request")

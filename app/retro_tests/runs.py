@@ -1,0 +1,353 @@
+"""A running job's row: every write a worker makes to it, and the reads a running attempt needs.
+
+The one place that changes a job while it runs: claim the lease, enter a stage, record what was learned (the
+model, the plan, the deployment, the protocol), heartbeat and progress, commit a chunk, record the result files,
+give the verdict. Worker modules call these functions and never set a job's attributes themselves.
+
+Each function works in the caller's session and only flushes: the worker owns the transaction, and keeps none
+open across a call to an outside system (Hive, a model server, Kubernetes).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.clock import as_utc, utcnow
+from app.errors import JobCancelled, NotFound
+from app.integrations.registry import ModelVersionInfo
+from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk, State
+from app.retro_tests.service import advance, job_prefix
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the job now (this one was presumed dead); this attempt stops without a verdict."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a running job is asked to do, loaded once per attempt: none of it changes while the job runs."""
+
+    id: uuid.UUID
+    partner_id: uuid.UUID
+    prefix: str  # where its files go in the result store
+    model_name: str
+    model_version: str
+    model_info: dict[str, Any] | None  # the registry's answer the API recorded (None for older jobs)
+    source_table: str
+    date_column: str
+    id_columns: tuple[str, ...]
+    period_start: date
+    period_end: date
+    output_formats: tuple[str, ...]
+    requested_by: str
+    created_at: datetime
+    rows_total: int | None  # as a first attempt counted it; a resumed attempt keeps it
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming a job: the lease (None: not this attempt's to run), and the job as found."""
+
+    lease: str | None
+    state: State
+    attempts: int
+    cancel_requested: bool
+    spec: JobSpec
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Rows of a chunk, or of a job so far."""
+
+    read: int = 0
+    scored: int = 0
+    rejected: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.read + other.read, self.scored + other.scored, self.rejected + other.rejected)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A finished chunk: its key, its rows and its part files (None where it has no rows of that kind)."""
+
+    key: str
+    counts: Counts
+    part_path: str | None
+    rejects_path: str | None
+
+
+@dataclass(frozen=True)
+class ResultFileRecord:
+    """One published result file."""
+
+    name: str
+    kind: str  # scores, rejects or manifest
+    format: str
+    rows: int | None
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat found: whether the attempt still holds the lease and whether a cancel was asked."""
+
+    held: bool
+    cancel_requested: bool
+
+
+def _job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> RetroTest:
+    job = session.get(RetroTest, job_id, with_for_update=lock)
+    if job is None:
+        raise NotFound(f"no retro test with id {job_id}")
+    return job
+
+
+def _spec(job: RetroTest) -> JobSpec:
+    return JobSpec(
+        id=job.id,
+        partner_id=job.partner_id,
+        prefix=job_prefix(job),
+        model_name=job.model_name,
+        model_version=job.model_version,
+        model_info=job.model_info,
+        source_table=job.source_table,
+        date_column=job.date_column,
+        id_columns=tuple(job.id_columns),
+        period_start=job.period_start,
+        period_end=job.period_end,
+        output_formats=tuple(job.output_formats),
+        requested_by=job.requested_by,
+        created_at=as_utc(job.created_at),
+        rows_total=job.rows_total,
+    )
+
+
+def load_spec(*, session: Session, job_id: uuid.UUID) -> JobSpec:
+    return _spec(_job(session, job_id))
+
+
+def claim(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    holder: str,
+    stale_after_s: float,
+    holder_is_dead: Callable[[str | None], bool],
+) -> Claim | None:
+    """Take the job's lease for a new attempt, unless the job is finished or a live attempt holds it.
+
+    None when there is no such job. `holder_is_dead(holder)` says whether a holder whose heartbeat is fresh
+    is in fact gone (a killed process on this host).
+    """
+    job = session.get(RetroTest, job_id, with_for_update=True)
+    if job is None:
+        return None
+    lease = None
+    if not job.is_terminal:
+        now = utcnow()
+        heartbeat = job.heartbeat_at
+        fresh = job.lease_token is not None and heartbeat is not None
+        fresh = fresh and as_utc(heartbeat) > now - timedelta(seconds=stale_after_s)  # type: ignore[arg-type]
+        if not fresh or holder_is_dead(job.lease_holder):
+            lease = uuid.uuid4().hex
+            job.lease_token, job.lease_holder, job.heartbeat_at = lease, holder, now
+            job.attempts += 1
+            session.flush()
+    return Claim(
+        lease=lease, state=job.state, attempts=job.attempts, cancel_requested=job.cancel_requested, spec=_spec(job)
+    )
+
+
+def enter_stage(*, session: Session, job_id: uuid.UUID, state: State) -> None:
+    """Move the job to the next stage of its run; a cancel asked meanwhile stops it here."""
+    job = _job(session, job_id)
+    if job.cancel_requested:
+        raise JobCancelled("cancelled on request")
+    advance(job, state)
+    session.flush()
+
+
+def record_model(*, session: Session, job_id: uuid.UUID, model: ModelVersionInfo) -> None:
+    """Keep the registry's answer on a job accepted before the API recorded it: later attempts read it back."""
+    _job(session, job_id).model_info = model.to_record()
+    session.flush()
+
+
+def record_plan(*, session: Session, job_id: uuid.UUID, rows_total: int | None, chunks_total: int) -> None:
+    job = _job(session, job_id)
+    job.rows_total, job.chunks_total = rows_total, chunks_total
+    session.flush()
+
+
+def record_deployment(*, session: Session, job_id: uuid.UUID, name: str) -> None:
+    """The deployment's name, recorded before it is created, so a reaper can find it if the worker dies."""
+    _job(session, job_id).deployment_name = name
+    session.flush()
+
+
+def record_protocol(*, session: Session, job_id: uuid.UUID, protocol: str) -> None:
+    _job(session, job_id).score_protocol = protocol
+    session.flush()
+
+
+def beat(
+    *, session: Session, job_id: uuid.UUID, lease: str, progress: Counts | None = None, heartbeat: bool = True
+) -> Beat:
+    """Renew the heartbeat (and the live counters) while the lease is still this attempt's."""
+    job = session.get(RetroTest, job_id)
+    if job is None or job.lease_token != lease:
+        return Beat(held=False, cancel_requested=False)
+    if progress is not None:
+        job.rows_read, job.rows_scored, job.rows_rejected = progress.read, progress.scored, progress.rejected
+    if heartbeat:
+        job.heartbeat_at = utcnow()
+    session.flush()
+    return Beat(held=True, cancel_requested=job.cancel_requested)
+
+
+def mark_requeued(*, session: Session, job_id: uuid.UUID, at: datetime) -> None:
+    """The reconciler sent the job to the workers again at `at` (so it is not sent twice within a stale period)."""
+    _job(session, job_id).last_enqueued_at = at
+    session.flush()
+
+
+def holds_lease(*, session: Session, job_id: uuid.UUID, lease: str) -> bool:
+    return bool(session.scalar(select(RetroTest.lease_token).where(RetroTest.id == job_id)) == lease)
+
+
+def committed_keys(*, session: Session, job_id: uuid.UUID) -> set[str]:
+    """The keys of the job's chunks already committed, by any attempt or helper."""
+    return set(session.scalars(select(RetroTestChunk.chunk_key).where(RetroTestChunk.retro_test_id == job_id)))
+
+
+def committed_counts(*, session: Session, job_id: uuid.UUID) -> Counts:
+    """The rows of every committed chunk of the job, added up."""
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(RetroTestChunk.rows_read), 0),
+            func.coalesce(func.sum(RetroTestChunk.rows_scored), 0),
+            func.coalesce(func.sum(RetroTestChunk.rows_rejected), 0),
+        ).where(RetroTestChunk.retro_test_id == job_id)
+    ).one()
+    return Counts(read=int(row[0]), scored=int(row[1]), rejected=int(row[2]))
+
+
+def record_chunk(*, session: Session, job_id: uuid.UUID, lease: str, chunk: ChunkRecord) -> Tally | None:
+    """Record a finished chunk and the job's totals together: the checkpoint. Returns the job's tally after it.
+
+    None when another worker committed the same chunk first. The job row is locked, so the commits of one job
+    are serialized and exactly one copy of a chunk is ever recorded. LeaseLost when the job moved on.
+    """
+    owner = session.scalar(select(RetroTest.lease_token).where(RetroTest.id == job_id).with_for_update())
+    if owner != lease:
+        raise LeaseLost(f"retro test {job_id} was taken over by another attempt; chunk {chunk.key} not recorded")
+    taken = session.scalar(
+        select(RetroTestChunk.id).where(RetroTestChunk.retro_test_id == job_id, RetroTestChunk.chunk_key == chunk.key)
+    )
+    if taken is not None:
+        return None
+    session.add(
+        RetroTestChunk(
+            retro_test_id=job_id,
+            chunk_key=chunk.key,
+            rows_read=chunk.counts.read,
+            rows_scored=chunk.counts.scored,
+            rows_rejected=chunk.counts.rejected,
+            part_path=chunk.part_path,
+            rejects_path=chunk.rejects_path,
+        )
+    )
+    session.flush()
+    totals = committed_counts(session=session, job_id=job_id)
+    job = _job(session, job_id)
+    job.rows_read, job.rows_scored, job.rows_rejected = totals.read, totals.scored, totals.rejected
+    job.chunks_done = int(
+        session.scalar(select(func.count()).select_from(RetroTestChunk).where(RetroTestChunk.retro_test_id == job_id))
+        or 0
+    )
+    session.flush()
+    return tally(session=session, job_id=job_id)
+
+
+def committed_chunks(*, session: Session, job_id: uuid.UUID) -> list[ChunkRecord]:
+    """The job's committed chunks, in the order of the period."""
+    rows = session.scalars(
+        select(RetroTestChunk).where(RetroTestChunk.retro_test_id == job_id).order_by(RetroTestChunk.chunk_key)
+    )
+    return [
+        ChunkRecord(
+            key=c.chunk_key,
+            counts=Counts(read=c.rows_read, scored=c.rows_scored, rejected=c.rows_rejected),
+            part_path=c.part_path,
+            rejects_path=c.rejects_path,
+        )
+        for c in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The job's row counts as publishing reads them, and when each of its stages started."""
+
+    rows_total: int | None
+    counts: Counts
+    stage_started: dict[str, str]
+    score_protocol: str | None
+
+
+def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
+    job = _job(session, job_id)
+    return Tally(
+        rows_total=job.rows_total,
+        counts=Counts(read=job.rows_read, scored=job.rows_scored, rejected=job.rows_rejected),
+        stage_started=dict(job.stage_started or {}),
+        score_protocol=job.score_protocol,
+    )
+
+
+def record_results(*, session: Session, job_id: uuid.UUID, files: list[ResultFileRecord], location: str) -> None:
+    """The published files and where they are, replacing any an earlier attempt recorded."""
+    session.execute(delete(ResultFile).where(ResultFile.retro_test_id == job_id))
+    for f in files:
+        session.add(
+            ResultFile(
+                retro_test_id=job_id,
+                name=f.name,
+                kind=f.kind,
+                format=f.format,
+                rows=f.rows,
+                bytes=f.bytes,
+                sha256=f.sha256,
+            )
+        )
+    _job(session, job_id).result_location = location
+    session.flush()
+
+
+def finish(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    lease: str,
+    state: State,
+    error: tuple[str, str] | None = None,
+) -> State:
+    """Record the verdict (and its error code and message), if this attempt still holds the lease; release it."""
+    job = _job(session, job_id, lock=True)
+    if job.is_terminal or job.lease_token != lease:
+        return job.state
+    code, message = error if error else (None, None)
+    advance(job, state, error_code=code, error_message=message)
+    job.lease_token = None
+    job.lease_holder = None
+    session.flush()
+    return state

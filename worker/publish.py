@@ -1,0 +1,136 @@
+"""Publishing a job: its committed parts merged into the result files, a manifest, the row counts reconciled, and
+the files recorded on the job (the last stage, worker/pipeline.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+from typing import IO, TYPE_CHECKING, Any
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from app.clock import utcnow
+from app.errors import ReconciliationFailed
+from app.integrations.history import HistoryQuery
+from app.integrations.registry import ModelVersionInfo
+from app.integrations.results import ResultStore
+from app.retro_tests import runs
+from app.retro_tests.runs import ResultFileRecord, Tally
+
+if TYPE_CHECKING:
+    from worker.run import JobRun
+
+
+def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> None:
+    """Merge the parts into the result files, write the manifest, reconcile, and record the files."""
+    store, prefix = run.adapters.store, run.spec.prefix
+    with run.transaction() as s:
+        chunks = runs.committed_chunks(session=s, job_id=run.job_id)
+        tally = runs.tally(session=s, job_id=run.job_id)
+    counts = tally.counts
+    if tally.rows_total is not None and counts.read != tally.rows_total:
+        raise ReconciliationFailed(
+            f"read {counts.read} rows but the source counted {tally.rows_total} for the period; the source changed "
+            "while the job ran, or rows were lost"
+        )
+    run.control.check()
+    files = [*_merge_scores(run, [c.part_path for c in chunks if c.part_path], scored=counts.scored)]
+    reject_parts = [c.rejects_path for c in chunks if c.rejects_path]
+    if reject_parts:
+        rows = _merge(store, reject_parts, {"csv.gz": f"{prefix}/rejects.csv.gz"})["csv.gz"]
+        files.append(_described(store, prefix, name="rejects.csv.gz", kind="rejects", fmt="csv.gz", rows=rows))
+    if counts.scored + counts.rejected != counts.read:
+        raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
+    manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
+    with store.open_write(f"{prefix}/manifest.json") as fh:
+        fh.write(json.dumps(manifest, indent=2).encode())
+    files.append(_described(store, prefix, name="manifest.json", kind="manifest", fmt="json", rows=None))
+    with run.transaction() as s:
+        runs.record_results(session=s, job_id=run.job_id, files=files, location=store.location(prefix))
+    store.remove_tree(f"{prefix}/parts")
+
+
+def _merge_scores(run: JobRun, parts: list[str], *, scored: int) -> list[ResultFileRecord]:
+    """scores.<format> for each of the job's formats, each checked to hold every scored row."""
+    store, prefix = run.adapters.store, run.spec.prefix
+    written = _merge(store, parts, {fmt: f"{prefix}/scores.{fmt}" for fmt in run.spec.output_formats})
+    files = []
+    for fmt, rows in written.items():
+        if rows != scored:
+            raise ReconciliationFailed(f"wrote {rows} rows to scores.{fmt} but scored {scored}")
+        files.append(_described(store, prefix, name=f"scores.{fmt}", kind="scores", fmt=fmt, rows=rows))
+    return files
+
+
+def _described(
+    store: ResultStore, prefix: str, *, name: str, kind: str, fmt: str, rows: int | None
+) -> ResultFileRecord:
+    rel = f"{prefix}/{name}"
+    return ResultFileRecord(
+        name=name, kind=kind, format=fmt, rows=rows, bytes=store.size(rel), sha256=store.sha256(rel)
+    )
+
+
+def _manifest(
+    run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery, tally: Tally, files: list[ResultFileRecord]
+) -> dict[str, Any]:
+    spec, counts = run.spec, tally.counts
+    return {
+        "retro_test": {
+            "id": str(spec.id),
+            "partner_id": str(spec.partner_id),
+            "requested_by": spec.requested_by,
+            "created_at": spec.created_at.isoformat(),
+            "stage_started": tally.stage_started,
+        },
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "run_id": model.run_id,
+            "source": model.source,
+            "artifact_uri": model.artifact_uri,
+            "inputs": [{"name": f.name, "type": f.type} for f in model.inputs],
+        },
+        "source": {
+            "table": query.table,
+            "date_column": query.date_column,
+            "id_columns": list(query.id_columns),
+            "query": run.adapters.source.describe(query),
+            "parameters": {"start": query.start.isoformat(), "end": query.end.isoformat()},
+        },
+        "period": {"start": query.start.isoformat(), "end": query.end.isoformat()},
+        "scoring": {"protocol": tally.score_protocol},
+        "rows": {"total": tally.rows_total, "read": counts.read, "scored": counts.scored, "rejected": counts.rejected},
+        "files": [
+            {"name": f.name, "kind": f.kind, "format": f.format, "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256}
+            for f in files
+        ],
+        "published_at": utcnow().isoformat(),
+    }
+
+
+def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dict[str, int]:
+    """Stream Parquet parts, in order, into one file per format; returns rows written per format."""
+    rows = dict.fromkeys(targets, 0)
+    if not parts:
+        return rows
+    with store.open_read(parts[0]) as first:
+        schema = pq.read_schema(first)
+    with contextlib.ExitStack() as stack:
+        writers: dict[str, Any] = {}
+        for fmt, rel in targets.items():
+            fh: IO[bytes] = stack.enter_context(store.open_write(rel))
+            if fmt == "parquet":
+                writers[fmt] = stack.enter_context(pq.ParquetWriter(fh, schema, compression="zstd"))
+            else:
+                gz = stack.enter_context(gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, compresslevel=6))
+                writers[fmt] = stack.enter_context(pacsv.CSVWriter(gz, schema))
+        for rel in parts:
+            with store.open_read(rel) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
+                    for fmt, writer in writers.items():
+                        writer.write_batch(batch)
+                        rows[fmt] += batch.num_rows
+    return rows

@@ -1,0 +1,56 @@
+"""One attempt at one job, as every stage sees it: what the job asks (JobSpec), the lease, the adapters, the
+settings, and short transactions on the job's row (app/retro_tests/runs.py does the writing)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.integrations.deployers import Deployer
+from app.integrations.history import HistorySource
+from app.integrations.registry import MlflowRegistry
+from app.integrations.results import ResultStore
+from app.retro_tests.runs import JobSpec
+from worker.control import JobControl
+
+if TYPE_CHECKING:
+    from worker.pipeline import PartitionOrder
+
+
+@dataclass
+class Adapters:
+    """The outside systems one job talks to."""
+
+    registry: MlflowRegistry
+    source: HistorySource
+    deployer: Deployer
+    store: ResultStore
+    # Sends a partition of a job to another worker; None: this job's worker scores every chunk itself.
+    send_partition: Callable[[PartitionOrder], None] | None = None
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """An attempt (or a partition helper) at a job: every stage takes one of these."""
+
+    spec: JobSpec
+    control: JobControl
+    adapters: Adapters
+    settings: Settings
+    sessions: sessionmaker[Session]
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        return self.spec.id
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A short transaction on the database: never held across a call to an outside system."""
+        with self.sessions() as session, session.begin():
+            yield session
