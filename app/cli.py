@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -120,7 +121,8 @@ def worker(
 def beat(loglevel: Annotated[str | None, typer.Option()] = None) -> None:
     """Run the control process: Celery beat plus a worker for its periodic tasks (deployment reaper, job reconciler)."""
     from app.config import get_settings
-    from worker.celery_app import celery_app, control_queue
+    from app.queue import control_queue
+    from worker.celery_app import celery_app
 
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -188,35 +190,55 @@ def _print_job(job: dict[str, Any]) -> None:
         typer.echo(f"    {f['download_url']}")
 
 
-def api_client(api: str, token: str, *, timeout: float) -> httpx.Client:
-    """A client for the REST API that sends the personal token, if any."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=api, timeout=timeout, headers=headers)
+@dataclass(frozen=True)
+class Api:
+    """Where the REST API is and the personal token to send (the options before a command)."""
+
+    url: str
+    token: str
+
+    def client(self, *, timeout: float) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
+
+
+@app.callback()
+def api_options(
+    ctx: typer.Context,
+    api: Annotated[str, typer.Option(envvar="RETRO_API_URL", help="The REST API, for submit and status")] = (
+        "http://127.0.0.1:8000"
+    ),
+    token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
+) -> None:
+    ctx.obj = Api(url=api, token=token)
+
+
+def model_ref(text: str) -> dict[str, str]:
+    """`name/3` (a version) or `name@champion` (an alias), as MLflow writes model URIs, as request fields."""
+    name, at, alias = text.partition("@")
+    if at:
+        return {"model_name": name, "model_alias": alias}
+    name, slash, version = text.rpartition("/")
+    if not slash or not name:
+        raise typer.BadParameter(f"{text!r}: give the model as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)")
+    return {"model_name": name, "model_version": version}
 
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     partner: Annotated[str, typer.Option(help="Partner code")],
-    model: Annotated[str, typer.Option(help="Registry model name")],
+    model: Annotated[
+        str, typer.Option(help="The model version: NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)")
+    ],
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD")],
     end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD")],
-    version: Annotated[str | None, typer.Option(help="Model version number")] = None,
-    alias: Annotated[str | None, typer.Option(help="Model alias, e.g. champion")] = None,
-    api: Annotated[str, typer.Option(envvar="RETRO_API_URL")] = "http://127.0.0.1:8000",
-    token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
     wait: bool = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
-    body = {
-        "partner_code": partner,
-        "model_name": model,
-        "period_start": start,
-        "period_end": end,
-        "model_version": version,
-        "model_alias": alias,
-    }
-    with api_client(api, token, timeout=60) as client:
-        resp = client.post("/api/v1/retro-tests", json={k: v for k, v in body.items() if v is not None})
+    body = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    with ctx.obj.client(timeout=60) as client:
+        resp = client.post("/api/v1/retro-tests", json=body)
         if resp.status_code >= 400:
             err = resp.json()
             typer.echo(f"refused ({resp.status_code}): {err.get('detail', err)}", err=True)
@@ -232,13 +254,9 @@ def submit(
 
 
 @app.command()
-def status(
-    job_id: str,
-    api: Annotated[str, typer.Option(envvar="RETRO_API_URL")] = "http://127.0.0.1:8000",
-    token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
-) -> None:
+def status(ctx: typer.Context, job_id: str) -> None:
     """Show a retro test's state, progress and files."""
-    with api_client(api, token, timeout=30) as client:
+    with ctx.obj.client(timeout=30) as client:
         resp = client.get(f"/api/v1/retro-tests/{job_id}")
         if resp.status_code >= 400:
             typer.echo(f"{resp.status_code}: {resp.json().get('detail')}", err=True)
@@ -330,7 +348,11 @@ def demo(
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        app()
+    except httpx.TransportError as exc:  # submit and status: say where the API was looked for, not a traceback
+        typer.echo(f"cannot reach the retrotest API ({exc}); set --api or RETRO_API_URL", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

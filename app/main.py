@@ -19,15 +19,17 @@ from app.auth.router import router as auth_router
 from app.config import get_settings
 from app.db import get_session_factory
 from app.downloads.router import api_router as links_router
-from app.downloads.router import partner_router as partner_links_router
 from app.errors import AppError, Unauthorized
 from app.metrics import register_jobs_collector
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
 from app.retro_tests.router import router as retro_tests_router
 from app.system.router import router as system_router
+from app.web import account as web_account
+from app.web import admin as web_admin
+from app.web import jobs as web_jobs
 from app.web.errors import error_page
-from app.web.router import router as web_router
+from app.web.partner import router as partner_links_router
 from app.web.templating import STATIC_DIR
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,8 @@ def create_app() -> FastAPI:
     app.include_router(auth_router)
     app.include_router(links_router)
     app.include_router(partner_links_router)
-    app.include_router(web_router)
+    for web_pages in (web_account.router, web_jobs.router, web_admin.router):  # the server-rendered UI
+        app.include_router(web_pages, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Signed (not encrypted) cookie holding the user id and CSRF token; HttpOnly and SameSite=Lax.
     app.add_middleware(

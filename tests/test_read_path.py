@@ -12,25 +12,25 @@ from tests.conftest import make_partner, make_user
 from tests.web_helpers import succeeded_job
 
 
-def test_a_job_read_as_rows_shows_what_the_orm_object_shows(client, db_session) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_s_download_links_are_what_url_for_gives(client, db_session) -> None:  # type: ignore[no-untyped-def]
     from starlette.requests import Request
 
     from app.auth.scope import ALL_PARTNERS
-    from app.retro_tests import service
-    from app.retro_tests.router import files_url, read_out, to_out
+    from app.retro_tests import service, views
+    from app.retro_tests.schemas import JobFilters
 
     make_partner(client, "acme")
     job = succeeded_job(db_session, "acme", {"scores.parquet": b"PAR1", "manifest.json": b"{}"})
     request = Request({"type": "http", "app": client.app, "router": client.app.router, "scheme": "https",
                        "server": ("retro.example", 443), "root_path": "", "path": "/", "query_string": b"",
                        "headers": [(b"host", b"retro.example")]})  # fmt: skip
-    orm_job = service.get_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
-    rows = service.read_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
-    assert read_out(rows, files_url(request)) == to_out(orm_job, request)
-    listed, total = service.list_retro_tests(session=db_session, scope=ALL_PARTNERS, partner_code="acme")
-    assert total == 1 and read_out(listed[0], files_url(request)) == to_out(orm_job, request)
+    read = service.read_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
+    listed, total = service.list_retro_tests(session=db_session, scope=ALL_PARTNERS, filters=JobFilters(partner="acme"))
+    assert total == 1 and views.job_out(listed[0], views.files_url(request)) == views.job_out(
+        read, views.files_url(request)
+    )
     # The download links are what url_for gives, built without walking the routes for each file.
-    urls = [f.download_url for f in read_out(rows, files_url(request)).files]
+    urls = [f.download_url for f in views.job_out(read, views.files_url(request)).files]
     assert urls == [str(request.url_for("download_result_file", job_id=job.id, name=name))
                     for name in ("manifest.json", "scores.parquet")]  # fmt: skip
 

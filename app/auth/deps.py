@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -105,6 +106,21 @@ def _assigned_scope(session: Session, user: User) -> PartnerScope:
 
 
 CurrentScope = Annotated[PartnerScope, Depends(current_scope)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes an API request and the partners they may see and act on."""
+
+    user: User
+    scope: PartnerScope
+
+
+def current_caller(user: CurrentUser, scope: CurrentScope) -> Caller:
+    return Caller(user=user, scope=scope)
+
+
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
 
 
 def require_admin(user: CurrentUser) -> User:

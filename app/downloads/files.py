@@ -9,6 +9,7 @@ from typing import IO, Any
 
 from fastapi.responses import Response, StreamingResponse
 
+from app.errors import NotFound
 from app.integrations.results import ResultStore
 from app.retro_tests.models import ResultFile, RetroTest, State
 from app.retro_tests.service import job_prefix
@@ -125,3 +126,38 @@ def open_result(store: ResultStore, job: RetroTest, file: ResultFile) -> IO[Any]
         return store.open_read(result_path(job, file))
     except (FileNotFoundError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Download:
+    """A result file ready to be sent: which file, which bytes of it, and the file opened at the store."""
+
+    file: ResultFile
+    part: Slice
+    fh: IO[Any]
+
+
+class RangeNotSatisfiable(Exception):
+    """The Range asked for lies outside the file (answered 416)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the range asked for lies outside the file of {size} bytes")
+        self.size = size
+
+
+def open_download(
+    *, store: ResultStore, job: RetroTest, name: str, range_header: str | None, if_range: str | None
+) -> Download:
+    """The one way a result file is served, by the API and by partner links alike: found among the job's recorded
+    files by name, the Range checked, the file opened. NotFound or RangeNotSatisfiable otherwise; the caller then
+    records the download and streams it (stream_slice)."""
+    file = find_result_file(job, name)
+    if file is None:
+        raise NotFound(f"retro test {job.id} has no result file {name!r}")
+    part = choose_slice(size=file.bytes, range_header=range_header, if_range=if_range, etag=etag_of(file))
+    if part is None:
+        raise RangeNotSatisfiable(file.bytes)
+    fh = open_result(store, job, file)
+    if fh is None:
+        raise NotFound(f"result file {name!r} of retro test {job.id} is no longer in the result store")
+    return Download(file=file, part=part, fh=fh)

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from app.audit.models import AuditEvent
 from app.audit.service import record
-from app.auth.service import as_utc, secret_digest
+from app.auth.service import secret_digest
+from app.clock import as_utc, utcnow
+from app.downloads.files import Download
 from app.downloads.models import DownloadLink
 from app.downloads.schemas import DownloadOut, LinkOut, LinkState
 from app.errors import Conflict, Invalid, NotFound
-from app.retro_tests.models import ResultFile, RetroTest, State
+from app.retro_tests.models import RetroTest, State
 
 DOWNLOAD_ACTION = "download_link.download"
 _MAX_TOKEN_CHARS = 100
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def link_url(base_url: str, token: str) -> str:
@@ -130,16 +128,9 @@ def resolve_link(*, session: Session, token: str) -> tuple[DownloadLink, RetroTe
 
 
 def record_download(
-    *,
-    session: Session,
-    link: DownloadLink,
-    file: ResultFile,
-    ip: str | None,
-    user_agent: str | None,
-    sent_bytes: int,
-    status: int,
+    *, session: Session, link: DownloadLink, download: Download, ip: str | None, user_agent: str | None
 ) -> None:
-    """Write one partner download to the audit trail, before its first byte is sent."""
+    """Write one partner download (its file, bytes and status) to the audit trail, before its first byte is sent."""
     record(
         session=session,
         actor=f"download-link:{link.id}",
@@ -147,11 +138,11 @@ def record_download(
         subject_type="retro_test",
         subject_id=link.retro_test_id,
         link_id=str(link.id),
-        file=file.name,
+        file=download.file.name,
         ip=ip,
         user_agent=(user_agent or "")[:400],
-        bytes=sent_bytes,
-        status=status,
+        bytes=download.part.length,
+        status=206 if download.part.partial else 200,
     )
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any
 
@@ -132,3 +133,14 @@ class RetroTestPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """Which jobs a list shows: by partner code, state and registry model, and which page of them."""
+
+    partner: str | None = None
+    state: State | None = None
+    model: str | None = None
+    limit: int = 50
+    offset: int = 0

@@ -6,7 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import ColumnElement, Row, func, select
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from app.audit.service import record
 from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.clock import utcnow
 from app.config import Settings
 from app.errors import Conflict, InvalidPeriod, NotFound, PartnerNotFound, PeriodTooLong
 from app.integrations.registry import ModelVersionInfo
@@ -30,15 +31,11 @@ from app.retro_tests.models import (
     RetroTest,
     State,
 )
-from app.retro_tests.schemas import RetroTestCreate
+from app.retro_tests.schemas import JobFilters, RetroTestCreate
 
 
 class ModelResolver(Protocol):
     def resolve(self, *, name: str, version: str | None = None, alias: str | None = None) -> ModelVersionInfo: ...
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def check_period(*, start: date, end: date, max_days: int, today: date | None = None) -> None:
@@ -245,26 +242,21 @@ def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope)
 
 
 def list_retro_tests(
-    *,
-    session: Session,
-    scope: PartnerScope,
-    partner_code: str | None = None,
-    state: State | None = None,
-    model_name: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
+    *, session: Session, scope: PartnerScope, filters: JobFilters | None = None
 ) -> tuple[list[JobRead], int]:
-    """A page of jobs, newest first, with the total that match the filters."""
+    """A page of jobs, newest first, with the total that match the filters (by default: the first 50)."""
+    filters = filters or JobFilters()
+    limit, offset = filters.limit, filters.offset
     conditions: list[ColumnElement[bool]] = []
     if scope.partner_ids is not None:
         conditions.append(RetroTest.partner_id.in_(list(scope.partner_ids)))
-    if partner_code is not None:
-        partner_id = select(Partner.id).where(Partner.code == partner_code).scalar_subquery()
+    if filters.partner is not None:
+        partner_id = select(Partner.id).where(Partner.code == filters.partner).scalar_subquery()
         conditions.append(RetroTest.partner_id == partner_id)
-    if state is not None:
-        conditions.append(RetroTest.state == state)
-    if model_name is not None:
-        conditions.append(RetroTest.model_name == model_name)
+    if filters.state is not None:
+        conditions.append(RetroTest.state == filters.state)
+    if filters.model is not None:
+        conditions.append(RetroTest.model_name == filters.model)
     # The page's ids first, from an index in list order, then only their rows: skipping `offset` jobs then
     # costs index entries rather than whole rows.
     page_ids = select(RetroTest.id).where(*conditions).order_by(*NEWEST_FIRST).limit(limit).offset(offset)

@@ -22,7 +22,7 @@ from app.auth.schemas import TokenCreate
 from app.config import Settings, get_settings
 from app.db import get_session
 from app.errors import AppError, NotFound
-from app.web.deps import WebUser, csrf_guard, field_errors, render
+from app.web.deps import NO_FEEDBACK, Feedback, WebUser, csrf_guard, field_errors, render
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
@@ -180,9 +180,8 @@ def _tokens_page(
     user: User,
     *,
     form: dict[str, str],
-    errors: dict[str, str],
+    feedback: Feedback = NO_FEEDBACK,
     new_token: str | None = None,
-    status_code: int = 200,
 ) -> HTMLResponse:
     return render(
         request,
@@ -191,18 +190,18 @@ def _tokens_page(
             "active": "tokens",
             "tokens": auth_service.list_api_tokens(session=session, user=user),
             "form": form,
-            "errors": errors,
+            "errors": feedback.errors,
             "labels": {"name": "Token name"},
             "new_token": new_token,
         },
         user=user,
-        status_code=status_code,
+        status_code=feedback.status_code,
     )
 
 
 @router.get("/account/tokens", response_class=HTMLResponse)
 def tokens_page(request: Request, user: WebUser, session: Annotated[Session, Depends(get_session)]) -> HTMLResponse:
-    return _tokens_page(request, session, user, form={"name": ""}, errors={})
+    return _tokens_page(request, session, user, form={"name": ""})
 
 
 @router.post("/account/tokens", response_class=HTMLResponse)
@@ -216,10 +215,11 @@ def create_token(
     try:
         data = TokenCreate(name=name)
     except ValidationError as exc:
-        return _tokens_page(request, session, user, form={"name": name}, errors=field_errors(exc), status_code=422)
+        feedback = Feedback(errors=field_errors(exc), status_code=422)
+        return _tokens_page(request, session, user, form={"name": name}, feedback=feedback)
     _, secret = auth_service.create_api_token(session=session, user=user, name=data.name, actor=user.username)
     session.commit()
-    return _tokens_page(request, session, user, form={"name": ""}, errors={}, new_token=secret, status_code=201)
+    return _tokens_page(request, session, user, form={"name": ""}, feedback=Feedback(status_code=201), new_token=secret)
 
 
 @router.post("/account/tokens/{token_id}/revoke")

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
@@ -20,7 +20,17 @@ from app.errors import AppError
 from app.partners import service as partners
 from app.partners.models import Partner
 from app.partners.schemas import PartnerCreate, PartnerUpdate
-from app.web.deps import WebAdmin, WebScope, WebUser, csrf_guard, field_errors, form_errors, render
+from app.web.deps import (
+    NO_FEEDBACK,
+    Feedback,
+    WebAdmin,
+    WebScope,
+    WebUser,
+    csrf_guard,
+    field_errors,
+    form_errors,
+    render,
+)
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -65,9 +75,7 @@ def _partner_page(
     *,
     partner: Partner | None,
     form: dict[str, object],
-    errors: dict[str, str],
-    notice: str | None = None,
-    status_code: int = 200,
+    feedback: Feedback = NO_FEEDBACK,
 ) -> HTMLResponse:
     candidates = [u for u in auth_service.list_users(session=session) if u.role == Role.account_manager]
     return render(
@@ -77,13 +85,13 @@ def _partner_page(
             "active": "partners",
             "partner": partner,
             "form": form,
-            "errors": errors,
+            "errors": feedback.errors,
             "labels": PARTNER_LABELS,
             "candidates": candidates,
-            "notice": notice,
+            "notice": feedback.notice,
         },
         user=user,
-        status_code=status_code,
+        status_code=feedback.status_code,
     )
 
 
@@ -92,7 +100,7 @@ def new_partner_form(
     request: Request, admin: WebAdmin, session: Annotated[Session, Depends(get_session)]
 ) -> HTMLResponse:
     form: dict[str, object] = {"code": "", "name": "", "contact_email": ""}
-    return _partner_page(request, session, admin, partner=None, form=form, errors={})
+    return _partner_page(request, session, admin, partner=None, form=form)
 
 
 @router.post("/partners/new", response_class=HTMLResponse)
@@ -111,7 +119,8 @@ def create_partner(
     except (ValidationError, AppError) as exc:
         session.rollback()
         errors, status = form_errors(exc, _partner_field)
-        return _partner_page(request, session, admin, partner=None, form=form, errors=errors, status_code=status)
+        feedback = Feedback(errors=errors, status_code=status)
+        return _partner_page(request, session, admin, partner=None, form=form, feedback=feedback)
     session.commit()
     return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
 
@@ -131,7 +140,15 @@ def edit_partner_form(
         "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
     }
     notice = "Saved." if saved else None
-    return _partner_page(request, session, admin, partner=partner, form=form, errors={}, notice=notice)
+    return _partner_page(request, session, admin, partner=partner, form=form, feedback=Feedback(notice=notice))
+
+
+class PartnerForm(BaseModel):
+    """The partner form as the browser sends it."""
+
+    name: str = Field(default="", max_length=400)
+    contact_email: str = Field(default="", max_length=400)
+    managers: list[str] = []
 
 
 @router.post("/partners/{partner_id}", response_class=HTMLResponse)
@@ -140,21 +157,22 @@ def update_partner(
     request: Request,
     admin: WebAdmin,
     session: Annotated[Session, Depends(get_session)],
-    name: Annotated[str, Form(max_length=400)] = "",
-    contact_email: Annotated[str, Form(max_length=400)] = "",
-    managers: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies defaults
+    fields: Annotated[PartnerForm, Form()],
 ) -> Response:
     """Save a partner's name, contact and account managers together."""
     partner = partners.get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
-    form: dict[str, object] = {"name": name, "contact_email": contact_email, "managers": managers}
+    form: dict[str, object] = fields.model_dump()
     try:
-        data = PartnerUpdate(name=name, contact_email=contact_email or None)
+        data = PartnerUpdate(name=fields.name, contact_email=fields.contact_email or None)
         partners.update_partner(session=session, partner_id=partner.id, data=data, actor=admin.username)
-        auth_service.set_partner_managers(session=session, partner=partner, usernames=managers, actor=admin.username)
+        auth_service.set_partner_managers(
+            session=session, partner=partner, usernames=fields.managers, actor=admin.username
+        )
     except (ValidationError, AppError) as exc:
         session.rollback()
         errors, status = form_errors(exc, _partner_field)
-        return _partner_page(request, session, admin, partner=partner, form=form, errors=errors, status_code=status)
+        feedback = Feedback(errors=errors, status_code=status)
+        return _partner_page(request, session, admin, partner=partner, form=form, feedback=feedback)
     session.commit()
     return RedirectResponse(f"/partners/{partner.id}?saved=1", status_code=303)
 
@@ -174,29 +192,14 @@ def delete_partner(
             "contact_email": partner.contact_email or "",
             "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
         }
-        return _partner_page(
-            request,
-            session,
-            admin,
-            partner=partner,
-            form=form,
-            errors={"form": exc.detail},
-            status_code=exc.status_code,
-        )
+        feedback = Feedback(errors={"form": exc.detail}, status_code=exc.status_code)
+        return _partner_page(request, session, admin, partner=partner, form=form, feedback=feedback)
     session.commit()
     return RedirectResponse(f"/partners?deleted={quote(code)}", status_code=303)
 
 
 def _users_page(
-    request: Request,
-    session: Session,
-    admin: User,
-    *,
-    form: dict[str, str],
-    errors: dict[str, str],
-    notice: str | None = None,
-    action_error: str | None = None,
-    status_code: int = 200,
+    request: Request, session: Session, admin: User, *, form: dict[str, str], feedback: Feedback = NO_FEEDBACK
 ) -> HTMLResponse:
     return render(
         request,
@@ -206,13 +209,13 @@ def _users_page(
             "users": auth_service.list_users(session=session),
             "roles": list(Role),
             "form": form,
-            "errors": errors,
+            "errors": feedback.errors,
             "labels": USER_LABELS,
-            "notice": notice,
-            "action_error": action_error,
+            "notice": feedback.notice,
+            "action_error": feedback.action_error,
         },
         user=admin,
-        status_code=status_code,
+        status_code=feedback.status_code,
     )
 
 
@@ -227,7 +230,7 @@ def users_page(
     saved: Annotated[str, Query(max_length=150)] = "",
 ) -> HTMLResponse:
     notice = f"Saved {saved}." if saved else None
-    return _users_page(request, session, admin, form=dict(_EMPTY_USER), errors={}, notice=notice)
+    return _users_page(request, session, admin, form=dict(_EMPTY_USER), feedback=Feedback(notice=notice))
 
 
 @router.post("/admin/users", response_class=HTMLResponse)
@@ -246,7 +249,7 @@ def create_user(
     except (ValidationError, AppError) as exc:
         session.rollback()
         errors, status = form_errors(exc, _user_field)
-        return _users_page(request, session, admin, form=form, errors=errors, status_code=status)
+        return _users_page(request, session, admin, form=form, feedback=Feedback(errors=errors, status_code=status))
     session.commit()
     return RedirectResponse(f"/admin/users?saved={quote(user.username)}", status_code=303)
 
@@ -266,19 +269,11 @@ def update_user(
         user = auth_service.update_user(session=session, user_id=user_id, data=data, actor=admin.username)
     except ValidationError as exc:
         message = "; ".join(field_errors(exc).values())
-        return _users_page(
-            request, session, admin, form=dict(_EMPTY_USER), errors={}, action_error=message, status_code=422
-        )
+        feedback = Feedback(action_error=message, status_code=422)
+        return _users_page(request, session, admin, form=dict(_EMPTY_USER), feedback=feedback)
     except AppError as exc:
         session.rollback()
-        return _users_page(
-            request,
-            session,
-            admin,
-            form=dict(_EMPTY_USER),
-            errors={},
-            action_error=exc.detail,
-            status_code=exc.status_code,
-        )
+        feedback = Feedback(action_error=exc.detail, status_code=exc.status_code)
+        return _users_page(request, session, admin, form=dict(_EMPTY_USER), feedback=feedback)
     session.commit()
     return RedirectResponse(f"/admin/users?saved={quote(user.username)}", status_code=303)

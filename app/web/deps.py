@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -14,6 +15,7 @@ from app.auth import service as auth_service
 from app.auth.deps import SAFE_METHODS, csrf_matches, csrf_token, session_user
 from app.auth.models import User
 from app.auth.scope import PartnerScope
+from app.config import Settings, get_settings
 from app.db import get_session, release_connection
 from app.errors import AppError, Forbidden, Unauthorized
 from app.web.templating import templates
@@ -62,6 +64,45 @@ def web_admin(user: WebUser) -> User:
 
 
 WebAdmin = Annotated[User, Depends(web_admin)]
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a signed-in page works with: the request, the user and the partners they may see, the database, the
+    settings."""
+
+    request: Request
+    user: User
+    scope: PartnerScope
+    session: Session
+    settings: Settings
+
+
+def web_page(
+    request: Request,
+    user: WebUser,
+    scope: WebScope,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> Page:
+    return Page(request=request, user=user, scope=scope, session=session, settings=settings)
+
+
+WebPage = Annotated[Page, Depends(web_page)]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What a page says about the action that led to it: errors by field, a notice, an error of the whole action,
+    and the status it is answered with."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+    notice: str | None = None
+    action_error: str | None = None
+    status_code: int = 200
+
+
+NO_FEEDBACK = Feedback()  # a page opened, not answered after an action
 
 
 async def csrf_guard(request: Request) -> None:

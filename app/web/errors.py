@@ -8,8 +8,8 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 
-from app.downloads.router import link_not_found
 from app.web.deps import render
+from app.web.partner import link_not_found
 
 WEB_SECTIONS = frozenset({"", "jobs", "partners", "account", "admin", "login", "logout", "auth"})
 TITLES = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 409: "Cannot do that now"}

@@ -7,12 +7,12 @@ from datetime import date
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
@@ -22,9 +22,9 @@ from app.partners import service as partners
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
 from app.retro_tests.models import TERMINAL_STATES, State
-from app.retro_tests.router import files_url, read_out, to_out
-from app.retro_tests.schemas import RetroTestCreate
-from app.web.deps import WebScope, WebUser, csrf_guard, form_errors, render
+from app.retro_tests.schemas import JobFilters, RetroTestCreate
+from app.retro_tests.views import files_url, job_out
+from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser, csrf_guard, form_errors, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -56,10 +56,7 @@ def home(_: WebUser) -> RedirectResponse:
 
 @router.get("/jobs", response_class=HTMLResponse)
 def job_list(
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
+    web: WebPage,
     partner: Annotated[str, Query(max_length=64)] = "",
     model: Annotated[str, Query(max_length=256)] = "",
     state: Annotated[str, Query(max_length=16)] = "",
@@ -68,13 +65,15 @@ def job_list(
     """Retro tests of the user's partners, newest first, with filters and pages."""
     chosen_state = State(state) if state in State.__members__ else None
     jobs, total = retro_tests.list_retro_tests(
-        session=session,
-        scope=scope,
-        partner_code=partner or None,
-        state=chosen_state,
-        model_name=model or None,
-        limit=PAGE_SIZE,
-        offset=(page - 1) * PAGE_SIZE,
+        session=web.session,
+        scope=web.scope,
+        filters=JobFilters(
+            partner=partner or None,
+            state=chosen_state,
+            model=model or None,
+            limit=PAGE_SIZE,
+            offset=(page - 1) * PAGE_SIZE,
+        ),
     )
     filters = {"partner": partner, "model": model, "state": chosen_state.value if chosen_state else ""}
     pages = max(1, -(-total // PAGE_SIZE))
@@ -83,11 +82,11 @@ def job_list(
         return "/jobs?" + urlencode({**{k: v for k, v in filters.items() if v}, "page": n})
 
     return render(
-        request,
+        web.request,
         "jobs/list.html",
         {
             "active": "jobs",
-            "jobs": [read_out(j, files_url(request)) for j in jobs],
+            "jobs": [job_out(j, files_url(web.request)) for j in jobs],
             "total": total,
             "first": (page - 1) * PAGE_SIZE + 1,
             "last": (page - 1) * PAGE_SIZE + len(jobs),
@@ -96,10 +95,10 @@ def job_list(
             "prev_url": page_url(page - 1) if page > 1 else None,
             "next_url": page_url(page + 1) if page < pages else None,
             "filters": filters,
-            "partners": partners.list_partners(session=session, scope=scope),
+            "partners": partners.list_partners(session=web.session, scope=web.scope),
             "states": [s.value for s in State],
         },
-        user=user,
+        user=web.user,
     )
 
 
@@ -137,52 +136,38 @@ def model_options(
 
 
 def _form_page(
-    request: Request,
-    *,
-    user: WebUser,
-    scope: WebScope,
-    session: Session,
-    registry: MlflowRegistry,
-    form: dict[str, str],
-    errors: dict[str, str],
-    status_code: int = 200,
+    web: Page, *, registry: MlflowRegistry, form: dict[str, str], feedback: Feedback = NO_FEEDBACK
 ) -> HTMLResponse:
+    errors = feedback.errors
     try:
         models = registry.list_models()
     except AppError as exc:
         models = []
         errors = {**errors, "form": errors.get("form", exc.detail)}
     return render(
-        request,
+        web.request,
         "jobs/new.html",
         {
             "active": "new",
             "form": form,
             "errors": errors,
             "labels": LABELS,
-            "partners": partners.list_partners(session=session, scope=scope),
+            "partners": partners.list_partners(session=web.session, scope=web.scope),
             "models": models,
             "model_names": {m["name"] for m in models},
             "model_refs": model_ref_groups(registry, form.get("model_name", "")),
             "formats": FORMATS,
             "today": date.today().isoformat(),
         },
-        user=user,
-        status_code=status_code,
+        user=web.user,
+        status_code=feedback.status_code,
     )
 
 
 @router.get("/jobs/new", response_class=HTMLResponse)
-def new_job_form(
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
-    registry: Annotated[MlflowRegistry, Depends(get_registry)],
-) -> HTMLResponse:
+def new_job_form(web: WebPage, registry: Annotated[MlflowRegistry, Depends(get_registry)]) -> HTMLResponse:
     """The form an account manager fills in when a partner asks for a retro test."""
-    form = dict.fromkeys(LABELS, "")
-    return _form_page(request, user=user, scope=scope, session=session, registry=registry, form=form, errors={})
+    return _form_page(web, registry=registry, form=dict.fromkeys(LABELS, ""))
 
 
 def request_body(form: dict[str, str]) -> dict[str, Any]:
@@ -205,50 +190,40 @@ def _error_field(field: str | None) -> str:
     return name if name in LABELS else "form"
 
 
+class JobForm(BaseModel):
+    """The new-job form as the browser sends it: text fields, validated by the API's schema once read."""
+
+    partner_code: str = Field(default="", max_length=200)
+    model_name: str = Field(default="", max_length=400)
+    model_ref: str = Field(default="", max_length=400)
+    period_start: str = Field(default="", max_length=40)
+    period_end: str = Field(default="", max_length=40)
+    output_format: str = Field(default="", max_length=40)
+    note: str = Field(default="", max_length=4000)
+
+
 @router.post("/jobs/new", response_class=HTMLResponse)
 def submit_job(
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
+    web: WebPage,
+    fields: Annotated[JobForm, Form()],
     registry: Annotated[MlflowRegistry, Depends(get_registry)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    partner_code: Annotated[str, Form(max_length=200)] = "",
-    model_name: Annotated[str, Form(max_length=400)] = "",
-    model_ref: Annotated[str, Form(max_length=400)] = "",
-    period_start: Annotated[str, Form(max_length=40)] = "",
-    period_end: Annotated[str, Form(max_length=40)] = "",
-    output_format: Annotated[str, Form(max_length=40)] = "",
-    note: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
     """Validate the form with the API's own schema and service function; errors go next to their fields."""
-    form = {
-        "partner_code": partner_code,
-        "model_name": model_name,
-        "model_ref": model_ref,
-        "period_start": period_start,
-        "period_end": period_end,
-        "output_format": output_format,
-        "note": note,
-    }
+    form = fields.model_dump()
     try:
         data = RetroTestCreate.model_validate(request_body(form))
         job, created = dispatch.submit(
-            session=session, registry=registry, settings=settings, data=data, actor=user.username, scope=scope
+            session=web.session,
+            registry=registry,
+            settings=web.settings,
+            data=data,
+            actor=web.user.username,
+            scope=web.scope,
         )
     except (ValidationError, AppError) as exc:
-        session.rollback()
+        web.session.rollback()
         errors, status = form_errors(exc, _error_field)
-        return _form_page(
-            request,
-            user=user,
-            scope=scope,
-            session=session,
-            registry=registry,
-            form=form,
-            errors=errors,
-            status_code=status,
-        )
+        return _form_page(web, registry=registry, form=form, feedback=Feedback(errors=errors, status_code=status))
     suffix = "" if created else "?existing=1"
     return RedirectResponse(f"/jobs/{job.id}{suffix}", status_code=303)
 
@@ -259,24 +234,15 @@ def _expiry_choices(settings: Settings) -> list[int]:
     return sorted(wanted)
 
 
-def _job_page(
-    request: Request,
-    *,
-    user: WebUser,
-    scope: WebScope,
-    session: Session,
-    settings: Settings,
-    job_id: uuid.UUID,
-    status_code: int = 200,
-    **extra: Any,
-) -> HTMLResponse:
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: Any) -> HTMLResponse:
+    session, settings = web.session, web.settings
+    job = job_out(retro_tests.read_retro_test(session=session, job_id=job_id, scope=web.scope), files_url(web.request))
     return render(
-        request,
+        web.request,
         "jobs/detail.html",
         {
             "active": "jobs",
-            "job": to_out(job, request),
+            "job": job,
             "terminal": job.state in TERMINAL_STATES,
             "links": [links.link_out(link) for link in links.list_links(session=session, job_id=job.id)],
             "downloads": links.download_history(session=session, job_id=job.id),
@@ -284,92 +250,50 @@ def _job_page(
             "default_days": min(settings.download_link_default_days, settings.download_link_max_days),
             **extra,
         },
-        user=user,
+        user=web.user,
         status_code=status_code,
     )
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(
-    job_id: uuid.UUID,
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    existing: Annotated[str, Query(max_length=8)] = "",
-) -> HTMLResponse:
+def job_page(job_id: uuid.UUID, web: WebPage, existing: Annotated[str, Query(max_length=8)] = "") -> HTMLResponse:
     """One retro test: stages, live progress, error, result files, partner links and downloads."""
     notice = "An identical request is already running; this is that retro test." if existing else None
-    return _job_page(request, user=user, scope=scope, session=session, settings=settings, job_id=job_id, notice=notice)
+    return _job_page(web, job_id=job_id, notice=notice)
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
-def cancel_job(
-    job_id: uuid.UUID,
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> Response:
+def cancel_job(job_id: uuid.UUID, web: WebPage) -> Response:
     try:
-        retro_tests.request_cancel(session=session, job_id=job_id, actor=user.username, scope=scope)
+        retro_tests.request_cancel(session=web.session, job_id=job_id, actor=web.user.username, scope=web.scope)
     except Conflict as exc:
-        session.rollback()
-        return _job_page(
-            request,
-            user=user,
-            scope=scope,
-            session=session,
-            settings=settings,
-            job_id=job_id,
-            status_code=409,
-            action_error=exc.detail,
-        )
-    session.commit()
+        web.session.rollback()
+        return _job_page(web, job_id=job_id, status_code=409, action_error=exc.detail)
+    web.session.commit()
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
 @router.post("/jobs/{job_id}/links", response_class=HTMLResponse)
 def create_link(
-    job_id: uuid.UUID,
-    request: Request,
-    user: WebUser,
-    scope: WebScope,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7,
+    job_id: uuid.UUID, web: WebPage, expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7
 ) -> HTMLResponse:
     """Make a partner link and show it once."""
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    settings = web.settings
+    job = retro_tests.get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
     try:
         link, token = links.create_link(
-            session=session,
+            session=web.session,
             job=job,
             expires_in_days=expires_in_days,
             max_days=settings.download_link_max_days,
-            actor=user.username,
+            actor=web.user.username,
         )
     except AppError as exc:
-        session.rollback()
-        return _job_page(
-            request,
-            user=user,
-            scope=scope,
-            session=session,
-            settings=settings,
-            job_id=job_id,
-            status_code=exc.status_code,
-            action_error=exc.detail,
-        )
-    session.commit()
+        web.session.rollback()
+        return _job_page(web, job_id=job_id, status_code=exc.status_code, action_error=exc.detail)
+    web.session.commit()
     return _job_page(
-        request,
-        user=user,
-        scope=scope,
-        session=session,
-        settings=settings,
+        web,
         job_id=job_id,
         status_code=201,
         new_link_url=links.link_url(settings.public_base_url, token),

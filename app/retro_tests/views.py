@@ -1,0 +1,105 @@
+"""The public view of a job: built here, from one read path (service.read_retro_test / list_retro_tests, rows of
+service.JOB_VIEW), for the API and the web pages alike."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request
+
+from app.retro_tests.models import TERMINAL_STATES, State
+from app.retro_tests.schemas import RetroTestOut
+from app.retro_tests.service import JobRead, ViewRow
+
+API_PREFIX = "/api/v1/retro-tests"
+
+
+def files_url(request: Request) -> str:
+    """Where the API serves a job's result files, as seen by this request.
+
+    `{files_url}/{job_id}/files/{name}` is what request.url_for("download_result_file", ...) gives, without
+    url_for's walk over every route of the app for each file of a page.
+    """
+    return f"{str(request.base_url).rstrip('/')}{API_PREFIX}"
+
+
+def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
+    """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out."""
+    job, files = read
+    succeeded = job.state == State.succeeded
+    return {
+        "id": job.id,
+        "partner_id": job.partner_id,
+        "partner_code": job.partner_code,
+        "model_name": job.model_name,
+        "model_version": job.model_version,
+        "requested_version": job.requested_version,
+        "requested_alias": job.requested_alias,
+        "model_run_id": job.model_run_id,
+        "model_uri": job.model_uri,
+        "period_start": job.period_start,
+        "period_end": job.period_end,
+        "output_formats": job.output_formats,
+        "source_table": job.source_table,
+        "date_column": job.date_column,
+        "id_columns": job.id_columns,
+        "note": job.note,
+        "requested_by": job.requested_by,
+        "state": job.state,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "stages": _stages(job),
+        "score_protocol": job.score_protocol,
+        "progress": {
+            "rows_total": job.rows_total,
+            "rows_read": job.rows_read,
+            "rows_scored": job.rows_scored,
+            "rows_rejected": job.rows_rejected,
+            "chunks_total": job.chunks_total,
+            "chunks_done": job.chunks_done,
+            "percent": 100.0 if succeeded else _percent(job),
+        },
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "result_location": job.result_location if succeeded else None,
+        "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
+    }
+
+
+def _stages(job: ViewRow) -> list[dict[str, Any]]:
+    """The stages the job went through, in order, each with how long it took (the last one: so far, or None)."""
+    starts = sorted(
+        ((state, datetime.fromisoformat(at)) for state, at in (job.stage_started or {}).items()), key=lambda x: x[1]
+    )
+    stages = []
+    for i, (state, at) in enumerate(starts):
+        end = starts[i + 1][1] if i + 1 < len(starts) else (job.finished_at if state not in TERMINAL_STATES else None)
+        stages.append(
+            {"state": state, "started_at": at, "seconds": round((end - at).total_seconds(), 3) if end else None}
+        )
+    return stages
+
+
+def _percent(job: ViewRow) -> float | None:
+    if not job.rows_total:
+        return None
+    return round(100.0 * (int(job.rows_scored) + int(job.rows_rejected)) / int(job.rows_total), 1)
+
+
+def _file_view(job: ViewRow, file: ViewRow, files_at: str) -> dict[str, Any]:
+    return {
+        "name": file.name,
+        "kind": file.kind,
+        "format": file.format,
+        "rows": file.rows,
+        "bytes": file.bytes,
+        "sha256": file.sha256,
+        "download_url": f"{files_at}/{job.id}/files/{file.name}",
+    }
+
+
+def job_out(read: JobRead, files_at: str) -> RetroTestOut:
+    """The public view of a job, as the API answers it and the web pages show it."""
+    return RetroTestOut.model_validate(job_view(read, files_at))
