@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: install (Python packages, then docker-compose if missing), start PostgreSQL and Redis,
-# run pytest with any arguments given.
+# run the static checks (scripts/lint.sh), then pytest with any arguments given.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,4 +9,5 @@ cd "$ROOT"
 bash scripts/bootstrap.sh
 bash scripts/system-packages.sh
 bash scripts/services.sh
+bash scripts/lint.sh
 exec .venv/bin/python -m pytest "$@"
