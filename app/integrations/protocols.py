@@ -32,9 +32,8 @@ from app.errors import ScoringFailed
 from app.integrations.registry import Feature
 from app.integrations.v2_grpc import inference_pb2 as pb
 
-# The V2 gRPC service's methods (inference.GRPCInferenceService in the protocol's own proto).
+# The V2 gRPC method retrotest calls (inference.GRPCInferenceService in the protocol's own proto).
 GRPC_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-GRPC_MODEL_READY = "/inference.GRPCInferenceService/ModelReady"
 
 # V2 datatypes sent as raw little-endian tensors, and how numpy reads and writes them.
 _RAW_DTYPES: dict[str, str] = {

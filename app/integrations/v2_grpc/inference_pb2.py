@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\x0cretrotest.v2\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"i\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\x89\x07\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x43\n\nparameters\x18\x04 \x03(\x0b\x32/.retrotest.v2.ModelInferRequest.ParametersEntry\x12@\n\x06inputs\x18\x05 \x03(\x0b\x32\x30.retrotest.v2.ModelInferRequest.InferInputTensor\x12K\n\x07outputs\x18\x06 \x03(\x0b\x32:.retrotest.v2.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\x9d\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12T\n\nparameters\x18\x04 \x03(\x0b\x32@.retrotest.v2.ModelInferRequest.InferInputTensor.ParametersEntry\x12\x33\n\x08\x63ontents\x18\x05 \x01(\x0b\x32!.retrotest.v2.InferTensorContents\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1a\xdb\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12^\n\nparameters\x18\x02 \x03(\x0b\x32J.retrotest.v2.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\"\xe7\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x44\n\nparameters\x18\x04 \x03(\x0b\x32\x30.retrotest.v2.ModelInferResponse.ParametersEntry\x12\x43\n\x07outputs\x18\x05 \x03(\x0b\x32\x32.retrotest.v2.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\xa0\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12V\n\nparameters\x18\x04 \x03(\x0b\x32\x42.retrotest.v2.ModelInferResponse.InferOutputTensor.ParametersEntry\x12\x33\n\x08\x63ontents\x18\x05 \x01(\x0b\x32!.retrotest.v2.InferTensorContents\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\x0cretrotest.v2\"i\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\x89\x07\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x43\n\nparameters\x18\x04 \x03(\x0b\x32/.retrotest.v2.ModelInferRequest.ParametersEntry\x12@\n\x06inputs\x18\x05 \x03(\x0b\x32\x30.retrotest.v2.ModelInferRequest.InferInputTensor\x12K\n\x07outputs\x18\x06 \x03(\x0b\x32:.retrotest.v2.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\x9d\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12T\n\nparameters\x18\x04 \x03(\x0b\x32@.retrotest.v2.ModelInferRequest.InferInputTensor.ParametersEntry\x12\x33\n\x08\x63ontents\x18\x05 \x01(\x0b\x32!.retrotest.v2.InferTensorContents\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1a\xdb\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12^\n\nparameters\x18\x02 \x03(\x0b\x32J.retrotest.v2.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\"\xe7\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x44\n\nparameters\x18\x04 \x03(\x0b\x32\x30.retrotest.v2.ModelInferResponse.ParametersEntry\x12\x43\n\x07outputs\x18\x05 \x03(\x0b\x32\x32.retrotest.v2.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\xa0\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12V\n\nparameters\x18\x04 \x03(\x0b\x32\x42.retrotest.v2.ModelInferResponse.InferOutputTensor.ParametersEntry\x12\x33\n\x08\x63ontents\x18\x05 \x01(\x0b\x32!.retrotest.v2.InferTensorContents\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.retrotest.v2.InferParameter:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,32 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._loaded_options = None
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELREADYREQUEST']._serialized_start=33
-  _globals['_MODELREADYREQUEST']._serialized_end=83
-  _globals['_MODELREADYRESPONSE']._serialized_start=85
-  _globals['_MODELREADYRESPONSE']._serialized_end=120
-  _globals['_INFERPARAMETER']._serialized_start=122
-  _globals['_INFERPARAMETER']._serialized_end=227
-  _globals['_INFERTENSORCONTENTS']._serialized_start=230
-  _globals['_INFERTENSORCONTENTS']._serialized_end=438
-  _globals['_MODELINFERREQUEST']._serialized_start=441
-  _globals['_MODELINFERREQUEST']._serialized_end=1346
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=758
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1043
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=964
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1043
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1046
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1265
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=964
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1043
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=964
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1043
-  _globals['_MODELINFERRESPONSE']._serialized_start=1349
-  _globals['_MODELINFERRESPONSE']._serialized_end=1964
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=1595
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=1883
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=964
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1043
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=964
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1043
+  _globals['_INFERPARAMETER']._serialized_start=33
+  _globals['_INFERPARAMETER']._serialized_end=138
+  _globals['_INFERTENSORCONTENTS']._serialized_start=141
+  _globals['_INFERTENSORCONTENTS']._serialized_end=349
+  _globals['_MODELINFERREQUEST']._serialized_start=352
+  _globals['_MODELINFERREQUEST']._serialized_end=1257
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=669
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=954
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=875
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=954
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=957
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1176
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=875
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=954
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=875
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=954
+  _globals['_MODELINFERRESPONSE']._serialized_start=1260
+  _globals['_MODELINFERRESPONSE']._serialized_end=1875
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=1506
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=1794
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=875
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=954
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=875
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

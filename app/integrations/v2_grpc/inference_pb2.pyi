@@ -6,20 +6,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class ModelReadyRequest(_message.Message):
-    __slots__ = ("name", "version")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
-
-class ModelReadyResponse(_message.Message):
-    __slots__ = ("ready",)
-    READY_FIELD_NUMBER: _ClassVar[int]
-    ready: bool
-    def __init__(self, ready: _Optional[bool] = ...) -> None: ...
-
 class InferParameter(_message.Message):
     __slots__ = ("bool_param", "int64_param", "string_param")
     BOOL_PARAM_FIELD_NUMBER: _ClassVar[int]
