@@ -228,6 +228,59 @@ def run_retro_test_now(job_id: uuid.UUID, sessions: Any, adapters: Any, settings
     return run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings).value
 
 
+def test_a_worker_killed_after_publishing_leaves_a_succeeded_job_with_its_files(
+    job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed once the files and the verdict are recorded, before the parts are removed: nothing is lost."""
+    import hashlib
+
+    from app.retro_tests.models import ResultFile, RetroTest, State
+    from app.retro_tests.service import job_prefix
+
+    settings, sessions, adapters = _in_process(None)
+    settings = settings.model_copy(update={"partitions": 1})
+    with monkeypatch.context() as patch:
+        patch.setattr(adapters.store, "remove_tree", die)
+        with pytest.raises(Killed):
+            run_retro_test_now(job_id, sessions, adapters, settings)
+    keys = _result_keys(sessions, adapters, job_id)  # succeeded, every row once
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+    with sessions() as s:
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.state == State.succeeded and job.lease_token is None
+        files = {f.name: f.sha256 for f in s.query(ResultFile).filter_by(retro_test_id=job_id)}
+        prefix = job_prefix(job)
+    assert set(files) == {"scores.parquet", "manifest.json"}
+    for name, sha256 in files.items():
+        with adapters.store.open_read(f"{prefix}/{name}") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == sha256
+    # A redelivery of the message finds the job finished and does nothing.
+    assert run_retro_test_now(job_id, sessions, adapters, settings) == "succeeded"
+
+
+def test_a_worker_killed_while_recording_the_files_publishes_again_from_the_parts(
+    job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the result files are written but before they are recorded: the next attempt publishes again."""
+    import worker.publish
+    from app.retro_tests.models import RetroTest, State
+
+    settings, sessions, adapters = _in_process(None)
+    settings = settings.model_copy(update={"partitions": 1})
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.publish.runs, "record_results", die)
+        with pytest.raises(Killed):
+            run_retro_test_now(job_id, sessions, adapters, settings)
+    with sessions() as s, s.begin():
+        job = s.get(RetroTest, job_id)
+        assert job is not None and job.state == State.publishing and job.result_location is None
+        job.heartbeat_at = None  # the killed attempt's heartbeat goes stale
+    monkeypatch.setattr(adapters.deployer, "start", die)  # every chunk is committed: nothing to deploy
+    assert run_retro_test_now(job_id, sessions, adapters, settings) == "succeeded"
+    keys = _result_keys(sessions, adapters, job_id)
+    assert len(keys) == len(set(keys)) == HISTORY_DAYS * ROWS_PER_DAY
+
+
 def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: uuid.UUID) -> None:
     from app.db import get_session_factory
     from app.retro_tests import runs

@@ -1,5 +1,5 @@
 """Publishing a job: its committed parts merged into the result files, a manifest, the row counts reconciled, and
-the files recorded on the job (the last stage, worker/pipeline.py)."""
+the files recorded on the job together with its success (the last stage, worker/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from app.integrations.history import HistoryQuery
 from app.integrations.registry import ModelVersionInfo
 from app.integrations.results import ResultStore
 from app.retro_tests import runs
-from app.retro_tests.runs import ResultFileRecord, Tally
+from app.retro_tests.models import State
+from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
 
 if TYPE_CHECKING:
     from worker.run import JobRun
@@ -47,8 +48,12 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
     with store.open_write(f"{prefix}/manifest.json") as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
     files.append(_described(store, prefix, name="manifest.json", kind="manifest", fmt="json", rows=None))
+    # The files and the verdict in one transaction, and only then the parts go: a worker killed at any point
+    # leaves either a succeeded job with its files, or the parts a next attempt publishes from again.
     with run.transaction() as s:
         runs.record_results(session=s, job_id=run.job_id, files=files, location=store.location(prefix))
+        if runs.finish(session=s, job_id=run.job_id, lease=run.control.lease, state=State.succeeded) != State.succeeded:
+            raise LeaseLost(f"retro test {run.job_id} was taken over by another attempt while publishing")
     store.remove_tree(f"{prefix}/parts")
 
 
