@@ -128,3 +128,10 @@ class TooManyAttempts(AppError):
 
 class ReconciliationFailed(AppError):
     code = "reconciliation_failed"
+
+
+class StorageFull(AppError):
+    """The result store has no space left for a job's files."""
+
+    status_code = 507
+    code = "storage_full"

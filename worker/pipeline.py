@@ -17,6 +17,7 @@ app/retro_tests/runs.py, in a short transaction of its own, never held across a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import uuid
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.errors import AppError, JobCancelled, ModelServerDown, SourceUnknown, TooManyAttempts
+from app.errors import AppError, JobCancelled, ModelServerDown, SourceUnknown, StorageFull, TooManyAttempts
 from app.integrations.deployers import Deployment, deployment_name
 from app.integrations.history import HistoryQuery
 from app.integrations.registry import ModelVersionInfo
@@ -96,16 +97,13 @@ def run_retro_test(
             return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
 
     if claimed.cancel_requested:
-        return finish(State.cancelled, ("cancelled", "cancelled before it started"))
+        return _discard(claimed.spec, adapters, finish(State.cancelled, ("cancelled", "cancelled before it started")))
     if claimed.attempts > settings.max_attempts:
-        return finish(
-            State.failed,
-            (
-                TooManyAttempts.code,
-                f"gave up after {claimed.attempts - 1} attempts: each was interrupted before the job finished "
-                "(worker lost, killed or timed out); see the worker logs",
-            ),
+        gave_up = (
+            f"gave up after {claimed.attempts - 1} attempts: each was interrupted before the job finished "
+            "(worker lost, killed or timed out); see the worker logs"
         )
+        return _discard(claimed.spec, adapters, finish(State.failed, (TooManyAttempts.code, gave_up)))
     try:
         with _control(claimed.spec, sessions=sessions, lease=lease, settings=settings, heartbeat=True) as control:
             _run_stages(
@@ -116,13 +114,35 @@ def run_retro_test(
         log.warning("retro test %s: another attempt took over; this one stops", job_id)
         return State.failed
     except JobCancelled as exc:
-        return finish(State.cancelled, (exc.code, exc.detail))
-    except AppError as exc:
-        log.warning("retro test %s failed: %s", job_id, exc.detail)
-        return finish(State.failed, (exc.code, exc.detail))
+        return _discard(claimed.spec, adapters, finish(State.cancelled, (exc.code, exc.detail)))
     except Exception as exc:
+        if _no_space(exc):
+            where = adapters.store.location(claimed.spec.prefix)
+            exc = StorageFull(
+                f"no space left on the result store at {where}; free space there or move RETRO_RESULTS_URL"
+            )
+        if isinstance(exc, AppError):
+            log.warning("retro test %s failed: %s", job_id, exc.detail)
+            return _discard(claimed.spec, adapters, finish(State.failed, (exc.code, exc.detail)))
         log.exception("retro test %s failed unexpectedly", job_id)
-        return finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
+        return _discard(
+            claimed.spec, adapters, finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
+        )
+
+
+def _no_space(exc: BaseException) -> bool:
+    """A write that found the disk full, however the library that wrote it reports it (pyarrow loses the errno)."""
+    return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left on device" in str(exc))
+
+
+def _discard(spec: JobSpec, adapters: Adapters, state: State) -> State:
+    """A job that ended without results keeps no files: its parts and any half-written result go at once."""
+    if state in (State.failed, State.cancelled):
+        try:
+            adapters.store.remove_tree(spec.prefix)
+        except Exception:
+            log.warning("could not remove the files of retro test %s", spec.id, exc_info=True)
+    return state
 
 
 def _control(
