@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import httpx
 import pyarrow as pa
@@ -50,9 +50,6 @@ from app.metrics import (
 # How often a waiting request asks again whether it is late: a request sent before any answer came is hedged
 # soon after the first answers show what an answer takes, not only after the floor.
 HEDGE_RECHECK_S = 0.05
-
-# The protocols a scorer can speak (RETRO_SCORE_PROTOCOL).
-PROTOCOLS = ("v2-grpc", "v2-rest", "seldon")
 
 
 class ScoringStopped(ScoringFailed):
@@ -204,12 +201,17 @@ class BatchScorer:
         # Room for every batch in flight, the parts being isolated (2 x fanout: a refused part is cut while its
         # siblings are still out), and a hedge for each of them.
         self._connections = 2 * (options.max_connections + 2 * self._fanout)
+        self._open(deployment)
         # Requests run on these threads so that a late one can be hedged; a request given up by its caller
         # keeps its thread until its own read timeout.
         self._requests = ThreadPoolExecutor(max_workers=2 * self._connections, thread_name_prefix="score-request")
         self._parts = ThreadPoolExecutor(max_workers=2 * self._fanout, thread_name_prefix="score-isolate")
 
     # What each protocol defines.
+    def _open(self, deployment: Deployment) -> None:
+        """Make the client or channel that reaches the deployment (closed again in close())."""
+        raise NotImplementedError
+
     @property
     def target(self) -> str:
         """Where requests go, for messages."""
@@ -363,8 +365,7 @@ class V2RestScorer(BatchScorer):
 
     protocol = "v2-rest"
 
-    def __init__(self, *, deployment: Deployment, **options: Any) -> None:
-        super().__init__(deployment=deployment, **options)
+    def _open(self, deployment: Deployment) -> None:
         self._url = self._endpoint(deployment)
         self._client = httpx.Client(
             timeout=httpx.Timeout(self._ceiling_s, connect=min(self._ceiling_s, 10.0)),
@@ -445,10 +446,9 @@ class V2GrpcScorer(BatchScorer):
     _REFUSED = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "INTERNAL")
     _RETRY = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "UNKNOWN")
 
-    def __init__(self, *, deployment: Deployment, **options: Any) -> None:
+    def _open(self, deployment: Deployment) -> None:
         import grpc  # only a gRPC job loads it
 
-        super().__init__(deployment=deployment, **options)
         if not deployment.grpc_target:
             raise ScoringFailed(f"the deployment {deployment.name} offers no gRPC endpoint")
         self._target = deployment.grpc_target
