@@ -59,6 +59,23 @@ class Settings(BaseSettings):
     # Seldon Core v1 SeldonDeployment, a Seldon Core v2 Model or a KServe InferenceService on Kubernetes.
     deployer: Literal["local", "seldon", "seldon_v2", "kserve"] = "local"
     mlserver_executable: str = "mlserver"
+    # Model environments (app/integrations/environments.py): "model" serves each model version from a virtualenv
+    # of its own logged requirements plus the newest MLServer release in env_server_versions that resolves with
+    # them, built with uv and cached; "worker" serves it from the worker's own packages.
+    model_env: Literal["model", "worker"] = "model"
+    env_cache_dir: Path | None = None  # default: <var_dir>/envs
+    env_cache_max_gb: float = Field(default=20.0, gt=0)
+    env_server_versions: list[str] = ["1.7.1", "1.6.1", "1.5.0", "1.4.0", "1.3.5"]  # newest first
+    # Constraints on every environment: mlflow 2.x imports pkg_resources, which setuptools 70 and later break
+    # or no longer ship, and no model lists setuptools among its requirements.
+    env_constraints: list[str] = ["setuptools<70"]
+    env_pythons: list[str] = []  # interpreters (paths or globs); empty: those on PATH and pyenv's
+    env_nearest_python: bool = False  # no Python of the model's minor version: take the nearest, with a warning
+    env_uv: str = "uv"
+    env_build_timeout_s: float = Field(default=1800.0, gt=0)
+    # Before scoring, the deployment scores the model's reference (a retro.reference artifact, else its input
+    # example scored in-process in its own environment); a larger difference fails the job.
+    reference_tolerance: float = Field(default=1e-9, ge=0)
     deploy_ready_timeout_s: float = Field(default=180.0, gt=0)
 
     # Kubernetes (deployers other than "local").
@@ -73,6 +90,11 @@ class Settings(BaseSettings):
     k8s_memory_limit: str = "4Gi"
     k8s_storage_secret: str = ""  # Secret with storage credentials (Seldon envSecretRefName, KServe SA)
     k8s_image: str = ""  # optional model server image override
+    # A model's own environment on Kubernetes: an init container with uv builds it from the resolved pins at pod
+    # start. The mirrors are for clusters that reach PyPI or python-build-standalone only through a company mirror.
+    k8s_env_builder_image: str = "ghcr.io/astral-sh/uv:debian-slim"
+    k8s_env_index_url: str = ""  # UV_INDEX_URL in the init container; empty means PyPI
+    k8s_env_python_mirror: str = ""  # UV_PYTHON_INSTALL_MIRROR in the init container; empty means GitHub
     seldon_protocol: Literal["v2", "seldon"] = "v2"
     # Where to reach a deployment: a template with {name} and {namespace}; empty means the in-cluster service.
     k8s_endpoint_template: str = ""
@@ -173,6 +195,9 @@ class Settings(BaseSettings):
 
     def resolved_tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.var_dir.resolve() / 'mlflow.db'}"
+
+    def resolved_env_cache_dir(self) -> Path:
+        return (self.env_cache_dir or self.var_dir / "envs").resolve()
 
     def resolved_registry_uri(self) -> str:
         return self.mlflow_registry_uri or self.resolved_tracking_uri()

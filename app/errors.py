@@ -135,3 +135,19 @@ class StorageFull(AppError):
 
     status_code = 507
     code = "storage_full"
+
+
+class EnvironmentFailed(AppError):
+    """The model's own Python environment cannot be found, resolved or installed on this worker."""
+
+    code = "environment_failed"
+
+
+class ReferenceMismatch(AppError):
+    """The deployed model does not give the scores its reference says it should."""
+
+    code = "reference_mismatch"
+
+    def __init__(self, detail: str, *, outcome: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.outcome = outcome  # the comparison, for the job page, when one was made

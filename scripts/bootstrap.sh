@@ -48,7 +48,9 @@ if [[ ! -x "$VENV/bin/uv" ]]; then
 fi
 
 say "installing requirements.lock"
-"$VENV/bin/uv" pip install --python "$VENV/bin/python" -r requirements.lock
+# Bytecode compiled once at install: the processes here run with PYTHONDONTWRITEBYTECODE set or in a read-only
+# image, and every model server start would compile mlflow, pandas and scikit-learn again (~12 s against ~6 s).
+"$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode -r requirements.lock
 say "installing retrotest (editable)"
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" --no-deps -e .
 
