@@ -67,8 +67,10 @@ def register_demo_model(
     with_signature: bool = True,
 ) -> str:
     """Train a small churn classifier, log it with signature and source tags, register it; return the version."""
+    import cloudpickle
     import mlflow
     import pandas as pd
+    import sklearn
     from mlflow.models import infer_signature
     from sklearn.compose import ColumnTransformer
     from sklearn.linear_model import LogisticRegression
@@ -105,7 +107,17 @@ def register_demo_model(
             name="model",
             signature=signature,
             pyfunc_predict_fn="predict_proba",
-            pip_requirements=["scikit-learn", "pandas", "numpy"],
+            # Pinned as the model was trained, as mlflow infers them for a real model (without the seconds it
+            # takes to infer them): the model's environment is rebuilt from these (RETRO_MODEL_ENV=model).
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"scikit-learn=={sklearn.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+                f"cloudpickle=={cloudpickle.__version__}",
+            ],
+            # The reference the deployment is checked against before scoring (worker/validation.py).
+            input_example=X.head(20) if with_signature else None,
         )
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     mv = mlflow.register_model(info.model_uri, name)

@@ -74,14 +74,24 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
         "queued",
         "resolving",
         "extracting",
+        "preparing_environment",
         "deploying",
+        "validating",
         "scoring",
         "publishing",
         "succeeded",
     ]
+    # The server ran from the model's own pins, and scored its input example as mlflow does in-process.
+    import sklearn
+
+    env = done["environment"]
+    assert env["packages"]["scikit-learn"] == sklearn.__version__ and env["server_version"] == "1.7.1"
+    check = done["validation"]
+    assert check["passed"] is True and check["rows"] == 20 and check["max_abs_diff"] <= 1e-9
+    assert "input example" in check["source"]
 
     files = {f["name"]: f for f in done["files"]}
-    assert set(files) == {"scores.parquet", "scores.csv.gz", "manifest.json"}
+    assert set(files) == {"scores.parquet", "scores.csv.gz", "requirements.lock", "manifest.json"}
     with stack.client() as c:
         blobs = {name: c.get(f["download_url"]).content for name, f in files.items()}
     for name, f in files.items():
@@ -115,8 +125,10 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     assert manifest["rows"] == {"total": expected_rows, "read": expected_rows, "scored": expected_rows, "rejected": 0}
     assert "BETWEEN $start AND $end" in manifest["source"]["query"]
     assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
-        n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz")
+        n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz", "requirements.lock")
     }
+    assert manifest["environment"]["packages"] == env["packages"] and manifest["validation"] == check
+    assert f"scikit-learn=={sklearn.__version__}" in blobs["requirements.lock"].decode().splitlines()
     assert mlserver_processes_for(job["id"]) == []
 
 

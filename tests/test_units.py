@@ -176,7 +176,7 @@ def test_model_message_is_the_exception_a_traceback_ends_with() -> None:
 
 
 def test_model_artifacts_on_this_file_system_are_found_without_mlflow(tmp_path: Path) -> None:
-    from app.integrations.deployers import _local_path
+    from app.integrations.registry import _local_path
 
     model = tmp_path / "my model"
     model.mkdir()

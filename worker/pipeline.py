@@ -2,7 +2,11 @@
 
 resolving  -> the exact model version and its signature, from the registry
 extracting -> the source schema is checked and the period's rows counted, before anything is deployed
-deploying  -> a temporary model server for exactly that version; stopped on every path
+preparing_environment -> the model's own Python environment (its logged pins + an MLServer that resolves with
+              them), built with uv or found in the worker's cache (app/integrations/environments.py); meanwhile
+              the model's input example is scored in-process in it, as the reference for validating
+deploying  -> a temporary model server for exactly that version, from that environment; stopped on every path
+validating -> the deployment scores the reference and must agree with it (worker/validation.py)
 scoring    -> the period, chunk by chunk (chunk_days), streamed in batches to the model server; a chunk's
               part file and its row in retro_test_chunks are the checkpoint, so a redelivered job skips
               finished chunks and never writes a row twice (worker/chunks.py). With RETRO_PARTITIONS > 1,
@@ -19,19 +23,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.errors import AppError, JobCancelled, ModelServerDown, SourceUnknown, StorageFull, TooManyAttempts
+from app.errors import (
+    AppError,
+    JobCancelled,
+    ModelServerDown,
+    ReferenceMismatch,
+    SourceUnknown,
+    StorageFull,
+    TooManyAttempts,
+)
 from app.integrations.deployers import Deployment, deployment_name
+from app.integrations.environments import ModelEnvironment, hold, read_requirements
 from app.integrations.history import HistoryQuery
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests import runs
@@ -41,6 +57,7 @@ from worker.chunks import Chunk, ChunkCounts, committed_keys, enforce_reject_bud
 from worker.control import JobControl, claim
 from worker.publish import publish
 from worker.run import Adapters, JobRun
+from worker.validation import Reference, check, load_reference
 
 __all__ = ["Adapters", "PartitionOrder", "run_retro_test", "score_partition", "split_ranges"]
 
@@ -167,14 +184,46 @@ def _run_stages(run: JobRun) -> None:
     chunks = plan_chunks(query.start, query.end, run.settings.chunk_days)
     with run.transaction() as s:
         runs.record_plan(session=s, job_id=run.job_id, rows_total=total, chunks_total=len(chunks))
-    redeploys = 0
     # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
-    while not {c.key for c in chunks} <= committed_keys(run):
+    if not {c.key for c in chunks} <= committed_keys(run):
+        with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch, ThreadPoolExecutor(1) as background:
+            model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
+            environment = prepare_environment(run, model, model_dir)
+            with hold(environment) if environment else contextlib.nullcontext():
+                # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
+                reference = background.submit(
+                    load_reference,
+                    model=model,
+                    model_dir=model_dir,
+                    environment=environment,
+                    timeout_s=run.settings.deploy_ready_timeout_s,
+                )
+                _deploy_and_score(
+                    run, model=model, environment=environment, reference=reference, query=query, chunks=chunks
+                )
+    _enter(run, State.publishing)
+    publish(run, model=model, query=query)
+
+
+def _deploy_and_score(
+    run: JobRun,
+    *,
+    model: ModelVersionInfo,
+    environment: ModelEnvironment | None,
+    reference: Future[Reference | None],
+    query: HistoryQuery,
+    chunks: list[Chunk],
+) -> None:
+    """Deploy, validate and score until every chunk is committed, re-creating a model server that went down."""
+    redeploys = 0
+    while True:
         try:
-            with deployed(run, model) as (deployment, scorer):
+            with deployed(run, model, environment) as (deployment, scorer):
+                _enter(run, State.validating)
+                validate(run, model=model, reference=reference.result(), scorer=scorer)
                 _enter(run, State.scoring)
                 score_period(run, query=query, chunks=chunks, deployment=deployment, scorer=scorer)
-            break
+            return
         except ModelServerDown as exc:
             if redeploys >= run.settings.max_redeploys:
                 raise ModelServerDown(
@@ -188,8 +237,6 @@ def _run_stages(run: JobRun) -> None:
                 redeploys,
                 run.settings.max_redeploys,
             )
-    _enter(run, State.publishing)
-    publish(run, model=model, query=query)
 
 
 def _enter(run: JobRun, state: State) -> None:
@@ -245,8 +292,50 @@ def extract(run: JobRun, model: ModelVersionInfo) -> tuple[HistoryQuery, int | N
     return query, total
 
 
+def prepare_environment(run: JobRun, model: ModelVersionInfo, model_dir: Path) -> ModelEnvironment | None:
+    """The model's own environment, from the worker's cache or built now; None with RETRO_MODEL_ENV=worker."""
+    environments = run.adapters.environments
+    if environments is None:
+        return None
+    _enter(run, State.preparing_environment)
+
+    def progress(step: str) -> None:
+        run.control.check()
+        with run.transaction() as s:
+            runs.record_environment(session=s, job_id=run.job_id, environment={"step": step})
+
+    requirements = read_requirements(model_dir, what=f"model {model.name!r} version {model.version}")
+    environment = environments.prepare(requirements, progress=progress)
+    with run.transaction() as s:
+        runs.record_environment(session=s, job_id=run.job_id, environment=environment.to_record())
+    return environment
+
+
+def validate(run: JobRun, *, model: ModelVersionInfo, reference: Reference | None, scorer: BatchScorer) -> None:
+    """The deployment must score the model's reference as the reference says, before any partner row."""
+    if reference is None:
+        outcome: dict[str, Any] = {
+            "passed": None,
+            "source": None,
+            "note": "not checked: the version has no retro.reference tag and no logged input example",
+        }
+    else:
+        try:
+            outcome = check(reference, scorer=scorer, features=model.inputs, tolerance=run.settings.reference_tolerance)
+        except ReferenceMismatch as exc:
+            with run.transaction() as s:
+                runs.record_validation(
+                    session=s, job_id=run.job_id, validation=exc.outcome or {"passed": False, "note": exc.detail}
+                )
+            raise
+    with run.transaction() as s:
+        runs.record_validation(session=s, job_id=run.job_id, validation=outcome)
+
+
 @contextlib.contextmanager
-def deployed(run: JobRun, model: ModelVersionInfo) -> Iterator[tuple[Deployment, BatchScorer]]:
+def deployed(
+    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+) -> Iterator[tuple[Deployment, BatchScorer]]:
     """A ready model server for the job's model version, torn down when the block exits, however it exits."""
     name = deployment_name(run.job_id)
     deployer = run.adapters.deployer
@@ -257,7 +346,7 @@ def deployed(run: JobRun, model: ModelVersionInfo) -> Iterator[tuple[Deployment,
     alive = DEPLOYMENTS_ALIVE.labels(run.settings.deployer)
     alive.inc()
     try:
-        deployment = deployer.start(name=name, job_id=str(run.job_id), model=model)
+        deployment = deployer.start(name=name, job_id=str(run.job_id), model=model, environment=environment)
         deployer.wait_ready(
             deployment, timeout_s=run.settings.deploy_ready_timeout_s, should_stop=run.control.cancel_requested
         )

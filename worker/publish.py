@@ -44,6 +44,8 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
         files.append(_described(store, prefix, name="rejects.csv.gz", kind="rejects", fmt="csv.gz", rows=rows))
     if counts.scored + counts.rejected != counts.read:
         raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
+    if tally.environment and tally.environment.get("packages"):
+        files.append(_write_lock(store, prefix, tally.environment))
     manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
     with store.open_write(f"{prefix}/manifest.json") as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
@@ -107,6 +109,9 @@ def _manifest(
         },
         "period": {"start": query.start.isoformat(), "end": query.end.isoformat()},
         "scoring": {"protocol": tally.score_protocol},
+        # What the model server ran from (null: the worker's own packages) and the check before scoring.
+        "environment": tally.environment,
+        "validation": tally.validation,
         "rows": {"total": tally.rows_total, "read": counts.read, "scored": counts.scored, "rejected": counts.rejected},
         "files": [
             {"name": f.name, "kind": f.kind, "format": f.format, "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256}
@@ -114,6 +119,15 @@ def _manifest(
         ],
         "published_at": utcnow().isoformat(),
     }
+
+
+def _write_lock(store: ResultStore, prefix: str, environment: dict[str, Any]) -> ResultFileRecord:
+    """The model server's packages, pinned, kept with the results: `uv pip sync` rebuilds the environment."""
+    lines = [f"# Python {environment['python']}, as the model server of this retro test ran"]
+    lines += [f"{name}=={version}" for name, version in sorted(environment["packages"].items())]
+    with store.open_write(f"{prefix}/requirements.lock") as fh:
+        fh.write(("\n".join(lines) + "\n").encode())
+    return _described(store, prefix, name="requirements.lock", kind="environment", fmt="txt", rows=None)
 
 
 def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dict[str, int]:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.integrations.deployers import Deployer
+from app.integrations.environments import EnvironmentCache
 from app.integrations.history import HistorySource
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
@@ -33,6 +34,8 @@ class Adapters:
     store: ResultStore
     # Sends a partition of a job to another worker; None: this job's worker scores every chunk itself.
     send_partition: Callable[[PartitionOrder], None] | None = None
+    # Builds and keeps each model's own environment; None: models are served from the worker's packages.
+    environments: EnvironmentCache | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ from celery import Task
 from app.config import get_settings
 from app.db import get_session_factory
 from app.integrations.deployers import Deployer
-from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+from app.integrations.wiring import (
+    make_deployer,
+    make_environments,
+    make_history_source,
+    make_registry,
+    make_result_store,
+)
 from app.logging_setup import job_context
 from app.queue import (
     REAP_DEPLOYMENTS,
@@ -44,6 +50,7 @@ def _adapters() -> Adapters:
         source=make_history_source(settings),
         deployer=_deployer(),
         store=make_result_store(settings),
+        environments=make_environments(settings),
         send_partition=lambda order: send_partition(order.to_message()),
     )
 

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlparse
 
 import httpx
 
 from app.errors import DeploymentFailed, JobCancelled
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.environments import ModelEnvironment, hold
+from app.integrations.registry import ModelVersionInfo, fetch_model
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,14 @@ class ManagedDeployment:
 class Deployer(Protocol):
     """Starts and stops temporary model deployments."""
 
-    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
-        """Create the deployment for the job; return at once, before it is ready."""
+    def start(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> Deployment:
+        """Create the deployment for the job; return at once, before it is ready.
+
+        With an environment, the model server runs from the model's own packages (app/integrations/environments.py);
+        without, from the server's default ones.
+        """
 
     def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
         """Block until the deployment serves, it fails, should_stop() is true, or the deadline passes."""
@@ -109,13 +115,17 @@ class LocalMLServerDeployer:
     def _dir(self, name: str) -> Path:
         return self._work_dir / name
 
-    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
-        adopted = self._adopt(name, job_id, model)
+    def start(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> Deployment:
+        env_key = environment.key if environment else ""
+        adopted = self._adopt(name, job_id, model, env_key)
         if adopted is not None:
             return adopted
         self.stop(name)  # a leftover from a crashed attempt must not keep the port or the model
         folder = self._claim(name, job_id)
-        model_dir = self._fetch_model(model, folder / "model")
+        (folder / "environment").write_text(env_key)
+        model_dir = fetch_model(model.artifact_uri, folder / "model")
         http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
         settings = {
             "host": "127.0.0.1",
@@ -136,20 +146,24 @@ class LocalMLServerDeployer:
         (folder / "settings.json").write_text(json.dumps(settings))
         (folder / "model-settings.json").write_text(json.dumps(model_settings))
         log = (folder / "mlserver.log").open("ab")
-        exe = _find_executable(self._executable)
-        proc = subprocess.Popen(
-            [exe, "start", str(folder)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, so stop() takes every child with it
-            cwd=folder,
-        )
+        exe = environment.mlserver_executable if environment else _find_executable(self._executable)
+        with contextlib.ExitStack() as held:
+            # The server holds its environment against eviction for as long as it runs (a shared flock it inherits).
+            in_use = held.enter_context(hold(environment)) if environment else None
+            proc = subprocess.Popen(
+                [exe, "start", str(folder)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, so stop() takes every child with it
+                cwd=folder,
+                pass_fds=(in_use,) if in_use is not None else (),
+            )
         log.close()
         (folder / "pid").write_text(str(proc.pid))
         return _local_deployment(name, settings)
 
-    def _adopt(self, name: str, job_id: str, model: ModelVersionInfo) -> Deployment | None:
+    def _adopt(self, name: str, job_id: str, model: ModelVersionInfo, env_key: str) -> Deployment | None:
         """The server a killed attempt of the same job left running, if it serves this model version and is ready.
 
         A worker killed mid-job leaves its model server behind (its own process group); the next attempt
@@ -158,6 +172,7 @@ class LocalMLServerDeployer:
         folder = self._dir(name)
         try:
             same_job = (folder / "job-id").read_text().strip() == job_id
+            same_job = same_job and (folder / "environment").read_text().strip() == env_key
             settings = json.loads((folder / "settings.json").read_text())
             version = json.loads((folder / "model-settings.json").read_text())["parameters"]["version"]
         except (OSError, ValueError, KeyError):
@@ -185,25 +200,6 @@ class LocalMLServerDeployer:
         staging.rename(folder)
         return folder
 
-    @staticmethod
-    def _fetch_model(model: ModelVersionInfo, dest: Path) -> Path:
-        """The version's artifacts, copied into the deployment's folder.
-
-        Artifacts on this machine's file system are copied as they are; any other store (S3, GCS, an MLflow
-        artifact proxy) is read through mlflow, which the worker imports only then (~3 s).
-        """
-        if dest.exists():
-            shutil.rmtree(dest)
-        local = _local_path(model.artifact_uri)
-        try:
-            if local is not None:
-                return Path(shutil.copytree(local, dest / local.name))
-            import mlflow
-
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_uri, dst_path=str(dest)))
-        except Exception as exc:
-            raise DeploymentFailed(f"cannot fetch model artifacts from {model.artifact_uri}: {exc}") from exc
-
     def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
         url = f"{deployment.base_url}/v2/models/{deployment.model_name}/ready"
         deadline = time.monotonic() + timeout_s
@@ -212,7 +208,7 @@ class LocalMLServerDeployer:
                 if should_stop():
                     raise JobCancelled("cancelled while the model server was starting")
                 if not self._alive(deployment.name):
-                    raise DeploymentFailed(f"the model server exited while starting: {self._log_tail(deployment.name)}")
+                    raise DeploymentFailed(f"the model server exited while starting: {self._cause(deployment.name)}")
                 try:
                     if client.get(url).status_code == 200:
                         return
@@ -220,8 +216,7 @@ class LocalMLServerDeployer:
                     pass
                 if time.monotonic() > deadline:
                     raise DeploymentFailed(
-                        f"the model server was not ready at {url} within {timeout_s:.0f} s; "
-                        f"last log lines: {self._log_tail(deployment.name)}"
+                        f"the model server was not ready at {url} within {timeout_s:.0f} s: {self._cause(deployment.name)}"
                     )
                 time.sleep(0.25)
 
@@ -247,12 +242,12 @@ class LocalMLServerDeployer:
             return False
         return status != "Z"
 
-    def _log_tail(self, name: str, lines: int = 5) -> str:
+    def _cause(self, name: str) -> str:
         try:
             text = (self._dir(name) / "mlserver.log").read_text(errors="replace")
         except OSError:
-            return "(no log)"
-        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+            return "(it left no log)"
+        return startup_failure(text)
 
     def stop(self, name: str) -> None:
         pid = self._pid(name)
@@ -289,6 +284,35 @@ def _local_deployment(name: str, settings: dict[str, object]) -> Deployment:
         model_name=name,
         grpc_target=f"127.0.0.1:{settings['grpc_port']}",
     )
+
+
+# Exceptions that say only that something else went wrong: a start-up log's real cause is another one.
+_SECONDARY = ("CancelledError", "KeyboardInterrupt", "SystemExit")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)\b(?::.*)?$")
+
+
+def startup_failure(log_text: str) -> str:
+    """Why a model server failed to start, from its log: the exception the model raised, not the log's tail.
+
+    MLServer logs the model's own exception (an unpicklable class, a missing package) in a traceback, then shuts
+    down, often with a second, meaningless one (CancelledError). The last exception that is not one of those is
+    the cause; a log without a traceback is told by its last lines.
+    """
+    lines = log_text.strip().splitlines()
+    causes = []
+    in_traceback = False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            in_traceback = False
+            if _EXCEPTION_LINE.match(line.strip()):
+                causes.append(line.strip())
+    real = [c for c in causes if not c.split(":")[0].endswith(_SECONDARY)]
+    if causes:
+        cause = (real or causes)[-1]
+        return cause if len(cause) <= 1000 else cause[:1000] + " ..."
+    return ("its last log lines: " + " | ".join(line.strip() for line in lines[-5:])) if lines else "(an empty log)"
 
 
 def _read_text(path: Path) -> str | None:
@@ -338,15 +362,3 @@ def _reap(pid: int) -> None:
     """Collect the exit status if it is our child, so it does not linger as a zombie."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-
-
-def _local_path(uri: str) -> Path | None:
-    """The directory an artifact location names on this machine's file system, or None for any other store."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme == "":
-        path = Path(uri)
-    else:
-        return None
-    return path if path.is_dir() else None

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from app.errors import (
+    DeploymentFailed,
     ModelNotFound,
     ModelSignatureMissing,
     ModelVersionNotFound,
@@ -294,3 +298,34 @@ def _not_found(exc: Any) -> bool:
 
 def _invalid(exc: Any) -> bool:
     return getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE"
+
+
+def fetch_model(artifact_uri: str, dest: Path) -> Path:
+    """A model version's artifacts, copied into dest; the folder holding its MLmodel is returned.
+
+    Artifacts on this machine's file system are copied as they are; any other store (S3, GCS, an MLflow
+    artifact proxy) is read through mlflow, which is imported only then (~3 s).
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    local = _local_path(artifact_uri)
+    try:
+        if local is not None:
+            return Path(shutil.copytree(local, dest / local.name))
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dest)))
+    except Exception as exc:
+        raise DeploymentFailed(f"cannot fetch model artifacts from {artifact_uri}: {exc}") from exc
+
+
+def _local_path(uri: str) -> Path | None:
+    """The directory an artifact location names on this machine's file system, or None for any other store."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "":
+        path = Path(uri)
+    else:
+        return None
+    return path if path.is_dir() else None

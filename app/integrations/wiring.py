@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from app.config import Settings, get_settings
 from app.integrations.deployers import Deployer, LocalMLServerDeployer
+from app.integrations.environments import EnvironmentCache
 from app.integrations.history import HistorySource, LocalParquetSource
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
@@ -33,6 +34,22 @@ def make_deployer(settings: Settings) -> Deployer:
     from app.integrations.k8s_deployers import KUBERNETES_DEPLOYERS
 
     return KUBERNETES_DEPLOYERS[settings.deployer](settings=settings)
+
+
+def make_environments(settings: Settings) -> EnvironmentCache | None:
+    """The worker's cache of model environments; None when models are served from the worker's own packages."""
+    if settings.model_env == "worker":
+        return None
+    return EnvironmentCache(
+        root=settings.resolved_env_cache_dir(),
+        uv=settings.env_uv,
+        server_versions=tuple(settings.env_server_versions),
+        constraints=tuple(settings.env_constraints),
+        max_bytes=int(settings.env_cache_max_gb * 2**30),
+        pythons=tuple(settings.env_pythons),
+        nearest_python=settings.env_nearest_python,
+        timeout_s=settings.env_build_timeout_s,
+    )
 
 
 def make_result_store(settings: Settings) -> ResultStore:

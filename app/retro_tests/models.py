@@ -33,7 +33,9 @@ class State(enum.StrEnum):
     queued = "queued"
     resolving = "resolving"
     extracting = "extracting"
+    preparing_environment = "preparing_environment"
     deploying = "deploying"
+    validating = "validating"
     scoring = "scoring"
     publishing = "publishing"
     succeeded = "succeeded"
@@ -44,7 +46,9 @@ class State(enum.StrEnum):
 RUNNING_STATES = (
     State.resolving,
     State.extracting,
+    State.preparing_environment,
     State.deploying,
+    State.validating,
     State.scoring,
     State.publishing,
 )
@@ -55,8 +59,11 @@ TERMINAL_STATES = (State.succeeded, State.failed, State.cancelled)
 TRANSITIONS: dict[State, tuple[State, ...]] = {
     State.queued: (State.resolving, State.cancelled, State.failed),
     State.resolving: (State.extracting, State.cancelled, State.failed),
-    State.extracting: (State.deploying, State.publishing, State.cancelled, State.failed),  # publishing: all scored
-    State.deploying: (State.scoring, State.cancelled, State.failed),
+    # publishing: every chunk was scored by an earlier attempt; deploying: the worker's own packages serve the model
+    State.extracting: (State.preparing_environment, State.deploying, State.publishing, State.cancelled, State.failed),
+    State.preparing_environment: (State.deploying, State.cancelled, State.failed),
+    State.deploying: (State.validating, State.cancelled, State.failed),
+    State.validating: (State.scoring, State.cancelled, State.failed),
     State.scoring: (State.publishing, State.deploying, State.cancelled, State.failed),  # deploying: re-created
     State.publishing: (State.succeeded, State.cancelled, State.failed),
     State.succeeded: (),
@@ -64,7 +71,10 @@ TRANSITIONS: dict[State, tuple[State, ...]] = {
     State.cancelled: (),
 }
 
-_ACTIVE_SQL = "state IN ('queued','resolving','extracting','deploying','scoring','publishing')"
+_ACTIVE_SQL = (
+    "state IN ('queued','resolving','extracting','preparing_environment','deploying','validating','scoring',"
+    "'publishing')"
+)
 
 
 class RetroTest(Base):
@@ -112,7 +122,7 @@ class RetroTest(Base):
 
     # State machine and timings.
     state: Mapped[State] = mapped_column(
-        Enum(State, native_enum=False, length=16, validate_strings=True), default=State.queued
+        Enum(State, native_enum=False, length=32, validate_strings=True), default=State.queued
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -139,6 +149,10 @@ class RetroTest(Base):
     # Outcome.
     deployment_name: Mapped[str | None] = mapped_column(String(128))
     score_protocol: Mapped[str | None] = mapped_column(String(16))  # v2-grpc, v2-rest or seldon, once scoring starts
+    # The model's environment (ModelEnvironment.to_record, with the step it is at while being prepared) and the
+    # reference check's outcome (worker/validation.py), as the job page and the manifest show them.
+    environment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     result_location: Mapped[str | None] = mapped_column(Text)

@@ -194,6 +194,18 @@ def record_deployment(*, session: Session, job_id: uuid.UUID, name: str) -> None
     session.flush()
 
 
+def record_environment(*, session: Session, job_id: uuid.UUID, environment: dict[str, Any]) -> None:
+    """The model's environment as far as it is known: the step being taken, then what was built or reused."""
+    _job(session, job_id).environment = environment
+    session.flush()
+
+
+def record_validation(*, session: Session, job_id: uuid.UUID, validation: dict[str, Any]) -> None:
+    """The reference check's outcome, passed or not."""
+    _job(session, job_id).validation = validation
+    session.flush()
+
+
 def record_protocol(*, session: Session, job_id: uuid.UUID, protocol: str) -> None:
     _job(session, job_id).score_protocol = protocol
     session.flush()
@@ -302,6 +314,8 @@ class Tally:
     counts: Counts
     stage_started: dict[str, str]
     score_protocol: str | None
+    environment: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
 
 
 def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
@@ -311,6 +325,8 @@ def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
         counts=Counts(read=job.rows_read, scored=job.rows_scored, rejected=job.rows_rejected),
         stage_started=dict(job.stage_started or {}),
         score_protocol=job.score_protocol,
+        environment=job.environment,
+        validation=job.validation,
     )
 
 

@@ -122,6 +122,17 @@ class RetroTestOut(BaseModel):
     score_protocol: str | None = Field(
         default=None, description="the inference protocol the rows were scored over: v2-grpc, v2-rest or seldon"
     )
+    environment: dict[str, Any] | None = Field(
+        default=None,
+        description="the model server's own environment: python, python_requested, server_version, packages "
+        "(name -> version), warnings, reused (found in the worker's cache); while it is prepared, the step it is at; "
+        "null when the model is served from the worker's packages (RETRO_MODEL_ENV=worker)",
+    )
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description="the reference check before scoring: source, rows, tolerance, max_abs_diff, passed, and the "
+        "first mismatches when it failed",
+    )
     progress: ProgressOut
     error: dict[str, Any] | None
     result_location: str | None

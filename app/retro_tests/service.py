@@ -201,6 +201,8 @@ JOB_VIEW = select(
     RetroTest.finished_at,
     RetroTest.stage_started,
     RetroTest.score_protocol,
+    RetroTest.environment,
+    RetroTest.validation,
     RetroTest.rows_total,
     RetroTest.rows_read,
     RetroTest.rows_scored,

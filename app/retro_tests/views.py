@@ -53,6 +53,8 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "stages": _stages(job),
         "score_protocol": job.score_protocol,
+        "environment": job.environment,
+        "validation": job.validation,
         "progress": {
             "rows_total": job.rows_total,
             "rows_read": job.rows_read,

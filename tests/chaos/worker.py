@@ -14,6 +14,7 @@ from typing import Any
 
 from app.integrations import wiring
 from app.integrations.deployers import Deployer, Deployment, ManagedDeployment
+from app.integrations.environments import ModelEnvironment
 from app.integrations.registry import ModelVersionInfo
 from tests.chaos.fault_proxy import FaultProxy, Faults
 
@@ -26,8 +27,10 @@ class FaultyDeployer:
         self._faults = faults
         self._proxies: dict[str, FaultProxy] = {}
 
-    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
-        deployment = self._inner.start(name=name, job_id=job_id, model=model)
+    def start(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> Deployment:
+        deployment = self._inner.start(name=name, job_id=job_id, model=model, environment=environment)
         old = self._proxies.pop(name, None)
         if old is not None:
             old.stop()

@@ -1,0 +1,233 @@
+"""The validating stage: before any partner row is scored, the deployment scores a reference whose expected scores
+are known, and a difference beyond RETRO_REFERENCE_TOLERANCE fails the job.
+
+The reference is, in order of preference:
+1. the artifact named by the version's `retro.reference` tag: a Parquet, CSV or JSON (records) table holding
+   the model's input columns and, in every other column, the expected outputs in the model's output order; the
+   tag is a path in the version's run artifacts (`reference/expected.parquet`) or a full artifact URI;
+2. the input example logged with the model, scored in-process by mlflow's pyfunc inside the model's own
+   environment (app/integrations/model_predict.py) — or the worker's, with RETRO_MODEL_ENV=worker.
+A version with neither is scored unchecked, and the job says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from app.errors import EnvironmentFailed, ReferenceMismatch
+from app.integrations import model_predict
+from app.integrations.environments import ModelEnvironment
+from app.integrations.registry import Feature, ModelVersionInfo
+from app.integrations.scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+REFERENCE_TAG = "retro.reference"
+MAX_REFERENCE_ROWS = 10_000
+SHOWN_MISMATCHES = 5
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Rows to score and the outputs the model should give for them."""
+
+    source: str  # for people: where the expected outputs come from
+    columns: dict[str, list[Any]]  # the model's inputs, by name
+    expected: list[list[Any]]  # one row of expected outputs per input row
+
+    @property
+    def rows(self) -> int:
+        return len(self.expected)
+
+
+def load_reference(
+    *, model: ModelVersionInfo, model_dir: Path, environment: ModelEnvironment | None, timeout_s: float
+) -> Reference | None:
+    """The version's reference: its retro.reference artifact, else its input example scored in-process."""
+    tag = model.tags.get(REFERENCE_TAG)
+    if tag:
+        return _tagged_reference(model, tag)
+    example = _input_example(model_dir, model.inputs)
+    if example is None:
+        return None
+    where = f"Python {environment.python}, MLServer {environment.server_version}" if environment else "worker's own"
+    expected = predict_in_process(
+        model_dir=model_dir, features=model.inputs, columns=example, environment=environment, timeout_s=timeout_s
+    )
+    return Reference(
+        source=f"the model's input example, scored in-process in its environment ({where})",
+        columns=example,
+        expected=expected,
+    )
+
+
+def check(reference: Reference, *, scorer: Scorer, features: tuple[Feature, ...], tolerance: float) -> dict[str, Any]:
+    """Score the reference through the deployment; the outcome, or ReferenceMismatch naming the first differing rows."""
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(reference.columns[f.name], type=pa.type_for_alias(f.arrow_type)) for f in features],
+        names=[f.name for f in features],
+    )
+    scored = scorer.score(batch)
+    outcome: dict[str, Any] = {"source": reference.source, "rows": reference.rows, "tolerance": tolerance}
+    if scored.rejected_rows.num_rows:
+        raise ReferenceMismatch(
+            f"the deployment refused {scored.rejected_rows.num_rows} of the {reference.rows} reference rows "
+            f"({reference.source}): {scored.reject_reasons[0]}"
+        )
+    got = [list(row) for row in zip(*(c.to_pylist() for c in scored.scores.columns), strict=True)]
+    mismatches, worst = [], 0.0
+    for i, (want, have) in enumerate(zip(reference.expected, got, strict=True)):
+        same, diff = _same(want, have, tolerance)
+        worst = max(worst, diff) if math.isfinite(diff) else worst
+        if not same:
+            mismatches.append({"row": i, "expected": _plain(want), "got": _plain(have)})
+    outcome |= {"max_abs_diff": worst, "passed": not mismatches, "mismatches": mismatches[:SHOWN_MISMATCHES]}
+    if mismatches:
+        shown = "; ".join(f"row {m['row']}: expected {m['expected']}, got {m['got']}" for m in outcome["mismatches"])
+        raise ReferenceMismatch(
+            f"the deployed model does not reproduce its reference ({reference.source}): {len(mismatches)} of "
+            f"{reference.rows} rows differ by more than {tolerance:g}; {shown}",
+            outcome=outcome,
+        )
+    return outcome
+
+
+def _same(want: list[Any], have: list[Any], tolerance: float) -> tuple[bool, float]:
+    """Whether two rows of outputs agree (NaN and None agree with each other), and their largest difference."""
+    if len(want) != len(have):
+        return False, math.inf
+    worst = 0.0
+    for a, b in zip(want, have, strict=True):
+        a, b = _nan_to_none(a), _nan_to_none(b)
+        if a is None or b is None:
+            if a is not b:
+                return False, math.inf
+        elif isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+            diff = abs(float(a) - float(b))
+            worst = max(worst, diff)
+            if diff > tolerance * max(1.0, abs(float(a))):
+                return False, worst
+        elif a != b:
+            return False, math.inf
+    return True, worst
+
+
+def _plain(row: list[Any]) -> list[Any]:
+    """A row as JSON keeps it (NaN is not JSON)."""
+    return [_nan_to_none(v) for v in row]
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def predict_in_process(
+    *,
+    model_dir: Path,
+    features: tuple[Feature, ...],
+    columns: dict[str, list[Any]],
+    environment: ModelEnvironment | None,
+    timeout_s: float,
+) -> list[list[Any]]:
+    """The model's own scores for the rows, by mlflow's pyfunc in the model's environment (or the worker's)."""
+    python = environment.python_executable if environment else sys.executable
+    request = {
+        "model_dir": str(model_dir),
+        "columns": [f.name for f in features],
+        "dtypes": {f.name: "object" if f.arrow_type == "string" else f.arrow_type for f in features},
+        "data": [list(row) for row in zip(*(columns[f.name] for f in features), strict=True)],
+    }
+    with tempfile.TemporaryDirectory(prefix="retro-reference-") as scratch:
+        try:
+            out = subprocess.run(
+                [python, model_predict.__file__],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                cwd=scratch,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise EnvironmentFailed(f"scoring the input example in-process took longer than {timeout_s:.0f} s") from exc
+    if out.returncode != 0:
+        last = [line for line in out.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise EnvironmentFailed(f"the model does not score its own input example in-process: {last[0]}")
+    return [list(row) for row in json.loads(out.stdout)["scores"]]
+
+
+def _input_example(model_dir: Path, features: tuple[Feature, ...]) -> dict[str, list[Any]] | None:
+    """The input example MLflow logged with the model, as columns; None without one (or one retrotest can't read)."""
+    path = model_dir / "input_example.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and "dataframe_split" in doc:
+        doc = doc["dataframe_split"]
+    if isinstance(doc, dict) and "columns" in doc and "data" in doc:
+        rows = [dict(zip(doc["columns"], row, strict=True)) for row in doc["data"]]
+    elif isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
+        rows = doc
+    else:
+        log.info("the input example in %s is not a table; no reference", model_dir)
+        return None
+    if not rows or any(f.name not in rows[0] for f in features):
+        return None
+    return {f.name: [r.get(f.name) for r in rows[:MAX_REFERENCE_ROWS]] for f in features}
+
+
+def _tagged_reference(model: ModelVersionInfo, tag: str) -> Reference:
+    """The table a retro.reference tag names, split into the model's inputs and the expected outputs."""
+    import mlflow
+
+    uri = tag if ":/" in tag or tag.startswith("/") else f"runs:/{model.run_id}/{tag.lstrip('/')}"
+    with tempfile.TemporaryDirectory(prefix="retro-reference-") as scratch:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
+            table = _read_table(path)
+        except Exception as exc:
+            raise ReferenceMismatch(
+                f"cannot read the reference {uri} named by the version's {REFERENCE_TAG} tag: {exc}"
+            ) from exc
+    inputs = [f.name for f in model.inputs]
+    missing = [name for name in inputs if name not in table.column_names]
+    outputs = [name for name in table.column_names if name not in inputs]
+    if missing or not outputs:
+        raise ReferenceMismatch(
+            f"the reference {uri} must hold the model's inputs and its expected outputs; "
+            + (f"it lacks {', '.join(missing)}" if missing else "it has no column besides the inputs")
+        )
+    table = table.slice(0, MAX_REFERENCE_ROWS)
+    expected = [list(row) for row in zip(*(table.column(c).to_pylist() for c in outputs), strict=True)]
+    return Reference(
+        source=f"the reference {tag} ({REFERENCE_TAG} tag)",
+        columns={name: table.column(name).to_pylist() for name in inputs},
+        expected=expected,
+    )
+
+
+def _read_table(path: Path) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return pq.read_table(path)
+    if name.endswith((".csv", ".csv.gz")):
+        return pacsv.read_csv(path)
+    if name.endswith((".json", ".jsonl")):
+        return pajson.read_json(path)
+    raise ValueError(f"{path.name} is not .parquet, .csv or .json(l)")
