@@ -1,4 +1,4 @@
-"""The `retrotest` command: serve, worker, beat, submit, status, demo, migrate."""
+"""The `retrotest` command: serve, worker, beat, submit, status, demo, migrate, envs."""
 
 from __future__ import annotations
 
@@ -343,6 +343,60 @@ def demo(
             keep_running=keep_running,
             today=date.today(),
         )
+    )
+
+
+envs_app = typer.Typer(help="The model environments cached on this worker (RETRO_ENV_CACHE_DIR).", no_args_is_help=True)
+app.add_typer(envs_app, name="envs")
+
+
+def _environments() -> Any:
+    from app.config import get_settings
+    from app.integrations.wiring import make_environments
+
+    settings = get_settings()
+    cache = make_environments(settings.model_copy(update={"model_env": "model"}))
+    assert cache is not None
+    return cache
+
+
+@envs_app.command("list")
+def envs_list() -> None:
+    """Every environment in the cache, least recently used first, with its size and whether it is in use."""
+    cache = _environments()
+    found = cache.cached()
+    if not found:
+        typer.echo(f"no model environments in {cache.root}")
+        return
+    typer.echo(f"{'environment':<22} {'python':<8} {'mlserver':<9} {'size':>9}  {'last used':<19}  in use")
+    for env in found:
+        used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.last_used))
+        in_use = "yes" if env.in_use else "no"
+        typer.echo(
+            f"{env.key:<22} {env.python:<8} {env.server_version:<9} {env.size_bytes / 2**30:>7.2f}GB  {used}  {in_use}"
+        )
+    total = sum(e.size_bytes for e in found) / 2**30
+    typer.echo(
+        f"{len(found)} environment(s), {total:.2f} GB of {cache.max_bytes / 2**30:.0f} GB (RETRO_ENV_CACHE_MAX_GB)"
+    )
+
+
+@envs_app.command("prune")
+def envs_prune(
+    max_gb: Annotated[
+        float | None,
+        typer.Option(min=0, help="Shrink to this size [default: RETRO_ENV_CACHE_MAX_GB]", show_default=False),
+    ] = None,
+    all_unused: Annotated[bool, typer.Option("--all", help="Remove every environment not in use")] = False,
+) -> None:
+    """Remove least recently used environments until the cache fits; never one a job or model server uses."""
+    cache = _environments()
+    limit = 0 if all_unused else (None if max_gb is None else int(max_gb * 2**30))
+    removed = cache.evict(max_bytes=limit)
+    left = cache.cached()
+    typer.echo(
+        f"removed {len(removed)} environment(s){': ' + ', '.join(removed) if removed else ''}; "
+        f"{len(left)} left ({sum(e.size_bytes for e in left) / 2**30:.2f} GB, {sum(e.in_use for e in left)} in use)"
     )
 
 
