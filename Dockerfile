@@ -13,6 +13,12 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install -r requirements.lock
 
+# The Pythons a model's own environment can be built with (app/integrations/environments.py): the image's 3.11
+# and, from python-build-standalone through uv, the versions older and newer models were logged with.
+ENV UV_PYTHON_INSTALL_DIR=/opt/python \
+    RETRO_ENV_PYTHONS='["/usr/local/bin/python3.11", "/opt/python/*/bin/python3"]'
+RUN uv python install 3.9 3.10 3.12 && chmod -R a+rX /opt/python
+
 # Editable install: `retrotest migrate` finds alembic.ini and migrations/ next to the app package.
 COPY pyproject.toml alembic.ini ./
 COPY app ./app
@@ -21,7 +27,7 @@ COPY migrations ./migrations
 RUN pip install --no-deps -e .
 
 RUN useradd --create-home --uid 10001 retro \
-    && mkdir -p /data/var /data/results /data/history \
+    && mkdir -p /data/var/envs /data/results /data/history \
     && chown -R retro:retro /data
 USER retro
 
