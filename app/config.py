@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=0, ge=0)
     db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # Workers and beat ride out a database outage (a restart, a failover) this long: a connection that drops is
+    # replaced, and one that cannot be opened is tried again with backoff. Only then does a job fail, as
+    # database_unavailable. The API does not wait: it answers 503 with Retry-After at once.
+    db_outage_budget_s: float = Field(default=120.0, ge=0)
 
     # The API: uvicorn worker processes of `retrotest serve` (one Python process uses at most one core), and the
     # threads each runs sync endpoints on; keep db_pool_size at least api_threads.

@@ -13,7 +13,7 @@ from anyio import CapacityLimiter
 from psycopg.types.json import set_json_loads
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.config import get_settings
@@ -34,8 +34,47 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for url; SQLite gets WAL and a busy timeout so the API and worker can share it."""
+# SQLSTATEs of a database that is going away or coming back, or of a transaction that only needs another try.
+TRANSIENT_SQLSTATES = frozenset(
+    {"08000", "08001", "08003", "08004", "08006", "40001", "40P01", "57P01", "57P02", "57P03"}
+)
+_patient = False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error would likely pass if tried again: a dropped connection, a shutdown, a conflict."""
+    if isinstance(exc, DisconnectionError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in TRANSIENT_SQLSTATES:
+        return True
+    # psycopg raises OperationalError without a SQLSTATE when it cannot connect at all (server down).
+    return sqlstate is None and type(exc.orig).__name__ == "OperationalError"
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """A database error for people: its kind and the server's first line, never the statement or parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first}"[:300] if first else type(orig).__name__
+
+
+def use_patient_connections() -> None:
+    """Make this process's engine ride out database outages (workers and beat; before the engine is made)."""
+    global _patient
+    _patient = True
+
+
+def make_engine(url: str, *, outage_budget_s: float = 0.0) -> Engine:
+    """An engine for url; SQLite gets WAL and a busy timeout so the API and worker can share it.
+
+    With an outage budget (workers and beat), every checkout pings its connection and a connection that cannot
+    be opened is tried again with backoff for that long: a Postgres restart costs a job a pause, not its life.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -53,8 +92,12 @@ def make_engine(url: str) -> Engine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
+        pool_pre_ping=outage_budget_s > 0,
     )
-    _ping_idle_connections(engine)
+    if outage_budget_s > 0:
+        _retry_connects(engine, budget_s=outage_budget_s)
+    else:
+        _ping_idle_connections(engine)
     if engine.dialect.driver == "psycopg":
 
         @event.listens_for(engine, "connect")
@@ -89,10 +132,29 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
 
+def _retry_connects(engine: Engine, *, budget_s: float) -> None:
+    """Open each new connection with retries and backoff while the server is down, for up to budget_s."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline = time.monotonic() + budget_s
+        pause = 0.25
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+
 @lru_cache
 def get_engine() -> Engine:
-    """The process-wide engine."""
-    return make_engine(get_settings().resolved_database_url())
+    """The process-wide engine (patient in workers and beat: use_patient_connections)."""
+    settings = get_settings()
+    budget = settings.db_outage_budget_s if _patient else 0.0
+    return make_engine(settings.resolved_database_url(), outage_budget_s=budget)
 
 
 @lru_cache

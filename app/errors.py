@@ -130,6 +130,12 @@ class ReconciliationFailed(AppError):
     code = "reconciliation_failed"
 
 
+class DatabaseUnavailable(Upstream):
+    """The job database cannot be reached (down, restarting, refusing connections)."""
+
+    code = "database_unavailable"
+
+
 class StorageFull(AppError):
     """The result store has no space left for a job's files."""
 

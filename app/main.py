@@ -12,14 +12,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.auth.router import router as auth_router
 from app.config import get_settings
-from app.db import get_session_factory
+from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
-from app.errors import AppError, Unauthorized
+from app.errors import AppError, DatabaseUnavailable, Unauthorized
 from app.metrics import register_jobs_collector
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
@@ -60,6 +61,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+RETRY_AFTER_S = 5  # what a client told the database is down should wait before trying again
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     settings.check_secrets()
@@ -97,6 +101,18 @@ def create_app() -> FastAPI:
             return page
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(DisconnectionError)
+    async def database_error(request: Request, exc: Exception) -> Response:
+        if not is_transient(exc):
+            return await unexpected(request, exc)
+        log.warning("the database is unreachable: %s", describe_database_error(exc))
+        down = DatabaseUnavailable("the job database is unreachable; nothing was changed, try again in a few seconds")
+        if (page := error_page(request, status_code=down.status_code, detail=down.detail)) is not None:
+            page.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return page
+        return JSONResponse(down.to_dict(), status_code=down.status_code, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -67,8 +67,10 @@ def make_celery() -> Celery:
     )
     if broker.startswith(("redis", "rediss")):
         app.conf.broker_transport = "worker.broker:Transport"  # survives a Redis restart (see worker/broker.py)
-        # Redis redelivers unacked messages after this; it must outlast the longest job.
-        app.conf.broker_transport_options = {"visibility_timeout": 12 * 3600}
+        # Redis redelivers an unacked message after this: just past the job deadline, so a job still running is
+        # never delivered twice, and a dead worker's job is taken back sooner by a restarting worker (worker_ready)
+        # or beat's reconciler, not by this.
+        app.conf.broker_transport_options = {"visibility_timeout": int(settings.job_deadline_s) + 600}
     else:
         app.conf.broker_transport_options = {}
         app.conf.broker_polling_interval = 0.5

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from celery.concurrency import asynpool, prefork
-from celery.signals import setup_logging, worker_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_shutdown, worker_ready
 
 from app.config import get_settings
 from app.logging_setup import configure_logging
@@ -50,6 +50,27 @@ def _logging(loglevel: Any = None, **_: Any) -> None:
     """Our JSON logs in the worker and beat, instead of Celery's own setup."""
     settings = get_settings()
     configure_logging(level=loglevel or settings.log_level, fmt=settings.log_format)
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _ride_out_database_outages(**_: Any) -> None:
+    """Workers and beat wait for a database that restarts (RETRO_DB_OUTAGE_BUDGET_S); the API answers 503."""
+    from app.db import use_patient_connections
+
+    use_patient_connections()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _resume_jobs_of_dead_processes(**_: Any) -> None:
+    """Send again, at once, the jobs whose attempt died with a process on this host (a killed or crashed worker).
+
+    Beat's reconciler does the same on its schedule; a worker restarted while beat is down must not wait for it.
+    """
+    import threading
+
+    from worker.reconciler import resume_dead_here
+
+    threading.Thread(target=resume_dead_here, name="resume-dead-here", daemon=True).start()
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.clock import utcnow
 from app.config import Settings
+from app.db import describe_database_error, is_transient
 from app.errors import DeadlineExceeded, JobCancelled
 from app.retro_tests import runs
 from app.retro_tests.runs import Claim, Counts, LeaseLost
@@ -114,6 +115,21 @@ class JobControl:
         self._write(counts)
 
     def _write(self, counts: Counts | None) -> None:
+        try:
+            self._beat_once(counts)
+        except Exception as exc:
+            # A connection dropped under a short transaction (a database restart): a new one waits for the
+            # server (RETRO_DB_OUTAGE_BUDGET_S) and the beat is written again.
+            if not is_transient(exc):
+                raise
+            log.warning(
+                "retro test %s: the database dropped a connection (%s); trying again",
+                self._job_id,
+                describe_database_error(exc),
+            )
+            self._beat_once(counts)
+
+    def _beat_once(self, counts: Counts | None) -> None:
         with self._sessions() as s, s.begin():
             found = runs.beat(
                 session=s,

@@ -35,8 +35,10 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
+    DatabaseUnavailable,
     JobCancelled,
     ModelServerDown,
     ReferenceMismatch,
@@ -133,7 +135,12 @@ def run_retro_test(
     except JobCancelled as exc:
         return _discard(claimed.spec, adapters, finish(State.cancelled, (exc.code, exc.detail)))
     except Exception as exc:
-        if _no_space(exc):
+        if is_transient(exc):
+            exc = DatabaseUnavailable(
+                f"the job database stayed unreachable for more than RETRO_DB_OUTAGE_BUDGET_S "
+                f"({settings.db_outage_budget_s:.0f} s): {describe_database_error(exc)}"
+            )
+        elif _no_space(exc):
             where = adapters.store.location(claimed.spec.prefix)
             exc = StorageFull(
                 f"no space left on the result store at {where}; free space there or move RETRO_RESULTS_URL"

@@ -65,16 +65,7 @@ def reconcile_jobs(
             )
         )
         # On one machine (a laptop, a single VM) a dead holder is seen at once, without waiting for its heartbeat.
-        held_here = s.scalars(
-            select(RetroTest)
-            .where(
-                RetroTest.state.in_(RUNNING_STATES),
-                RetroTest.lease_holder.startswith(f"{socket.gethostname()}:"),
-                or_(RetroTest.last_enqueued_at.is_(None), RetroTest.last_enqueued_at < stale),
-            )
-            .with_for_update(skip_locked=True)
-        )
-        jobs += [job for job in held_here if job not in jobs and holder_is_dead(job.lease_holder)]
+        jobs += [job for job in _dead_here(s, stale) if job not in jobs]
         for job in jobs:
             runs.mark_requeued(session=s, job_id=job.id, at=now)
             record(
@@ -90,4 +81,43 @@ def reconcile_jobs(
     for job_id in ids:  # after the commit, so a fast worker sees last_enqueued_at
         log.warning("retro test %s looks stranded; sending it to the workers again", job_id)
         enqueue(job_id)
+    return ids
+
+
+def _dead_here(s: Session, stale: datetime) -> list[RetroTest]:
+    """Running jobs whose lease holder was a process on this host that is gone (locked for the caller)."""
+    held_here = s.scalars(
+        select(RetroTest)
+        .where(
+            RetroTest.state.in_(RUNNING_STATES),
+            RetroTest.lease_holder.startswith(f"{socket.gethostname()}:"),
+            or_(RetroTest.last_enqueued_at.is_(None), RetroTest.last_enqueued_at < stale),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    return [job for job in held_here if holder_is_dead(job.lease_holder)]
+
+
+def resume_dead_here(
+    *, sessions: sessionmaker[Session] | None = None, enqueue: Callable[[uuid.UUID], None] | None = None
+) -> list[uuid.UUID]:
+    """A starting worker's sweep: send again the running jobs whose attempt died with a process on this host."""
+    from app.db import get_session_factory
+    from app.queue import send_retro_test
+
+    sessions = sessions or get_session_factory()
+    send = enqueue or (lambda job_id: send_retro_test(job_id))
+    now = utcnow()
+    try:
+        with sessions() as s, s.begin():
+            jobs = _dead_here(s, now)
+            for job in jobs:
+                runs.mark_requeued(session=s, job_id=job.id, at=now)
+            ids = [job.id for job in jobs]
+    except Exception:
+        log.warning("could not look for jobs a dead process on this host held; beat's reconciler will", exc_info=True)
+        return []
+    for job_id in ids:
+        log.warning("retro test %s was held by a process on this host that died; sending it again", job_id)
+        send(job_id)
     return ids
