@@ -378,6 +378,7 @@ def open_scorer(run: JobRun, *, deployment: Deployment, model: ModelVersionInfo)
         output_names=model.outputs,
         options=ScoringOptions.from_settings(run.settings),
         should_stop=run.control.stop_now,
+        server_gone=lambda: run.adapters.deployer.has_exited(deployment.name),
     )
 
 

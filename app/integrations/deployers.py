@@ -82,6 +82,13 @@ class Deployer(Protocol):
     def list_managed(self) -> list[ManagedDeployment]:
         """Every deployment this service created that still exists."""
 
+    def has_exited(self, name: str) -> bool:
+        """True when the deployment is known to be gone for good (its process exited); False when alive or unsure.
+
+        Asked when a request to it fails, so it must be quick: a deployer that cannot tell at once says False,
+        and retries decide.
+        """
+
 
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -274,6 +281,10 @@ class LocalMLServerDeployer:
 
     def is_running(self, name: str) -> bool:
         return self._alive(name)
+
+    def has_exited(self, name: str) -> bool:
+        """The server process of a deployment this worker started is gone (killed, crashed, out of memory)."""
+        return (self._dir(name) / "pid").exists() and not self._alive(name)
 
 
 def _local_deployment(name: str, settings: dict[str, object]) -> Deployment:

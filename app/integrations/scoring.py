@@ -188,8 +188,10 @@ class BatchScorer:
         output_names: tuple[str, ...],
         options: ScoringOptions,
         should_stop: Callable[[], bool] = lambda: False,
+        server_gone: Callable[[], bool] = lambda: False,
     ) -> None:
         self._deployment = deployment
+        self._server_gone = server_gone
         self._latency = LatencyTracker(ceiling_s=options.timeout_s, floor_s=options.timeout_floor_s)
         self._ceiling_s = options.timeout_s
         self._should_stop = should_stop
@@ -315,6 +317,8 @@ class BatchScorer:
             if reply.fatal is not None:
                 raise ScoringFailed(reply.fatal)
             last_error = reply.retry or "no answer"
+            if self._server_gone():  # retries cannot bring back a server that exited: re-create it now
+                raise ModelServerDown(f"the model server behind {self.target} has exited; last error: {last_error}")
         raise ModelServerDown(
             f"scoring failed after {self._retries + 1} attempts against {self.target}; last error: {last_error}"
         )

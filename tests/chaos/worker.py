@@ -53,6 +53,9 @@ class FaultyDeployer:
     def list_managed(self) -> list[ManagedDeployment]:
         return self._inner.list_managed()
 
+    def has_exited(self, name: str) -> bool:
+        return self._inner.has_exited(name)
+
 
 def faults_from_env() -> Faults:
     return Faults(

@@ -1,0 +1,86 @@
+"""Recovery without beat: a worker killed mid-job and started again picks its job back up at once, and a model
+server killed mid-scoring is re-created at once instead of after a run of retries against a closed port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HISTORY_DAYS, Stack, start_process, start_stack
+from tests.test_end_to_end import mlserver_processes_for, submit
+
+BIG_ROWS = HISTORY_DAYS * 150_000
+
+
+@pytest.fixture()
+def lone_stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[tuple[Stack, dict[str, str]]]:
+    """An API and one worker on a queue of their own, and no beat: nothing else would recover their jobs."""
+    overrides = {"RETRO_QUEUE_NAME": f"recovery-{uuid.uuid4().hex[:8]}", "RETRO_HEARTBEAT_INTERVAL_S": "1"}
+    s = start_stack(f"recovery-{uuid.uuid4().hex[:6]}", **overrides)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETRO_PUBLIC_BASE_URL": s.base_url, **overrides}
+    yield s, env
+    s.stop()
+
+
+def _wait(stack: Stack, job_id: str, until: Any, timeout_s: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    with stack.client() as c:
+        while True:
+            job = c.get(f"/api/v1/retro-tests/{job_id}").json()
+            if until(job):
+                return dict(job)
+            assert time.monotonic() < deadline, f"{job}\n{stack.tail()}"
+            time.sleep(0.2)
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return job["state"] in ("succeeded", "failed", "cancelled")
+
+
+def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
+    lone_stack: tuple[Stack, dict[str, str]], big_history: str
+) -> None:
+    stack, env = lone_stack
+    job = submit(stack, "recovery-worker", source={"table": big_history})
+    _wait(stack, job["id"], lambda j: j["progress"]["rows_scored"] >= BIG_ROWS // 3)
+    worker = stack.procs[1]
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool processes, as an OOM kill or a lost node would
+    worker.wait()
+    log = stack.logs / "worker-restarted.log"
+    stack.procs.append(
+        start_process([sys.executable, "-m", "app.cli", "worker", "--name", "restarted"], env=env, log=log)
+    )
+    done = _wait(stack, job["id"], _finished, timeout_s=300)
+    assert done["state"] == "succeeded", (done["error"], stack.tail())
+    assert done["progress"]["rows_scored"] == done["progress"]["rows_total"] == BIG_ROWS
+    assert done["attempts"] == 2
+    assert "held by a process on this host that died; sending it again" in log.read_text()
+    assert next(f["rows"] for f in done["files"] if f["name"] == "scores.parquet") == BIG_ROWS
+    assert mlserver_processes_for(done["id"]) == []
+
+
+def test_a_model_server_killed_mid_scoring_is_re_created_at_once(
+    lone_stack: tuple[Stack, dict[str, str]], big_history: str
+) -> None:
+    stack, _ = lone_stack
+    job = submit(stack, "recovery-server", source={"table": big_history})
+    _wait(stack, job["id"], lambda j: j["progress"]["rows_scored"] >= BIG_ROWS // 3)
+    servers = mlserver_processes_for(job["id"])
+    assert servers
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    done = _wait(stack, job["id"], _finished, timeout_s=300)
+    assert done["state"] == "succeeded", (done["error"], stack.tail())
+    assert done["progress"]["rows_scored"] == BIG_ROWS
+    # Recognised from the process being gone, not after the retries against a closed port ran out.
+    worker_log = (stack.logs / "worker.log").read_text()
+    assert "has exited" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
+    assert "scoring failed after" not in worker_log
