@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     # Results: a local directory or any fsspec URL (s3://bucket/prefix with s3fs installed).
     results_url: str = ""
     output_formats: list[OutputFormat] = ["parquet", "csv.gz"]
+    # Before a job writes, it checks the result store has room for about this many bytes per row for its parts
+    # and each output format (measured: ~21 per row and file for ids, a date and two scores); 0: no check.
+    result_bytes_per_row: int = Field(default=32, ge=0)
 
     # Public base URL of the API, used in links printed for people.
     public_base_url: str = "http://127.0.0.1:8000"

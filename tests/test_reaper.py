@@ -70,3 +70,46 @@ def test_the_reaper_stops_local_model_servers_of_ended_or_unknown_jobs(
         assert deployer.list_managed() == [] and mlserver_processes_for(orphan) == []
     finally:
         deployer.stop(name)
+
+
+def test_the_reaper_removes_files_ended_jobs_left_and_nothing_a_job_offers(database_url: str, tmp_path: Path) -> None:
+    """A worker killed at the wrong moment leaves a failed job's parts, or a succeeded job's parts/ folder."""
+    from datetime import date, timedelta
+
+    from app.clock import utcnow
+    from app.db import get_session_factory
+    from app.integrations.results import ResultStore
+    from app.retro_tests.models import RetroTest
+    from app.retro_tests.service import job_prefix
+    from tests.factories import make_retro_test
+    from worker.reaper import reap_files
+
+    store = ResultStore(str(tmp_path))
+    sessions = get_session_factory()
+    day = date(2026, 1, 5)
+    with sessions() as s, s.begin():
+        ids = {
+            name: make_retro_test(s, start=day, end=day, partner_prefix="reap")
+            for name in ("failed", "ok", "live", "old")
+        }
+        states = {"failed": State.failed, "ok": State.succeeded, "live": State.scoring, "old": State.cancelled}
+        prefixes = {}
+        for name, job_id in ids.items():
+            job = s.get(RetroTest, job_id)
+            assert job is not None
+            job.state = states[name]
+            job.finished_at = None if name == "live" else utcnow() - timedelta(days=30 if name == "old" else 0)
+            prefixes[name] = job_prefix(job)
+    for prefix in prefixes.values():
+        for rel in (f"{prefix}/parts/0001.parquet", f"{prefix}/scores.parquet"):
+            with store.open_write(rel) as fh:
+                fh.write(b"x")
+
+    removed = reap_files(store=store, sessions=sessions)
+
+    assert sorted(removed) == sorted([prefixes["failed"], f"{prefixes['ok']}/parts"])
+    assert not store.exists(prefixes["failed"])
+    assert store.exists(f"{prefixes['ok']}/scores.parquet") and not store.exists(f"{prefixes['ok']}/parts")
+    assert store.exists(f"{prefixes['live']}/parts/0001.parquet")  # a running job's parts are its checkpoints
+    assert store.exists(f"{prefixes['old']}/parts/0001.parquet")  # ended long ago: earlier runs looked at it
+    assert reap_files(store=store, sessions=sessions) == []  # nothing left to do the second time

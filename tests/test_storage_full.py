@@ -42,14 +42,18 @@ def run(job_id: uuid.UUID, settings: Any) -> str:
     return run_retro_test(job_id=job_id, sessions=get_session_factory(), adapters=adapters, settings=settings).value
 
 
+@pytest.mark.parametrize("checked_first", [True, False], ids=["free-space-checked-first", "disk-fills-while-writing"])
 def test_a_full_result_store_fails_the_job_as_storage_full_and_keeps_nothing_of_it(
-    small_volume: Path, database_url: str, registry: dict[str, str], history: Path
+    small_volume: Path, database_url: str, registry: dict[str, str], history: Path, checked_first: bool
 ) -> None:
+    """With the check, the job fails before it writes; without it (a store that cannot tell), when the disk fills."""
     from app.config import get_settings
     from app.db import get_session_factory
     from app.retro_tests.models import RetroTest
 
-    settings = get_settings().model_copy(update={"results_url": str(small_volume), "partitions": 1})
+    settings = get_settings().model_copy(
+        update={"results_url": str(small_volume), "partitions": 1, "result_bytes_per_row": 32 if checked_first else 0}
+    )
     sessions = get_session_factory()
     with sessions() as s, s.begin():
         big = make_retro_test(
@@ -62,6 +66,9 @@ def test_a_full_result_store_fails_the_job_as_storage_full_and_keeps_nothing_of_
         job = s.get(RetroTest, big)
         assert job is not None and job.error_code == "storage_full", (job.error_code, job.error_message)
         assert str(small_volume) in (job.error_message or "") and "no space left" in (job.error_message or "")
+        # Checked first: refused before anything was deployed or written, naming what it needs.
+        assert ("MiB needed for 10,000 rows" in (job.error_message or "")) is checked_first
+        assert ("deploying" not in job.stage_started) is checked_first
     assert list(small_volume.rglob("*.parquet")) == [] and list(small_volume.rglob("*.gz")) == []  # nothing remains
 
     assert run(small, settings) == "succeeded"

@@ -191,6 +191,8 @@ def _run_stages(run: JobRun) -> None:
     chunks = plan_chunks(query.start, query.end, run.settings.chunk_days)
     with run.transaction() as s:
         runs.record_plan(session=s, job_id=run.job_id, rows_total=total, chunks_total=len(chunks))
+    if not committed_keys(run):  # a resumed attempt has written part of it already: the estimate would be off
+        check_free_space(run, rows=total)
     # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
     if not {c.key for c in chunks} <= committed_keys(run):
         with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch, ThreadPoolExecutor(1) as background:
@@ -244,6 +246,21 @@ def _deploy_and_score(
                 redeploys,
                 run.settings.max_redeploys,
             )
+
+
+def check_free_space(run: JobRun, *, rows: int | None) -> None:
+    """Fail at once, as storage_full, a job whose files will not fit where results go (when the store can tell)."""
+    per_row = run.settings.result_bytes_per_row
+    free = run.adapters.store.free_bytes(run.spec.prefix)
+    if not rows or not per_row or free is None:
+        return
+    need = rows * per_row * (1 + len(run.spec.output_formats))  # the parts, then each format merged from them
+    if need > free:
+        where = run.adapters.store.location(run.spec.prefix)
+        raise StorageFull(
+            f"no space left for this job on the result store at {where}: {free / 2**20:,.1f} MiB free, about "
+            f"{need / 2**20:,.1f} MiB needed for {rows:,} rows; free space there or move RETRO_RESULTS_URL"
+        )
 
 
 def _enter(run: JobRun, state: State) -> None:

@@ -1,9 +1,13 @@
-"""The reaper: deletes temporary model deployments that outlived their job.
+"""The reaper: deletes temporary model deployments that outlived their job, and result files no job offers.
 
 A job stops its deployment on every path it controls (success, failure, cancel). A worker that is killed
 cannot, so beat runs this every RETRO_REAPER_INTERVAL_S: a managed deployment goes when its job is terminal
 or missing, or when its expiry time has passed (RETRO_DEPLOYMENT_TTL_S after it was created, which must be
 longer than the longest job). Deleting is idempotent, so a reaper racing a job's own stop is harmless.
+
+The same holds for files: a job that fails or is cancelled removes its files itself, and a succeeded one its
+parts; a worker killed at the wrong moment leaves them, and reap_files removes them for jobs that ended within
+RECENT_DAYS (older ones were looked at by earlier runs).
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.clock import utcnow
 from app.integrations.deployers import Deployer, ManagedDeployment
+from app.integrations.results import ResultStore
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
 from app.retro_tests.models import TERMINAL_STATES, RetroTest, State
+from app.retro_tests.service import job_prefix
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +80,26 @@ def _job_states(sessions: sessionmaker[Session], job_ids: list[str | None]) -> d
     with sessions() as s:
         rows = s.execute(select(RetroTest.id, RetroTest.state).where(RetroTest.id.in_(ids))).tuples()
         return {str(job_id): state for job_id, state in rows}
+
+
+RECENT_DAYS = 7
+
+
+def reap_files(*, store: ResultStore, sessions: sessionmaker[Session], recent_days: int = RECENT_DAYS) -> list[str]:
+    """Remove what ended jobs left: every file of a failed or cancelled job, the parts of a succeeded one."""
+    since = utcnow() - timedelta(days=recent_days)
+    with sessions() as s:
+        ended = s.scalars(
+            select(RetroTest).where(RetroTest.state.in_(TERMINAL_STATES), RetroTest.finished_at >= since)
+        ).all()
+        leftovers = [job_prefix(job) if job.state != State.succeeded else f"{job_prefix(job)}/parts" for job in ended]
+    removed = []
+    for rel in leftovers:
+        try:
+            if store.exists(rel):
+                store.remove_tree(rel)
+                removed.append(rel)
+                log.info("reaper: removed %s, left behind by a job that ended", rel)
+        except Exception:
+            log.exception("reaper: could not remove %s; trying again next time", rel)
+    return removed

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -61,6 +63,18 @@ class ResultStore:
     def remove_tree(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._fs.rm(self.path(rel), recursive=True)
+
+    def free_bytes(self, rel: str) -> int | None:
+        """Free space where rel would be written, where the store can tell (a local file system); else None."""
+        if "file" not in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)):
+            return None
+        path = Path(self.path(rel))
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            return shutil.disk_usage(path).free
+        except OSError:
+            return None
 
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
