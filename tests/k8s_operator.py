@@ -1,6 +1,8 @@
 """A Kubernetes API emulator and a small operator for it, standing in for a cluster with Seldon Core and KServe.
 
-ApiServer runs kmock's KubernetesEmulator (an in-memory API server over real HTTP) in a background thread.
+ApiServer runs kmock's KubernetesEmulator (an in-memory API server over real HTTP) in a background thread. It knows
+Seldon v2 Servers too, whose status a test reports itself: a Model naming its Server is ScheduleFailed until that
+Server is Ready, as Seldon's scheduler has it (it places the Model once a replica of the Server connects).
 
 TestOperator watches SeldonDeployments, Seldon v2 Models and KServe InferenceServices through that API with the
 official client, as the real operators do: for each new resource it starts a real MLServer serving the
@@ -40,14 +42,22 @@ import numpy as np
 
 from app.errors import AppError
 from app.integrations.deployers import Deployment, LocalMLServerDeployer
-from app.integrations.k8s_deployers import INFERENCE_SERVICE, SELDON_DEPLOYMENT, SELDON_MODEL, ResourceKind
+from app.integrations.k8s_deployers import (
+    INFERENCE_SERVICE,
+    SELDON_DEPLOYMENT,
+    SELDON_MODEL,
+    SELDON_SERVER,
+    ResourceKind,
+)
 from app.integrations.protocols import GRPC_MODEL_INFER
 from app.integrations.registry import ModelVersionInfo
 from app.integrations.v2_grpc import inference_pb2
 
 log = logging.getLogger(__name__)
 
-KINDS = (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)
+KINDS = (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)  # what the operator serves models for
+# Seldon v2 Servers exist in the emulator and are left as created: a test reports their status itself.
+EMULATED_KINDS = (*KINDS, SELDON_SERVER)
 
 
 class ApiServer:
@@ -69,7 +79,7 @@ class ApiServer:
 
         self._stop = asyncio.Event()
         async with KubernetesEmulator() as emulator, Server(emulator) as server:
-            for kind in KINDS:
+            for kind in EMULATED_KINDS:
                 emulator.resources[f"{kind.group}/{kind.version}/{kind.plural}"] = {
                     "kind": kind.kind,
                     "namespaced": True,
@@ -224,6 +234,9 @@ class TestOperator:
             time.sleep(0.3)  # a moment of "Creating" first, as a real operator shows
             self._patch_status(kind, name, failed_status(kind, script.message))
             return
+        server = obj["spec"].get("server") if kind == SELDON_MODEL else None
+        if server and not self._wait_for_server(server, name, seen):
+            return
         uri = artifact_uri(kind, obj)
         model = ModelVersionInfo(
             name=name, version="1", run_id=None, source=uri, artifact_uri=uri, inputs=(), outputs=()
@@ -241,6 +254,30 @@ class TestOperator:
         with self._lock:
             self._backends[name] = deployment
         self._patch_status(kind, name, ready_status(kind, name, obj["metadata"]["namespace"]))
+
+    def _wait_for_server(self, server: str, name: str, seen: Seen) -> bool:
+        """Seldon v2's scheduler for a Model on a named Server: ScheduleFailed until the Server is Ready."""
+        namespace = seen.obj["metadata"]["namespace"]
+        self._patch_status(SELDON_MODEL, name, schedule_failed_status())
+        while not self._server_ready(namespace, server):
+            if not self._alive(name, seen.generation):
+                return False
+            time.sleep(0.1)
+        self._patch_status(SELDON_MODEL, name, progressing_status(SELDON_MODEL))
+        return True
+
+    def _server_ready(self, namespace: str, server: str) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        k = SELDON_SERVER
+        try:
+            obj: Any = self._api.get_namespaced_custom_object(k.group, k.version, namespace, k.plural, server)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        conditions = (obj.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
     def _teardown(self, name: str) -> None:
         with self._lock:
@@ -321,6 +358,17 @@ def progressing_status(kind: ResourceKind) -> dict[str, Any]:
         "conditions": [
             {"type": "ModelReady" if kind == SELDON_MODEL else "PredictorReady", "status": "False", "reason": reason},
             {"type": "Ready", "status": "False", "reason": reason},
+        ]
+    }
+
+
+def schedule_failed_status() -> dict[str, Any]:
+    """A Seldon v2 Model whose Server has no replica yet."""
+    message = "Failed to schedule model as no matching servers are available"
+    return {
+        "conditions": [
+            {"type": "ModelReady", "status": "False", "reason": "ScheduleFailed", "message": message},
+            {"type": "Ready", "status": "False", "reason": "ScheduleFailed", "message": message},
         ]
     }
 

@@ -195,21 +195,26 @@ def _run_stages(run: JobRun) -> None:
         check_free_space(run, rows=total)
     # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
     if not {c.key for c in chunks} <= committed_keys(run):
-        with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch, ThreadPoolExecutor(1) as background:
+        with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
             model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
             environment = prepare_environment(run, model, model_dir)
             with hold(environment) if environment else contextlib.nullcontext():
                 # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
-                reference = background.submit(
-                    load_reference,
-                    model=model,
-                    model_dir=model_dir,
-                    environment=environment,
-                    timeout_s=run.settings.deploy_ready_timeout_s,
-                )
-                _deploy_and_score(
-                    run, model=model, environment=environment, reference=reference, query=query, chunks=chunks
-                )
+                background = ThreadPoolExecutor(1, thread_name_prefix="reference")
+                try:
+                    reference = background.submit(
+                        load_reference,
+                        model=model,
+                        model_dir=model_dir,
+                        environment=environment,
+                        timeout_s=run.settings.deploy_ready_timeout_s,
+                    )
+                    _deploy_and_score(
+                        run, model=model, environment=environment, reference=reference, query=query, chunks=chunks
+                    )
+                finally:
+                    # A job that failed or was cancelled while the server started does not wait for the reference.
+                    background.shutdown(wait=False, cancel_futures=True)
     _enter(run, State.publishing)
     publish(run, model=model, query=query)
 

@@ -6,6 +6,11 @@ expiry time, so the reaper can find what a killed worker left behind. Readiness 
 watch request lasts a couple of seconds, so a cancel is noticed between events, and a Failed state or failing
 condition ends the wait at once with the operator's own message.
 
+With a model environment (app/integrations/environments.py) the model server runs from the model's own packages:
+an init container builds the environment with uv from the resolved pins (passed inline, so nothing else is created
+or left behind) into an emptyDir volume, and the server container runs that environment's `mlserver`. Seldon Core
+v2 has no pod settings on a Model, so there the deployment is a Model on a Server of its own, of the same name.
+
 Every call to the API goes through CustomResources, which refuses any verb not declared in API_RULES; the RBAC
 Role in deploy/base/rbac.yaml grants exactly API_RULES (tests/test_deploy_manifests.py checks both).
 """
@@ -27,6 +32,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 from app.config import Settings
 from app.errors import DeploymentFailed, JobCancelled
 from app.integrations.deployers import Deployment, ManagedDeployment
+from app.integrations.environments import ModelEnvironment
 from app.integrations.registry import ModelVersionInfo
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,28 @@ MANAGED_BY = "retrotest"
 INSTANCE_LABEL = "app.kubernetes.io/instance"  # which retrotest installation (its queue name) owns it
 JOB_ID_LABEL = "retrotest.io/job-id"
 EXPIRES_AT_LABEL = "retrotest.io/expires-at"  # unix seconds
+# On a deployment serving from a model environment: which one, so an operator can tell what a server runs.
+ENVIRONMENT_ANNOTATION = "retrotest.io/environment"  # the environment's key
+PYTHON_ANNOTATION = "retrotest.io/python"
+MLSERVER_ANNOTATION = "retrotest.io/mlserver"  # the MLServer (and mlserver-mlflow) release in it
+
+# The environment is built into this volume, mounted at the same path in the init and the server container: the
+# venv's interpreter links point into it.
+ENV_VOLUME = "retro-env"
+ENV_DIR = "/opt/retro-env"
+# Writes the pins, creates the venv on a python-build-standalone interpreter installed inside the volume (so it runs
+# in the server container whatever that image holds), then installs exactly the pins.
+ENV_BUILD_SCRIPT = f"""set -eu
+printf '%s\\n' "$RETRO_REQUIREMENTS_LOCK" > {ENV_DIR}/requirements.lock
+uv venv --clear --managed-python --python "$RETRO_PYTHON" {ENV_DIR}/venv
+uv pip sync --compile-bytecode --python {ENV_DIR}/venv/bin/python {ENV_DIR}/requirements.lock
+"""
+# Where each platform puts the model for MLServer: KServe's and Seldon Core v1's storage initializers download it
+# to /mnt/models (MLSERVER_MODEL_URI); Seldon Core v2's agent to MLSERVER_MODELS_DIR of the mlserver ServerConfig.
+KSERVE_MODELS_DIR = "/mnt/models"
+SELDON_V1_MODELS_DIR = "/mnt/models"
+SELDON_V2_MODELS_DIR = "/mnt/agent/models"
+SELDON_V2_SERVER_CONFIG = "mlserver"  # the ServerConfig a Seldon Core v2 install ships for MLServer
 
 WATCH_WINDOW_S = 2  # one watch request lasts this long: should_stop() is checked at least this often
 REPLACE_TIMEOUT_S = 60.0  # how long start() waits for a leftover of the same name to go away
@@ -60,6 +88,7 @@ SELDON_DEPLOYMENT = ResourceKind(
     "machinelearning.seldon.io", "v1", "seldondeployments", "SeldonDeployment", "Available"
 )
 SELDON_MODEL = ResourceKind("mlops.seldon.io", "v1alpha1", "models", "Model", "Ready")
+SELDON_SERVER = ResourceKind("mlops.seldon.io", "v1alpha1", "servers", "Server", "Ready")
 INFERENCE_SERVICE = ResourceKind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService", "Ready")
 
 
@@ -77,7 +106,7 @@ class ApiRule:
 DEPLOYER_VERBS = ("create", "delete", "list", "watch")
 API_RULES: tuple[ApiRule, ...] = tuple(
     ApiRule(group=k.group, resource=k.plural, verbs=DEPLOYER_VERBS)
-    for k in (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)
+    for k in (SELDON_DEPLOYMENT, SELDON_MODEL, SELDON_SERVER, INFERENCE_SERVICE)
 )
 
 
@@ -228,6 +257,15 @@ class CustomResources:
 
 
 @dataclass(frozen=True)
+class EnvironmentParts:
+    """What makes a pod's model server run from a model environment."""
+
+    init_container: dict[str, Any]  # builds the environment into the volume
+    volume: dict[str, Any]
+    server: dict[str, Any]  # for the server container: its command and the volume's mount
+
+
+@dataclass(frozen=True)
 class Readiness:
     """How the operator reports a resource right now."""
 
@@ -240,6 +278,9 @@ class KubernetesDeployer:
     """One custom resource per deployment; subclasses say what the resource is and how its operator reports it."""
 
     kind: ClassVar[ResourceKind]
+    # Kinds of objects start() may create beside the resource, under the same name (Seldon v2's own Server):
+    # stop() deletes them and list_managed() lists them too, so the reaper finds them when the resource is gone.
+    companion_kinds: ClassVar[tuple[ResourceKind, ...]] = ()
 
     def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
         self._settings = settings
@@ -250,18 +291,27 @@ class KubernetesDeployer:
         _check_template(settings.k8s_grpc_endpoint_template, "RETRO_K8S_GRPC_ENDPOINT_TEMPLATE")
 
     # What each kind defines.
-    def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
+    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         raise NotImplementedError
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
         raise NotImplementedError
 
+    def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
+        """How an object the resource runs on is doing (Seldon v2's own Server), or None when there is none."""
+        return None
+
     def deployment(self, name: str) -> Deployment:
         raise NotImplementedError
 
     # The shared life cycle.
-    def _what(self, name: str) -> str:
-        return f"the {self.kind.kind} {name} in namespace {self._namespace}"
+    def _what(self, name: str, kind: ResourceKind | None = None) -> str:
+        return f"the {(kind or self.kind).kind} {name} in namespace {self._namespace}"
+
+    @property
+    def _selector(self) -> str:
+        """The label selector of every object this installation manages."""
+        return f"{MANAGED_BY_LABEL}={MANAGED_BY},{INSTANCE_LABEL}={self._instance}"
 
     def _base_url(self, name: str, *, in_cluster: str) -> str:
         template = self._settings.k8s_endpoint_template
@@ -279,8 +329,41 @@ class KubernetesDeployer:
             "limits": {"cpu": s.k8s_cpu_limit, "memory": s.k8s_memory_limit},
         }
 
-    def manifest(self, *, name: str, job_id: str, model: ModelVersionInfo) -> dict[str, Any]:
-        """The whole object: kind, name, labels (managed-by, instance, job id, expiry) and spec."""
+    def _environment_parts(self, environment: ModelEnvironment, *, models_dir: str) -> EnvironmentParts:
+        """An init container building the environment from its pins into a shared volume, and the server's command.
+
+        The pins travel inline in an environment variable, so the deployment needs no other object. The
+        interpreter is a python-build-standalone build uv installs into the volume, so the server container
+        runs the environment whatever its image's own Python is.
+        """
+        s = self._settings
+        env = [
+            {"name": "RETRO_PYTHON", "value": environment.python},
+            {"name": "RETRO_REQUIREMENTS_LOCK", "value": environment.lock},
+            {"name": "UV_PYTHON_INSTALL_DIR", "value": f"{ENV_DIR}/python"},
+            # In the volume: writable whatever user the pod runs as, and on the venv's file system, so uv links.
+            {"name": "UV_CACHE_DIR", "value": f"{ENV_DIR}/cache"},
+        ]
+        if s.k8s_env_index_url:
+            env.append({"name": "UV_INDEX_URL", "value": s.k8s_env_index_url})
+        if s.k8s_env_python_mirror:
+            env.append({"name": "UV_PYTHON_INSTALL_MIRROR", "value": s.k8s_env_python_mirror})
+        mount = {"name": ENV_VOLUME, "mountPath": ENV_DIR}
+        return EnvironmentParts(
+            init_container={
+                "name": ENV_VOLUME,
+                "image": s.k8s_env_builder_image,
+                "command": ["sh", "-c", ENV_BUILD_SCRIPT],
+                "env": env,
+                "resources": self._resources_spec(),
+                "volumeMounts": [mount],
+            },
+            volume={"name": ENV_VOLUME, "emptyDir": {}},
+            server={"command": [f"{ENV_DIR}/venv/bin/mlserver", "start", models_dir], "volumeMounts": [mount]},
+        )
+
+    def _metadata(self, *, name: str, job_id: str, environment: ModelEnvironment | None) -> dict[str, Any]:
+        """Name, labels (managed-by, instance, job id, expiry) and, with an environment, annotations naming it."""
         expires_at = int(time.time()) + self._settings.deployment_ttl_s
         labels = {
             MANAGED_BY_LABEL: MANAGED_BY,
@@ -288,42 +371,75 @@ class KubernetesDeployer:
             JOB_ID_LABEL: label_value(job_id),
             EXPIRES_AT_LABEL: str(expires_at),
         }
+        metadata: dict[str, Any] = {"name": name, "namespace": self._namespace, "labels": labels}
+        if environment is not None:
+            metadata["annotations"] = {
+                ENVIRONMENT_ANNOTATION: environment.key,
+                PYTHON_ANNOTATION: environment.python,
+                MLSERVER_ANNOTATION: environment.server_version,
+            }
+        return metadata
+
+    def manifest(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> dict[str, Any]:
+        """The whole object: kind, metadata and spec."""
         return {
             "apiVersion": self.kind.api_version,
             "kind": self.kind.kind,
-            "metadata": {"name": name, "namespace": self._namespace, "labels": labels},
-            "spec": self.spec(name=name, model=model),
+            "metadata": self._metadata(name=name, job_id=job_id, environment=environment),
+            "spec": self.spec(name=name, model=model, environment=environment),
         }
 
-    def start(self, *, name: str, job_id: str, model: ModelVersionInfo) -> Deployment:
-        body = self.manifest(name=name, job_id=job_id, model=model)
+    def objects(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None
+    ) -> list[tuple[ResourceKind, dict[str, Any]]]:
+        """What start() creates, in order: anything the resource runs on first, then the resource."""
+        return [(self.kind, self.manifest(name=name, job_id=job_id, model=model, environment=environment))]
+
+    def start(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> Deployment:
+        for kind, body in self.objects(name=name, job_id=job_id, model=model, environment=environment):
+            self._create(kind, body)
+        log.info(
+            "created %s for model %s version %s%s",
+            self._what(name),
+            model.name,
+            model.version,
+            f" in environment {environment.key}" if environment else "",
+        )
+        return self.deployment(name)
+
+    def _create(self, kind: ResourceKind, body: dict[str, Any]) -> None:
+        """Create the object, replacing one of the same name an earlier attempt left."""
+        name = body["metadata"]["name"]
         try:
             try:
-                self._resources.create(self.kind, body)
+                self._resources.create(kind, body)
             except ResourceExists:
-                log.info("%s already exists, left by an earlier attempt; replacing it", self._what(name))
-                self._replace(name, body)
+                log.info("%s already exists, left by an earlier attempt; replacing it", self._what(name, kind))
+                self._replace(kind, body)
         except DeploymentFailed:
             raise
         except Exception as exc:
-            raise DeploymentFailed(f"cannot create {self._what(name)}: {_describe_error(exc)}") from exc
-        log.info("created %s for model %s version %s", self._what(name), model.name, model.version)
-        return self.deployment(name)
+            raise DeploymentFailed(f"cannot create {self._what(name, kind)}: {_describe_error(exc)}") from exc
 
-    def _replace(self, name: str, body: dict[str, Any]) -> None:
-        self._resources.delete(self.kind, name)
+    def _replace(self, kind: ResourceKind, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        self._resources.delete(kind, name)
         deadline = time.monotonic() + REPLACE_TIMEOUT_S
         while True:
             try:
-                self._resources.create(self.kind, body)
+                self._resources.create(kind, body)
                 return
             except ResourceExists:
                 if time.monotonic() >= deadline:
                     raise DeploymentFailed(
-                        f"{self._what(name)} was left by an earlier attempt and is still being deleted"
+                        f"{self._what(name, kind)} was left by an earlier attempt and is still being deleted"
                     ) from None
             # Still terminating (finalizers): wait until its deletion goes by or a window passes.
-            with contextlib.closing(self._resources.watch(self.kind, name, window_s=WATCH_WINDOW_S)) as events:
+            with contextlib.closing(self._resources.watch(kind, name, window_s=WATCH_WINDOW_S)) as events:
                 for event, _ in events:
                     if event == "DELETED":
                         break
@@ -331,7 +447,8 @@ class KubernetesDeployer:
     def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
         name = deployment.name
         deadline = time.monotonic() + timeout_s
-        last = "not seen yet"
+        last, beside = "not seen yet", ""  # the resource's state; what it runs on, if anything
+        current: dict[str, Any] | None = None
         empty_windows = 0
         while True:
             if should_stop():
@@ -339,7 +456,8 @@ class KubernetesDeployer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeploymentFailed(
-                    f"{self._what(name)} was not {self.kind.ready_word} within {timeout_s:.0f} s; last state: {last}"
+                    f"{self._what(name)} was not {self.kind.ready_word} within {timeout_s:.0f} s; "
+                    f"last state: {last}{beside}"
                 )
             seen = False
             window = self._resources.watch(self.kind, name, window_s=min(WATCH_WINDOW_S, remaining))
@@ -349,7 +467,7 @@ class KubernetesDeployer:
                     if event == "DELETED":
                         raise DeploymentFailed(f"{self._what(name)} was deleted while starting")
                     status = self.readiness(obj)
-                    last = status.state
+                    last, current = status.state, obj
                     if status.failure is not None:
                         raise DeploymentFailed(f"{self._what(name)} failed: {status.failure}")
                     if status.ready:
@@ -357,6 +475,10 @@ class KubernetesDeployer:
                         return
                     if should_stop() or time.monotonic() >= deadline:
                         break
+                companion = self.companion_readiness(current) if current is not None else None
+                if companion is not None and companion.failure is not None:
+                    raise DeploymentFailed(f"{self._what(name)} failed: {companion.failure}")
+                beside = f"; {companion.state}" if companion is not None else ""
             except DeploymentFailed:
                 raise
             except Exception as exc:
@@ -373,45 +495,58 @@ class KubernetesDeployer:
                 raise DeploymentFailed(f"{self._what(name)} no longer exists")
 
     def stop(self, name: str) -> None:
-        try:
-            if self._resources.delete(self.kind, name):
-                log.info("deleted %s", self._what(name))
-        except Exception as exc:
-            raise DeploymentFailed(f"cannot delete {self._what(name)}: {_describe_error(exc)}") from exc
+        for kind in (self.kind, *self.companion_kinds):
+            try:
+                if self._resources.delete(kind, name):
+                    log.info("deleted %s", self._what(name, kind))
+            except Exception as exc:
+                raise DeploymentFailed(f"cannot delete {self._what(name, kind)}: {_describe_error(exc)}") from exc
+
+    def has_exited(self, name: str) -> bool:
+        """Never known at once here: the operator restarts a crashed pod, and retries, then readiness, decide."""
+        return False
 
     def list_managed(self) -> list[ManagedDeployment]:
-        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY},{INSTANCE_LABEL}={self._instance}"
-        try:
-            items = self._resources.list_labelled(self.kind, label_selector=selector)
-        except Exception as exc:
-            raise DeploymentFailed(
-                f"cannot list {self.kind.plural} in {self._namespace}: {_describe_error(exc)}"
-            ) from exc
-        managed = []
-        for obj in items:
-            meta = obj.get("metadata") or {}
-            labels = meta.get("labels") or {}
-            if labels.get(MANAGED_BY_LABEL) != MANAGED_BY or labels.get(INSTANCE_LABEL) != self._instance:
-                continue  # a server that ignores the label selector
-            if meta.get("deletionTimestamp"):
-                continue  # already being deleted
-            managed.append(
-                ManagedDeployment(
-                    name=str(meta.get("name")),
-                    job_id=labels.get(JOB_ID_LABEL),
-                    expires_at=_to_float(labels.get(EXPIRES_AT_LABEL)),
+        """Every deployment this installation manages: its resource, or a companion the resource is gone from."""
+        managed: dict[str, ManagedDeployment] = {}
+        for kind in (self.kind, *self.companion_kinds):
+            try:
+                items = self._resources.list_labelled(kind, label_selector=self._selector)
+            except Exception as exc:
+                raise DeploymentFailed(
+                    f"cannot list {kind.plural} in {self._namespace}: {_describe_error(exc)}"
+                ) from exc
+            for obj in items:
+                meta = obj.get("metadata") or {}
+                labels = meta.get("labels") or {}
+                if labels.get(MANAGED_BY_LABEL) != MANAGED_BY or labels.get(INSTANCE_LABEL) != self._instance:
+                    continue  # a server that ignores the label selector
+                if meta.get("deletionTimestamp"):
+                    continue  # already being deleted
+                managed.setdefault(
+                    str(meta.get("name")),
+                    ManagedDeployment(
+                        name=str(meta.get("name")),
+                        job_id=labels.get(JOB_ID_LABEL),
+                        expires_at=_to_float(labels.get(EXPIRES_AT_LABEL)),
+                    ),
                 )
-            )
-        return managed
+        return list(managed.values())
 
 
 class SeldonDeployer(KubernetesDeployer):
-    """Seldon Core v1: a SeldonDeployment with one MLFLOW_SERVER graph node; protocol v2 (MLServer) or seldon."""
+    """Seldon Core v1: a SeldonDeployment with one MLFLOW_SERVER graph node; protocol v2 (MLServer) or seldon.
+
+    With a model environment and protocol v2, the pod's init container builds it and the graph node's container
+    (named after the node, which Seldon fills in as MLServer) runs its mlserver. With protocol seldon, Seldon's own
+    MLflow server already builds the model's conda environment from its conda.yaml at pod start, so the manifest
+    stays as it is and only the annotations name the environment.
+    """
 
     kind = SELDON_DEPLOYMENT
     predictor = "default"
 
-    def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
+    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         s = self._settings
         graph: dict[str, Any] = {
             "name": name,
@@ -429,11 +564,16 @@ class SeldonDeployer(KubernetesDeployer):
         container: dict[str, Any] = {"name": name, "resources": self._resources_spec()}
         if s.k8s_image:
             container["image"] = s.k8s_image
+        pod: dict[str, Any] = {"containers": [container]}
+        if environment is not None and s.seldon_protocol == "v2":
+            parts = self._environment_parts(environment, models_dir=SELDON_V1_MODELS_DIR)
+            container.update(parts.server)
+            pod.update(initContainers=[parts.init_container], volumes=[parts.volume])
         predictor = {
             "name": self.predictor,
             "replicas": s.k8s_replicas,
             "graph": graph,
-            "componentSpecs": [{"spec": {"containers": [container]}}],
+            "componentSpecs": [{"spec": pod}],
         }
         return {"protocol": s.seldon_protocol, "predictors": [predictor]}
 
@@ -461,16 +601,24 @@ class SeldonDeployer(KubernetesDeployer):
 
 
 class SeldonV2Deployer(KubernetesDeployer):
-    """Seldon Core v2: a Model on an MLServer server with the mlflow capability, reached through the mesh."""
+    """Seldon Core v2: a Model on an MLServer server with the mlflow capability, reached through the mesh.
+
+    A Model carries no pod settings, so with a model environment the deployment is also a Server of the same name:
+    MLServer's pod with the init container building the environment and the mlserver container running from it.
+    Its only capability is the deployment's name, which the Model requires and names as its server, so no other
+    model lands on it. stop() deletes both; list_managed() lists Servers too, so the reaper finds a Server whose
+    Model a killed worker never created.
+    """
 
     kind = SELDON_MODEL
+    companion_kinds = (SELDON_SERVER,)
 
     def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
         super().__init__(settings=settings, resources=resources)
         _check_template(settings.seldon_v2_mesh_url, "RETRO_SELDON_V2_MESH_URL")
         _check_template(settings.seldon_v2_mesh_grpc, "RETRO_SELDON_V2_MESH_GRPC")
 
-    def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
+    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         s = self._settings
         spec: dict[str, Any] = {
             "storageUri": model.artifact_uri,
@@ -480,10 +628,63 @@ class SeldonV2Deployer(KubernetesDeployer):
         }
         if s.k8s_storage_secret:
             spec["secretName"] = s.k8s_storage_secret
+        if environment is not None:
+            spec.update(server=name, requirements=[name])
         return spec
 
+    def server_manifest(self, *, name: str, job_id: str, environment: ModelEnvironment) -> dict[str, Any]:
+        """The deployment's own Server: the mlserver ServerConfig's pod, serving from the model's environment."""
+        s = self._settings
+        parts = self._environment_parts(environment, models_dir=SELDON_V2_MODELS_DIR)
+        # Its memory request is what the agent offers the scheduler (MEMORY_REQUEST): the Model's, so it fits.
+        container: dict[str, Any] = {"name": "mlserver", "resources": self._resources_spec(), **parts.server}
+        if s.k8s_image:
+            container["image"] = s.k8s_image
+        return {
+            "apiVersion": SELDON_SERVER.api_version,
+            "kind": SELDON_SERVER.kind,
+            "metadata": self._metadata(name=name, job_id=job_id, environment=environment),
+            "spec": {
+                "serverConfig": SELDON_V2_SERVER_CONFIG,
+                "replicas": s.k8s_replicas,
+                "capabilities": [name],  # replaces the ServerConfig's, so only a Model requiring this lands here
+                "podSpec": {
+                    "initContainers": [parts.init_container],
+                    "volumes": [parts.volume],
+                    "containers": [container],  # merged by name into the ServerConfig's mlserver container
+                },
+            },
+        }
+
+    def objects(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None
+    ) -> list[tuple[ResourceKind, dict[str, Any]]]:
+        model_object = super().objects(name=name, job_id=job_id, model=model, environment=environment)
+        if environment is None:
+            return model_object
+        return [(SELDON_SERVER, self.server_manifest(name=name, job_id=job_id, environment=environment)), *model_object]
+
     def readiness(self, obj: dict[str, Any]) -> Readiness:
-        return _readiness_from_conditions(obj)
+        status = _readiness_from_conditions(obj)
+        if status.failure is not None and (obj.get("spec") or {}).get("server") and _only_schedule_failed(obj):
+            # On its own Server, which is still building the environment: the scheduler finds no replica of it
+            # yet and places the Model once the Server's agent connects. The wait goes on, showing both states.
+            return Readiness(state=status.state)
+        return status
+
+    def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
+        server = (obj.get("spec") or {}).get("server")
+        if not server:
+            return None
+        what = f"the Server {server}"
+        items = self._resources.list_labelled(SELDON_SERVER, label_selector=self._selector)
+        found = [o for o in items if (o.get("metadata") or {}).get("name") == server]
+        if not found:
+            return Readiness(state=f"{what}: not found")
+        status = _readiness_from_conditions(found[0])
+        return Readiness(
+            state=f"{what}: {status.state}", failure=f"{what}: {status.failure}" if status.failure else None
+        )
 
     def deployment(self, name: str) -> Deployment:
         # The mesh routes by the Seldon-Model header; the path names the model too.
@@ -500,11 +701,17 @@ class SeldonV2Deployer(KubernetesDeployer):
 
 
 class KServeDeployer(KubernetesDeployer):
-    """KServe: an InferenceService with the mlflow model format over the Open Inference Protocol (v2)."""
+    """KServe: an InferenceService with the mlflow model format over the Open Inference Protocol (v2).
+
+    With a model environment, the predictor's init container builds it and the model's container runs its
+    mlserver on /mnt/models, where the storage initializer still puts the model. In Serverless mode Knative must
+    allow init containers and emptyDir volumes (config-features: kubernetes.podspec-init-containers,
+    kubernetes.podspec-volumes-emptydir); RawDeployment mode needs nothing.
+    """
 
     kind = INFERENCE_SERVICE
 
-    def spec(self, *, name: str, model: ModelVersionInfo) -> dict[str, Any]:
+    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         s = self._settings
         model_spec: dict[str, Any] = {
             "modelFormat": {"name": "mlflow"},
@@ -520,6 +727,11 @@ class KServeDeployer(KubernetesDeployer):
         predictor: dict[str, Any] = {"minReplicas": s.k8s_replicas, "maxReplicas": s.k8s_replicas, "model": model_spec}
         if s.k8s_storage_secret:
             predictor["serviceAccountName"] = s.k8s_storage_secret  # a ServiceAccount that carries the storage Secret
+        if environment is not None:
+            # The predictor is a pod spec inline; its model is the kserve-container, merged over the runtime's.
+            parts = self._environment_parts(environment, models_dir=KSERVE_MODELS_DIR)
+            model_spec.update(parts.server)
+            predictor.update(initContainers=[parts.init_container], volumes=[parts.volume])
         return {"predictor": predictor}
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
@@ -571,6 +783,13 @@ def _readiness_from_conditions(obj: dict[str, Any]) -> Readiness:
             return Readiness(state=state, failure=str(c.get("message") or c.get("reason")))
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     return Readiness(state=state, ready=ready)
+
+
+def _only_schedule_failed(obj: dict[str, Any]) -> bool:
+    """Whether every failing condition is Seldon v2's ScheduleFailed (no server replica to place the Model on)."""
+    conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
+    failing = [c for c in conditions if c.get("status") == "False" and "fail" in str(c.get("reason") or "").lower()]
+    return bool(failing) and all(c.get("reason") == "ScheduleFailed" for c in failing)
 
 
 _LABEL_VALUE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
