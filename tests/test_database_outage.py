@@ -7,14 +7,12 @@ port), with an API and a Celery worker of their own: the session's database is n
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,78 +20,18 @@ import httpx
 import pytest
 
 from app.demo import stop_process, wait_until_ready
+from tests import own_postgres as own_pg
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROOT, Stack, free_port, start_process
+from tests.own_postgres import OwnPostgres
 from tests.test_end_to_end import END, mlserver_processes_for
-
-PG_BIN = (
-    Path("/usr/lib/postgresql")
-    / (sorted(os.listdir("/usr/lib/postgresql"))[-1] if Path("/usr/lib/postgresql").is_dir() else "")
-    / "bin"
-)
-
-
-@dataclass
-class OwnPostgres:
-    """A PostgreSQL cluster this module starts, stops and restarts at will."""
-
-    data: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/retro"
-
-    def ctl(self, *args: str) -> None:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args],
-            check=True,
-            capture_output=True,
-        )
-
-    def start(self) -> None:
-        self.ctl("-l", str(self.data / "server.log"), "-o", f"-p {self.port} -k {self.data} -h 127.0.0.1", "start")
-
-    def stop(self) -> None:
-        self.ctl("-m", "fast", "stop")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[OwnPostgres]:
-    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
+    if not own_pg.available():
         pytest.skip("needs PostgreSQL's initdb and runuser to start a cluster of the test's own")
-    root = Path(tempfile.mkdtemp(prefix="retro-own-pg-"))
-    shutil.chown(root, "postgres")
-    pg = OwnPostgres(data=root / "data", port=free_port())
-    subprocess.run(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(pg.data),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    pg.start()
-    subprocess.run(
-        ["runuser", "-u", "postgres", "--", str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "retro"],
-        check=True,
-    )
-    yield pg
-    with __import__("contextlib").suppress(subprocess.CalledProcessError):
-        pg.ctl("-m", "immediate", "stop")
-    shutil.rmtree(root, ignore_errors=True)
+    with own_pg.own_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +138,16 @@ def _assert_every_row_once(job: dict[str, Any], rows: int) -> None:
 BIG_ROWS = HISTORY_DAYS * 150_000
 
 
-def test_postgres_restarted_mid_scoring_again_and_again_loses_no_job(
+def test_postgres_restarted_while_deploying_and_mid_scoring_again_and_again_loses_no_job(
     outage_stack: Stack, own_postgres: OwnPostgres, big_history: str
 ) -> None:
-    job_id = _submit(outage_stack, "outage-scoring", big_history)
-    for at in (0.2, 0.5, 0.8):  # three restarts, at different moments of the scoring
+    job_id = _submit(outage_stack, "outage-restarts", big_history)
+    _wait(outage_stack, job_id, lambda j: j["state"] == "deploying")
+    own_postgres.restart()
+    for at in (0.2, 0.5, 0.8):  # three more, at different moments of the scoring
         _wait(outage_stack, job_id, lambda j, at=at: j["progress"]["rows_scored"] >= at * BIG_ROWS)
         own_postgres.restart()
     _assert_every_row_once(_done(outage_stack, job_id), BIG_ROWS)
-
-
-def test_postgres_restarted_while_deploying_loses_no_job(outage_stack: Stack, own_postgres: OwnPostgres) -> None:
-    job_id = _submit(outage_stack, "outage-deploying", "features.customer_daily")
-    _wait(outage_stack, job_id, lambda j: j["state"] == "deploying")
-    own_postgres.restart()
-    _assert_every_row_once(_done(outage_stack, job_id), HISTORY_DAYS * 2_500)
 
 
 def test_postgres_down_for_20_s_mid_scoring_the_job_waits_and_the_api_answers_503(

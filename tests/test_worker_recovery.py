@@ -20,7 +20,7 @@ from tests.test_end_to_end import mlserver_processes_for, submit
 BIG_ROWS = HISTORY_DAYS * 150_000
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def lone_stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[tuple[Stack, dict[str, str]]]:
     """An API and one worker on a queue of their own, and no beat: nothing else would recover their jobs."""
     overrides = {"RETRO_QUEUE_NAME": f"recovery-{uuid.uuid4().hex[:8]}", "RETRO_HEARTBEAT_INTERVAL_S": "1"}
@@ -81,6 +81,6 @@ def test_a_model_server_killed_mid_scoring_is_re_created_at_once(
     assert done["state"] == "succeeded", (done["error"], stack.tail())
     assert done["progress"]["rows_scored"] == BIG_ROWS
     # Recognised from the process being gone, not after the retries against a closed port ran out.
-    worker_log = (stack.logs / "worker.log").read_text()
+    worker_log = "".join(log.read_text() for log in stack.logs.glob("worker*.log"))
     assert "has exited" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
     assert "scoring failed after" not in worker_log
