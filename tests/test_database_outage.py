@@ -119,7 +119,7 @@ def _wait(stack: Stack, job_id: str, until: Any, timeout_s: float = 300) -> dict
         if job is not None and until(job):
             return job
         assert time.monotonic() < deadline, f"{job}\n{stack.tail()}"
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def _done(stack: Stack, job_id: str) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _assert_every_row_once(job: dict[str, Any], rows: int) -> None:
 BIG_ROWS = HISTORY_DAYS * 150_000
 
 
-def test_postgres_restarted_while_deploying_and_mid_scoring_again_and_again_loses_no_job(
+def test_postgres_restarted_while_deploying_mid_scoring_and_publishing_loses_no_job(
     outage_stack: Stack, own_postgres: OwnPostgres, big_history: str
 ) -> None:
     job_id = _submit(outage_stack, "outage-restarts", big_history)
@@ -147,6 +147,10 @@ def test_postgres_restarted_while_deploying_and_mid_scoring_again_and_again_lose
     for at in (0.2, 0.5, 0.8):  # three more, at different moments of the scoring
         _wait(outage_stack, job_id, lambda j, at=at: j["progress"]["rows_scored"] >= at * BIG_ROWS)
         own_postgres.restart()
+    # And once while it publishes (merging 600,000 rows into two files takes a few seconds).
+    seen = _wait(outage_stack, job_id, lambda j: j["state"] in ("publishing", "succeeded", "failed"), timeout_s=300)
+    assert seen["state"] == "publishing", seen["state"]
+    own_postgres.restart()
     _assert_every_row_once(_done(outage_stack, job_id), BIG_ROWS)
 
 
