@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     history_source: Literal["local", "hive"] = "local"
     history_dir: Path | None = None
     read_batch_rows: int = Field(default=50_000, ge=1)
+    # A chunk (the unit of checkpointing, and one query to the source) is consecutive days of about chunk_rows
+    # rows, planned from the rows of each day (worker/chunks.py plan_rows). 1,000,000: at 50-250k rows/s it takes
+    # 4-20 s to read and score, about a production Hive query's latency, which the next chunk's query (opened
+    # while this one is scored) then hides; a crash redoes at most that much; a year is a handful of queries.
+    chunk_rows: int = Field(default=1_000_000, ge=1)
+    # Kept for compatibility: days per chunk for a source that does not count rows (RETRO_HIVE_COUNT_ROWS=false)
+    # and for jobs that committed day chunks before plans were recorded.
     chunk_days: int = Field(default=1, ge=1)
     # Workers that score one job at once: the job's own worker sends partitions (date ranges of whole chunks)
     # to partitions - 1 helpers on the same queue, all against the job's one deployment.
@@ -124,7 +131,7 @@ class Settings(BaseSettings):
     hive_fetch_rows: int = Field(default=50_000, ge=1)
     # A DATE partition column is compared as a date; a STRING one as text in this format.
     hive_date_string_format: Literal["yyyy-MM-dd", "yyyyMMdd"] = "yyyy-MM-dd"
-    hive_count_rows: bool = True  # COUNT(*) first, for progress and reconciliation
+    hive_count_rows: bool = True  # rows of each day first (one GROUP BY): the chunk plan, progress, reconciliation
 
     # Scoring: "auto" speaks the fastest protocol the deployment serves: V2 gRPC (binary tensors) where it has a
     # gRPC endpoint (local MLServer, Seldon Core v2, KServe, Seldon Core v1 with protocol v2), else V2 REST; the

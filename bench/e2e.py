@@ -1,6 +1,7 @@
 """Benchmark: a retro test end to end against a local MLServer, side by side with its baselines, in one run.
 
     .venv/bin/python -m bench.e2e [--sizes 100000,1000000,5000000] [--batch 5000] [--concurrency 4]
+    .venv/bin/python -m bench.e2e --source hive --latency 5 --days 120 --sizes 300000   # query latency
 
 For each size it writes synthetic history (11 columns, 9 model inputs), starts one MLServer for the demo model,
 and measures on the same rows:
@@ -13,6 +14,13 @@ and measures on the same rows:
   retrotest    the real pipeline (resolve, extract, deploy, score, publish) in a worker-like process, over V2 gRPC
   retro-rest   the same pipeline over V2 REST (RETRO_SCORE_PROTOCOL=v2-rest)
 Each process-based measurement reports its own peak RSS. Ratios are printed, not just times.
+
+With --latency N (and --source hive) it runs only the pipeline, through a proxy in front of the Spark Thrift
+Server that answers no statement sooner than N seconds after it was sent (tests/hive_latency_proxy.py: a
+production Hive's planning and container start-up before the first row): chunks planned by rows
+(RETRO_CHUNK_ROWS, --repeat pairs) and a day per query, each with no added latency and with N seconds, side by
+side; it prints each job's time from submission to succeeded, the statements it sent to HiveServer2, and the
+ratios.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ class AnonPeak:
 
 
 def history_dir(root: Path, rows: int) -> Path:
-    return root / f"history-{rows}"
+    return root / f"history-{rows}-{DAYS}d"
 
 
 def prepare(root: Path, rows: int) -> None:
@@ -267,6 +275,7 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
     migrate_database()
     settings = get_settings()
     sessions = get_session_factory()
+    submitted = time.perf_counter()  # the job is created as the API would, and this worker takes it at once
     with sessions() as s, s.begin():
         job_id = make_retro_test(
             s,
@@ -285,6 +294,7 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
     t0 = time.perf_counter()
     state = run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings)
     seconds = time.perf_counter() - t0
+    to_succeeded = time.perf_counter() - submitted
     with sessions() as s:
         done = s.get(RetroTest, job_id)
         assert done is not None
@@ -292,10 +302,18 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
             raise SystemExit(f"pipeline ended {state}: {done.error_message}")
         starts = sorted((datetime.fromisoformat(v).timestamp(), k) for k, v in done.stage_started.items())
         stages = {k: starts[i + 1][0] - t for i, (t, k) in enumerate(starts[:-1])}
-        return {"rows": done.rows_scored, "seconds": seconds, "stages": stages}
+        return {
+            "rows": done.rows_scored,
+            "seconds": seconds,
+            "submitted_to_succeeded_s": to_succeeded,
+            "stages": stages,
+            "chunks": done.chunks_total,
+        }
 
 
 def child(args: argparse.Namespace) -> None:
+    global DAYS
+    DAYS = args.days
     with AnonPeak() as anon:
         result = measure_child(args)
     result["peak_rss_mb"] = rss_mb()
@@ -320,9 +338,17 @@ def measure_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(
-    kind: str, root: Path, rows: int, args: argparse.Namespace, url: str = "", *, protocol: str = "auto"
+    kind: str,
+    root: Path,
+    rows: int,
+    args: argparse.Namespace,
+    url: str = "",
+    *,
+    protocol: str = "auto",
+    env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     env = env_for(root)
+    env.update(env_extra or {})
     env["RETRO_SCORE_PROTOCOL"] = protocol
     env["RETRO_SCORE_BATCH_ROWS"] = str(args.batch)
     env["RETRO_SCORE_CONCURRENCY"] = str(args.concurrency)
@@ -347,6 +373,8 @@ def run_child(
         str(args.concurrency),
         "--url",
         url,
+        "--days",
+        str(args.days),
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -402,6 +430,7 @@ def run_mlserver_infer(
 
 
 def main() -> None:
+    global DAYS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000,5000000")
     parser.add_argument("--batch", type=int, default=5000)
@@ -418,6 +447,15 @@ def main() -> None:
         "here over the same files; with hive the naive baseline pulls with PyHive, as the anchors do",
     )
     parser.add_argument("--hive-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--days", type=int, default=DAYS, help="daily partitions the rows are spread over")
+    parser.add_argument("--repeat", type=int, default=3, help="with --latency: pairs of runs planned by rows")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="with --source hive: only the pipeline, planned by rows and a day per query, with no added latency "
+        "and with no statement to HiveServer2 answered sooner than this many seconds",
+    )
     parser.add_argument(
         "--sweep", action="store_true", help="only the pipeline, at batch 1000/5000/20000 x concurrency 1/2/4/8"
     )
@@ -425,6 +463,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    DAYS = args.days
+    if args.latency and args.source != "hive":
+        parser.error("--latency needs --source hive")
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -438,6 +479,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.sweep:
         sweep(root, sizes, args)
+        return
+    if args.latency:
+        latency(root, sizes, args)
         return
     deployer = LocalMLServerDeployer(work_dir=root / "bench-deployments")
     deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
@@ -506,6 +550,90 @@ def sweep(root: Path, sizes: list[int], args: argparse.Namespace) -> None:
                 r = run_child("pipeline", root, rows, run)
                 rates.append(rows / r["stages"]["scoring"])
             print(f"{batch:>8} " + " ".join(f"{x:>9,.0f}" for x in rates), flush=True)
+
+
+def latency(root: Path, sizes: list[int], args: argparse.Namespace) -> None:
+    """The pipeline alone against a HiveServer2 with query latency: planned by rows and a day per query.
+
+    Each plan runs without and with the latency back to back (by rows `--repeat` times, interleaved), so both
+    runs of a pair see the same machine; the ratio is each pair's, and the median of the pairs is printed.
+    """
+    from app.config import Settings
+    from tests.hive_latency_proxy import HiveLatencyProxy
+    from tests.hive_server import start_hive_server
+
+    plans = (("by rows", Settings.model_fields["chunk_rows"].default, args.repeat), ("a day per query", 1, 1))
+    print("starting a Spark Thrift Server (HiveServer2) and a latency proxy in front of it ...", flush=True)
+    hive = start_hive_server(root / "hive")
+    try:
+        with HiveLatencyProxy(upstream_host=hive.host, upstream_port=hive.port) as proxy:
+            args.hive_port = proxy.port
+            for rows in sizes:
+                print(f"\n== {rows:,} rows over {DAYS} days: writing history ...", flush=True)
+                prepare(root, rows)
+                hive_table_over(hive, history_dir(root, rows))
+                print(
+                    "   warm-up run (not counted): the JVM, the page cache, the model server's first start", flush=True
+                )
+                run_child("pipeline", root, rows, args)
+                pairs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+                for plan, chunk_rows, repeat in plans:
+                    for _ in range(repeat):
+                        pair = []
+                        for seconds in (0.0, args.latency):  # side by side: the same plan without and with latency
+                            proxy.latency_s = seconds
+                            proxy.clear()
+                            env = {"RETRO_CHUNK_ROWS": str(chunk_rows)}
+                            r = run_child("pipeline", root, rows, args, env_extra=env)
+                            r["statements"] = len(proxy.statements)
+                            pair.append(r)
+                            print(
+                                f"   {plan:<16} latency {seconds:>4.1f} s: {r['submitted_to_succeeded_s']:7.1f} s from "
+                                f"submission to succeeded, {r['statements']:>4} statements, {r['chunks']:>4} chunks; "
+                                + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items()),
+                                flush=True,
+                            )
+                        pairs.setdefault(plan, []).append((pair[0], pair[1]))
+                report_latency(rows, pairs, plans, args)
+    finally:
+        hive.stop()
+
+
+def report_latency(
+    rows: int,
+    pairs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]],
+    plans: tuple[tuple[str, int, int], ...],
+    args: argparse.Namespace,
+) -> None:
+    import statistics
+
+    n = args.latency
+
+    def job_s(r: dict[str, Any]) -> float:
+        return float(r["submitted_to_succeeded_s"])
+
+    print(
+        f"\nbench/e2e latency: {rows:,} rows over {DAYS} daily partitions; HiveServer2 (Spark Thrift Server) answering "
+        f"no statement sooner than {n:g} s after it was sent; batch {args.batch}, concurrency {args.concurrency}, "
+        f"{os.cpu_count()} cores; job = submission to succeeded, median of the pairs"
+    )
+    print(f"{'plan':<38} {'statements':>10} {'0 s latency':>12} {f'{n:g} s latency':>14} {'ratio':>7}  pairs")
+    medians: dict[str, tuple[float, float, float]] = {}
+    for plan, chunk_rows, _ in plans:
+        runs = pairs[plan]
+        fast = statistics.median(job_s(a) for a, _ in runs)
+        slow = statistics.median(job_s(b) for _, b in runs)
+        ratio = statistics.median(job_s(b) / job_s(a) for a, b in runs)
+        medians[plan] = (fast, slow, ratio)
+        label = f"{plan} (RETRO_CHUNK_ROWS {chunk_rows:,})"
+        each = ", ".join(f"{job_s(b) / job_s(a):.2f}" for a, b in runs)
+        print(f"{label:<38} {runs[0][1]['statements']:>10} {fast:>11.1f}s {slow:>13.1f}s {ratio:>7.2f}  {each}")
+    (rows_plan, *_), (days_plan, *_) = plans
+    print(
+        f"  by rows, {n:g} s latency / no added latency: {medians[rows_plan][2]:.2f} [<= 1.5]; "
+        f"a day per query / by rows, both at {n:g} s: {medians[days_plan][1] / medians[rows_plan][1]:.1f}x, "
+        f"both without latency: {medians[days_plan][0] / medians[rows_plan][0]:.1f}x"
+    )
 
 
 def hive_table_over(server: Any, folder: Path) -> None:

@@ -1,10 +1,12 @@
 """Benchmark: pulling a period from HiveServer2 with HiveSource vs PyHive's fetchmany, side by side in one run.
 
-    .venv/bin/python -m bench.hive_pull [--rows 1000000] [--fetch 50000] [--repeat 2]
+    .venv/bin/python -m bench.hive_pull [--rows 1000000] [--fetch 50000] [--repeat 2] [--latency 5]
 
 Starts a Spark Thrift Server (or uses --host/--port), creates a partitioned table with the rows and 11
 mixed-type columns, then reads the same query both ways, each in its own process so peak RSS is its own.
-Prints rows/s, peak RSS and the ratio.
+Prints rows/s, peak RSS and the ratio. With --latency N both read through a proxy that answers no statement
+sooner than N seconds after it was sent (tests/hive_latency_proxy.py), as a production Hive's planning and
+container start-up would: the time of each pull then includes one query's latency.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--host", default="")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--child", default="")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every statement waits (a proxy)")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.host, args.port, args.fetch)
@@ -174,11 +177,19 @@ def main() -> None:
         print("starting a Spark Thrift Server ...", flush=True)
         server = start_hive_server(Path(tempfile.mkdtemp(prefix="bench-hive-")))
         args.host, args.port = server.host, server.port
+    proxy = None
     try:
         print(
             f"creating {TABLE} with {args.rows:,} rows, {len(COLUMNS)} columns, {DAYS} date partitions ...", flush=True
         )
         create_table(args.host, args.port, args.rows)
+        if args.latency:
+            from tests.hive_latency_proxy import HiveLatencyProxy
+
+            proxy = HiveLatencyProxy(upstream_host=args.host, upstream_port=args.port, latency_s=args.latency)
+            proxy.start()
+            args.host, args.port = proxy.host, proxy.port
+            print(f"reading through a proxy that answers no statement sooner than {args.latency:g} s", flush=True)
         best: dict[str, dict[str, float]] = {}
         for i in range(args.repeat):
             for method in ("pyhive", "retrotest"):  # interleaved, so both see the same machine load
@@ -191,13 +202,17 @@ def main() -> None:
                 if method not in best or r["seconds"] < best[method]["seconds"]:
                     best[method] = r
         p, o = best["pyhive"], best["retrotest"]
+        latency = f", {args.latency:g} s latency per statement" if args.latency else ""
         print(
             f"\nhive_pull: {args.rows:,} rows x {len(COLUMNS)} columns, fetch size {args.fetch:,}, best of {args.repeat}"
+            + latency
         )
         print(f"  PyHive fetchmany     {p['rows'] / p['seconds']:>12,.0f} rows/s   peak RSS {p['peak_rss_mb']:5.0f} MB")
         print(f"  retrotest HiveSource {o['rows'] / o['seconds']:>12,.0f} rows/s   peak RSS {o['peak_rss_mb']:5.0f} MB")
         print(f"  ratio (HiveSource / PyHive): {p['seconds'] / o['seconds']:.2f}x  (goal >= 3x)")
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             server.stop()
 

@@ -43,7 +43,7 @@ os.environ.update(
         "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{_TMP / 'mlflow.db'}",
         "RETRO_HISTORY_DIR": str(_TMP / "history"),
         "RETRO_RESULTS_URL": str(_TMP / "results"),
-        "RETRO_CHUNK_DAYS": "1",
+        "RETRO_CHUNK_ROWS": "2500",  # ROWS_PER_DAY: a day per chunk, so the tests see several chunks
         "RETRO_SCORE_BATCH_ROWS": "1000",
         "RETRO_READ_BATCH_ROWS": "5000",
     }

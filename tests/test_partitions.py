@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
 from tests.factories import make_retro_test
 from tests.test_end_to_end import END, submit
-from worker.chunks import plan_chunks
+from worker.chunks import plan_days
 from worker.pipeline import split_ranges
 
 
 @given(days=st.integers(1, 60), parts=st.integers(1, 10))
 def test_ranges_cover_every_chunk_once_in_order_and_evenly(days: int, parts: int) -> None:
-    chunks = plan_chunks(date(2025, 1, 1), date(2025, 1, 1) + timedelta(days=days - 1), 1)
+    chunks = plan_days(date(2025, 1, 1), date(2025, 1, 1) + timedelta(days=days - 1), 1)
     ranges = split_ranges(chunks, parts)
     assert [c for r in ranges for c in r] == chunks
     assert len(ranges) == min(parts, days)

@@ -23,13 +23,13 @@ from app.integrations.protocols import (
 from app.integrations.registry import Feature
 from app.integrations.v2_grpc import inference_pb2
 from app.retro_tests.service import check_period
-from worker.chunks import plan_chunks
+from worker.chunks import plan_days
 
 FEATURES = (Feature("x", "double"), Feature("n", "long"), Feature("flag", "boolean"), Feature("plan", "string"))
 
 
-def test_plan_chunks_cover_the_period_once() -> None:
-    chunks = plan_chunks(date(2026, 1, 30), date(2026, 2, 8), 3)
+def test_plan_days_cover_the_period_once() -> None:
+    chunks = plan_days(date(2026, 1, 30), date(2026, 2, 8), 3)
     assert [c.key for c in chunks] == ["2026-01-30", "2026-02-02", "2026-02-05", "2026-02-08"]
     assert chunks[-1].start == chunks[-1].end == date(2026, 2, 8)
     days = sum((c.end - c.start).days + 1 for c in chunks)

@@ -1,9 +1,11 @@
 """A job's period scored as one stream of chunks, each committed together with its part files (the checkpoint).
 
-A chunk is a slice of the period of RETRO_CHUNK_DAYS days. Its rows are read, scored and written to part files
-of its own; a row in retro_test_chunks then records it as finished, in the same transaction as the job's
-totals. Whatever runs next (a redelivered attempt, a partition helper, the coordinator taking over a helper's
-range) skips committed chunks, and the first commit of a chunk wins: a second copy is thrown away, never merged.
+A chunk is consecutive days of the period holding about RETRO_CHUNK_ROWS rows, planned from the rows of each day
+(plan_chunks), and read with one query. Its rows are read, scored and written to part files of its own; a row in
+retro_test_chunks then records it as finished, in the same transaction as the job's totals. Whatever runs next
+(a redelivered attempt, a partition helper, the coordinator taking over a helper's range) uses the plan the
+first attempt recorded, skips committed chunks, and the first commit of a chunk wins: a second copy is thrown
+away, never merged.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import threading
 import uuid
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -40,6 +44,7 @@ class Chunk:
     key: str  # the ISO date of its first day: chunk keys sort like the period
     start: date
     end: date
+    rows: int | None = None  # as the plan counted them; None when planned by days
 
 
 @dataclass
@@ -59,7 +64,59 @@ class ChunkCounts:
         return Counts(read=self.read, scored=self.scored, rejected=self.rejected)
 
 
-def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
+def plan_chunks(run: JobRun, query: HistoryQuery) -> list[Chunk]:
+    """The job's chunks: as its first attempt recorded them, else planned now and recorded.
+
+    Planned by rows from the rows of each day of the period (the GROUP BY the extracting stage's count just
+    sent, HistorySource.rows_by_day). A source that does not count rows, and a job that committed chunks before
+    plans were recorded (they were RETRO_CHUNK_DAYS days each), are cut by days. Resumed attempts and helpers
+    read the recorded plan rather than planning again, so every copy of a chunk covers the same days even if the
+    source changed in between (publishing's reconciliation then fails the job). An attempt that has just made
+    the plan opens its first chunk's query at once, for its reader to take once the model server is up.
+    """
+    if run.spec.chunk_plan is not None:
+        return chunks_of(run.spec.chunk_plan)
+    resumed = bool(committed_keys(run))
+    by_day = None if resumed else run.adapters.source.rows_by_day(query)
+    if by_day is None:
+        chunks = plan_days(query.start, query.end, run.settings.chunk_days)
+    else:
+        chunks = plan_rows(query.start, query.end, by_day, rows=run.settings.chunk_rows)
+    with run.transaction() as s:
+        kept = chunks_of(runs.record_chunk_plan(session=s, job_id=run.job_id, plan=plan_record(chunks)))
+    if not resumed and kept == chunks:
+        # The first chunk's query runs while the model environment is prepared and the server starts: on a
+        # production Hive its seconds of planning and start-up pass there instead of before the first score.
+        _EARLY.open(run, query.between(chunks[0].start, chunks[0].end))
+    return kept
+
+
+def plan_rows(start: date, end: date, by_day: Mapping[date, int], *, rows: int) -> list[Chunk]:
+    """Consecutive days of [start, end] merged into chunks of about `rows` rows; a day is never split.
+
+    A chunk ends on the first day at which the period's running total reaches the next multiple of `rows`, so a
+    period of N rows has at most ceil(N / rows) chunks (each but the last ends past another multiple), and a day
+    larger than `rows` ends its chunk alone. Days without rows join a neighbour: the chunks cover the period
+    without gaps, so a row that appears later is still read (and reconciliation notices it).
+    """
+    with_rows = [d for d, n in by_day.items() if n > 0 and start <= d <= end]
+    last = max(with_rows, default=end)
+    chunks: list[Chunk] = []
+    first, total, at_first, mark = start, 0, 0, rows
+    day = start
+    while day <= end:
+        total += by_day.get(day, 0)
+        if day >= last or total >= mark:
+            close = end if day >= last else day
+            chunks.append(Chunk(key=first.isoformat(), start=first, end=close, rows=total - at_first))
+            if close == end:
+                break
+            first, at_first, mark = day + timedelta(days=1), total, (total // rows + 1) * rows
+        day += timedelta(days=1)
+    return chunks
+
+
+def plan_days(start: date, end: date, days: int) -> list[Chunk]:
     """Consecutive, non-overlapping slices of [start, end] of at most `days` days each."""
     chunks = []
     day = start
@@ -67,6 +124,20 @@ def plan_chunks(start: date, end: date, days: int) -> list[Chunk]:
         last = min(end, day + timedelta(days=days - 1))
         chunks.append(Chunk(key=day.isoformat(), start=day, end=last))
         day = last + timedelta(days=1)
+    return chunks
+
+
+def plan_record(chunks: list[Chunk]) -> dict[str, Any]:
+    """A plan as the job's row keeps it."""
+    return {"chunks": [[c.start.isoformat(), c.end.isoformat(), c.rows] for c in chunks]}
+
+
+def chunks_of(record: dict[str, Any]) -> list[Chunk]:
+    """The chunks of a recorded plan."""
+    chunks = []
+    for start, end, rows in record["chunks"]:
+        first = date.fromisoformat(start)
+        chunks.append(Chunk(key=first.isoformat(), start=first, end=date.fromisoformat(end), rows=rows))
     return chunks
 
 
@@ -141,7 +212,13 @@ def score_chunks(
         return chunk.key in committed_keys(run)
 
     stream = _read_ahead(
-        run.adapters.source, query, pending, settings, skip=is_committed, depth=settings.score_window_batches
+        run.adapters.source,
+        query,
+        pending,
+        settings,
+        skip=is_committed,
+        depth=settings.score_window_batches,
+        job_id=run.job_id,
     )
     with (
         ThreadPoolExecutor(max_workers=settings.score_concurrency, thread_name_prefix="score") as pool,
@@ -179,24 +256,114 @@ def _read_ahead(
     *,
     skip: Callable[[Chunk], bool],
     depth: int,
+    job_id: uuid.UUID,
 ) -> contextlib.AbstractContextManager[Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]]:
     """Slices of score_batch_rows rows, chunk after chunk, read on a background thread at most `depth` ahead.
 
-    A chunk that `skip` says is finished by the time the reader reaches it is not read at all.
+    Each chunk is one query, and the next chunk's query is opened as soon as the reader starts on a chunk, on a
+    thread of its own: a production Hive spends seconds before a query's first row, and that time passes while
+    this chunk is read and scored instead of after it. The first chunk's query may have been opened already,
+    while the model server started (plan_chunks). A chunk that `skip` says is finished by the time the reader
+    reaches it is not read at all.
     """
 
     def produce() -> Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]:
-        for chunk in chunks:
-            if skip(chunk):
-                continue
-            read = 0
-            for batch in source.batches(query.between(chunk.start, chunk.end), batch_rows=settings.read_batch_rows):
-                read += batch.num_rows
-                for offset in range(0, batch.num_rows, settings.score_batch_rows):
-                    yield chunk, batch.slice(offset, settings.score_batch_rows)
-            yield chunk, _ChunkEnd(read)
+        todo = deque(chunks)
+        ahead: deque[tuple[Chunk, _OpenQuery]] = deque()
+
+        def open_next() -> None:
+            while todo and len(ahead) < _QUERIES_AHEAD:
+                chunk = todo.popleft()
+                if skip(chunk):
+                    continue
+                between = query.between(chunk.start, chunk.end)
+                opened = _EARLY.take(job_id, between) or _OpenQuery(source, between, settings)
+                ahead.append((chunk, opened))
+
+        try:
+            open_next()
+            while ahead:
+                chunk, opened = ahead.popleft()
+                with opened:
+                    open_next()
+                    if skip(chunk):  # another worker committed it while its query was opened
+                        continue
+                    read = 0
+                    for batch in opened.batches:
+                        read += batch.num_rows
+                        for offset in range(0, batch.num_rows, settings.score_batch_rows):
+                            yield chunk, batch.slice(offset, settings.score_batch_rows)
+                yield chunk, _ChunkEnd(read)
+        finally:
+            for _, opened in ahead:
+                opened.close()
 
     return prefetched(produce, depth=depth, name="history-reader")
+
+
+# Chunk queries open beyond the one being read: one hides a query's latency whenever reading and scoring a chunk
+# takes at least as long, which RETRO_CHUNK_ROWS is sized for; more would hold more sessions and buffers.
+_QUERIES_AHEAD = 1
+
+
+class _OpenQuery:
+    """A chunk's query, started now on a thread of its own: it runs, and its first rows arrive, until read."""
+
+    def __init__(self, source: HistorySource, query: HistoryQuery, settings: Settings) -> None:
+        self._stack = contextlib.ExitStack()
+        self.batches: Iterator[pa.RecordBatch] = self._stack.enter_context(
+            prefetched(lambda: source.batches(query, batch_rows=settings.read_batch_rows), depth=1, name="chunk-query")
+        )
+
+    def close(self) -> None:
+        """Stop reading; the query's session is closed once its current call returns."""
+        self._stack.close()
+
+    def __enter__(self) -> _OpenQuery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _EarlyQueries:
+    """First chunk queries opened while a job's model server starts, each until the job's reader takes it.
+
+    A query that no reader takes (the attempt failed or stopped before scoring) is closed when the attempt's
+    JobRun goes away, on a thread of its own, so the attempt does not wait for a query it no longer needs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._opened: dict[tuple[uuid.UUID, HistoryQuery], _OpenQuery] = {}
+
+    def open(self, run: JobRun, query: HistoryQuery) -> None:
+        key = (run.job_id, query)
+        opened = _OpenQuery(run.adapters.source, query, run.settings)
+        with self._lock:
+            replaced = self._opened.pop(key, None)
+            self._opened[key] = opened
+        if replaced is not None:
+            _close_soon(replaced)
+        weakref.finalize(run, self._drop, key, opened).atexit = False  # a process that exits closes its sockets
+
+    def take(self, job_id: uuid.UUID, query: HistoryQuery) -> _OpenQuery | None:
+        with self._lock:
+            return self._opened.pop((job_id, query), None)
+
+    def _drop(self, key: tuple[uuid.UUID, HistoryQuery], opened: _OpenQuery) -> None:
+        with self._lock:
+            if self._opened.get(key) is not opened:
+                return  # taken by the reader, or replaced
+            del self._opened[key]
+        _close_soon(opened)
+
+
+def _close_soon(opened: _OpenQuery) -> None:
+    threading.Thread(target=opened.close, name="chunk-query-close", daemon=True).start()
+
+
+_EARLY = _EarlyQueries()
 
 
 class _ChunkOutput:

@@ -7,7 +7,8 @@ preparing_environment -> the model's own Python environment (its logged pins + a
               the model's input example is scored in-process in it, as the reference for validating
 deploying  -> a temporary model server for exactly that version, from that environment; stopped on every path
 validating -> the deployment scores the reference and must agree with it (worker/validation.py)
-scoring    -> the period, chunk by chunk (chunk_days), streamed in batches to the model server; a chunk's
+scoring    -> the period, chunk by chunk (consecutive days of about RETRO_CHUNK_ROWS rows, planned once from the
+              rows of each day and kept on the job; one query each, the next opened while one is scored), streamed in batches to the model server; a chunk's
               part file and its row in retro_test_chunks are the checkpoint, so a redelivered job skips
               finished chunks and never writes a row twice (worker/chunks.py). With RETRO_PARTITIONS > 1,
               helper workers score date ranges of the period against the same deployment (score_partition)
@@ -188,7 +189,7 @@ def _run_stages(run: JobRun) -> None:
     _enter(run, State.extracting)
     query, total = extract(run, model)
     run.control.check()
-    chunks = plan_chunks(query.start, query.end, run.settings.chunk_days)
+    chunks = plan_chunks(run, query)
     with run.transaction() as s:
         runs.record_plan(session=s, job_id=run.job_id, rows_total=total, chunks_total=len(chunks))
     if not committed_keys(run):  # a resumed attempt has written part of it already: the estimate would be off
@@ -469,7 +470,7 @@ def score_partition(
             run = JobRun(spec=spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             model = resolve(run)
             query = history_query(spec, model)
-            chunks = plan_chunks(query.start, query.end, settings.chunk_days)
+            chunks = plan_chunks(run, query)
             mine = [c for c in chunks if order.first <= c.key <= order.last]
             with open_scorer(run, deployment=order.deployment, model=model) as scorer:
                 score_chunks(run, query=query, chunks=mine, scorer=scorer, live_progress=False, tally=own)

@@ -7,6 +7,8 @@ period into memory. SQLite would need row-by-row conversion and a copy of the da
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -77,13 +79,46 @@ class HistorySource(Protocol):
         """Raise SourceUnknown or SchemaMismatch before anything is deployed."""
 
     def count(self, query: HistoryQuery) -> int | None:
-        """Rows in the period, or None where counting is switched off."""
+        """Rows in the period (one GROUP BY of its days, kept a moment for rows_by_day), or None where counting is off."""
+
+    def rows_by_day(self, query: HistoryQuery) -> dict[date, int] | None:
+        """Rows of each day of the period that has any, or None where counting is switched off.
+
+        The answer of a count of the same query a moment ago, else one GROUP BY query.
+        """
 
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
         """The period's rows, columns as in query.columns, features cast to the model's types."""
 
     def describe(self, query: HistoryQuery) -> str:
         """The exact query text, for the manifest."""
+
+
+class RecentCounts:
+    """Each query's rows by day, for a short while after a count got them.
+
+    A job counts its period (extracting) and plans its chunks from the rows of each day a moment later: the
+    planner takes the answer the count just got instead of sending the query again. An answer is taken once and
+    only while fresh, so a later job never plans from an old count.
+    """
+
+    def __init__(self, *, fresh_s: float = 60.0) -> None:
+        self._fresh_s = fresh_s
+        self._lock = threading.Lock()
+        self._answers: dict[HistoryQuery, tuple[float, dict[date, int]]] = {}
+
+    def keep(self, query: HistoryQuery, by_day: dict[date, int]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._answers = {q: a for q, a in self._answers.items() if now - a[0] <= self._fresh_s}
+            self._answers[query] = (now, by_day)
+
+    def take(self, query: HistoryQuery) -> dict[date, int] | None:
+        with self._lock:
+            answer = self._answers.pop(query, None)
+        if answer is None or time.monotonic() - answer[0] > self._fresh_s:
+            return None
+        return answer[1]
 
 
 def type_family(arrow_type: pa.DataType) -> str:
@@ -144,6 +179,7 @@ class LocalParquetSource:
         self._root = root
         self._memory_limit = memory_limit
         self._threads = threads
+        self._recent = RecentCounts()
 
     def _connect(self) -> Any:
         import duckdb
@@ -183,11 +219,22 @@ class LocalParquetSource:
         check_columns(query, schema, table_label=f"history table {query.table!r}")
 
     def count(self, query: HistoryQuery) -> int:
+        by_day = self._count_by_day(query)
+        self._recent.keep(query, by_day)
+        return sum(by_day.values())
+
+    def rows_by_day(self, query: HistoryQuery) -> dict[date, int]:
+        recent = self._recent.take(query)
+        return recent if recent is not None else self._count_by_day(query)
+
+    def _count_by_day(self, query: HistoryQuery) -> dict[date, int]:
+        day = f'CAST("{query.date_column}" AS DATE)'
         with self._connect() as con:
             rows = con.sql(
-                f"SELECT count(*) FROM {self._from()} WHERE {self._where(query)}", params=self._params(query)
+                f"SELECT {day}, count(*) FROM {self._from()} WHERE {self._where(query)} GROUP BY {day}",
+                params=self._params(query),
             ).fetchall()
-        return int(rows[0][0])
+        return {d: int(n) for d, n in rows}
 
     def describe(self, query: HistoryQuery) -> str:
         cols = ", ".join(f'"{c}"' for c in query.columns)

@@ -1,9 +1,14 @@
 """Feature history in Hive, read over HiveServer2 with PyHive.
 
 PyHive builds a Python tuple per row, and its thrift protocol decodes in pure Python; together that caps a
-pull at ~40k rows/s. This source keeps PyHive for the session (auth, configuration, USE database) but
-speaks the accelerated (C) thrift protocol and turns HiveServer2's columnar fetch results straight into
+pull at ~40k rows/s. This source keeps PyHive's thrift client and cursor for the session (auth, configuration)
+but speaks the accelerated (C) thrift protocol and turns HiveServer2's columnar fetch results straight into
 Arrow arrays. A background thread fetches the next block while the caller works on the current one.
+
+Every statement costs a production Hive seconds before its first row (planning, containers, scheduling), so a
+job sends as few as it can: one GROUP BY of the period's days (rows total and the chunk plan), then one SELECT
+per chunk. The schema check is a GetColumns metadata call, not a DESCRIBE; a session is opened without PyHive's
+`USE <database>` (unqualified table names are qualified with RETRO_HIVE_DATABASE instead).
 
 Values are passed as parameters (PyHive quotes them on the client); identifiers cannot be parameters, so
 they are checked against an allow-list pattern and back-quoted.
@@ -12,18 +17,20 @@ they are checked against an allow-list pattern and back-quoted.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
-from app.integrations.history import HistoryQuery, check_columns, conform
-from app.integrations.identifiers import check_table
+from app.integrations.history import HistoryQuery, RecentCounts, check_columns, conform
+from app.integrations.identifiers import check_name, check_table
 from app.integrations.prefetch import prefetched
 
 log = logging.getLogger(__name__)
@@ -73,10 +80,18 @@ def where_clause(query: HistoryQuery, *, date_is_string: bool, date_string_forma
     return f"{column} BETWEEN CAST(%(start)s AS DATE) AND CAST(%(end)s AS DATE)", params
 
 
-def select_sql(query: HistoryQuery, *, where: str) -> str:
+def select_sql(query: HistoryQuery, *, where: str, database: str | None = None) -> str:
     """SELECT of the query's columns; every identifier has passed the allow-list and is back-quoted."""
     columns = ", ".join(quote(c) for c in query.columns)
-    return f"SELECT {columns} FROM {quote(*check_table(query.table))} WHERE {where}"
+    return f"SELECT {columns} FROM {table_sql(query.table, database=database)} WHERE {where}"
+
+
+def table_sql(table: str, *, database: str | None = None) -> str:
+    """The table, back-quoted, qualified with `database` when it names none itself."""
+    parts = check_table(table)
+    if len(parts) == 1 and database:
+        parts = (check_name(database, what="database"), *parts)
+    return quote(*parts)
 
 
 def quote(*parts: str) -> str:
@@ -197,27 +212,18 @@ class HiveSource:
 
     def __init__(self, settings: HiveSettings) -> None:
         self._settings = settings
-        self._date_types: dict[tuple[str, str], bool] = {}
+        self._date_types: dict[tuple[str, str], pa.DataType] = {}
+        self._recent = RecentCounts()
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
         """A HiveServer2 session on the accelerated thrift protocol; closed however the block exits."""
-        from pyhive import hive
-        from TCLIService import TCLIService
-
         s = self._settings
         try:
             transport, sock = self._transport()
-            conn = hive.Connection(
-                thrift_transport=transport,
-                username=s.username,
-                database=s.database,
-                configuration=dict(s.configuration),
-            )
+            conn = _open_session(transport, username=s.username, configuration=dict(s.configuration))
         except Exception as exc:
             raise Upstream(f"cannot open a HiveServer2 session at {s.host}:{s.port}: {_reason(exc)}") from exc
-        # Same wire format, decoded in C: the thrift struct decoding is most of PyHive's cost.
-        conn._client = TCLIService.Client(_accelerated_protocol(conn._transport))
         sock.setTimeout(s.query_timeout_s * 1000)
         try:
             yield conn
@@ -259,40 +265,68 @@ class HiveSource:
             raise Upstream(f"Hive refused the query: {_reason(exc)}") from exc
         return cursor
 
-    def _describe(self, conn: Any, table: str) -> pa.Schema:
-        parts = check_table(table)
+    def _table(self, query: HistoryQuery) -> str:
+        return table_sql(query.table, database=self._settings.database)
+
+    def _columns(self, conn: Any, query: HistoryQuery) -> pa.Schema:
+        """The table's columns (partition columns included) from HiveServer2's GetColumns metadata call.
+
+        A metadata call, not a statement: Hive answers it from the metastore, where a DESCRIBE is compiled and
+        run like a query, paying a production Hive's per-statement latency.
+        """
+        from TCLIService import ttypes
+
+        parts = check_table(query.table)
+        database, table = parts if len(parts) == 2 else (self._settings.database, parts[0])
         try:
-            cursor = self._execute(conn, f"DESCRIBE {quote(*parts)}")
-        except Upstream as exc:
-            if "not found" in exc.detail.lower() or "cannot be found" in exc.detail.lower():
-                raise SourceUnknown(f"history table {table!r} not found in Hive", field="source") from None
-            raise
-        fields: list[pa.Field] = []
-        seen: set[str] = set()
-        with contextlib.closing(cursor):
-            for name, type_name, *_ in cursor.fetchall():
-                name = (name or "").strip()
-                if not name or name.startswith("#"):
-                    break  # partition information repeats the columns below this line
-                if name.lower() not in seen:
-                    seen.add(name.lower())
-                    fields.append(pa.field(name, hive_type_to_arrow(type_name or "string")))
-        return pa.schema(fields)
+            response = conn.client.GetColumns(
+                ttypes.TGetColumnsReq(sessionHandle=conn.sessionHandle, schemaName=database, tableName=table)
+            )
+        except Exception as exc:
+            raise Upstream(f"HiveServer2 did not list the columns of {query.table!r}: {_reason(exc)}") from exc
+        if response.status.statusCode not in _SUCCESS:
+            raise Upstream(f"HiveServer2 did not list the columns of {query.table!r}: {response.status.errorMessage}")
+        try:
+            listed = [
+                [column_to_arrow(c, "").to_pylist() for c in block]
+                for block in _fetch_blocks(conn, response.operationHandle, 10_000)
+            ]
+        finally:
+            with contextlib.suppress(Exception):
+                conn.client.CloseOperation(ttypes.TCloseOperationReq(operationHandle=response.operationHandle))
+        fields: dict[str, pa.Field] = {}
+        for block in listed:
+            # JDBC's getColumns layout: TABLE_SCHEM, TABLE_NAME, COLUMN_NAME, TYPE_NAME, COLUMN_SIZE, DECIMAL_DIGITS.
+            for schem, name, column, type_name, size, digits in zip(
+                *(block[i] for i in (1, 2, 3, 5, 6, 8)), strict=True
+            ):
+                if (schem or "").lower() != database.lower() or (name or "").lower() != table.lower():
+                    continue  # the names are patterns ("_" is a wildcard): only this table's own columns count
+                type_name = (type_name or "string").lower()
+                if type_name == "decimal" and size is not None:
+                    type_name = f"decimal({size},{digits or 0})"
+                fields.setdefault(column.lower(), pa.field(column, hive_type_to_arrow(type_name)))
+        if not fields:
+            raise SourceUnknown(f"history table {query.table!r} not found in Hive", field="source")
+        return pa.schema(list(fields.values()))
 
     def check_schema(self, query: HistoryQuery) -> None:
         with self._connect() as conn:
-            schema = self._describe(conn, query.table)
+            schema = self._columns(conn, query)
         check_columns(query, schema, table_label=f"Hive table {query.table!r}")
         date_type = schema.field(_field_index(schema, query.date_column)).type
         if not (pa.types.is_date(date_type) or pa.types.is_string(date_type) or pa.types.is_timestamp(date_type)):
             raise SchemaMismatch(f"date column {query.date_column} is {date_type}", field="source")
-        self._date_types[(query.table, query.date_column)] = pa.types.is_string(date_type)
+        self._date_types[(query.table, query.date_column)] = date_type
 
-    def _date_is_string(self, query: HistoryQuery) -> bool:
+    def _date_type(self, query: HistoryQuery) -> pa.DataType:
         key = (query.table, query.date_column)
         if key not in self._date_types:
             self.check_schema(query)
         return self._date_types[key]
+
+    def _date_is_string(self, query: HistoryQuery) -> bool:
+        return bool(pa.types.is_string(self._date_type(query)))
 
     def _where(self, query: HistoryQuery) -> tuple[str, dict[str, Any]]:
         return where_clause(
@@ -301,16 +335,49 @@ class HiveSource:
 
     def describe(self, query: HistoryQuery) -> str:
         where, _ = self._where(query)
-        return select_sql(query, where=where)
+        return select_sql(query, where=where, database=self._settings.database)
 
     def count(self, query: HistoryQuery) -> int | None:
         if not self._settings.count_rows:
             return None
+        by_day = self._count_by_day(query)
+        self._recent.keep(query, by_day)
+        return sum(by_day.values())
+
+    def rows_by_day(self, query: HistoryQuery) -> dict[date, int] | None:
+        if not self._settings.count_rows:
+            return None
+        recent = self._recent.take(query)
+        return recent if recent is not None else self._count_by_day(query)
+
+    def _count_by_day(self, query: HistoryQuery) -> dict[date, int]:
+        """One GROUP BY over the period's partitions: the rows of each day that has any."""
         where, params = self._where(query)
-        sql = f"SELECT COUNT(*) FROM {quote(*check_table(query.table))} WHERE {where}"
+        day = quote(query.date_column)
+        if pa.types.is_timestamp(self._date_type(query)):
+            day = f"CAST({day} AS DATE)"
+        sql = f"SELECT {day}, COUNT(*) FROM {self._table(query)} WHERE {where} GROUP BY {day}"
         with self._connect() as conn, contextlib.closing(self._execute(conn, sql, params)) as cursor:
-            row = cursor.fetchone()
-        return int(row[0]) if row else 0
+            rows = cursor.fetchall()
+        by_day: dict[date, int] = {}
+        for value, n in rows:
+            d = self._day(query, value)
+            by_day[d] = by_day.get(d, 0) + int(n)
+        return by_day
+
+    def _day(self, query: HistoryQuery, value: Any) -> date:
+        """A day as HiveServer2 returns it: a DATE as 'yyyy-MM-dd', a STRING in RETRO_HIVE_DATE_STRING_FORMAT."""
+        text = str(value)
+        try:
+            if self._date_is_string(query):
+                return datetime.strptime(text, _DATE_FORMATS[self._settings.date_string_format]).date()
+            return date.fromisoformat(text[:10])
+        except ValueError:
+            raise SchemaMismatch(
+                f"date column {query.date_column} holds {text!r}, which is not a day in "
+                f"{self._settings.date_string_format}",
+                field="source",
+            ) from None
 
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
         _, params = self._where(query)
@@ -338,9 +405,39 @@ def _dates_as_dates(
     return batch.set_column(i, query.date_column, parsed)
 
 
+def _open_session(transport: Any, *, username: str, configuration: dict[str, str]) -> Any:
+    """A PyHive connection over `transport`, on the accelerated protocol, without PyHive's `USE <database>`.
+
+    PyHive's own constructor sends `USE` as a statement on every session: on a production Hive a statement is
+    seconds of latency, and a job opens a session per query. Table names are qualified instead (table_sql).
+    """
+    from pyhive import hive
+    from TCLIService import TCLIService, ttypes
+
+    conn = hive.Connection.__new__(hive.Connection)  # its __init__ would send the USE
+    conn._transport = transport
+    # Same wire format, decoded in C: the thrift struct decoding is most of PyHive's cost.
+    conn._client = TCLIService.Client(_accelerated_protocol(transport))
+    transport.open()
+    try:
+        response = conn._client.OpenSession(
+            ttypes.TOpenSessionReq(
+                client_protocol=ttypes.TProtocolVersion.HIVE_CLI_SERVICE_PROTOCOL_V6,
+                configuration=configuration,
+                username=username or getpass.getuser(),
+            )
+        )
+        hive._check_status(response)
+        conn._sessionHandle = response.sessionHandle
+    except BaseException:
+        transport.close()
+        raise
+    return conn
+
+
 def _prefetched(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
     """Columns of each FetchResults block, fetched one block ahead on a background thread."""
-    with prefetched(lambda: _fetch_blocks(conn, cursor, rows), depth=2, name="hive-fetch") as blocks:
+    with prefetched(lambda: _fetch_blocks(conn, cursor._operationHandle, rows), depth=2, name="hive-fetch") as blocks:
         try:
             yield from blocks
         except Upstream:
@@ -349,26 +446,24 @@ def _prefetched(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
             raise Upstream(f"reading from HiveServer2 failed: {_reason(exc)}") from exc
 
 
-def _fetch_blocks(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
-    """Columns of each FetchResults block of the cursor's query, until an empty block."""
+def _fetch_blocks(conn: Any, operation: Any, rows: int) -> Iterator[list[Any]]:
+    """Columns of each FetchResults block of an operation (a query, a metadata call), until an empty block."""
     from TCLIService import ttypes
 
     while True:
         req = ttypes.TFetchResultsReq(
-            operationHandle=cursor._operationHandle,
-            orientation=ttypes.TFetchOrientation.FETCH_NEXT,
-            maxRows=rows,
+            operationHandle=operation, orientation=ttypes.TFetchOrientation.FETCH_NEXT, maxRows=rows
         )
         resp = conn.client.FetchResults(req)
-        if resp.status.statusCode not in (
-            ttypes.TStatusCode.SUCCESS_STATUS,
-            ttypes.TStatusCode.SUCCESS_WITH_INFO_STATUS,
-        ):
+        if resp.status.statusCode not in _SUCCESS:
             raise Upstream(f"HiveServer2 failed to fetch rows: {resp.status.errorMessage}")
         columns = resp.results.columns or []
         if not columns or not _column_length(columns[0]):
             return
         yield columns
+
+
+_SUCCESS = (0, 1)  # TStatusCode SUCCESS_STATUS, SUCCESS_WITH_INFO_STATUS
 
 
 def _column_length(column: Any) -> int:

@@ -145,6 +145,9 @@ class RetroTest(Base):
     rows_rejected: Mapped[int] = mapped_column(BigInteger, default=0)
     chunks_total: Mapped[int | None] = mapped_column(Integer)
     chunks_done: Mapped[int] = mapped_column(Integer, default=0)
+    # The chunks as the first attempt planned them (worker/chunks.py plan_chunks): every attempt and helper cuts
+    # the period the same way, whatever the source says later.
+    chunk_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # Outcome.
     deployment_name: Mapped[str | None] = mapped_column(String(128))

@@ -49,6 +49,7 @@ class JobSpec:
     requested_by: str
     created_at: datetime
     rows_total: int | None  # as a first attempt counted it; a resumed attempt keeps it
+    chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def _spec(job: RetroTest) -> JobSpec:
         requested_by=job.requested_by,
         created_at=as_utc(job.created_at),
         rows_total=job.rows_total,
+        chunk_plan=job.chunk_plan,
     )
 
 
@@ -186,6 +188,19 @@ def record_plan(*, session: Session, job_id: uuid.UUID, rows_total: int | None, 
     job = _job(session, job_id)
     job.rows_total, job.chunks_total = rows_total, chunks_total
     session.flush()
+
+
+def record_chunk_plan(*, session: Session, job_id: uuid.UUID, plan: dict[str, Any]) -> dict[str, Any]:
+    """Keep the job's chunk plan unless one is kept already; returns the plan the job has (the first one wins).
+
+    A chunk is known by its key in retro_test_chunks, so every attempt and helper must cut the period the same
+    way, even when the source changed in between (publishing's reconciliation then fails the job).
+    """
+    job = _job(session, job_id, lock=True)
+    if job.chunk_plan is None:
+        job.chunk_plan = plan
+        session.flush()
+    return job.chunk_plan
 
 
 def record_deployment(*, session: Session, job_id: uuid.UUID, name: str) -> None:
