@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import string
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from decimal import Decimal
@@ -24,6 +25,7 @@ from app.integrations.hive import HiveSettings, HiveSource, hive_type_to_arrow, 
 from app.integrations.registry import Feature
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
 from tests.conftest import HIVE_DAY as DAY
+from tests.hive_latency_proxy import HiveLatencyProxy
 from tests.hive_server import HiveServer, run_sql
 from tests.test_end_to_end import source_rows
 
@@ -231,6 +233,23 @@ def test_any_identifier_is_either_refused_or_plain(name: str) -> None:
         sql = select_sql(q, where=where)
         assert f"`{name}` BETWEEN" in sql and sql.count("`") % 2 == 0
         assert all(v.isdigit() or v.replace("-", "").isdigit() for v in params.values())
+
+
+def test_a_job_sends_one_statement_to_count_and_one_per_read_and_each_waits_for_the_latency(hive: HiveServer) -> None:
+    """Through the latency proxy: no USE per session, the schema from a metadata call, the count one GROUP BY."""
+    with HiveLatencyProxy(upstream_host=hive.host, upstream_port=hive.port, latency_s=1.0) as proxy:
+        source = HiveSource(hive_settings(hive, host=proxy.host, port=proxy.port, database="features"))
+        q = query(table="customer_daily", start=HISTORY_START, end=END)
+        source.check_schema(q)
+        assert proxy.statements == [] and proxy.calls.count("GetColumns") == 1
+        started = time.monotonic()
+        assert source.count(q) == HISTORY_DAYS * ROWS_PER_DAY
+        assert time.monotonic() - started >= 1.0  # no statement is answered sooner than the proxy's latency
+        assert source.rows_by_day(q) == {HISTORY_START + timedelta(days=i): ROWS_PER_DAY for i in range(HISTORY_DAYS)}
+        assert read_all(source, q).num_rows == HISTORY_DAYS * ROWS_PER_DAY
+    (group_by, select) = proxy.statements  # the planner took the count's answer: no second GROUP BY
+    assert group_by.startswith("SELECT `snapshot_date`, COUNT(*) FROM `features`.`customer_daily`")
+    assert "GROUP BY `snapshot_date`" in group_by and select.startswith("SELECT `customer_id`, `snapshot_date`")
 
 
 def test_values_are_parameters_not_text(hive: HiveServer) -> None:
