@@ -3,10 +3,10 @@
     .venv/bin/python -m tests.chaos.run                   # the full run: 1,000,000 rows
     .venv/bin/python -m tests.chaos.run --rows 60000 ...  # smaller (CI runs one through tests/chaos/test_chaos.py)
 
-It starts its own Redis (so it can restart it), a fresh Postgres database, an MLflow registry, the API, two
+It starts its own Redis and its own PostgreSQL cluster (so it can restart them), an MLflow registry, the API, two
 worker replicas (as deploy/base runs them) and the control process (beat + reaper + reconciler), runs the job once cleanly, then again while:
-  (a) the worker is SIGKILLed repeatedly (and started again),
-  (b) Redis is restarted (its queued messages are lost),
+  (a) the worker is SIGKILLed repeatedly (and started again), the last time while it publishes,
+  (b) Redis is restarted (its queued messages are lost), and PostgreSQL is restarted,
   (c) the model server answers 5% 503, 1% hangs, 1% connection resets, and 400 for batches holding poison rows
       (one batch in 100 holds one, unless --poison says otherwise),
   (d) a second job is cancelled mid-run and the API is restarted.
@@ -22,7 +22,6 @@ import gzip
 import io
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -38,7 +37,9 @@ from typing import Any
 
 import httpx
 
-PG_ADMIN = os.environ.get("RETRO_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+from tests import own_postgres as own_pg
+from tests.own_postgres import OwnPostgres
+
 POISON_INPUT, POISON_VALUE = "voice_minutes", -1
 WORKERS = ("worker-1", "worker-2")
 
@@ -84,7 +85,7 @@ class World:
     redis_port: int
     api_port: int
     token: str
-    db_name: str
+    pg: OwnPostgres
     procs: dict[str, Proc] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     strikes: list[str] = field(default_factory=list)
@@ -157,10 +158,9 @@ def write_history(root: Path, *, days: int, rows_per_day: int, poison: int, star
     return days * rows_per_day, poison
 
 
-def build_world(args: argparse.Namespace) -> World:
+def build_world(args: argparse.Namespace, pg: OwnPostgres) -> World:
     root = Path(tempfile.mkdtemp(prefix="retro-chaos-"))
     redis_port, api_port = free_port(), free_port()
-    db_name = f"retrochaos_{secrets.token_hex(4)}"
     env = {
         k: v
         for k, v in os.environ.items()
@@ -171,7 +171,7 @@ def build_world(args: argparse.Namespace) -> World:
             "PYTHONUNBUFFERED": "1",
             "RETRO_ENV": "test",
             "RETRO_VAR_DIR": str(root / "var"),
-            "RETRO_DATABASE_URL": PG_ADMIN.rsplit("/", 1)[0] + f"/{db_name}",
+            "RETRO_DATABASE_URL": pg.url,
             "RETRO_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
             "RETRO_QUEUE_NAME": "chaos",
             "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
@@ -179,7 +179,7 @@ def build_world(args: argparse.Namespace) -> World:
             "RETRO_RESULTS_URL": str(root / "results"),
             "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
             "RETRO_WORKER_METRICS_PORT": "0",
-            "RETRO_CHUNK_DAYS": "1",
+            "RETRO_CHUNK_ROWS": str(max(1, args.rows // args.days)),  # a day per chunk: kills cost a day's work
             "RETRO_SCORE_BATCH_ROWS": str(args.batch),
             "RETRO_SCORE_TIMEOUT_S": "3",
             "RETRO_SCORE_RETRIES": "8",
@@ -195,18 +195,12 @@ def build_world(args: argparse.Namespace) -> World:
         }
     )
     os.environ.update(env)
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    admin.dispose()
     subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=env, check=True, capture_output=True)
     from app.demo_data import register_demo_model
 
     register_demo_model(tracking_uri=env["RETRO_MLFLOW_TRACKING_URI"], artifact_root=root / "artifacts")
     token = make_admin_token()
-    world = World(root=root, env=env, redis_port=redis_port, api_port=api_port, token=token, db_name=db_name)
+    world = World(root=root, env=env, redis_port=redis_port, api_port=api_port, token=token, pg=pg)
     world.procs["redis"] = Proc("redis", [], env, root / "redis.log")
     world.procs["redis"].popen = start_redis(redis_port, root)
     return world
@@ -412,13 +406,16 @@ def timeline_lines(timeline: list[tuple[float, str, int]], every_s: float = 2.0)
 
 
 def planned_strikes(kills: int) -> list[str]:
-    """The cancel first (the second job stops taking CPU), then kills with Redis restarted between, the API last.
+    """The cancel first (the second job stops taking CPU), then kills with Redis and PostgreSQL restarted between,
+    the API last while it scores, and a kill of the job's process while it publishes.
 
-    The API goes last because the loop watches progress through it: while it restarts, no strike can land.
+    The API goes last of the scoring strikes because the loop watches progress through it: while it restarts, no
+    strike can land.
     """
     actions = ["cancel", *("kill-pool" if i % 2 == 0 else "kill-worker" for i in range(kills))]
     actions.insert(min(2, len(actions)), "redis")
-    return [*actions, "api"]
+    actions.insert(min(3, len(actions)), "db")
+    return [*actions, "api", "publish"]
 
 
 def strike_marks(rows: int, strikes: int) -> list[int]:
@@ -450,6 +447,8 @@ def chaos_loop(
             world.strikes.append(pending.pop(0))
         elif stop.wait(0.2):
             return
+    at_publishing = [a for a in pending if a == "publish"]
+    pending = [a for a in pending if a != "publish"]
     for action, mark in zip(pending, strike_marks(rows, len(pending)), strict=True):
         # Strike while rows are being scored, once the job has scored past this strike's mark.
         while True:
@@ -461,6 +460,20 @@ def chaos_loop(
                     if strike(world, action, j["progress"]["rows_scored"], main_id=main_id, cancel_id=cancel_id):
                         break
             if stop.wait(0.2):
+                return
+        world.strikes.append(action)
+    for action in at_publishing:
+        # The job's process is killed while it publishes: the window between its files and its verdict.
+        while True:
+            j = job(world, main_id)
+            if j and j["state"] in ("succeeded", "failed", "cancelled"):
+                world.note(f"{action}: the job ended before it could be struck while publishing")
+                return
+            if j and j["state"] == "publishing":
+                with lock:
+                    if strike(world, action, j["progress"]["rows_scored"], main_id=main_id, cancel_id=cancel_id):
+                        break
+            if stop.wait(0.05):
                 return
         world.strikes.append(action)
 
@@ -486,16 +499,22 @@ def strike(world: World, action: str, last_rows: int, *, main_id: str, cancel_id
     """
     pid = holder_pid(main_id)
     worker = next((w for w in WORKERS if pid in pool_children(world.procs[w].pid)), None)
-    if action == "kill-pool" and pid is not None:
+    if action == "publish" and pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        world.note(f"SIGKILL the job's pool process {pid} ({worker}) while it publishes")
+    elif action == "kill-pool" and pid is not None:
         os.kill(pid, signal.SIGKILL)
         world.note(f"SIGKILL the job's pool process {pid} ({worker}) at {last_rows:,} rows scored")
     elif action == "kill-worker" and worker is not None:
         world.procs[worker].kill()
         world.note(f"SIGKILL the job's whole worker ({worker}) at {last_rows:,} rows scored")
         world.procs[worker].start()
-    elif action in ("kill-pool", "kill-worker"):
+    elif action in ("kill-pool", "kill-worker", "publish"):
         world.note(f"{action}: no live worker process holds the job at {last_rows:,} rows scored; skipped")
         return False
+    elif action == "db":
+        world.pg.restart()
+        world.note(f"PostgreSQL restarted at {last_rows:,} rows scored")
     elif action == "redis":
         world.procs["redis"].kill()
         world.procs["redis"].popen = start_redis(world.redis_port, world.root)
@@ -533,8 +552,18 @@ def source_keys(world: World, start: date, end: date) -> tuple[set[tuple[int, st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not own_pg.available():
+        raise SystemExit("the chaos suite restarts a PostgreSQL cluster of its own: it needs initdb and runuser (root)")
+    from app.db import use_patient_connections
+
+    use_patient_connections()  # this harness reads the job database too, across the restarts it makes
+    with own_pg.own_postgres() as pg:
+        return _run(args, pg)
+
+
+def _run(args: argparse.Namespace, pg: OwnPostgres) -> dict[str, Any]:
     strikes = [] if args.faults_only else (args.strikes.split(",") if args.strikes else planned_strikes(args.kills))
-    world = build_world(args)
+    world = build_world(args, pg)
     start = date.today() - timedelta(days=args.days + 10)
     end = start + timedelta(days=args.days - 1)
     rows, poison = write_history(
@@ -607,23 +636,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         leftover = orphan_deployments(world)
         if leftover:
             subprocess.run(["pkill", "-f", str(world.root / "var" / "deployments")], check=False)
-        drop_database(world.db_name)
+        from app.db import get_engine
+
+        get_engine().dispose()
         if not args.keep:
             shutil.rmtree(world.root, ignore_errors=True)
     report["time_ratio"] = report["chaos_seconds"] / report["clean_seconds"]
     return report
-
-
-def drop_database(name: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    from app.db import get_engine
-
-    get_engine().dispose()
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def verdict(report: dict[str, Any], max_ratio: float) -> list[str]:
@@ -676,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--strikes",
-        help="comma-separated strikes in order, from cancel, kill-pool, kill-worker, redis, api (default: the cancel, "
-        "then --kills kills with Redis and the API restarted between)",
+        help="comma-separated strikes in order, from cancel, kill-pool, kill-worker, redis, db, api, publish (default: "
+        "the cancel, then --kills kills with Redis and PostgreSQL restarted between, the API, and a kill while "
+        "publishing)",
     )
     args = parser.parse_args(argv)
     if args.poison is None:
