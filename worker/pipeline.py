@@ -192,10 +192,11 @@ def _run_stages(run: JobRun) -> None:
     chunks = plan_chunks(run, query)
     with run.transaction() as s:
         runs.record_plan(session=s, job_id=run.job_id, rows_total=total, chunks_total=len(chunks))
-    if not committed_keys(run):  # a resumed attempt has written part of it already: the estimate would be off
+    done = committed_keys(run)
+    if not done:  # a resumed attempt has written part of it already: the estimate would be off
         check_free_space(run, rows=total)
     # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
-    if not {c.key for c in chunks} <= committed_keys(run):
+    if not {c.key for c in chunks} <= done:
         with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
             model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
             environment = prepare_environment(run, model, model_dir)

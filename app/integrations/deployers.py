@@ -279,9 +279,6 @@ class LocalMLServerDeployer:
             for name in self.list_names()
         ]
 
-    def is_running(self, name: str) -> bool:
-        return self._alive(name)
-
     def has_exited(self, name: str) -> bool:
         """The server process of a deployment this worker started is gone (killed, crashed, out of memory)."""
         return (self._dir(name) / "pid").exists() and not self._alive(name)

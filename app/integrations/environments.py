@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,7 @@ class EnvironmentCache:
             folder = self.root / key
             if (folder / "ready").is_file():
                 (folder / "ready").touch()  # its mtime is when it was last used
-                return _replace(env, reused=True)
+                return replace(env, reused=True)
             progress(f"installing {len(parse_pins(lock))} packages with Python {interpreter.version}")
             self._build(folder, interpreter, lock, env)
         self.evict(keep=key)
@@ -542,12 +542,6 @@ def _held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _replace(env: ModelEnvironment, **changes: Any) -> ModelEnvironment:
-    from dataclasses import replace
-
-    return replace(env, **changes)
 
 
 def _uv_reason(stderr: str) -> str:
