@@ -9,7 +9,7 @@ passes every call through at once, but holds the answer to each ExecuteStatement
 statement was sent: no statement's first row can be fetched sooner, and the server works on the query meanwhile,
 as a production Hive plans it and starts its containers (a query that takes longer here is not held further).
 Metadata calls (GetColumns, GetTables ...) are not held: Hive answers them from the metastore without planning a
-query. It records every statement it sees (DESCRIBE, SET, USE, SELECT ...) and the name of every call, so tests
+query. Calls named in `unanswered` are swallowed, as by a server that hangs on them. It records every statement it sees (DESCRIBE, SET, USE, SELECT ...) and the name of every call, so tests
 can count what a job sends.
 
 It speaks the binary thrift transport with SASL framing (RETRO_HIVE_AUTH NONE, LDAP or KERBEROS without a
@@ -33,6 +33,7 @@ class HiveLatencyProxy:
     def __init__(self, *, upstream_host: str, upstream_port: int, latency_s: float = 0.0, port: int = 0) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.latency_s = latency_s
+        self.unanswered: set[str] = set()  # names of calls never passed on: the server seems not to answer them
         self._lock = threading.Lock()
         self._statements: list[str] = []
         self._calls: list[str] = []
@@ -117,6 +118,8 @@ class HiveLatencyProxy:
                         if statement is not None:
                             self._statements.append(statement)
                             sent_at.append(time.monotonic())
+                        if name in self.unanswered:
+                            continue
                 server.sendall(head + payload)
         except (OSError, EOFError):
             pass

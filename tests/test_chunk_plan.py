@@ -6,6 +6,7 @@ import gc
 import itertools
 import math
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -348,3 +349,22 @@ def test_a_worker_killed_mid_chunk_resumes_at_the_last_committed_chunk(
     scores = _scores(sessions, adapters, job_id)
     keys = list(zip(scores.column("customer_id").to_pylist(), scores.column("snapshot_date").to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) == TOTAL
+
+
+def test_a_server_that_never_answers_a_close_does_not_hold_the_read(small_days: str, proxy: HiveLatencyProxy) -> None:
+    """Seen once with the Spark Thrift Server on a loaded machine: CloseSession unanswered for 600 s."""
+    from app.integrations.hive import HiveSource, settings_from
+
+    settings, _, _ = _in_process(proxy, hive_connect_timeout_s=2.0, hive_query_timeout_s=120.0)
+    source = HiveSource(settings_from(settings))
+    query = _query(START, START + timedelta(days=9))
+    proxy.unanswered = {"CloseOperation", "CloseSession"}
+    try:
+        started = time.monotonic()
+        rows = sum(b.num_rows for b in source.batches(query, batch_rows=1_000))
+        assert source.count(query) == rows == 10 * ROWS_PER_DAY
+        # Each read closes a cursor and a session, every close waiting at most the connect timeout.
+        assert time.monotonic() - started < 4 * 2.0 + 30
+    finally:
+        proxy.unanswered = set()
+    assert proxy.calls.count("CloseSession") >= 2

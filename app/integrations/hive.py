@@ -218,6 +218,28 @@ class HiveSource:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
         """A HiveServer2 session on the accelerated thrift protocol; closed however the block exits."""
+        conn, sock = self._open_session()
+        try:
+            yield conn
+        finally:
+            self._close(conn, sock)
+
+    @contextlib.contextmanager
+    def _query(self, sql: str, parameters: dict[str, Any] | None = None) -> Iterator[Any]:
+        """A statement's cursor in a session of its own; both are closed however the block exits."""
+        conn, sock = self._open_session()
+        try:
+            cursor = self._execute(conn, sql, parameters)
+            try:
+                yield cursor
+            finally:
+                sock.setTimeout(self._settings.connect_timeout_s * 1000)
+                with contextlib.suppress(Exception):
+                    cursor.close()
+        finally:
+            self._close(conn, sock)
+
+    def _open_session(self) -> tuple[Any, Any]:
         s = self._settings
         try:
             transport, sock = self._transport()
@@ -225,11 +247,20 @@ class HiveSource:
         except Exception as exc:
             raise Upstream(f"cannot open a HiveServer2 session at {s.host}:{s.port}: {_reason(exc)}") from exc
         sock.setTimeout(s.query_timeout_s * 1000)
-        try:
-            yield conn
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+        return conn, sock
+
+    def _close(self, conn: Any, sock: Any) -> None:
+        """Ends a session without waiting on it like a query: closes are bounded by the connect timeout.
+
+        A HiveServer2 that never answers CloseSession (seen once with the Spark Thrift Server on a loaded
+        machine) would otherwise hold the job for the query timeout; the server drops an abandoned session
+        itself when its idle timeout passes. The socket is closed whether or not the server answered.
+        """
+        sock.setTimeout(self._settings.connect_timeout_s * 1000)
+        with contextlib.suppress(Exception):
+            conn.close()
+        with contextlib.suppress(Exception):
+            sock.close()
 
     def _transport(self) -> tuple[Any, Any]:
         """The thrift transport for the configured auth mode, and the socket under it."""
@@ -286,14 +317,11 @@ class HiveSource:
             raise Upstream(f"HiveServer2 did not list the columns of {query.table!r}: {_reason(exc)}") from exc
         if response.status.statusCode not in _SUCCESS:
             raise Upstream(f"HiveServer2 did not list the columns of {query.table!r}: {response.status.errorMessage}")
-        try:
-            listed = [
-                [column_to_arrow(c, "").to_pylist() for c in block]
-                for block in _fetch_blocks(conn, response.operationHandle, 10_000)
-            ]
-        finally:
-            with contextlib.suppress(Exception):
-                conn.client.CloseOperation(ttypes.TCloseOperationReq(operationHandle=response.operationHandle))
+        # The operation ends with the session (CloseSession closes a session's operations): no CloseOperation.
+        listed = [
+            [column_to_arrow(c, "").to_pylist() for c in block]
+            for block in _fetch_blocks(conn, response.operationHandle, 10_000)
+        ]
         fields: dict[str, pa.Field] = {}
         for block in listed:
             # JDBC's getColumns layout: TABLE_SCHEM, TABLE_NAME, COLUMN_NAME, TYPE_NAME, COLUMN_SIZE, DECIMAL_DIGITS.
@@ -357,7 +385,7 @@ class HiveSource:
         if pa.types.is_timestamp(self._date_type(query)):
             day = f"CAST({day} AS DATE)"
         sql = f"SELECT {day}, COUNT(*) FROM {self._table(query)} WHERE {where} GROUP BY {day}"
-        with self._connect() as conn, contextlib.closing(self._execute(conn, sql, params)) as cursor:
+        with self._query(sql, params) as cursor:
             rows = cursor.fetchall()
         by_day: dict[date, int] = {}
         for value, n in rows:
@@ -382,10 +410,10 @@ class HiveSource:
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
         _, params = self._where(query)
         sql = self.describe(query)
-        with self._connect() as conn, contextlib.closing(self._execute(conn, sql, params)) as cursor:
+        with self._query(sql, params) as cursor:
             names = [d[0].split(".")[-1] for d in cursor.description]
             types = [d[1] for d in cursor.description]
-            for columns in _prefetched(conn, cursor, batch_rows):
+            for columns in _prefetched(cursor, batch_rows):
                 arrays = [column_to_arrow(col, types[i]) for i, col in enumerate(columns)]
                 batch = pa.RecordBatch.from_arrays(arrays, names=names)
                 if batch.num_rows:
@@ -435,9 +463,11 @@ def _open_session(transport: Any, *, username: str, configuration: dict[str, str
     return conn
 
 
-def _prefetched(conn: Any, cursor: Any, rows: int) -> Iterator[list[Any]]:
+def _prefetched(cursor: Any, rows: int) -> Iterator[list[Any]]:
     """Columns of each FetchResults block, fetched one block ahead on a background thread."""
-    with prefetched(lambda: _fetch_blocks(conn, cursor._operationHandle, rows), depth=2, name="hive-fetch") as blocks:
+    with prefetched(
+        lambda: _fetch_blocks(cursor._connection, cursor._operationHandle, rows), depth=2, name="hive-fetch"
+    ) as blocks:
         try:
             yield from blocks
         except Upstream:
