@@ -10,8 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Pinned dependencies first, so code changes do not reinstall them.
-COPY requirements.lock ./
+COPY requirements.lock requirements-server.lock ./
 RUN pip install -r requirements.lock
+# MLServer pins a fastapi the API cannot use (docs/security.md): RETRO_MODEL_ENV=worker serves from this venv.
+RUN python -m venv /opt/mlserver && /opt/mlserver/bin/pip install -r requirements-server.lock
+ENV RETRO_MLSERVER_EXECUTABLE=/opt/mlserver/bin/mlserver
 
 # The Pythons a model's own environment can be built with (app/integrations/environments.py): the image's 3.11
 # and, from python-build-standalone through uv, the versions older and newer models were logged with.

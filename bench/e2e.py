@@ -387,6 +387,7 @@ def run_mlserver_infer(
     root: Path, rows: int, args: argparse.Namespace, host_port: str, model_name: str
 ) -> dict[str, Any]:
     """MLServer's own batch CLI, fed the same rows as V2 requests of the same batch size."""
+    from app.integrations.deployers import find_server_executable
     from app.integrations.history import LocalParquetSource
 
     model = model_info(root)
@@ -397,7 +398,7 @@ def run_mlserver_infer(
             req = json.loads(encode_rest(b, model))
             req["id"] = str(i)
             fh.write(json.dumps(req).encode() + b"\n")
-    exe = str(Path(sys.executable).parent / "mlserver")
+    exe = find_server_executable("mlserver")
     t0 = time.perf_counter()
     proc = subprocess.run(
         [

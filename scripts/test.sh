@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --dev
 bash scripts/system-packages.sh
 bash scripts/services.sh
 bash scripts/lint.sh

@@ -153,7 +153,7 @@ class LocalMLServerDeployer:
         (folder / "settings.json").write_text(json.dumps(settings))
         (folder / "model-settings.json").write_text(json.dumps(model_settings))
         log = (folder / "mlserver.log").open("ab")
-        exe = environment.mlserver_executable if environment else _find_executable(self._executable)
+        exe = environment.mlserver_executable if environment else find_server_executable(self._executable)
         with contextlib.ExitStack() as held:
             # The server holds its environment against eviction for as long as it runs (a shared flock it inherits).
             in_use = held.enter_context(hold(environment)) if environment else None
@@ -338,11 +338,22 @@ def _read_float(path: Path) -> float | None:
         return None
 
 
-def _find_executable(name: str) -> str:
-    """name on PATH, or beside this Python (a virtualenv's bin/ is often not on PATH)."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+# MLServer pins a fastapi the API cannot use, so bootstrap --dev gives it a venv of its own beside the project's.
+SERVER_VENV_BIN = Path(__file__).resolve().parents[2] / ".venv-server" / "bin"
+
+
+def find_server_executable(name: str) -> str:
+    """name on PATH, beside this Python (a virtualenv's bin/ is often not on PATH), or in the project's .venv-server."""
+    found = (
+        shutil.which(name)
+        or shutil.which(name, path=str(Path(sys.executable).parent))
+        or shutil.which(name, path=str(SERVER_VENV_BIN))
+    )
     if found is None:
-        raise DeploymentFailed(f"cannot find the model server executable {name!r}; set RETRO_MLSERVER_EXECUTABLE")
+        raise DeploymentFailed(
+            f"cannot find the model server executable {name!r}; run `bash scripts/bootstrap.sh --dev` "
+            "(it builds .venv-server) or set RETRO_MLSERVER_EXECUTABLE"
+        )
     return found
 
 
