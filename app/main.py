@@ -28,6 +28,7 @@ from app.retro_tests.router import router as retro_tests_router
 from app.system.router import router as system_router
 from app.web import account as web_account
 from app.web import admin as web_admin
+from app.web import docs as web_docs
 from app.web import jobs as web_jobs
 from app.web.errors import error_page
 from app.web.partner import router as partner_links_router
@@ -69,6 +70,8 @@ def create_app() -> FastAPI:
     settings.check_secrets()
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # app/web/docs.py serves Swagger UI from the package, not from a CDN
+        redoc_url=None,
         title="retrotest",
         version="0.1.0",
         description=(
@@ -129,6 +132,7 @@ def create_app() -> FastAPI:
     app.include_router(auth_router)
     app.include_router(links_router)
     app.include_router(partner_links_router)
+    app.include_router(web_docs.router)
     for web_pages in (web_account.router, web_jobs.router, web_admin.router):  # the server-rendered UI
         app.include_router(web_pages, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -75,6 +75,12 @@ class ProgressOut(BaseModel):
     chunks_total: int | None
     chunks_done: int
     percent: float | None
+    elapsed_s: float = Field(description="Seconds since the job was submitted (until it ended)")
+    rows_per_s: float | None = Field(
+        description="Rows scored or rejected per second while scoring; null before rows flow"
+    )
+    eta_s: float | None = Field(description="Seconds left while scoring, at the rate so far; null otherwise")
+    activity: str = Field(description="What the current stage is doing, in words")
 
 
 class StageOut(BaseModel):

@@ -3,7 +3,7 @@ service.JOB_VIEW), for the API and the web pages alike."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -63,6 +63,8 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
             "chunks_total": job.chunks_total,
             "chunks_done": job.chunks_done,
             "percent": 100.0 if succeeded else _percent(job),
+            **_pace(job, now=datetime.now(UTC)),
+            "activity": activity(job.state),
         },
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "result_location": job.result_location if succeeded else None,
@@ -82,6 +84,52 @@ def _stages(job: ViewRow) -> list[dict[str, Any]]:
             {"state": state, "started_at": at, "seconds": round((end - at).total_seconds(), 3) if end else None}
         )
     return stages
+
+
+# What each stage is doing, in words a person follows ("deploying" at 0% for 15 s says nothing).
+ACTIVITY: dict[str, str] = {
+    State.queued: "waiting for a worker",
+    State.resolving: "looking the model version up in MLflow",
+    State.extracting: "counting the period's rows in the history source (Hive: waiting for its query)",
+    State.preparing_environment: "building the model's own Python environment (cached after the first job)",
+    State.deploying: "starting the model server",
+    State.validating: "checking the model on sample rows",
+    State.scoring: "reading history and scoring rows",
+    State.publishing: "writing results",
+    State.succeeded: "done",
+    State.failed: "stopped: see the error",
+    State.cancelled: "cancelled",
+}
+
+
+def activity(state: str) -> str:
+    """What a job in this state is doing, in words."""
+    return ACTIVITY.get(state, state)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _pace(job: ViewRow, *, now: datetime) -> dict[str, float | None]:
+    """Elapsed seconds since submission, and once rows flow: rows per second while scoring and the time left."""
+    end = _aware(job.finished_at) if job.finished_at is not None else now
+    elapsed = max(0.0, (end - _aware(job.created_at)).total_seconds())
+    pace: dict[str, float | None] = {"elapsed_s": round(elapsed, 1), "rows_per_s": None, "eta_s": None}
+    scoring_at = (job.stage_started or {}).get(State.scoring.value)
+    done = int(job.rows_scored) + int(job.rows_rejected)
+    if scoring_at is None or done == 0:
+        return pace
+    publishing_at = (job.stage_started or {}).get(State.publishing.value)
+    until = _aware(datetime.fromisoformat(publishing_at)) if publishing_at else end
+    seconds = (until - _aware(datetime.fromisoformat(scoring_at))).total_seconds()
+    if seconds <= 0:
+        return pace
+    rate = done / seconds
+    pace["rows_per_s"] = round(rate, 1)
+    if job.state == State.scoring and job.rows_total:
+        pace["eta_s"] = round(max(0, int(job.rows_total) - done) / rate, 1)
+    return pace
 
 
 def _percent(job: ViewRow) -> float | None:

@@ -7,12 +7,15 @@
   var url = root.dataset.apiUrl;
 
   function num(n) { return n === null || n === undefined ? "?" : n.toLocaleString("en-US"); }
+  function duration(seconds) {
+    if (seconds < 60) { return seconds.toFixed(1) + " s"; }
+    var s = Math.round(seconds);
+    return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  }
   function took(stage) {
     if (TERMINAL.indexOf(stage.state) >= 0) { return "–"; }
     if (stage.seconds === null) { return "running"; }
-    if (stage.seconds < 60) { return stage.seconds.toFixed(1) + " s"; }
-    var s = Math.round(stage.seconds);
-    return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return duration(stage.seconds);
   }
   function when(iso) { return iso.replace("T", " ").replace(/\.\d+/, "").replace(/(\+00:00|Z)$/, " UTC"); }
   function cell(row, label, text, cls) {
@@ -32,6 +35,11 @@
     document.getElementById("job-progress").value = pct;
     document.getElementById("job-progress-text").textContent =
       pct.toFixed(1) + "% · " + num(p.rows_scored + p.rows_rejected) + " of " + num(p.rows_total) + " rows";
+    document.getElementById("job-activity").textContent = p.activity.charAt(0).toUpperCase() + p.activity.slice(1);
+    var pace = duration(p.elapsed_s) + " elapsed";
+    if (p.rows_per_s) { pace += ", " + Math.round(p.rows_per_s).toLocaleString("en-US") + " rows/s"; }
+    if (p.eta_s !== null && p.eta_s !== undefined) { pace += ", about " + duration(p.eta_s) + " left"; }
+    document.getElementById("job-rate").textContent = pace;
     var body = document.getElementById("stages");
     body.textContent = "";
     job.stages.forEach(function (stage) {
