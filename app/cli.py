@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,12 +145,31 @@ def beat(loglevel: Annotated[str | None, typer.Option()] = None) -> None:
     )
 
 
+def duration(seconds: float | None) -> str:
+    """83.4 -> '1 min 23 s'."""
+    if seconds is None:
+        return "?"
+    s = round(seconds)
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+def pace(progress: dict[str, Any]) -> str:
+    """'1 min 2 s elapsed, 41,200 rows/s, about 12 s left' (rate and time left once rows flow)."""
+    parts = [f"{duration(progress.get('elapsed_s'))} elapsed"]
+    if progress.get("rows_per_s"):
+        parts.append(f"{progress['rows_per_s']:,.0f} rows/s")
+    if progress.get("eta_s") is not None:
+        parts.append(f"about {duration(progress['eta_s'])} left")
+    return ", ".join(parts)
+
+
 def _bar(job: dict[str, Any]) -> str:
     p = job["progress"]
     pct = p["percent"] or 0.0
     filled = int(pct / 100 * 30)
     total = f"{p['rows_total']:,}" if p["rows_total"] is not None else "?"
-    return f"[{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}%  {job['state']:<10} rows {p['rows_scored'] + p['rows_rejected']:,}/{total}"
+    done = p["rows_scored"] + p["rows_rejected"]
+    return f"[{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}%  rows {done:,}/{total}  {pace(p)}  {p['activity']}"
 
 
 def wait_for(client: httpx.Client, job_url: str, *, interval: float = 1.0) -> dict[str, Any]:
@@ -158,7 +179,7 @@ def wait_for(client: httpx.Client, job_url: str, *, interval: float = 1.0) -> di
         job = client.get(job_url).raise_for_status().json()
         line = _bar(job)
         if line != last:
-            sys.stderr.write("\r" + line)
+            sys.stderr.write("\r" + line.ljust(len(last)))
             sys.stderr.flush()
             last = line
         if job["state"] in TERMINAL:
@@ -167,27 +188,33 @@ def wait_for(client: httpx.Client, job_url: str, *, interval: float = 1.0) -> di
         time.sleep(interval)
 
 
-def _print_job(job: dict[str, Any]) -> None:
-    typer.echo(f"retro test {job['id']}: {job['state']}")
+def _print_job(job: dict[str, Any], *, web_url: str) -> None:
+    p = job["progress"]
+    percent = f"{p['percent']:.1f}%" if p["percent"] is not None else "not counted yet"
+    typer.echo(f"retro test {job['id']}: {job['state']}, {percent} ({p['activity']}; {pace(p)})")
+    typer.echo(f"  page: {web_url}/jobs/{job['id']}")
     typer.echo(
         f"  partner {job['partner_code']}, model {job['model_name']} version {job['model_version']}, period {job['period_start']}..{job['period_end']}"
     )
-    p = job["progress"]
+    total = f"{p['rows_total']:,}" if p["rows_total"] is not None else "not counted yet"
     typer.echo(
-        f"  rows total {p['rows_total']}, read {p['rows_read']}, scored {p['rows_scored']}, rejected {p['rows_rejected']}"
+        f"  rows: total {total}, read {p['rows_read']:,}, scored {p['rows_scored']:,}, rejected {p['rows_rejected']:,}"
     )
     for stage in job["stages"]:
         secs = f"{stage['seconds']:.1f} s" if stage["seconds"] is not None else ""
-        typer.echo(f"  {stage['state']:<11} {stage['started_at']}  {secs}")
+        typer.echo(f"  {stage['state']:<21} {stage['started_at']}  {secs}")
     if job["error"]:
         typer.echo(f"  error: {job['error']['code']}: {job['error']['message']}")
-    if job["result_location"]:
-        typer.echo(f"  results: {job['result_location']}")
     for f in job["files"]:
-        typer.echo(
-            f"  {f['name']:<16} {f['rows'] if f['rows'] is not None else '':>10} rows {f['bytes']:>12,} bytes  sha256 {f['sha256']}"
-        )
-        typer.echo(f"    {f['download_url']}")
+        rows = f"{f['rows']:,} rows" if f["rows"] is not None else ""
+        typer.echo(f"  {f['name']:<22} {rows:>15} {f['bytes']:>14,} bytes  sha256 {f['sha256']}")
+    if job["files"]:
+        typer.echo(f"  download them with: retrotest download {job['id']}")
+
+
+def exit_code(state: str) -> int:
+    """0 for a job that succeeded or is still going, 1 for one that failed or was cancelled."""
+    return 1 if state in ("failed", "cancelled") else 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +224,10 @@ class Api:
     url: str
     token: str
 
+    @property
+    def web_url(self) -> str:
+        return self.url.rstrip("/")
+
     def client(self, *, timeout: float) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
@@ -205,9 +236,10 @@ class Api:
 @app.callback()
 def api_options(
     ctx: typer.Context,
-    api: Annotated[str, typer.Option(envvar="RETRO_API_URL", help="The REST API, for submit and status")] = (
-        "http://127.0.0.1:8000"
-    ),
+    api: Annotated[
+        str,
+        typer.Option(envvar="RETRO_API_URL", help="The REST API, for submit, status and download (the demo: :8765)"),
+    ] = "http://127.0.0.1:8000",
     token: Annotated[str, typer.Option(envvar="RETRO_API_TOKEN", help="Personal API token")] = "",
 ) -> None:
     ctx.obj = Api(url=api, token=token)
@@ -224,6 +256,24 @@ def model_ref(text: str) -> dict[str, str]:
     return {"model_name": name, "model_version": version}
 
 
+def day(text: str) -> str:
+    """A day as YYYY-MM-DD (or YYYYMMDD), sent to the API as YYYY-MM-DD."""
+    digits = text.replace("-", "") if re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{8}", text) else ""
+    with contextlib.suppress(ValueError):
+        return datetime.strptime(digits, "%Y%m%d").date().isoformat()
+    raise typer.BadParameter(f"{text!r} is not a day; write it as YYYY-MM-DD, for example 2026-11-20")
+
+
+def refusal(resp: httpx.Response) -> str:
+    """The API's reason for a 4xx/5xx, as one line."""
+    try:
+        err = resp.json()
+    except ValueError:
+        return f"{resp.status_code} {resp.reason_phrase}"
+    detail = err.get("detail", err) if isinstance(err, dict) else err
+    return f"{detail} ({resp.status_code} {err.get('error', '') if isinstance(err, dict) else ''})".replace(" )", ")")
+
+
 @app.command()
 def submit(
     ctx: typer.Context,
@@ -231,37 +281,87 @@ def submit(
     model: Annotated[
         str, typer.Option(help="The model version: NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)")
     ],
-    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD")],
-    end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD")],
-    wait: bool = True,
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD", callback=day)],
+    end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD", callback=day)],
+    output_format: Annotated[
+        list[str] | None,
+        typer.Option(help="parquet or csv.gz; repeat for both [default: the server's RETRO_OUTPUT_FORMATS]"),
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="A note kept with the job (why it was run)")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job to the end (exit 1 if it fails)")] = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
-    body = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    body: dict[str, Any] = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    if output_format:
+        body["output_formats"] = output_format
+    if note:
+        body["note"] = note
     with ctx.obj.client(timeout=60) as client:
         resp = client.post("/api/v1/retro-tests", json=body)
         if resp.status_code >= 400:
-            err = resp.json()
-            typer.echo(f"refused ({resp.status_code}): {err.get('detail', err)}", err=True)
+            typer.echo(f"refused: {refusal(resp)}", err=True)
             raise typer.Exit(2)
         job = resp.json()
         typer.echo(
-            f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: {resp.headers['location']}"
+            f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: "
+            f"{ctx.obj.web_url}/jobs/{job['id']}"
         )
         if wait:
             job = wait_for(client, resp.headers["location"])
-            _print_job(job)
-            raise typer.Exit(0 if job["state"] == "succeeded" else 1)
+            _print_job(job, web_url=ctx.obj.web_url)
+            raise typer.Exit(exit_code(job["state"]))
+
+
+JobArgument = Annotated[
+    str | None, typer.Argument(help="The retro test's id [default: your newest retro test]", show_default=False)
+]
+
+
+def newest_job_id(client: httpx.Client) -> str:
+    """The id of the newest retro test the caller may see."""
+    resp = client.get("/api/v1/retro-tests", params={"limit": 1})
+    if resp.status_code >= 400:
+        typer.echo(refusal(resp), err=True)
+        raise typer.Exit(2)
+    items = resp.json()["items"]
+    if not items:
+        typer.echo("no retro tests yet; submit one with `retrotest submit`", err=True)
+        raise typer.Exit(2)
+    return str(items[0]["id"])
 
 
 @app.command()
-def status(ctx: typer.Context, job_id: str) -> None:
-    """Show a retro test's state, progress and files."""
+def status(ctx: typer.Context, job_id: JobArgument = None) -> None:
+    """Show a retro test's state, progress and files; exit 1 if it failed or was cancelled."""
     with ctx.obj.client(timeout=30) as client:
+        job_id = job_id or newest_job_id(client)
         resp = client.get(f"/api/v1/retro-tests/{job_id}")
         if resp.status_code >= 400:
-            typer.echo(f"{resp.status_code}: {resp.json().get('detail')}", err=True)
+            typer.echo(refusal(resp), err=True)
             raise typer.Exit(2)
-        _print_job(resp.json())
+        job = resp.json()
+    _print_job(job, web_url=ctx.obj.web_url)
+    raise typer.Exit(exit_code(job["state"]))
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    job_id: JobArgument = None,
+    to: Annotated[Path | None, typer.Option(help="Folder to write the files to [default: ./retrotest-JOB_ID]")] = None,
+) -> None:
+    """Download a succeeded job's result files, resuming partial ones, each checked against the manifest's sha256."""
+    from app.result_download import DownloadFailed, download_results
+
+    with ctx.obj.client(timeout=60) as client:
+        job_id = job_id or newest_job_id(client)
+        folder = to or Path(f"retrotest-{job_id}")
+        try:
+            written = download_results(client=client, job_id=job_id, folder=folder, progress=sys.stderr)
+        except DownloadFailed as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
+    typer.echo(f"{len(written)} file(s) in {folder}, every sha256 matching the manifest")
 
 
 @app.command("create-admin")
@@ -324,11 +424,16 @@ def create_token(
 @app.command()
 def demo(
     directory: Annotated[
-        Path, typer.Option("--dir", help="Where the demo keeps its registry, data and results")
+        Path,
+        typer.Option(
+            "--dir",
+            help="Where the demo keeps its registry, data and results; a previous demo there is replaced, "
+            "any other non-empty folder is refused",
+        ),
     ] = Path("var/demo"),
-    days: Annotated[int, typer.Option(min=1)] = 100,
-    rows_per_day: Annotated[int, typer.Option(min=1)] = 10_000,
-    port: int = 8765,
+    days: Annotated[int, typer.Option(min=1, help="Days of synthetic feature history to write and score")] = 100,
+    rows_per_day: Annotated[int, typer.Option(min=1, help="Customers (rows) per day of history")] = 10_000,
+    port: Annotated[int, typer.Option(help="Port of the demo's API and web UI")] = 8765,
     keep_running: Annotated[bool, typer.Option(help="Leave the API up after the job, to download results")] = False,
 ) -> None:
     """Run a real retro test on embedded defaults: registry, history, API and worker on this machine."""
@@ -404,9 +509,22 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         app()
-    except httpx.TransportError as exc:  # submit and status: say where the API was looked for, not a traceback
-        typer.echo(f"cannot reach the retrotest API ({exc}); set --api or RETRO_API_URL", err=True)
+    except httpx.TransportError as exc:  # submit, status, download: where the API was looked for, not a traceback
+        typer.echo(unreachable(exc), err=True)
         raise SystemExit(2) from None
+
+
+def unreachable(exc: httpx.TransportError) -> str:
+    """One line: where the API was looked for, why it did not answer, and how to point at it."""
+    try:
+        url = exc.request.url
+        where = f"{url.scheme}://{url.netloc.decode()}"
+    except RuntimeError:  # an error raised before any request was built
+        where = "the configured URL"
+    return (
+        f"cannot reach the retrotest API at {where} ({exc or type(exc).__name__}): start it (`retrotest serve`, or "
+        "`./scripts/demo.sh --keep-running` on :8765) or point RETRO_API_URL (or --api) at it"
+    )
 
 
 if __name__ == "__main__":

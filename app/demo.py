@@ -21,6 +21,35 @@ from app.demo_data import DEMO_MODEL, register_demo_model, write_history
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER = "demo"
+DEMO_PARTNER = "demo-partner"
+MARKER = ".retrotest-demo"  # written into the demo's folder: only a folder holding it is ever removed
+
+
+class NotADemoFolder(Exception):
+    """--dir names a folder the demo did not make; it is left alone."""
+
+
+def fresh_folder(directory: Path) -> None:
+    """Empty the demo's folder for a new run; refuse to remove a folder that is not a previous demo's."""
+    if directory.exists() and any(directory.iterdir()):
+        if not (directory / MARKER).exists():
+            raise NotADemoFolder(
+                f"{directory} holds files that are not a previous demo's; give --dir an empty or new folder"
+            )
+        typer.echo(f"removing the previous demo in {directory}")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("made by `retrotest demo`; removed by the next run with the same --dir\n")
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines and its integer-schema hint say nothing to someone trying the demo."""
+    import logging
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -112,9 +141,12 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
     """Set everything up, run one retro test through the REST API, print the outcome; returns an exit code."""
     t0 = time.monotonic()
     directory = directory.resolve()
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    try:
+        fresh_folder(directory)
+    except NotADemoFolder as exc:
+        typer.echo(str(exc), err=True)
+        return 2
+    quiet_mlflow()
     env = {
         **os.environ,
         "RETRO_VAR_DIR": str(directory),
@@ -151,9 +183,9 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
             wait_until_ready(
                 f"http://127.0.0.1:{port}/ready", procs=[api, worker], logs=lambda: f"see the logs in {directory}"
             )
-            client.post("/api/v1/partners", json={"code": "demo-partner", "name": "Demo Partner"}).raise_for_status()
+            client.post("/api/v1/partners", json={"code": DEMO_PARTNER, "name": "Demo Partner"}).raise_for_status()
             body = {
-                "partner_code": "demo-partner",
+                "partner_code": DEMO_PARTNER,
                 "model_name": DEMO_MODEL,
                 "model_alias": "champion",
                 "period_start": stats.start.isoformat(),
@@ -170,7 +202,8 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
             job = wait_for(client, resp.headers["location"], interval=0.5)
             t_done = time.monotonic()
             typer.echo("5/5 done")
-            _print_job(job)
+            sys.stderr.flush()
+            _print_job(job, web_url=f"http://127.0.0.1:{port}")
             scored = job["progress"]["rows_scored"]
             ok = job["state"] == "succeeded" and scored == stats.rows and job["progress"]["rows_read"] == stats.rows
             typer.echo(
@@ -182,6 +215,11 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
             )
             if ok:
                 typer.echo(f"partner download link (7 days): {share_with_partner(client, job['id'])}")
+            if ok and not keep_running:
+                typer.echo(
+                    "the API stops now, so these URLs and the link answer only while a demo runs: "
+                    "`./scripts/demo.sh --keep-running` leaves it up, with the web UI and a sign-in"
+                )
             if keep_running and ok:
                 typer.echo(
                     f"the web UI stays up at http://127.0.0.1:{port}/ (sign in as {DEMO_USER!r} with password "
