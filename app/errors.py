@@ -64,6 +64,10 @@ class InvalidPeriod(Invalid):
     code = "invalid_period"
 
 
+class NoHistoryInPeriod(Invalid):
+    code = "no_history_in_period"
+
+
 class PeriodTooLong(Invalid):
     code = "period_too_long"
 

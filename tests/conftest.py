@@ -192,7 +192,7 @@ def db_session(engine):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def client(db_session, registry):  # type: ignore[no-untyped-def]
+def client(db_session, registry, history):  # type: ignore[no-untyped-def]
     """The API in-process, on the rolled-back test session."""
     from fastapi.testclient import TestClient
 

@@ -30,6 +30,27 @@ def acme(client) -> dict:  # type: ignore[no-untyped-def,type-arg]
     return make_partner(client, "acme")
 
 
+def test_a_period_without_history_is_refused_at_once_naming_the_days_there_are(client, acme) -> None:  # type: ignore[no-untyped-def]
+    before = HISTORY_START - timedelta(days=20)
+    resp = client.post(
+        "/api/v1/retro-tests",
+        json=request(period_start=before.isoformat(), period_end=(before + timedelta(days=2)).isoformat()),
+    )
+    assert resp.status_code == 422, resp.text
+    err = resp.json()
+    assert err["error"] == "no_history_in_period" and err["field"] == "period_start"
+    assert f"it has history from {START} to {END}" in err["detail"]
+    # A period that overlaps the history by one day is accepted: the worker scores the days there are.
+    overlapping = request(period_start=before.isoformat(), period_end=START)
+    assert client.post("/api/v1/retro-tests", json=overlapping).status_code == 202
+
+
+def test_progress_says_what_the_stage_does_and_how_long_it_has_taken(client, acme) -> None:  # type: ignore[no-untyped-def]
+    progress = client.post("/api/v1/retro-tests", json=request()).json()["progress"]
+    assert progress["activity"] == "waiting for a worker"
+    assert progress["elapsed_s"] >= 0 and progress["rows_per_s"] is None and progress["eta_s"] is None
+
+
 def test_create_returns_202_with_location(client, acme) -> None:  # type: ignore[no-untyped-def]
     resp = client.post("/api/v1/retro-tests", json=request(model_version=None, model_alias="champion"))
     assert resp.status_code == 202, resp.text
@@ -55,7 +76,7 @@ def test_identical_active_request_returns_the_existing_job(client, acme) -> None
 @pytest.mark.parametrize(
     ("overrides", "status", "code", "words"),
     [
-        ({"period_start": END, "period_end": START}, 422, "invalid_period", "is after period_end"),
+        ({"period_start": END, "period_end": START}, 422, "invalid_period", "is after the last day"),
         ({"period_end": (date.today() + timedelta(days=1)).isoformat()}, 422, "invalid_period", "in the future"),
         ({"period_start": (date.today() - timedelta(days=400)).isoformat()}, 422, "period_too_long", "at most 366"),
         ({"partner_code": "nobody"}, 422, "partner_not_found", "no partner with code 'nobody'"),

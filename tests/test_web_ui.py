@@ -164,11 +164,16 @@ def test_the_form_shows_the_apis_refusals_next_to_their_fields_and_keeps_the_inp
     reversed_period = jane.post("/jobs/new", data=form_data(csrf, period_start=END, period_end=START))
     assert reversed_period.status_code == 422
     html = reversed_period.text
-    assert field_error(html, "period_start") == f"period_start {END} is after period_end {START}"
+    assert field_error(html, "period_start") == f"the first day ({END}) is after the last day ({START})"
     assert 'aria-invalid="true" aria-describedby="period_start-error"' in html
     assert f'value="{END}"' in html and f'value="{START}"' in html and "asked by ACME risk" in html
     assert '<option value="alias:champion" selected>' in html and '<option value="acme" selected>' in html
     assert "There is a problem" in html
+
+    early = (HISTORY_START - timedelta(days=10)).isoformat()
+    no_history = jane.post("/jobs/new", data=form_data(csrf, period_start=early, period_end=early))
+    assert no_history.status_code == 422
+    assert f"it has history from {START} to {END}" in field_error(no_history.text, "period_start")
 
     not_hers = jane.post("/jobs/new", data=form_data(csrf, partner_code="globex"))
     assert not_hers.status_code == 422

@@ -93,6 +93,9 @@ class HistorySource(Protocol):
     def describe(self, query: HistoryQuery) -> str:
         """The exact query text, for the manifest."""
 
+    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
+        """The first and last day with history where partitions tell it without a query, else None."""
+
 
 class RecentCounts:
     """Each query's rows by day, for a short while after a count got them.
@@ -172,6 +175,17 @@ def conform(batch: pa.RecordBatch, query: HistoryQuery) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
+def _partition_day(name: str, date_column: str) -> date | None:
+    """The day of a partition folder named <date_column>=YYYY-MM-DD, or None for anything else."""
+    key, eq, value = name.partition("=")
+    if not eq or key != date_column:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
+
+
 class LocalParquetSource:
     """History as Parquet files under <history_dir>/<table> (optionally Hive-partitioned)."""
 
@@ -235,6 +249,14 @@ class LocalParquetSource:
                 params=self._params(query),
             ).fetchall()
         return {d: int(n) for d, n in rows}
+
+    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
+        """From the partition folders (<date_column>=YYYY-MM-DD) of the table: a directory listing, no query."""
+        folder = self._root.joinpath(*check_table(table))
+        if not folder.is_dir():
+            raise SourceUnknown(f"history table {table!r} not found: no folder {folder}", field="source")
+        days = sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
+        return (days[0], days[-1]) if days else None
 
     def describe(self, query: HistoryQuery) -> str:
         cols = ", ".join(f'"{c}"' for c in query.columns)

@@ -63,6 +63,12 @@ def get_registry() -> MlflowRegistry:
 
 
 @lru_cache
+def get_history_source() -> HistorySource:
+    """The process-wide history source (the API asks it which days have history)."""
+    return make_history_source(get_settings())
+
+
+@lru_cache
 def get_result_store() -> ResultStore:
     """The process-wide result store."""
     return make_result_store(get_settings())

@@ -21,10 +21,11 @@ def submit(
     data: RetroTestCreate,
     actor: str,
     scope: PartnerScope,
+    history: service.HistoryCoverage | None = None,
 ) -> tuple[RetroTest, bool]:
     """Validate, commit and queue a request; returns (job, created). A job the queue refuses is marked failed."""
     job, created = service.create_retro_test(
-        session=session, registry=registry, settings=settings, data=data, actor=actor, scope=scope
+        session=session, registry=registry, settings=settings, data=data, actor=actor, scope=scope, history=history
     )
     session.commit()
     if created:

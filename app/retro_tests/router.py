@@ -15,7 +15,7 @@ from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
-from app.integrations.wiring import get_registry, get_result_store
+from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.retro_tests import dispatch, service, views
 from app.retro_tests.models import State
 from app.retro_tests.schemas import (
@@ -104,6 +104,7 @@ def create_retro_test(
         data=data,
         actor=caller.user.username,
         scope=caller.scope,
+        history=get_history_source(),
     )
     read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
     response = json_response(views.job_out(read, views.files_url(request)))

@@ -17,7 +17,7 @@ from app.audit.service import record
 from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.clock import utcnow
 from app.config import Settings
-from app.errors import Conflict, InvalidPeriod, NotFound, PartnerNotFound, PeriodTooLong
+from app.errors import Conflict, InvalidPeriod, NoHistoryInPeriod, NotFound, PartnerNotFound, PeriodTooLong
 from app.integrations.registry import ModelVersionInfo
 from app.metrics import STAGE_SECONDS
 from app.partners.models import Partner
@@ -38,13 +38,31 @@ class ModelResolver(Protocol):
     def resolve(self, *, name: str, version: str | None = None, alias: str | None = None) -> ModelVersionInfo: ...
 
 
+class HistoryCoverage(Protocol):
+    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None: ...
+
+
+def check_history(*, history: HistoryCoverage, table: str, date_column: str, start: date, end: date) -> None:
+    """Refuse a period with no day of history, naming the days there are, where the source tells it cheaply."""
+    span = history.history_span(table=table, date_column=date_column)
+    if span is None:
+        return
+    first, last = span
+    if end < first or start > last:
+        raise NoHistoryInPeriod(
+            f"history table {table} has no rows between {start} and {end}; "
+            f"it has history from {first} to {last}: choose days in that range",
+            field="period_start",
+        )
+
+
 def check_period(*, start: date, end: date, max_days: int, today: date | None = None) -> None:
     """Refuse periods that are reversed, reach into the future, or are longer than allowed."""
     today = today or utcnow().date()
     if start > end:
-        raise InvalidPeriod(f"period_start {start} is after period_end {end}", field="period_start")
+        raise InvalidPeriod(f"the first day ({start}) is after the last day ({end})", field="period_start")
     if end > today:
-        raise InvalidPeriod(f"period_end {end} is in the future (today is {today})", field="period_end")
+        raise InvalidPeriod(f"the last day ({end}) is in the future (today is {today})", field="period_end")
     days = (end - start).days + 1
     if days > max_days:
         raise PeriodTooLong(
@@ -99,6 +117,7 @@ def create_retro_test(
     data: RetroTestCreate,
     actor: str,
     scope: PartnerScope,
+    history: HistoryCoverage | None = None,
 ) -> tuple[RetroTest, bool]:
     """Validate a request and add it as a queued job; returns (job, created). An identical active job is reused."""
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
@@ -108,6 +127,14 @@ def create_retro_test(
     model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
     override = data.source.model_dump(exclude_none=True) if data.source else {}
     spec = model.source_spec(override)
+    if history is not None:
+        check_history(
+            history=history,
+            table=spec.table,
+            date_column=spec.date_column,
+            start=data.period_start,
+            end=data.period_end,
+        )
     formats = list(data.output_formats or settings.output_formats)
     source = {"table": spec.table, "date_column": spec.date_column, "id_columns": list(spec.id_columns)}
     key = request_key(partner_id=partner.id, model=model, data=data, source=source, formats=formats)

@@ -17,7 +17,7 @@ from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
 from app.integrations.registry import MlflowRegistry
-from app.integrations.wiring import get_registry
+from app.integrations.wiring import get_history_source, get_registry
 from app.partners import service as partners
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
@@ -219,6 +219,7 @@ def submit_job(
             data=data,
             actor=web.user.username,
             scope=web.scope,
+            history=get_history_source(),
         )
     except (ValidationError, AppError) as exc:
         web.session.rollback()
