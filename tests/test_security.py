@@ -116,6 +116,16 @@ def test_fifty_wrong_passwords_lock_the_account_for_a_while_not_for_ever(client,
     db_session.execute(update(SignInFailure).values(locked_until=SignInFailure.locked_until - timedelta(hours=1)))
     with TestClient(client.app) as owner:
         assert _try_password(owner, "target", PASSWORD) == 303
+    # Beat forgets counters whose window and lock have run out, and only those.
+    from app.auth.throttle import forget_old_failures
+    from app.config import get_settings
+
+    assert forget_old_failures(session=db_session, settings=get_settings()) == 0  # windows still open
+    db_session.execute(
+        update(SignInFailure).values(window_started_at=SignInFailure.window_started_at - timedelta(hours=1))
+    )
+    assert forget_old_failures(session=db_session, settings=get_settings()) >= 2
+    assert db_session.scalars(select(SignInFailure)).all() == []
 
 
 # --- tokens ------------------------------------------------------------------------------------------------

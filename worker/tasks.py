@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task
 
+from app.auth import throttle
 from app.config import get_settings
 from app.db import get_session_factory
 from app.integrations.deployers import Deployer
@@ -95,6 +96,8 @@ def reap_deployments_task() -> list[str]:
     sessions = get_session_factory()
     reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
     reaped += reap_files(store=_adapters().store, sessions=sessions)
+    with sessions.begin() as s:
+        throttle.forget_old_failures(session=s, settings=get_settings())
     return reaped + expire_results(
         store=_adapters().store, sessions=sessions, retention_days=get_settings().result_retention_days
     )

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import delete, or_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -101,3 +102,17 @@ def note_success(*, session: Session, succeeded: list[Bar]) -> None:
     if row is not None:
         session.delete(row)
         session.flush()
+
+
+def forget_old_failures(*, session: Session, settings: Settings) -> int:
+    """Drop counters whose window and lock have both run out (beat), so the table holds only live ones."""
+    now = utcnow()
+    stale = session.execute(
+        delete(SignInFailure)
+        .where(
+            SignInFailure.window_started_at < now - timedelta(seconds=settings.sign_in_window_s),
+            or_(SignInFailure.locked_until.is_(None), SignInFailure.locked_until < now),
+        )
+        .returning(SignInFailure.key)
+    ).all()
+    return len(stale)
