@@ -405,6 +405,10 @@ def create_admin(
 def create_token(
     username: Annotated[str, typer.Option(help="Whose token it is")],
     name: Annotated[str, typer.Option(help="What the token is for")] = "cli",
+    days: Annotated[
+        int | None,
+        typer.Option(min=1, help="Days it lives [default: RETRO_API_TOKEN_DEFAULT_DAYS]", show_default=False),
+    ] = None,
 ) -> None:
     """Create a personal API token for a user and print it once (only its sha256 is stored)."""
     from app.auth import service
@@ -415,10 +419,32 @@ def create_token(
         if user is None or not user.is_active:
             typer.echo(f"no active user named {username!r}", err=True)
             raise typer.Exit(1)
-        _, secret = service.create_api_token(session=session, user=user, name=name[:100], actor="cli")
+        _, secret = service.create_api_token(
+            session=session, user=user, name=name[:100], actor="cli", expires_in_days=days
+        )
         session.commit()
     typer.echo(f"API token for {username!r} ({name}); it is shown only now:", err=True)
     typer.echo(secret)
+
+
+@app.command("link-sso")
+def link_sso(
+    username: Annotated[str, typer.Option(help="The existing user")],
+    issuer: Annotated[str, typer.Option(help="The identity provider's issuer URL (its `iss`)")],
+    subject: Annotated[str, typer.Option(help="The identity's stable `sub` at that issuer")],
+) -> None:
+    """Link a single sign-on identity to an existing user: SSO never takes an account by its name alone."""
+    from app.auth import service
+    from app.db import get_session_factory
+
+    with get_session_factory()() as session:
+        user = service.find_user(session=session, username=username)
+        if user is None:
+            typer.echo(f"no user named {username!r}", err=True)
+            raise typer.Exit(1)
+        service.link_oidc_identity(session=session, user=user, subject=f"{issuer} {subject}", actor="cli")
+        session.commit()
+    typer.echo(f"{username!r} now signs in as {subject!r} of {issuer}")
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -180,7 +182,28 @@ class Settings(BaseSettings):
 
     # Sign-in. The session cookie is HttpOnly and SameSite=Lax; Secure by default when the public URL is https.
     session_cookie_secure: bool | None = None
+    # A session ends this long after sign-in (absolute) or after its last request (idle), whichever comes first.
     session_max_age_s: int = Field(default=12 * 3600, ge=60)
+    session_idle_s: int = Field(default=2 * 3600, ge=60)
+    # Personal API tokens: how long a new one lives unless told, and the longest allowed.
+    api_token_default_days: int = Field(default=90, ge=1)
+    api_token_max_days: int = Field(default=365, ge=1)
+    # Password sign-in throttling: this many failures in sign_in_window_s lock further tries for a while (doubling
+    # with each failure beyond, at most sign_in_lock_max_s), counted per account from one address, per address and,
+    # with a higher bar, per account from anywhere. Locks always run out: an attacker can delay a user, not lock
+    # them out for good.
+    sign_in_max_failures: int = Field(default=5, ge=1)
+    sign_in_address_max_failures: int = Field(default=20, ge=1)
+    sign_in_account_max_failures: int = Field(default=50, ge=1)
+    sign_in_window_s: int = Field(default=900, ge=1)
+    sign_in_lock_max_s: int = Field(default=900, ge=1)
+    # Request bodies: every route refuses a larger one (413) before reading it; routes that take file uploads get
+    # upload_max_body_bytes (app/body_limit.py lists them).
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    upload_max_body_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    # Result retention: a job's result files and download links are deleted this many days after it finished
+    # (by beat, recorded in the audit trail); 0 keeps them for ever.
+    result_retention_days: int = Field(default=90, ge=0)
     # Partner download links: how long a new link lives unless told, and the longest allowed.
     download_link_default_days: int = Field(default=7, ge=1)
     download_link_max_days: int = Field(default=30, ge=1)
@@ -223,9 +246,42 @@ class Settings(BaseSettings):
         return self.results_url or str((self.var_dir / "results").resolve())
 
     def check_secrets(self) -> None:
-        """Fail fast on placeholder secrets outside dev and test."""
-        if self.env == "prod" and self.secret_key.get_secret_value() == "dev-only-change-me":
-            raise RuntimeError("RETRO_SECRET_KEY must be set to a real secret when RETRO_ENV=prod")
+        """Fail fast on a weak or placeholder secret in prod."""
+        if self.env != "prod":
+            return
+        problem = secret_key_problem(self.secret_key.get_secret_value())
+        if problem is not None:
+            raise RuntimeError(
+                f"RETRO_SECRET_KEY {problem} (RETRO_ENV=prod); make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
+            )
+
+
+# Secrets seen in examples and docs: never accepted in prod, whatever their length.
+KNOWN_PLACEHOLDER_SECRETS = frozenset(
+    {"dev-only-change-me", "change-me", "changeme", "secret", "please-change-me", "retrotest", "insecure"}
+)
+MIN_SECRET_BITS = 256  # 32 bytes of entropy
+
+
+def _estimated_bits(secret: str) -> float:
+    """An upper estimate of the secret's entropy: its length times the Shannon entropy of its characters."""
+    counts = Counter(secret)
+    per_char = -sum(n / len(secret) * math.log2(n / len(secret)) for n in counts.values())
+    return per_char * len(secret)
+
+
+def secret_key_problem(secret: str) -> str | None:
+    """Why secret may not sign prod sessions, or None when it may."""
+    if secret.strip().lower() in KNOWN_PLACEHOLDER_SECRETS or "change-me" in secret.lower():
+        return "is a known placeholder"
+    if len(secret.encode()) < 32:
+        return f"is {len(secret.encode())} bytes long; at least 32 random bytes are needed"
+    # The estimate reads short random strings low: token_urlsafe(32) (256 random bits in 43 characters) scores
+    # about 205 by it, token_hex(32) about 245; a repeated word of 32 characters about 100.
+    if _estimated_bits(secret) < MIN_SECRET_BITS * 0.6:
+        return "has too little entropy (repeated or few distinct characters); use at least 32 random bytes"
+    return None
 
 
 @lru_cache

@@ -24,6 +24,7 @@ from app.errors import AppError, DatabaseUnavailable, Unauthorized
 from app.metrics import register_jobs_collector
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
+from app.request_guard import RequestGuard
 from app.retro_tests.router import router as retro_tests_router
 from app.system.router import router as system_router
 from app.web import account as web_account
@@ -145,6 +146,7 @@ def create_app() -> FastAPI:
         same_site="lax",
         https_only=settings.resolved_session_cookie_secure(),
     )
+    app.add_middleware(RequestGuard, settings=settings)  # outermost: before anything reads the request
     return app
 
 

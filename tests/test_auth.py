@@ -59,24 +59,30 @@ def test_bad_credentials_are_401(client, authorization) -> None:  # type: ignore
 def test_tokens_are_random_stored_hashed_shown_once_and_revocable(client, db_session) -> None:  # type: ignore[no-untyped-def]
     from app.auth.models import ApiToken
 
-    created = client.post("/api/v1/tokens", json={"name": "laptop"})
+    make_user(db_session, "maker", password="a long enough password")
+    browser = TestClient(client.app)  # tokens are made by a signed-in person, never by a token
+    sign_in(browser, "maker", "a long enough password")
+    csrf = {"X-CSRF-Token": csrf_of(browser.get("/jobs").text)}
+    created = browser.post("/api/v1/tokens", json={"name": "laptop"}, headers=csrf)
     assert created.status_code == 201, created.text
     token = created.json()["token"]
     assert token.startswith("rtk_") and len(token) >= 4 + 43  # 32 random bytes, urlsafe base64
     row = db_session.get(ApiToken, uuid.UUID(created.json()["id"]))
     assert row.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert token not in {t.token_hash for t in db_session.scalars(select(ApiToken))}
-    listed = client.get("/api/v1/tokens").json()
+    listed = browser.get("/api/v1/tokens").json()
     assert all("token" not in t for t in listed) and "laptop" in [t["name"] for t in listed]
 
     with TestClient(client.app, headers={"Authorization": f"Bearer {token}"}) as laptop:
         assert row.last_used_at is None
-        assert laptop.get("/api/v1/me").json()["username"] == "tester"
+        assert laptop.get("/api/v1/me").json()["username"] == "maker"
         db_session.refresh(row)
         assert row.last_used_at is not None
-        assert client.delete(f"/api/v1/tokens/{row.id}").status_code == 204
+        assert client.delete(f"/api/v1/tokens/{row.id}").status_code == 404  # not the admin's own token
+        assert browser.delete(f"/api/v1/tokens/{row.id}", headers=csrf).status_code == 204
         assert laptop.get("/api/v1/me").status_code == 401
     assert client.delete(f"/api/v1/tokens/{uuid.uuid4()}").status_code == 404
+    browser.close()
 
 
 def test_a_deactivated_users_tokens_stop_working(client, db_session) -> None:  # type: ignore[no-untyped-def]

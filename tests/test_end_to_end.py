@@ -91,7 +91,13 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     assert "input example" in check["source"]
 
     files = {f["name"]: f for f in done["files"]}
-    assert set(files) == {"scores.parquet", "scores.csv.gz", "requirements.lock", "manifest.json"}
+    assert set(files) == {
+        "scores.parquet",
+        "scores.csv.gz",
+        "requirements.lock",
+        "manifest.json",
+        "manifest.internal.json",
+    }
     with stack.client() as c:
         blobs = {name: c.get(f["download_url"]).content for name, f in files.items()}
     for name, f in files.items():
@@ -105,7 +111,7 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
 
     src = source_rows(history)
     model = mlflow.pyfunc.load_model("models:/churn/1")
-    feature_names = [c["name"] for c in json.loads(blobs["manifest.json"])["model"]["inputs"]]
+    feature_names = [c["name"] for c in json.loads(blobs["manifest.internal.json"])["model"]["inputs"]]
     expected = np.asarray(model.predict(src[feature_names]))
     merged = (
         src[["customer_id", "snapshot_date"]]
@@ -119,7 +125,11 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     csv = pacsv.read_csv(pa.py_buffer(__import__("gzip").decompress(blobs["scores.csv.gz"]))).to_pandas()
     assert len(csv) == expected_rows and list(csv.columns) == list(scores.columns)
 
-    manifest = json.loads(blobs["manifest.json"])
+    for_partner = json.loads(blobs["manifest.json"])  # what a partner's link serves: no internal details
+    assert for_partner["model"] == {"name": "churn", "version": "1"} and "source" not in for_partner
+    assert done["model_run_id"] not in blobs["manifest.json"].decode()
+    assert {f["name"] for f in for_partner["files"]} == {"scores.parquet", "scores.csv.gz", "requirements.lock"}
+    manifest = json.loads(blobs["manifest.internal.json"])  # the full one, for staff
     assert manifest["model"]["name"] == "churn" and manifest["model"]["version"] == "1"
     assert manifest["model"]["run_id"] == done["model_run_id"]
     assert manifest["rows"] == {"total": expected_rows, "read": expected_rows, "scored": expected_rows, "rejected": 0}

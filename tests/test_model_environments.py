@@ -126,7 +126,7 @@ def _scores(stack: Stack, job: dict) -> tuple[pd.DataFrame, dict]:  # type: igno
     files = {f["name"]: f for f in job["files"]}
     with stack.client() as c:
         scores = pq.read_table(io.BytesIO(c.get(files["scores.parquet"]["download_url"]).content)).to_pandas()
-        manifest = c.get(files["manifest.json"]["download_url"]).json()
+        manifest = c.get(files["manifest.internal.json"]["download_url"]).json()
     return scores, manifest
 
 

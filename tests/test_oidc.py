@@ -79,13 +79,19 @@ def test_sso_signs_in_and_creates_an_account_manager(sso_app, issuer, db_session
     browser2.close()
 
 
-def test_sso_links_an_existing_local_user_by_username(sso_app, issuer, db_session) -> None:  # type: ignore[no-untyped-def]
+def test_sso_signs_in_a_local_user_only_once_an_admin_linked_the_identity(sso_app, issuer, db_session) -> None:  # type: ignore[no-untyped-def]
+    from app.auth import service
     from app.auth.models import User
 
     make_user(db_session, "sso-user", role="admin", password="a long enough password")
+    db_session.commit()  # the refused sign-in rolls its own work back, not the test's
+    user = db_session.scalars(select(User).where(User.username == "sso-user")).one()
+    browser0, unlinked = sso_sign_in(sso_app[0])  # the name alone proves nothing
+    assert unlinked.status_code == 403 and user.oidc_subject is None
+    browser0.close()
+    service.link_oidc_identity(session=db_session, user=user, subject=f"{issuer.url} {issuer.subject}", actor="t")
     browser, resp = sso_sign_in(sso_app[0])
     assert resp.status_code == 303
-    user = db_session.scalars(select(User).where(User.username == "sso-user")).one()
     assert user.is_admin and user.oidc_subject is not None
     issuer.subject = "someone-else"  # another identity claiming the same username is refused
     browser2, refused = sso_sign_in(sso_app[0])

@@ -15,7 +15,7 @@ from app.clock import utcnow
 from app.errors import ReconciliationFailed
 from app.integrations.history import HistoryQuery
 from app.integrations.registry import ModelVersionInfo
-from app.integrations.results import ResultStore
+from app.integrations.results import INTERNAL_MANIFEST, STAFF_ONLY_KIND, ResultStore, csv_safe
 from app.retro_tests import runs
 from app.retro_tests.models import State
 from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
@@ -46,9 +46,13 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
         raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
     if tally.environment and tally.environment.get("packages"):
         files.append(_write_lock(store, prefix, tally.environment))
+    # The full manifest is for staff (the API); partners' links serve the one without internal details.
     manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
-    with store.open_write(f"{prefix}/manifest.json") as fh:
+    with store.open_write(f"{prefix}/{INTERNAL_MANIFEST}") as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
+    with store.open_write(f"{prefix}/manifest.json") as fh:
+        fh.write(json.dumps(partner_manifest(manifest), indent=2).encode())
+    files.append(_described(store, prefix, name=INTERNAL_MANIFEST, kind=STAFF_ONLY_KIND, fmt="json", rows=None))
     files.append(_described(store, prefix, name="manifest.json", kind="manifest", fmt="json", rows=None))
     # The files and the verdict in one transaction, and only then the parts go: a worker killed at any point
     # leaves either a succeeded job with its files, or the parts a next attempt publishes from again.
@@ -78,6 +82,23 @@ def _described(
     return ResultFileRecord(
         name=name, kind=kind, format=fmt, rows=rows, bytes=store.size(rel), sha256=store.sha256(rel)
     )
+
+
+def partner_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a partner may read of the manifest: the model by name and version, the period, the ids, rows, files.
+
+    Not the run id, artifact URI, requester, source table, query, environment or timings: they describe our
+    systems, not the partner's results.
+    """
+    return {
+        "retro_test": {"id": manifest["retro_test"]["id"], "created_at": manifest["retro_test"]["created_at"]},
+        "model": {"name": manifest["model"]["name"], "version": manifest["model"]["version"]},
+        "id_columns": manifest["source"]["id_columns"],
+        "period": manifest["period"],
+        "rows": manifest["rows"],
+        "files": [f for f in manifest["files"] if f["kind"] != STAFF_ONLY_KIND],
+        "published_at": manifest["published_at"],
+    }
 
 
 def _manifest(
@@ -150,6 +171,6 @@ def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dic
             with store.open_read(rel) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
                     for fmt, writer in writers.items():
-                        writer.write_batch(batch)
+                        writer.write_batch(batch if fmt == "parquet" else csv_safe(batch))
                         rows[fmt] += batch.num_rows
     return rows

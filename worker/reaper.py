@@ -24,6 +24,7 @@ from app.clock import utcnow
 from app.integrations.deployers import Deployer, ManagedDeployment
 from app.integrations.results import ResultStore
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
+from app.retro_tests import retention
 from app.retro_tests.models import TERMINAL_STATES, RetroTest, State
 from app.retro_tests.service import job_prefix
 
@@ -103,3 +104,33 @@ def reap_files(*, store: ResultStore, sessions: sessionmaker[Session], recent_da
         except Exception:
             log.exception("reaper: could not remove %s; trying again next time", rel)
     return removed
+
+
+RETENTION_BATCH = 100  # jobs per beat run; the next run takes the rest
+
+
+def expire_results(*, store: ResultStore, sessions: sessionmaker[Session], retention_days: int) -> list[str]:
+    """Delete the files and links of succeeded jobs finished more than retention_days ago (0: keep for ever).
+
+    Links first, then the files, then the record: no link ever points at a file that is gone, no transaction is
+    open while the store works, and a crash in between leaves a job the next run finishes.
+    """
+    if retention_days <= 0:
+        return []
+    cutoff = utcnow() - timedelta(days=retention_days)
+    with sessions() as s:
+        due = retention.jobs_past_retention(session=s, finished_before=cutoff, limit=RETENTION_BATCH)
+    expired = []
+    for job_id, prefix in due:
+        try:
+            with sessions.begin() as s:
+                retention.close_links(session=s, job_id=job_id)
+            store.remove_tree(prefix)
+            with sessions.begin() as s:
+                retention.record_results_deleted(session=s, job_id=job_id, retention_days=retention_days)
+        except Exception:
+            log.exception("retention: could not delete the results of %s; trying again next time", job_id)
+            continue
+        log.info("retention: deleted the results and links of retro test %s (over %d days)", job_id, retention_days)
+        expired.append(str(job_id))
+    return expired

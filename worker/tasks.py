@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task
 
+from app.auth import throttle
 from app.config import get_settings
 from app.db import get_session_factory
 from app.integrations.deployers import Deployer
@@ -31,7 +32,7 @@ from app.queue import (
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
-from worker.reaper import reap_deployments, reap_files
+from worker.reaper import expire_results, reap_deployments, reap_files
 from worker.reconciler import reconcile_jobs
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,16 @@ def score_partition_task(message: dict[str, Any]) -> str:
 
 @celery_app.task(name=REAP_DEPLOYMENTS)  # type: ignore[untyped-decorator]
 def reap_deployments_task() -> list[str]:
-    """Delete model deployments whose job has ended or whose expiry has passed, and files ended jobs left (beat)."""
+    """Delete model deployments whose job has ended or whose expiry has passed, files ended jobs left, and results
+    past their retention (beat)."""
     sessions = get_session_factory()
     reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
-    return reaped + reap_files(store=_adapters().store, sessions=sessions)
+    reaped += reap_files(store=_adapters().store, sessions=sessions)
+    with sessions.begin() as s:
+        throttle.forget_old_failures(session=s, settings=get_settings())
+    return reaped + expire_results(
+        store=_adapters().store, sessions=sessions, retention_days=get_settings().result_retention_days
+    )
 
 
 @celery_app.task(name=RECONCILE_JOBS)  # type: ignore[untyped-decorator]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated
@@ -15,10 +16,12 @@ from sqlalchemy.orm import Session
 from app.auth import service
 from app.auth.models import User
 from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.config import get_settings
 from app.db import get_session, release_connection
 from app.errors import Forbidden, Unauthorized
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_SEEN_RESOLUTION_S = 30  # how stale a session's last-use time may get before a request notes it again
 CSRF_HEADER = "X-CSRF-Token"
 
 bearer = HTTPBearer(
@@ -27,14 +30,32 @@ bearer = HTTPBearer(
 )
 
 
+def _now() -> int:
+    return int(time.time())
+
+
 def sign_in(request: Request, user: User) -> None:
-    """Start a signed-in session: a fresh cookie with the user's id and a new CSRF token."""
+    """Start a signed-in session: a fresh cookie with the user's id and session generation, its start (for the
+    absolute lifetime) and last use (for the idle one), and a new CSRF token."""
+    now = _now()
     request.session.clear()
-    request.session["uid"] = str(user.id)
-    request.session["csrf"] = secrets.token_urlsafe(32)
+    request.session.update(
+        {
+            "uid": str(user.id),
+            "gen": user.session_generation,
+            "iat": now,
+            "seen": now,
+            "csrf": secrets.token_urlsafe(32),
+        }
+    )
 
 
-def sign_out(request: Request) -> None:
+def sign_out(request: Request, session: Session) -> None:
+    """End this browser's session and, through the user's session generation, every copy of its cookie."""
+    user = session_user(request, session)
+    if user is not None:
+        service.end_sessions(session=session, user=user)
+        session.commit()
     request.session.clear()
 
 
@@ -52,16 +73,29 @@ def csrf_matches(request: Request, presented: str | None) -> bool:
     return isinstance(expected, str) and presented is not None and secrets.compare_digest(expected, presented)
 
 
+def _session_alive(request: Request) -> bool:
+    """Whether the cookie's session is within its absolute and idle lifetimes; notes this use when it is."""
+    settings = get_settings()
+    started, seen, now = request.session.get("iat"), request.session.get("seen"), _now()
+    if not isinstance(started, int) or not isinstance(seen, int):
+        return False
+    if now - started > settings.session_max_age_s or now - seen > settings.session_idle_s:
+        return False
+    if now - seen >= _SEEN_RESOLUTION_S:
+        request.session["seen"] = now
+    return True
+
+
 def session_user(request: Request, session: Session) -> User | None:
-    """The user of the signed-in session cookie, if any and still active."""
-    raw = request.session.get("uid")
-    if not isinstance(raw, str):
+    """The user of the signed-in session cookie, if any, still active, and the session neither ended nor expired."""
+    raw, generation = request.session.get("uid"), request.session.get("gen")
+    if not isinstance(raw, str) or not isinstance(generation, int) or not _session_alive(request):
         return None
     try:
         user_id = uuid.UUID(raw)
     except ValueError:
         return None
-    return service.active_user(session=session, user_id=user_id)
+    return service.active_user(session=session, user_id=user_id, generation=generation)
 
 
 def current_user(
@@ -74,7 +108,8 @@ def current_user(
         user = service.user_for_api_token(session=session, secret=credentials.credentials)
         release_connection(session)  # and write the token's last-used time, when it was due
         if user is None:
-            raise Unauthorized("the API token is unknown or revoked, or its user is deactivated")
+            raise Unauthorized("the API token is unknown, revoked or expired, or its user is deactivated")
+        request.state.via_api_token = True
         return user
     user = session_user(request, session)
     release_connection(session)
@@ -86,6 +121,31 @@ def current_user(
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def optional_caller(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> User | None:
+    """The caller if they sent credentials that hold, else None (for routes open to anyone that show more to some)."""
+    if credentials is not None:
+        user = service.user_for_api_token(session=session, secret=credentials.credentials)
+    else:
+        user = session_user(request, session)
+    release_connection(session)
+    return user
+
+
+def signed_in_user(request: Request, user: CurrentUser) -> User:
+    """The caller, signed in with a password or SSO: an API token may not do this (e.g. make more tokens, which
+    would outlive its own revocation)."""
+    if getattr(request.state, "via_api_token", False):
+        raise Forbidden("an API token cannot do this; sign in to the web UI (API tokens page) instead")
+    return user
+
+
+SignedInUser = Annotated[User, Depends(signed_in_user)]
 
 
 async def current_scope(user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:

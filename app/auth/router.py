@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response
 from sqlalchemy.orm import Session
 
 from app.auth import service
-from app.auth.deps import AdminUser, CurrentUser, current_user
+from app.auth.deps import AdminUser, CurrentUser, SignedInUser, current_user
 from app.auth.schemas import MeOut, TokenCreate, TokenCreated, TokenOut, UserCreate, UserOut, UserUpdate
 from app.db import get_session
 
@@ -31,12 +31,19 @@ def list_tokens(user: CurrentUser, session: Annotated[Session, Depends(get_sessi
     return [TokenOut.model_validate(t) for t in service.list_api_tokens(session=session, user=user)]
 
 
-@router.post("/tokens", status_code=201, response_model=TokenCreated)
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=TokenCreated,
+    responses={403: {"description": "Called with an API token: tokens cannot make tokens"}},
+)
 def create_token(
-    data: TokenCreate, user: CurrentUser, session: Annotated[Session, Depends(get_session)]
+    data: TokenCreate, user: SignedInUser, session: Annotated[Session, Depends(get_session)]
 ) -> TokenCreated:
-    """A new personal API token for the caller. The token is in this response only: store it now."""
-    token, secret = service.create_api_token(session=session, user=user, name=data.name, actor=user.username)
+    """A new personal API token for the caller, signed in (not with a token). The token is in this response only."""
+    token, secret = service.create_api_token(
+        session=session, user=user, name=data.name, actor=user.username, expires_in_days=data.expires_in_days
+    )
     session.commit()
     return TokenCreated(**TokenOut.model_validate(token).model_dump(), token=secret)
 

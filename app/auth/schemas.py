@@ -31,7 +31,7 @@ class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role | None = None
-    is_active: bool | None = None
+    is_active: Annotated[bool, Field(strict=True)] | None = None
     password: Password | None = None
 
 
@@ -54,6 +54,9 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "laptop"}]})
 
     name: TokenName
+    expires_in_days: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        default=None, description="Days it lives; RETRO_API_TOKEN_DEFAULT_DAYS unless told, at most the maximum"
+    )
 
 
 class TokenOut(BaseModel):
@@ -65,6 +68,7 @@ class TokenOut(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    expires_at: datetime
 
 
 class TokenCreated(TokenOut):

@@ -18,6 +18,7 @@ from app.auth.models import ApiToken, Role, User, UserPartner
 from app.auth.schemas import UserCreate, UserUpdate
 from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.clock import as_utc, utcnow
+from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound
 from app.partners.models import Partner
 
@@ -48,7 +49,8 @@ def secret_digest(secret: str) -> str:
 
 
 def find_user(*, session: Session, username: str) -> User | None:
-    return session.scalars(select(User).where(User.username == username)).one_or_none()
+    """The user of this name, whatever its case."""
+    return session.scalars(select(User).where(func.lower(User.username) == username.lower())).one_or_none()
 
 
 def get_user(*, session: Session, user_id: uuid.UUID) -> User:
@@ -102,12 +104,19 @@ def update_user(*, session: Session, user_id: uuid.UUID, data: UserUpdate, actor
     )
     if user.is_admin and user.is_active and not stays_admin and _active_admins(session) <= 1:
         raise Conflict(f"{user.username!r} is the last active admin; make another admin first")
+    ends_sessions = (
+        (data.role is not None and data.role != user.role)
+        or (data.is_active is not None and data.is_active != user.is_active)
+        or data.password is not None
+    )
     if data.role is not None:
         user.role = data.role
     if data.is_active is not None:
         user.is_active = data.is_active
     if data.password is not None:
         user.password_hash = hash_password(data.password)
+    if ends_sessions:
+        user.session_generation += 1
     session.flush()
     changes = data.model_dump(exclude_unset=True, exclude={"password"}, mode="json")
     if data.password is not None:
@@ -129,10 +138,32 @@ def authenticate(*, session: Session, username: str, password: str) -> User | No
     return user
 
 
-def create_api_token(*, session: Session, user: User, name: str, actor: str) -> tuple[ApiToken, str]:
-    """A new personal API token for user: returns the row and the token, which is never stored or shown again."""
+def end_sessions(*, session: Session, user: User) -> None:
+    """End every signed-in session of user at once (sign-out): their cookies no longer match."""
+    user.session_generation += 1
+    session.flush()
+
+
+def create_api_token(
+    *, session: Session, user: User, name: str, actor: str, expires_in_days: int | None = None
+) -> tuple[ApiToken, str]:
+    """A new personal API token for user: returns the row and the token, which is never stored or shown again.
+
+    It expires after expires_in_days (RETRO_API_TOKEN_DEFAULT_DAYS unless told, RETRO_API_TOKEN_MAX_DAYS at most).
+    """
+    settings = get_settings()
+    if expires_in_days is None:
+        expires_in_days = settings.api_token_default_days
+    if expires_in_days > settings.api_token_max_days:
+        raise Invalid(f"an API token lives at most {settings.api_token_max_days} days", field="expires_in_days")
     secret = API_TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
-    token = ApiToken(user_id=user.id, name=name, token_hash=secret_digest(secret), prefix=secret[:12])
+    token = ApiToken(
+        user_id=user.id,
+        name=name,
+        token_hash=secret_digest(secret),
+        prefix=secret[:12],
+        expires_at=utcnow() + timedelta(days=expires_in_days),
+    )
     session.add(token)
     session.flush()
     record(
@@ -143,6 +174,7 @@ def create_api_token(*, session: Session, user: User, name: str, actor: str) -> 
         subject_id=user.id,
         token_id=str(token.id),
         name=name,
+        expires_at=token.expires_at.isoformat(),
     )
     return token, secret
 
@@ -172,33 +204,40 @@ def revoke_api_token(*, session: Session, user: User, token_id: uuid.UUID, actor
     return token
 
 
-# The active user of an unrevoked token, with the token's id and last use; built once, as every API request
-# runs it.
+# The active user of an unrevoked, unexpired token, with the token's id and last use; built once, as every API
+# request runs it.
 _TOKEN_USER = (
     select(User, ApiToken.id, ApiToken.last_used_at)
     .join(ApiToken, ApiToken.user_id == User.id)
-    .where(ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked_at.is_(None), User.is_active)
+    .where(
+        ApiToken.token_hash == bindparam("token_hash"),
+        ApiToken.revoked_at.is_(None),
+        ApiToken.expires_at > bindparam("now"),
+        User.is_active,
+    )
 )
 
 
 def user_for_api_token(*, session: Session, secret: str) -> User | None:
-    """The active user a presented token belongs to, or None if it is unknown or revoked; notes its use."""
+    """The active user a presented token belongs to, or None if it is unknown, revoked or expired; notes its use."""
     if not secret.startswith(API_TOKEN_PREFIX) or len(secret) > 200:
         return None
-    row = session.execute(_TOKEN_USER, {"token_hash": secret_digest(secret)}).one_or_none()
+    now = utcnow()
+    row = session.execute(_TOKEN_USER, {"token_hash": secret_digest(secret), "now": now}).one_or_none()
     if row is None:
         return None
     user, token_id, last_used_at = row
-    now = utcnow()
     if last_used_at is None or now - as_utc(last_used_at) > _LAST_USED_RESOLUTION:
         session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
     return user
 
 
-def active_user(*, session: Session, user_id: uuid.UUID) -> User | None:
-    """The user of a signed-in session, if they still exist and may sign in."""
+def active_user(*, session: Session, user_id: uuid.UUID, generation: int) -> User | None:
+    """The user of a signed-in session, if they still exist, may sign in and have not ended it since."""
     user = session.get(User, user_id)
-    return user if user is not None and user.is_active else None
+    if user is None or not user.is_active or user.session_generation != generation:
+        return None
+    return user
 
 
 def partner_scope(*, session: Session, user: User) -> PartnerScope:
@@ -234,9 +273,9 @@ def partner_managers(*, session: Session, partner_id: uuid.UUID) -> list[User]:
 
 def set_partner_managers(*, session: Session, partner: Partner, usernames: list[str], actor: str) -> list[User]:
     """Make exactly these users the partner's account managers."""
-    wanted = sorted(set(usernames))
-    users = list(session.scalars(select(User).where(User.username.in_(wanted)))) if wanted else []
-    missing = sorted(set(wanted) - {u.username for u in users})
+    wanted = sorted({name.lower() for name in usernames})
+    users = list(session.scalars(select(User).where(func.lower(User.username).in_(wanted)))) if wanted else []
+    missing = sorted(set(wanted) - {u.username.lower() for u in users})
     if missing:
         raise Invalid(f"no user named {', '.join(repr(m) for m in missing)}", field="usernames")
     current = {m.id for m in partner_managers(session=session, partner_id=partner.id)}
@@ -260,31 +299,43 @@ def set_partner_managers(*, session: Session, partner: Partner, usernames: list[
 
 
 def sign_in_oidc(*, session: Session, subject: str, username: str, create: bool) -> User | None:
-    """The user for an OIDC identity: linked before, or matched by username and linked now, or created."""
+    """The user linked to an OIDC identity by its stable subject, or a new account manager for a new identity.
+
+    Never matched by name: an identity whose username is taken by a local account (an admin, say) is refused
+    until an admin links the two (`retrotest link-sso`), as anyone may choose their name at some identity providers.
+    """
     user = session.scalars(select(User).where(User.oidc_subject == subject)).one_or_none()
     if user is None:
-        user = find_user(session=session, username=username)
-        if user is not None and user.oidc_subject is not None:
-            return None  # that username belongs to another OIDC identity
-        if user is None:
-            if not create:
-                return None
-            user = User(username=username, role=Role.account_manager, is_active=True)
-            session.add(user)
-            session.flush()
-            record(
-                session=session,
-                actor=username,
-                action="user.create",
-                subject_type="user",
-                subject_id=user.id,
-                username=username,
-                role=user.role.value,
-                via="oidc",
-            )
-        user.oidc_subject = subject
+        if not create or find_user(session=session, username=username) is not None:
+            return None
+        user = User(username=username, role=Role.account_manager, is_active=True, oidc_subject=subject)
+        session.add(user)
+        session.flush()
+        record(
+            session=session,
+            actor=username,
+            action="user.create",
+            subject_type="user",
+            subject_id=user.id,
+            username=username,
+            role=user.role.value,
+            via="oidc",
+        )
     if not user.is_active:
         return None
     user.last_login_at = utcnow()
     session.flush()
+    return user
+
+
+def link_oidc_identity(*, session: Session, user: User, subject: str, actor: str) -> User:
+    """Link an OIDC identity ("<issuer> <sub>") to an existing user, so it signs in as them (admins)."""
+    holder = session.scalars(select(User).where(User.oidc_subject == subject)).one_or_none()
+    if holder is not None and holder.id != user.id:
+        raise Conflict(f"that identity is already linked to {holder.username!r}")
+    user.oidc_subject = subject
+    session.flush()
+    record(
+        session=session, actor=actor, action="user.link_sso", subject_type="user", subject_id=user.id, subject=subject
+    )
     return user

@@ -10,7 +10,7 @@ from typing import IO, Any
 from fastapi.responses import Response, StreamingResponse
 
 from app.errors import NotFound
-from app.integrations.results import ResultStore
+from app.integrations.results import STAFF_ONLY_KIND, ResultStore
 from app.retro_tests.models import ResultFile, RetroTest, State
 from app.retro_tests.service import job_prefix
 
@@ -34,12 +34,13 @@ class Slice:
         return f"bytes {self.start}-{self.start + self.length - 1}/{self.size}"
 
 
-def find_result_file(job: RetroTest, name: str) -> ResultFile | None:
-    """The succeeded job's recorded file with exactly this name, if it is a plain file name."""
+def find_result_file(job: RetroTest, name: str, *, partner: bool = False) -> ResultFile | None:
+    """The succeeded job's recorded file with exactly this name, if it is a plain file name (and, for a partner's
+    link, not a staff-only file)."""
     if job.state != State.succeeded:
         return None
     file = next((f for f in job.files if f.name == name), None)
-    if file is None or not _PLAIN_NAME.fullmatch(file.name):
+    if file is None or not _PLAIN_NAME.fullmatch(file.name) or (partner and file.kind == STAFF_ONLY_KIND):
         return None
     return file
 
@@ -47,6 +48,15 @@ def find_result_file(job: RetroTest, name: str) -> ResultFile | None:
 def result_path(job: RetroTest, file: ResultFile) -> str:
     """Where the file is in the result store: always inside the job's own folder."""
     return f"{job_prefix(job)}/{file.name}"
+
+
+# Any position past this lies beyond every file; Python refuses to read an int of over 4,300 digits.
+_BEYOND_ANY_FILE = 10**18
+
+
+def _position(digits: str) -> int:
+    """A byte position of a Range header, however many digits it has."""
+    return int(digits) if len(digits) < 18 else _BEYOND_ANY_FILE
 
 
 def choose_slice(*, size: int, range_header: str | None, if_range: str | None, etag: str) -> Slice | None:
@@ -60,14 +70,14 @@ def choose_slice(*, size: int, range_header: str | None, if_range: str | None, e
         return whole
     first, last = match.groups()
     if first:
-        start = int(first)
-        if last and int(last) < start:
+        start = _position(first)
+        if last and _position(last) < start:
             return whole  # syntactically invalid: ignored
         if start >= size:
             return None
-        end = min(int(last), size - 1) if last else size - 1
+        end = min(_position(last), size - 1) if last else size - 1
     elif last:
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             return None
         start, end = max(0, size - suffix), size - 1
@@ -146,12 +156,18 @@ class RangeNotSatisfiable(Exception):
 
 
 def open_download(
-    *, store: ResultStore, job: RetroTest, name: str, range_header: str | None, if_range: str | None
+    *,
+    store: ResultStore,
+    job: RetroTest,
+    name: str,
+    range_header: str | None,
+    if_range: str | None,
+    partner: bool = False,
 ) -> Download:
     """The one way a result file is served, by the API and by partner links alike: found among the job's recorded
     files by name, the Range checked, the file opened. NotFound or RangeNotSatisfiable otherwise; the caller then
     records the download and streams it (stream_slice)."""
-    file = find_result_file(job, name)
+    file = find_result_file(job, name, partner=partner)
     if file is None:
         raise NotFound(f"retro test {job.id} has no result file {name!r}")
     part = choose_slice(size=file.bytes, range_header=range_header, if_range=if_range, etag=etag_of(file))

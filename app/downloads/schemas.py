@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 LinkState = Literal["active", "expired", "revoked"]
 
@@ -12,7 +12,7 @@ LinkState = Literal["active", "expired", "revoked"]
 class LinkCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"expires_in_days": 7}]})
 
-    expires_in_days: int | None = Field(
+    expires_in_days: StrictInt | None = Field(
         default=None,
         ge=1,
         le=3650,

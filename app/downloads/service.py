@@ -6,7 +6,7 @@ import secrets
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.audit.models import AuditEvent
@@ -83,6 +83,19 @@ def revoke_link(*, session: Session, job_id: uuid.UUID, link_id: uuid.UUID, acto
             link_id=str(link.id),
         )
     return link
+
+
+def revoke_job_links(*, session: Session, job_id: uuid.UUID, actor: str) -> int:
+    """Revoke every link of the job still open (its results are going); returns how many."""
+    now = utcnow()
+    revoked = session.scalars(
+        update(DownloadLink)
+        .where(DownloadLink.retro_test_id == job_id, DownloadLink.revoked_at.is_(None))
+        .values(revoked_at=now, revoked_by=actor)
+        .returning(DownloadLink.id)
+    ).all()
+    session.flush()
+    return len(revoked)
 
 
 def link_state(link: DownloadLink, now: datetime | None = None) -> LinkState:

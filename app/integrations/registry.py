@@ -74,6 +74,10 @@ class ModelVersionInfo:
     outputs: tuple[str, ...]
     tags: dict[str, str] = field(default_factory=dict)
 
+    def own_id_columns(self) -> tuple[str, ...]:
+        """The id columns recorded on the model version (its tag); empty when it records none."""
+        return tuple(_split(self.tags.get(TAG_ID_COLUMNS, "")))
+
     def source_spec(self, override: dict[str, Any] | None = None) -> SourceSpec:
         """The history source from the version's tags, with the request's overrides on top."""
         override = override or {}

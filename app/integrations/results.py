@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# The full manifest (run id, artifact URI, requester, source table and query): staff read it through the API; a
+# partner's link never serves it.
+INTERNAL_MANIFEST = "manifest.internal.json"
+STAFF_ONLY_KIND = "staff_manifest"
 
 
 class ResultStore:
@@ -79,3 +87,24 @@ class ResultStore:
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._fs.rm(self.path(rel))
+
+
+# A cell starting with one of these is a formula to a spreadsheet program (OWASP "CSV injection"): `=HYPERLINK(...)`
+# in a partner's own data would run when the partner opens scores.csv.gz. Tab and CR start formulas in some too.
+FORMULA_PREFIXES = "=+-@\t\r"
+_FORMULA_START = "^[" + re.escape(FORMULA_PREFIXES) + "]"
+
+
+def csv_safe(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """batch with every string cell that a spreadsheet would read as a formula prefixed by `'` (shown, not run).
+
+    Only for CSV files: Parquet keeps the values exactly.
+    """
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            risky = pc.match_substring_regex(column, _FORMULA_START)
+            quoted = pc.binary_join_element_wise(pa.scalar("'", column.type), column, pa.scalar("", column.type))
+            column = pc.if_else(pc.fill_null(risky, False), quoted, column)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)

@@ -206,7 +206,7 @@ class ResultFile(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     retro_test_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(16))  # scores | rejects | manifest
+    kind: Mapped[str] = mapped_column(String(16))  # scores | rejects | manifest | staff_manifest | environment
     format: Mapped[str] = mapped_column(String(16))
     rows: Mapped[int | None] = mapped_column(BigInteger)
     bytes: Mapped[int] = mapped_column(BigInteger)

@@ -109,7 +109,7 @@ def create_retro_test(
     read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
     response = json_response(views.job_out(read, views.files_url(request)))
     response.status_code = 202 if created else 200
-    response.headers["Location"] = str(request.url_for("get_retro_test", job_id=job.id))
+    response.headers["Location"] = views.job_url(job.id)
     return response
 
 

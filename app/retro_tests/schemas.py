@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import OutputFormat
 from app.retro_tests.models import State
-from app.validation import NO_CONTROL_PATTERN, Name, SafeText
+from app.validation import NO_CONTROL_PATTERN, IsoDate, Name, SafeText
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -54,8 +54,8 @@ class RetroTestCreate(BaseModel):
     model_alias: Name | None = Field(
         default=None, description="A registry alias such as 'champion'; resolved to a version at submission."
     )
-    period_start: date
-    period_end: date
+    period_start: IsoDate
+    period_end: IsoDate
     output_formats: Annotated[list[OutputFormat], Field(min_length=1, max_length=2)] | None = None
     source: SourceOverride | None = None
     note: Annotated[SafeText, Field(max_length=2000)] | None = None

@@ -17,7 +17,16 @@ from app.audit.service import record
 from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.clock import utcnow
 from app.config import Settings
-from app.errors import Conflict, InvalidPeriod, NoHistoryInPeriod, NotFound, PartnerNotFound, PeriodTooLong
+from app.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    InvalidPeriod,
+    NoHistoryInPeriod,
+    NotFound,
+    PartnerNotFound,
+    PeriodTooLong,
+)
 from app.integrations.registry import ModelVersionInfo
 from app.metrics import STAGE_SECONDS
 from app.partners.models import Partner
@@ -109,6 +118,26 @@ def _unknown_partner(code: str, scope: PartnerScope) -> PartnerNotFound:
     )
 
 
+def check_source_override(*, override: Mapping[str, object], model: ModelVersionInfo, scope: PartnerScope) -> None:
+    """Only admins name the history source; even they copy into results only the model's own id columns.
+
+    The source's table and columns decide what lands in files a partner downloads: an account manager could
+    otherwise read any table and hand any column (a plan, a price) to the partner.
+    """
+    if not override:
+        return
+    if not scope.everything:
+        raise Forbidden(
+            "only an admin may set `source`; ask one, or tag the model version with where its history lives"
+        )
+    own = model.own_id_columns()
+    asked = override.get("id_columns")
+    if own and isinstance(asked, list) and not set(asked) <= set(own):
+        raise Invalid(
+            f"source.id_columns may only name the model's own id columns ({', '.join(own)})", field="source.id_columns"
+        )
+
+
 def create_retro_test(
     *,
     session: Session,
@@ -126,6 +155,7 @@ def create_retro_test(
         raise _unknown_partner(data.partner_code, scope)
     model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
     override = data.source.model_dump(exclude_none=True) if data.source else {}
+    check_source_override(override=override, model=model, scope=scope)
     spec = model.source_spec(override)
     if history is not None:
         check_history(

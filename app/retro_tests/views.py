@@ -3,11 +3,14 @@ service.JOB_VIEW), for the API and the web pages alike."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
 
+from app.config import get_settings
 from app.retro_tests.models import TERMINAL_STATES, State
 from app.retro_tests.schemas import RetroTestOut
 from app.retro_tests.service import JobRead, ViewRow
@@ -16,12 +19,26 @@ API_PREFIX = "/api/v1/retro-tests"
 
 
 def files_url(request: Request) -> str:
-    """Where the API serves a job's result files, as seen by this request.
+    """Where the API serves a job's result files: under RETRO_PUBLIC_BASE_URL, never the request's Host.
 
-    `{files_url}/{job_id}/files/{name}` is what request.url_for("download_result_file", ...) gives, without
-    url_for's walk over every route of the app for each file of a page.
+    `{files_url}/{job_id}/files/{name}` is the route download_result_file, without url_for's walk over every
+    route of the app for each file of a page.
     """
-    return f"{str(request.base_url).rstrip('/')}{API_PREFIX}"
+    return f"{get_settings().public_base_url.rstrip('/')}{API_PREFIX}"
+
+
+def job_url(job_id: uuid.UUID) -> str:
+    """A job's address in the API (its Location), under RETRO_PUBLIC_BASE_URL."""
+    return f"{get_settings().public_base_url.rstrip('/')}{API_PREFIX}/{job_id}"
+
+
+# An absolute file-system path (two or more parts), or a file: URL: where things are on the server.
+_SERVER_PATH = re.compile(r"(?:file://|(?<![\w.:/]))(?:/[\w.@+-]+){2,}/?")
+
+
+def without_server_paths(message: str | None) -> str | None:
+    """A job's error as people see it: the server's file paths replaced, as they tell an outsider its layout."""
+    return _SERVER_PATH.sub("<server path>", message) if message else message
 
 
 def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
@@ -66,7 +83,9 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
             **_pace(job, now=datetime.now(UTC)),
             "activity": activity(job.state),
         },
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "error": {"code": job.error_code, "message": without_server_paths(job.error_message)}
+        if job.error_code
+        else None,
         "result_location": job.result_location if succeeded else None,
         "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
     }

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.auth import oidc
+from app.auth import oidc, throttle
 from app.auth import service as auth_service
 from app.auth.deps import session_user, sign_in, sign_out
 from app.auth.models import User
@@ -87,10 +87,22 @@ def login(
     password: Annotated[str, Form(max_length=1024)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/jobs",
 ) -> Response:
-    """Check a username and password; on success start a session (a new cookie and CSRF token)."""
+    """Check a username and password (unless throttled); on success start a session (a new cookie and CSRF token)."""
+    address = request.client.host if request.client else "?"
+    counted = throttle.bars(settings=settings, username=username, address=address)
+    try:
+        throttle.check(session=session, checked=counted)
+    except throttle.TooManySignIns as exc:
+        page = _login_page(
+            request, settings, next_url=safe_next(next), username=username, error=exc.detail, status_code=429
+        )
+        page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     user = auth_service.authenticate(session=session, username=username, password=password)
     if user is None:
-        log.warning("failed sign-in for %r from %s", username[:150], request.client.host if request.client else "?")
+        log.warning("failed sign-in for %r from %s", username[:150], address)
+        throttle.note_failure(session=session, settings=settings, failed=counted)
+        session.commit()
         return _login_page(
             request,
             settings,
@@ -99,12 +111,14 @@ def login(
             error="Wrong username or password, or the account is deactivated.",
             status_code=401,
         )
+    throttle.note_success(session=session, succeeded=counted)
     return _signed_in(request, session, user, via="password", next_url=next)
 
 
 @router.post("/logout")
-def logout(request: Request) -> RedirectResponse:
-    sign_out(request)
+def logout(request: Request, session: Annotated[Session, Depends(get_session)]) -> RedirectResponse:
+    """Sign out: this cookie, and every other of the same user, stops working at once."""
+    sign_out(request, session)
     return RedirectResponse("/login", status_code=303)
 
 

@@ -47,7 +47,7 @@ def partner_landing(token: str, request: Request, session: Annotated[Session, De
     if found is None:
         return link_not_found()
     link, job = found
-    shown = [f for f in job.files if files.find_result_file(job, f.name) is not None]
+    shown = [f for f in job.files if files.find_result_file(job, f.name, partner=True) is not None]
     return templates.TemplateResponse(
         request,
         "partner/landing.html",
@@ -76,6 +76,7 @@ def partner_download(
             name=name,
             range_header=request.headers.get("range"),
             if_range=request.headers.get("if-range"),
+            partner=True,
         )
     except NotFound:
         return link_not_found()

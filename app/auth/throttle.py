@@ -1,0 +1,118 @@
+"""Password sign-in throttling: failures counted per account from one address, per address and per account.
+
+Each key has its own bar; past it, further tries are refused for a while that doubles with each failure and is
+capped, so an attacker guessing slowly gets nowhere and one guessing fast only delays a user, never locks them out
+for good. The counts live in the database, so every API process sees the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, or_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.auth.models import SignInFailure
+from app.clock import as_utc, utcnow
+from app.config import Settings
+from app.errors import AppError
+
+_FIRST_LOCK_S = 30  # the first refusal past a bar; doubled with each failure beyond it
+
+
+class TooManySignIns(AppError):
+    status_code = 429
+    code = "too_many_sign_ins"
+
+    def __init__(self, retry_after_s: int) -> None:
+        minutes = max(1, math.ceil(retry_after_s / 60))
+        super().__init__(
+            f"too many failed sign-ins for this account or from your address; try again in {minutes} minute(s)"
+        )
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Bar:
+    key: str
+    max_failures: int
+
+
+def bars(*, settings: Settings, username: str, address: str) -> list[Bar]:
+    """The counters one sign-in attempt is measured against."""
+    name = username.lower()[:150]
+    return [
+        Bar(key=f"account-address:{name}|{address}", max_failures=settings.sign_in_max_failures),
+        Bar(key=f"address:{address}", max_failures=settings.sign_in_address_max_failures),
+        Bar(key=f"account:{name}", max_failures=settings.sign_in_account_max_failures),
+    ]
+
+
+def check(*, session: Session, checked: list[Bar]) -> None:
+    """Refuse (TooManySignIns) while any of these counters is locked."""
+    now = utcnow()
+    waits = [
+        (as_utc(row.locked_until) - now).total_seconds()
+        for bar in checked
+        if (row := session.get(SignInFailure, bar.key)) is not None and row.locked_until is not None
+    ]
+    longest = max(waits, default=0.0)
+    if longest > 0:
+        raise TooManySignIns(math.ceil(longest))
+
+
+def _counter(session: Session, key: str, now: datetime) -> SignInFailure:
+    row = session.get(SignInFailure, key, with_for_update=True)
+    if row is not None:
+        return row
+    row = SignInFailure(key=key, failures=0, window_started_at=now, locked_until=None)
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # another process counted the first failure at the same moment
+        found = session.get(SignInFailure, key, with_for_update=True, populate_existing=True)
+        assert found is not None
+        return found
+    return row
+
+
+def note_failure(*, session: Session, settings: Settings, failed: list[Bar]) -> None:
+    """Count one failed sign-in on each counter; lock those past their bar."""
+    now = utcnow()
+    window = timedelta(seconds=settings.sign_in_window_s)
+    for bar in failed:
+        row = _counter(session, bar.key, now)
+        if now - as_utc(row.window_started_at) > window:
+            row.failures, row.window_started_at, row.locked_until = 0, now, None
+        row.failures += 1
+        beyond = row.failures - bar.max_failures
+        if beyond >= 0:
+            lock_s = min(settings.sign_in_lock_max_s, _FIRST_LOCK_S * 2 ** min(beyond, 20))
+            row.locked_until = now + timedelta(seconds=lock_s)
+            row.window_started_at = now  # the count lasts as long as the lock does
+    session.flush()
+
+
+def note_success(*, session: Session, succeeded: list[Bar]) -> None:
+    """A right password from this address clears its own account-from-address counter."""
+    row = session.get(SignInFailure, succeeded[0].key)
+    if row is not None:
+        session.delete(row)
+        session.flush()
+
+
+def forget_old_failures(*, session: Session, settings: Settings) -> int:
+    """Drop counters whose window and lock have both run out (beat), so the table holds only live ones."""
+    now = utcnow()
+    stale = session.execute(
+        delete(SignInFailure)
+        .where(
+            SignInFailure.window_started_at < now - timedelta(seconds=settings.sign_in_window_s),
+            or_(SignInFailure.locked_until.is_(None), SignInFailure.locked_until < now),
+        )
+        .returning(SignInFailure.key)
+    ).all()
+    return len(stale)

@@ -1,0 +1,131 @@
+"""What every request passes before any route sees it: a body size limit, no NUL in the URL, the public host.
+
+Pure ASGI, so nothing is read or parsed before the checks: a body larger than its route allows is refused by its
+Content-Length alone, or as soon as a chunked one passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+
+# Routes that take a file upload get RETRO_UPLOAD_MAX_BODY_BYTES instead of RETRO_MAX_BODY_BYTES; add a route's
+# path pattern here when it takes one (the population upload will).
+UPLOAD_ROUTES: tuple[re.Pattern[str], ...] = ()
+
+_NUL_IN_QUERY = re.compile(rb"%00|\x00")
+# Partner links hash whatever token they are given, and answer every dead one with the same page: a NUL there is
+# one more dead token, not a bad request.
+_OPAQUE_PATHS = ("/d/",)
+HSTS = "max-age=31536000; includeSubDomains"
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this route accepts ({limit} bytes)")
+
+
+@dataclass(frozen=True)
+class PublicOrigin:
+    scheme: str
+    host: bytes
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    """The largest body the route at path accepts."""
+    if any(p.fullmatch(path) for p in UPLOAD_ROUTES):
+        return settings.upload_max_body_bytes
+    return settings.max_body_bytes
+
+
+class RequestGuard:
+    """The checks above, plus HSTS on every answer when the public URL is https."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        public = urlsplit(settings.public_base_url)
+        self.origin = PublicOrigin(scheme=public.scheme or "http", host=public.netloc.encode("latin-1"))
+        self.hsts = public.scheme == "https"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = self._with_hsts(send) if self.hsts else send
+        if _has_nul(scope):
+            await _refuse(send, 400, "the URL contains a NUL character; remove it and try again")
+            return
+        limit = body_limit(self.settings, scope["path"])
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, 413, BodyTooLarge(limit).detail)
+            return
+        await self.app(self._with_public_host(scope), _limited(receive, limit), send)
+
+    def _with_public_host(self, scope: Scope) -> Scope:
+        """Links, Location headers and redirects are built from RETRO_PUBLIC_BASE_URL, never the client's Host."""
+        headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", self.origin.host)]
+        return {**scope, "headers": headers, "scheme": self.origin.scheme}
+
+    @staticmethod
+    def _with_hsts(send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"strict-transport-security", HSTS.encode())],
+                }
+            await send(message)
+
+        return sending
+
+
+def _has_nul(scope: Scope) -> bool:
+    if _NUL_IN_QUERY.search(scope.get("query_string", b"")):
+        return True
+    path: str = scope["path"]
+    return "\x00" in path and not path.startswith(_OPAQUE_PATHS)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(value[:20])
+            except ValueError:
+                return None
+    return None
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """receive, refusing (413) once the body read so far passes limit."""
+    seen = 0
+
+    async def receiving() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receiving
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    code = "request_too_large" if status == 413 else "invalid_request"
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 413:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
