@@ -49,7 +49,7 @@ from app.errors import (
 )
 from app.integrations.deployers import Deployment, deployment_name
 from app.integrations.environments import ModelEnvironment, hold, read_requirements
-from app.integrations.history import HistoryQuery
+from app.integrations.history import HistoryQuery, PopulationJoin, staging_table
 from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
@@ -117,24 +117,26 @@ def run_retro_test(
             return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
 
     if claimed.cancel_requested:
-        return _discard(claimed.spec, adapters, finish(State.cancelled, ("cancelled", "cancelled before it started")))
+        return _discard(
+            claimed.spec, adapters, settings, finish(State.cancelled, ("cancelled", "cancelled before it started"))
+        )
     if claimed.attempts > settings.max_attempts:
         gave_up = (
             f"gave up after {claimed.attempts - 1} attempts: each was interrupted before the job finished "
             "(worker lost, killed or timed out); see the worker logs"
         )
-        return _discard(claimed.spec, adapters, finish(State.failed, (TooManyAttempts.code, gave_up)))
+        return _discard(claimed.spec, adapters, settings, finish(State.failed, (TooManyAttempts.code, gave_up)))
     try:
         with _control(claimed.spec, sessions=sessions, lease=lease, settings=settings, heartbeat=True) as control:
             _run_stages(
                 JobRun(spec=claimed.spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             )
-        return finish(State.succeeded)
+        return _discard(claimed.spec, adapters, settings, finish(State.succeeded))
     except LeaseLost:
         log.warning("retro test %s: another attempt took over; this one stops", job_id)
         return State.failed
     except JobCancelled as exc:
-        return _discard(claimed.spec, adapters, finish(State.cancelled, (exc.code, exc.detail)))
+        return _discard(claimed.spec, adapters, settings, finish(State.cancelled, (exc.code, exc.detail)))
     except Exception as exc:
         if is_transient(exc):
             exc = DatabaseUnavailable(
@@ -148,10 +150,10 @@ def run_retro_test(
             )
         if isinstance(exc, AppError):
             log.warning("retro test %s failed: %s", job_id, exc.detail)
-            return _discard(claimed.spec, adapters, finish(State.failed, (exc.code, exc.detail)))
+            return _discard(claimed.spec, adapters, settings, finish(State.failed, (exc.code, exc.detail)))
         log.exception("retro test %s failed unexpectedly", job_id)
         return _discard(
-            claimed.spec, adapters, finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
+            claimed.spec, adapters, settings, finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
         )
 
 
@@ -160,8 +162,14 @@ def _no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left on device" in str(exc))
 
 
-def _discard(spec: JobSpec, adapters: Adapters, state: State) -> State:
-    """A job that ended without results keeps no files: its parts and any half-written result go at once."""
+def _discard(spec: JobSpec, adapters: Adapters, settings: Settings, state: State) -> State:
+    """A job that ended keeps no staging table; one that ended without results keeps no files either."""
+    if spec.population is not None and state in (State.succeeded, State.failed, State.cancelled):
+        table = staging_table(settings.hive_scratch_database, spec.id)
+        try:
+            adapters.source.drop_staging(table)
+        except Exception:
+            log.warning("could not drop %s of retro test %s; the reaper will", table, spec.id, exc_info=True)
     if state in (State.failed, State.cancelled):
         try:
             adapters.store.remove_tree(spec.prefix)
@@ -292,8 +300,9 @@ def resolve(run: JobRun) -> ModelVersionInfo:
     return model
 
 
-def history_query(spec: JobSpec, model: ModelVersionInfo) -> HistoryQuery:
-    """The job's period of history: its id and date columns and the model's inputs."""
+def history_query(run: JobRun, model: ModelVersionInfo) -> HistoryQuery:
+    """The job's period of history: its id and date columns and the model's inputs; point-in-time with a population."""
+    spec = run.spec
     return HistoryQuery(
         table=spec.source_table,
         date_column=spec.date_column,
@@ -301,6 +310,21 @@ def history_query(spec: JobSpec, model: ModelVersionInfo) -> HistoryQuery:
         features=model.inputs,
         start=spec.period_start,
         end=spec.period_end,
+        population=population_join(run),
+    )
+
+
+def population_join(run: JobRun) -> PopulationJoin | None:
+    """The job's population as the point-in-time query reads it: the stored copy, and its staging table's name."""
+    record = run.spec.population
+    if record is None:
+        return None
+    return PopulationJoin(
+        file=run.adapters.store.local_path(record["path"]),
+        as_of_column=record["as_of_column"],
+        outcome_column=record["outcome_column"],
+        lookback_days=int(record["lookback_days"]),
+        staging_table=staging_table(run.settings.hive_scratch_database, run.job_id),
     )
 
 
@@ -310,9 +334,11 @@ def extract(run: JobRun, model: ModelVersionInfo) -> tuple[HistoryQuery, int | N
     A resumed attempt keeps the first attempt's count (a COUNT over a long period can take minutes in Hive);
     publishing compares it with the rows read, so a source that changed in between still fails the job.
     """
-    query = history_query(run.spec, model)
+    query = history_query(run, model)
     source = run.adapters.source
     source.check_schema(query)
+    if query.population is not None:
+        source.stage(query)  # dropped on every path: run_retro_test's release, else the reaper
     total = run.spec.rows_total if run.spec.rows_total is not None else source.count(query)
     if total == 0:
         raise SourceUnknown(
@@ -470,7 +496,7 @@ def score_partition(
         with _control(spec, sessions=sessions, lease=order.lease, settings=settings, heartbeat=False) as control:
             run = JobRun(spec=spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             model = resolve(run)
-            query = history_query(spec, model)
+            query = history_query(run, model)
             chunks = plan_chunks(run, query)
             mine = [c for c in chunks if order.first <= c.key <= order.last]
             with open_scorer(run, deployment=order.deployment, model=model) as scorer:
