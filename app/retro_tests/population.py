@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -38,6 +38,11 @@ class Population:
     columns: PopulationColumns
     parquet: bytes
     rows: int
+
+
+def read_upload(file: IO[bytes], *, limit: int) -> bytes:
+    """An uploaded file's bytes, reading at most one past `limit` (read_population then refuses it as too large)."""
+    return file.read(limit + 1)
 
 
 def read_population(

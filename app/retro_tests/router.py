@@ -19,6 +19,7 @@ from app.integrations.results import ResultStore
 from app.integrations.wiring import get_registry, get_result_store
 from app.retro_tests import dispatch, service, views
 from app.retro_tests.models import State
+from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import (
     JobFilters,
     RetroTestCreate,
@@ -153,7 +154,7 @@ def create_retro_test_with_population(
     """
     data = parse_request_json(request_json)
     upload = service.PopulationUpload(
-        data=read_bounded(population, limit=settings.population_max_bytes), filename=population.filename or ""
+        data=read_upload(population.file, limit=settings.population_max_bytes), filename=population.filename or ""
     )
     job, created = dispatch.submit(
         session=session,
@@ -176,11 +177,6 @@ def parse_request_json(text: str) -> RetroTestCreate:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "request"
         raise Invalid(f"request: {field}: {first['msg']}", field=field) from exc
-
-
-def read_bounded(upload: UploadFile, *, limit: int) -> bytes:
-    """The upload's bytes, reading at most one past `limit` (the check then refuses it as too large)."""
-    return upload.file.read(limit + 1)
 
 
 def submitted_response(
