@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import sys
@@ -233,12 +234,35 @@ def submit(
     ],
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD")],
     end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD")],
+    population: Annotated[
+        Path | None,
+        typer.Option(
+            help="The partner's own customers (CSV or Parquet: id column(s), as_of, optional 0/1 outcome), "
+            "each scored as of its date",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ] = None,
+    lookback_days: Annotated[
+        int, typer.Option(help="With --population: the latest snapshot up to this many days before each as-of date")
+    ] = 0,
     wait: bool = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
-    body = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
-    with ctx.obj.client(timeout=60) as client:
-        resp = client.post("/api/v1/retro-tests", json=body)
+    body: dict[str, object] = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    if lookback_days:
+        body["lookback_days"] = lookback_days
+    with ctx.obj.client(timeout=300 if population else 60) as client:
+        if population is None:
+            resp = client.post("/api/v1/retro-tests", json=body)
+        else:
+            with population.open("rb") as fh:
+                resp = client.post(
+                    "/api/v1/retro-tests/with-population",
+                    data={"request": json.dumps(body)},
+                    files={"population": (population.name, fh)},
+                )
         if resp.status_code >= 400:
             err = resp.json()
             typer.echo(f"refused ({resp.status_code}): {err.get('detail', err)}", err=True)

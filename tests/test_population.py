@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import HISTORY_START, Stack, make_partner
+from tests.test_browser import SHOTS, chromium  # noqa: F401  (the fixture)
 
 # Snapshots every other day of a 12-day period, 5,000 ids each; the population asks for ids 1..6,000 as of any day.
 POP_TABLE = "features.snapshots"
@@ -71,7 +72,12 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False).encode()
 
 
-def test_population_scored_as_of_its_dates_with_its_report(stack: Stack, snapshots: Path, history: Path) -> None:
+def test_population_scored_as_of_its_dates_with_its_report(  # type: ignore[no-untyped-def]
+    stack: Stack,
+    snapshots: Path,
+    history: Path,
+    chromium,  # noqa: F811
+) -> None:
     import mlflow
     from scipy.stats import ks_2samp
     from sklearn.metrics import roc_auc_score
@@ -150,6 +156,58 @@ def test_population_scored_as_of_its_dates_with_its_report(stack: Stack, snapsho
 
     page = blobs["report.html"].decode()
     assert "<svg" in page and "<script" not in page and "http://" not in page.split("<svg", 1)[0]
+    open_report_from_the_partner_link(stack, chromium, job_id=job["id"], report=report)
+
+
+def open_report_from_the_partner_link(stack: Stack, browser: Any, *, job_id: str, report: dict[str, Any]) -> None:
+    """The partner opens report.html from the link, with no sign-in; nothing is asked of any other host."""
+    with stack.client() as c:
+        resp = c.post(f"/api/v1/retro-tests/{job_id}/links", json={"expires_in_days": 7})
+    assert resp.status_code == 201, resp.text
+    landing_url = resp.json()["url"]
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    requested: list[str] = []
+    context.on("request", lambda request: requested.append(request.url))
+    page = context.new_page()
+    landing = page.goto(landing_url)
+    assert landing is not None and landing.status == 200
+    assert page.locator("a:has-text('report.html')").count() == 1  # listed on the partner's download page
+    opened = page.goto(f"{landing_url}/report.html")
+    assert opened is not None and opened.status == 200
+    assert opened.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in opened.headers["content-security-policy"]
+    assert page.locator("svg").count() >= 3
+    auc = f"{report['quality']['overall']['auc']:.4f}"
+    assert auc in page.inner_text("body")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "population-report.png"), full_page=True)
+    context.close()
+    assert requested and all(url.startswith(stack.base_url + "/") for url in requested), requested
+
+
+def test_the_cli_submits_a_population_and_shows_a_refusal(stack: Stack, snapshots: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    with stack.client() as c:
+        c.post("/api/v1/partners", json={"code": "pop-cli", "name": "pop"})
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"customer_id,as_of\n1,2001-01-01\n")
+    good = tmp_path / "good.csv"
+    good.write_bytes(csv_bytes(population_frame(500)))
+    base = ["--api", stack.base_url, "--token", stack.token, "submit", "--partner", "pop-cli", "--model", "churn/1"]
+    period = ["--start", POP_START.isoformat(), "--end", (POP_START + timedelta(days=POP_DAYS - 1)).isoformat()]
+    refused = CliRunner().invoke(app, [*base, *period, "--population", str(bad), "--no-wait"])
+    assert refused.exit_code == 2 and "outside the period" in refused.output, refused.output
+    # The CLI has no --source: the model's own table has no history in this period, so the job ends either way.
+    queued = CliRunner().invoke(app, [*base, *period, "--population", str(good), "--lookback-days", "1", "--no-wait"])
+    assert queued.exit_code == 0 and "queued" in queued.output, queued.output
+    job_id = queued.output.split()[2]
+    with stack.client() as c:
+        job = c.get(f"/api/v1/retro-tests/{job_id}").json()
+        assert job["population"]["rows"] == 500 and job["population"]["lookback_days"] == 1
+        c.post(f"/api/v1/retro-tests/{job_id}/cancel")
 
 
 BAD_FILES: list[tuple[str, str, bytes, str]] = [

@@ -113,30 +113,30 @@ def run_retro_test(
         return claimed.state
 
     def finish(state: State, error: tuple[str, str] | None = None) -> State:
+        if state != State.succeeded:  # publishing dropped it already
+            release_staging(claimed.spec, adapters=adapters, settings=settings)  # gone before the job says it ended
         with sessions() as s, s.begin():
             return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
 
     if claimed.cancel_requested:
-        return _discard(
-            claimed.spec, adapters, settings, finish(State.cancelled, ("cancelled", "cancelled before it started"))
-        )
+        return _discard(claimed.spec, adapters, finish(State.cancelled, ("cancelled", "cancelled before it started")))
     if claimed.attempts > settings.max_attempts:
         gave_up = (
             f"gave up after {claimed.attempts - 1} attempts: each was interrupted before the job finished "
             "(worker lost, killed or timed out); see the worker logs"
         )
-        return _discard(claimed.spec, adapters, settings, finish(State.failed, (TooManyAttempts.code, gave_up)))
+        return _discard(claimed.spec, adapters, finish(State.failed, (TooManyAttempts.code, gave_up)))
     try:
         with _control(claimed.spec, sessions=sessions, lease=lease, settings=settings, heartbeat=True) as control:
             _run_stages(
                 JobRun(spec=claimed.spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             )
-        return _discard(claimed.spec, adapters, settings, finish(State.succeeded))
+        return finish(State.succeeded)
     except LeaseLost:
         log.warning("retro test %s: another attempt took over; this one stops", job_id)
         return State.failed
     except JobCancelled as exc:
-        return _discard(claimed.spec, adapters, settings, finish(State.cancelled, (exc.code, exc.detail)))
+        return _discard(claimed.spec, adapters, finish(State.cancelled, (exc.code, exc.detail)))
     except Exception as exc:
         if is_transient(exc):
             exc = DatabaseUnavailable(
@@ -150,10 +150,10 @@ def run_retro_test(
             )
         if isinstance(exc, AppError):
             log.warning("retro test %s failed: %s", job_id, exc.detail)
-            return _discard(claimed.spec, adapters, settings, finish(State.failed, (exc.code, exc.detail)))
+            return _discard(claimed.spec, adapters, finish(State.failed, (exc.code, exc.detail)))
         log.exception("retro test %s failed unexpectedly", job_id)
         return _discard(
-            claimed.spec, adapters, settings, finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
+            claimed.spec, adapters, finish(State.failed, ("internal_error", f"{type(exc).__name__}: {exc}"))
         )
 
 
@@ -162,14 +162,19 @@ def _no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left on device" in str(exc))
 
 
-def _discard(spec: JobSpec, adapters: Adapters, settings: Settings, state: State) -> State:
-    """A job that ended keeps no staging table; one that ended without results keeps no files either."""
-    if spec.population is not None and state in (State.succeeded, State.failed, State.cancelled):
-        table = staging_table(settings.hive_scratch_database, spec.id)
-        try:
-            adapters.source.drop_staging(table)
-        except Exception:
-            log.warning("could not drop %s of retro test %s; the reaper will", table, spec.id, exc_info=True)
+def release_staging(spec: JobSpec, *, adapters: Adapters, settings: Settings) -> None:
+    """Drop the job's population staging table, if it has one; one that cannot be dropped is left to the reaper."""
+    if spec.population is None:
+        return
+    table = staging_table(settings.hive_scratch_database, spec.id)
+    try:
+        adapters.source.drop_staging(table)
+    except Exception:
+        log.warning("could not drop %s of retro test %s; the reaper will", table, spec.id, exc_info=True)
+
+
+def _discard(spec: JobSpec, adapters: Adapters, state: State) -> State:
+    """A job that ended without results keeps no files: its parts and any half-written result go at once."""
     if state in (State.failed, State.cancelled):
         try:
             adapters.store.remove_tree(spec.prefix)

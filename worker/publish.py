@@ -51,6 +51,8 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
         unmatched = _write_unmatched(run, query)
         files.append(_described(store, prefix, name="unmatched.csv.gz", kind="unmatched", fmt="csv.gz", rows=unmatched))
     files += _write_report(run, model=model, query=query, chunks=chunks, counts=counts, unmatched=unmatched)
+    if query.population is not None and query.population.staging_table:
+        run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
     if tally.environment and tally.environment.get("packages"):
         files.append(_write_lock(store, prefix, tally.environment))
     manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
