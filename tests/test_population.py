@@ -16,12 +16,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import HISTORY_START, Stack, make_partner
+from tests.conftest import Stack, make_partner
 from tests.test_browser import SHOTS, chromium  # noqa: F401  (the fixture)
 
-# Snapshots every other day of a 12-day period, 5,000 ids each; the population asks for ids 1..6,000 as of any day.
+# Snapshots every other day of a 12-day period across a month's end (per-month AUC/KS, PSI), 5,000 ids each; the
+# population asks for ids 1..6,000 as of any day.
 POP_TABLE = "features.snapshots"
-POP_START = HISTORY_START - timedelta(days=20)
+POP_START = (date.today().replace(day=1) - timedelta(days=1)).replace(day=1) - timedelta(days=6)
 POP_DAYS = 12
 POP_IDS = 5_000
 POP_ROWS = 24_000
@@ -145,7 +146,8 @@ def test_population_scored_as_of_its_dates_with_its_report(  # type: ignore[no-u
     assert q["overall"]["gini"] == pytest.approx(2 * roc_auc_score(y, s) - 1, abs=1e-12)
     assert q["overall"]["ks"] == pytest.approx(ks_2samp(s[y == 1], s[y == 0]).statistic, abs=1e-12)
     months = pd.to_datetime(scores.as_of).dt.strftime("%Y-%m")
-    assert [m["month"] for m in q["by_month"]] == sorted(months.unique())
+    assert [m["month"] for m in q["by_month"]] == sorted(months.unique()) and len(q["by_month"]) == 2
+    assert len(report["psi"]) == 1 and report["psi"][0]["psi"] >= 0
     for m in q["by_month"]:
         mine = (months == m["month"]).to_numpy()
         assert m["auc"] == pytest.approx(roc_auc_score(y[mine], s[mine]), abs=1e-12)
