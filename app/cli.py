@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -288,6 +289,19 @@ def submit(
         typer.Option(help="parquet or csv.gz; repeat for both [default: the server's RETRO_OUTPUT_FORMATS]"),
     ] = None,
     note: Annotated[str | None, typer.Option(help="A note kept with the job (why it was run)")] = None,
+    population: Annotated[
+        Path | None,
+        typer.Option(
+            help="The partner's own customers (CSV or Parquet: id column(s), as_of, optional 0/1 outcome), "
+            "each scored as of its date",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
+    ] = None,
+    lookback_days: Annotated[
+        int, typer.Option(help="With --population: the latest snapshot up to this many days before each as-of date")
+    ] = 0,
     wait: Annotated[bool, typer.Option(help="Follow the job to the end (exit 1 if it fails)")] = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
@@ -296,8 +310,18 @@ def submit(
         body["output_formats"] = output_format
     if note:
         body["note"] = note
-    with ctx.obj.client(timeout=60) as client:
-        resp = client.post("/api/v1/retro-tests", json=body)
+    if lookback_days:
+        body["lookback_days"] = lookback_days
+    with ctx.obj.client(timeout=300 if population else 60) as client:
+        if population is None:
+            resp = client.post("/api/v1/retro-tests", json=body)
+        else:
+            with population.open("rb") as fh:
+                resp = client.post(
+                    "/api/v1/retro-tests/with-population",
+                    data={"request": json.dumps(body)},
+                    files={"population": (population.name, fh)},
+                )
         if resp.status_code >= 400:
             typer.echo(f"refused: {refusal(resp)}", err=True)
             raise typer.Exit(2)

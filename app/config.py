@@ -51,6 +51,10 @@ class Settings(BaseSettings):
 
     # Request validation.
     max_period_days: int = Field(default=366, ge=1)
+    # A request's population file (CSV or Parquet of ids, as-of dates and outcomes): the largest accepted, in bytes.
+    population_max_bytes: int = Field(default=200 * 2**20, ge=1)
+    # The quality report's queries over the result files (DuckDB): the memory they may use before spilling to disk.
+    report_memory_limit: str = "256MB"
 
     # Where feature history lives: "local" (DuckDB over Parquet) or "hive".
     history_source: Literal["local", "hive"] = "local"
@@ -133,6 +137,9 @@ class Settings(BaseSettings):
     hive_fetch_rows: int = Field(default=50_000, ge=1)
     # A DATE partition column is compared as a date; a STRING one as text in this format.
     hive_date_string_format: Literal["yyyy-MM-dd", "yyyyMMdd"] = "yyyy-MM-dd"
+    # Where a population's staging table is created for the point-in-time join (dropped after the job, and by the
+    # reaper for jobs that ended without dropping it).
+    hive_scratch_database: str = Field(default="retro_scratch", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     hive_count_rows: bool = True  # rows of each day first (one GROUP BY): the chunk plan, progress, reconciliation
 
     # Scoring: "auto" speaks the fastest protocol the deployment serves: V2 gRPC (binary tensors) where it has a

@@ -92,6 +92,17 @@ class SourceUnknown(Invalid):
     code = "source_unknown"
 
 
+class InvalidPopulation(Invalid):
+    """A population file the job cannot use: the detail names the column and the first bad lines."""
+
+    code = "invalid_population"
+
+
+class PopulationTooLarge(InvalidPopulation):
+    status_code = 413
+    code = "population_too_large"
+
+
 class SchemaMismatch(Invalid):
     """The history table lacks columns the model needs, or has incompatible types."""
 

@@ -97,6 +97,8 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
         "requirements.lock",
         "manifest.json",
         "manifest.internal.json",
+        "report.html",
+        "report.json",
     }
     with stack.client() as c:
         blobs = {name: c.get(f["download_url"]).content for name, f in files.items()}
@@ -135,7 +137,8 @@ def test_scores_equal_the_model_in_process_and_every_row_is_there_once(stack: St
     assert manifest["rows"] == {"total": expected_rows, "read": expected_rows, "scored": expected_rows, "rejected": 0}
     assert "BETWEEN $start AND $end" in manifest["source"]["query"]
     assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
-        n: files[n]["sha256"] for n in ("scores.parquet", "scores.csv.gz", "requirements.lock")
+        n: files[n]["sha256"]
+        for n in ("scores.parquet", "scores.csv.gz", "requirements.lock", "report.html", "report.json")
     }
     assert manifest["environment"]["packages"] == env["packages"] and manifest["validation"] == check
     assert f"scikit-learn=={sklearn.__version__}" in blobs["requirements.lock"].decode().splitlines()

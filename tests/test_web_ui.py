@@ -392,3 +392,32 @@ def test_a_failed_job_page_shows_the_error_plainly(client, browser, db_session) 
     assert error is not None
     assert "the history table lacks column plan" in error.group(1) and "schema_mismatch" in error.group(1)
     assert "Download links for the partner" not in page  # links are only for succeeded jobs
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"customer_id,outcome\n1,0\n", "lacks column(s) as_of"),
+        (b"customer_id,as_of\n1,31/12/2026\n", "not dates (YYYY-MM-DD) at line 2"),
+        (b"customer_id,as_of\n1,{d}\n1,{d}\n", "duplicate"),
+        (b"customer_id,as_of\n1,2001-01-01\n", "outside the period"),
+        (b"customer_id,as_of\n\xff,{d}\n", "not UTF-8"),
+        (b"", "empty"),
+    ],
+)
+def test_the_form_refuses_a_bad_population_next_to_its_field_and_queues_nothing(  # type: ignore[no-untyped-def]
+    client, browser, body: bytes, says: str
+) -> None:
+    make_partner(client, "acme")
+    jane = browser("jane", role="account_manager", partners=("acme",))
+    page = jane.get("/jobs/new")
+    assert 'type="file" id="population" name="population"' in page.text
+    resp = jane.post(
+        "/jobs/new",
+        data=form_data(csrf_of(page.text), lookback_days="1"),
+        files={"population": ("p.csv", body.replace(b"{d}", START.encode()), "text/csv")},
+    )
+    assert resp.status_code in (413, 422)
+    assert says in field_error(resp.text, "population")
+    assert 'value="1"' in resp.text  # the lookback stays as typed
+    assert client.get("/api/v1/retro-tests", params={"partner": "acme"}).json()["total"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import threading
 import uuid
@@ -374,11 +375,16 @@ class _ChunkOutput:
         self._query = query
         self.part_path = f"{stem}.parquet"
         self.rejects_path = f"{stem}.rejects.parquet"
+        self.stats_path = stats_path(stem)
         self._parts = _PartWriter(store, self.part_path)
         self._rejects = _PartWriter(store, self.rejects_path)
         self.counts = ChunkCounts()
+        self.nulls = dict.fromkeys((f.name for f in query.features), 0)
 
     def write(self, result: ScoredBatch) -> None:
+        for rows in (result.scored_rows, result.rejected_rows):
+            for name in self.nulls:
+                self.nulls[name] += rows.column(name).null_count
         if result.scored_rows.num_rows:
             self._parts.write(_output_table(result.scored_rows, self._query, result.scores))
         if result.rejected_rows.num_rows:
@@ -396,6 +402,9 @@ class _ChunkOutput:
             raise ReconciliationFailed(
                 f"the source gave {read} rows for a chunk but {self.counts.scored + self.counts.rejected} were accounted for"
             )
+        # The report's null rates are added up from these, one per committed chunk: no second pass over the inputs.
+        with self._store.open_write(self.stats_path) as fh:
+            fh.write(json.dumps({"rows": read, "nulls": self.nulls}).encode())
         return self.counts
 
     def abort(self) -> None:
@@ -408,6 +417,7 @@ class _ChunkOutput:
         """Delete finished files that lost the race to another copy of the chunk."""
         self._store.remove(self.part_path)
         self._store.remove(self.rejects_path)
+        self._store.remove(self.stats_path)
 
 
 def commit_chunk(run: JobRun, *, chunk: Chunk, output: _ChunkOutput) -> bool:
@@ -463,9 +473,13 @@ class _PartWriter:
         return self._stack.__exit__(*exc)
 
 
+def stats_path(stem: str) -> str:
+    """A chunk's input statistics (rows, nulls of each model input), next to its part files."""
+    return f"{stem}.stats.json"
+
+
 def _output_table(batch: pa.RecordBatch, query: HistoryQuery, extra: pa.Table) -> pa.Table:
-    keys = [*query.id_columns, query.date_column]
-    columns = {k: batch.column(k) for k in dict.fromkeys(keys)}
+    columns = {k: batch.column(k) for k in query.carried}
     for name in extra.column_names:
         columns[name] = extra.column(name)
     return pa.table(columns)

@@ -49,7 +49,7 @@ from app.errors import (
 )
 from app.integrations.deployers import Deployment, deployment_name
 from app.integrations.environments import ModelEnvironment, hold, read_requirements
-from app.integrations.history import HistoryQuery
+from app.integrations.history import HistoryQuery, PopulationJoin, staging_table
 from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
@@ -113,6 +113,8 @@ def run_retro_test(
         return claimed.state
 
     def finish(state: State, error: tuple[str, str] | None = None) -> State:
+        if state != State.succeeded:  # publishing dropped it already
+            release_staging(claimed.spec, adapters=adapters, settings=settings)  # gone before the job says it ended
         with sessions() as s, s.begin():
             return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
 
@@ -158,6 +160,17 @@ def run_retro_test(
 def _no_space(exc: BaseException) -> bool:
     """A write that found the disk full, however the library that wrote it reports it (pyarrow loses the errno)."""
     return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left on device" in str(exc))
+
+
+def release_staging(spec: JobSpec, *, adapters: Adapters, settings: Settings) -> None:
+    """Drop the job's population staging table, if it has one; one that cannot be dropped is left to the reaper."""
+    if spec.population is None:
+        return
+    table = staging_table(settings.hive_scratch_database, spec.id)
+    try:
+        adapters.source.drop_staging(table)
+    except Exception:
+        log.warning("could not drop %s of retro test %s; the reaper will", table, spec.id, exc_info=True)
 
 
 def _discard(spec: JobSpec, adapters: Adapters, state: State) -> State:
@@ -292,8 +305,9 @@ def resolve(run: JobRun) -> ModelVersionInfo:
     return model
 
 
-def history_query(spec: JobSpec, model: ModelVersionInfo) -> HistoryQuery:
-    """The job's period of history: its id and date columns and the model's inputs."""
+def history_query(run: JobRun, model: ModelVersionInfo) -> HistoryQuery:
+    """The job's period of history: its id and date columns and the model's inputs; point-in-time with a population."""
+    spec = run.spec
     return HistoryQuery(
         table=spec.source_table,
         date_column=spec.date_column,
@@ -301,6 +315,21 @@ def history_query(spec: JobSpec, model: ModelVersionInfo) -> HistoryQuery:
         features=model.inputs,
         start=spec.period_start,
         end=spec.period_end,
+        population=population_join(run),
+    )
+
+
+def population_join(run: JobRun) -> PopulationJoin | None:
+    """The job's population as the point-in-time query reads it: the stored copy, and its staging table's name."""
+    record = run.spec.population
+    if record is None:
+        return None
+    return PopulationJoin(
+        file=run.adapters.store.local_path(record["path"]),
+        as_of_column=record["as_of_column"],
+        outcome_column=record["outcome_column"],
+        lookback_days=int(record["lookback_days"]),
+        staging_table=staging_table(run.settings.hive_scratch_database, run.job_id),
     )
 
 
@@ -310,9 +339,11 @@ def extract(run: JobRun, model: ModelVersionInfo) -> tuple[HistoryQuery, int | N
     A resumed attempt keeps the first attempt's count (a COUNT over a long period can take minutes in Hive);
     publishing compares it with the rows read, so a source that changed in between still fails the job.
     """
-    query = history_query(run.spec, model)
+    query = history_query(run, model)
     source = run.adapters.source
     source.check_schema(query)
+    if query.population is not None:
+        source.stage(query)  # dropped on every path: run_retro_test's release, else the reaper
     total = run.spec.rows_total if run.spec.rows_total is not None else source.count(query)
     if total == 0:
         raise SourceUnknown(
@@ -470,7 +501,7 @@ def score_partition(
         with _control(spec, sessions=sessions, lease=order.lease, settings=settings, heartbeat=False) as control:
             run = JobRun(spec=spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             model = resolve(run)
-            query = history_query(spec, model)
+            query = history_query(run, model)
             chunks = plan_chunks(run, query)
             mine = [c for c in chunks if order.first <= c.key <= order.last]
             with open_scorer(run, deployment=order.deployment, model=model) as scorer:

@@ -19,6 +19,8 @@ from app.integrations.results import INTERNAL_MANIFEST, STAFF_ONLY_KIND, ResultS
 from app.retro_tests import runs
 from app.retro_tests.models import State
 from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
+from worker import report
+from worker.chunks import stats_path
 
 if TYPE_CHECKING:
     from worker.run import JobRun
@@ -44,6 +46,13 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
         files.append(_described(store, prefix, name="rejects.csv.gz", kind="rejects", fmt="csv.gz", rows=rows))
     if counts.scored + counts.rejected != counts.read:
         raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
+    unmatched = None
+    if query.population is not None:
+        unmatched = _write_unmatched(run, query)
+        files.append(_described(store, prefix, name="unmatched.csv.gz", kind="unmatched", fmt="csv.gz", rows=unmatched))
+    files += _write_report(run, model=model, query=query, chunks=chunks, counts=counts, unmatched=unmatched)
+    if query.population is not None and query.population.staging_table:
+        run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
     if tally.environment and tally.environment.get("packages"):
         files.append(_write_lock(store, prefix, tally.environment))
     # The full manifest is for staff (the API); partners' links serve the one without internal details.
@@ -129,6 +138,7 @@ def _manifest(
             "parameters": {"start": query.start.isoformat(), "end": query.end.isoformat()},
         },
         "period": {"start": query.start.isoformat(), "end": query.end.isoformat()},
+        "population": {k: v for k, v in spec.population.items() if k != "path"} if spec.population else None,
         "scoring": {"protocol": tally.score_protocol},
         # What the model server ran from (null: the worker's own packages) and the check before scoring.
         "environment": tally.environment,
@@ -140,6 +150,89 @@ def _manifest(
         ],
         "published_at": utcnow().isoformat(),
     }
+
+
+def _write_unmatched(run: JobRun, query: HistoryQuery) -> int:
+    """The population's rows with no snapshot to score, each with its reason; returns how many."""
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(run.adapters.store.open_write(f"{run.spec.prefix}/unmatched.csv.gz"))
+        gz = stack.enter_context(gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, compresslevel=6))
+        writer: pacsv.CSVWriter | None = None
+        for batch in run.adapters.source.unmatched(query, batch_rows=run.settings.read_batch_rows):
+            if writer is None:
+                writer = stack.enter_context(pacsv.CSVWriter(gz, batch.schema))
+            writer.write_batch(batch)
+            rows += batch.num_rows
+        if writer is None:  # none unmatched: the file still says which columns it would have
+            pop = query.population
+            assert pop is not None
+            names = [
+                *query.id_columns,
+                pop.as_of_column,
+                *([pop.outcome_column] if pop.outcome_column else []),
+                "reason",
+            ]
+            gz.write((",".join(f'"{n}"' for n in names) + "\n").encode())
+    return rows
+
+
+def _write_report(
+    run: JobRun,
+    *,
+    model: ModelVersionInfo,
+    query: HistoryQuery,
+    chunks: list[runs.ChunkRecord],
+    counts: runs.Counts,
+    unmatched: int | None,
+) -> list[ResultFileRecord]:
+    """report.json and report.html, from the committed parts and each chunk's input statistics."""
+    store, prefix = run.adapters.store, run.spec.prefix
+    parts = [c.part_path for c in chunks if c.part_path]
+    stems = [_stem(c) for c in chunks]
+    population = run.spec.population
+    inputs = report.ReportInputs(
+        store=store,
+        parts=parts,
+        stats=[stats_path(stem) for stem in stems if stem],
+        query=query,
+        score_column=model.outputs[-1] if model.outputs else _score_column(store, parts, query),
+        rows={
+            "requested": int(population["rows"]) if population is not None else counts.read,
+            "matched": counts.read,
+            "scored": counts.scored,
+            "rejected": counts.rejected,
+            "unmatched": unmatched,
+        },
+        memory_limit=run.settings.report_memory_limit,
+    )
+    figures = report.build(inputs)
+    title = f"Retro test {run.job_id}: {model.name} version {model.version}, {query.start} to {query.end}"
+    with store.open_write(f"{prefix}/report.json") as fh:
+        fh.write(json.dumps(figures, indent=2, default=str).encode())
+    with store.open_write(f"{prefix}/report.html") as fh:
+        fh.write(report.render_html(figures, title=title).encode())
+    return [
+        _described(store, prefix, name="report.html", kind="report", fmt="html", rows=None),
+        _described(store, prefix, name="report.json", kind="report", fmt="json", rows=None),
+    ]
+
+
+def _stem(chunk: runs.ChunkRecord) -> str | None:
+    if chunk.part_path:
+        return chunk.part_path.removesuffix(".parquet")
+    if chunk.rejects_path:
+        return chunk.rejects_path.removesuffix(".rejects.parquet")
+    return None
+
+
+def _score_column(store: ResultStore, parts: list[str], query: HistoryQuery) -> str:
+    """The last column of the results that is not carried from the source: the model's last output."""
+    if not parts:
+        return "score"
+    with store.open_read(parts[0]) as fh:
+        names = pq.read_schema(fh).names
+    return str([n for n in names if n not in query.carried][-1])
 
 
 def _write_lock(store: ResultStore, prefix: str, environment: dict[str, Any]) -> ResultFileRecord:

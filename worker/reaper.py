@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.clock import utcnow
 from app.integrations.deployers import Deployer, ManagedDeployment
+from app.integrations.history import STAGING_PREFIX, HistorySource
 from app.integrations.results import ResultStore
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
 from app.retro_tests import retention
@@ -134,3 +135,37 @@ def expire_results(*, store: ResultStore, sessions: sessionmaker[Session], reten
         log.info("retention: deleted the results and links of retro test %s (over %d days)", job_id, retention_days)
         expired.append(str(job_id))
     return expired
+
+
+def reap_staging(*, source: HistorySource, sessions: sessionmaker[Session], database: str) -> list[str]:
+    """Drop population staging tables whose job has ended or is gone (a killed worker could not drop its own)."""
+    try:
+        tables = source.staging_tables(database, prefix=STAGING_PREFIX)
+    except Exception:  # no scratch database yet, or the source is down: nothing to do until the next run
+        log.warning("reaper: could not list staging tables in %s", database, exc_info=True)
+        return []
+    if not tables:
+        return []
+    owners = {t: _job_of_staging(t) for t in tables}
+    states = _job_states(sessions, [str(j) for j in owners.values() if j is not None])
+    dropped = []
+    for table, job_id in owners.items():
+        state = states.get(str(job_id)) if job_id else None
+        if state is not None and state not in TERMINAL_STATES:
+            continue
+        try:
+            source.drop_staging(table)
+        except Exception:
+            log.exception("reaper: could not drop staging table %s; trying again next time", table)
+            continue
+        log.info("reaper: dropped staging table %s of a job that ended", table)
+        dropped.append(table)
+    return dropped
+
+
+def _job_of_staging(table: str) -> uuid.UUID | None:
+    name = table.rsplit(".", 1)[-1]
+    try:
+        return uuid.UUID(hex=name[len(STAGING_PREFIX) :])
+    except ValueError:
+        return None

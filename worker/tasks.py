@@ -32,7 +32,7 @@ from app.queue import (
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
-from worker.reaper import expire_results, reap_deployments, reap_files
+from worker.reaper import expire_results, reap_deployments, reap_files, reap_staging
 from worker.reconciler import reconcile_jobs
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,13 @@ def reap_deployments_task() -> list[str]:
     past their retention (beat)."""
     sessions = get_session_factory()
     reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
-    reaped += reap_files(store=_adapters().store, sessions=sessions)
+    adapters, settings = _adapters(), get_settings()
+    reaped += reap_staging(source=adapters.source, sessions=sessions, database=settings.hive_scratch_database)
+    reaped += reap_files(store=adapters.store, sessions=sessions)
     with sessions.begin() as s:
-        throttle.forget_old_failures(session=s, settings=get_settings())
+        throttle.forget_old_failures(session=s, settings=settings)
     return reaped + expire_results(
-        store=_adapters().store, sessions=sessions, retention_days=get_settings().result_retention_days
+        store=adapters.store, sessions=sessions, retention_days=settings.result_retention_days
     )
 
 

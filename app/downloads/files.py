@@ -86,6 +86,9 @@ def choose_slice(*, size: int, range_header: str | None, if_range: str | None, e
     return Slice(start=start, length=end - start + 1, size=size, partial=True)
 
 
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+
+
 def attachment_header(name: str) -> str:
     """Content-Disposition with a name no browser can read as a path or a header trick."""
     ascii_name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "download"
@@ -123,6 +126,11 @@ def stream_slice(*, fh: IO[Any], file: ResultFile, part: Slice, headers: dict[st
     if part.partial:
         out["Content-Range"] = part.content_range
     media = "application/json" if file.format == "json" else "application/octet-stream"
+    if file.kind == "report" and file.format == "html":
+        # The report opens in the browser: inline, and allowed nothing but its own inline styles and SVG.
+        media = "text/html; charset=utf-8"
+        out["Content-Disposition"] = out["Content-Disposition"].replace("attachment", "inline", 1)
+        out["Content-Security-Policy"] = REPORT_CSP
     return StreamingResponse(chunks(), status_code=206 if part.partial else 200, media_type=media, headers=out)
 
 

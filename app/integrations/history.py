@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,8 +34,45 @@ _COMPATIBLE: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class PopulationJoin:
+    """The partner's population a point-in-time query reads: each row gets its id's latest snapshot on or before
+    its as-of date, at most lookback_days before it."""
+
+    file: str  # the checked Parquet copy, as a local path (DuckDB reads it)
+    as_of_column: str
+    outcome_column: str | None
+    lookback_days: int
+    staging_table: str | None = None  # the copy in the scratch database (Hive), once the worker made it
+
+    def __post_init__(self) -> None:
+        check_name(self.as_of_column, what="as_of_column")
+        if self.outcome_column is not None:
+            check_name(self.outcome_column, what="outcome_column")
+        if self.staging_table is not None:
+            check_table(self.staging_table)
+
+    def unmatched_reason(self) -> str:
+        if self.lookback_days:
+            return f"no snapshot of this id in the {self.lookback_days} day(s) up to its as-of date (lookback_days)"
+        return "no snapshot of this id on its as-of date"
+
+
+# A job's population is staged in the scratch database as <prefix><job id hex>: the reaper finds leftovers by it.
+STAGING_PREFIX = "retro_population_"
+
+
+def staging_table(database: str, job_id: uuid.UUID) -> str:
+    """Where a job's population is staged for the point-in-time join (Hive's scratch database)."""
+    return f"{database}.{STAGING_PREFIX}{job_id.hex}"
+
+
+@dataclass(frozen=True)
 class HistoryQuery:
-    """Which rows and columns of a history table a retro test reads."""
+    """Which rows and columns of a history table a retro test reads; with a population, point-in-time.
+
+    Without a population the period's every row is read, and a chunk's days are snapshot dates. With one, each
+    population row whose as-of date is in the period is joined to its snapshot, and days are as-of dates.
+    """
 
     table: str
     date_column: str
@@ -42,6 +80,7 @@ class HistoryQuery:
     features: tuple[Feature, ...]
     start: date
     end: date
+    population: PopulationJoin | None = None
 
     def __post_init__(self) -> None:
         check_table(self.table)
@@ -52,24 +91,34 @@ class HistoryQuery:
             check_name(f.name, what="feature")
 
     @property
-    def columns(self) -> list[str]:
-        """Id columns, then the date column, then features; each named once."""
+    def history_columns(self) -> list[str]:
+        """Id columns, then the date column, then features; each named once: what the history table must have."""
         out: list[str] = []
         for c in (*self.id_columns, self.date_column, *(f.name for f in self.features)):
             if c not in out:
                 out.append(c)
         return out
 
+    @property
+    def carried(self) -> list[str]:
+        """The columns each result row carries besides its scores: ids, the population's, the snapshot's date."""
+        pop = self.population
+        own = [pop.as_of_column, *([pop.outcome_column] if pop.outcome_column else [])] if pop else []
+        return list(dict.fromkeys([*self.id_columns, *own, self.date_column]))
+
+    @property
+    def columns(self) -> list[str]:
+        """What a batch holds, in order: the carried columns, then the features."""
+        return list(dict.fromkeys([*self.carried, *(f.name for f in self.features)]))
+
+    @property
+    def history_start(self) -> date:
+        """The first snapshot date the query may read (a lookback reaches before the period)."""
+        return self.start - timedelta(days=self.population.lookback_days if self.population else 0)
+
     def between(self, start: date, end: date) -> HistoryQuery:
         """The same query over a sub-range of the period."""
-        return HistoryQuery(
-            table=self.table,
-            date_column=self.date_column,
-            id_columns=self.id_columns,
-            features=self.features,
-            start=start,
-            end=end,
-        )
+        return replace(self, start=start, end=end)
 
 
 class HistorySource(Protocol):
@@ -95,6 +144,18 @@ class HistorySource(Protocol):
 
     def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
         """The first and last day with history where partitions tell it without a query, else None."""
+
+    def unmatched(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The population's rows in the period with no snapshot to score (its columns and a `reason`)."""
+
+    def stage(self, query: HistoryQuery) -> None:
+        """Make the population readable where the history is (Hive: a staging table); idempotent."""
+
+    def drop_staging(self, table: str) -> None:
+        """Drop a population's staging table if it exists."""
+
+    def staging_tables(self, database: str, *, prefix: str) -> list[str]:
+        """Staging tables named `<database>.<prefix>...` that exist, for the reaper."""
 
 
 class RecentCounts:
@@ -144,7 +205,7 @@ def type_family(arrow_type: pa.DataType) -> str:
 def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -> None:
     """Compare a source schema with what the query needs; one error listing every problem."""
     have = {name.lower(): schema.field(name).type for name in schema.names}
-    missing = [c for c in query.columns if c.lower() not in have]
+    missing = [c for c in query.history_columns if c.lower() not in have]
     if missing:
         raise SchemaMismatch(
             f"{table_label} lacks column(s) the retro test needs: {', '.join(missing)}",
@@ -218,9 +279,6 @@ class LocalParquetSource:
     def _where(self, query: HistoryQuery) -> str:
         return f'CAST("{query.date_column}" AS DATE) BETWEEN $start AND $end'
 
-    def _params(self, query: HistoryQuery) -> dict[str, object]:
-        return {"files": self._files(query), "start": query.start, "end": query.end}
-
     def check_schema(self, query: HistoryQuery) -> None:
         files = self._files(query)
         with self._connect() as con:
@@ -241,13 +299,24 @@ class LocalParquetSource:
         recent = self._recent.take(query)
         return recent if recent is not None else self._count_by_day(query)
 
+    def stage(self, query: HistoryQuery) -> None:
+        """DuckDB reads the population's file where it is: nothing to stage."""
+
+    def drop_staging(self, table: str) -> None:
+        """Nothing was staged."""
+
+    def staging_tables(self, database: str, *, prefix: str) -> list[str]:
+        return []
+
     def _count_by_day(self, query: HistoryQuery) -> dict[date, int]:
-        day = f'CAST("{query.date_column}" AS DATE)'
+        if query.population is not None:
+            as_of = f'"{query.population.as_of_column}"'
+            sql = f"SELECT {as_of}, count(*) FROM ({self._point_in_time(query)}) GROUP BY {as_of}"
+        else:
+            day = f'CAST("{query.date_column}" AS DATE)'
+            sql = f"SELECT {day}, count(*) FROM {self._from()} WHERE {self._where(query)} GROUP BY {day}"
         with self._connect() as con:
-            rows = con.sql(
-                f"SELECT {day}, count(*) FROM {self._from()} WHERE {self._where(query)} GROUP BY {day}",
-                params=self._params(query),
-            ).fetchall()
+            rows = con.sql(sql, params=self._params(query)).fetchall()
         return {d: int(n) for d, n in rows}
 
     def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
@@ -259,6 +328,8 @@ class LocalParquetSource:
         return (days[0], days[-1]) if days else None
 
     def describe(self, query: HistoryQuery) -> str:
+        if query.population is not None:
+            return self._point_in_time(query)
         cols = ", ".join(f'"{c}"' for c in query.columns)
         return f"SELECT {cols} FROM {self._from()} WHERE {self._where(query)}"
 
@@ -268,3 +339,64 @@ class LocalParquetSource:
             for batch in reader:
                 if batch.num_rows:
                     yield conform(batch, query)
+
+    def unmatched(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        pop = query.population
+        if pop is None:
+            return
+        p, h = _population_sides(query)
+        on = " AND ".join(f'h."{c}" = p."{c}"' for c in query.id_columns)
+        sql = (
+            f"SELECT p.*, $reason AS reason FROM {p} AS p WHERE NOT EXISTS (SELECT 1 FROM {h} AS h WHERE {on} "
+            f'AND h.__snapshot BETWEEN p."{pop.as_of_column}" - CAST($lookback AS INTEGER) AND p."{pop.as_of_column}") '
+            f'ORDER BY p."{pop.as_of_column}", {", ".join(f"p.{_q(c)}" for c in query.id_columns)}'
+        )
+        params = {**self._params(query), "reason": pop.unmatched_reason()}
+        with self._connect() as con:
+            for batch in con.sql(sql, params=params).to_arrow_reader(batch_rows):
+                if batch.num_rows:
+                    yield batch
+
+    def _point_in_time(self, query: HistoryQuery) -> str:
+        """Each population row of the range joined to its id's latest snapshot within the lookback (DuckDB)."""
+        pop = query.population
+        assert pop is not None
+        p, h = _population_sides(query)
+        ids = ", ".join(f"p.{_q(c)}" for c in query.id_columns)
+        on = " AND ".join(f"h.{_q(c)} = p.{_q(c)}" for c in query.id_columns)
+        as_of = f"p.{_q(pop.as_of_column)}"
+        carried = [f"p.{_q(c)}" for c in query.carried if c != query.date_column]
+        picked = [*carried, f"h.{_q(query.date_column)}", *(f"h.{_q(f.name)}" for f in query.features)]
+        return (
+            f"SELECT {', '.join(dict.fromkeys(picked))} FROM {p} AS p JOIN {h} AS h ON {on} "
+            f"AND h.__snapshot BETWEEN {as_of} - CAST($lookback AS INTEGER) AND {as_of} "
+            f"QUALIFY row_number() OVER (PARTITION BY {ids}, {as_of} ORDER BY h.__snapshot DESC) = 1 "
+            f"ORDER BY {as_of}, {ids}"
+        )
+
+    def _params(self, query: HistoryQuery) -> dict[str, object]:
+        params: dict[str, object] = {"files": self._files(query), "start": query.start, "end": query.end}
+        if query.population is not None:
+            params.update(
+                population=query.population.file,
+                lookback=query.population.lookback_days,
+                history_start=query.history_start,
+            )
+        return params
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def _population_sides(query: HistoryQuery) -> tuple[str, str]:
+    """The population rows of the range, and the history snapshots they may reach, as DuckDB subqueries."""
+    pop = query.population
+    assert pop is not None
+    p = f"(SELECT * FROM read_parquet($population) WHERE {_q(pop.as_of_column)} BETWEEN $start AND $end)"
+    h = (
+        f"(SELECT *, CAST({_q(query.date_column)} AS DATE) AS __snapshot FROM "
+        "read_parquet($files, hive_partitioning = true, union_by_name = true) "
+        f"WHERE CAST({_q(query.date_column)} AS DATE) BETWEEN $history_start AND $end)"
+    )
+    return p, h

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
 from app.integrations.history import HistoryQuery, RecentCounts, check_columns, conform
@@ -366,8 +367,14 @@ class HiveSource:
         )
 
     def describe(self, query: HistoryQuery) -> str:
-        where, _ = self._where(query)
-        return select_sql(query, where=where, database=self._settings.database)
+        return self._select(query)[0]
+
+    def _select(self, query: HistoryQuery) -> tuple[str, dict[str, Any]]:
+        """The query's SQL and its parameters: the period's rows, or the population's point-in-time join."""
+        if query.population is not None:
+            return self._point_in_time(query)
+        where, params = self._where(query)
+        return select_sql(query, where=where, database=self._settings.database), params
 
     def count(self, query: HistoryQuery) -> int | None:
         if not self._settings.count_rows:
@@ -384,6 +391,11 @@ class HiveSource:
 
     def _count_by_day(self, query: HistoryQuery) -> dict[date, int]:
         """One GROUP BY over the period's partitions: the rows of each day that has any."""
+        if query.population is not None:  # matched rows of each as-of date
+            matched, params = self._point_in_time(query)
+            as_of = quote(query.population.as_of_column)
+            with self._query(f"SELECT {as_of}, COUNT(*) FROM ({matched}) m GROUP BY {as_of}", params) as cursor:
+                return {date.fromisoformat(str(d)[:10]): int(n) for d, n in cursor.fetchall()}
         where, params = self._where(query)
         day = quote(query.date_column)
         if pa.types.is_timestamp(self._date_type(query)):
@@ -411,9 +423,106 @@ class HiveSource:
                 field="source",
             ) from None
 
+    def stage(self, query: HistoryQuery) -> None:
+        """The population's rows as a table in the scratch database, made afresh (INSERTs of STAGE_ROWS rows).
+
+        PyHive interpolates the values on the client, escaped; the names have passed the allow-list.
+        """
+        pop = query.population
+        if pop is None:
+            return
+        staging = self._staging(query)
+        source = pq.ParquetFile(pop.file)
+        columns = ", ".join(f"{quote(f.name)} {_STAGE_TYPES.get(str(f.type), 'STRING')}" for f in source.schema_arrow)
+        database = check_table(staging)[0]
+        with self._connect() as conn:
+            for sql in (
+                f"CREATE DATABASE IF NOT EXISTS {quote(database)}",
+                f"DROP TABLE IF EXISTS {table_sql(staging)}",
+                f"CREATE TABLE {table_sql(staging)} ({columns}) STORED AS PARQUET",
+            ):
+                self._execute(conn, sql).close()
+            for batch in source.iter_batches(batch_size=STAGE_ROWS):
+                cells = ", ".join("CAST(%s AS DATE)" if pa.types.is_date(f.type) else "%s" for f in source.schema_arrow)
+                values = ", ".join(f"({cells})" for _ in range(batch.num_rows))
+                flat = [_sql_value(v) for row in zip(*batch.to_pydict().values(), strict=True) for v in row]
+                self._execute(conn, f"INSERT INTO {table_sql(staging)} VALUES {values}", flat).close()  # type: ignore[arg-type]
+
+    def drop_staging(self, table: str) -> None:
+        with self._connect() as conn:
+            self._execute(conn, f"DROP TABLE IF EXISTS {table_sql(table)}").close()
+
+    def staging_tables(self, database: str, *, prefix: str) -> list[str]:
+        check_name(database, what="database")
+        with self._connect() as conn:
+            cursor = self._execute(conn, f"SHOW TABLES IN {quote(database)}")
+            try:
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        # Spark answers (namespace, tableName, isTemporary), Hive (tab_name).
+        names = [str(row[1] if len(row) > 1 else row[0]) for row in rows]
+        return [f"{database}.{n}" for n in names if n.lower().startswith(prefix.lower())]
+
+    def unmatched(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        pop = query.population
+        if pop is None:
+            return
+        matched, params = self._point_in_time(query)
+        on = " AND ".join(f"m.{quote(c)} = p.{quote(c)}" for c in (*query.id_columns, pop.as_of_column))
+        sql = (
+            f"SELECT p.*, %(reason)s AS reason FROM {table_sql(self._staging(query))} p "
+            f"LEFT JOIN ({matched}) m ON {on} WHERE m.{quote(pop.as_of_column)} IS NULL "
+            f"AND p.{quote(pop.as_of_column)} BETWEEN CAST(%(pop_start)s AS DATE) AND CAST(%(pop_end)s AS DATE)"
+        )
+        with self._query(sql, {**params, "reason": pop.unmatched_reason()}) as cursor:
+            names = [d[0].split(".")[-1] for d in cursor.description]
+            types = [d[1] for d in cursor.description]
+            for columns in _prefetched(cursor, batch_rows):
+                batch = pa.RecordBatch.from_arrays(
+                    [column_to_arrow(col, types[i]) for i, col in enumerate(columns)], names=names
+                )
+                if batch.num_rows:
+                    yield batch
+
+    def _staging(self, query: HistoryQuery) -> str:
+        pop = query.population
+        if pop is None or pop.staging_table is None:
+            raise ValueError("a point-in-time query on Hive needs its population's staging table")
+        return pop.staging_table
+
+    def _point_in_time(self, query: HistoryQuery) -> tuple[str, dict[str, Any]]:
+        """Each staged population row of the range joined to its id's latest snapshot within the lookback."""
+        pop = query.population
+        assert pop is not None
+        history_where, params = where_clause(
+            query.between(query.history_start, query.end),
+            date_is_string=self._date_is_string(query),
+            date_string_format=self._settings.date_string_format,
+        )
+        day = quote(query.date_column)
+        if self._date_is_string(query):
+            day = f"to_date({day}, '{self._settings.date_string_format}')"
+        elif pa.types.is_timestamp(self._date_type(query)):
+            day = f"CAST({day} AS DATE)"
+        as_of = f"p.{quote(pop.as_of_column)}"
+        ids = ", ".join(f"p.{quote(c)}" for c in query.id_columns)
+        on = " AND ".join(f"h.{quote(c)} = p.{quote(c)}" for c in query.id_columns)
+        carried = [f"p.{quote(c)}" for c in query.carried if c != query.date_column]
+        inner = [*carried, f"h.{quote(query.date_column)}", *(f"h.{quote(f.name)}" for f in query.features)]
+        outer = ", ".join(quote(c) for c in query.columns)
+        sql = (
+            f"SELECT {outer} FROM (SELECT {', '.join(dict.fromkeys(inner))}, row_number() OVER "
+            f"(PARTITION BY {ids}, {as_of} ORDER BY {day} DESC) AS `retro_rank` "
+            f"FROM {table_sql(self._staging(query))} p JOIN {self._table(query)} h ON {on} "
+            f"WHERE {as_of} BETWEEN CAST(%(pop_start)s AS DATE) AND CAST(%(pop_end)s AS DATE) AND {history_where} "
+            f"AND {day} BETWEEN date_sub({as_of}, {int(pop.lookback_days)}) AND {as_of}) ranked "
+            "WHERE `retro_rank` = 1"
+        )
+        return sql, {**params, "pop_start": query.start.isoformat(), "pop_end": query.end.isoformat()}
+
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        _, params = self._where(query)
-        sql = self.describe(query)
+        sql, params = self._select(query)
         with self._query(sql, params) as cursor:
             names = [d[0].split(".")[-1] for d in cursor.description]
             types = [d[1] for d in cursor.description]
@@ -422,6 +531,16 @@ class HiveSource:
                 batch = pa.RecordBatch.from_arrays(arrays, names=names)
                 if batch.num_rows:
                     yield conform(_dates_as_dates(batch, query, self._date_is_string(query), self._settings), query)
+
+
+# Rows per INSERT when a population is staged: PyHive sends each statement's values inline.
+STAGE_ROWS = 5_000
+_STAGE_TYPES = {"int64": "BIGINT", "int32": "INT", "int8": "INT", "date32[day]": "DATE", "string": "STRING"}
+
+
+def _sql_value(value: Any) -> Any:
+    """A population cell as PyHive escapes it: dates as their ISO text (cast back in the statement)."""
+    return value.isoformat() if isinstance(value, date) else value
 
 
 def _dates_as_dates(

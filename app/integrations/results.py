@@ -52,6 +52,12 @@ class ResultStore:
                 self._fs.rm(tmp)
             raise
 
+    def local_path(self, rel: str) -> str:
+        """rel as a path on this machine, for readers that take paths (DuckDB); only for a local store."""
+        if "file" not in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)):
+            raise ValueError(f"result store {self.url} is not local: {rel} has no local path")
+        return self.path(rel)
+
     def open_read(self, rel: str) -> IO[Any]:
         return self._fs.open(self.path(rel), "rb")  # type: ignore[no-any-return]
 

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 from app.auth.scope import PartnerScope
 from app.config import Settings
 from app.errors import Upstream
+from app.integrations.results import ResultStore
 from app.queue import send_retro_test
 from app.retro_tests import service
 from app.retro_tests.models import RetroTest
@@ -22,13 +23,36 @@ def submit(
     actor: str,
     scope: PartnerScope,
     history: service.HistoryCoverage | None = None,
+    upload: service.PopulationUpload | None = None,
+    store: ResultStore | None = None,
 ) -> tuple[RetroTest, bool]:
-    """Validate, commit and queue a request; returns (job, created). A job the queue refuses is marked failed."""
-    job, created = service.create_retro_test(
-        session=session, registry=registry, settings=settings, data=data, actor=actor, scope=scope, history=history
+    """Validate, commit and queue a request; returns (job, created). A job the queue refuses is marked failed.
+
+    A population is checked before anything is written, and its checked copy is stored (under the job's folder,
+    the partner's prefix) after the job's row is committed and before the job is queued: no transaction waits on
+    the store, and no worker sees the job before its file is there.
+    """
+    job, created, population = service.submit_request(
+        session=session,
+        registry=registry,
+        settings=settings,
+        data=data,
+        actor=actor,
+        scope=scope,
+        history=history,
+        upload=upload,
     )
     session.commit()
     if created:
+        if population is not None and job.population is not None:
+            assert store is not None, "a population needs the result store"
+            try:
+                with store.open_write(job.population["path"]) as fh:
+                    fh.write(population.parquet)
+            except OSError as exc:
+                service.fail_unqueued(session=session, job_id=job.id, reason=f"population not stored: {exc}")
+                session.commit()
+                raise Upstream(f"the population could not be stored, the retro test was not started: {exc}") from exc
         try:
             send_retro_test(job.id)
         except Exception as exc:

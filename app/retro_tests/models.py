@@ -119,6 +119,9 @@ class RetroTest(Base):
     # The registry's full answer (signature, artifact location), recorded by the API when it accepts the job:
     # every attempt reads it here and needs neither the registry nor mlflow (ModelVersionInfo.to_record).
     model_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The partner's own population, when the request brought one (app/retro_tests/population.py): where its
+    # checked Parquet copy is in the result store, its columns, rows, sha256, and lookback_days of the join.
+    population: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # State machine and timings.
     state: Mapped[State] = mapped_column(

@@ -3,21 +3,23 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.auth.deps import CurrentCaller, CurrentScope, CurrentUser, current_user
+from app.auth.deps import Caller, CurrentCaller, CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
 from app.db import get_session, release_connection
 from app.downloads import files as result_files
+from app.errors import Invalid
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.retro_tests import dispatch, service, views
 from app.retro_tests.models import State
+from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import (
     JobFilters,
     RetroTestCreate,
@@ -106,10 +108,87 @@ def create_retro_test(
         scope=caller.scope,
         history=get_history_source(),
     )
-    read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
+    return submitted_response(request=request, session=session, caller=caller, job_id=job.id, created=created)
+
+
+POPULATION_REQUEST_DOC = (
+    "The request as JSON (the fields of RetroTestCreate: partner_code, model_name, model_version or model_alias, "
+    "period_start, period_end, lookback_days, as_of_column, outcome_column, ...)"
+)
+
+
+@router.post(
+    "/with-population",
+    status_code=202,
+    response_model=RetroTestOut,
+    responses={
+        200: {"description": "An identical request is already active; that job is returned", "model": RetroTestOut},
+        413: {
+            "description": "The population file is larger than RETRO_POPULATION_MAX_BYTES",
+            "content": {"application/json": {"example": {"error": "population_too_large", "detail": "..."}}},
+        },
+        **ERRORS,
+    },
+)
+def create_retro_test_with_population(
+    request_json: Annotated[str, Form(alias="request", description=POPULATION_REQUEST_DOC)],
+    population: Annotated[
+        UploadFile,
+        File(
+            description="CSV (UTF-8, header line) or Parquet: the model's id column(s), the as-of date column "
+            "(YYYY-MM-DD, inside the period), optionally a 0/1 outcome column; one row per (id, as-of date)"
+        ),
+    ],
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    registry: Annotated[MlflowRegistry, Depends(get_registry)],
+    store: Annotated[ResultStore, Depends(get_result_store)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    caller: CurrentCaller,
+) -> Response:
+    """Validate and queue a retro test of the partner's own population (multipart/form-data), scored as of its dates.
+
+    Each population row gets its id's feature row on its as-of date, or with lookback_days the latest snapshot on
+    or before it within that many days; rows without history are listed in unmatched.csv.gz. The file is checked
+    whole before anything is queued (columns, dates, period, duplicates, size, UTF-8): a refusal is a 4xx naming
+    the column and first bad lines, and no job is created.
+    """
+    data = parse_request_json(request_json)
+    upload = service.PopulationUpload(
+        data=read_upload(population.file, limit=settings.population_max_bytes), filename=population.filename or ""
+    )
+    job, created = dispatch.submit(
+        session=session,
+        registry=registry,
+        settings=settings,
+        data=data,
+        actor=caller.user.username,
+        scope=caller.scope,
+        history=get_history_source(),
+        upload=upload,
+        store=store,
+    )
+    return submitted_response(request=request, session=session, caller=caller, job_id=job.id, created=created)
+
+
+def parse_request_json(text: str) -> RetroTestCreate:
+    """The multipart request's JSON part, as a RetroTestCreate; a 422 naming the field otherwise."""
+    try:
+        return RetroTestCreate.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "request"
+        raise Invalid(f"request: {field}: {first['msg']}", field=field) from exc
+
+
+def submitted_response(
+    *, request: Request, session: Session, caller: Caller, job_id: uuid.UUID, created: bool
+) -> Response:
+    """202 with Location for a new job; 200 with the existing job for a duplicate."""
+    read = service.read_retro_test(session=session, job_id=job_id, scope=caller.scope)
     response = json_response(views.job_out(read, views.files_url(request)))
     response.status_code = 202 if created else 200
-    response.headers["Location"] = views.job_url(job.id)
+    response.headers["Location"] = views.job_url(job_id)
     return response
 
 

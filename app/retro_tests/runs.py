@@ -50,6 +50,7 @@ class JobSpec:
     created_at: datetime
     rows_total: int | None  # as a first attempt counted it; a resumed attempt keeps it
     chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
+    population: dict[str, Any] | None = None  # the partner's population, as the API recorded it (RetroTest.population)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def _spec(job: RetroTest) -> JobSpec:
         created_at=as_utc(job.created_at),
         rows_total=job.rows_total,
         chunk_plan=job.chunk_plan,
+        population=job.population,
     )
 
 

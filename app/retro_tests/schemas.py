@@ -59,6 +59,17 @@ class RetroTestCreate(BaseModel):
     output_formats: Annotated[list[OutputFormat], Field(min_length=1, max_length=2)] | None = None
     source: SourceOverride | None = None
     note: Annotated[SafeText, Field(max_length=2000)] | None = None
+    lookback_days: int = Field(
+        default=0,
+        ge=0,
+        le=366,
+        description="With a population: each row takes the latest snapshot of its id on or before its as-of date, "
+        "at most this many days before it (0: only the as-of date's own snapshot).",
+    )
+    as_of_column: Identifier = Field(default="as_of", description="The population's as-of date column.")
+    outcome_column: Identifier = Field(
+        default="outcome", description="The population's 0/1 outcome column, if it has one: AUC, Gini, KS."
+    )
 
     @model_validator(mode="after")
     def _one_of_version_or_alias(self) -> RetroTestCreate:
@@ -117,6 +128,11 @@ class RetroTestOut(BaseModel):
     source_table: str
     date_column: str
     id_columns: list[str]
+    population: dict[str, Any] | None = Field(
+        default=None,
+        description="the partner's own population the job scores as of its dates: rows, id_columns, as_of_column, "
+        "outcome_column, lookback_days, sha256",
+    )
     note: str | None
     requested_by: str
     state: State

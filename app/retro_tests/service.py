@@ -6,6 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -22,12 +23,13 @@ from app.errors import (
     Forbidden,
     Invalid,
     InvalidPeriod,
+    InvalidPopulation,
     NoHistoryInPeriod,
     NotFound,
     PartnerNotFound,
     PeriodTooLong,
 )
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.registry import ModelVersionInfo, SourceSpec
 from app.metrics import STAGE_SECONDS
 from app.partners.models import Partner
 from app.partners.service import find_by_code
@@ -40,6 +42,7 @@ from app.retro_tests.models import (
     RetroTest,
     State,
 )
+from app.retro_tests.population import Population, read_population
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
 
 
@@ -138,6 +141,22 @@ def check_source_override(*, override: Mapping[str, object], model: ModelVersion
         )
 
 
+@dataclass(frozen=True)
+class PopulationUpload:
+    """A population file as the request brought it, before it is checked."""
+
+    data: bytes
+    filename: str
+
+
+class Submission(NamedTuple):
+    """A created (or reused) job, and its checked population to store before it is queued."""
+
+    job: RetroTest
+    created: bool
+    population: Population | None
+
+
 def create_retro_test(
     *,
     session: Session,
@@ -149,7 +168,27 @@ def create_retro_test(
     history: HistoryCoverage | None = None,
 ) -> tuple[RetroTest, bool]:
     """Validate a request and add it as a queued job; returns (job, created). An identical active job is reused."""
+    job, created, _ = submit_request(
+        session=session, registry=registry, settings=settings, data=data, actor=actor, scope=scope, history=history
+    )
+    return job, created
+
+
+def submit_request(
+    *,
+    session: Session,
+    registry: ModelResolver,
+    settings: Settings,
+    data: RetroTestCreate,
+    actor: str,
+    scope: PartnerScope,
+    history: HistoryCoverage | None = None,
+    upload: PopulationUpload | None = None,
+) -> Submission:
+    """Validate a request (and its population) and add it as a queued job; an identical active job is reused."""
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
+    if upload is None and data.lookback_days:
+        raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
     partner = find_by_code(session=session, code=data.partner_code)
     if partner is None or not scope.allows(partner.id):
         raise _unknown_partner(data.partner_code, scope)
@@ -165,13 +204,22 @@ def create_retro_test(
             start=data.period_start,
             end=data.period_end,
         )
+    population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
     formats = list(data.output_formats or settings.output_formats)
-    source = {"table": spec.table, "date_column": spec.date_column, "id_columns": list(spec.id_columns)}
+    source: dict[str, object] = {
+        "table": spec.table,
+        "date_column": spec.date_column,
+        "id_columns": list(spec.id_columns),
+    }
+    if population is not None:
+        source["population"] = hashlib.sha256(population.parquet).hexdigest()
+        source["lookback_days"] = data.lookback_days
     key = request_key(partner_id=partner.id, model=model, data=data, source=source, formats=formats)
     existing = _active_with_key(session, key)
     if existing is not None:
-        return existing, False
+        return Submission(existing, False, None)
     job = RetroTest(
+        id=uuid.uuid4(),
         partner_id=partner.id,
         model_name=model.name,
         requested_version=data.model_version,
@@ -193,6 +241,8 @@ def create_retro_test(
         state=State.queued,
         stage_started={State.queued.value: utcnow().isoformat()},
     )
+    if population is not None:
+        job.population = population_record(job, population=population, lookback_days=data.lookback_days)
     session.add(job)
     try:
         with session.begin_nested():
@@ -203,7 +253,7 @@ def create_retro_test(
         existing = _active_with_key(session, key)
         if existing is None:
             raise
-        return existing, False
+        return Submission(existing, False, None)
     record(
         session=session,
         actor=actor,
@@ -213,8 +263,54 @@ def create_retro_test(
         partner=partner.code,
         model=f"{model.name}/{model.version}",
         period=[data.period_start.isoformat(), data.period_end.isoformat()],
+        population_rows=population.rows if population else None,
     )
-    return job, True
+    return Submission(job, True, population)
+
+
+def _check_population(
+    upload: PopulationUpload | None,
+    *,
+    data: RetroTestCreate,
+    model: ModelVersionInfo,
+    spec: SourceSpec,
+    settings: Settings,
+) -> Population | None:
+    """The request's population, checked against the model's id columns and the period; None without one."""
+    if upload is None:
+        return None
+    taken = {spec.date_column, *(f.name for f in model.inputs), *(model.outputs or ())}
+    for name in (data.as_of_column, data.outcome_column):
+        if name in taken or name in spec.id_columns:
+            raise InvalidPopulation(
+                f"the population's column name {name!r} is also a history column or model input/output; "
+                "rename it in the file and in as_of_column / outcome_column",
+                field="as_of_column",
+            )
+    return read_population(
+        data=upload.data,
+        filename=upload.filename,
+        id_columns=tuple(spec.id_columns),
+        as_of_column=data.as_of_column,
+        outcome_column=data.outcome_column,
+        start=data.period_start,
+        end=data.period_end,
+        max_bytes=settings.population_max_bytes,
+    )
+
+
+def population_record(job: RetroTest, *, population: Population, lookback_days: int) -> dict[str, Any]:
+    """What the job row keeps of its population: where the checked copy goes, its columns and size."""
+    cols = population.columns
+    return {
+        "path": f"{job_prefix(job)}/population.parquet",
+        "rows": population.rows,
+        "id_columns": list(cols.id_columns),
+        "as_of_column": cols.as_of_column,
+        "outcome_column": cols.outcome_column,
+        "lookback_days": lookback_days,
+        "sha256": hashlib.sha256(population.parquet).hexdigest(),
+    }
 
 
 def get_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> RetroTest:
@@ -248,6 +344,7 @@ JOB_VIEW = select(
     RetroTest.output_formats,
     RetroTest.source_table,
     RetroTest.date_column,
+    RetroTest.population,
     RetroTest.id_columns,
     RetroTest.note,
     RetroTest.requested_by,

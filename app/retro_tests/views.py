@@ -61,6 +61,7 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "source_table": job.source_table,
         "date_column": job.date_column,
         "id_columns": job.id_columns,
+        "population": _population_view(job.population),
         "note": job.note,
         "requested_by": job.requested_by,
         "state": job.state,
@@ -89,6 +90,13 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "result_location": job.result_location if succeeded else None,
         "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
     }
+
+
+def _population_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the job's population record shows: never where the file is kept."""
+    if record is None:
+        return None
+    return {k: v for k, v in record.items() if k != "path"}
 
 
 def _stages(job: ViewRow) -> list[dict[str, Any]]:

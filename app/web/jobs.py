@@ -7,22 +7,26 @@ from datetime import date
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Query
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.config import Settings
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
 from app.integrations.registry import MlflowRegistry
-from app.integrations.wiring import get_history_source, get_registry
+from app.integrations.results import ResultStore
+from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.partners import service as partners
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
 from app.retro_tests.models import TERMINAL_STATES, State
+from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
+from app.retro_tests.service import PopulationUpload
 from app.retro_tests.views import files_url, job_out
 from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser, csrf_guard, form_errors, render
 
@@ -37,6 +41,8 @@ LABELS = {
     "period_start": "First day",
     "period_end": "Last day",
     "output_format": "Output format",
+    "population": "Population file",
+    "lookback_days": "Lookback days",
     "note": "Note",
 }
 # Where the API's field names land on this form; a model-level refusal ("give exactly one ...") lands on model_ref.
@@ -45,6 +51,8 @@ FIELD_OF = {
     "model_alias": "model_ref",
     "output_formats": "output_format",
     "__root__": "model_ref",
+    "as_of_column": "population",
+    "outcome_column": "population",
 }
 EXPIRY_CHOICES = (1, 3, 7, 14, 30, 90, 365)
 
@@ -182,6 +190,8 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
         body["output_formats"] = [form["output_format"]]
     if form["note"].strip():
         body["note"] = form["note"]
+    if form.get("lookback_days", "").strip():
+        body["lookback_days"] = form["lookback_days"].strip()
     return body
 
 
@@ -199,7 +209,14 @@ class JobForm(BaseModel):
     period_start: str = Field(default="", max_length=40)
     period_end: str = Field(default="", max_length=40)
     output_format: str = Field(default="", max_length=40)
+    lookback_days: str = Field(default="", max_length=10)
     note: str = Field(default="", max_length=4000)
+
+
+async def population_file(request: Request) -> StarletteUpload | None:
+    """The form's population file, if one was chosen (the form is parsed once; csrf_guard read it already)."""
+    value = (await request.form()).get("population")
+    return value if isinstance(value, StarletteUpload) and value.filename else None
 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
@@ -207,11 +224,19 @@ def submit_job(
     web: WebPage,
     fields: Annotated[JobForm, Form()],
     registry: Annotated[MlflowRegistry, Depends(get_registry)],
+    store: Annotated[ResultStore, Depends(get_result_store)],
+    population: Annotated[StarletteUpload | None, Depends(population_file)],
 ) -> Response:
     """Validate the form with the API's own schema and service function; errors go next to their fields."""
     form = fields.model_dump()
     try:
         data = RetroTestCreate.model_validate(request_body(form))
+        upload = None
+        if population is not None:
+            upload = PopulationUpload(
+                data=read_upload(population.file, limit=web.settings.population_max_bytes),
+                filename=population.filename or "",
+            )
         job, created = dispatch.submit(
             session=web.session,
             registry=registry,
@@ -220,6 +245,8 @@ def submit_job(
             actor=web.user.username,
             scope=web.scope,
             history=get_history_source(),
+            upload=upload,
+            store=store,
         )
     except (ValidationError, AppError) as exc:
         web.session.rollback()

@@ -1,0 +1,380 @@
+"""The quality report of a job (report.json + a self-contained report.html), written while it publishes.
+
+Figures come from the job's committed parts through DuckDB under RETRO_REPORT_MEMORY_LIMIT (it spills to disk
+past it), and from each chunk's input statistics written with its parts (null rates): nothing holds the result in
+Python's memory. AUC and KS are exact: DuckDB counts positives and negatives per distinct score (per month, and
+overall), the rows stream back in score order, and one pass adds them up, ties counted half as
+sklearn.metrics.roc_auc_score does, KS as scipy.stats.ks_2samp's statistic (the largest gap of the two ECDFs).
+Deciles use DuckDB's approx_quantile (a t-digest). Charts are drawn with matplotlib as inline SVG, glyphs as
+paths: the page loads no script, font or image from anywhere, and opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from app.integrations.history import HistoryQuery
+from app.integrations.results import ResultStore
+
+HIST_BINS = 20
+_EPS = 1e-6  # PSI: an empty bin counts as this share, so the log stays finite
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report is made of: the job's committed parts, its chunks' statistics, and its row counts."""
+
+    store: ResultStore
+    parts: list[str]
+    stats: list[str]
+    query: HistoryQuery
+    score_column: str
+    rows: dict[str, int | None]  # requested, matched, scored, rejected, unmatched
+    memory_limit: str
+
+
+def build(inputs: ReportInputs) -> dict[str, Any]:
+    """Every figure of the report, as report.json holds them."""
+    pop = inputs.query.population
+    outcome = pop.outcome_column if pop else None
+    report: dict[str, Any] = {
+        "score_column": inputs.score_column,
+        "day_column": pop.as_of_column if pop else inputs.query.date_column,
+        "outcome_column": outcome,
+        "rows": inputs.rows,
+        "null_rate": _null_rates(inputs),
+    }
+    if not inputs.parts:
+        return report | {"rows_per_day": [], "score": None, "psi": [], "quality": None}
+    import duckdb
+
+    with duckdb.connect() as con:
+        con.execute(f"SET memory_limit='{_memory(inputs.memory_limit)}'")
+        con.execute("SET threads=2")
+        _results_view(con, inputs, outcome=outcome)
+        report["rows_per_day"] = [
+            {"day": d.isoformat(), "rows": int(n)}
+            for d, n in con.execute("SELECT d, count(*) FROM r GROUP BY d ORDER BY d").fetchall()
+        ]
+        report["score"] = _distribution(con)
+        edges = report["score"]["deciles"]
+        report["psi"] = _psi(con, edges)
+        report["quality"] = _quality(con, edges) if outcome else None
+    return report
+
+
+def _memory(limit: str) -> str:
+    if not limit.replace(".", "").replace(" ", "").isalnum():
+        raise ValueError(f"RETRO_REPORT_MEMORY_LIMIT {limit!r} is not a size such as 256MB")
+    return limit
+
+
+def _results_view(con: Any, inputs: ReportInputs, *, outcome: str | None) -> None:
+    day = f'"{_day_column(inputs)}"'
+    y = f', CAST("{outcome}" AS INTEGER) AS y' if outcome else ""
+    files = [inputs.store.local_path(p) for p in inputs.parts]
+    con.read_parquet(files).create_view("parts")
+    con.execute(
+        f'CREATE VIEW r AS SELECT CAST({day} AS DATE) AS d, CAST("{inputs.score_column}" AS DOUBLE) AS s{y}, '
+        f"strftime(CAST({day} AS DATE), '%Y-%m') AS m FROM parts"
+    )
+
+
+def _day_column(inputs: ReportInputs) -> str:
+    pop = inputs.query.population
+    return pop.as_of_column if pop else inputs.query.date_column
+
+
+def _null_rates(inputs: ReportInputs) -> dict[str, float | None]:
+    rows, nulls = 0, dict.fromkeys((f.name for f in inputs.query.features), 0)
+    for rel in inputs.stats:
+        if not inputs.store.exists(rel):
+            continue
+        with inputs.store.open_read(rel) as fh:
+            stats = json.loads(fh.read())
+        rows += int(stats["rows"])
+        for name, n in stats["nulls"].items():
+            nulls[name] = nulls.get(name, 0) + int(n)
+    return {name: (n / rows if rows else None) for name, n in nulls.items()}
+
+
+def _distribution(con: Any) -> dict[str, Any]:
+    n, lo, hi, mean, deciles = con.execute(
+        "SELECT count(*), min(s), max(s), avg(s), approx_quantile(s, [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]) FROM r"
+    ).fetchone()
+    width = (hi - lo) / HIST_BINS if hi > lo else 1.0
+    counts = [0] * HIST_BINS
+    for b, c in con.execute(
+        f"SELECT least(CAST(floor((s - {lo!r}) / {width!r}) AS INTEGER), {HIST_BINS - 1}), count(*) FROM r GROUP BY 1"
+    ).fetchall():
+        counts[int(b)] = int(c)
+    edges = [lo + i * width for i in range(HIST_BINS + 1)]
+    return {
+        "rows": int(n),
+        "min": lo,
+        "max": hi,
+        "mean": mean,
+        "deciles": [float(x) for x in deciles],
+        "histogram": {"edges": edges, "counts": counts},
+    }
+
+
+def _bin_sql(edges: list[float]) -> str:
+    """The decile bin (0-9) of score s, by the overall deciles' edges."""
+    whens = " ".join(f"WHEN s <= {e!r} THEN {i}" for i, e in enumerate(edges))
+    return f"CASE {whens} ELSE {len(edges)} END"
+
+
+def _psi(con: Any, edges: list[float]) -> list[dict[str, Any]]:
+    """Population stability of the score between each month and the one before, over the overall decile bins."""
+    shares: dict[str, list[float]] = {}
+    for m, b, c in con.execute(f"SELECT m, {_bin_sql(edges)} AS b, count(*) FROM r GROUP BY ALL ORDER BY m").fetchall():
+        shares.setdefault(m, [0.0] * (len(edges) + 1))[int(b)] = float(c)
+    months = sorted(shares)
+    for m in months:
+        total = sum(shares[m])
+        shares[m] = [c / total for c in shares[m]]
+    out = []
+    for before, after in itertools.pairwise(months):
+        psi = sum(
+            (max(a, _EPS) - max(b, _EPS)) * math.log(max(a, _EPS) / max(b, _EPS))
+            for a, b in zip(shares[after], shares[before], strict=True)
+        )
+        out.append({"from": before, "to": after, "psi": psi})
+    return out
+
+
+@dataclass
+class _Ranking:
+    """AUC and KS of one group, added up from its positives and negatives per distinct score, in score order."""
+
+    pos: int = 0
+    neg: int = 0
+    area: float = 0.0  # sum over positives of the negatives below them (ties: half)
+    ks: float = 0.0
+    _cum_pos: int = 0
+    _cum_neg: int = 0
+
+    def totals(self, pos: int, neg: int) -> None:
+        self.pos, self.neg = pos, neg
+
+    def add(self, pos: int, neg: int) -> None:
+        self.area += pos * (self._cum_neg + 0.5 * neg)
+        self._cum_pos += pos
+        self._cum_neg += neg
+        if self.pos and self.neg:
+            self.ks = max(self.ks, abs(self._cum_pos / self.pos - self._cum_neg / self.neg))
+
+    def result(self) -> dict[str, Any]:
+        auc = self.area / (self.pos * self.neg) if self.pos and self.neg else None
+        return {
+            "rows": self.pos + self.neg,
+            "positives": self.pos,
+            "auc": auc,
+            "gini": 2 * auc - 1 if auc is not None else None,
+            "ks": self.ks if self.pos and self.neg else None,
+        }
+
+
+def _stream(con: Any, sql: str) -> Iterator[tuple[Any, ...]]:
+    cursor = con.execute(sql)
+    while rows := cursor.fetchmany(10_000):
+        yield from rows
+
+
+def _quality(con: Any, edges: list[float]) -> dict[str, Any]:
+    totals = {
+        m: (int(p), int(n))
+        for m, p, n in con.execute("SELECT m, sum(y), count(*) - sum(y) FROM r GROUP BY m").fetchall()
+    }
+    overall = _Ranking()
+    overall.totals(sum(p for p, _ in totals.values()), sum(n for _, n in totals.values()))
+    for _, p, n in _stream(con, "SELECT s, sum(y), count(*) - sum(y) FROM r GROUP BY s ORDER BY s"):
+        overall.add(int(p), int(n))
+    monthly: dict[str, _Ranking] = {}
+    for m, _, p, n in _stream(con, "SELECT m, s, sum(y), count(*) - sum(y) FROM r GROUP BY m, s ORDER BY m, s"):
+        if m not in monthly:
+            monthly[m] = _Ranking()
+            monthly[m].totals(*totals[m])
+        monthly[m].add(int(p), int(n))
+    return {
+        "overall": overall.result(),
+        "by_month": [{"month": m, **monthly[m].result()} for m in sorted(monthly)],
+        "deciles": _deciles(con, edges, positives=overall.pos),
+    }
+
+
+def _deciles(con: Any, edges: list[float], *, positives: int) -> list[dict[str, Any]]:
+    """The lift/gain table, highest scores first, and the calibration points (mean score vs observed rate)."""
+    rows = con.execute(
+        f"SELECT {_bin_sql(edges)} AS b, count(*), sum(y), avg(s), min(s), max(s) FROM r GROUP BY b ORDER BY b DESC"
+    ).fetchall()
+    total = sum(int(n) for _, n, *_ in rows)
+    base = positives / total if total else 0.0
+    out, cum_pos, cum_rows = [], 0, 0
+    for rank, (_, n, p, mean, lo, hi) in enumerate(rows, start=1):
+        cum_pos += int(p)
+        cum_rows += int(n)
+        rate = int(p) / int(n)
+        out.append(
+            {
+                "decile": rank,
+                "rows": int(n),
+                "positives": int(p),
+                "score_min": lo,
+                "score_max": hi,
+                "mean_score": mean,
+                "observed_rate": rate,
+                "lift": rate / base if base else None,
+                "cumulative_gain": cum_pos / positives if positives else None,
+                "cumulative_rows": cum_rows / total,
+            }
+        )
+    return out
+
+
+# --- report.html ------------------------------------------------------------------------------------------------
+
+
+def render_html(report: dict[str, Any], *, title: str) -> str:
+    """The report as one HTML page: tables, and charts as inline SVG; nothing loaded from anywhere."""
+    rows = report["rows"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Rows</h2>",
+        _table(["", "rows"], [[k, _n(v)] for k, v in rows.items()]),
+    ]
+    if report.get("score"):
+        score = report["score"]
+        parts += [
+            f"<h2>Score distribution ({html.escape(report['score_column'])})</h2>",
+            _svg_histogram(score["histogram"]),
+            _table(["decile", "score"], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
+            "<h2>Rows per day</h2>",
+            _svg_days(report["rows_per_day"]),
+            "<h2>Score stability between months (PSI)</h2>",
+            _table(["from", "to", "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
+            if report["psi"]
+            else "<p>One month only.</p>",
+        ]
+    parts += [
+        "<h2>Null rate of each model input</h2>",
+        _table(["input", "null rate"], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
+    ]
+    quality = report.get("quality")
+    if quality:
+        o = quality["overall"]
+        parts += [
+            f"<h2>Quality against {html.escape(str(report['outcome_column']))}</h2>",
+            _table(
+                ["", "rows", "positives", "AUC", "Gini", "KS"],
+                [["overall", _n(o["rows"]), _n(o["positives"]), _f(o["auc"]), _f(o["gini"]), _f(o["ks"])]]
+                + [
+                    [m["month"], _n(m["rows"]), _n(m["positives"]), _f(m["auc"]), _f(m["gini"]), _f(m["ks"])]
+                    for m in quality["by_month"]
+                ],
+            ),
+            "<h3>Deciles (highest scores first): lift and gain</h3>",
+            _table(
+                ["decile", "rows", "positives", "score range", "observed rate", "lift", "cumulative gain"],
+                [
+                    [
+                        d["decile"],
+                        _n(d["rows"]),
+                        _n(d["positives"]),
+                        f"{_f(d['score_min'])} to {_f(d['score_max'])}",
+                        _pct(d["observed_rate"]),
+                        _f(d["lift"]),
+                        _pct(d["cumulative_gain"]),
+                    ]
+                    for d in quality["deciles"]
+                ],
+            ),
+            "<h3>Calibration</h3>",
+            _svg_calibration(quality["deciles"]),
+        ]
+    body = "\n".join(parts)
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        'img-src data:">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
+    )
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:960px;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;"
+    "text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}svg{max-width:100%;height:auto}"
+)
+
+
+def _n(v: Any) -> str:
+    return "-" if v is None else f"{int(v):,}"
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.4f}"
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f}%"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def _svg(fig: Any) -> str:
+    """A matplotlib figure as inline SVG (text drawn as paths: no font is needed to show it)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _figure() -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(7, 2.8), dpi=96)
+
+
+def _svg_histogram(hist: dict[str, Any]) -> str:
+    fig = _figure()
+    ax = fig.subplots()
+    edges = hist["edges"]
+    ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in itertools.pairwise(edges)], align="edge")
+    ax.set_xlabel("score")
+    ax.set_ylabel("rows")
+    return _svg(fig)
+
+
+def _svg_days(days: list[dict[str, Any]]) -> str:
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot([d["day"] for d in days], [d["rows"] for d in days], marker=".")
+    ax.set_ylabel("rows")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    if len(days) > 20:
+        ax.set_xticks([d["day"] for d in days][:: math.ceil(len(days) / 20)])
+    return _svg(fig)
+
+
+def _svg_calibration(deciles: list[dict[str, Any]]) -> str:
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
+    ax.plot([d["mean_score"] for d in deciles], [d["observed_rate"] for d in deciles], marker="o", label="deciles")
+    ax.set_xlabel("mean score")
+    ax.set_ylabel("observed rate")
+    ax.legend()
+    return _svg(fig)
