@@ -460,13 +460,18 @@ def link_sso(
     """Link a single sign-on identity to an existing user: SSO never takes an account by its name alone."""
     from app.auth import service
     from app.db import get_session_factory
+    from app.errors import Conflict
 
     with get_session_factory()() as session:
         user = service.find_user(session=session, username=username)
         if user is None:
             typer.echo(f"no user named {username!r}", err=True)
             raise typer.Exit(1)
-        service.link_oidc_identity(session=session, user=user, subject=f"{issuer} {subject}", actor="cli")
+        try:
+            service.link_oidc_identity(session=session, user=user, subject=f"{issuer} {subject}", actor="cli")
+        except Conflict as exc:
+            typer.echo(exc.detail, err=True)
+            raise typer.Exit(1) from None
         session.commit()
     typer.echo(f"{username!r} now signs in as {subject!r} of {issuer}")
 

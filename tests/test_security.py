@@ -515,3 +515,31 @@ def test_a_nul_in_a_path_is_a_400_and_in_a_partner_link_just_a_dead_link(client)
     assert client.get("/api/v1/partners/ac%00me").status_code == 400
     with TestClient(client.app) as partner:
         assert partner.get("/d/%00abc").status_code == 404
+
+
+def test_an_admin_links_an_sso_identity_to_a_local_user_with_the_cli(database_url: str) -> None:
+    import uuid
+
+    from typer.testing import CliRunner
+
+    from app.auth import service
+    from app.auth.models import User
+    from app.auth.schemas import UserCreate
+    from app.cli import app
+    from app.db import get_session_factory
+
+    name = f"linked-{uuid.uuid4().hex[:8]}"
+    with get_session_factory().begin() as s:
+        service.create_user(session=s, data=UserCreate(username=name, password=PASSWORD), actor="test")
+    runner = CliRunner()
+    args = ["link-sso", "--username", name.upper(), "--issuer", "https://idp.example/realms/x", "--subject", "s-1"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    with get_session_factory()() as s:
+        user = s.scalars(select(User).where(User.username == name)).one()
+        assert user.oidc_subject == "https://idp.example/realms/x s-1"
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    with get_session_factory().begin() as s:
+        service.create_user(session=s, data=UserCreate(username=other), actor="test")
+    taken = runner.invoke(app, [*args[:2], other, *args[3:]])
+    assert taken.exit_code == 1 and "already linked" in taken.output
