@@ -204,10 +204,9 @@ class Settings(BaseSettings):
     sign_in_account_max_failures: int = Field(default=50, ge=1)
     sign_in_window_s: int = Field(default=900, ge=1)
     sign_in_lock_max_s: int = Field(default=900, ge=1)
-    # Request bodies: every route refuses a larger one (413) before reading it; routes that take file uploads get
-    # upload_max_body_bytes (app/body_limit.py lists them).
+    # Request bodies: every route refuses a larger one (413) before reading it; the routes that take a population
+    # file (app/request_guard.py lists them) take population_max_bytes more.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    upload_max_body_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     # Result retention: a job's result files and download links are deleted this many days after it finished
     # (by beat, recorded in the audit trail); 0 keeps them for ever.
     result_retention_days: int = Field(default=90, ge=0)

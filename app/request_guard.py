@@ -16,9 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 
-# Routes that take a file upload get RETRO_UPLOAD_MAX_BODY_BYTES instead of RETRO_MAX_BODY_BYTES; add a route's
-# path pattern here when it takes one (the population upload will).
-UPLOAD_ROUTES: tuple[re.Pattern[str], ...] = ()
+# Routes that take a population file: their bodies may hold RETRO_POPULATION_MAX_BYTES of file on top of the
+# RETRO_MAX_BODY_BYTES every route gets (the request's own fields, the multipart framing).
+UPLOAD_ROUTES: tuple[re.Pattern[str], ...] = (
+    re.compile(r"/api/v1/retro-tests/with-population"),
+    re.compile(r"/jobs/new"),
+)
 
 _NUL_IN_QUERY = re.compile(rb"%00|\x00")
 # Partner links hash whatever token they are given, and answer every dead one with the same page: a NUL there is
@@ -41,7 +44,7 @@ class PublicOrigin:
 def body_limit(settings: Settings, path: str) -> int:
     """The largest body the route at path accepts."""
     if any(p.fullmatch(path) for p in UPLOAD_ROUTES):
-        return settings.upload_max_body_bytes
+        return settings.population_max_bytes + settings.max_body_bytes
     return settings.max_body_bytes
 
 
