@@ -196,6 +196,7 @@ def submit_request(
     override = data.source.model_dump(exclude_none=True) if data.source else {}
     check_source_override(override=override, model=model, scope=scope)
     spec = model.source_spec(override)
+    population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
     if history is not None:
         check_history(
             history=history,
@@ -204,7 +205,6 @@ def submit_request(
             start=data.period_start,
             end=data.period_end,
         )
-    population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
     formats = list(data.output_formats or settings.output_formats)
     source: dict[str, object] = {
         "table": spec.table,
