@@ -174,6 +174,10 @@ def test_the_form_shows_the_apis_refusals_next_to_their_fields_and_keeps_the_inp
     no_history = jane.post("/jobs/new", data=form_data(csrf, period_start=early, period_end=early))
     assert no_history.status_code == 422
     assert f"it has history from {START} to {END}" in field_error(no_history.text, "period_start")
+    assert (
+        f'<p class="hint" id="history-hint" aria-live="polite">features.customer_daily has history from {START} to {END}.</p>'
+        in no_history.text
+    )
 
     not_hers = jane.post("/jobs/new", data=form_data(csrf, partner_code="globex"))
     assert not_hers.status_code == 422
@@ -210,7 +214,9 @@ def test_model_options_for_the_version_field(browser) -> None:  # type: ignore[n
     body = admin.get("/jobs/model-options", params={"model": "churn"}).json()
     options = {o["value"]: o["label"] for g in body["groups"] for o in g["options"]}
     assert options["alias:champion"] == "champion (now version 1)" and options["version:1"] == "version 1"
-    assert admin.get("/jobs/model-options", params={"model": "nope"}).json() == {"groups": []}
+    # Which days the model's history table holds, so the form can say it before a period is refused.
+    assert body["history"] == f"features.customer_daily has history from {START} to {END}."
+    assert admin.get("/jobs/model-options", params={"model": "nope"}).json() == {"groups": [], "history": ""}
 
 
 def test_the_job_list_filters_and_pages(client, browser, db_session) -> None:  # type: ignore[no-untyped-def]
