@@ -229,6 +229,20 @@ def test_the_job_list_and_partner_pages_in_the_browser(  # type: ignore[no-untyp
     page.click("a:has-text('web-e2e')")
     page.wait_for_selector("input[name=managers][value=am-browser]:checked")
     page.screenshot(path=str(SHOTS / "partner-edit.png"), full_page=True)
+    # The delete button is usable exactly when the page does not say the partner is kept.
+    kept = page.locator("#delete-note").count() == 1
+    assert page.is_disabled("button:has-text('Delete partner web-e2e')") == kept
+
+    # A page that is not there keeps the navigation of the signed-in user.
+    missing = page.goto(f"/jobs/{uuid.uuid4()}")
+    assert missing is not None and missing.status == 404
+    assert page.locator("nav[aria-label=Main] a:has-text('Retro tests')").count() == 1
+    page.screenshot(path=str(SHOTS / "not-found.png"), full_page=True)
+    # A partner link that does not work is a styled page too (the app's stylesheet, under the partner CSP).
+    bad_link = page.goto("/d/not-a-token")
+    assert bad_link is not None and bad_link.status == 404
+    assert page.eval_on_selector("header.top", "h => getComputedStyle(h).display") != "inline"
+    page.screenshot(path=str(SHOTS / "partner-link-not-found.png"), full_page=True)
     context.close()
 
 

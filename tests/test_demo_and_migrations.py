@@ -36,9 +36,25 @@ def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> Non
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "source rows 2,100; result rows 2,100: equal" in out
-    assert ": succeeded" in out and "/files/scores.parquet" in out
+    assert ": succeeded" in out and "scores.parquet" in out and "retrotest download" in out
     assert "partner download link (7 days): http://127.0.0.1:" in out and "/d/" in out
+    assert "the API stops now" in out and "--keep-running" in out
+    assert "INFO mlflow" not in out and "Hint: Inferred schema" not in out
     assert (tmp_path / "demo" / "retrotest.db").exists() and (tmp_path / "demo" / "broker.db").exists()
+
+
+def test_the_demo_leaves_a_folder_it_did_not_make_alone(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("not the demo's")
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--dir", str(tmp_path), "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "holds files that are not a previous demo's; give --dir an empty or new folder" in proc.stderr
+    assert (tmp_path / "mine.txt").read_text() == "not the demo's"
 
 
 def _alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:

@@ -174,6 +174,10 @@ def test_the_form_shows_the_apis_refusals_next_to_their_fields_and_keeps_the_inp
     no_history = jane.post("/jobs/new", data=form_data(csrf, period_start=early, period_end=early))
     assert no_history.status_code == 422
     assert f"it has history from {START} to {END}" in field_error(no_history.text, "period_start")
+    assert (
+        f'<p class="hint" id="history-hint" aria-live="polite">features.customer_daily has history from {START} to {END}.</p>'
+        in no_history.text
+    )
 
     not_hers = jane.post("/jobs/new", data=form_data(csrf, partner_code="globex"))
     assert not_hers.status_code == 422
@@ -210,7 +214,9 @@ def test_model_options_for_the_version_field(browser) -> None:  # type: ignore[n
     body = admin.get("/jobs/model-options", params={"model": "churn"}).json()
     options = {o["value"]: o["label"] for g in body["groups"] for o in g["options"]}
     assert options["alias:champion"] == "champion (now version 1)" and options["version:1"] == "version 1"
-    assert admin.get("/jobs/model-options", params={"model": "nope"}).json() == {"groups": []}
+    # Which days the model's history table holds, so the form can say it before a period is refused.
+    assert body["history"] == f"features.customer_daily has history from {START} to {END}."
+    assert admin.get("/jobs/model-options", params={"model": "nope"}).json() == {"groups": [], "history": ""}
 
 
 def test_the_job_list_filters_and_pages(client, browser, db_session) -> None:  # type: ignore[no-untyped-def]
@@ -221,17 +227,20 @@ def test_the_job_list_filters_and_pages(client, browser, db_session) -> None:  #
     for _ in range(27):
         succeeded_job(db_session, "acme", {})
     failed = succeeded_job(db_session, "globex", {})
-    failed.state = State.failed
+    failed.state, failed.error_code, failed.error_message = State.failed, "model_failed", "the model server exited"
     db_session.flush()
     # An account manager of exactly these partners: jobs other tests committed stay out of the counts.
     viewer = browser("lister", role="account_manager", partners=("acme", "globex"))
     first = viewer.get("/jobs").text
-    assert "28 retro tests, showing 1–25" in first and first.count('<tr>\n      <td data-label="Created">') == 25
+    assert "28 retro tests, showing 1–25" in first and first.count('<tr>\n      <td data-label="Retro test">') == 25
     assert "Page 1 of 2" in first and 'rel="next"' in first
     second = viewer.get("/jobs", params={"page": 2}).text
-    assert second.count('<td data-label="Created">') == 3 and 'rel="prev"' in second
+    assert second.count('<td data-label="Retro test">') == 3 and 'rel="prev"' in second
     only_failed = viewer.get("/jobs", params={"state": "failed"}).text
-    assert str(failed.id) in only_failed and only_failed.count('<td data-label="Created">') == 1
+    assert str(failed.id) in only_failed and only_failed.count('<td data-label="Retro test">') == 1
+    # The job opens from its id, and a failed one says why right in the list.
+    assert f'<a href="/jobs/{failed.id}" class="mono">{str(failed.id)[:8]}</a>' in only_failed
+    assert "the model server exited (model_failed)" in only_failed
     globex = viewer.get("/jobs", params={"partner": "globex", "model": "churn"}).text
     assert str(failed.id) in globex and "1 retro test" in globex
     assert "No retro tests match" in viewer.get("/jobs", params={"model": "other"}).text

@@ -76,10 +76,17 @@ def update_partner(*, session: Session, partner_id: uuid.UUID, data: PartnerUpda
     return partner
 
 
+def count_retro_tests(*, session: Session, partner_id: uuid.UUID) -> int:
+    """How many retro tests a partner has (any one keeps it from being deleted)."""
+    return int(
+        session.scalar(select(func.count()).select_from(RetroTest).where(RetroTest.partner_id == partner_id)) or 0
+    )
+
+
 def delete_partner(*, session: Session, partner_id: uuid.UUID, actor: str) -> None:
     """Delete a partner that has no retro tests; one with history is kept for the audit trail."""
     partner = get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
-    jobs = session.scalar(select(func.count()).select_from(RetroTest).where(RetroTest.partner_id == partner.id))
+    jobs = count_retro_tests(session=session, partner_id=partner.id)
     if jobs:
         raise Conflict(f"partner {partner.code!r} has {jobs} retro test(s) and cannot be deleted")
     session.delete(partner)

@@ -89,6 +89,7 @@ def _partner_page(
             "labels": PARTNER_LABELS,
             "candidates": candidates,
             "notice": feedback.notice,
+            "job_count": partners.count_retro_tests(session=session, partner_id=partner.id) if partner else 0,
         },
         user=user,
         status_code=feedback.status_code,

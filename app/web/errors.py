@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 
+from app.auth.deps import session_user
+from app.auth.models import User
+from app.db import get_session_factory
 from app.web.deps import render
 from app.web.partner import link_not_found
+
+log = logging.getLogger(__name__)
 
 WEB_SECTIONS = frozenset({"", "jobs", "partners", "account", "admin", "login", "logout", "auth"})
 TITLES = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 409: "Cannot do that now"}
@@ -35,10 +41,24 @@ def error_page(request: Request, *, status_code: int, detail: str) -> Response |
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
     signed_in = isinstance(request.session.get("uid"), str)
     title = TITLES.get(status_code, "Something went wrong" if status_code >= 500 else "Cannot do that")
+    user = _signed_in_user(request) if signed_in and status_code < 500 else None
     return render(
         request,
         "error.html",
         {"title": title, "detail": detail, "signed_in": signed_in},
-        user=None,
+        user=user,
         status_code=status_code,
     )
+
+
+def _signed_in_user(request: Request) -> User | None:
+    """The page's user, so an error page keeps the navigation; None if the database cannot say (never a new error)."""
+    try:
+        with get_session_factory()() as session:
+            user = session_user(request, session)
+            if user is not None:
+                session.expunge(user)
+            return user
+    except Exception:
+        log.warning("could not load the signed-in user for an error page", exc_info=True)
+        return None

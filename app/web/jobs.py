@@ -127,6 +127,24 @@ def model_ref_groups(registry: MlflowRegistry, model_name: str) -> list[tuple[st
     return groups
 
 
+def history_hint(registry: MlflowRegistry, model_name: str) -> str:
+    """Which days the newest version's history table covers, where the source tells it cheaply; else ""."""
+    if not model_name:
+        return ""
+    try:
+        versions = registry.list_versions(name=model_name)
+        if not versions:
+            return ""
+        newest = max(versions, key=lambda v: int(v["version"]))
+        spec = registry.resolve(name=model_name, version=str(newest["version"])).source_spec()
+        span = get_history_source().history_span(table=spec.table, date_column=spec.date_column)
+    except (AppError, ValueError):
+        return ""
+    if span is None:
+        return ""
+    return f"{spec.table} has history from {span[0]} to {span[1]}."
+
+
 @router.get("/jobs/model-options")
 def model_options(
     _: WebUser,
@@ -139,7 +157,8 @@ def model_options(
         "groups": [
             {"label": label, "options": [{"value": v, "label": text} for v, text in options]}
             for label, options in groups
-        ]
+        ],
+        "history": history_hint(registry, model),
     }
 
 
@@ -164,6 +183,7 @@ def _form_page(
             "models": models,
             "model_names": {m["name"] for m in models},
             "model_refs": model_ref_groups(registry, form.get("model_name", "")),
+            "history_hint": history_hint(registry, form.get("model_name", "")),
             "formats": FORMATS,
             "today": date.today().isoformat(),
         },

@@ -31,8 +31,9 @@ PARTNER_HEADERS = {
 # the same status and the same bytes, so a guesser learns nothing.
 NOT_FOUND_HTML = (
     "<!doctype html><html lang=en><head><meta charset=utf-8><title>Not found</title>"
-    '<meta name="viewport" content="width=device-width, initial-scale=1"></head>'
-    "<body><h1>Not found</h1><p>This link does not work. Ask the person who sent it for a new one.</p></body></html>"
+    '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="stylesheet" href="/static/app.css">'
+    '</head><body><header class="top"><span class="brand">Retro test results</span></header><main id="main">'
+    "<h1>Not found</h1><p>This link does not work. Ask the person who sent it for a new one.</p></main></body></html>"
 )
 
 

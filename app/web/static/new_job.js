@@ -28,6 +28,11 @@
     });
   }
 
+  function showHistory(text) {
+    var hint = document.getElementById("history-hint");
+    if (hint) { hint.textContent = text; }
+  }
+
   function load() {
     var keep = ref.value;
     if (!model.value) { setOptions([], keep); return; }
@@ -37,8 +42,8 @@
       headers: { "Accept": "application/json" }
     })
       .then(function (r) { return r.ok ? r.json() : { groups: [] }; })
-      .then(function (body) { setOptions(body.groups || [], keep); })
-      .catch(function () { setOptions([], keep); })
+      .then(function (body) { setOptions(body.groups || [], keep); showHistory(body.history || ""); })
+      .catch(function () { setOptions([], keep); showHistory(""); })
       .finally(function () { ref.removeAttribute("aria-busy"); });
   }
 
