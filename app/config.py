@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     # Request validation.
     max_period_days: int = Field(default=366, ge=1)
     # A request's population file (CSV or Parquet of ids, as-of dates and outcomes): the largest accepted, in bytes.
-    population_max_bytes: int = Field(default=200 * 2**20, ge=1)
+    # The API checks it in memory (pandas), so this bounds a request's memory too: 64 MiB is about 2-3M CSV rows.
+    population_max_bytes: int = Field(default=64 * 2**20, ge=1)
     # The quality report's queries over the result files (DuckDB): the memory they may use before spilling to disk.
     report_memory_limit: str = "256MB"
 

@@ -325,7 +325,7 @@ def population_join(run: JobRun) -> PopulationJoin | None:
     if record is None:
         return None
     return PopulationJoin(
-        file=run.adapters.store.local_path(record["path"]),
+        file=run.adapters.store.local_path(record["path"], cache_dir=run.settings.var_dir / "populations"),
         as_of_column=record["as_of_column"],
         outcome_column=record["outcome_column"],
         lookback_days=int(record["lookback_days"]),

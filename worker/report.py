@@ -79,7 +79,12 @@ def _memory(limit: str) -> str:
 def _results_view(con: Any, inputs: ReportInputs, *, outcome: str | None) -> None:
     day = f'"{_day_column(inputs)}"'
     y = f', CAST("{outcome}" AS INTEGER) AS y' if outcome else ""
-    files = [inputs.store.local_path(p) for p in inputs.parts]
+    store = inputs.store
+    if store.is_local:
+        files = [store.local_path(p) for p in inputs.parts]
+    else:  # DuckDB reads the parts where they are, through the store's own fsspec filesystem
+        con.register_filesystem(store.filesystem)
+        files = [store.location(p) for p in inputs.parts]
     con.read_parquet(files).create_view("parts")
     con.execute(
         f'CREATE VIEW r AS SELECT CAST({day} AS DATE) AS d, CAST("{inputs.score_column}" AS DOUBLE) AS s{y}, '

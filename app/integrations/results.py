@@ -52,11 +52,30 @@ class ResultStore:
                 self._fs.rm(tmp)
             raise
 
-    def local_path(self, rel: str) -> str:
-        """rel as a path on this machine, for readers that take paths (DuckDB); only for a local store."""
-        if "file" not in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)):
+    @property
+    def is_local(self) -> bool:
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+        return "file" in protocols or "local" in protocols
+
+    @property
+    def filesystem(self) -> Any:
+        """The fsspec filesystem, for readers that take one (DuckDB's register_filesystem)."""
+        return self._fs
+
+    def local_path(self, rel: str, *, cache_dir: Path | None = None) -> str:
+        """rel as a path on this machine, for readers that take paths (DuckDB, pyarrow); a remote file is copied
+        into cache_dir once (the name carries rel's folders, so two jobs' files never meet)."""
+        if self.is_local:
+            return self.path(rel)
+        if cache_dir is None:
             raise ValueError(f"result store {self.url} is not local: {rel} has no local path")
-        return self.path(rel)
+        local = cache_dir / rel.replace("/", "__")
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_suffix(".tmp")
+            self._fs.get(self.path(rel), str(tmp))
+            tmp.replace(local)
+        return str(local)
 
     def open_read(self, rel: str) -> IO[Any]:
         return self._fs.open(self.path(rel), "rb")  # type: ignore[no-any-return]
