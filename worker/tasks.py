@@ -31,7 +31,7 @@ from app.queue import (
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
-from worker.reaper import reap_deployments, reap_files
+from worker.reaper import reap_deployments, reap_files, reap_staged_models
 from worker.reconciler import reconcile_jobs
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def reap_deployments_task() -> list[str]:
     """Delete model deployments whose job has ended or whose expiry has passed, and files ended jobs left (beat)."""
     sessions = get_session_factory()
     reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
-    return reaped + reap_files(store=_adapters().store, sessions=sessions)
+    staged = [f"staged model {d}" for d in reap_staged_models(settings=get_settings())]
+    return reaped + staged + reap_files(store=_adapters().store, sessions=sessions)
 
 
 @celery_app.task(name=RECONCILE_JOBS)  # type: ignore[untyped-decorator]
