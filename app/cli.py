@@ -560,6 +560,24 @@ def envs_prune(
     )
 
 
+k8s_app = typer.Typer(help="Kubernetes deployments (RETRO_DEPLOYER seldon, seldon_v2 or kserve).", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("check")
+def k8s_check() -> None:
+    """Check what the configured Kubernetes deployer needs before its first job; exit 1 when anything is missing."""
+    from app.config import get_settings
+    from app.integrations.k8s_check import run_checks
+
+    settings = get_settings()
+    results = run_checks(settings=settings)
+    for result in results:
+        typer.echo(f"{'ok  ' if result.ok else 'FAIL'}  {result.name:<20} {result.detail}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

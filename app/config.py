@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     k8s_grpc_endpoint_template: str = ""
     seldon_v2_mesh_grpc: str = "seldon-mesh.{namespace}.svc.cluster.local:80"  # the mesh serves gRPC too
     deployment_ttl_s: int = Field(default=24 * 3600, ge=60)  # expiry label; the reaper deletes after it
+    # Where models are copied when the registry's URI is not one the operator fetches (app/integrations/staging.py):
+    # an s3:// or gs:// prefix; fsspec options (JSON, e.g. {"endpoint_url": "http://minio:9000"}); the reaper
+    # deletes a copy unused this long.
+    model_staging_url: str = ""
+    model_staging_storage_options: dict[str, Any] = {}
+    model_staging_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     reaper_interval_s: float = Field(default=300.0, gt=0)
 
     # Hive (history_source = "hive").

@@ -61,7 +61,7 @@ def write_history(*, root: Path, table: str = DEMO_TABLE, start: date, days: int
 def register_demo_model(
     *,
     tracking_uri: str,
-    artifact_root: Path,
+    artifact_root: Path | None,
     name: str = DEMO_MODEL,
     table: str = DEMO_TABLE,
     with_signature: bool = True,
@@ -99,7 +99,9 @@ def register_demo_model(
     )
     experiment = mlflow.get_experiment_by_name("retrotest-demo")
     if experiment is None:
-        mlflow.create_experiment("retrotest-demo", artifact_location=artifact_root.resolve().as_uri())
+        # Without an artifact root, the tracking server's own: mlflow-artifacts:/ when it proxies artifacts.
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        mlflow.create_experiment("retrotest-demo", artifact_location=location)
     mlflow.set_experiment("retrotest-demo")
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(

@@ -24,8 +24,13 @@ and its gRPC gateways do the same for V2 gRPC (ModelInfer): `grpc_ingress` route
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +44,7 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
+import yaml
 
 from app.errors import AppError
 from app.integrations.deployers import Deployment, LocalMLServerDeployer
@@ -58,6 +64,9 @@ log = logging.getLogger(__name__)
 KINDS = (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)  # what the operator serves models for
 # Seldon v2 Servers exist in the emulator and are left as created: a test reports their status itself.
 EMULATED_KINDS = (*KINDS, SELDON_SERVER)
+# Core objects: the storage Secrets and ServiceAccounts a test creates, the pods the operator reports.
+CORE_RESOURCES = ("pods", "secrets", "serviceaccounts")
+CORE_KINDS = {"pods": "Pod", "secrets": "Secret", "serviceaccounts": "ServiceAccount"}
 
 
 class ApiServer:
@@ -69,6 +78,7 @@ class ApiServer:
         self._stop: asyncio.Event | None = None
         self._emulator: Any = None
         self.url = ""
+        self.denied: set[tuple[str, str]] = set()  # (resource, verb) SelfSubjectAccessReview answers "no" to
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
@@ -86,19 +96,37 @@ class ApiServer:
                     "verbs": {"create", "delete", "get", "list", "patch", "watch"},
                     "subresources": {"status"},
                 }
+            for plural in CORE_RESOURCES:
+                emulator.resources[f"v1/{plural}"] = {
+                    "kind": CORE_KINDS[plural],
+                    "namespaced": True,
+                    "verbs": {"create", "delete", "get", "list", "patch", "watch"},
+                }
+            # SelfSubjectAccessReview, as the API server answers it for a user holding deploy/base/rbac.yaml's
+            # Role, less what a test put in `denied`.
+            emulator["post /apis/authorization.k8s.io/v1/selfsubjectaccessreviews"] << self._access_review
             self._emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
 
+    def _access_review(self, request: Any) -> dict[str, Any]:
+        review = request.data or {}
+        attributes = (review.get("spec") or {}).get("resourceAttributes") or {}
+        allowed = (attributes.get("resource"), attributes.get("verb")) not in self.denied
+        # The emulator keeps every created object; the API server keeps no review, so neither does this.
+        for key in [k for k in self._emulator.objects if k[0].plural == "selfsubjectaccessreviews"]:
+            del self._emulator.objects[key]
+        return {**review, "status": {"allowed": allowed}}
+
     def objects(self) -> list[tuple[str, str, str]]:
-        """(plural, namespace, name) of every object that exists now."""
+        """(plural, namespace, name) of every object that exists now, but the storage Secrets and ServiceAccounts."""
 
         async def read() -> list[tuple[str, str, str]]:
             return sorted(
                 (resource.plural, namespace, name)
                 for (resource, namespace, name), obj in self._emulator.objects.items()
-                if not obj.deleted
+                if not obj.deleted and resource.plural not in ("secrets", "serviceaccounts")
             )
 
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
@@ -121,7 +149,15 @@ class Hang:
     """The operator never makes the resource ready."""
 
 
-Script = Fail | Hang
+@dataclass(frozen=True)
+class NoCapacity:
+    """The cluster has no room for the model until `freed` is set: Seldon v2's scheduler says ScheduleFailed,
+    Seldon v1's and KServe's pods stay Pending as Unschedulable."""
+
+    freed: threading.Event
+
+
+Script = Fail | Hang | NoCapacity
 
 
 @dataclass(frozen=True)
@@ -144,7 +180,9 @@ class TestOperator:
         cfg = client.Configuration()
         cfg.host = api_url
         self._api = client.CustomObjectsApi(client.ApiClient(cfg))
+        self._core = client.CoreV1Api(self._api.api_client)
         self._servers = LocalMLServerDeployer(work_dir=work_dir)
+        self._fetch_dir = work_dir.with_name(work_dir.name + "-fetched")  # where the downloaders put models
         self.scripts: dict[str, Script] = {}
         self.seen: dict[str, dict[str, Any]] = {}  # the last spec and labels seen per name, for assertions
         self.mesh_requests: list[tuple[str, str | None]] = []  # (path, Seldon-Model header) at the mesh
@@ -234,12 +272,19 @@ class TestOperator:
             time.sleep(0.3)  # a moment of "Creating" first, as a real operator shows
             self._patch_status(kind, name, failed_status(kind, script.message))
             return
+        if isinstance(script, NoCapacity) and not self._wait_for_capacity(kind, obj, seen, script):
+            return
         server = obj["spec"].get("server") if kind == SELDON_MODEL else None
         if server and not self._wait_for_server(server, name, seen):
             return
-        uri = artifact_uri(kind, obj)
+        try:
+            local = self._fetch(kind, obj)
+        except FetchFailed as exc:
+            if self._alive(name, seen.generation):
+                self._report_fetch_failure(kind, obj, str(exc))
+            return
         model = ModelVersionInfo(
-            name=name, version="1", run_id=None, source=uri, artifact_uri=uri, inputs=(), outputs=()
+            name=name, version="1", run_id=None, source=str(local), artifact_uri=str(local), inputs=(), outputs=()
         )
         try:
             deployment = self._servers.start(name=name, job_id=name, model=model)
@@ -254,6 +299,54 @@ class TestOperator:
         with self._lock:
             self._backends[name] = deployment
         self._patch_status(kind, name, ready_status(kind, name, obj["metadata"]["namespace"]))
+
+    def _fetch(self, kind: ResourceKind, obj: dict[str, Any]) -> Path:
+        """The model, downloaded as the operator's own downloader does: rclone (Seldon), kserve-storage (KServe)."""
+        uri = artifact_uri(kind, obj)
+        meta = obj["metadata"]
+        dest = self._fetch_dir / meta["name"]
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        if kind == INFERENCE_SERVICE:
+            account = obj["spec"]["predictor"].get("serviceAccountName")
+            env = kserve_storage_env(self._core, meta["namespace"], account)
+            command = [sys.executable, "-c", KSERVE_DOWNLOAD, uri, str(dest)]
+        else:
+            secret = (
+                obj["spec"]["predictors"][0]["graph"].get("envSecretRefName")
+                if kind == SELDON_DEPLOYMENT
+                else obj["spec"].get("secretName")
+            )
+            env = rclone_env(self._core, meta["namespace"], secret, v1=kind == SELDON_DEPLOYMENT)
+            command = ["rclone", "copy", "--config", "/dev/null", uri, str(dest)]
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        done = subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise FetchFailed((done.stderr or done.stdout).strip()[-1500:])
+        return dest
+
+    def _report_fetch_failure(self, kind: ResourceKind, obj: dict[str, Any], message: str) -> None:
+        """Seldon v1 leaves the deployment Creating and its pod's init container failing; the others say Failed."""
+        if kind != SELDON_DEPLOYMENT:
+            self._patch_status(kind, obj["metadata"]["name"], failed_status(kind, message))
+            return
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        self._core.create_namespaced_pod(namespace, failing_pod(name, message))
+
+    def _wait_for_capacity(self, kind: ResourceKind, obj: dict[str, Any], seen: Seen, script: NoCapacity) -> bool:
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        if kind == SELDON_MODEL:
+            self._patch_status(kind, name, schedule_failed_status(NO_MEMORY))
+        else:
+            self._core.create_namespaced_pod(namespace, unschedulable_pod(name, kind))
+        while not script.freed.wait(0.1):
+            if not self._alive(name, seen.generation):
+                return False
+        if kind == SELDON_MODEL:
+            self._patch_status(kind, name, progressing_status(kind))
+        else:
+            self._core.delete_namespaced_pod(unschedulable_pod(name, kind)["metadata"]["name"], namespace)
+        return True
 
     def _wait_for_server(self, server: str, name: str, seen: Seen) -> bool:
         """Seldon v2's scheduler for a Model on a named Server: ScheduleFailed until the Server is Ready."""
@@ -283,6 +376,12 @@ class TestOperator:
         with self._lock:
             self._backends.pop(name, None)
         self._servers.stop(name)
+        shutil.rmtree(self._fetch_dir / name, ignore_errors=True)
+        namespace = self.seen[name]["metadata"]["namespace"]
+        for pod in self._core.list_namespaced_pod(namespace).items or []:
+            labels = pod.metadata.labels or {}
+            if name in (labels.get("seldon-deployment-id"), labels.get("serving.kserve.io/inferenceservice")):
+                self._core.delete_namespaced_pod(pod.metadata.name, namespace)
 
     def _patch_status(self, kind: ResourceKind, name: str, status: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -341,6 +440,94 @@ def _logged(work: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+class FetchFailed(Exception):
+    """The operator's downloader could not fetch the model; the message is its own output."""
+
+
+KSERVE_DOWNLOAD = "import sys; from kserve_storage import Storage; Storage.download(sys.argv[1], sys.argv[2])"
+
+
+def _secret_data(core: Any, namespace: str, name: str) -> dict[str, str] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def rclone_env(core: Any, namespace: str, secret: str | None, *, v1: bool) -> dict[str, str]:
+    """Seldon v1: the Secret's keys are rclone's environment; Seldon v2: its one key is an rclone remote's config."""
+    if not secret:
+        return {}
+    data = _secret_data(core, namespace, secret)
+    if data is None:
+        raise FetchFailed(f'secret "{secret}" not found')
+    if v1:
+        return data
+    if len(data) != 1:
+        raise FetchFailed(f"secret {secret} must hold exactly one rclone config, found keys {sorted(data)}")
+    config = yaml.safe_load(next(iter(data.values()))) or {}
+    remote = str(config.get("name", "")).upper()
+    env = {f"RCLONE_CONFIG_{remote}_TYPE": str(config.get("type", ""))}
+    env.update({f"RCLONE_CONFIG_{remote}_{k.upper()}": str(v) for k, v in (config.get("parameters") or {}).items()})
+    return env
+
+
+def kserve_storage_env(core: Any, namespace: str, account: str | None) -> dict[str, str]:
+    """What KServe's credential builder gives the storage initializer from a ServiceAccount's S3 Secrets."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not account:
+        return {}
+    try:
+        sa = core.read_namespaced_service_account(account, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise FetchFailed(f'serviceaccounts "{account}" not found') from None
+        raise
+    env: dict[str, str] = {}
+    for ref in sa.secrets or []:
+        secret = core.read_namespaced_secret(ref.name, namespace)
+        annotations = secret.metadata.annotations or {}
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        endpoint = annotations.get("serving.kserve.io/s3-endpoint")
+        if endpoint:
+            https = annotations.get("serving.kserve.io/s3-usehttps", "1") != "0"
+            env.update(S3_ENDPOINT=endpoint, AWS_ENDPOINT_URL=f"{'https' if https else 'http'}://{endpoint}")
+            env.update(S3_USE_HTTPS="1" if https else "0")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            if key in data:
+                env[key] = data[key]
+        env["AWS_DEFAULT_REGION"] = annotations.get("serving.kserve.io/s3-region", "us-east-1")
+    return env
+
+
+def failing_pod(name: str, message: str) -> dict[str, Any]:
+    """A Seldon v1 pod whose storage initializer keeps failing, as the kubelet reports it."""
+    terminated = {"exitCode": 1, "reason": "Error", "message": message}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-default-0-{name}", "labels": {"seldon-deployment-id": name}},
+        "spec": {"containers": [{"name": name, "image": "seldonio/mlserver"}]},
+        "status": {
+            "phase": "Pending",
+            "initContainerStatuses": [
+                {
+                    "name": f"{name}-model-initializer",
+                    "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": terminated},
+                }
+            ],
+        },
+    }
+
+
 def artifact_uri(kind: ResourceKind, obj: dict[str, Any]) -> str:
     spec = obj["spec"]
     if kind == SELDON_DEPLOYMENT:
@@ -362,9 +549,27 @@ def progressing_status(kind: ResourceKind) -> dict[str, Any]:
     }
 
 
-def schedule_failed_status() -> dict[str, Any]:
-    """A Seldon v2 Model whose Server has no replica yet."""
-    message = "Failed to schedule model as no matching servers are available"
+NO_MEMORY = "failed to schedule model: no server has 1073741824 bytes of memory free (requested 1Gi)"
+NO_NODE = "0/3 nodes are available: 3 Insufficient memory. preemption: 0/3 nodes are available"
+
+
+def unschedulable_pod(name: str, kind: ResourceKind) -> dict[str, Any]:
+    """A pod of the deployment the scheduler finds no node for."""
+    label = "seldon-deployment-id" if kind == SELDON_DEPLOYMENT else "serving.kserve.io/inferenceservice"
+    condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": NO_NODE}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-pending", "labels": {label: name}},
+        "spec": {"containers": [{"name": "kserve-container", "image": "seldonio/mlserver"}]},
+        "status": {"phase": "Pending", "conditions": [condition]},
+    }
+
+
+def schedule_failed_status(
+    message: str = "Failed to schedule model as no matching servers are available",
+) -> dict[str, Any]:
+    """A Seldon v2 Model no Server replica can take (none yet, or none with room)."""
     return {
         "conditions": [
             {"type": "ModelReady", "status": "False", "reason": "ScheduleFailed", "message": message},

@@ -8,6 +8,8 @@ longer than the longest job). Deleting is idempotent, so a reaper racing a job's
 The same holds for files: a job that fails or is cancelled removes its files itself, and a succeeded one its
 parts; a worker killed at the wrong moment leaves them, and reap_files removes them for jobs that ended within
 RECENT_DAYS (older ones were looked at by earlier runs).
+
+Staged model copies (app/integrations/staging.py) go when unused for RETRO_MODEL_STAGING_TTL_S.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.clock import utcnow
+from app.config import Settings
 from app.integrations.deployers import Deployer, ManagedDeployment
 from app.integrations.history import STAGING_PREFIX, HistorySource
 from app.integrations.results import ResultStore
+from app.integrations.staging import ModelStaging
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
 from app.retro_tests import retention
 from app.retro_tests.models import TERMINAL_STATES, RetroTest, State
@@ -54,6 +58,15 @@ def reap_deployments(*, deployer: Deployer, sessions: sessionmaker[Session], now
         log.info("reaper: deleted deployment %s of job %s (%s)", deployment.name, deployment.job_id, reason)
         reaped.append(deployment.name)
     return reaped
+
+
+def reap_staged_models(*, settings: Settings, now: float | None = None) -> list[str]:
+    """Delete staged model copies unused for RETRO_MODEL_STAGING_TTL_S; a store that fails is tried next time."""
+    try:
+        return ModelStaging(settings=settings).reap(now=now)
+    except Exception:
+        log.exception("reaper: could not clean the staged models under %s", settings.model_staging_url)
+        return []
 
 
 def reap_reason(deployment: ManagedDeployment, *, states: dict[str, State], now: float) -> str | None:

@@ -32,7 +32,7 @@ from app.queue import (
 from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
 from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
-from worker.reaper import expire_results, reap_deployments, reap_files, reap_staging
+from worker.reaper import expire_results, reap_deployments, reap_files, reap_staged_models, reap_staging
 from worker.reconciler import reconcile_jobs
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def reap_deployments_task() -> list[str]:
     reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
     adapters, settings = _adapters(), get_settings()
     reaped += reap_staging(source=adapters.source, sessions=sessions, database=settings.hive_scratch_database)
+    reaped += [f"staged model {d}" for d in reap_staged_models(settings=settings)]
     reaped += reap_files(store=adapters.store, sessions=sessions)
     with sessions.begin() as s:
         throttle.forget_old_failures(session=s, settings=settings)

@@ -34,6 +34,7 @@ from app.errors import DeploymentFailed, JobCancelled
 from app.integrations.deployers import Deployment, ManagedDeployment
 from app.integrations.environments import ModelEnvironment
 from app.integrations.registry import ModelVersionInfo
+from app.integrations.staging import ModelStaging
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ SELDON_V2_SERVER_CONFIG = "mlserver"  # the ServerConfig a Seldon Core v2 instal
 
 WATCH_WINDOW_S = 2  # one watch request lasts this long: should_stop() is checked at least this often
 REPLACE_TIMEOUT_S = 60.0  # how long start() waits for a leftover of the same name to go away
+CAPACITY_BACKOFF_MAX_S = 30.0  # the longest pause between looks at pods that wait for room in the cluster
+# Container waiting reasons that no retry cures: a bad image, a missing Secret or ConfigMap.
+FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,21 @@ class ApiRule:
 
 
 # Every Kubernetes API call the deployers and the reaper make: create (start), delete (stop, replace, reaper),
-# list (list_managed), watch (wait_ready, replace). Nothing else; deploy/base/rbac.yaml must grant exactly this.
+# list (list_managed), watch (wait_ready, replace); list pods (wait_ready reads Seldon v1's pods, whose status
+# alone never says a model cannot be fetched); get the storage Secret and ServiceAccount (`retrotest k8s check`).
+# Nothing else; deploy/base/rbac.yaml must grant exactly this.
 DEPLOYER_VERBS = ("create", "delete", "list", "watch")
-API_RULES: tuple[ApiRule, ...] = tuple(
-    ApiRule(group=k.group, resource=k.plural, verbs=DEPLOYER_VERBS)
-    for k in (SELDON_DEPLOYMENT, SELDON_MODEL, SELDON_SERVER, INFERENCE_SERVICE)
+PODS = ResourceKind("", "v1", "pods", "Pod", "Ready")
+SECRETS = ResourceKind("", "v1", "secrets", "Secret", "")
+SERVICE_ACCOUNTS = ResourceKind("", "v1", "serviceaccounts", "ServiceAccount", "")
+API_RULES: tuple[ApiRule, ...] = (
+    *(
+        ApiRule(group=k.group, resource=k.plural, verbs=DEPLOYER_VERBS)
+        for k in (SELDON_DEPLOYMENT, SELDON_MODEL, SELDON_SERVER, INFERENCE_SERVICE)
+    ),
+    ApiRule(group="", resource="pods", verbs=("list",)),
+    ApiRule(group="", resource="secrets", verbs=("get",)),
+    ApiRule(group="", resource="serviceaccounts", verbs=("get",)),
 )
 
 
@@ -148,6 +162,7 @@ class CustomResources:
         self._settings = settings
         self.namespace = settings.k8s_namespace
         self._api: Any = None
+        self._core: Any = None
         self._lock = threading.Lock()
 
     @property
@@ -173,7 +188,13 @@ class CustomResources:
                         config_file=config_file, client_configuration=cfg
                     )
                 self._api = client.CustomObjectsApi(client.ApiClient(cfg))
+                self._core = client.CoreV1Api(self._api.api_client)
             return self._api
+
+    def core(self) -> Any:
+        """A CoreV1Api on the same connection."""
+        self._client()
+        return self._core
 
     @staticmethod
     def _allow(kind: ResourceKind, verb: str) -> None:
@@ -220,6 +241,28 @@ class CustomResources:
             kind.group, kind.version, self.namespace, kind.plural, label_selector=label_selector
         )
         return list((result or {}).get("items") or [])
+
+    @_retry_transient
+    def list_pods(self, *, label_selector: str) -> list[dict[str, Any]]:
+        """Pods matching the label selector, as plain dicts."""
+        self._allow(PODS, "list")
+        pods = self.core().list_namespaced_pod(self.namespace, label_selector=label_selector)
+        return [self.core().api_client.sanitize_for_serialization(p) for p in pods.items or []]
+
+    def get_core(self, kind: ResourceKind, name: str) -> dict[str, Any] | None:
+        """A Secret or ServiceAccount as a plain dict; None when it does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        self._allow(kind, "get")
+        read = {SECRETS: "read_namespaced_secret", SERVICE_ACCOUNTS: "read_namespaced_service_account"}[kind]
+        try:
+            obj = getattr(self.core(), read)(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        result: dict[str, Any] = self.core().api_client.sanitize_for_serialization(obj)
+        return result
 
     def watch(
         self, kind: ResourceKind, name: str, *, window_s: float
@@ -272,6 +315,7 @@ class Readiness:
     state: str  # the operator's words, for messages
     ready: bool = False
     failure: str | None = None  # the operator's message when it has given up
+    capacity: bool = False  # waiting for room in the cluster: the wait goes on, up to the deploy timeout
 
 
 class KubernetesDeployer:
@@ -281,10 +325,14 @@ class KubernetesDeployer:
     # Kinds of objects start() may create beside the resource, under the same name (Seldon v2's own Server):
     # stop() deletes them and list_managed() lists them too, so the reaper finds them when the resource is gone.
     companion_kinds: ClassVar[tuple[ResourceKind, ...]] = ()
+    # The URI schemes the operator's own downloader fetches; any other model is staged (app/integrations/staging.py).
+    fetch_schemes: ClassVar[tuple[str, ...]] = ("s3", "gs")
+    operator: ClassVar[str] = ""
 
     def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
         self._settings = settings
         self._resources = resources or CustomResources(settings=settings)
+        self._staging = ModelStaging(settings=settings)
         self._namespace = settings.k8s_namespace
         self._instance = label_value(settings.queue_name)
         _check_template(settings.k8s_endpoint_template, "RETRO_K8S_ENDPOINT_TEMPLATE")
@@ -299,6 +347,10 @@ class KubernetesDeployer:
 
     def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
         """How an object the resource runs on is doing (Seldon v2's own Server), or None when there is none."""
+        return None
+
+    def pod_readiness(self, name: str) -> Readiness | None:
+        """What the resource's pods say when its status does not (Seldon v1), or None."""
         return None
 
     def deployment(self, name: str) -> Deployment:
@@ -400,6 +452,7 @@ class KubernetesDeployer:
     def start(
         self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
     ) -> Deployment:
+        model = self._staging.servable(model, schemes=self.fetch_schemes, operator=self.operator)
         for kind, body in self.objects(name=name, job_id=job_id, model=model, environment=environment):
             self._create(kind, body)
         log.info(
@@ -450,6 +503,7 @@ class KubernetesDeployer:
         last, beside = "not seen yet", ""  # the resource's state; what it runs on, if anything
         current: dict[str, Any] | None = None
         empty_windows = 0
+        next_pod_check, pod_wait, waiting_logged = 0.0, float(WATCH_WINDOW_S), False
         while True:
             if should_stop():
                 raise JobCancelled("cancelled while the model server was starting")
@@ -479,6 +533,18 @@ class KubernetesDeployer:
                 if companion is not None and companion.failure is not None:
                     raise DeploymentFailed(f"{self._what(name)} failed: {companion.failure}")
                 beside = f"; {companion.state}" if companion is not None else ""
+                if current is not None and time.monotonic() >= next_pod_check:
+                    pods = self.pod_readiness(name)
+                    if pods is not None and pods.failure is not None:
+                        raise DeploymentFailed(f"{self._what(name)} failed: {pods.failure}")
+                    if pods is not None:
+                        beside += f"; {pods.state}"
+                    # Backoff while the cluster has no room: nothing changes until capacity frees.
+                    pod_wait = min(pod_wait * 2, CAPACITY_BACKOFF_MAX_S) if pods and pods.capacity else WATCH_WINDOW_S
+                    next_pod_check = time.monotonic() + pod_wait
+                if "waiting for capacity" in last + beside and not waiting_logged:
+                    log.info("%s is waiting for capacity: %s%s", self._what(name), last, beside)
+                    waiting_logged = True
             except DeploymentFailed:
                 raise
             except Exception as exc:
@@ -544,7 +610,24 @@ class SeldonDeployer(KubernetesDeployer):
     """
 
     kind = SELDON_DEPLOYMENT
+    operator = "Seldon Core v1 (rclone in its storage initializer)"
     predictor = "default"
+
+    def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
+        super().__init__(settings=settings, resources=resources)
+        if settings.seldon_protocol == "v2" and settings.seldon_parameters:
+            # Seldon passes graph parameters as PREDICTIVE_UNIT_PARAMETERS, which MLServer never reads.
+            raise ValueError(
+                "RETRO_SELDON_PARAMETERS only reach Seldon's own MLflow server (RETRO_SELDON_PROTOCOL=seldon); "
+                "with protocol v2 MLServer would silently ignore them: unset them or use protocol seldon"
+            )
+
+    def pod_readiness(self, name: str) -> Readiness | None:
+        """Seldon v1 leaves a deployment Creating while its pods crash: their statuses tell what went wrong."""
+        selector = f"seldon-deployment-id={name}"
+        return readiness_from_pods(
+            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
+        )
 
     def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         s = self._settings
@@ -612,6 +695,7 @@ class SeldonV2Deployer(KubernetesDeployer):
 
     kind = SELDON_MODEL
     companion_kinds = (SELDON_SERVER,)
+    operator = "Seldon Core v2 (its agent's rclone)"
 
     def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
         super().__init__(settings=settings, resources=resources)
@@ -666,10 +750,13 @@ class SeldonV2Deployer(KubernetesDeployer):
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
         status = _readiness_from_conditions(obj)
-        if status.failure is not None and (obj.get("spec") or {}).get("server") and _only_schedule_failed(obj):
-            # On its own Server, which is still building the environment: the scheduler finds no replica of it
-            # yet and places the Model once the Server's agent connects. The wait goes on, showing both states.
-            return Readiness(state=status.state)
+        if status.failure is not None and _only_schedule_failed(obj):
+            if (obj.get("spec") or {}).get("server"):
+                # On its own Server, which is still building the environment: the scheduler finds no replica of it
+                # yet and places the Model once the Server's agent connects. The wait goes on, showing both states.
+                return Readiness(state=status.state)
+            # No server has room (memory) for it now; Seldon's scheduler retries as others' models unload.
+            return Readiness(state=f"waiting for capacity ({status.failure})", capacity=True)
         return status
 
     def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
@@ -710,6 +797,8 @@ class KServeDeployer(KubernetesDeployer):
     """
 
     kind = INFERENCE_SERVICE
+    operator = "KServe (its storage initializer)"
+    fetch_schemes = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs")
 
     def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
         s = self._settings
@@ -744,6 +833,13 @@ class KServeDeployer(KubernetesDeployer):
                 state=str(transition), failure=str(info.get("message") or info.get("reason") or transition)
             )
         return _readiness_from_conditions(obj)
+
+    def pod_readiness(self, name: str) -> Readiness | None:
+        """Pods that cannot be scheduled (no room) or cannot start show only in the pods' own statuses."""
+        selector = f"serving.kserve.io/inferenceservice={name}"
+        return readiness_from_pods(
+            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
+        )
 
     @property
     def _grpc(self) -> bool:
@@ -783,6 +879,43 @@ def _readiness_from_conditions(obj: dict[str, Any]) -> Readiness:
             return Readiness(state=state, failure=str(c.get("message") or c.get("reason")))
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     return Readiness(state=state, ready=ready)
+
+
+def readiness_from_pods(pods: list[dict[str, Any]]) -> Readiness | None:
+    """A failure when a pod's container cannot run (crashed, bad image, missing Secret); capacity when unschedulable."""
+    waiting_for_room = ""
+    for pod in pods:
+        pod_name = (pod.get("metadata") or {}).get("name")
+        status = pod.get("status") or {}
+        for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            problem = _container_problem(c)
+            if problem:
+                return Readiness(state="failing", failure=f"pod {pod_name}, container {c.get('name')}: {problem}")
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                waiting_for_room = f"pod {pod_name}: {cond.get('message') or 'Unschedulable'}"
+    if waiting_for_room:
+        return Readiness(state=f"waiting for capacity ({waiting_for_room})", capacity=True)
+    return None
+
+
+def _labelled(obj: dict[str, Any], selector: str) -> bool:
+    """Whether obj carries the one label key=value selector names (for a server that ignores selectors)."""
+    key, _, value = selector.partition("=")
+    return bool(((obj.get("metadata") or {}).get("labels") or {}).get(key) == value)
+
+
+def _container_problem(c: dict[str, Any]) -> str | None:
+    """Why a container cannot run, in its own words; None while it may still come up."""
+    state = c.get("state") or {}
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in FATAL_WAITING_REASONS:
+        return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    terminated = state.get("terminated") or (c.get("lastState") or {}).get("terminated") or {}
+    if terminated and terminated.get("exitCode") not in (None, 0):
+        message = str(terminated.get("message") or terminated.get("reason") or "").strip()
+        return f"exited with code {terminated['exitCode']}: {message[-1000:]}"
+    return None
 
 
 def _only_schedule_failed(obj: dict[str, Any]) -> bool:

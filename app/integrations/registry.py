@@ -304,11 +304,11 @@ def _invalid(exc: Any) -> bool:
     return getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE"
 
 
-def fetch_model(artifact_uri: str, dest: Path) -> Path:
+def fetch_model(artifact_uri: str, dest: Path, *, tracking_uri: str | None = None) -> Path:
     """A model version's artifacts, copied into dest; the folder holding its MLmodel is returned.
 
     Artifacts on this machine's file system are copied as they are; any other store (S3, GCS, an MLflow
-    artifact proxy) is read through mlflow, which is imported only then (~3 s).
+    artifact proxy, read through tracking_uri's server when given) is read through mlflow, imported only then (~3 s).
     """
     if dest.exists():
         shutil.rmtree(dest)
@@ -318,7 +318,11 @@ def fetch_model(artifact_uri: str, dest: Path) -> Path:
             return Path(shutil.copytree(local, dest / local.name))
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dest)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri
+            )
+        )
     except Exception as exc:
         raise DeploymentFailed(f"cannot fetch model artifacts from {artifact_uri}: {exc}") from exc
 

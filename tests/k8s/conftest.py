@@ -6,6 +6,8 @@ client), tests/k8s_operator.py plays Seldon Core v1, Seldon Core v2 and KServe w
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 import uuid
@@ -20,6 +22,10 @@ from tests.conftest import _TMP, HISTORY_DAYS, HISTORY_START
 from tests.k8s_operator import ApiServer, TestOperator
 
 NAMESPACE = "retro-models-test"
+BUCKET = "retro-models"
+# The storage credentials each operator takes, in its own format (deploy/README.md): RETRO_K8S_STORAGE_SECRET.
+STORAGE_SECRETS = {"seldon": "retro-rclone-env", "seldon_v2": "retro-rclone-config", "kserve": "retro-kserve"}
+WRONG_SECRETS = {"seldon": "wrong-rclone-env", "seldon_v2": "wrong-rclone-config", "kserve": "wrong-kserve"}
 END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
 
 
@@ -32,10 +38,93 @@ def cluster() -> Iterator[ApiServer]:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: ApiServer) -> Iterator[TestOperator]:
-    """The test operator and its gateway; RETRO_K8S_* settings point the deployers at them."""
+def s3() -> Iterator[str]:
+    """moto's S3 server on loopback with an empty bucket; its URL."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+def storage_secrets(s3_url: str) -> list[dict[str, Any]]:
+    """The Secrets and the ServiceAccount deploy/README.md tells an operator to create, for the loopback S3."""
+    keys = {"access_key_id": "testing", "secret_access_key": "testing"}
+    rclone = {"provider": "Other", "env_auth": "false", "endpoint": s3_url, **keys}
+    v1_env = {f"RCLONE_CONFIG_S3_{k.upper()}": v for k, v in {"type": "s3", **rclone}.items()}
+    v2_config = {"type": "s3", "name": "s3", "parameters": rclone}
+    endpoint = s3_url.removeprefix("http://")
+    kserve_annotations = {"serving.kserve.io/s3-endpoint": endpoint, "serving.kserve.io/s3-usehttps": "0"}
+    return [
+        secret(STORAGE_SECRETS["seldon"], v1_env),
+        secret(STORAGE_SECRETS["seldon_v2"], {"s3": json.dumps(v2_config)}),
+        secret(
+            "retro-kserve-s3",
+            {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+            annotations=kserve_annotations,
+        ),
+        service_account(STORAGE_SECRETS["kserve"], "retro-kserve-s3"),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}},  # as in every namespace
+        # Wrong ones: an rclone remote named other than the URI's scheme; S3 settings without keys.
+        secret(WRONG_SECRETS["seldon"], {k.replace("_S3_", "_MINIO_"): v for k, v in v1_env.items()}),
+        secret(WRONG_SECRETS["seldon_v2"], {"s3": json.dumps({**v2_config, "name": "minio"})}),
+        secret("retro-kserve-nokeys", {"AWS_DEFAULT_REGION": "us-east-1"}, annotations=kserve_annotations),
+        service_account(WRONG_SECRETS["kserve"], "retro-kserve-nokeys"),
+    ]
+
+
+def service_account(name: str, secret_name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name},
+        "secrets": [{"name": secret_name}],
+    }
+
+
+def secret(name: str, data: dict[str, str], *, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Secret manifest with data base64-encoded."""
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    meta: dict[str, Any] = {"name": name, "annotations": annotations or {}}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": encoded}
+
+
+def create_core(api_url: str, body: dict[str, Any]) -> None:
+    """Create a Secret or ServiceAccount in the test namespace."""
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = api_url
+    core = client.CoreV1Api(client.ApiClient(cfg))
+    if body["kind"] == "Secret":
+        core.create_namespaced_secret(NAMESPACE, body)
+    else:
+        core.create_namespaced_service_account(NAMESPACE, body)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: ApiServer, s3: str) -> Iterator[TestOperator]:
+    """The test operator and its gateway; RETRO_K8S_* settings point the deployers at them, models stage to S3."""
     op = TestOperator(api_url=cluster.url, work_dir=_TMP / "operator-model-servers")
+    for body in storage_secrets(s3):
+        create_core(cluster.url, body)
     env = {
+        "RETRO_MODEL_STAGING_URL": f"s3://{BUCKET}/staging",
+        "RETRO_MODEL_STAGING_STORAGE_OPTIONS": json.dumps(
+            # A short read timeout: werkzeug's server behind moto can leave a pooled connection unanswered.
+            {"endpoint_url": s3, "key": "testing", "secret": "testing", "config_kwargs": {"read_timeout": 10}}
+        ),
         "RETRO_K8S_API_URL": cluster.url,
         "RETRO_K8S_NAMESPACE": NAMESPACE,
         "RETRO_K8S_ENDPOINT_TEMPLATE": op.gateway.url + "/gateway/{namespace}/{name}",
@@ -73,6 +162,7 @@ def k8s_settings(deployer: str, **overrides: Any) -> Any:
     """Settings for one Kubernetes deployer, from the environment the fixtures set, plus overrides."""
     from app.config import Settings
 
+    overrides.setdefault("k8s_storage_secret", STORAGE_SECRETS[deployer])
     return Settings(deployer=deployer, **overrides)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,186 @@
+"""`retrotest k8s check`: what a Kubernetes deployer needs before its first job, checked one by one.
+
+Each check says what it looked at and, when it fails, what to do; none creates anything in the cluster (the
+staging check writes and deletes one small object under RETRO_MODEL_STAGING_URL).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.integrations.k8s_deployers import (
+    API_RULES,
+    KUBERNETES_DEPLOYERS,
+    SECRETS,
+    SERVICE_ACCOUNTS,
+    CustomResources,
+    _describe_error,
+)
+from app.integrations.staging import ModelStaging
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: passed or not, and what was found."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks(*, settings: Settings, resources: CustomResources | None = None) -> list[CheckResult]:
+    """Every check for the configured deployer, in order."""
+    resources = resources or CustomResources(settings=settings)
+    return list(_checks(settings=settings, resources=resources))
+
+
+def _checks(*, settings: Settings, resources: CustomResources) -> Iterator[CheckResult]:
+    deployer = KUBERNETES_DEPLOYERS.get(settings.deployer)
+    if deployer is None:
+        yield CheckResult("deployer", False, f"RETRO_DEPLOYER is {settings.deployer!r}: not a Kubernetes deployer")
+        return
+    steps: list[tuple[str, Callable[[], str]]] = [
+        ("custom resource", lambda: _crd(resources, deployer.kind)),
+        ("namespace", lambda: _namespace(resources)),
+        ("permissions", lambda: _permissions(resources)),
+        ("storage credentials", lambda: _credentials(settings, resources)),
+        ("model staging", lambda: _staging(settings)),
+    ]
+    for name, step in steps:
+        try:
+            yield CheckResult(name, True, step())
+        except CheckFailed as exc:
+            yield CheckResult(name, False, str(exc))
+        except Exception as exc:
+            yield CheckResult(name, False, _describe_error(exc))
+
+
+class CheckFailed(Exception):
+    """A check found something missing or wrong; the message says what to do."""
+
+
+def _crd(resources: CustomResources, kind: Any) -> str:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        resources.list_labelled(kind, label_selector="app.kubernetes.io/managed-by=retrotest")
+    except ApiException as exc:
+        if exc.status == 404:
+            raise CheckFailed(
+                f"{kind.plural}.{kind.group}/{kind.version} is not served: install the operator's CRDs"
+            ) from None
+        raise
+    return f"{kind.plural}.{kind.group}/{kind.version} is served"
+
+
+def _namespace(resources: CustomResources) -> str:
+    # Every namespace has a ServiceAccount named default; reading it needs no wider permission than the Role's.
+    if resources.get_core(SERVICE_ACCOUNTS, "default") is None:
+        raise CheckFailed(f"namespace {resources.namespace} not found (it has no default ServiceAccount): create it")
+    return f"{resources.namespace} exists"
+
+
+def _permissions(resources: CustomResources) -> str:
+    from kubernetes import client
+
+    api = client.AuthorizationV1Api(resources.core().api_client)
+    denied = []
+    for rule in API_RULES:
+        for verb in rule.verbs:
+            review: Any = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectAccessReview",
+                "spec": {
+                    "resourceAttributes": {
+                        "namespace": resources.namespace,
+                        "group": rule.group,
+                        "resource": rule.resource,
+                        "verb": verb,
+                    }
+                },
+            }
+            answer = api.create_self_subject_access_review(review)
+            if not (answer.status and answer.status.allowed):
+                denied.append(f"{verb} {rule.resource}{'.' + rule.group if rule.group else ''}")
+    if denied:
+        raise CheckFailed(f"not allowed: {', '.join(denied)}; apply deploy/base/rbac.yaml (Role and RoleBinding)")
+    total = sum(len(r.verbs) for r in API_RULES)
+    return f"all {total} verbs of deploy/base/rbac.yaml are allowed in {resources.namespace}"
+
+
+def _credentials(settings: Settings, resources: CustomResources) -> str:
+    name = settings.k8s_storage_secret
+    if not name:
+        raise CheckFailed("RETRO_K8S_STORAGE_SECRET is empty: the operator gets no credentials to fetch models")
+    remote = _staging_scheme(settings)
+    if settings.deployer == "kserve":
+        return _kserve_service_account(resources, name, remote)
+    secret = resources.get_core(SECRETS, name)
+    if secret is None:
+        raise CheckFailed(f"Secret {name} not found in {resources.namespace}: create it (deploy/README.md)")
+    keys = sorted((secret.get("data") or {}).keys())
+    if settings.deployer == "seldon":
+        want = f"RCLONE_CONFIG_{remote.upper()}_TYPE"
+        if want not in keys:
+            raise CheckFailed(f"Secret {name} has no {want} (rclone environment variables for remote {remote!r})")
+        return f"Secret {name} configures the rclone remote {remote!r} (Seldon v1 envSecretRefName)"
+    if len(keys) != 1:
+        raise CheckFailed(f"Secret {name} must hold exactly one key (an rclone config), not {keys}")
+    config = _decoded(secret, keys[0])
+    if config.get("name") != remote:
+        raise CheckFailed(f"the rclone config in Secret {name} is named {config.get('name')!r}, not {remote!r}")
+    return f"Secret {name} holds the rclone config {remote!r} (Seldon v2 secretName)"
+
+
+def _kserve_service_account(resources: CustomResources, name: str, remote: str) -> str:
+    account = resources.get_core(SERVICE_ACCOUNTS, name)
+    if account is None:
+        raise CheckFailed(f"ServiceAccount {name} not found in {resources.namespace}: create it (deploy/README.md)")
+    listed = [s.get("name") for s in account.get("secrets") or []]
+    if not listed:
+        raise CheckFailed(f"ServiceAccount {name} lists no Secret: add the storage Secret under secrets")
+    for secret_name in listed:
+        secret = resources.get_core(SECRETS, str(secret_name))
+        if secret is None:
+            raise CheckFailed(f"Secret {secret_name}, listed by ServiceAccount {name}, not found")
+        keys = set((secret.get("data") or {}).keys())
+        if remote == "s3" and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= keys:
+            endpoint = ((secret.get("metadata") or {}).get("annotations") or {}).get("serving.kserve.io/s3-endpoint")
+            return f"ServiceAccount {name} carries Secret {secret_name} (S3, endpoint {endpoint or 'AWS'})"
+        if remote == "gs" and "gcloud-application-credentials.json" in keys:
+            return f"ServiceAccount {name} carries Secret {secret_name} (GCS)"
+    raise CheckFailed(f"no Secret listed by ServiceAccount {name} has {remote} credentials in KServe's format")
+
+
+def _decoded(secret: dict[str, Any], key: str) -> dict[str, Any]:
+    import base64
+
+    import yaml
+
+    text = base64.b64decode((secret.get("data") or {})[key]).decode()
+    try:
+        loaded = json.loads(text)
+    except ValueError:
+        loaded = yaml.safe_load(text)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _staging_scheme(settings: Settings) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(settings.model_staging_url).scheme or "s3"
+
+
+def _staging(settings: Settings) -> str:
+    staging = ModelStaging(settings=settings)
+    if not staging.enabled:
+        return "RETRO_MODEL_STAGING_URL is empty: only models the registry already keeps on s3:// or gs:// can deploy"
+    try:
+        staging.check_writable()
+    except Exception as exc:
+        raise CheckFailed(f"cannot write under {staging.url}: {type(exc).__name__}: {exc}") from exc
+    return f"{staging.url} is writable"
