@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import shutil
@@ -165,7 +166,13 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
     tracking = f"sqlite:///{directory / 'mlflow.db'}"
 
     typer.echo(f"1/5 registering a sample churn model in a local MLflow registry ({tracking})")
-    version = register_demo_model(tracking_uri=tracking, artifact_root=directory / "mlflow-artifacts")
+    chatter = io.StringIO()  # MLflow prints "Successfully registered model ..." and friends to stderr
+    try:
+        with contextlib.redirect_stderr(chatter):
+            version = register_demo_model(tracking_uri=tracking, artifact_root=directory / "mlflow-artifacts")
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
     start = today - timedelta(days=days + 7)
     typer.echo(f"2/5 writing synthetic feature history: {days} days x {rows_per_day:,} customers")
     stats = write_history(root=directory / "history", start=start, days=days, rows_per_day=rows_per_day)

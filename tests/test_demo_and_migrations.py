@@ -39,7 +39,7 @@ def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> Non
     assert ": succeeded" in out and "scores.parquet" in out and "retrotest download" in out
     assert "partner download link (7 days): http://127.0.0.1:" in out and "/d/" in out
     assert "the API stops now" in out and "--keep-running" in out
-    assert "INFO mlflow" not in out and "Hint: Inferred schema" not in out
+    assert "INFO mlflow" not in out and "Hint: Inferred schema" not in out and "Successfully registered" not in out
     assert (tmp_path / "demo" / "retrotest.db").exists() and (tmp_path / "demo" / "broker.db").exists()
 
 
