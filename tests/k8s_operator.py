@@ -519,6 +519,9 @@ def failing_pod(name: str, message: str) -> dict[str, Any]:
             "initContainerStatuses": [
                 {
                     "name": f"{name}-model-initializer",
+                    "image": "seldonio/rclone-storage-initializer",
+                    "imageID": "",
+                    "ready": False,
                     "restartCount": 2,
                     "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                     "lastState": {"terminated": terminated},

@@ -148,6 +148,10 @@ def nothing_left_behind(cluster: ApiServer, operator: TestOperator) -> Iterator[
     """Every test starts and ends with no resource in the emulator and no model server running."""
     assert cluster.objects() == [], "a previous test left resources behind"
     yield
+    # Pods go a moment after their deployment, as Kubernetes' garbage collector deletes them.
+    deadline = time.monotonic() + 10
+    while cluster.objects() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert cluster.objects() == [], "resources were left in the emulator"
     assert operator.wait_idle() == [], "model servers were left running"
     operator.scripts.clear()
