@@ -28,7 +28,7 @@ from app.integrations.registry import ModelVersionInfo
 from app.integrations.staging import ModelStaging
 from tests.conftest import _TMP, HISTORY_DAYS, ROWS_PER_DAY
 from tests.k8s.conftest import BUCKET, WRONG_SECRETS, job_row, k8s_settings, new_job, results_path, run
-from tests.k8s.test_k8s_deployers import KINDS
+from tests.k8s.test_k8s_deployers import KINDS, expected_scores  # noqa: F401  (a fixture)
 from tests.k8s_operator import ApiServer, NoCapacity, TestOperator, artifact_uri
 
 STAGED = f"s3://{BUCKET}/staging/models/"
@@ -99,7 +99,7 @@ def test_through_a_registry_that_proxies_artifacts_each_operator_serves_the_stag
     cluster: ApiServer,
     operator: TestOperator,
     retro_data: None,
-    expected_scores: pd.DataFrame,
+    expected_scores: pd.DataFrame,  # noqa: F811  (the fixture imported above)
 ) -> None:
     from app.integrations.wiring import make_registry
     from app.retro_tests.models import State
