@@ -250,7 +250,7 @@ def test_a_worker_killed_after_publishing_leaves_a_succeeded_job_with_its_files(
         assert job is not None and job.state == State.succeeded and job.lease_token is None
         files = {f.name: f.sha256 for f in s.query(ResultFile).filter_by(retro_test_id=job_id)}
         prefix = job_prefix(job)
-    assert set(files) == {"scores.parquet", "manifest.json", "report.html", "report.json"}
+    assert set(files) == {"scores.parquet", "manifest.json", "manifest.internal.json", "report.html", "report.json"}
     for name, sha256 in files.items():
         with adapters.store.open_read(f"{prefix}/{name}") as fh:
             assert hashlib.sha256(fh.read()).hexdigest() == sha256

@@ -166,7 +166,8 @@ def k8s_settings(deployer: str, **overrides: Any) -> Any:
     """Settings for one Kubernetes deployer, from the environment the fixtures set, plus overrides."""
     from app.config import Settings
 
-    overrides.setdefault("k8s_storage_secret", STORAGE_SECRETS[deployer])
+    if deployer in STORAGE_SECRETS:
+        overrides.setdefault("k8s_storage_secret", STORAGE_SECRETS[deployer])
     return Settings(deployer=deployer, **overrides)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,7 @@ from app.integrations.k8s_deployers import (
     SeldonV2Deployer,
 )
 from app.integrations.registry import ModelVersionInfo
-from tests.k8s.conftest import NAMESPACE, k8s_settings, wait_for
+from tests.k8s.conftest import NAMESPACE, STORAGE_SECRETS, k8s_settings, wait_for
 from tests.k8s_operator import ApiServer, Hang, TestOperator
 
 # What uv pip compile prints, and a marker line whose quotes must reach the lock file untouched.
@@ -220,6 +220,7 @@ def test_seldon_v2_puts_the_model_on_a_server_of_its_own_and_stop_deletes_both(
         "requirements": [name],
         "replicas": 1,
         "memory": "1Gi",
+        "secretName": STORAGE_SECRETS["seldon_v2"],
         "server": name,
     }
     assert model["metadata"]["annotations"] == server["metadata"]["annotations"] == ANNOTATIONS

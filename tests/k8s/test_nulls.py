@@ -248,7 +248,7 @@ def test_every_row_with_nulls_scores_as_the_model_does_in_process(
     # The rows whose every input is NULL were scored too, as the model scores them.
     all_null = merged[merged.id == 0]
     assert len(all_null) == DAYS and all_null.p1.notna().all()
-    manifest = (folder / "manifest.json").read_text()
+    manifest = (folder / "manifest.internal.json").read_text()
     assert f'"protocol": "{protocol}"' in manifest
 
 
