@@ -12,7 +12,7 @@ from tests.conftest import make_partner, make_user
 from tests.web_helpers import succeeded_job
 
 
-def test_a_job_s_download_links_are_what_url_for_gives(client, db_session) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_s_download_links_are_under_the_public_base_url_not_the_host(client, db_session) -> None:  # type: ignore[no-untyped-def]
     from starlette.requests import Request
 
     from app.auth.scope import ALL_PARTNERS
@@ -29,10 +29,16 @@ def test_a_job_s_download_links_are_what_url_for_gives(client, db_session) -> No
     assert total == 1 and views.job_out(listed[0], views.files_url(request)) == views.job_out(
         read, views.files_url(request)
     )
-    # The download links are what url_for gives, built without walking the routes for each file.
+    # The download links are the route url_for names, under RETRO_PUBLIC_BASE_URL: never the request's Host.
+    from app.config import get_settings
+
     urls = [f.download_url for f in views.job_out(read, views.files_url(request)).files]
-    assert urls == [str(request.url_for("download_result_file", job_id=job.id, name=name))
-                    for name in ("manifest.json", "scores.parquet")]  # fmt: skip
+    route = request.url_for("download_result_file", job_id=job.id, name="manifest.json")
+    assert route.netloc == "retro.example" and get_settings().public_base_url.rstrip("/") != "https://retro.example"
+    assert urls == [
+        f"{get_settings().public_base_url.rstrip('/')}{route.path.rsplit('/', 1)[0]}/{name}"
+        for name in ("manifest.json", "scores.parquet")
+    ]
 
 
 def test_the_list_total_is_counted_only_when_the_page_is_full(client, db_session) -> None:  # type: ignore[no-untyped-def]
