@@ -147,7 +147,7 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
     from app.partners.models import Partner
     from app.retro_tests.models import RetroTest
     from app.retro_tests.schemas import RetroTestCreate
-    from app.retro_tests.service import create_retro_test
+    from app.retro_tests.service import submit_request
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -162,7 +162,7 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
             period_start=HISTORY_START,
             period_end=END,
         )
-        job, _ = create_retro_test(
+        job, _, _ = submit_request(
             session=s, registry=adapters.registry, settings=settings, data=data, actor="test", scope=ALL_PARTNERS
         )
         job_id = job.id

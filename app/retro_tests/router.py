@@ -99,16 +99,7 @@ def create_retro_test(
 
     Account managers may only name partners they are assigned to.
     """
-    job, created = dispatch.submit(
-        session=session,
-        registry=registry,
-        settings=settings,
-        data=data,
-        actor=caller.user.username,
-        scope=caller.scope,
-        history=get_history_source(),
-    )
-    return submitted_response(request=request, session=session, caller=caller, job_id=job.id, created=created)
+    return submit(request=request, session=session, registry=registry, settings=settings, caller=caller, data=data)
 
 
 POPULATION_REQUEST_DOC = (
@@ -157,18 +148,16 @@ def create_retro_test_with_population(
     upload = service.PopulationUpload(
         data=read_upload(population.file, limit=settings.population_max_bytes), filename=population.filename or ""
     )
-    job, created = dispatch.submit(
+    return submit(
+        request=request,
         session=session,
         registry=registry,
         settings=settings,
+        caller=caller,
         data=data,
-        actor=caller.user.username,
-        scope=caller.scope,
-        history=get_history_source(),
         upload=upload,
         store=store,
     )
-    return submitted_response(request=request, session=session, caller=caller, job_id=job.id, created=created)
 
 
 def parse_request_json(text: str) -> RetroTestCreate:
@@ -181,14 +170,33 @@ def parse_request_json(text: str) -> RetroTestCreate:
         raise Invalid(f"request: {field}: {first['msg']}", field=field) from exc
 
 
-def submitted_response(
-    *, request: Request, session: Session, caller: Caller, job_id: uuid.UUID, created: bool
+def submit(
+    *,
+    request: Request,
+    session: Session,
+    registry: MlflowRegistry,
+    settings: Settings,
+    caller: Caller,
+    data: RetroTestCreate,
+    upload: service.PopulationUpload | None = None,
+    store: ResultStore | None = None,
 ) -> Response:
-    """202 with Location for a new job; 200 with the existing job for a duplicate."""
-    read = service.read_retro_test(session=session, job_id=job_id, scope=caller.scope)
+    """Queue the request; 202 with Location for a new job, 200 with the existing job for a duplicate."""
+    job, created = dispatch.submit(
+        session=session,
+        registry=registry,
+        settings=settings,
+        data=data,
+        actor=caller.user.username,
+        scope=caller.scope,
+        history=get_history_source(),
+        upload=upload,
+        store=store,
+    )
+    read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
     response = json_response(views.job_out(read, views.files_url(request)))
     response.status_code = 202 if created else 200
-    response.headers["Location"] = views.job_url(job_id)
+    response.headers["Location"] = views.job_url(job.id)
     return response
 
 

@@ -157,23 +157,6 @@ class Submission(NamedTuple):
     population: Population | None
 
 
-def create_retro_test(
-    *,
-    session: Session,
-    registry: ModelResolver,
-    settings: Settings,
-    data: RetroTestCreate,
-    actor: str,
-    scope: PartnerScope,
-    history: HistoryCoverage | None = None,
-) -> tuple[RetroTest, bool]:
-    """Validate a request and add it as a queued job; returns (job, created). An identical active job is reused."""
-    job, created, _ = submit_request(
-        session=session, registry=registry, settings=settings, data=data, actor=actor, scope=scope, history=history
-    )
-    return job, created
-
-
 def submit_request(
     *,
     session: Session,
