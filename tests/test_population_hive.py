@@ -1,12 +1,15 @@
 """Point-in-time scoring of a population in Hive (the Spark Thrift Server): the staged population joined where the
 history is gives the same rows as DuckDB's join over the same files; a whole job scores it like the model in
-process and drops its staging table; the reaper drops what a killed worker or a cancelled job left."""
+process and drops its staging table, also when it was cancelled or its worker killed; the reaper drops what a
+job that can no longer run left."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,7 +24,7 @@ import pytest
 from app.integrations.history import STAGING_PREFIX, HistoryQuery, LocalParquetSource, PopulationJoin, staging_table
 from app.integrations.hive import HiveSource
 from app.retro_tests.population import read_population
-from tests.conftest import Stack, start_stack
+from tests.conftest import Stack, start_process, start_stack
 from tests.hive_server import HiveServer, run_sql
 from tests.test_hive import MODEL_FEATURES, hive_settings
 from tests.test_population import (
@@ -141,16 +144,21 @@ def test_the_reaper_drops_staging_tables_of_ended_and_missing_jobs(
 
 
 @pytest.fixture(scope="module")
-def pop_hive_stack(hive: HiveServer, stack: Stack, hive_snapshots: str) -> Iterator[Stack]:
-    s = start_stack(
-        "pop-hive",
-        RETRO_HISTORY_SOURCE="hive",
-        RETRO_HIVE_HOST=hive.host,
-        RETRO_HIVE_PORT=str(hive.port),
-        RETRO_HIVE_SCRATCH_DATABASE=SCRATCH,
-        RETRO_QUEUE_NAME=os.environ["RETRO_QUEUE_NAME"] + "-pop-hive",
-        RETRO_WORKER_METRICS_PORT="0",
-    )
+def pop_hive_env(hive: HiveServer) -> dict[str, str]:
+    """The settings of the stack's processes (a worker started again in a test gets the same)."""
+    return {
+        "RETRO_HISTORY_SOURCE": "hive",
+        "RETRO_HIVE_HOST": hive.host,
+        "RETRO_HIVE_PORT": str(hive.port),
+        "RETRO_HIVE_SCRATCH_DATABASE": SCRATCH,
+        "RETRO_QUEUE_NAME": os.environ["RETRO_QUEUE_NAME"] + "-pop-hive",
+        "RETRO_WORKER_METRICS_PORT": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def pop_hive_stack(pop_hive_env: dict[str, str], stack: Stack, hive_snapshots: str) -> Iterator[Stack]:
+    s = start_stack("pop-hive", **pop_hive_env)
     yield s
     s.stop()
 
@@ -210,3 +218,34 @@ def test_a_cancelled_population_job_on_hive_leaves_no_staging_table(pop_hive_sta
     assert done["state"] == "cancelled", done
     source = HiveSource(hive_settings(hive))
     assert staging_table(SCRATCH, uuid.UUID(job["id"])) not in source.staging_tables(SCRATCH, prefix=STAGING_PREFIX)
+
+
+def test_a_population_job_whose_worker_is_killed_resumes_and_leaves_no_staging_table(
+    pop_hive_stack: Stack, pop_hive_env: dict[str, str], hive: HiveServer
+) -> None:
+    """The worker dies (SIGKILL, as an OOM kill would) with the staging table in Hive; the worker started again
+    takes the job up, stages afresh, scores every matched row once and drops the table."""
+    population = population_frame(20_000, seed=5)
+    job = submit_population(pop_hive_stack, "pop-hive-killed", population, lookback_days=1)
+    source = HiveSource(hive_settings(hive))
+    table = staging_table(SCRATCH, uuid.UUID(job["id"]))
+    pop_hive_stack.wait(job["id"], until={"preparing_environment", "deploying", "validating", "scoring"})
+    assert table in source.staging_tables(SCRATCH, prefix=STAGING_PREFIX)  # staged while extracting
+    worker = pop_hive_stack.procs[1]
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool: nothing of it runs a finally clause
+    worker.wait()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETRO_PUBLIC_BASE_URL": pop_hive_stack.base_url, **pop_hive_env}
+    log = pop_hive_stack.logs / "worker-restarted.log"
+    pop_hive_stack.procs.append(
+        start_process([sys.executable, "-m", "app.cli", "worker", "--name", "restarted"], env=env, log=log)
+    )
+    done = pop_hive_stack.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=400)
+    assert done["state"] == "succeeded", (done["error"], pop_hive_stack.tail())
+    assert done["attempts"] == 2
+    matched = population[population.customer_id <= POP_IDS]
+    assert done["progress"]["rows_scored"] == len(matched)
+    with pop_hive_stack.client() as c:
+        scores_file = next(f for f in done["files"] if f["name"] == "scores.parquet")
+        scores = pq.read_table(io.BytesIO(c.get(scores_file["download_url"]).content)).to_pandas()
+    assert len(scores) == len(matched) and not scores.duplicated(["customer_id", "as_of"]).any()
+    assert table not in source.staging_tables(SCRATCH, prefix=STAGING_PREFIX)
