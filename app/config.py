@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OutputFormat = Literal["parquet", "csv.gz"]
+MEMORY_SIZE = r"^[0-9]+(\.[0-9]+)? ?[KMGT]i?B$"  # a DuckDB memory limit: 512MB, 1.5GB, 256MiB
 
 
 class Settings(BaseSettings):
@@ -54,12 +55,16 @@ class Settings(BaseSettings):
     # A request's population file (CSV or Parquet of ids, as-of dates and outcomes): the largest accepted, in bytes.
     # The API checks it in memory (pandas), so this bounds a request's memory too: 64 MiB is about 2-3M CSV rows.
     population_max_bytes: int = Field(default=64 * 2**20, ge=1)
-    # The quality report's queries over the result files (DuckDB): the memory they may use before spilling to disk.
-    report_memory_limit: str = "256MB"
+    # The quality report's queries over the result files (DuckDB): the memory they may use before spilling to disk
+    # (under <var_dir>/duckdb).
+    report_memory_limit: str = Field(default="256MB", pattern=MEMORY_SIZE)
 
     # Where feature history lives: "local" (DuckDB over Parquet) or "hive".
     history_source: Literal["local", "hive"] = "local"
     history_dir: Path | None = None
+    # The local source's queries (DuckDB over Parquet; a population's point-in-time join sorts and windows every
+    # population row): the memory they may use before spilling to disk (under <var_dir>/duckdb).
+    history_memory_limit: str = Field(default="512MB", pattern=MEMORY_SIZE)
     read_batch_rows: int = Field(default=50_000, ge=1)
     # A chunk (the unit of checkpointing, and one query to the source) is consecutive days of about chunk_rows
     # rows, planned from the rows of each day (worker/chunks.py plan_rows). 1,000,000: at 50-250k rows/s it takes
@@ -245,6 +250,10 @@ class Settings(BaseSettings):
 
     def resolved_tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.var_dir.resolve() / 'mlflow.db'}"
+
+    def resolved_spill_dir(self) -> Path:
+        """Where DuckDB writes what does not fit in its memory limit (the history source's and the report's)."""
+        return (self.var_dir / "duckdb").resolve()
 
     def resolved_env_cache_dir(self) -> Path:
         return (self.env_cache_dir or self.var_dir / "envs").resolve()

@@ -205,6 +205,7 @@ def _write_report(
             "unmatched": unmatched,
         },
         memory_limit=run.settings.report_memory_limit,
+        spill_dir=run.settings.resolved_spill_dir(),
     )
     figures = report.build(inputs)
     title = f"Retro test {run.job_id}: {model.name} version {model.version}, {query.start} to {query.end}"

@@ -18,9 +18,10 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from app.integrations.history import HistoryQuery
+from app.integrations.history import HistoryQuery, duckdb_connection
 from app.integrations.results import ResultStore
 
 HIST_BINS = 20
@@ -38,6 +39,7 @@ class ReportInputs:
     score_column: str
     rows: dict[str, int | None]  # requested, matched, scored, rejected, unmatched
     memory_limit: str
+    spill_dir: Path | None = None
 
 
 def build(inputs: ReportInputs) -> dict[str, Any]:
@@ -53,11 +55,7 @@ def build(inputs: ReportInputs) -> dict[str, Any]:
     }
     if not inputs.parts:
         return report | {"rows_per_day": [], "score": None, "psi": [], "quality": None}
-    import duckdb
-
-    with duckdb.connect() as con:
-        con.execute(f"SET memory_limit='{_memory(inputs.memory_limit)}'")
-        con.execute("SET threads=2")
+    with duckdb_connection(memory_limit=inputs.memory_limit, spill_dir=inputs.spill_dir) as con:
         _results_view(con, inputs, outcome=outcome)
         report["rows_per_day"] = [
             {"day": d.isoformat(), "rows": int(n)}
@@ -68,12 +66,6 @@ def build(inputs: ReportInputs) -> dict[str, Any]:
         report["psi"] = _psi(con, edges)
         report["quality"] = _quality(con, edges) if outcome else None
     return report
-
-
-def _memory(limit: str) -> str:
-    if not limit.replace(".", "").replace(" ", "").isalnum():
-        raise ValueError(f"RETRO_REPORT_MEMORY_LIMIT {limit!r} is not a size such as 256MB")
-    return limit
 
 
 def _results_view(con: Any, inputs: ReportInputs, *, outcome: str | None) -> None:

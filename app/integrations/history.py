@@ -250,19 +250,17 @@ def _partition_day(name: str, date_column: str) -> date | None:
 class LocalParquetSource:
     """History as Parquet files under <history_dir>/<table> (optionally Hive-partitioned)."""
 
-    def __init__(self, *, root: Path, memory_limit: str = "512MB", threads: int = 2) -> None:
+    def __init__(
+        self, *, root: Path, memory_limit: str = "512MB", spill_dir: Path | None = None, threads: int = 2
+    ) -> None:
         self._root = root
         self._memory_limit = memory_limit
+        self._spill_dir = spill_dir
         self._threads = threads
         self._recent = RecentCounts()
 
     def _connect(self) -> Any:
-        import duckdb
-
-        con = duckdb.connect()
-        con.execute(f"SET memory_limit='{self._memory_limit}'")
-        con.execute(f"SET threads={int(self._threads)}")
-        return con
+        return duckdb_connection(memory_limit=self._memory_limit, spill_dir=self._spill_dir, threads=self._threads)
 
     def _files(self, query: HistoryQuery) -> str:
         folder = self._root.joinpath(*check_table(query.table))
@@ -383,6 +381,19 @@ class LocalParquetSource:
                 history_start=query.history_start,
             )
         return params
+
+
+def duckdb_connection(*, memory_limit: str, spill_dir: Path | None, threads: int = 2) -> Any:
+    """An in-memory DuckDB that uses at most memory_limit and spills the rest (sorts, joins, windows) to spill_dir."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET memory_limit = $limit", {"limit": memory_limit})
+    con.execute(f"SET threads = {int(threads)}")
+    if spill_dir is not None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        con.execute("SET temp_directory = $dir", {"dir": str(spill_dir)})
+    return con
 
 
 def _q(name: str) -> str:

@@ -21,7 +21,11 @@ def make_history_source(settings: Settings) -> HistorySource:
         from app.integrations.hive import HiveSource, settings_from
 
         return HiveSource(settings_from(settings))
-    return LocalParquetSource(root=settings.resolved_history_dir())
+    return LocalParquetSource(
+        root=settings.resolved_history_dir(),
+        memory_limit=settings.history_memory_limit,
+        spill_dir=settings.resolved_spill_dir(),
+    )
 
 
 def make_deployer(settings: Settings) -> Deployer:
