@@ -52,6 +52,20 @@ def env_for(root: Path) -> dict[str, str]:
     }
 
 
+def bench_root(folder: str, *, prefix: str) -> Path:
+    """The benchmark's folder (a new temporary one unless given), its settings in os.environ, the demo model in its
+    registry."""
+    root = Path(folder or tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.update(env_for(root))
+    if not (root / "mlflow.db").exists():
+        from app.demo_data import register_demo_model
+
+        print("registering the demo model ...", flush=True)
+        register_demo_model(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
+    return root
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -468,15 +482,9 @@ def main() -> None:
     if args.latency and args.source != "hive":
         parser.error("--latency needs --source hive")
 
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-e2e-"))
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.update(env_for(root))
-    from app.demo_data import register_demo_model
+    root = bench_root(args.dir, prefix="bench-e2e-")
     from app.integrations.deployers import LocalMLServerDeployer
 
-    if not (root / "mlflow.db").exists():
-        print("registering the demo model ...", flush=True)
-        register_demo_model(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.sweep:
         sweep(root, sizes, args)

@@ -27,13 +27,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import AnonPeak, env_for
+from bench.e2e import AnonPeak, bench_root, env_for
 
 START = date(2025, 1, 1)
 
@@ -172,14 +171,11 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if max(sizes) > args.ids * args.days:
         parser.error(f"--sizes: at most --ids x --days = {args.ids * args.days} distinct (id, date) pairs")
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-population-"))
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.update(env_for(root))
-    from app.demo_data import register_demo_model, write_history
+    root = bench_root(args.dir, prefix="bench-population-")
+    if not (root / "history").exists():
+        from app.demo_data import write_history
 
-    if not (root / "mlflow.db").exists():
-        print("registering the demo model, writing history ...", flush=True)
-        register_demo_model(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=root / "artifacts")
+        print("writing history ...", flush=True)
         write_history(root=root / "history", start=START, days=args.days, rows_per_day=args.ids)
 
     limits = [args.memory_limit, args.low_memory_limit]
