@@ -117,7 +117,7 @@ def _stages(job: ViewRow) -> list[dict[str, Any]]:
 ACTIVITY: dict[str, str] = {
     State.queued: "waiting for a worker",
     State.resolving: "looking the model version up in MLflow",
-    State.extracting: "counting the period's rows in the history source (Hive: waiting for its query)",
+    State.extracting: "counting the period's rows in the history source (a Hive query can take minutes)",
     State.preparing_environment: "building the model's own Python environment (cached after the first job)",
     State.deploying: "starting the model server",
     State.validating: "checking the model on sample rows",
