@@ -356,6 +356,38 @@ def stack(database_url: str, registry: dict[str, str], history: Path) -> Iterato
     s.stop()
 
 
+# Fixtures that start or need an outside service (PostgreSQL, Redis, MLflow's registry with model servers, Spark's
+# Thrift Server, the Kubernetes emulator and its S3). A test that uses none of them, directly or through another
+# fixture, is a unit test: the fast lane (`./scripts/test.sh --fast`) runs only those, with no service started.
+SERVICE_FIXTURES = frozenset(
+    {
+        "database_url",
+        "engine",
+        "db_session",
+        "client",
+        "account_manager_client",
+        "stack",
+        "registry",
+        "hive",
+        "big_history",
+        "cluster",
+        "s3",
+        "operator",
+        "retro_data",
+        "own_postgres",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Mark every test `integration` or `unit` by the fixtures it uses (an explicit mark wins)."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
+            continue
+        uses_service = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if uses_service else pytest.mark.unit)
+
+
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     """Drop this session's queue from Redis and its temporary folder."""
     try:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, free_port
 
 
+@pytest.mark.integration  # starts the whole demo: its API, worker and model server
 def test_demo_runs_a_real_retro_test_on_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRO_")}  # embedded defaults only
     proc = subprocess.run(

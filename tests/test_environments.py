@@ -103,6 +103,7 @@ def _worker_requirements() -> ModelRequirements:
     return ModelRequirements(python=version, requirements=(f"scikit-learn=={sklearn.__version__}",))
 
 
+@pytest.mark.integration  # builds a real environment from the package index
 def test_jobs_that_need_the_same_environment_at_once_build_it_once(cache: EnvironmentCache) -> None:
     results: list[ModelEnvironment] = []
     errors: list[BaseException] = []

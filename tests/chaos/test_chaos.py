@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.integration  # starts PostgreSQL, Redis, workers and model servers of its own
 def test_small_chaos_run_loses_and_duplicates_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRO_") or k.startswith("RETRO_TEST_")}
     proc = subprocess.run(
