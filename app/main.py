@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.auth.router import router as auth_router
+from app.client_address import TrustedProxies
 from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
@@ -146,7 +147,8 @@ def create_app() -> FastAPI:
         same_site="lax",
         https_only=settings.resolved_session_cookie_secure(),
     )
-    app.add_middleware(RequestGuard, settings=settings)  # outermost: before anything reads the request
+    app.add_middleware(RequestGuard, settings=settings)  # before anything reads the request
+    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
     return app
 
 

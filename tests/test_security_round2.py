@@ -1,0 +1,305 @@
+"""The findings of the second outside review (issue 26, N6-N15 and the informational ones), each kept closed by a
+test that failed before the fix."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from tests.conftest import make_partner, make_user
+from tests.web_helpers import csrf_of, succeeded_job
+
+PASSWORD = "a long enough password"
+EVIL = ['=HYPERLINK("http://evil.example","click")', "=cmd|' /C calc'!A0", "+1", "@SUM(A1)", "plain"]
+
+
+def _job_with(client, db_session, files: dict[str, tuple[str, str, bytes]]):  # type: ignore[no-untyped-def]
+    """A succeeded job of partner acme with these files: name -> (kind, format, bytes)."""
+    from app.retro_tests.models import ResultFile
+
+    make_partner(client, "acme")
+    job = succeeded_job(db_session, "acme", {name: blob for name, (_, _, blob) in files.items()})
+    for name, (kind, fmt, _) in files.items():
+        db_session.execute(
+            update(ResultFile)
+            .where(ResultFile.retro_test_id == job.id, ResultFile.name == name)
+            .values(kind=kind, format=fmt)
+        )
+    db_session.flush()
+    db_session.expire_all()
+    return job
+
+
+def _partner_path(client, job) -> str:  # type: ignore[no-untyped-def]
+    resp = client.post(f"/api/v1/retro-tests/{job.id}/links", json={"expires_in_days": 7})
+    assert resp.status_code == 201, resp.text
+    return "/d/" + resp.json()["url"].rsplit("/d/", 1)[1]
+
+
+# --- N8: every CSV the service writes is neutralised ------------------------------------------------------------
+
+
+def test_unmatched_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app.integrations.results import ResultStore
+    from worker.publish import _write_unmatched
+
+    store = ResultStore(str(tmp_path))
+    batch = pa.record_batch({"customer_id": EVIL, "reason": ["no history"] * len(EVIL)})
+    source = SimpleNamespace(unmatched=lambda query, batch_rows: iter([batch]))
+    run: Any = SimpleNamespace(
+        adapters=SimpleNamespace(store=store, source=source),
+        spec=SimpleNamespace(prefix="job"),
+        settings=SimpleNamespace(read_batch_rows=1000),
+    )
+    assert _write_unmatched(run, SimpleNamespace()) == len(EVIL)  # type: ignore[arg-type]
+    with store.open_read("job/unmatched.csv.gz") as fh:
+        cells = pacsv.read_csv(pa.py_buffer(gzip.decompress(fh.read()))).column("customer_id").to_pylist()
+    assert cells == ["'" + v for v in EVIL[:4]] + ["plain"]
+
+
+# --- N10: requirements.lock is for staff -------------------------------------------------------------------
+
+
+def test_requirements_lock_is_neither_listed_nor_served_to_partners_but_staff_still_get_it(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    lock = b"# Python 3.11.9\nnumpy==1.26.4\n"
+    job = _job_with(
+        client,
+        db_session,
+        {"scores.parquet": ("scores", "parquet", b"PAR1"), "requirements.lock": ("environment", "txt", lock)},
+    )
+    path = _partner_path(client, job)
+    with TestClient(client.app) as partner:
+        page = partner.get(path)
+        assert page.status_code == 200 and "scores.parquet" in page.text
+        assert "requirements.lock" not in page.text
+        assert partner.get(path + "/requirements.lock").status_code == 404
+    staff = client.get(f"/api/v1/retro-tests/{job.id}").json()
+    assert "requirements.lock" in {f["name"] for f in staff["files"]}
+    assert client.get(f"/api/v1/retro-tests/{job.id}/files/requirements.lock").content == lock
+
+
+def test_the_partner_manifest_does_not_list_requirements_lock() -> None:
+    from worker.publish import partner_manifest
+
+    files = [
+        {"name": n, "kind": k}
+        for n, k in [("scores.parquet", "scores"), ("requirements.lock", "environment"), ("m.json", "staff_manifest")]
+    ]
+    manifest = {
+        "retro_test": {"id": "x", "created_at": "t"},
+        "model": {"name": "churn", "version": "1"},
+        "source": {"id_columns": ["customer_id"]},
+        "period": {},
+        "rows": {},
+        "files": files,
+        "published_at": "t",
+    }
+    assert [f["name"] for f in partner_manifest(manifest)["files"]] == ["scores.parquet"]
+
+
+# --- report.html may not be framed by another site -------------------------------------------------------------
+
+
+def test_report_html_may_not_be_framed_wherever_it_is_served(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    job = _job_with(client, db_session, {"report.html": ("report", "html", b"<!doctype html><p>report</p>")})
+    path = _partner_path(client, job)
+    with TestClient(client.app) as partner:
+        answers = [partner.get(path + "/report.html"), client.get(f"/api/v1/retro-tests/{job.id}/files/report.html")]
+    for resp in answers:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+        assert "frame-ancestors 'none'" in resp.headers["content-security-policy"]
+        assert resp.headers["x-frame-options"] == "DENY"
+
+
+# --- N15: prod refuses guessable keys ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "abcdefghijklmnopqrstuvwxyz012345",  # a sequence
+        "zyxwvutsrqponmlkjihgfedcba9876543210",  # backwards
+        "qwertyuiopasdfghjklzxcvbnm1234567890",  # keyboard rows
+        "йцукенгшщзхъфывапролджэячсмитьбю",  # the Russian ones
+        "a1b2c3d4e5f6g7h8" * 3,  # a repeated pattern
+        "correct-horse-battery-staple-password-monkey",  # words
+        "Tr0ub4dor&3-P@ssw0rd-Dragon-Sunshine-2026!",  # words in leet
+    ],
+)
+def test_prod_refuses_sequences_keyboard_rows_repeats_and_words(secret: str) -> None:
+    from pydantic import SecretStr
+
+    from app.config import Settings
+
+    with pytest.raises(RuntimeError, match="RETRO_SECRET_KEY"):
+        Settings(env="prod", secret_key=SecretStr(secret)).check_secrets()
+
+
+def test_prod_still_takes_random_keys_of_either_common_form() -> None:
+    import secrets
+
+    from pydantic import SecretStr
+
+    from app.config import Settings, secret_key_problem
+
+    settings = Settings(env="prod")
+    for _ in range(2000):
+        assert secret_key_problem(secrets.token_urlsafe(32)) is None
+        assert secret_key_problem(secrets.token_hex(32)) is None
+    settings.secret_key = SecretStr(secrets.token_urlsafe(32))
+    settings.check_secrets()
+
+
+# --- N12: a NUL in the sign-in form is a form error, not a 500 ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields", [{"username": "ad\x00min"}, {"password": "pass\x00word"}, {"username": "x\x00", "password": "\x00"}]
+)
+def test_a_nul_in_the_sign_in_form_is_a_form_error(client, db_session, fields) -> None:  # type: ignore[no-untyped-def]
+    make_user(db_session, "admin", role="admin", password=PASSWORD)
+    with TestClient(client.app, raise_server_exceptions=False) as browser:
+        data = {"username": "admin", "password": PASSWORD, "csrf_token": csrf_of(browser.get("/login").text), **fields}
+        resp = browser.post("/login", data=data, follow_redirects=False)
+    assert 400 <= resp.status_code < 500 and "Wrong username or password" in resp.text
+
+
+# --- N6: X-Forwarded-For counts only from RETRO_TRUSTED_PROXIES --------------------------------------------------
+
+
+def _try_password(browser: Any, username: str, password: str, **headers: str) -> int:
+    page = browser.get("/login")
+    data = {"username": username, "password": password, "csrf_token": csrf_of(page.text)}
+    return int(browser.post("/login", data=data, headers=headers, follow_redirects=False).status_code)
+
+
+def _serve_as_retrotest_serve_does(app, monkeypatch):  # type: ignore[no-untyped-def]
+    """The app under uvicorn with the options `retrotest serve` gives it (and uvicorn's defaults for the rest)."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    given: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kwargs: given.update(kwargs))
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    assert CliRunner().invoke(cli, ["serve", "--skip-migrations"]).exit_code == 0
+    options = {k: v for k, v in given.items() if k not in ("host", "port", "workers", "log_config", "log_level")}
+    return _LiveWith(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
+
+
+class _LiveWith:
+    """A uvicorn server in a thread on loopback, with a given Config."""
+
+    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
+        import socket
+        import threading
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            threading.Event().wait(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_a_forged_x_forwarded_for_from_loopback_gets_no_fresh_tries(client, db_session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    make_user(db_session, "target", role="admin", password=PASSWORD)
+    live = _serve_as_retrotest_serve_does(client.app, monkeypatch)
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as attacker:
+            answers = [
+                _try_password(attacker, "target", f"guess {i}", **{"X-Forwarded-For": f"198.51.100.{i}"})
+                for i in range(7)
+            ]
+    finally:
+        live.stop()
+    assert answers[:5] == [401] * 5 and answers[5:] == [429, 429]  # still one address: 5 wrong passwords, not 50
+
+
+def test_only_trusted_proxies_say_who_the_client_is_read_from_the_right(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+    import uvicorn
+
+    from app.audit.models import AuditEvent
+    from app.client_address import TrustedProxies
+
+    make_user(db_session, "walker", role="admin", password=PASSWORD)
+    behind = TrustedProxies(client.app, trusted=["127.0.0.0/8", "10.0.0.0/8"])
+    live = _LiveWith(uvicorn.Config(behind, log_level="warning", lifespan="off", proxy_headers=False))
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as browser:
+            # The client wrote the leftmost entry itself; our proxies appended the others.
+            forged = {"X-Forwarded-For": "1.2.3.4, 203.0.113.9, 10.1.2.3"}
+            assert _try_password(browser, "walker", PASSWORD, **forged) == 303
+    finally:
+        live.stop()
+    event = db_session.query(AuditEvent).filter_by(action="user.sign_in", actor="walker").one()
+    assert event.detail["ip"] == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("127.0.0.1", "203.0.113.9", "127.0.0.1"),  # nothing trusted by default: see below, trusted=[]
+        ("10.0.0.5", "203.0.113.9, 10.0.0.7", "203.0.113.9"),
+        ("10.0.0.5", "10.0.0.6, 10.0.0.7", "10.0.0.6"),  # all trusted: the leftmost
+        ("10.0.0.5", "not-an-ip, 10.0.0.7", "10.0.0.7"),
+        ("192.0.2.1", "203.0.113.9", "192.0.2.1"),  # an untrusted peer's header is ignored
+        ("10.0.0.5", "", "10.0.0.5"),
+    ],
+)
+def test_client_host_walks_the_chain_right_to_left(peer: str, forwarded: str, client: str) -> None:
+    from app.client_address import client_host, parse_networks
+
+    trusted = [] if peer == "127.0.0.1" else parse_networks(["10.0.0.0/8"])
+    assert client_host(peer=peer, forwarded_for=forwarded, trusted=trusted) == client
+
+
+def test_a_bad_trusted_proxy_entry_stops_the_app_from_starting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.client_address import parse_networks
+
+    with pytest.raises(ValueError, match="RETRO_TRUSTED_PROXIES"):
+        parse_networks(["10.0.0.0/8", "proxy.example"])
+
+
+# --- N7: a shared address throttles wrong guesses and never shuts out a right password ----------------------
+
+
+def test_wrong_passwords_from_a_shared_address_do_not_lock_out_the_others(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    from app.auth.models import SignInFailure
+    from app.config import get_settings
+
+    bar = get_settings().sign_in_address_max_failures
+    make_user(db_session, "victim", role="account_manager", password=PASSWORD)
+    with TestClient(client.app) as proxy:  # everyone comes through one address
+        answers = [_try_password(proxy, f"nobody{i}", "wrong") for i in range(bar)]
+        assert answers == [401] * bar
+        assert _try_password(proxy, "someone-else", "wrong") == 429  # wrong guesses are throttled now
+        assert _try_password(proxy, "victim", PASSWORD) == 303  # a right password still gets in
+        assert _try_password(proxy, "victim", "wrong") == 429
+        # The victim's account now has a failure of its own: while the address is throttled, it waits too.
+        assert _try_password(proxy, "victim", PASSWORD) == 429
+        # The throttle runs out; one wrong guess after it does not start it again.
+        expired = update(SignInFailure).where(SignInFailure.key == "address:testclient")
+        db_session.execute(expired.values(locked_until=SignInFailure.locked_until - timedelta(hours=1)))
+        assert [_try_password(proxy, "nobody", "wrong") for _ in range(3)] == [401] * 3
+        assert _try_password(proxy, "victim", PASSWORD) == 303
