@@ -303,3 +303,179 @@ def test_wrong_passwords_from_a_shared_address_do_not_lock_out_the_others(client
         db_session.execute(expired.values(locked_until=SignInFailure.locked_until - timedelta(hours=1)))
         assert [_try_password(proxy, "nobody", "wrong") for _ in range(3)] == [401] * 3
         assert _try_password(proxy, "victim", PASSWORD) == 303
+
+
+# --- N11: strict types: JSON ints are ints, dates are exactly YYYY-MM-DD, paging is digits -----------------------
+
+
+@pytest.mark.parametrize("days", ["1", 1.0, True])
+def test_lookback_days_must_be_a_json_integer(client, days) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from app.errors import Invalid
+    from app.retro_tests.router import parse_request_json
+    from tests.test_retro_tests_api import request
+
+    make_partner(client, "acme")
+    resp = client.post("/api/v1/retro-tests", json=request(lookback_days=days))
+    assert resp.status_code == 422 and resp.json()["field"] == "lookback_days"
+    with pytest.raises(Invalid) as refused:  # the multipart route's JSON part
+        parse_request_json(json.dumps(request(lookback_days=days)))
+    assert refused.value.field == "lookback_days"
+    assert parse_request_json(json.dumps(request(lookback_days=1))).lookback_days == 1
+
+
+@pytest.mark.parametrize("day", ["2026-10-05T00:00:00", "2026-10-05 00:00", "20261005", " 2026-10-05", "2026-10-05Z"])
+def test_dates_must_be_exactly_yyyy_mm_dd(client, day: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_retro_tests_api import request
+
+    make_partner(client, "acme")
+    resp = client.post("/api/v1/retro-tests", json=request(period_start=day))
+    assert resp.status_code == 422 and resp.json()["field"] == "period_start"
+
+
+@pytest.mark.parametrize("query", ["limit=10.0", "offset=1.0", "limit=1e1", "limit=%2010", "limit=true"])
+def test_paging_parameters_must_be_whole_numbers(client, query: str) -> None:  # type: ignore[no-untyped-def]
+    resp = client.get(f"/api/v1/retro-tests?{query}")
+    assert resp.status_code == 422, resp.text
+    assert client.get("/api/v1/retro-tests?limit=10&offset=0").status_code == 200
+
+
+def test_the_web_list_page_number_must_be_a_whole_number(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    make_user(db_session, "pager", role="admin", password=PASSWORD)
+    with TestClient(client.app) as browser:
+        from tests.web_helpers import sign_in
+
+        sign_in(browser, "pager", PASSWORD)
+        assert browser.get("/jobs?page=2.0").status_code == 422
+        assert browser.get("/jobs?page=1").status_code == 200
+
+
+# --- N13: no server paths in answers to account managers ---------------------------------------------------------
+
+
+def test_an_unknown_history_table_is_refused_without_naming_the_history_folder(client) -> None:  # type: ignore[no-untyped-def]
+    from app.config import get_settings
+    from tests.test_retro_tests_api import request
+
+    make_partner(client, "acme")
+    resp = client.post("/api/v1/retro-tests", json=request(source={"table": "features.nowhere"}))
+    assert resp.status_code == 422 and "features.nowhere" in resp.json()["detail"]
+    history_dir = str(get_settings().resolved_history_dir())
+    assert history_dir not in resp.text and "<server path>" not in resp.text
+
+
+def test_an_error_naming_a_server_path_reaches_people_without_it(client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.errors import SourceUnknown
+    from tests.test_retro_tests_api import request
+
+    def missing(**_: object) -> None:
+        raise SourceUnknown("history table 'x' not found: no folder /srv/retro/history/features/x", field="source")
+
+    make_partner(client, "acme")
+    monkeypatch.setattr("app.integrations.history.LocalParquetSource.history_span", lambda self, **kw: missing(**kw))
+    resp = client.post("/api/v1/retro-tests", json=request())
+    assert resp.status_code == 422 and "/srv/retro" not in resp.text and "not found" in resp.json()["detail"]
+
+
+def test_job_json_shows_account_managers_no_file_uris_and_admins_all(
+    client, db_session, account_manager_client
+) -> None:  # type: ignore[no-untyped-def]
+    from app.retro_tests.models import RetroTest
+
+    job = _job_with(client, db_session, {"scores.parquet": ("scores", "parquet", b"PAR1")})
+    db_session.execute(
+        update(RetroTest)
+        .where(RetroTest.id == job.id)
+        .values(
+            model_uri="file:///srv/mlflow/1/0123abcd/artifacts/model",
+            result_location="file:///var/lib/retrotest/results/acme/x",
+            environment={"python": "3.11.9", "warnings": ["no Python 3.10 here: took /usr/bin/python3.11"]},
+        )
+    )
+    db_session.flush()
+    jane = account_manager_client("jane-paths", ["acme"])
+    for answer in (jane.get(f"/api/v1/retro-tests/{job.id}"), jane.get("/api/v1/retro-tests")):
+        assert answer.status_code == 200
+        assert "/srv/" not in answer.text and "/var/lib" not in answer.text and "/usr/bin" not in answer.text
+        assert "file://" not in answer.text
+    staff = client.get(f"/api/v1/retro-tests/{job.id}").json()
+    assert staff["model_uri"].startswith("file:///srv/mlflow") and staff["result_location"].startswith("file:///var")
+
+
+# --- N14: the k8s check never prints secret material ----------------------------------------------------------
+
+
+class _OneSecret:
+    """Just enough of CustomResources for the storage check: one Secret in one namespace."""
+
+    namespace = "retro"
+
+    def __init__(self, data: dict[str, str]) -> None:
+        self.data = data
+
+    def get_core(self, kind: object, name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "data": self.data}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        b'name: s3\ntype: s3\nparameters: {secret_access_key: "SECRETs3cr3tVALUE, access_key_id: AKIAEXAMPLEKEY\n',
+        b"name: s3\nparameters:\n  secret_access_key: SECRETs3cr3tVALUE\n   access_key_id: AKIAEXAMPLEKEY\n\t",
+        b"SECRETs3cr3tVALUE\xff\xfe",
+    ],
+)
+def test_the_k8s_check_names_a_broken_secret_without_printing_it(config: bytes) -> None:
+    import base64
+
+    from app.config import Settings
+    from app.integrations.k8s_check import _checks
+
+    settings = Settings(deployer="seldon_v2", k8s_storage_secret="retro-storage", model_staging_url="s3://b/x")
+    secret = _OneSecret({"rclone.yaml": base64.b64encode(config).decode()})
+    results = {}
+    for result in _checks(settings=settings, resources=secret):  # type: ignore[arg-type]
+        results[result.name] = result
+        if result.name == "storage credentials":
+            break
+    found = results["storage credentials"]
+    assert not found.ok and "retro-storage" in found.detail and "rclone.yaml" in found.detail
+    assert "SECRET" not in found.detail and "AKIA" not in found.detail, found.detail
+
+
+def test_the_k8s_check_prints_a_config_name_only_when_it_is_a_plain_name() -> None:
+    import base64
+
+    from app.config import Settings
+    from app.integrations.k8s_check import _checks
+
+    settings = Settings(deployer="seldon_v2", k8s_storage_secret="retro-storage", model_staging_url="s3://b/x")
+    config = b'{"name": "AKIAEXAMPLEKEY SECRETs3cr3tVALUE", "type": "s3"}'
+    secret = _OneSecret({"rclone.json": base64.b64encode(config).decode()})
+    found = next(r for r in _checks(settings=settings, resources=secret) if r.name == "storage credentials")  # type: ignore[arg-type]
+    assert not found.ok and "SECRET" not in found.detail and "32 characters" in found.detail
+
+
+# --- API tokens end with a password reset -------------------------------------------------------------------
+
+
+def test_a_password_reset_by_an_admin_revokes_the_users_api_tokens(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    from app.audit.models import AuditEvent
+
+    token = make_user(db_session, "leaky", role="account_manager", password=PASSWORD)
+    other = make_user(db_session, "bystander", role="account_manager", password=PASSWORD)
+    with TestClient(client.app, headers={"Authorization": f"Bearer {token}"}) as script:
+        me = script.get("/api/v1/me")
+        assert me.status_code == 200
+        assert client.patch(f"/api/v1/users/{me.json()['id']}", json={"role": "account_manager"}).status_code == 200
+        assert script.get("/api/v1/me").status_code == 200  # other changes leave tokens alone
+        assert (
+            client.patch(f"/api/v1/users/{me.json()['id']}", json={"password": "a new long password"}).status_code
+            == 200
+        )
+        assert script.get("/api/v1/me").status_code == 401
+    with TestClient(client.app, headers={"Authorization": f"Bearer {other}"}) as bystander:
+        assert bystander.get("/api/v1/me").status_code == 200  # only that user's tokens
+    events = db_session.query(AuditEvent).filter_by(action="api_token.revoke", subject_id=me.json()["id"]).all()
+    assert [e.detail["reason"] for e in events] == ["password reset"] and events[0].actor == "tester"
