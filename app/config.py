@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.key_strength import guessable_bits
@@ -243,6 +244,17 @@ class Settings(BaseSettings):
     # Past sign_in_address_max_failures from one address, its wrong guesses are refused for this long; a right
     # password for an account with no failures of its own still gets in (a shared proxy must not lock everyone out).
     sign_in_address_lock_s: int = Field(default=60, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return entries
+
     # --- end of issue 26 (proxies, throttling) --------------------------------------------------------------------
 
     def resolved_session_cookie_secure(self) -> bool:

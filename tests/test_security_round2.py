@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from tests.conftest import make_partner, make_user
+from tests.test_security import LiveApi
 from tests.web_helpers import csrf_of, succeeded_job
 
 PASSWORD = "a long enough password"
@@ -193,30 +194,7 @@ def _serve_as_retrotest_serve_does(app, monkeypatch):  # type: ignore[no-untyped
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     assert CliRunner().invoke(cli, ["serve", "--skip-migrations"]).exit_code == 0
     options = {k: v for k, v in given.items() if k not in ("host", "port", "workers", "log_config", "log_level")}
-    return _LiveWith(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
-
-
-class _LiveWith:
-    """A uvicorn server in a thread on loopback, with a given Config."""
-
-    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
-        import socket
-        import threading
-
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            threading.Event().wait(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+    return LiveApi(app, **options)
 
 
 def test_a_forged_x_forwarded_for_from_loopback_gets_no_fresh_tries(client, db_session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -237,14 +215,13 @@ def test_a_forged_x_forwarded_for_from_loopback_gets_no_fresh_tries(client, db_s
 
 def test_only_trusted_proxies_say_who_the_client_is_read_from_the_right(client, db_session) -> None:  # type: ignore[no-untyped-def]
     import httpx
-    import uvicorn
 
     from app.audit.models import AuditEvent
     from app.client_address import TrustedProxies
 
     make_user(db_session, "walker", role="admin", password=PASSWORD)
     behind = TrustedProxies(client.app, trusted=["127.0.0.0/8", "10.0.0.0/8"])
-    live = _LiveWith(uvicorn.Config(behind, log_level="warning", lifespan="off", proxy_headers=False))
+    live = LiveApi(behind, proxy_headers=False)
     try:
         with httpx.Client(base_url=live.url, timeout=30) as browser:
             # The client wrote the leftmost entry itself; our proxies appended the others.
@@ -257,28 +234,31 @@ def test_only_trusted_proxies_say_who_the_client_is_read_from_the_right(client, 
 
 
 @pytest.mark.parametrize(
-    ("peer", "forwarded", "client"),
+    ("trusted", "peer", "forwarded", "client"),
     [
-        ("127.0.0.1", "203.0.113.9", "127.0.0.1"),  # nothing trusted by default: see below, trusted=[]
-        ("10.0.0.5", "203.0.113.9, 10.0.0.7", "203.0.113.9"),
-        ("10.0.0.5", "10.0.0.6, 10.0.0.7", "10.0.0.6"),  # all trusted: the leftmost
-        ("10.0.0.5", "not-an-ip, 10.0.0.7", "10.0.0.7"),
-        ("192.0.2.1", "203.0.113.9", "192.0.2.1"),  # an untrusted peer's header is ignored
-        ("10.0.0.5", "", "10.0.0.5"),
+        ([], "127.0.0.1", "203.0.113.9", "127.0.0.1"),  # the default: nobody's header counts
+        (["10.0.0.0/8"], "10.0.0.5", "203.0.113.9, 10.0.0.7", "203.0.113.9"),
+        (["10.0.0.0/8"], "10.0.0.5", "10.0.0.6, 10.0.0.7", "10.0.0.6"),  # all trusted: the leftmost
+        (["10.0.0.0/8"], "10.0.0.5", "not-an-ip, 10.0.0.7", "10.0.0.7"),
+        (["10.0.0.0/8"], "192.0.2.1", "203.0.113.9", "192.0.2.1"),  # an untrusted peer's header is ignored
+        (["10.0.0.0/8"], "10.0.0.5", "", "10.0.0.5"),
+        (["::1", "fd00::/8"], "::1", "2001:db8::7, fd00::3", "2001:db8::7"),
     ],
 )
-def test_client_host_walks_the_chain_right_to_left(peer: str, forwarded: str, client: str) -> None:
+def test_client_host_walks_the_chain_right_to_left(trusted: list[str], peer: str, forwarded: str, client: str) -> None:
     from app.client_address import client_host, parse_networks
 
-    trusted = [] if peer == "127.0.0.1" else parse_networks(["10.0.0.0/8"])
-    assert client_host(peer=peer, forwarded_for=forwarded, trusted=trusted) == client
+    assert client_host(peer=peer, forwarded_for=forwarded, trusted=parse_networks(trusted)) == client
 
 
-def test_a_bad_trusted_proxy_entry_stops_the_app_from_starting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app.client_address import parse_networks
+def test_a_trusted_proxy_that_is_no_address_is_refused_with_the_settings() -> None:
+    from pydantic import ValidationError
 
-    with pytest.raises(ValueError, match="RETRO_TRUSTED_PROXIES"):
-        parse_networks(["10.0.0.0/8", "proxy.example"])
+    from app.config import Settings
+
+    with pytest.raises(ValidationError, match=r"proxy\.example"):
+        Settings(trusted_proxies=["10.0.0.0/8", "proxy.example"])
+    assert Settings(trusted_proxies=["10.0.0.0/8", "::1"]).trusted_proxies == ["10.0.0.0/8", "::1"]
 
 
 # --- N7: a shared address throttles wrong guesses and never shuts out a right password ----------------------
