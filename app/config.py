@@ -241,8 +241,9 @@ class Settings(BaseSettings):
     # Our own reverse proxies / ingress (addresses or CIDRs, a JSON list such as ["10.0.0.0/8"]): only their
     # X-Forwarded-For is believed, read from the right. Empty: the header is ignored, the peer is the client.
     trusted_proxies: list[str] = []
-    # Past sign_in_address_max_failures from one address, its wrong guesses are refused for this long; a right
-    # password for an account with no failures of its own still gets in (a shared proxy must not lock everyone out).
+    # Past sign_in_address_max_failures from one address, its wrong guesses are refused for this long (doubled for
+    # each further bar's worth in the window, at most sign_in_lock_max_s); a right password for an account with no
+    # failures of its own still gets in (a shared proxy must not lock everyone out).
     sign_in_address_lock_s: int = Field(default=60, ge=1)
 
     @field_validator("trusted_proxies")

@@ -283,6 +283,13 @@ def test_wrong_passwords_from_a_shared_address_do_not_lock_out_the_others(client
         db_session.execute(expired.values(locked_until=SignInFailure.locked_until - timedelta(hours=1)))
         assert [_try_password(proxy, "nobody", "wrong") for _ in range(3)] == [401] * 3
         assert _try_password(proxy, "victim", PASSWORD) == 303
+        # Only another bar's worth of failures throttles again, and for longer.
+        more = [_try_password(proxy, f"other{i}", "wrong") for i in range(bar - 3)]
+        assert more == [401] * (bar - 3)
+        page = proxy.post(
+            "/login", data={"username": "x", "password": "wrong", "csrf_token": csrf_of(proxy.get("/login").text)}
+        )
+        assert page.status_code == 429 and int(page.headers["retry-after"]) > get_settings().sign_in_address_lock_s
 
 
 # --- N11: strict types: JSON ints are ints, dates are exactly YYYY-MM-DD, paging is digits -----------------------

@@ -6,10 +6,10 @@ nowhere and one guessing fast only delays a user, never locks them out for good.
 
 The per-address counter only throttles (OWASP's Credential Stuffing and Blocking Brute Force cheat sheets: many
 users share one address behind a proxy or an ingress): past its bar, wrong passwords from the address are refused
-for sign_in_address_lock_s, but a right password for an account with no failures of its own still gets in. Its lock
-is fixed, not doubled, tries during it do not extend it, and once it has run out the count starts again, so one
-request per lock period cannot keep an address locked. The counts live in the database, so every API process sees
-the same ones.
+for sign_in_address_lock_s, but a right password for an account with no failures of its own still gets in. Tries
+during the throttle neither count nor extend it; only another bar's worth of failures after it throttles again (for
+twice as long, capped), so one request per lock period cannot keep an address throttled. The counts live in the
+database, so every API process sees the same ones.
 """
 
 from __future__ import annotations
@@ -134,11 +134,16 @@ def _count_for_account(row: SignInFailure, *, bar: Bar, settings: Settings, now:
 def _count_for_address(row: SignInFailure, *, bar: Bar, settings: Settings, now: datetime, window: timedelta) -> None:
     if row.locked_until is not None and as_utc(row.locked_until) > now:
         return  # a try while throttled neither counts nor extends the throttle
-    if row.locked_until is not None or now - as_utc(row.window_started_at) > window:
-        row.failures, row.window_started_at, row.locked_until = 0, now, None  # a run-out throttle starts afresh
+    if now - as_utc(row.window_started_at) > window:
+        row.failures, row.window_started_at = 0, now
+    row.locked_until = None
     row.failures += 1
-    if row.failures >= bar.max_failures:
-        row.locked_until = now + timedelta(seconds=settings.sign_in_address_lock_s)
+    # Each further bar's worth of failures in the window throttles again, twice as long; a single failure after a
+    # throttle has run out never does.
+    if row.failures % bar.max_failures == 0:
+        rounds = row.failures // bar.max_failures
+        lock_s = min(settings.sign_in_lock_max_s, settings.sign_in_address_lock_s * 2 ** min(rounds - 1, 20))
+        row.locked_until = now + timedelta(seconds=lock_s)
 
 
 def note_success(*, session: Session, succeeded: list[Bar]) -> None:
