@@ -73,6 +73,9 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=False,
         log_config=logging_config(level=settings.log_level, fmt=settings.log_format),
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (its forwarded_allow_ips default, or the
+        # FORWARDED_ALLOW_IPS variable); the app decides by RETRO_TRUSTED_PROXIES alone (app/client_address.py).
+        proxy_headers=False,
     )
 
 

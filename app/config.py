@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.key_strength import guessable_bits
 
 OutputFormat = Literal["parquet", "csv.gz"]
 MEMORY_SIZE = r"^[0-9]+(\.[0-9]+)? ?[KMGT]i?B$"  # a DuckDB memory limit: 512MB, 1.5GB, 256MiB
@@ -234,6 +237,27 @@ class Settings(BaseSettings):
     oidc_create_users: bool = True  # first sign-in creates an account manager with no partners
     oidc_timeout_s: float = Field(default=10.0, gt=0)
 
+    # --- issue 26: proxies and sign-in throttling (app/client_address.py, app/auth/throttle.py) ----------------
+    # Our own reverse proxies / ingress (addresses or CIDRs, a JSON list such as ["10.0.0.0/8"]): only their
+    # X-Forwarded-For is believed, read from the right. Empty: the header is ignored, the peer is the client.
+    trusted_proxies: list[str] = []
+    # Past sign_in_address_max_failures from one address, its wrong guesses are refused for this long (doubled for
+    # each further bar's worth in the window, at most sign_in_lock_max_s); a right password for an account with no
+    # failures of its own still gets in (a shared proxy must not lock everyone out).
+    sign_in_address_lock_s: int = Field(default=60, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return entries
+
+    # --- end of issue 26 (proxies, throttling) --------------------------------------------------------------------
+
     def resolved_session_cookie_secure(self) -> bool:
         if self.session_cookie_secure is not None:
             return self.session_cookie_secure
@@ -303,6 +327,9 @@ def secret_key_problem(secret: str) -> str | None:
     # about 205 by it, token_hex(32) about 245; a repeated word of 32 characters about 100.
     if _estimated_bits(secret) < MIN_SECRET_BITS * 0.6:
         return "has too little entropy (repeated or few distinct characters); use at least 32 random bytes"
+    # Issue 26 (N15): many distinct characters are not enough; abcdef..., qwerty..., a1b2a1b2 and words are guessed.
+    if guessable_bits(secret) < MIN_SECRET_BITS * 0.6:
+        return "is guessable (sequences, keyboard runs, repeated parts or common words); use at least 32 random bytes"
     return None
 
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.auth.router import router as auth_router
+from app.client_address import TrustedProxies
 from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
@@ -26,6 +27,7 @@ from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
 from app.request_guard import RequestGuard
 from app.retro_tests.router import router as retro_tests_router
+from app.retro_tests.views import without_server_paths
 from app.system.router import router as system_router
 from app.web import account as web_account
 from app.web import admin as web_admin
@@ -84,10 +86,14 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> Response:
-        if (page := error_page(request, status_code=exc.status_code, detail=exc.detail)) is not None:
+        # An error names no place on the server to whoever reads it (issue 26, N13); the log keeps the original.
+        detail = without_server_paths(exc.detail) or exc.detail
+        if detail != exc.detail:
+            log.info("%s (answered without its server paths)", exc.detail)
+        if (page := error_page(request, status_code=exc.status_code, detail=detail)) is not None:
             return page
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+        return JSONResponse({**exc.to_dict(), "detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -146,7 +152,8 @@ def create_app() -> FastAPI:
         same_site="lax",
         https_only=settings.resolved_session_cookie_secure(),
     )
-    app.add_middleware(RequestGuard, settings=settings)  # outermost: before anything reads the request
+    app.add_middleware(RequestGuard, settings=settings)  # before anything reads the request
+    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
     return app
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field
@@ -32,12 +32,32 @@ Name = Annotated[str, Field(min_length=1, max_length=256, pattern=NO_CONTROL_PAT
 """A one-line name such as a model name or alias."""
 
 
+_ISO_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_WHOLE_NUMBER = re.compile(r"^[0-9]{1,18}$")
+
+
 def _date_as_text(value: object) -> object:
-    # Lax parsing reads 0 as 1970-01-01 and 1.7e9 as a day in 2023: a person meant neither.
-    if not isinstance(value, str | date):
+    # Lax parsing reads 0 as 1970-01-01, 1.7e9 as a day in 2023 and 2026-10-05T00:00:00 as a day: a person meant
+    # none of them (issue 26, N11); only the day itself, written YYYY-MM-DD.
+    if isinstance(value, datetime) or not isinstance(value, str | date):
         raise ValueError("must be a date written YYYY-MM-DD")
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("must be a date written YYYY-MM-DD, nothing more")
+    return value
+
+
+def _whole_number_text(value: object) -> object:
+    # A query parameter arrives as text: digits only, so 10.0, 1e1 and " 10" are refused rather than read as 10.
+    if isinstance(value, str) and not _WHOLE_NUMBER.fullmatch(value):
+        raise ValueError("must be a whole number written in digits")
     return value
 
 
 IsoDate = Annotated[date, BeforeValidator(_date_as_text)]
 """A calendar day, given as YYYY-MM-DD text (never a number)."""
+
+QueryInt = Annotated[int, BeforeValidator(_whole_number_text)]
+"""A whole number in a query string: digits only."""
+
+JsonInt = Annotated[int, Field(strict=True)]
+"""A whole number in JSON: a JSON integer, never "1", 1.0 or true."""

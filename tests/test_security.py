@@ -201,7 +201,7 @@ def test_prod_takes_a_random_secret() -> None:
 class LiveApi:
     """The test app served by uvicorn on loopback, so a slow request and /health really run side by side."""
 
-    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, app, **options) -> None:  # type: ignore[no-untyped-def]
         import socket
         import threading
 
@@ -210,7 +210,7 @@ class LiveApi:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         while not self.server.started:

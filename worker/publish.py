@@ -8,14 +8,20 @@ import gzip
 import json
 from typing import IO, TYPE_CHECKING, Any
 
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from app.clock import utcnow
 from app.errors import ReconciliationFailed
 from app.integrations.history import HistoryQuery
 from app.integrations.registry import ModelVersionInfo
-from app.integrations.results import INTERNAL_MANIFEST, STAFF_ONLY_KIND, ResultStore, csv_safe
+from app.integrations.results import (
+    INTERNAL_MANIFEST,
+    STAFF_ONLY_KIND,
+    STAFF_ONLY_KINDS,
+    ResultStore,
+    SafeCsvWriter,
+    csv_header,
+)
 from app.retro_tests import runs
 from app.retro_tests.models import State
 from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
@@ -105,7 +111,7 @@ def partner_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "id_columns": manifest["source"]["id_columns"],
         "period": manifest["period"],
         "rows": manifest["rows"],
-        "files": [f for f in manifest["files"] if f["kind"] != STAFF_ONLY_KIND],
+        "files": [f for f in manifest["files"] if f["kind"] not in STAFF_ONLY_KINDS],
         "published_at": manifest["published_at"],
     }
 
@@ -158,10 +164,10 @@ def _write_unmatched(run: JobRun, query: HistoryQuery) -> int:
     with contextlib.ExitStack() as stack:
         fh = stack.enter_context(run.adapters.store.open_write(f"{run.spec.prefix}/unmatched.csv.gz"))
         gz = stack.enter_context(gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, compresslevel=6))
-        writer: pacsv.CSVWriter | None = None
+        writer: SafeCsvWriter | None = None
         for batch in run.adapters.source.unmatched(query, batch_rows=run.settings.read_batch_rows):
             if writer is None:
-                writer = stack.enter_context(pacsv.CSVWriter(gz, batch.schema))
+                writer = stack.enter_context(SafeCsvWriter(gz, batch.schema))
             writer.write_batch(batch)
             rows += batch.num_rows
         if writer is None:  # none unmatched: the file still says which columns it would have
@@ -173,7 +179,7 @@ def _write_unmatched(run: JobRun, query: HistoryQuery) -> int:
                 *([pop.outcome_column] if pop.outcome_column else []),
                 "reason",
             ]
-            gz.write((",".join(f'"{n}"' for n in names) + "\n").encode())
+            gz.write(csv_header(names))
     return rows
 
 
@@ -260,11 +266,11 @@ def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dic
                 writers[fmt] = stack.enter_context(pq.ParquetWriter(fh, schema, compression="zstd"))
             else:
                 gz = stack.enter_context(gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, compresslevel=6))
-                writers[fmt] = stack.enter_context(pacsv.CSVWriter(gz, schema))
+                writers[fmt] = stack.enter_context(SafeCsvWriter(gz, schema))
         for rel in parts:
             with store.open_read(rel) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
                     for fmt, writer in writers.items():
-                        writer.write_batch(batch if fmt == "parquet" else csv_safe(batch))
+                        writer.write_batch(batch)
                         rows[fmt] += batch.num_rows
     return rows

@@ -122,7 +122,30 @@ def update_user(*, session: Session, user_id: uuid.UUID, data: UserUpdate, actor
     if data.password is not None:
         changes["password"] = "changed"
     record(session=session, actor=actor, action="user.update", subject_type="user", subject_id=user.id, **changes)
+    if data.password is not None:
+        _revoke_all_tokens(session=session, user=user, actor=actor)
     return user
+
+
+def _revoke_all_tokens(*, session: Session, user: User, actor: str) -> None:
+    """A new password is set by an admin, after a leak or a handover: whatever the old holder made stops working
+    too, tokens as well as sessions (docs/security.md, issue 26)."""
+    revoked = session.scalars(
+        update(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+        .returning(ApiToken.id)
+    ).all()
+    if revoked:
+        record(
+            session=session,
+            actor=actor,
+            action="api_token.revoke",
+            subject_type="user",
+            subject_id=user.id,
+            token_ids=[str(t) for t in revoked],
+            reason="password reset",
+        )
 
 
 def authenticate(*, session: Session, username: str, password: str) -> User | None:

@@ -1,8 +1,15 @@
 """Password sign-in throttling: failures counted per account from one address, per address and per account.
 
-Each key has its own bar; past it, further tries are refused for a while that doubles with each failure and is
-capped, so an attacker guessing slowly gets nowhere and one guessing fast only delays a user, never locks them out
-for good. The counts live in the database, so every API process sees the same ones.
+The account's own counters (per account from one address, per account) lock: past their bar, further tries for that
+account are refused for a while that doubles with each failure and is capped, so an attacker guessing slowly gets
+nowhere and one guessing fast only delays a user, never locks them out for good.
+
+The per-address counter only throttles (OWASP's Credential Stuffing and Blocking Brute Force cheat sheets: many
+users share one address behind a proxy or an ingress): past its bar, wrong passwords from the address are refused
+for sign_in_address_lock_s, but a right password for an account with no failures of its own still gets in. Tries
+during the throttle neither count nor extend it; only another bar's worth of failures after it throttles again (for
+twice as long, capped), so one request per lock period cannot keep an address throttled. The counts live in the
+database, so every API process sees the same ones.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class TooManySignIns(AppError):
 class Bar:
     key: str
     max_failures: int
+    account: bool = True  # the account's own counter (locks, doubling); False: the address's (throttles only)
 
 
 def bars(*, settings: Settings, username: str, address: str) -> list[Bar]:
@@ -46,22 +54,42 @@ def bars(*, settings: Settings, username: str, address: str) -> list[Bar]:
     name = username.lower()[:150]
     return [
         Bar(key=f"account-address:{name}|{address}", max_failures=settings.sign_in_max_failures),
-        Bar(key=f"address:{address}", max_failures=settings.sign_in_address_max_failures),
+        Bar(key=f"address:{address}", max_failures=settings.sign_in_address_max_failures, account=False),
         Bar(key=f"account:{name}", max_failures=settings.sign_in_account_max_failures),
     ]
 
 
-def check(*, session: Session, checked: list[Bar]) -> None:
-    """Refuse (TooManySignIns) while any of these counters is locked."""
-    now = utcnow()
+def _wait_s(session: Session, bars: list[Bar], now: datetime) -> float:
+    """How long the longest lock among these counters has to run; 0 when none is locked."""
     waits = [
         (as_utc(row.locked_until) - now).total_seconds()
-        for bar in checked
+        for bar in bars
         if (row := session.get(SignInFailure, bar.key)) is not None and row.locked_until is not None
     ]
-    longest = max(waits, default=0.0)
-    if longest > 0:
-        raise TooManySignIns(math.ceil(longest))
+    return max(waits, default=0.0)
+
+
+def check(*, session: Session, checked: list[Bar]) -> int:
+    """Refuse (TooManySignIns) while the account's own counters are locked; else the seconds the address's throttle
+    has left (0: none), for which only a right password for a clean account gets in (see admit)."""
+    now = utcnow()
+    account_wait = _wait_s(session, [b for b in checked if b.account], now)
+    if account_wait > 0:
+        raise TooManySignIns(math.ceil(account_wait))
+    return max(0, math.ceil(_wait_s(session, [b for b in checked if not b.account], now)))
+
+
+def admit(*, session: Session, settings: Settings, checked: list[Bar], address_wait_s: int) -> None:
+    """After a right password: refuse it (TooManySignIns) only while the address is throttled and the account has
+    failures of its own in their window; an account nobody has guessed at is never shut out by its neighbours."""
+    if address_wait_s <= 0:
+        return
+    window = timedelta(seconds=settings.sign_in_window_s)
+    now = utcnow()
+    for bar in checked:
+        row = session.get(SignInFailure, bar.key)
+        if bar.account and row is not None and row.failures > 0 and now - as_utc(row.window_started_at) <= window:
+            raise TooManySignIns(address_wait_s)
 
 
 def _counter(session: Session, key: str, now: datetime) -> SignInFailure:
@@ -85,15 +113,37 @@ def note_failure(*, session: Session, settings: Settings, failed: list[Bar]) -> 
     window = timedelta(seconds=settings.sign_in_window_s)
     for bar in failed:
         row = _counter(session, bar.key, now)
-        if now - as_utc(row.window_started_at) > window:
-            row.failures, row.window_started_at, row.locked_until = 0, now, None
-        row.failures += 1
-        beyond = row.failures - bar.max_failures
-        if beyond >= 0:
-            lock_s = min(settings.sign_in_lock_max_s, _FIRST_LOCK_S * 2 ** min(beyond, 20))
-            row.locked_until = now + timedelta(seconds=lock_s)
-            row.window_started_at = now  # the count lasts as long as the lock does
+        if bar.account:
+            _count_for_account(row, bar=bar, settings=settings, now=now, window=window)
+        else:
+            _count_for_address(row, bar=bar, settings=settings, now=now, window=window)
     session.flush()
+
+
+def _count_for_account(row: SignInFailure, *, bar: Bar, settings: Settings, now: datetime, window: timedelta) -> None:
+    if now - as_utc(row.window_started_at) > window:
+        row.failures, row.window_started_at, row.locked_until = 0, now, None
+    row.failures += 1
+    beyond = row.failures - bar.max_failures
+    if beyond >= 0:
+        lock_s = min(settings.sign_in_lock_max_s, _FIRST_LOCK_S * 2 ** min(beyond, 20))
+        row.locked_until = now + timedelta(seconds=lock_s)
+        row.window_started_at = now  # the count lasts as long as the lock does
+
+
+def _count_for_address(row: SignInFailure, *, bar: Bar, settings: Settings, now: datetime, window: timedelta) -> None:
+    if row.locked_until is not None and as_utc(row.locked_until) > now:
+        return  # a try while throttled neither counts nor extends the throttle
+    if now - as_utc(row.window_started_at) > window:
+        row.failures, row.window_started_at = 0, now
+    row.locked_until = None
+    row.failures += 1
+    # Each further bar's worth of failures in the window throttles again, twice as long; a single failure after a
+    # throttle has run out never does.
+    if row.failures % bar.max_failures == 0:
+        rounds = row.failures // bar.max_failures
+        lock_s = min(settings.sign_in_lock_max_s, settings.sign_in_address_lock_s * 2 ** min(rounds - 1, 20))
+        row.locked_until = now + timedelta(seconds=lock_s)
 
 
 def note_success(*, session: Session, succeeded: list[Bar]) -> None:

@@ -10,7 +10,7 @@ from typing import IO, Any
 from fastapi.responses import Response, StreamingResponse
 
 from app.errors import NotFound
-from app.integrations.results import STAFF_ONLY_KIND, ResultStore
+from app.integrations.results import STAFF_ONLY_KINDS, ResultStore
 from app.retro_tests.models import ResultFile, RetroTest, State
 from app.retro_tests.service import job_prefix
 
@@ -40,7 +40,7 @@ def find_result_file(job: RetroTest, name: str, *, partner: bool = False) -> Res
     if job.state != State.succeeded:
         return None
     file = next((f for f in job.files if f.name == name), None)
-    if file is None or not _PLAIN_NAME.fullmatch(file.name) or (partner and file.kind == STAFF_ONLY_KIND):
+    if file is None or not _PLAIN_NAME.fullmatch(file.name) or (partner and file.kind in STAFF_ONLY_KINDS):
         return None
     return file
 
@@ -86,7 +86,11 @@ def choose_slice(*, size: int, range_header: str | None, if_range: str | None, e
     return Slice(start=start, length=end - start + 1, size=size, partial=True)
 
 
-REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+# frame-ancestors: no other site may frame the report (clickjacking); X-Frame-Options says the same to old browsers.
+REPORT_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 def attachment_header(name: str) -> str:
@@ -131,6 +135,7 @@ def stream_slice(*, fh: IO[Any], file: ResultFile, part: Slice, headers: dict[st
         media = "text/html; charset=utf-8"
         out["Content-Disposition"] = out["Content-Disposition"].replace("attachment", "inline", 1)
         out["Content-Security-Policy"] = REPORT_CSP
+        out["X-Frame-Options"] = "DENY"
     return StreamingResponse(chunks(), status_code=206 if part.partial else 200, media_type=media, headers=out)
 
 

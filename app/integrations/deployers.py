@@ -141,9 +141,10 @@ class LocalMLServerDeployer:
             "metrics_port": metrics_port,
             # parallel_workers >= 1 crashes at start with uvloop 0.23 ("There is no current event loop").
             "parallel_workers": 0,
-            # With debug on, a REST answer 500 (the model raised) carries the traceback: the job can name the
-            # model's own reason for refusing a row. gRPC carries it either way.
-            "debug": True,
+            # Debug off (issue 26): with it on, starlette answers a model that raises with its whole traceback (paths,
+            # source lines) over REST. gRPC, which local servers are scored with first, still carries the
+            # exception's message, and that is all a job shows (protocols.model_message).
+            "debug": False,
         }
         model_settings = {
             "name": name,

@@ -7,6 +7,7 @@ staging check writes and deletes one small object under RETRO_MODEL_STAGING_URL)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from app.integrations.k8s_deployers import (
     _describe_error,
 )
 from app.integrations.staging import ModelStaging
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,9 @@ def _credentials(settings: Settings, resources: CustomResources) -> str:
         return f"Secret {name} configures the rclone remote {remote!r} (Seldon v1 envSecretRefName)"
     if len(keys) != 1:
         raise CheckFailed(f"Secret {name} must hold exactly one key (an rclone config), not {keys}")
-    config = _decoded(secret, keys[0])
+    config = _decoded(secret, keys[0], name=name)
     if config.get("name") != remote:
-        raise CheckFailed(f"the rclone config in Secret {name} is named {config.get('name')!r}, not {remote!r}")
+        raise CheckFailed(f"the rclone config in Secret {name} is named {_plain(config.get('name'))}, not {remote!r}")
     return f"Secret {name} holds the rclone config {remote!r} (Seldon v2 secretName)"
 
 
@@ -156,17 +159,42 @@ def _kserve_service_account(resources: CustomResources, name: str, remote: str) 
     raise CheckFailed(f"no Secret listed by ServiceAccount {name} has {remote} credentials in KServe's format")
 
 
-def _decoded(secret: dict[str, Any], key: str) -> dict[str, Any]:
+def _decoded(secret: dict[str, Any], key: str, *, name: str) -> dict[str, Any]:
+    """The rclone config under key, parsed; CheckFailed that names only the key, its size and where parsing
+    stopped. Never a byte of the value: parsers quote the text they choke on, and that text is a credential."""
     import base64
+    import binascii
 
     import yaml
 
-    text = base64.b64decode((secret.get("data") or {})[key]).decode()
+    encoded = (secret.get("data") or {})[key]
+    where = f"the rclone config in Secret {name} (key {key!r}, {len(str(encoded))} base64 characters)"
+    try:
+        text = base64.b64decode(encoded, validate=True).decode()
+    except (binascii.Error, ValueError) as exc:
+        kind = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not valid base64"
+        raise CheckFailed(f"{where} is {kind}") from None
     try:
         loaded = json.loads(text)
     except ValueError:
-        loaded = yaml.safe_load(text)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CheckFailed(f"{where} parses as neither JSON nor YAML: {_yaml_position(exc)}") from None
     return loaded if isinstance(loaded, dict) else {}
+
+
+def _yaml_position(exc: Exception) -> str:
+    """The kind of a YAML error and where it is, without the text around it that str(exc) would quote."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{type(exc).__name__}{at}"
+
+
+def _plain(value: object) -> str:
+    """A config's name as the check may print it: a short plain name as is, anything else only by its length."""
+    text = str(value)
+    return repr(text) if _PLAIN_NAME.fullmatch(text) else f"a value of {len(text)} characters"
 
 
 def _staging_scheme(settings: Settings) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import re
 import shutil
 from collections.abc import Iterator
@@ -13,11 +14,15 @@ from typing import IO, Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 # The full manifest (run id, artifact URI, requester, source table and query): staff read it through the API; a
 # partner's link never serves it.
 INTERNAL_MANIFEST = "manifest.internal.json"
 STAFF_ONLY_KIND = "staff_manifest"
+# requirements.lock (kind "environment") names the model server's Python and every pinned package: a map of what
+# runs inside for an outsider, so it is for staff too.
+STAFF_ONLY_KINDS = frozenset({STAFF_ONLY_KIND, "environment"})
 
 
 class ResultStore:
@@ -133,3 +138,34 @@ def csv_safe(batch: pa.RecordBatch) -> pa.RecordBatch:
             column = pc.if_else(pc.fill_null(risky, False), quoted, column)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+
+class SafeCsvWriter:
+    """The one way the service writes a CSV file: every batch (and every header name) through csv_safe first."""
+
+    def __init__(self, sink: io.BufferedIOBase | IO[bytes], schema: pa.Schema) -> None:
+        names = [_cell_safe(name) for name in schema.names]
+        self._schema = pa.schema([field.with_name(name) for field, name in zip(schema, names, strict=True)])
+        self._writer = pacsv.CSVWriter(sink, self._schema)
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        safe = csv_safe(batch)
+        self._writer.write_batch(pa.RecordBatch.from_arrays(safe.columns, schema=self._schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> SafeCsvWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cell_safe(value: str) -> str:
+    return "'" + value if value[:1] and value[0] in FORMULA_PREFIXES else value
+
+
+def csv_header(names: list[str]) -> bytes:
+    """A CSV header line of quoted names, neutralised as csv_safe does cells (for a file with no rows)."""
+    return (",".join('"' + _cell_safe(n).replace('"', '""') + '"' for n in names) + "\n").encode()

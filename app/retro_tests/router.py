@@ -26,7 +26,7 @@ from app.retro_tests.schemas import (
     RetroTestOut,
     RetroTestPage,
 )
-from app.validation import NO_CONTROL_PATTERN
+from app.validation import NO_CONTROL_PATTERN, QueryInt
 
 router = APIRouter(prefix=views.API_PREFIX, tags=["retro tests"], dependencies=[Depends(current_user)])
 
@@ -194,7 +194,7 @@ def submit(
         store=store,
     )
     read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
-    response = json_response(views.job_out(read, views.files_url(request)))
+    response = json_response(views.job_out(read, views.files_url(request), staff=caller.scope.everything))
     response.status_code = 202 if created else 200
     response.headers["Location"] = views.job_url(job.id)
     return response
@@ -206,8 +206,8 @@ def job_filters(
     model: Annotated[
         str | None, Query(description="Registry model name", max_length=256, pattern=NO_CONTROL_PATTERN)
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    limit: Annotated[QueryInt, Query(ge=1, le=200)] = 50,
+    offset: Annotated[QueryInt, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobFilters:
     """The list's query parameters."""
     return JobFilters(partner=partner, state=state, model=model, limit=limit, offset=offset)
@@ -224,7 +224,7 @@ def list_retro_tests(
     jobs, total = service.list_retro_tests(session=session, scope=scope, filters=filters)
     release_connection(session)
     files_at = views.files_url(request)
-    items = [views.job_view(j, files_at) for j in jobs]
+    items = [views.job_view(j, files_at, staff=scope.everything) for j in jobs]
     return json_response(
         RetroTestPage.model_validate({"items": items, "total": total, "limit": filters.limit, "offset": filters.offset})
     )
@@ -237,7 +237,7 @@ def get_retro_test(
     """One retro test with its stages, progress, error and result files."""
     job = service.read_retro_test(session=session, job_id=job_id, scope=scope)
     release_connection(session)
-    return json_response(views.job_out(job, views.files_url(request)))
+    return json_response(views.job_out(job, views.files_url(request), staff=scope.everything))
 
 
 @router.post(
@@ -253,7 +253,8 @@ def cancel_retro_test(
     """Cancel a job. A queued job is cancelled at once; a running one stops within seconds and its model server is stopped."""
     service.request_cancel(session=session, job_id=job_id, actor=user.username, scope=scope)
     session.commit()
-    return views.job_out(service.read_retro_test(session=session, job_id=job_id, scope=scope), views.files_url(request))
+    read = service.read_retro_test(session=session, job_id=job_id, scope=scope)
+    return views.job_out(read, views.files_url(request), staff=scope.everything)
 
 
 @router.get(

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import OutputFormat
 from app.retro_tests.models import State
-from app.validation import NO_CONTROL_PATTERN, IsoDate, Name, SafeText
+from app.validation import NO_CONTROL_PATTERN, IsoDate, JsonInt, Name, SafeText
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -59,7 +59,7 @@ class RetroTestCreate(BaseModel):
     output_formats: Annotated[list[OutputFormat], Field(min_length=1, max_length=2)] | None = None
     source: SourceOverride | None = None
     note: Annotated[SafeText, Field(max_length=2000)] | None = None
-    lookback_days: int = Field(
+    lookback_days: JsonInt = Field(
         default=0,
         ge=0,
         le=366,

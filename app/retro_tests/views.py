@@ -41,10 +41,30 @@ def without_server_paths(message: str | None) -> str | None:
     return _SERVER_PATH.sub("<server path>", message) if message else message
 
 
-def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
-    """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out."""
+def _scrubbed(value: Any) -> Any:
+    """value (a JSON record) with server paths taken out of every string in it."""
+    if isinstance(value, str):
+        return without_server_paths(value)
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    return value
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, Any]:
+    """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out.
+
+    Where things are on the server (file: model URIs, the result folder, paths in records) only staff (admins)
+    see; account managers get the rest (issue 26, N13).
+    """
     job, files = read
     succeeded = job.state == State.succeeded
+    shown = _as_is if staff else _scrubbed
     return {
         "id": job.id,
         "partner_id": job.partner_id,
@@ -54,7 +74,7 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "requested_version": job.requested_version,
         "requested_alias": job.requested_alias,
         "model_run_id": job.model_run_id,
-        "model_uri": job.model_uri,
+        "model_uri": shown(job.model_uri),
         "period_start": job.period_start,
         "period_end": job.period_end,
         "output_formats": job.output_formats,
@@ -71,8 +91,8 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "stages": _stages(job),
         "score_protocol": job.score_protocol,
-        "environment": job.environment,
-        "validation": job.validation,
+        "environment": shown(job.environment),
+        "validation": shown(job.validation),
         "progress": {
             "rows_total": job.rows_total,
             "rows_read": job.rows_read,
@@ -87,7 +107,7 @@ def job_view(read: JobRead, files_at: str) -> dict[str, Any]:
         "error": {"code": job.error_code, "message": without_server_paths(job.error_message)}
         if job.error_code
         else None,
-        "result_location": job.result_location if succeeded else None,
+        "result_location": job.result_location if succeeded and staff else None,
         "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
     }
 
@@ -177,6 +197,6 @@ def _file_view(job: ViewRow, file: ViewRow, files_at: str) -> dict[str, Any]:
     }
 
 
-def job_out(read: JobRead, files_at: str) -> RetroTestOut:
+def job_out(read: JobRead, files_at: str, *, staff: bool = False) -> RetroTestOut:
     """The public view of a job, as the API answers it and the web pages show it."""
-    return RetroTestOut.model_validate(job_view(read, files_at))
+    return RetroTestOut.model_validate(job_view(read, files_at, staff=staff))

@@ -29,6 +29,7 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
 OIDC_CALLBACK = "/auth/oidc/callback"
+WRONG_PASSWORD = "Wrong username or password, or the account is deactivated."
 
 
 def safe_next(value: str | None) -> str:
@@ -88,29 +89,30 @@ def login(
     next: Annotated[str, Form(max_length=2000)] = "/jobs",
 ) -> Response:
     """Check a username and password (unless throttled); on success start a session (a new cookie and CSRF token)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in username):
+        # No account has such a name, and PostgreSQL cannot even hold a NUL to look it up: a wrong name, at once.
+        return _login_page(request, settings, next_url=safe_next(next), error=WRONG_PASSWORD, status_code=401)
     address = request.client.host if request.client else "?"
     counted = throttle.bars(settings=settings, username=username, address=address)
     try:
-        throttle.check(session=session, checked=counted)
+        address_wait_s = throttle.check(session=session, checked=counted)
+        user = auth_service.authenticate(session=session, username=username, password=password)
+        if user is None:
+            log.warning("failed sign-in for %r from %s", username[:150], address)
+            throttle.note_failure(session=session, settings=settings, failed=counted)
+            session.commit()
+            if address_wait_s:
+                raise throttle.TooManySignIns(address_wait_s)
+            return _login_page(
+                request, settings, next_url=safe_next(next), username=username, error=WRONG_PASSWORD, status_code=401
+            )
+        throttle.admit(session=session, settings=settings, checked=counted, address_wait_s=address_wait_s)
     except throttle.TooManySignIns as exc:
         page = _login_page(
             request, settings, next_url=safe_next(next), username=username, error=exc.detail, status_code=429
         )
         page.headers["Retry-After"] = str(exc.retry_after_s)
         return page
-    user = auth_service.authenticate(session=session, username=username, password=password)
-    if user is None:
-        log.warning("failed sign-in for %r from %s", username[:150], address)
-        throttle.note_failure(session=session, settings=settings, failed=counted)
-        session.commit()
-        return _login_page(
-            request,
-            settings,
-            next_url=safe_next(next),
-            username=username,
-            error="Wrong username or password, or the account is deactivated.",
-            status_code=401,
-        )
     throttle.note_success(session=session, succeeded=counted)
     return _signed_in(request, session, user, via="password", next_url=next)
 

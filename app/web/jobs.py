@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date
 from typing import Annotated, Any
@@ -28,6 +29,7 @@ from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
 from app.retro_tests.service import PopulationUpload
 from app.retro_tests.views import files_url, job_out
+from app.validation import QueryInt
 from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser, csrf_guard, form_errors, render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
@@ -68,7 +70,7 @@ def job_list(
     partner: Annotated[str, Query(max_length=64)] = "",
     model: Annotated[str, Query(max_length=256)] = "",
     state: Annotated[str, Query(max_length=16)] = "",
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page: Annotated[QueryInt, Query(ge=1, le=1_000_000)] = 1,
 ) -> HTMLResponse:
     """Retro tests of the user's partners, newest first, with filters and pages."""
     chosen_state = State(state) if state in State.__members__ else None
@@ -94,7 +96,7 @@ def job_list(
         "jobs/list.html",
         {
             "active": "jobs",
-            "jobs": [job_out(j, files_url(web.request)) for j in jobs],
+            "jobs": [job_out(j, files_url(web.request), staff=web.scope.everything) for j in jobs],
             "total": total,
             "first": (page - 1) * PAGE_SIZE + 1,
             "last": (page - 1) * PAGE_SIZE + len(jobs),
@@ -210,8 +212,8 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
         body["output_formats"] = [form["output_format"]]
     if form["note"].strip():
         body["note"] = form["note"]
-    if form.get("lookback_days", "").strip():
-        body["lookback_days"] = form["lookback_days"].strip()
+    if lookback := form.get("lookback_days", "").strip():
+        body["lookback_days"] = int(lookback) if re.fullmatch(r"[0-9]{1,6}", lookback) else lookback
     return body
 
 
@@ -284,7 +286,8 @@ def _expiry_choices(settings: Settings) -> list[int]:
 
 def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: Any) -> HTMLResponse:
     session, settings = web.session, web.settings
-    job = job_out(retro_tests.read_retro_test(session=session, job_id=job_id, scope=web.scope), files_url(web.request))
+    read = retro_tests.read_retro_test(session=session, job_id=job_id, scope=web.scope)
+    job = job_out(read, files_url(web.request), staff=web.scope.everything)
     return render(
         web.request,
         "jobs/detail.html",
