@@ -189,6 +189,10 @@ def test_named_packages_with_extras_specifiers_and_markers_pass(tmp_path: Path) 
     deps = ["mlflow==2.9.2", "scikit-learn[alldeps]>=1.3,<1.4", 'pandas==2.1.4; python_version >= "3.8"', "numpy"]
     model = _model(tmp_path, {"python_env.yaml": _python_env(*deps)})
     assert read_requirements(model, what="m").requirements == tuple(deps)
+    # A requirements file saved by a Windows editor (a byte order mark, CRLF line ends) reads the same.
+    (tmp_path / "requirements.txt").write_bytes(("\ufeff" + "\r\n".join(deps) + "\r\n").encode())
+    (tmp_path / "python_env.yaml").write_text(_python_env("-r requirements.txt"))
+    assert read_requirements(model, what="m").requirements == tuple(deps)
 
 
 def test_an_sdist_only_package_on_the_index_is_refused_unless_allowed_and_then_built_in_the_sandbox(

@@ -219,7 +219,7 @@ def _add_requirement(
             if len(included) > _MAX_INCLUDES:
                 raise EnvironmentFailed(f"the model's environment includes more than {_MAX_INCLUDES} files")
             # Split on newlines only, as uv does: any other line break or control character is refused.
-            for sub in path.read_text(errors="replace").split("\n"):
+            for sub in path.read_text(encoding="utf-8-sig", errors="replace").split("\n"):
                 _add_requirement(sub, model_dir, into, constraints, included=included)
             return
     lines.append(check_requirement(line))
