@@ -199,7 +199,7 @@ def predict_in_process(
     if "scores" in reported and out.returncode == 0:
         return [list(row) for row in reported["scores"]]
     # The model's output may hold anything it likes: the worker's log keeps a bounded tail, the job never sees it.
-    log.warning("the in-process reference exited with %s; its stderr ends: %s", out.returncode, out.stderr[-2000:])
+    log.warning("the in-process reference exited with %s; its stderr ends: %r", out.returncode, out.stderr[-2000:])
     error = reported.get("error")
     if isinstance(error, dict):
         cause = reported_error(error.get("type"), error.get("message"))

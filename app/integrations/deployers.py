@@ -291,6 +291,8 @@ class LocalMLServerDeployer:
             text = (self._dir(name) / "mlserver.log").read_text(errors="replace")
         except OSError:
             return "(it left no log)"
+        # The log is the model's output: the worker's log keeps its end, the job only the exception it names.
+        _log.warning("model server %s did not start; its log ends: %r", name, text[-2000:])
         return startup_failure(text)
 
     def stop(self, name: str) -> None:
@@ -358,7 +360,6 @@ def startup_failure(log_text: str) -> str:
     if causes:
         kind, _, message = (real or causes)[-1].partition(":")
         return reported_error(kind, message)
-    _log.warning("a model server exited without a traceback; its log ends: %s", log_text[-2000:])
     return "it exited without naming an exception (the worker's log has the end of its output)"
 
 
