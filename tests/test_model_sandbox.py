@@ -493,3 +493,36 @@ def test_the_sandbox_cannot_read_a_file_outside_what_it_is_given(tmp_path: Path)
     assert out.returncode == 0, out.stderr
     assert SECRET not in out.stdout and "Error" in out.stdout, out.stdout
     shutil.rmtree(scratch)
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+def test_without_a_sandbox_a_non_dumpable_worker_hides_its_environ_from_its_own_user(hidden: bool) -> None:
+    """As the worker is (worker_init): a model process of the worker's user cannot read /proc/<worker>/environ."""
+    if os.getuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run both processes as another user")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"]
+    root = str(Path(__file__).resolve().parent.parent)
+    worker_code = (
+        f"import sys, time; sys.path.insert(0, {root!r})\n"
+        "from app.integrations.model_sandbox import hide_process_environment\n"
+        f"print(hide_process_environment() if {hidden} else 'visible', flush=True); time.sleep(120)\n"
+    )
+    worker = subprocess.Popen(
+        [*as_nobody, worker_code], stdout=subprocess.PIPE, text=True, env={"RETRO_SECRET_KEY": SECRET}
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() in ("True", "visible")
+        model_code = (
+            "import sys\ntry:\n    print(open('/proc/%s/environ' % sys.argv[1]).read())\n"
+            "except OSError as e:\n    print(type(e).__name__)\n"
+        )
+        model = subprocess.run(
+            [*as_nobody, model_code, str(worker.pid)], capture_output=True, text=True, timeout=60, env={}
+        )
+    finally:
+        worker.kill()
+        worker.wait()
+    # The control case shows the model could read it; the hidden worker's is refused.
+    assert (SECRET in model.stdout) is not hidden, model.stdout
+    if hidden:
+        assert "PermissionError" in model.stdout

@@ -218,3 +218,20 @@ def reported_error(kind: object, message: object) -> str:
     text = " ".join("".join(c if c.isprintable() else " " for c in str(message)).split())
     line = f"{name}: {text}" if text else name
     return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 4] + " ..."
+
+
+def hide_process_environment() -> bool:
+    """Make this process non-dumpable, so processes of the same user cannot read its /proc/<pid>/environ or memory.
+
+    The worker calls it at start: where bubblewrap cannot run, a model process runs as the worker's user, and the
+    kernel then refuses it the worker's environ (PR_SET_DUMPABLE, prctl(2); root's processes keep access). Whether
+    it took effect; False where prctl is not available.
+    """
+    import ctypes
+
+    pr_set_dumpable = 4
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(pr_set_dumpable, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
