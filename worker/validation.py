@@ -163,6 +163,7 @@ def predict_in_process(
     sandbox where it works, no network; the job learns only the exception's type and message it reports.
     """
     python = environment.python_executable if environment else sys.executable
+    model_dir = model_dir.resolve()  # the path the sandbox mounts it at
     request = {
         "model_dir": str(model_dir),
         "columns": [f.name for f in features],
@@ -177,7 +178,7 @@ def predict_in_process(
             argv = (sandbox or ModelSandbox()).command(
                 [python, str(script), str(result)],
                 cwd=work,
-                readable=[*python_roots(python), script, model_dir.resolve()],
+                readable=[*python_roots(python), script, model_dir],
                 writable=[work],
                 network=False,
             )
