@@ -9,6 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX=auto uses it where user namespaces are allowed).
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+
 # Pinned dependencies first, so code changes do not reinstall them.
 COPY requirements.lock requirements-server.lock ./
 RUN pip install -r requirements.lock

@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     env_nearest_python: bool = False  # no Python of the model's minor version: take the nearest, with a warning
     env_uv: str = "uv"
     env_build_timeout_s: float = Field(default=1800.0, gt=0)
+    # The index model environments resolve and install from (uv's default index); empty keeps the worker's uv
+    # setting (UV_DEFAULT_INDEX / UV_INDEX_URL), else PyPI. A model's own requirements never name another.
+    env_index_url: str = ""
+    # Model environments install wheels only: building an sdist runs its setup.py. Packages listed here (names)
+    # may be built from source, in the sandbox below.
+    env_build_allowed_packages: list[str] = []
+    # Processes that read or run a model's code (uv, the in-process reference, the local model server) always start
+    # with a minimal environment; "auto" also runs them under bubblewrap where it works, "bwrap" requires it,
+    # "none" never uses it (app/integrations/model_sandbox.py).
+    model_sandbox: Literal["auto", "bwrap", "none"] = "auto"
     # Before scoring, the deployment scores the model's reference (a retro.reference artifact, else its input
     # example scored in-process in its own environment); a larger difference fails the job.
     reference_tolerance: float = Field(default=1e-9, ge=0)

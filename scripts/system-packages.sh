@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System tools the tests use that do not come from PyPI: docker-compose (validates docker-compose.yml);
-# chromium, Java 17 and rclone (see below).
+# chromium, Java 17, rclone and bubblewrap (see below).
 # A no-op when they are already installed; installs with apt-get (CI runs as root) otherwise.
 set -euo pipefail
 
@@ -14,8 +14,10 @@ debian_packages=()
 command -v java >/dev/null || debian_packages+=(openjdk-17-jre-headless)
 # rclone: the Kubernetes test operator fetches staged models with it, as Seldon Core v1 and v2 do.
 command -v rclone >/dev/null || debian_packages+=(rclone)
+# bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX, app/integrations/model_sandbox.py).
+command -v bwrap >/dev/null || debian_packages+=(bubblewrap)
 if ((${#debian_packages[@]} == 0)); then
-    say "chromium, java and rclone are installed"
+    say "chromium, java, rclone and bubblewrap are installed"
 elif command -v apt-get >/dev/null && { [[ "$(id -u)" -eq 0 ]] || command -v sudo >/dev/null; }; then
     as_root=""
     [[ "$(id -u)" -eq 0 ]] || as_root="sudo"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -12,6 +13,8 @@ from celery.signals import setup_logging, worker_init, worker_process_shutdown, 
 from app.config import get_settings
 from app.logging_setup import configure_logging
 from app.queue import make_celery
+
+log = logging.getLogger(__name__)
 
 
 class _PromptReapAsynPool(asynpool.AsynPool):  # type: ignore[misc]
@@ -58,6 +61,15 @@ def _ride_out_database_outages(**_: Any) -> None:
     from app.db import use_patient_connections
 
     use_patient_connections()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _hide_the_workers_environment(**_: Any) -> None:
+    """Model processes of the worker's own user cannot read its environ (app/integrations/model_sandbox.py)."""
+    from app.integrations.model_sandbox import hide_process_environment
+
+    if not hide_process_environment():
+        log.warning("could not make the worker non-dumpable; without a sandbox, models can read its environment")
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

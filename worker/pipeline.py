@@ -50,6 +50,7 @@ from app.errors import (
 from app.integrations.deployers import Deployment, deployment_name
 from app.integrations.environments import ModelEnvironment, hold, read_requirements
 from app.integrations.history import HistoryQuery, PopulationJoin, staging_table
+from app.integrations.model_sandbox import ModelSandbox
 from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
@@ -223,6 +224,7 @@ def _run_stages(run: JobRun) -> None:
                         model_dir=model_dir,
                         environment=environment,
                         timeout_s=run.settings.deploy_ready_timeout_s,
+                        sandbox=ModelSandbox(run.settings.model_sandbox),
                     )
                     _deploy_and_score(
                         run, model=model, environment=environment, reference=reference, query=query, chunks=chunks

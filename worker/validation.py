@@ -27,6 +27,13 @@ import pyarrow as pa
 from app.errors import EnvironmentFailed, ReferenceMismatch
 from app.integrations import model_predict
 from app.integrations.environments import ModelEnvironment
+from app.integrations.model_sandbox import (
+    ModelSandbox,
+    SandboxUnavailable,
+    model_environment,
+    python_roots,
+    reported_error,
+)
 from app.integrations.registry import Feature, ModelVersionInfo
 from app.integrations.scoring import Scorer
 
@@ -51,7 +58,12 @@ class Reference:
 
 
 def load_reference(
-    *, model: ModelVersionInfo, model_dir: Path, environment: ModelEnvironment | None, timeout_s: float
+    *,
+    model: ModelVersionInfo,
+    model_dir: Path,
+    environment: ModelEnvironment | None,
+    timeout_s: float,
+    sandbox: ModelSandbox | None = None,
 ) -> Reference | None:
     """The version's reference: its retro.reference artifact, else its input example scored in-process."""
     tag = model.tags.get(REFERENCE_TAG)
@@ -62,7 +74,12 @@ def load_reference(
         return None
     where = f"Python {environment.python}, MLServer {environment.server_version}" if environment else "worker's own"
     expected = predict_in_process(
-        model_dir=model_dir, features=model.inputs, columns=example, environment=environment, timeout_s=timeout_s
+        model_dir=model_dir,
+        features=model.inputs,
+        columns=example,
+        environment=environment,
+        timeout_s=timeout_s,
+        sandbox=sandbox,
     )
     return Reference(
         source=f"the model's input example, scored in-process in its environment ({where})",
@@ -138,31 +155,67 @@ def predict_in_process(
     columns: dict[str, list[Any]],
     environment: ModelEnvironment | None,
     timeout_s: float,
+    sandbox: ModelSandbox | None = None,
 ) -> list[list[Any]]:
-    """The model's own scores for the rows, by mlflow's pyfunc in the model's environment (or the worker's)."""
+    """The model's own scores for the rows, by mlflow's pyfunc in the model's environment (or the worker's).
+
+    The model's code runs there as a model process (app/integrations/model_sandbox.py): a minimal environment, the
+    sandbox where it works, no network; the job learns only the exception's type and message it reports.
+    """
     python = environment.python_executable if environment else sys.executable
+    model_dir = model_dir.resolve()  # the path the sandbox mounts it at
     request = {
         "model_dir": str(model_dir),
         "columns": [f.name for f in features],
         "dtypes": {f.name: "object" if f.arrow_type == "string" else f.arrow_type for f in features},
         "data": [list(row) for row in zip(*(columns[f.name] for f in features), strict=True)],
     }
+    script = Path(model_predict.__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="retro-reference-") as scratch:
+        work = Path(scratch)
+        result = work / "result.json"
+        try:
+            argv = (sandbox or ModelSandbox()).command(
+                [python, str(script), str(result)],
+                cwd=work,
+                readable=[*python_roots(python), script, model_dir],
+                writable=[work],
+                network=False,
+            )
+        except SandboxUnavailable as exc:
+            raise EnvironmentFailed(str(exc)) from exc
         try:
             out = subprocess.run(
-                [python, model_predict.__file__],
+                argv,
                 input=json.dumps(request),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
-                cwd=scratch,
+                cwd=work,
+                env=model_environment(home=work / "home"),
             )
         except subprocess.TimeoutExpired as exc:
             raise EnvironmentFailed(f"scoring the input example in-process took longer than {timeout_s:.0f} s") from exc
-    if out.returncode != 0:
-        last = [line for line in out.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise EnvironmentFailed(f"the model does not score its own input example in-process: {last[0]}")
-    return [list(row) for row in json.loads(out.stdout)["scores"]]
+        reported = _read_result(result)
+    if "scores" in reported and out.returncode == 0:
+        return [list(row) for row in reported["scores"]]
+    # The model's output may hold anything it likes: the worker's log keeps a bounded tail, the job never sees it.
+    log.warning("the in-process reference exited with %s; its stderr ends: %r", out.returncode, out.stderr[-2000:])
+    error = reported.get("error")
+    if isinstance(error, dict):
+        cause = reported_error(error.get("type"), error.get("message"))
+    else:
+        cause = f"the scoring process exited with code {out.returncode} without reporting an exception"
+    raise EnvironmentFailed(f"the model does not score its own input example in-process: {cause}")
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """The result file model_predict.py writes; empty when it wrote none (or one that is not a JSON object)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _input_example(model_dir: Path, features: tuple[Feature, ...]) -> dict[str, list[Any]] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,7 +31,17 @@ import httpx
 
 from app.errors import DeploymentFailed, JobCancelled
 from app.integrations.environments import ModelEnvironment, hold
+from app.integrations.model_sandbox import (
+    SERVER_ENV_PREFIXES,
+    ModelSandbox,
+    SandboxUnavailable,
+    model_environment,
+    python_roots,
+    reported_error,
+)
 from app.integrations.registry import ModelVersionInfo, fetch_model
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,18 @@ class LocalMLServerDeployer:
     the pid, the job id and the expiry time.
     """
 
-    def __init__(self, *, work_dir: Path, executable: str = "mlserver", ttl_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        work_dir: Path,
+        executable: str = "mlserver",
+        ttl_s: float | None = None,
+        sandbox: ModelSandbox | None = None,
+    ) -> None:
         self._work_dir = work_dir
         self._executable = executable
         self._ttl_s = ttl_s
+        self._sandbox = sandbox or ModelSandbox()
 
     def _dir(self, name: str) -> Path:
         return self._work_dir / name
@@ -155,11 +174,13 @@ class LocalMLServerDeployer:
         (folder / "model-settings.json").write_text(json.dumps(model_settings))
         log = (folder / "mlserver.log").open("ab")
         exe = environment.mlserver_executable if environment else find_server_executable(self._executable)
+        argv = self._server_command(exe, folder)
         with contextlib.ExitStack() as held:
             # The server holds its environment against eviction for as long as it runs (a shared flock it inherits).
             in_use = held.enter_context(hold(environment)) if environment else None
             proc = subprocess.Popen(
-                [exe, "start", str(folder)],
+                argv,
+                env=model_environment(home=folder / "home", prefixes=SERVER_ENV_PREFIXES),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -170,6 +191,22 @@ class LocalMLServerDeployer:
         log.close()
         (folder / "pid").write_text(str(proc.pid))
         return _local_deployment(name, settings)
+
+    def _server_command(self, exe: str, folder: Path) -> list[str]:
+        """`mlserver start` as a model process: it sees its environment and its own folder (app/integrations/model_sandbox.py).
+
+        It outlives the worker on purpose (a killed worker's next attempt adopts it), so not --die-with-parent.
+        """
+        try:
+            return self._sandbox.command(
+                [exe, "start", str(folder)],
+                cwd=folder,
+                readable=python_roots(exe),
+                writable=[folder],
+                die_with_parent=False,
+            )
+        except SandboxUnavailable as exc:
+            raise DeploymentFailed(str(exc)) from exc
 
     def _adopt(self, name: str, job_id: str, model: ModelVersionInfo, env_key: str) -> Deployment | None:
         """The server a killed attempt of the same job left running, if it serves this model version and is ready.
@@ -255,6 +292,8 @@ class LocalMLServerDeployer:
             text = (self._dir(name) / "mlserver.log").read_text(errors="replace")
         except OSError:
             return "(it left no log)"
+        # The log is the model's output: the worker's log keeps its end, the job only the exception it names.
+        _log.warning("model server %s did not start; its log ends: %r", name, text[-2000:])
         return startup_failure(text)
 
     def stop(self, name: str) -> None:
@@ -301,11 +340,12 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt
 
 
 def startup_failure(log_text: str) -> str:
-    """Why a model server failed to start, from its log: the exception the model raised, not the log's tail.
+    """Why a model server failed to start, from its log: the exception the model raised, as `Type: message`.
 
     MLServer logs the model's own exception (an unpicklable class, a missing package) in a traceback, then shuts
     down, often with a second, meaningless one (CancelledError). The last exception that is not one of those is
-    the cause; a log without a traceback is told by its last lines.
+    the cause. Only that line reaches the job, bounded (reported_error); the rest of the log is the model's output
+    and goes to the worker's log only.
     """
     lines = log_text.strip().splitlines()
     causes = []
@@ -319,9 +359,9 @@ def startup_failure(log_text: str) -> str:
                 causes.append(line.strip())
     real = [c for c in causes if not c.split(":")[0].endswith(_SECONDARY)]
     if causes:
-        cause = (real or causes)[-1]
-        return cause if len(cause) <= 1000 else cause[:1000] + " ..."
-    return ("its last log lines: " + " | ".join(line.strip() for line in lines[-5:])) if lines else "(an empty log)"
+        kind, _, message = (real or causes)[-1].partition(":")
+        return reported_error(kind, message)
+    return "it exited without naming an exception (the worker's log has the end of its output)"
 
 
 def _read_text(path: Path) -> str | None:

@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +44,14 @@ from typing import Any
 import yaml
 
 from app.errors import EnvironmentFailed
+from app.integrations.model_sandbox import (
+    UV_ENV_ALLOWED,
+    ModelSandbox,
+    SandboxUnavailable,
+    model_environment,
+    python_roots,
+)
+from app.integrations.requirements_policy import check_python_version, check_requirement, has_control_character, shown
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +145,11 @@ def _minor(version: str) -> tuple[int, int]:
 
 
 def read_requirements(model_dir: Path, *, what: str) -> ModelRequirements:
-    """The Python version and requirements MLflow logged with the model (python_env.yaml, else conda.yaml)."""
+    """The Python version and requirements MLflow logged with the model (python_env.yaml, else conda.yaml).
+
+    Every entry is checked against the requirements policy (app/integrations/requirements_policy.py): a model may
+    ask only for named packages from the configured index.
+    """
     python_env = model_dir / "python_env.yaml"
     if python_env.is_file():
         doc = _yaml(python_env)
@@ -148,7 +161,10 @@ def read_requirements(model_dir: Path, *, what: str) -> ModelRequirements:
         if not python:
             raise EnvironmentFailed(f"{what}: python_env.yaml names no Python version")
         return ModelRequirements(
-            python=python, requirements=tuple(lines), constraints=tuple(constraints), source="python_env.yaml"
+            python=check_python_version(python, what=what),
+            requirements=tuple(lines),
+            constraints=tuple(constraints),
+            source="python_env.yaml",
         )
     conda = model_dir / "conda.yaml"
     if conda.is_file():
@@ -161,7 +177,9 @@ def read_requirements(model_dir: Path, *, what: str) -> ModelRequirements:
                     _add_requirement(str(pip_dep), model_dir, lines, [])
         if not python:
             raise EnvironmentFailed(f"{what}: conda.yaml names no Python version")
-        return ModelRequirements(python=python, requirements=tuple(lines), source="conda.yaml")
+        return ModelRequirements(
+            python=check_python_version(python, what=what), requirements=tuple(lines), source="conda.yaml"
+        )
     raise EnvironmentFailed(
         f"{what} was logged without python_env.yaml or conda.yaml, so its environment cannot be rebuilt; "
         "log it again with a recent mlflow, or set RETRO_MODEL_ENV=worker to serve it from the worker's packages"
@@ -178,23 +196,33 @@ def _yaml(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _add_requirement(line: str, model_dir: Path, lines: list[str], constraints: list[str]) -> None:
-    """One dependency entry: `-r file` and `-c file` are read from the model's folder, comments dropped."""
-    line = line.split(" #", 1)[0].strip()
+_MAX_INCLUDES = 20  # -r/-c files read for one model: a file that names itself must not loop
+
+
+def _add_requirement(
+    line: str, model_dir: Path, lines: list[str], constraints: list[str], *, included: list[Path] | None = None
+) -> None:
+    """One dependency entry, checked: `-r file` and `-c file` are read from the model's folder, comments dropped."""
+    if has_control_character(line.rstrip("\r")):  # before anything is split off: a newline inside is refused
+        check_requirement(line)
+    line = line.rstrip("\r").split(" #", 1)[0].strip()
     if not line or line.startswith("#"):
         return
+    included = [] if included is None else included
     for flag, into in (("-r", lines), ("-c", constraints)):
         if line.startswith(flag + " ") or (line.startswith(flag) and not line.startswith(flag + "-")):
             name = line[len(flag) :].strip()
             path = (model_dir / name).resolve()
             if model_dir.resolve() not in path.parents or not path.is_file():
-                raise EnvironmentFailed(f"the model's environment refers to {name}, which is not in the model")
-            for sub in path.read_text().splitlines():
-                _add_requirement(sub, model_dir, into, constraints)
+                raise EnvironmentFailed(f"the model's environment refers to {shown(name)}, which is not in the model")
+            included.append(path)
+            if len(included) > _MAX_INCLUDES:
+                raise EnvironmentFailed(f"the model's environment includes more than {_MAX_INCLUDES} files")
+            # Split on newlines only, as uv does: any other line break or control character is refused.
+            for sub in path.read_text(encoding="utf-8-sig", errors="replace").split("\n"):
+                _add_requirement(sub, model_dir, into, constraints, included=included)
             return
-    if line.startswith("-"):
-        raise EnvironmentFailed(f"the model's requirement {line!r} is an option retrotest cannot apply")
-    lines.append(line)
+    lines.append(check_requirement(line))
 
 
 # Finding an interpreter.
@@ -279,6 +307,9 @@ class EnvironmentCache:
     pythons: tuple[str, ...] = ()
     nearest_python: bool = False
     timeout_s: float = 1800.0
+    sandbox: ModelSandbox = field(default_factory=ModelSandbox)
+    index_url: str = ""  # the index uv resolves and installs from; "" keeps uv's own (UV_DEFAULT_INDEX, PyPI)
+    build_allowed: tuple[str, ...] = ()  # packages that may be built from an sdist; every other one is wheels only
     _uv_path: str | None = field(default=None, init=False, repr=False)
 
     def prepare(
@@ -321,6 +352,8 @@ class EnvironmentCache:
                 requirements.constraints,
                 self.constraints,
                 self.server_versions,
+                self.index_url,
+                sorted(self.build_allowed),
             ]
         )
         known = self.root / "resolutions" / f"{hashlib.sha256(inputs.encode()).hexdigest()[:24]}.json"
@@ -331,7 +364,8 @@ class EnvironmentCache:
         own = self._compile(list(requirements.requirements), requirements, interpreter)
         if own.returncode != 0:
             raise EnvironmentFailed(
-                f"the model's requirements cannot be installed with Python {interpreter.version}: {_uv_reason(own.stderr)}"
+                f"the model's requirements cannot be installed with Python {interpreter.version}: "
+                + _uv_reason(own.stderr, build_allowed=self.build_allowed)
             )
         reasons = []
         for version in self.server_versions:
@@ -342,7 +376,7 @@ class EnvironmentCache:
                 known.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(known, json.dumps({"lock": out.stdout, "server_version": version}))
                 return out.stdout, version
-            reasons.append(f"MLServer {version}: {_uv_reason(out.stderr)}")
+            reasons.append(f"MLServer {version}: {_uv_reason(out.stderr, build_allowed=self.build_allowed)}")
         raise EnvironmentFailed(
             "no MLServer release resolves with the model's requirements (RETRO_ENV_SERVER_VERSIONS): "
             + "; ".join(reasons)
@@ -361,11 +395,13 @@ class EnvironmentCache:
                 "--quiet",
                 "--no-header",
                 "--no-annotate",
+                *build_options(self.build_allowed),
                 "--python",
                 interpreter.path,
                 "--constraint",
                 str(constraint_file),
                 input="\n".join(lines) + "\n",
+                readable=(constraint_file, *python_roots(interpreter.path)),
             )
 
     def _build(self, folder: Path, interpreter: Interpreter, lock: str, env: ModelEnvironment) -> None:
@@ -374,12 +410,22 @@ class EnvironmentCache:
         folder.mkdir(parents=True)
         (folder / "requirements.lock").write_text(lock)
         try:
-            out = self._uv("venv", "--quiet", "--python", interpreter.path, str(folder / "venv"))
+            python = python_roots(interpreter.path)
+            out = self._uv(
+                "venv",
+                "--quiet",
+                "--python",
+                interpreter.path,
+                str(folder / "venv"),
+                readable=python,
+                writable=[folder],
+            )
             if out.returncode == 0:
                 out = self._uv(
                     "pip",
                     "sync",
                     "--quiet",
+                    *build_options(self.build_allowed),
                     # Compiled once here: model servers and in-process references never write bytecode
                     # (PYTHONDONTWRITEBYTECODE in the image), so each start would compile mlflow, pandas and
                     # scikit-learn again (a local start: ~12 s without, ~7 s with).
@@ -387,9 +433,14 @@ class EnvironmentCache:
                     "--python",
                     str(folder / "venv" / "bin" / "python"),
                     str(folder / "requirements.lock"),
+                    readable=python,
+                    writable=[folder],
                 )
             if out.returncode != 0:
-                raise EnvironmentFailed(f"installing the model's environment failed: {_uv_reason(out.stderr)}")
+                raise EnvironmentFailed(
+                    "installing the model's environment failed: "
+                    + _uv_reason(out.stderr, build_allowed=self.build_allowed)
+                )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -411,22 +462,49 @@ class EnvironmentCache:
             meta["build_s"],
         )
 
-    def _uv(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _uv(
+        self,
+        *args: str,
+        input: str | None = None,
+        readable: Sequence[Path] = (),
+        writable: Sequence[Path] = (),
+    ) -> subprocess.CompletedProcess[str]:
+        """Run uv as a model process: a minimal environment, in the sandbox (it may build allow-listed sdists)."""
         if self._uv_path is None:
             self._uv_path = shutil.which(self.uv) or shutil.which(self.uv, path=str(Path(sys.executable).parent))
             if self._uv_path is None:
                 raise EnvironmentFailed(f"cannot find uv ({self.uv!r}) on this worker; set RETRO_ENV_UV")
-        try:
-            return subprocess.run(
-                [self._uv_path, *args],
-                input=input,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout_s,
-                env={**os.environ, "VIRTUAL_ENV": ""},
+        cache = uv_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="retro-uv-") as scratch:
+            home = Path(scratch)
+            extra = {"UV_CACHE_DIR": str(cache)}
+            if self.index_url:
+                extra["UV_DEFAULT_INDEX"] = self.index_url
+            env = model_environment(home=home, allowed=UV_ENV_ALLOWED, extra=extra)
+            if self.index_url:
+                env.pop("UV_INDEX_URL", None)  # the setting wins over the worker's own uv index
+            uv = os.path.realpath(self._uv_path)  # what the sandbox sees is the file, not a symlink to it
+            argv = self._sandboxed(
+                [uv, *args],
+                cwd=home,
+                readable=[Path(uv), *readable],
+                writable=[home, cache, *writable],
             )
-        except subprocess.TimeoutExpired as exc:
-            raise EnvironmentFailed(f"uv {args[0]} {args[1]} took longer than {self.timeout_s:.0f} s") from exc
+            try:
+                return subprocess.run(
+                    argv, input=input, capture_output=True, text=True, timeout=self.timeout_s, env=env, cwd=home
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise EnvironmentFailed(f"uv {args[0]} {args[1]} took longer than {self.timeout_s:.0f} s") from exc
+
+    def _sandboxed(
+        self, argv: list[str], *, cwd: Path, readable: Sequence[Path], writable: Sequence[Path]
+    ) -> list[str]:
+        try:
+            return self.sandbox.command(argv, cwd=cwd, readable=readable, writable=writable)
+        except SandboxUnavailable as exc:
+            raise EnvironmentFailed(str(exc)) from exc
 
     # Holding, listing and evicting.
 
@@ -544,12 +622,37 @@ def _held(path: Path) -> bool:
     return False
 
 
-def _uv_reason(stderr: str) -> str:
-    """uv's explanation, without its hints and colour, on one line."""
+def build_options(allowed: Sequence[str]) -> list[str]:
+    """uv's options for wheels only, except the packages an administrator allowed to be built from source."""
+    if not allowed:
+        return ["--no-build"]
+    return ["--only-binary", ":all:", *(arg for name in allowed for arg in ("--no-binary", name))]
+
+
+def uv_cache_dir() -> Path:
+    """The uv cache the worker's builds share (UV_CACHE_DIR, else uv's default under XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("UV_CACHE_DIR"):
+        return Path(os.environ["UV_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv"
+
+
+_NO_BUILD = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==\S+ has no usable wheels")
+
+
+def _uv_reason(stderr: str, *, build_allowed: Sequence[str] = ()) -> str:
+    """uv's explanation, without its hints and colour, on one line; a package with no wheel is named first."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in stderr.strip().splitlines()]
     kept = [line for line in lines if line and not line.startswith("hint:")]
     text = " ".join(kept)
-    return (text[:1500] + " ...") if len(text) > 1500 else text or "uv gave no reason"
+    text = (text[:1500] + " ...") if len(text) > 1500 else text or "uv gave no reason"
+    sdist_only = _NO_BUILD.search(text)
+    if sdist_only:
+        return (
+            f"{sdist_only.group(1)} has no wheel for this Python and platform, and retrotest installs wheels only "
+            "(building a package from source runs its code); an administrator may allow it in "
+            f"RETRO_ENV_BUILD_ALLOWED_PACKAGES (now: {', '.join(build_allowed) or 'none'}). uv: {text}"
+        )
+    return text
 
 
 def _size(folder: Path) -> int:

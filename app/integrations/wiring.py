@@ -8,6 +8,7 @@ from app.config import Settings, get_settings
 from app.integrations.deployers import Deployer, LocalMLServerDeployer
 from app.integrations.environments import EnvironmentCache
 from app.integrations.history import HistorySource, LocalParquetSource
+from app.integrations.model_sandbox import ModelSandbox
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 
@@ -34,6 +35,7 @@ def make_deployer(settings: Settings) -> Deployer:
             work_dir=(settings.var_dir / "deployments").resolve(),
             executable=settings.mlserver_executable,
             ttl_s=settings.deployment_ttl_s,
+            sandbox=ModelSandbox(settings.model_sandbox),
         )
     from app.integrations.k8s_deployers import KUBERNETES_DEPLOYERS
 
@@ -53,6 +55,9 @@ def make_environments(settings: Settings) -> EnvironmentCache | None:
         pythons=tuple(settings.env_pythons),
         nearest_python=settings.env_nearest_python,
         timeout_s=settings.env_build_timeout_s,
+        sandbox=ModelSandbox(settings.model_sandbox),
+        index_url=settings.env_index_url,
+        build_allowed=tuple(settings.env_build_allowed_packages),
     )
 
 
