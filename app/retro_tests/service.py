@@ -279,6 +279,7 @@ def _check_population(
         start=data.period_start,
         end=data.period_end,
         max_bytes=settings.population_max_bytes,
+        max_rows=settings.population_max_rows,
     )
 
 
