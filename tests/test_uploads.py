@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import make_partner
-from tests.test_population import POP_START, csv_bytes, population_frame, request_json
+from tests.test_population import POP_START, csv_bytes, population_frame, request_json, snapshots  # noqa: F401  (the fixture)
 
 API_UPLOAD = "/api/v1/retro-tests/with-population"
 _CHUNK = 64 * 1024
@@ -306,7 +307,48 @@ def test_the_api_under_1_gib_survives_anonymous_60mb_bodies_and_a_25m_row_popula
 
 def _vm_kib(pid: int, key: str) -> int:
     """A /proc/<pid>/status memory line (VmSize, VmHWM), in KiB."""
-    for line in open(f"/proc/{pid}/status").read().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {key} for {pid}")
+
+
+def test_text_ids_for_an_integer_history_are_a_422_naming_both_types(client, snapshots) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """N9: ids of a type the history's id column cannot hold are refused at submission, naming the column and both
+    types, instead of failing in the worker."""
+    make_partner(client, "ids-text")
+    body = f"customer_id,as_of\nA-1,{POP_START}\nB-2,{POP_START}\n".encode()
+    resp = post_population(client, "ids-text", "p.csv", body)
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    assert "customer_id" in detail and "int64" in detail and "string" in detail, detail
+    assert "A-1" not in detail and "B-2" not in detail, detail
+    assert client.get("/api/v1/retro-tests", params={"partner": "ids-text"}).json()["total"] == 0
+
+
+def test_a_failed_history_query_names_neither_values_nor_sql(snapshots, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """N9: a point-in-time query that fails on a population's value reports the problem, not the value or SQL
+    (the worker logs this detail and shows it as the job's error)."""
+    from datetime import timedelta
+
+    from app.errors import Upstream
+    from app.integrations.history import HistoryQuery, LocalParquetSource, PopulationJoin
+    from tests.test_population import POP_TABLE
+
+    population = tmp_path / "population.parquet"
+    days = pa.array([POP_START, POP_START], pa.date32())
+    pq.write_table(pa.table({"customer_id": pa.array(["secret-id-42", "7"]), "as_of": days}), population)
+    query = HistoryQuery(
+        table=POP_TABLE,
+        date_column="snapshot_date",
+        id_columns=("customer_id",),
+        features=(),
+        start=POP_START,
+        end=POP_START + timedelta(days=3),
+        population=PopulationJoin(file=str(population), as_of_column="as_of", outcome_column=None, lookback_days=0),
+    )
+    source = LocalParquetSource(root=snapshots.parent.parent)
+    with pytest.raises(Upstream) as caught:
+        list(source.batches(query, batch_rows=1000))
+    detail = caught.value.detail
+    assert "secret-id-42" not in detail and "SELECT" not in detail and "read_parquet" not in detail, detail
