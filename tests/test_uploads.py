@@ -352,3 +352,18 @@ def test_a_failed_history_query_names_neither_values_nor_sql(snapshots, tmp_path
         list(source.batches(query, batch_rows=1000))
     detail = caught.value.detail
     assert "secret-id-42" not in detail and "SELECT" not in detail and "read_parquet" not in detail, detail
+
+
+def test_hive_errors_name_neither_values_nor_sql() -> None:
+    """N9: Hive's refusal of a staging INSERT quotes the population's values and echoes the statement; the job
+    error and the log get the problem only."""
+    from types import SimpleNamespace
+
+    from app.integrations.hive import _reason
+
+    message = (
+        "Error while compiling statement: FAILED: SemanticException line 1:40 cannot convert 'secret-id-42' to "
+        "BIGINT\nINSERT INTO retro_scratch.retro_population_x VALUES ('secret-id-42', '2026-01-01')"
+    )
+    text = _reason(Exception(SimpleNamespace(status=SimpleNamespace(errorMessage=message))))
+    assert "secret-id-42" not in text and "INSERT" not in text and "SemanticException" in text, text
