@@ -5,8 +5,9 @@ The file (CSV or Parquet) is checked whole before anything is queued, and kept a
 bad lines, so the partner can fix the file and send it again.
 
 The row limit (RETRO_POPULATION_MAX_ROWS) is checked before the rows are held: a Parquet file's from its footer,
-before any data is read; a CSV's while it is read in chunks, so a file of tiny rows stops at the limit. Only the
-columns the request names are kept.
+before any data is read; a CSV's while it is read in chunks, so a file of tiny rows stops at the limit. The file is
+read and checked a chunk at a time; only the request's columns of each checked chunk are kept, as compact Arrow
+arrays (about 20-30 bytes a row), and duplicates are found by sorting the keys.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.errors import InvalidPopulation, PopulationTooLarge
 
 FIRST_BAD = 5  # lines named in a refusal
-CSV_CHUNK_ROWS = 200_000  # rows of a CSV parsed at a time while they are counted against the row limit
+CSV_CHUNK_ROWS = 200_000  # rows parsed and checked at a time (CSV and Parquet alike)
 _PARQUET_MAGIC = b"PAR1"
 _INT64_MAX = 2**63 - 1
 
@@ -77,10 +79,10 @@ def read_population(
     parquet = filename.lower().endswith(".parquet") or data[:4] == _PARQUET_MAGIC
     wanted = [*id_columns, as_of_column]
     keep = [*wanted, outcome_column] if outcome_column else wanted
-    frame, names = (
-        _parquet_frame(data, keep=keep, id_columns=id_columns, max_rows=max_rows)
+    names, frames = (
+        _parquet_frames(data, keep=keep, id_columns=id_columns, max_rows=max_rows)
         if parquet
-        else _csv_frame(data, keep=keep, max_rows=max_rows)
+        else _csv_frames(data, keep=keep, max_rows=max_rows)
     )
     where = "row" if parquet else "line"
     offset = 1 if parquet else 2  # a CSV's first line is its header
@@ -91,33 +93,86 @@ def read_population(
             f"(and optionally {outcome_column or 'an outcome column'}); it has {', '.join(map(str, names))}",
             field="population",
         )
-    if frame.empty:
-        raise InvalidPopulation("the population file has a header but no rows", field="population")
-    has_outcome = outcome_column is not None and outcome_column in frame.columns
-    out: dict[str, Any] = {c: _ids(frame[c], column=c, where=where, offset=offset) for c in id_columns}
-    out[as_of_column] = _dates(frame[as_of_column], column=as_of_column, where=where, offset=offset)
-    _inside(out[as_of_column], column=as_of_column, start=start, end=end, where=where, offset=offset)
-    if has_outcome:
-        assert outcome_column is not None
-        out[outcome_column] = _outcomes(frame[outcome_column], column=outcome_column, where=where, offset=offset)
-    table = pd.DataFrame(out)
-    dup = table.duplicated([*id_columns, as_of_column], keep="first")
-    if dup.any():
-        raise InvalidPopulation(
-            f"the population has duplicate ({', '.join(wanted)}) pairs at {_lines(dup, where, offset)}; "
-            "each id may appear once per as-of date",
-            field="population",
-        )
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.set_column(
-        arrow.schema.get_field_index(as_of_column), as_of_column, pa.array(table[as_of_column]).cast(pa.date32())
-    )
-    sink = io.BytesIO()
-    pq.write_table(arrow, sink)
+    has_outcome = outcome_column is not None and outcome_column in names
     columns = PopulationColumns(
         id_columns=id_columns, as_of_column=as_of_column, outcome_column=outcome_column if has_outcome else None
     )
-    return Population(columns=columns, parquet=sink.getvalue(), rows=len(table))
+    chunks, line = [], offset
+    for frame in frames:  # one chunk at a time: only its checked, compact columns are kept
+        if not frame.empty:
+            chunks.append(_check_chunk(frame, columns=columns, start=start, end=end, where=where, offset=line))
+            line += len(frame)
+    if not chunks:
+        raise InvalidPopulation("the population file has a header but no rows", field="population")
+    table = _assemble(chunks, columns)
+    _no_duplicates(table, keys=wanted, where=where, offset=offset)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return Population(columns=columns, parquet=sink.getvalue(), rows=table.num_rows)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk's checked columns as Arrow: each id column as int64 (when all its ids are whole numbers) and as
+    text (when the file holds text), the as-of dates, and the outcomes."""
+
+    ids: dict[str, tuple[pa.Array | None, pa.Array | None]]
+    as_of: pa.Array
+    outcome: pa.Array | None
+
+
+def _check_chunk(
+    frame: pd.DataFrame, *, columns: PopulationColumns, start: date, end: date, where: str, offset: int
+) -> _Chunk:
+    """Check one chunk of rows; offset is the line (or row) number of its first row."""
+    ids = {c: _ids(frame[c], column=c, where=where, offset=offset) for c in columns.id_columns}
+    days = _dates(frame[columns.as_of_column], column=columns.as_of_column, where=where, offset=offset)
+    _inside(days, column=columns.as_of_column, start=start, end=end, where=where, offset=offset)
+    outcome = None
+    if columns.outcome_column is not None:
+        name = columns.outcome_column
+        outcome = pa.array(_outcomes(frame[name], column=name, where=where, offset=offset), pa.int8())
+    return _Chunk(ids=ids, as_of=pa.array(days).cast(pa.date32()), outcome=outcome)
+
+
+def _assemble(chunks: list[_Chunk], columns: PopulationColumns) -> pa.Table:
+    """The checked chunks as one table: integer ids where every chunk's are whole numbers, else text."""
+    arrays: dict[str, pa.ChunkedArray] = {}
+    for name in columns.id_columns:
+        parts = [chunk.ids[name] for chunk in chunks]
+        if all(ints is not None for ints, _ in parts):
+            arrays[name] = pa.chunked_array([ints for ints, _ in parts], pa.int64())
+        else:
+            arrays[name] = pa.chunked_array([text for _, text in parts], pa.string())
+    arrays[columns.as_of_column] = pa.chunked_array([chunk.as_of for chunk in chunks], pa.date32())
+    if columns.outcome_column is not None:
+        arrays[columns.outcome_column] = pa.chunked_array([chunk.outcome for chunk in chunks], pa.int8())
+    return pa.table(arrays)
+
+
+def _no_duplicates(table: pa.Table, *, keys: list[str], where: str, offset: int) -> None:
+    """Refuse a repeated (ids, as-of date) pair, naming its lines; pandas only to name them."""
+    if not _has_repeats(table.select(keys)):
+        return
+    dup = table.select(keys).to_pandas(date_as_object=False).duplicated(keys, keep="first")
+    raise InvalidPopulation(
+        f"the population has duplicate ({', '.join(keys)}) pairs at {_lines(dup, where, offset)}; "
+        "each id may appear once per as-of date",
+        field="population",
+    )
+
+
+def _has_repeats(keys: pa.Table) -> bool:
+    """Whether any row of keys equals another: sorted, then each row against the one before (a hash grouping of
+    5M rows took ten times the memory)."""
+    if keys.num_rows < 2:
+        return False
+    ordered = keys.take(pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]))
+    same = None
+    for column in ordered.columns:
+        equal = pc.equal(column.slice(1), column.slice(0, len(column) - 1))
+        same = equal if same is None else pc.and_(same, equal)
+    return bool(pc.any(same).as_py())
 
 
 def _too_many_rows(max_rows: int) -> PopulationTooLarge:
@@ -128,8 +183,12 @@ def _too_many_rows(max_rows: int) -> PopulationTooLarge:
     )
 
 
-def _csv_frame(data: bytes, *, keep: list[str], max_rows: int) -> tuple[pd.DataFrame, list[str]]:
-    """The CSV's wanted columns as text, read in chunks and counted: refused once it passes max_rows."""
+def _not_csv(exc: Exception) -> InvalidPopulation:
+    return InvalidPopulation(f"the population file is not a readable CSV: {exc}", field="population")
+
+
+def _csv_frames(data: bytes, *, keep: list[str], max_rows: int) -> tuple[list[str], Iterator[pd.DataFrame]]:
+    """The CSV's header, and its wanted columns as text in chunks, counted: refused once it passes max_rows."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -138,53 +197,58 @@ def _csv_frame(data: bytes, *, keep: list[str], max_rows: int) -> tuple[pd.DataF
             f"the population file is not UTF-8: byte {exc.start} (line {line}) cannot be read; save it as UTF-8 CSV",
             field="population",
         ) from exc
-    chunks: list[pd.DataFrame] = []
-    names: list[str] = []
+    try:
+        header = pd.read_csv(io.BytesIO(data), dtype=str, nrows=0, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise _not_csv(exc) from exc
+    return [str(c) for c in header.columns], _csv_chunks(data, keep=keep, max_rows=max_rows)
+
+
+def _csv_chunks(data: bytes, *, keep: list[str], max_rows: int) -> Iterator[pd.DataFrame]:
     rows = 0
     try:
-        for chunk in _csv_chunks(data):
-            names = [str(c) for c in chunk.columns]
-            rows += len(chunk)
-            if rows > max_rows:
-                raise _too_many_rows(max_rows)
-            chunks.append(chunk[[c for c in chunk.columns if c in keep]])
+        with pd.read_csv(
+            io.BytesIO(data), dtype=str, keep_default_na=False, skipinitialspace=True, chunksize=CSV_CHUNK_ROWS
+        ) as reader:
+            for chunk in reader:
+                rows += len(chunk)
+                if rows > max_rows:
+                    raise _too_many_rows(max_rows)
+                yield chunk[[c for c in chunk.columns if c in keep]]
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise InvalidPopulation(f"the population file is not a readable CSV: {exc}", field="population") from exc
-    frame = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=names)
-    return frame, names
+        raise _not_csv(exc) from exc
 
 
-def _csv_chunks(data: bytes) -> Iterator[pd.DataFrame]:
-    with pd.read_csv(
-        io.BytesIO(data), dtype=str, keep_default_na=False, skipinitialspace=True, chunksize=CSV_CHUNK_ROWS
-    ) as reader:
-        yield from reader
+def _not_parquet(exc: Exception) -> InvalidPopulation:
+    return InvalidPopulation(f"the population file is not a readable Parquet file: {exc}", field="population")
 
 
-def _parquet_frame(
+def _parquet_frames(
     data: bytes, *, keep: list[str], id_columns: tuple[str, ...], max_rows: int
-) -> tuple[pd.DataFrame, list[str]]:
-    """The file's wanted columns; its row count (from the footer) and id types are checked before any data is read."""
+) -> tuple[list[str], Iterator[pd.DataFrame]]:
+    """The file's column names, and its wanted columns in chunks; its row count (from the footer) and id types
+    are checked before any data is read."""
     try:
         file = pq.ParquetFile(pa.BufferReader(data))
     except Exception as exc:
-        raise InvalidPopulation(
-            f"the population file is not a readable Parquet file: {exc}", field="population"
-        ) from exc
+        raise _not_parquet(exc) from exc
     if file.metadata.num_rows > max_rows:
         raise _too_many_rows(max_rows)
     schema = file.schema_arrow
     for name in id_columns:
         if name in schema.names:
             _check_id_type(name, schema.field(name).type)
+    return list(schema.names), _parquet_chunks(file, columns=[c for c in keep if c in schema.names])
+
+
+def _parquet_chunks(file: pq.ParquetFile, *, columns: list[str]) -> Iterator[pd.DataFrame]:
     try:
-        return file.read(columns=[c for c in keep if c in schema.names]).to_pandas(date_as_object=False), list(
-            schema.names
-        )
+        for batch in file.iter_batches(batch_size=CSV_CHUNK_ROWS, columns=columns):
+            yield batch.to_pandas(date_as_object=False)
+    except InvalidPopulation:
+        raise
     except Exception as exc:
-        raise InvalidPopulation(
-            f"the population file is not a readable Parquet file: {exc}", field="population"
-        ) from exc
+        raise _not_parquet(exc) from exc
 
 
 def _check_id_type(name: str, arrow_type: pa.DataType) -> None:
@@ -213,19 +277,19 @@ def _blank(values: pd.Series) -> pd.Series:
     return values.isna() | (values.astype(str).str.strip() == "")
 
 
-def _ids(values: pd.Series, *, column: str, where: str, offset: int) -> pd.Series:
-    """Integer ids where every value is an integer, else text; never empty."""
+def _ids(values: pd.Series, *, column: str, where: str, offset: int) -> tuple[pa.Array | None, pa.Array | None]:
+    """A chunk's ids, never empty: (int64, None) from a numeric column; from text, (int64 or None, the text)."""
     blank = _blank(values)
     if blank.any():
         raise InvalidPopulation(
             f"column {column} is empty at {_lines(blank, where, offset)}; every row needs its id", field="population"
         )
     if pd.api.types.is_numeric_dtype(values):
-        return _whole_ids(values, column=column, where=where, offset=offset)
-    numbers = pd.to_numeric(values, errors="coerce")
-    if _fit_int64(numbers).all():
-        return numbers.astype("int64")
-    return values.astype(str).str.strip()
+        return pa.array(_whole_ids(values, column=column, where=where, offset=offset), pa.int64()), None
+    text = values.astype(str).str.strip()
+    numbers = pd.to_numeric(text, errors="coerce")
+    ints = pa.array(numbers.astype("int64"), pa.int64()) if _fit_int64(numbers).all() else None
+    return ints, pa.array(text, pa.string())
 
 
 def _fit_int64(numbers: pd.Series) -> pd.Series:
