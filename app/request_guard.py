@@ -51,6 +51,7 @@ class BodyAllowance:
 
     limit: int
     upload: int
+    finished: bool = False  # the whole body has been read
 
 
 def body_limit(settings: Settings, path: str) -> int:
@@ -91,6 +92,8 @@ class RequestGuard:
             await _refuse(send, 413, BodyTooLarge(allowance.upload).detail)
             return
         scope = {**self._with_public_host(scope), BODY_ALLOWANCE: allowance}
+        if declared or _header(scope, b"transfer-encoding"):
+            send = _closing_if_unread(send, allowance)
         await self.app(scope, _limited(receive, allowance), send)
 
     def _allowance(self, scope: Scope) -> BodyAllowance:
@@ -152,9 +155,22 @@ def _limited(receive: Receive, allowance: BodyAllowance) -> Receive:
             seen += len(message.get("body", b""))
             if seen > allowance.limit:
                 raise BodyTooLarge(allowance.limit)
+            allowance.finished = not message.get("more_body", False)
         return message
 
     return receiving
+
+
+def _closing_if_unread(send: Send, allowance: BodyAllowance) -> Send:
+    """send, closing the connection after an answer given before the body was read (an anonymous upload's 401):
+    the server would otherwise read the rest of the body, up to 64 MiB, only to drop it."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and not allowance.finished:
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return sending
 
 
 async def _refuse(send: Send, status: int, detail: str) -> None:

@@ -282,11 +282,12 @@ def test_the_api_under_1_gib_survives_anonymous_60mb_bodies_and_a_25m_row_popula
         with get_session_factory()() as session:
             manager = make_user(session, "upload-am", role="account_manager", partners=["upl-live"])
             session.commit()
+        population = tiny_parquet_of(25_000_000)  # built before polling: this process's work would delay the poller
         poller = threading.Thread(target=poll_health, daemon=True)
         poller.start()
         answers = {(m, p): send_big_body(base, method=m, path=p, total=60 * 10**6) for m, p in every_route()}
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {manager}"}, timeout=120) as c:
-            resp = post_population(c, "upl-live", "p.parquet", tiny_parquet_of(25_000_000), own_source=False)
+            resp = post_population(c, "upl-live", "p.parquet", population, own_source=False)
         stop.set()
         poller.join(timeout=60)
         peak_mib = _vm_kib(api.pid, "VmHWM") / 1024
