@@ -275,6 +275,7 @@ def test_a_parquet_population_is_read_like_a_csv() -> None:
         start=POP_START,
         end=POP_START + timedelta(days=POP_DAYS),
         max_bytes=10**6,
+        max_rows=10**6,
     )
     table = pq.read_table(io.BytesIO(checked.parquet))
     assert checked.rows == 100 and table.column("as_of").type == __import__("pyarrow").date32()

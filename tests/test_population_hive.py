@@ -90,6 +90,7 @@ def test_hive_joins_the_staged_population_as_duckdb_does(
         start=POP_START,
         end=POP_START + timedelta(days=POP_DAYS - 1),
         max_bytes=10**8,
+        max_rows=10**6,
     )
     file = tmp_path / "population.parquet"
     file.write_bytes(checked.parquet)

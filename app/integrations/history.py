@@ -8,16 +8,19 @@ period into memory. SQLite would need row-by-row conversion and a copy of the da
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
 from app.integrations.identifiers import check_name, check_table
@@ -147,6 +150,9 @@ class HistorySource(Protocol):
 
     def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
         """The first and last day with history where partitions tell it without a query, else None."""
+
+    def known_schema(self, table: str) -> pa.Schema | None:
+        """The table's columns and types where the source knows them without a statement; None otherwise."""
 
     def unmatched(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
         """The population's rows in the period with no snapshot to score (its columns and a `reason`)."""
@@ -288,7 +294,7 @@ class LocalParquetSource:
                     con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
                 )
             except Exception as exc:
-                raise Upstream(f"cannot read history table {query.table!r}: {exc}") from exc
+                raise Upstream(f"cannot read history table {query.table!r}: {without_values(exc)}") from exc
         check_columns(query, schema, table_label=f"history table {query.table!r}")
 
     def count(self, query: HistoryQuery) -> int:
@@ -316,7 +322,7 @@ class LocalParquetSource:
         else:
             day = f'CAST("{query.date_column}" AS DATE)'
             sql = f"SELECT {day}, count(*) FROM {self._from()} WHERE {self._where(query)} GROUP BY {day}"
-        with self._connect() as con:
+        with self._connect() as con, query_errors():
             rows = con.sql(sql, params=self._params(query)).fetchall()
         return {d: int(n) for d, n in rows}
 
@@ -330,6 +336,12 @@ class LocalParquetSource:
         days = sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
         return (days[0], days[-1]) if days else None
 
+    def known_schema(self, table: str) -> pa.Schema | None:
+        """The footer of one of the table's Parquet files: its columns' types, no data read (None: no file yet)."""
+        folder = self._root.joinpath(*check_table(table))
+        first = next(iter(sorted(folder.rglob("*.parquet"))), None) if folder.is_dir() else None
+        return pq.read_schema(first) if first is not None else None
+
     def describe(self, query: HistoryQuery) -> str:
         if query.population is not None:
             return self._point_in_time(query)
@@ -337,7 +349,7 @@ class LocalParquetSource:
         return f"SELECT {cols} FROM {self._from()} WHERE {self._where(query)}"
 
     def batches(self, query: HistoryQuery, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        with self._connect() as con:
+        with self._connect() as con, query_errors():
             reader = con.sql(self.describe(query), params=self._params(query)).to_arrow_reader(batch_rows)
             for batch in reader:
                 if batch.num_rows:
@@ -355,7 +367,7 @@ class LocalParquetSource:
             f'ORDER BY p."{pop.as_of_column}", {", ".join(f"p.{_q(c)}" for c in query.id_columns)}'
         )
         params = {**self._params(query), "reason": pop.unmatched_reason()}
-        with self._connect() as con:
+        with self._connect() as con, query_errors():
             for batch in con.sql(sql, params=params).to_arrow_reader(batch_rows):
                 if batch.num_rows:
                     yield batch
@@ -386,6 +398,29 @@ class LocalParquetSource:
                 history_start=query.history_start,
             )
         return params
+
+
+_QUOTED = re.compile(r"'(?:[^']|'')*'")
+BLANKED = "'…'"
+
+
+def without_values(exc: BaseException) -> str:
+    """An error's type and first line with its quoted literals blanked: engines quote the values (a population's
+    ids) and later lines echo the SQL, and this text reaches job errors and logs."""
+    text = str(exc)
+    first = text.splitlines()[0][:500] if text else ""
+    return f"{type(exc).__name__}: {_QUOTED.sub(BLANKED, first)}"
+
+
+@contextmanager
+def query_errors() -> Iterator[None]:
+    """A failed DuckDB query as Upstream, naming the problem but neither the values nor the SQL."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise Upstream(f"the history query failed: {without_values(exc)}") from exc
 
 
 def duckdb_connection(*, memory_limit: str, spill_dir: Path | None, threads: int = 2) -> Any:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
-from app.integrations.history import HistoryQuery, RecentCounts, check_columns, conform
+from app.integrations.history import HistoryQuery, RecentCounts, check_columns, conform, without_values
 from app.integrations.identifiers import check_name, check_table
 from app.integrations.prefetch import prefetched
 
@@ -214,6 +214,7 @@ class HiveSource:
     def __init__(self, settings: HiveSettings) -> None:
         self._settings = settings
         self._date_types: dict[tuple[str, str], pa.DataType] = {}
+        self._schemas: dict[str, pa.Schema] = {}
         self._recent = RecentCounts()
 
     @contextlib.contextmanager
@@ -351,6 +352,11 @@ class HiveSource:
         if not (pa.types.is_date(date_type) or pa.types.is_string(date_type) or pa.types.is_timestamp(date_type)):
             raise SchemaMismatch(f"date column {query.date_column} is {date_type}", field="source")
         self._date_types[(query.table, query.date_column)] = date_type
+        self._schemas[query.table] = schema
+
+    def known_schema(self, table: str) -> pa.Schema | None:
+        """The table's schema if this process has listed its columns already; no new session for it."""
+        return self._schemas.get(table)
 
     def _date_type(self, query: HistoryQuery) -> pa.DataType:
         key = (query.table, query.date_column)
@@ -635,11 +641,11 @@ def _field_index(schema: pa.Schema, name: str) -> int:
 
 
 def _reason(exc: BaseException) -> str:
-    """A short, password-free description of a PyHive/thrift error."""
+    """A short, password-free description of a PyHive/thrift error, without the values or SQL Hive quotes."""
     status = getattr(getattr(exc, "args", [None])[0], "status", None)
     if status is not None and getattr(status, "errorMessage", None):
-        return str(status.errorMessage).splitlines()[0][:500]
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
+        return without_values(Exception(status.errorMessage)).removeprefix("Exception: ")
+    return without_values(exc)
 
 
 def settings_from(app_settings: Any) -> HiveSettings:

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.audit.service import record
 from app.auth.deps import Caller, CurrentCaller, CurrentScope, CurrentUser, current_user
@@ -17,6 +20,7 @@ from app.errors import Invalid
 from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
+from app.request_guard import allow_upload
 from app.retro_tests import dispatch, service, views
 from app.retro_tests.models import State
 from app.retro_tests.population import read_upload
@@ -108,6 +112,56 @@ POPULATION_REQUEST_DOC = (
 )
 
 
+POPULATION_FILE_DOC = (
+    "CSV (UTF-8, header line) or Parquet: the model's id column(s), the as-of date column (YYYY-MM-DD, inside the "
+    "period), optionally a 0/1 outcome column; one row per (id, as-of date)"
+)
+# The multipart body, described by hand: the route reads it itself, after authentication (see population_form).
+POPULATION_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["request", "population"],
+                "properties": {
+                    "request": {"type": "string", "description": POPULATION_REQUEST_DOC},
+                    "population": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "description": POPULATION_FILE_DOC,
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+@dataclass(frozen=True)
+class PopulationForm:
+    """The multipart request's two parts: the request's JSON and the population file."""
+
+    request_json: str
+    population: StarletteUpload
+
+
+async def population_form(request: Request, _: CurrentUser) -> AsyncIterator[PopulationForm]:
+    """The body, read only now that the caller is known (FastAPI reads declared Form/File fields before any
+    dependency, so the route declares none): an anonymous caller never gets past RETRO_MAX_BODY_BYTES."""
+    allow_upload(request.scope)
+    form = await request.form(max_files=1, max_fields=4)
+    try:
+        request_json, population = form.get("request"), form.get("population")
+        if not isinstance(request_json, str):
+            raise Invalid("send the request's JSON as the multipart field `request`", field="request")
+        if not isinstance(population, StarletteUpload):
+            raise Invalid("send the population file as the multipart file field `population`", field="population")
+        yield PopulationForm(request_json=request_json, population=population)
+    finally:
+        await form.close()
+
+
 @router.post(
     "/with-population",
     status_code=202,
@@ -115,38 +169,34 @@ POPULATION_REQUEST_DOC = (
     responses={
         200: {"description": "An identical request is already active; that job is returned", "model": RetroTestOut},
         413: {
-            "description": "The population file is larger than RETRO_POPULATION_MAX_BYTES",
+            "description": "The population file is larger than RETRO_POPULATION_MAX_BYTES or has more rows than "
+            "RETRO_POPULATION_MAX_ROWS",
             "content": {"application/json": {"example": {"error": "population_too_large", "detail": "..."}}},
         },
         **ERRORS,
     },
+    openapi_extra={"requestBody": POPULATION_BODY},
 )
 def create_retro_test_with_population(
-    request_json: Annotated[str, Form(alias="request", description=POPULATION_REQUEST_DOC)],
-    population: Annotated[
-        UploadFile,
-        File(
-            description="CSV (UTF-8, header line) or Parquet: the model's id column(s), the as-of date column "
-            "(YYYY-MM-DD, inside the period), optionally a 0/1 outcome column; one row per (id, as-of date)"
-        ),
-    ],
+    caller: CurrentCaller,
+    form: Annotated[PopulationForm, Depends(population_form)],
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     registry: Annotated[MlflowRegistry, Depends(get_registry)],
     store: Annotated[ResultStore, Depends(get_result_store)],
     settings: Annotated[Settings, Depends(get_settings)],
-    caller: CurrentCaller,
 ) -> Response:
     """Validate and queue a retro test of the partner's own population (multipart/form-data), scored as of its dates.
 
     Each population row gets its id's feature row on its as-of date, or with lookback_days the latest snapshot on
     or before it within that many days; rows without history are listed in unmatched.csv.gz. The file is checked
-    whole before anything is queued (columns, dates, period, duplicates, size, UTF-8): a refusal is a 4xx naming
-    the column and first bad lines, and no job is created.
+    whole before anything is queued (columns, id types, dates, period, duplicates, size, rows, UTF-8): a refusal is
+    a 4xx naming the column and first bad lines, and no job is created.
     """
-    data = parse_request_json(request_json)
+    data = parse_request_json(form.request_json)
     upload = service.PopulationUpload(
-        data=read_upload(population.file, limit=settings.population_max_bytes), filename=population.filename or ""
+        data=read_upload(form.population.file, limit=settings.population_max_bytes),
+        filename=form.population.filename or "",
     )
     return submit(
         request=request,

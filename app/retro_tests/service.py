@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sqlalchemy import ColumnElement, Row, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
@@ -52,6 +54,26 @@ class ModelResolver(Protocol):
 
 class HistoryCoverage(Protocol):
     def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None: ...
+
+    def known_schema(self, table: str) -> pa.Schema | None: ...
+
+
+def check_id_types(*, history: HistoryCoverage, table: str, population: Population) -> None:
+    """Refuse text ids for a history whose id column holds integers, naming the column and both types; where the
+    source knows the table's schema without a statement (local Parquet: a file footer)."""
+    schema = history.known_schema(table)
+    if schema is None:
+        return
+    have = {name.lower(): schema.field(name).type for name in schema.names}
+    sent = pq.read_schema(pa.BufferReader(population.parquet))
+    for name in population.columns.id_columns:
+        wanted, got = have.get(name.lower()), sent.field(name).type
+        if wanted is not None and pa.types.is_integer(wanted) and not pa.types.is_integer(got):
+            raise InvalidPopulation(
+                f"column {name} holds text ({got}) in the population but whole numbers ({wanted}) in history table "
+                f"{table}; send ids that are whole numbers",
+                field="population",
+            )
 
 
 def check_history(*, history: HistoryCoverage, table: str, date_column: str, start: date, end: date) -> None:
@@ -180,6 +202,8 @@ def submit_request(
     check_source_override(override=override, model=model, scope=scope)
     spec = model.source_spec(override)
     population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
+    if population is not None and history is not None:
+        check_id_types(history=history, table=spec.table, population=population)
     if history is not None:
         check_history(
             history=history,
@@ -279,6 +303,7 @@ def _check_population(
         start=data.period_start,
         end=data.period_end,
         max_bytes=settings.population_max_bytes,
+        max_rows=settings.population_max_rows,
     )
 
 

@@ -30,6 +30,9 @@ WEB_HEADERS = {
 }
 
 
+CSRF_QUERY = "csrf_token"
+
+
 class SignInRequired(Unauthorized):
     """A page needs a signed-in user; the browser is sent to the sign-in page."""
 
@@ -106,11 +109,16 @@ NO_FEEDBACK = Feedback()  # a page opened, not answered after an action
 
 
 async def csrf_guard(request: Request) -> None:
-    """Every form that changes something carries the session's CSRF token; refuse it otherwise."""
+    """Every form that changes something carries the session's CSRF token; refuse it otherwise.
+
+    An upload form carries it in its action URL's query (CSRF_QUERY) as well, so that it is checked before the
+    body is read; other forms in a field of the form.
+    """
     if request.method in SAFE_METHODS:
         return
-    form = await request.form()
-    presented = form.get("csrf_token")
+    presented: object = request.query_params.get(CSRF_QUERY)
+    if presented is None:
+        presented = (await request.form()).get("csrf_token")
     if not isinstance(presented, str) or not csrf_matches(request, presented):
         raise Forbidden("the form's security token is missing or out of date; reload the page and try again")
 

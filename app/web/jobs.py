@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
@@ -22,6 +25,7 @@ from app.integrations.registry import MlflowRegistry
 from app.integrations.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.partners import service as partners
+from app.request_guard import allow_upload
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
 from app.retro_tests.models import TERMINAL_STATES, State
@@ -235,22 +239,41 @@ class JobForm(BaseModel):
     note: str = Field(default="", max_length=4000)
 
 
-async def population_file(request: Request) -> StarletteUpload | None:
-    """The form's population file, if one was chosen (the form is parsed once; csrf_guard read it already)."""
-    value = (await request.form()).get("population")
-    return value if isinstance(value, StarletteUpload) and value.filename else None
+@dataclass(frozen=True)
+class SubmittedForm:
+    """The new-job form as sent: its text fields and the population file, if one was chosen."""
+
+    fields: dict[str, str]
+    population: StarletteUpload | None
+
+
+async def job_form(request: Request, _: WebUser) -> AsyncIterator[SubmittedForm]:
+    """The form's body, read only once the user is signed in and the CSRF token in the action URL checked
+    (csrf_guard): FastAPI reads declared Form fields before any dependency, so the route declares none."""
+    allow_upload(request.scope)
+    form = await request.form(max_files=1, max_fields=len(JobForm.model_fields) + 8)
+    try:
+        texts = {k: v for k, v in form.items() if isinstance(v, str) and k in JobForm.model_fields}
+        try:
+            fields = JobForm.model_validate(texts).model_dump()
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        value = form.get("population")
+        population = value if isinstance(value, StarletteUpload) and value.filename else None
+        yield SubmittedForm(fields=fields, population=population)
+    finally:
+        await form.close()
 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
 def submit_job(
     web: WebPage,
-    fields: Annotated[JobForm, Form()],
+    submitted: Annotated[SubmittedForm, Depends(job_form)],
     registry: Annotated[MlflowRegistry, Depends(get_registry)],
     store: Annotated[ResultStore, Depends(get_result_store)],
-    population: Annotated[StarletteUpload | None, Depends(population_file)],
 ) -> Response:
     """Validate the form with the API's own schema and service function; errors go next to their fields."""
-    form = fields.model_dump()
+    form, population = submitted.fields, submitted.population
     try:
         data = RetroTestCreate.model_validate(request_body(form))
         upload = None
