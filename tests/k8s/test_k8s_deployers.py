@@ -276,7 +276,8 @@ def test_cancel_while_the_deployment_starts_stops_the_job_and_deletes_the_resour
             s.get(RetroTest, job_id).cancel_requested = True  # what POST .../cancel does
         cancelled_at = time.monotonic()
         assert outcome.result(timeout=30) == State.cancelled
-    assert time.monotonic() - cancelled_at < 8
+    # Seconds, not the 600 s deploy timeout; generous because a loaded 2-core machine took 6.9 s here alone.
+    assert time.monotonic() - cancelled_at < 20
     assert job_row(job_id).error_message == "cancelled while the model server was starting"
     assert cluster.objects() == []
 
