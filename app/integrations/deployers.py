@@ -160,10 +160,11 @@ class LocalMLServerDeployer:
             "metrics_port": metrics_port,
             # parallel_workers >= 1 crashes at start with uvloop 0.23 ("There is no current event loop").
             "parallel_workers": 0,
-            # Debug off (issue 26): with it on, starlette answers a model that raises with its whole traceback (paths,
-            # source lines) over REST. gRPC, which local servers are scored with first, still carries the
-            # exception's message, and that is all a job shows (protocols.model_message).
-            "debug": False,
+            # Debug on, MLServer's own default (as on every Seldon or KServe server): with it off, starlette answers
+            # a model that raises with a bare "Internal Server Error" over REST and a refused row loses the model's
+            # reason. The traceback goes only to this worker over loopback, which keeps its last exception line
+            # (protocols.model_message): the same words gRPC carries.
+            "debug": True,
         }
         model_settings = {
             "name": name,
