@@ -162,6 +162,20 @@ def test_account_manager_runs_a_retro_test_and_a_partner_downloads_it(  # type: 
     page.click("button:has-text('Create download link')")
     url = page.input_value("#new-link-url")
     assert url.startswith(stack.base_url + "/d/")
+    # The new link is at the top, in view, and its button copies it.
+    assert page.is_visible("#new-link") and page.evaluate(
+        "document.getElementById('new-link').getBoundingClientRect().top < window.innerHeight"
+    )
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click("#copy-link")
+    page.wait_for_selector("#copy-link-status:has-text('Copied.')")
+    assert page.evaluate("navigator.clipboard.readText()") == url
+    page.screenshot(path=str(SHOTS / "job-page-new-link.png"))
+    # A reload shows the page without the link and makes no second one.
+    page.reload()
+    assert page.locator("#new-link").count() == 0
+    with stack.client() as c:
+        assert len(c.get(f"/api/v1/retro-tests/{job_id}/links").json()) == 1
     page.screenshot(path=str(SHOTS / "job-page.png"), full_page=True)
 
     # The partner: a fresh browser with no cookies opens the link and downloads a file.

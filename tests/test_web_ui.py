@@ -279,9 +279,20 @@ def test_the_job_page_makes_and_revokes_links_and_shows_downloads(client, browse
     assert "scores.parquet" in page.text and "2.0 KiB" in page.text and sha256 in page.text
     assert "Cancel retro test" not in page.text and "Nobody has downloaded" in page.text
     assert page.headers["content-security-policy"].startswith("default-src 'self'")
-    made = admin.post(f"/jobs/{job.id}/links", data={"csrf_token": csrf_of(page.text), "expires_in_days": "3"})
-    assert made.status_code == 201
+    posted = admin.post(
+        f"/jobs/{job.id}/links", data={"csrf_token": csrf_of(page.text), "expires_in_days": "3"}, follow_redirects=False
+    )
+    # Post, redirect, get: the link is shown on the page the browser is sent to, at the top, once.
+    assert posted.status_code == 303 and posted.headers["location"] == f"/jobs/{job.id}#new-link"
+    made = admin.get(f"/jobs/{job.id}")
+    assert made.headers["cache-control"] == "no-store"
     url = re.search(r'id="new-link-url" type="text" readonly value="([^"]+)"', made.text).group(1)  # type: ignore[union-attr]
+    assert made.text.index('id="new-link"') < made.text.index("<h2>Stages</h2>") and 'id="copy-link"' in made.text
+    reloaded = admin.get(f"/jobs/{job.id}")
+    assert url not in reloaded.text and len(admin.get(f"/api/v1/retro-tests/{job.id}/links").json()) == 1
+    # The form's address typed or reloaded as a GET leads back to the job page, not to a 405.
+    revisit = admin.get(f"/jobs/{job.id}/links", follow_redirects=False)
+    assert revisit.status_code == 303 and revisit.headers["location"] == f"/jobs/{job.id}#links-heading"
     path = "/d/" + url.rsplit("/d/", 1)[1]
     with TestClient(client.app, headers={"User-Agent": "acme-downloader"}) as partner:
         assert partner.get(path + "/scores.parquet").content == b"s" * 2048

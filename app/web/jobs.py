@@ -6,7 +6,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -329,11 +329,24 @@ def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: 
     )
 
 
+# The session key holding a link just made, shown once on the job page the POST redirects to.
+NEW_LINK_KEY = "new_link"
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: uuid.UUID, web: WebPage, existing: Annotated[str, Query(max_length=8)] = "") -> HTMLResponse:
     """One retro test: stages, live progress, error, result files, partner links and downloads."""
     notice = "An identical request is already running; this is that retro test." if existing else None
-    return _job_page(web, job_id=job_id, notice=notice)
+    return _job_page(web, job_id=job_id, notice=notice, **_new_link(web, job_id=job_id))
+
+
+def _new_link(web: Page, *, job_id: uuid.UUID) -> dict[str, Any]:
+    """The link created just before this page was asked for, taken out of the session: it is shown once."""
+    made = web.request.session.get(NEW_LINK_KEY)
+    if not isinstance(made, dict) or made.get("job") != str(job_id):
+        return {}
+    del web.request.session[NEW_LINK_KEY]
+    return {"new_link_url": made["url"], "new_link_expires": datetime.fromisoformat(made["expires"])}
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
@@ -347,11 +360,15 @@ def cancel_job(job_id: uuid.UUID, web: WebPage) -> Response:
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
+@router.get("/jobs/{job_id}/links")
+def links_section(job_id: uuid.UUID) -> RedirectResponse:
+    """The links live on the job page (an address bar left at the form's target lands there, not on a 405)."""
+    return RedirectResponse(f"/jobs/{job_id}#links-heading", status_code=303)
+
+
 @router.post("/jobs/{job_id}/links", response_class=HTMLResponse)
-def create_link(
-    job_id: uuid.UUID, web: WebPage, expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7
-) -> HTMLResponse:
-    """Make a partner link and show it once."""
+def create_link(job_id: uuid.UUID, web: WebPage, expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7) -> Response:
+    """Make a partner link, then show it once on the job page (post, redirect, get: a reload makes no second link)."""
     settings = web.settings
     job = retro_tests.get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
     try:
@@ -366,13 +383,12 @@ def create_link(
         web.session.rollback()
         return _job_page(web, job_id=job_id, status_code=exc.status_code, action_error=exc.detail)
     web.session.commit()
-    return _job_page(
-        web,
-        job_id=job_id,
-        status_code=201,
-        new_link_url=links.link_url(settings.public_base_url, token),
-        new_link_expires=link.expires_at,
-    )
+    web.request.session[NEW_LINK_KEY] = {
+        "job": str(job_id),
+        "url": links.link_url(settings.public_base_url, token),
+        "expires": link.expires_at.isoformat(),
+    }
+    return RedirectResponse(f"/jobs/{job_id}#new-link", status_code=303)
 
 
 @router.post("/jobs/{job_id}/links/{link_id}/revoke")

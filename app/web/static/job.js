@@ -1,3 +1,31 @@
+// The job page: a new partner link's copy button; Cancel asks first.
+(function () {
+  "use strict";
+  var copy = document.getElementById("copy-link");
+  if (copy) {
+    copy.addEventListener("click", function () {
+      var field = document.getElementById(copy.dataset.copies);
+      var status = document.getElementById("copy-link-status");
+      field.select();
+      function done() { status.textContent = "Copied."; }
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(field.value).then(done, function () {
+          status.textContent = "Select the link and copy it with Ctrl+C.";
+        });
+      } else {
+        // Plain http outside localhost has no Clipboard API: the older command still copies the selection.
+        if (document.execCommand("copy")) { done(); } else { status.textContent = "Select the link and copy it with Ctrl+C."; }
+      }
+    });
+  }
+  var cancel = document.getElementById("cancel-form");
+  if (cancel) {
+    cancel.addEventListener("submit", function (event) {
+      if (!window.confirm(cancel.dataset.confirm)) { event.preventDefault(); }
+    });
+  }
+})();
+
 // Live progress on the job page: poll the JSON API and update state, progress, stages and error in place.
 (function () {
   "use strict";
