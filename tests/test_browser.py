@@ -156,7 +156,11 @@ def test_account_manager_runs_a_retro_test_and_a_partner_downloads_it(  # type: 
     for sha in expected.values():
         assert sha in page.inner_text("#files")
     stages = page.inner_text("#stages")
-    assert "scoring" in stages and "publishing" in stages
+    assert "Scoring the rows" in stages and "Writing the results and the report" in stages
+    # The summary leads: the state in words, the rows, the report one click away (it opens, not downloads).
+    summary = page.inner_text("#result-summary")
+    assert "This retro test finished." in summary and "Rows scored" in summary
+    assert page.get_attribute("#view-report", "download") is None
 
     page.select_option("#expires_in_days", "7")
     page.click("button:has-text('Create download link')")
@@ -188,6 +192,11 @@ def test_account_manager_runs_a_retro_test_and_a_partner_downloads_it(  # type: 
     assert response.headers["referrer-policy"] == "no-referrer" and response.headers["cache-control"] == "no-store"
     assert "Web E2E Telecom" in landing.inner_text("h1")
     landing.screenshot(path=str(SHOTS / "partner-page.png"), full_page=True)
+    # The report opens in the browser from the partner's page, not as a download.
+    landing.click("#view-report")
+    landing.wait_for_url(re.compile(r".*/report\.html$"))
+    assert landing.locator("h1").count() == 1 and landing.locator("svg").count() > 0
+    landing.go_back()
     with landing.expect_download() as download_info:
         landing.click("a:has-text('scores.parquet')")
     download = download_info.value

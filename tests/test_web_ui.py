@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -309,6 +310,27 @@ def test_the_job_page_makes_and_revokes_links_and_shows_downloads(client, browse
         assert partner.get(path + "/scores.parquet").status_code == 404
     too_long = admin.post(f"/jobs/{job.id}/links", data={"csrf_token": csrf_of(later), "expires_in_days": "400"})
     assert too_long.status_code == 422 and "a link may last 1 to 30 days, not 400" in too_long.text
+
+
+def test_the_job_page_leads_with_a_summary_in_words(client, browser, db_session) -> None:  # type: ignore[no-untyped-def]
+    make_partner(client, "acme")
+    report = {
+        "outcome_column": "churned",
+        "rows": {"requested": 1200, "matched": 1150, "scored": 1140, "rejected": 10, "unmatched": 50},
+        "quality": {"overall": {"rows": 1140, "positives": 300, "auc": 0.81234, "gini": 0.62468, "ks": 0.4}},
+    }
+    files = {"scores.parquet": b"s" * 64, "report.json": json.dumps(report).encode(), "report.html": b"<html></html>"}
+    job = succeeded_job(db_session, "acme", files)
+    page = browser("root").get(f"/jobs/{job.id}").text
+    summary = page[page.index('id="result-summary"') : page.index("</section>", page.index('id="result-summary"'))]
+    assert "This retro test finished." in summary
+    assert "1,140" in summary and ">10<" in summary and "50" in summary
+    assert "AUC 0.812, Gini 0.625" in summary and "1,140 rows with an outcome, 300 positive" in summary
+    # The report opens in the browser from the summary; the technical facts are folded away below.
+    assert re.search(r'id="view-report" href="[^"]+/files/report\.html"', summary)
+    assert re.search(r'href="[^"]+/files/report\.html">report\.html', page)  # no download attribute
+    assert page.index('id="result-summary"') < page.index('<details id="technical">')
+    assert "features.customer_daily" not in summary and "features.customer_daily" in page
 
 
 def test_cancel_from_the_job_page(client, browser) -> None:  # type: ignore[no-untyped-def]

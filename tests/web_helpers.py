@@ -71,8 +71,8 @@ def succeeded_job(session: Any, partner_code: str, files: dict[str, bytes]) -> A
             ResultFile(
                 retro_test_id=job.id,
                 name=name,
-                kind="scores",
-                format="parquet",
+                kind="report" if name.startswith("report.") else "scores",
+                format=name.split(".", 1)[1],
                 rows=10,
                 bytes=len(blob),
                 sha256=hashlib.sha256(blob).hexdigest(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -307,26 +308,65 @@ def _expiry_choices(settings: Settings) -> list[int]:
     return sorted(wanted)
 
 
+# What each stage is called on the pages (the API keeps the state names).
+STAGE_LABELS = {
+    "queued": "Waiting in the queue",
+    "resolving": "Finding the model version",
+    "extracting": "Reading the customers' history",
+    "preparing_environment": "Preparing the model's own environment",
+    "deploying": "Starting the model server",
+    "validating": "Checking the server against reference scores",
+    "scoring": "Scoring the rows",
+    "publishing": "Writing the results and the report",
+    "succeeded": "Finished",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+
+# report.json is a few KiB; a file past this is not read into a page.
+_REPORT_JSON_MAX_BYTES = 4 << 20
+
+
+def result_summary(store: ResultStore, *, partner_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """The figures a results page leads with, from the job's report.json: rows, and AUC/Gini when outcomes were
+    given. None when the report cannot be read (the page then shows the job's own counts)."""
+    rel = f"{partner_id}/{job_id}/report.json"
+    try:
+        if store.size(rel) > _REPORT_JSON_MAX_BYTES:
+            return None
+        with store.open_read(rel) as fh:
+            report = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    quality = report.get("quality") if isinstance(report, dict) else None
+    overall = quality.get("overall") if isinstance(quality, dict) else None
+    return {
+        "rows": report.get("rows") or {},
+        "outcome_column": report.get("outcome_column"),
+        "quality": overall if isinstance(overall, dict) else None,
+    }
+
+
 def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: Any) -> HTMLResponse:
     session, settings = web.session, web.settings
     read = retro_tests.read_retro_test(session=session, job_id=job_id, scope=web.scope)
     job = job_out(read, files_url(web.request), staff=web.scope.everything)
-    return render(
-        web.request,
-        "jobs/detail.html",
-        {
-            "active": "jobs",
-            "job": job,
-            "terminal": job.state in TERMINAL_STATES,
-            "links": [links.link_out(link) for link in links.list_links(session=session, job_id=job.id)],
-            "downloads": links.download_history(session=session, job_id=job.id),
-            "expiry_choices": _expiry_choices(settings),
-            "default_days": min(settings.download_link_default_days, settings.download_link_max_days),
-            **extra,
-        },
-        user=web.user,
-        status_code=status_code,
-    )
+    context = {
+        "active": "jobs",
+        "job": job,
+        "report": next((f for f in job.files if f.kind == "report" and f.format == "html"), None),
+        "stage_labels": STAGE_LABELS,
+        "terminal": job.state in TERMINAL_STATES,
+        "links": [links.link_out(link) for link in links.list_links(session=session, job_id=job.id)],
+        "downloads": links.download_history(session=session, job_id=job.id),
+        "expiry_choices": _expiry_choices(settings),
+        "default_days": min(settings.download_link_default_days, settings.download_link_max_days),
+        "summary": None,
+        **extra,
+    }
+    if job.state == State.succeeded and any(f.name == "report.json" for f in job.files):
+        context["summary"] = result_summary(get_result_store(), partner_id=job.partner_id, job_id=job.id)
+    return render(web.request, "jobs/detail.html", context, user=web.user, status_code=status_code)
 
 
 # The session key holding a link just made, shown once on the job page the POST redirects to.

@@ -33,6 +33,8 @@
   if (!root || root.dataset.terminal === "true") { return; }
   var TERMINAL = ["succeeded", "failed", "cancelled"];
   var url = root.dataset.apiUrl;
+  var LABELS = JSON.parse(root.dataset.stageLabels || "{}");
+  function label(state) { return LABELS[state] || state; }
 
   function num(n) { return n === null || n === undefined ? "?" : n.toLocaleString("en-US"); }
   function duration(seconds) {
@@ -58,6 +60,11 @@
     var state = document.getElementById("job-state");
     state.textContent = job.state;
     state.className = "state state-" + job.state;
+    if (TERMINAL.indexOf(job.state) < 0) {
+      document.getElementById("job-state-words").textContent = job.state === "queued"
+        ? "This retro test is waiting in the queue."
+        : "This retro test is running: " + label(job.state).toLowerCase() + ".";
+    }
     var p = job.progress;
     var pct = p.percent || 0;
     document.getElementById("job-progress").value = pct;
@@ -72,7 +79,7 @@
     body.textContent = "";
     job.stages.forEach(function (stage) {
       var tr = document.createElement("tr");
-      cell(tr, "Stage", stage.state);
+      cell(tr, "Stage", label(stage.state));
       cell(tr, "Started", when(stage.started_at));
       cell(tr, "Took", took(stage), "num");
       body.appendChild(tr);
