@@ -214,7 +214,8 @@ def _write_report(
         spill_dir=run.settings.resolved_spill_dir(),
     )
     figures = report.build(inputs)
-    title = f"Retro test {run.job_id}: {model.name} version {model.version}, {query.start} to {query.end}"
+    partner = run.spec.partner_name or "the partner"
+    title = f"{model.name} version {model.version} on {partner}'s customers, {query.start} to {query.end}"
     with store.open_write(f"{prefix}/report.json") as fh:
         fh.write(json.dumps(figures, indent=2, default=str).encode())
     with store.open_write(f"{prefix}/report.html") as fh:

@@ -148,36 +148,87 @@ def _psi(con: Any, edges: list[float]) -> list[dict[str, Any]]:
     return out
 
 
+# The two-sided 95% normal quantile, for the AUC's confidence interval.
+_Z95 = 1.959963984540054
+# ROC and gain curves keep a point at every this share of the rows (and at both ends): ~200 points at most.
+_CURVE_STEP = 0.005
+
+
 @dataclass
 class _Ranking:
-    """AUC and KS of one group, added up from its positives and negatives per distinct score, in score order."""
+    """AUC, its DeLong variance, KS and the ROC/gain curves of one group, added up from its positives and negatives
+    per distinct score, in ascending score order.
+
+    DeLong et al. (1988): each positive's placement is the share of negatives scored below it (ties half), each
+    negative's the share of positives scored above it; AUC is the mean placement, and its variance is
+    var(positive placements)/P + var(negative placements)/N. Rows that share a score share a placement, so one pass
+    over the distinct scores holds the sums the variance needs.
+    """
 
     pos: int = 0
     neg: int = 0
     area: float = 0.0  # sum over positives of the negatives below them (ties: half)
     ks: float = 0.0
+    curves: bool = False
     _cum_pos: int = 0
     _cum_neg: int = 0
+    _sq10: float = 0.0  # sum over positives of their placement squared
+    _sq01: float = 0.0  # sum over negatives of their placement squared
+    _points: list[tuple[float, float, float]] | None = None  # (share of rows above, FPR, TPR), highest first
+    _next_point: float = 0.0
 
     def totals(self, pos: int, neg: int) -> None:
         self.pos, self.neg = pos, neg
 
     def add(self, pos: int, neg: int) -> None:
+        if self.pos and self.neg:
+            placement10 = (self._cum_neg + 0.5 * neg) / self.neg
+            placement01 = (self.pos - self._cum_pos - 0.5 * pos) / self.pos
+            self._sq10 += pos * placement10 * placement10
+            self._sq01 += neg * placement01 * placement01
         self.area += pos * (self._cum_neg + 0.5 * neg)
         self._cum_pos += pos
         self._cum_neg += neg
         if self.pos and self.neg:
             self.ks = max(self.ks, abs(self._cum_pos / self.pos - self._cum_neg / self.neg))
+            if self.curves:
+                self._curve_point()
+
+    def _curve_point(self) -> None:
+        """A point of the ROC and gain curves for the threshold 'score above the scores added so far'."""
+        total = self.pos + self.neg
+        below = (self._cum_pos + self._cum_neg) / total
+        if self._points is None:
+            self._points = [(1.0, 1.0, 1.0)]  # every row selected
+        if below >= self._next_point or below >= 1.0:
+            self._points.append(
+                (1.0 - below, (self.neg - self._cum_neg) / self.neg, (self.pos - self._cum_pos) / self.pos)
+            )
+            self._next_point = below + _CURVE_STEP
 
     def result(self) -> dict[str, Any]:
         auc = self.area / (self.pos * self.neg) if self.pos and self.neg else None
-        return {
+        out: dict[str, Any] = {
             "rows": self.pos + self.neg,
             "positives": self.pos,
             "auc": auc,
             "gini": 2 * auc - 1 if auc is not None else None,
             "ks": self.ks if self.pos and self.neg else None,
+            "auc_se": None,
+            "auc_ci95": None,
+            "gini_ci95": None,
         }
+        if auc is not None and self.pos > 1 and self.neg > 1:
+            var10 = max(self._sq10 - self.pos * auc * auc, 0.0) / (self.pos - 1)
+            var01 = max(self._sq01 - self.neg * auc * auc, 0.0) / (self.neg - 1)
+            se = math.sqrt(var10 / self.pos + var01 / self.neg)
+            lo, hi = max(0.0, auc - _Z95 * se), min(1.0, auc + _Z95 * se)
+            out |= {"auc_se": se, "auc_ci95": [lo, hi], "gini_ci95": [2 * lo - 1, 2 * hi - 1]}
+        if self.curves and self._points:
+            points = self._points[::-1]  # from the highest threshold (no row selected) to every row
+            out["roc"] = {"fpr": [p[1] for p in points], "tpr": [p[2] for p in points]}
+            out["gain"] = {"selected": [p[0] for p in points], "captured": [p[2] for p in points]}
+        return out
 
 
 def _stream(con: Any, sql: str) -> Iterator[tuple[Any, ...]]:
@@ -191,7 +242,7 @@ def _quality(con: Any, edges: list[float]) -> dict[str, Any]:
         m: (int(p), int(n))
         for m, p, n in con.execute("SELECT m, sum(y), count(*) - sum(y) FROM r GROUP BY m").fetchall()
     }
-    overall = _Ranking()
+    overall = _Ranking(curves=True)
     overall.totals(sum(p for p, _ in totals.values()), sum(n for _, n in totals.values()))
     for _, p, n in _stream(con, "SELECT s, sum(y), count(*) - sum(y) FROM r GROUP BY s ORDER BY s"):
         overall.add(int(p), int(n))
@@ -240,45 +291,55 @@ def _deciles(con: Any, edges: list[float], *, positives: int) -> list[dict[str, 
 # --- report.html ------------------------------------------------------------------------------------------------
 
 
+# One plain sentence for each figure, as a partner reads it.
+EXPLAIN = {
+    "rows": "Requested: the rows asked for (the partner's customers, or every row of the period); matched: those "
+    "found in the history; scored: those the model gave a score; rejected: those the model refused; unmatched: "
+    "the partner's customers not found in the history on their date.",
+    "auc": "AUC: the chance that a randomly chosen customer with the outcome gets a higher score than one without "
+    "it; 0.5 is guessing, 1 is a perfect ranking.",
+    "ci": "95% interval: where the model's true AUC lies with 95% confidence, given how many rows this sample has "
+    "(DeLong's method); it narrows as the sample grows, and two models whose intervals overlap widely may not "
+    "really differ.",
+    "gini": "Gini: the same ranking power on a scale from 0 (guessing) to 1 (perfect), 2 x AUC - 1.",
+    "ks": "KS: the largest gap between the score distributions of customers with and without the outcome.",
+    "psi": "PSI: how much the score distribution moved from one month to the next; under 0.1 is stable, over 0.25 "
+    "a large shift.",
+    "lift": "Lift: how many times more often the outcome occurs in a decile than on average; cumulative gain: the "
+    "share of all outcomes found in the top deciles.",
+    "roc": "ROC curve: the share of customers with the outcome found (true positive rate) against the share of "
+    "the others flagged by mistake (false positive rate), over every score threshold.",
+    "gain": "Gain curve: the share of all outcomes captured when the customers with the highest scores are "
+    "contacted first; the diagonal is a random order.",
+    "null": "Null rate: the share of rows in which a model input had no value; the model scored them as it does.",
+}
+
+
 def render_html(report: dict[str, Any], *, title: str) -> str:
-    """The report as one HTML page: tables, and charts as inline SVG; nothing loaded from anywhere."""
+    """The report as one HTML page: a summary first, then tables, and charts as inline SVG; nothing loaded."""
     rows = report["rows"]
-    parts = [
-        f"<h1>{html.escape(title)}</h1>",
-        "<h2>Rows</h2>",
-        _table(["", "rows"], [[k, _n(v)] for k, v in rows.items()]),
-    ]
-    if report.get("score"):
-        score = report["score"]
-        parts += [
-            f"<h2>Score distribution ({html.escape(report['score_column'])})</h2>",
-            _svg_histogram(score["histogram"]),
-            _table(["decile", "score"], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
-            "<h2>Rows per day</h2>",
-            _svg_days(report["rows_per_day"]),
-            "<h2>Score stability between months (PSI)</h2>",
-            _table(["from", "to", "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
-            if report["psi"]
-            else "<p>One month only.</p>",
-        ]
-    parts += [
-        "<h2>Null rate of each model input</h2>",
-        _table(["input", "null rate"], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
-    ]
     quality = report.get("quality")
+    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), "<h2>Rows</h2>", _explain("rows")]
+    parts.append(_table(["", "rows"], [[k, _n(v)] for k, v in rows.items()]))
     if quality:
         o = quality["overall"]
         parts += [
             f"<h2>Quality against {html.escape(str(report['outcome_column']))}</h2>",
+            _explain("auc"),
+            _explain("ci"),
+            _explain("gini"),
+            _explain("ks"),
             _table(
-                ["", "rows", "positives", "AUC", "Gini", "KS"],
-                [["overall", _n(o["rows"]), _n(o["positives"]), _f(o["auc"]), _f(o["gini"]), _f(o["ks"])]]
-                + [
-                    [m["month"], _n(m["rows"]), _n(m["positives"]), _f(m["auc"]), _f(m["gini"]), _f(m["ks"])]
-                    for m in quality["by_month"]
-                ],
+                ["", "rows", "positives", "AUC", "AUC 95% interval", "Gini", "Gini 95% interval", "KS"],
+                [_quality_row("overall", o)] + [_quality_row(m["month"], m) for m in quality["by_month"]],
             ),
+        ]
+        if o.get("roc"):
+            parts += ["<h3>ROC curve</h3>", _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
+            parts += ["<h3>Cumulative gain</h3>", _explain("gain"), _svg_gain(o["gain"])]
+        parts += [
             "<h3>Deciles (highest scores first): lift and gain</h3>",
+            _explain("lift"),
             _table(
                 ["decile", "rows", "positives", "score range", "observed rate", "lift", "cumulative gain"],
                 [
@@ -297,19 +358,85 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
             "<h3>Calibration</h3>",
             _svg_calibration(quality["deciles"]),
         ]
+    if report.get("score"):
+        score = report["score"]
+        parts += [
+            f"<h2>Score distribution ({html.escape(report['score_column'])})</h2>",
+            _svg_histogram(score["histogram"]),
+            _table(["decile", "score"], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
+            "<h2>Rows per day</h2>",
+            _svg_days(report["rows_per_day"]),
+            "<h2>Score stability between months (PSI)</h2>",
+            _explain("psi"),
+            _table(["from", "to", "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
+            if report["psi"]
+            else "<p>One month only.</p>",
+        ]
+    parts += [
+        "<h2>Null rate of each model input</h2>",
+        _explain("null"),
+        _table(["input", "null rate"], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
+    ]
     body = "\n".join(parts)
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
         'img-src data:">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
     )
 
 
+def _summary_card(report: dict[str, Any]) -> str:
+    """What a reader needs first: how many rows were scored, and how well the score ranks them."""
+    rows = report["rows"]
+    items = [("Rows scored", _n(rows.get("scored"))), ("Rows refused by the model", _n(rows.get("rejected")))]
+    if rows.get("unmatched") is not None:
+        items.append(("Customers not found in the history", _n(rows["unmatched"])))
+    quality = report.get("quality")
+    o = quality["overall"] if quality else None
+    if o and o.get("auc") is not None:
+        items.append(("AUC (95% interval)", f"{_f3(o['auc'])} ({_interval(o.get('auc_ci95'))})"))
+        items.append(("Gini (95% interval)", f"{_f3(o['gini'])} ({_interval(o.get('gini_ci95'))})"))
+        items.append(("Rows with an outcome", f"{_n(o['rows'])}, of them {_n(o['positives'])} positive"))
+    elif report.get("outcome_column") is None:
+        items.append(("Quality", "no outcomes were given, so the report shows the score only"))
+    dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+    return f"<section class='card' id='summary'><h2>Summary</h2><dl>{dl}</dl></section>"
+
+
+def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
+    return [
+        label,
+        _n(q["rows"]),
+        _n(q["positives"]),
+        _f(q["auc"]),
+        _interval(q.get("auc_ci95")),
+        _f(q["gini"]),
+        _interval(q.get("gini_ci95")),
+        _f(q["ks"]),
+    ]
+
+
+def _explain(key: str) -> str:
+    return f"<p class='explain'>{html.escape(EXPLAIN[key])}</p>"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "-" if not ci else f"{_f3(ci[0])} to {_f3(ci[1])}"
+
+
+def _f3(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.3f}"
+
+
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:960px;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;"
     "text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}svg{max-width:100%;height:auto}"
+    ".card{border:1px solid #ccc;border-radius:6px;padding:.5em 1em;margin:1em 0}.card h2{margin-top:.3em}"
+    ".card dl{display:grid;grid-template-columns:max-content 1fr;gap:.3em 1.5em}.card dt{font-weight:600}"
+    ".card dd{margin:0}.explain{color:#555;max-width:48em}"
 )
 
 
@@ -339,10 +466,10 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg") :]
 
 
-def _figure() -> Any:
+def _figure(*, square: bool = False) -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(7, 2.8), dpi=96)
+    return Figure(figsize=(4.2, 4.2) if square else (7, 2.8), dpi=96)
 
 
 def _svg_histogram(hist: dict[str, Any]) -> str:
@@ -374,4 +501,26 @@ def _svg_calibration(deciles: list[dict[str, Any]]) -> str:
     ax.set_xlabel("mean score")
     ax.set_ylabel("observed rate")
     ax.legend()
+    return _svg(fig)
+
+
+def _svg_roc(roc: dict[str, list[float]], *, auc: float) -> str:
+    fig = _figure(square=True)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="guessing")
+    ax.plot(roc["fpr"], roc["tpr"], label=f"model (AUC {auc:.3f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right")
+    return _svg(fig)
+
+
+def _svg_gain(gain: dict[str, list[float]]) -> str:
+    fig = _figure(square=True)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="random order")
+    ax.plot(gain["selected"], gain["captured"], label="by score")
+    ax.set_xlabel("share of customers, highest scores first")
+    ax.set_ylabel("share of outcomes captured")
+    ax.legend(loc="lower right")
     return _svg(fig)

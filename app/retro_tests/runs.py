@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from app.clock import as_utc, utcnow
 from app.errors import JobCancelled, NotFound
 from app.integrations.registry import ModelVersionInfo
+from app.partners.models import Partner
 from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk, State
 from app.retro_tests.service import advance, job_prefix
 
@@ -51,6 +52,7 @@ class JobSpec:
     rows_total: int | None  # as a first attempt counted it; a resumed attempt keeps it
     chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
     population: dict[str, Any] | None = None  # the partner's population, as the API recorded it (RetroTest.population)
+    partner_name: str = ""  # as the partner's report names it
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> RetroTes
     return job
 
 
-def _spec(job: RetroTest) -> JobSpec:
+def _spec(session: Session, job: RetroTest) -> JobSpec:
     return JobSpec(
         id=job.id,
         partner_id=job.partner_id,
@@ -132,11 +134,12 @@ def _spec(job: RetroTest) -> JobSpec:
         rows_total=job.rows_total,
         chunk_plan=job.chunk_plan,
         population=job.population,
+        partner_name=session.scalar(select(Partner.name).where(Partner.id == job.partner_id)) or "",
     )
 
 
 def load_spec(*, session: Session, job_id: uuid.UUID) -> JobSpec:
-    return _spec(_job(session, job_id))
+    return _spec(session, _job(session, job_id))
 
 
 def claim(
@@ -167,7 +170,11 @@ def claim(
             job.attempts += 1
             session.flush()
     return Claim(
-        lease=lease, state=job.state, attempts=job.attempts, cancel_requested=job.cancel_requested, spec=_spec(job)
+        lease=lease,
+        state=job.state,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        spec=_spec(session, job),
     )
 
 
