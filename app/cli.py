@@ -233,6 +233,13 @@ class Api:
         return self.url.rstrip("/")
 
     def client(self, *, timeout: float) -> httpx.Client:
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            typer.echo(
+                f"RETRO_API_URL (or --api) is {self.url!r}: it must be the API's address with its scheme, "
+                "for example http://127.0.0.1:8000",
+                err=True,
+            )
+            raise typer.Exit(2)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
@@ -325,6 +332,8 @@ def submit(
                     data={"request": json.dumps(body)},
                     files={"population": (population.name, fh)},
                 )
+        if resp.status_code == 401:
+            _refused_exits(resp)
         if resp.status_code >= 400:
             typer.echo(f"refused: {refusal(resp)}", err=True)
             raise typer.Exit(2)
@@ -347,9 +356,7 @@ JobArgument = Annotated[
 def newest_job_id(client: httpx.Client) -> str:
     """The id of the newest retro test the caller may see."""
     resp = client.get("/api/v1/retro-tests", params={"limit": 1})
-    if resp.status_code >= 400:
-        typer.echo(refusal(resp), err=True)
-        raise typer.Exit(2)
+    _refused_exits(resp)
     items = resp.json()["items"]
     if not items:
         typer.echo("no retro tests yet; submit one with `retrotest submit`", err=True)
@@ -357,15 +364,130 @@ def newest_job_id(client: httpx.Client) -> str:
     return str(items[0]["id"])
 
 
+_FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_ID_START = re.compile(r"^[0-9a-f-]{8,36}$")
+
+
+def job_id_of(client: httpx.Client, given: str | None) -> str:
+    """The whole id of the retro test meant: the newest when none is given, else the one whose id starts with what
+    was given (8 characters or more, as `retrotest list` and the web pages show them)."""
+    if not given:
+        return newest_job_id(client)
+    text = given.strip().lower()
+    if _FULL_ID.fullmatch(text):
+        return text
+    if not _ID_START.fullmatch(text):
+        typer.echo(
+            f"{given!r} is not a retro test id: give the whole id or its first 8 or more characters, "
+            "as `retrotest list` shows them",
+            err=True,
+        )
+        raise typer.Exit(2)
+    resp = client.get("/api/v1/retro-tests", params={"id_prefix": text, "limit": 2})
+    _refused_exits(resp)
+    items = resp.json()["items"]
+    if not items:
+        typer.echo(f"none of your retro tests has an id starting with {text}; `retrotest list` shows them", err=True)
+        raise typer.Exit(2)
+    if len(items) > 1:
+        typer.echo(f"{text} starts the ids of more than one retro test; give more characters", err=True)
+        raise typer.Exit(2)
+    return str(items[0]["id"])
+
+
+def _refused_exits(resp: httpx.Response) -> None:
+    """Exit 2 with the API's reason when it refused; a missing or bad token is explained in the CLI's terms."""
+    if resp.status_code == 401:
+        typer.echo(
+            "the API wants a personal API token: set RETRO_API_TOKEN (or --token); make one on the web page "
+            "'API tokens' or ask an administrator (`retrotest create-token --username YOU`)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if resp.status_code >= 400:
+        typer.echo(refusal(resp), err=True)
+        raise typer.Exit(2)
+
+
+@app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    partner: Annotated[str | None, typer.Option(help="Only this partner's (its code)")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="Only in this state: queued, scoring, succeeded, failed, ...")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="How many, newest first")] = 20,
+) -> None:
+    """Your newest retro tests, one line each: id, state, partner, model, period, when."""
+    params: dict[str, Any] = {"limit": limit}
+    if partner:
+        params["partner"] = partner
+    if state:
+        params["state"] = state
+    with ctx.obj.client(timeout=30) as client:
+        resp = client.get("/api/v1/retro-tests", params=params)
+        _refused_exits(resp)
+        page = resp.json()
+    if not page["items"]:
+        typer.echo("no retro tests" + (" match" if partner or state else " yet; submit one with `retrotest submit`"))
+        return
+    rows = [
+        (
+            str(j["id"])[:8],
+            j["state"],
+            j["partner_code"],
+            f"{j['model_name']}/{j['model_version']}",
+            f"{j['period_start']}..{j['period_end']}",
+            str(j["created_at"])[:16].replace("T", " "),
+        )
+        for j in page["items"]
+    ]
+    head = ("ID", "STATE", "PARTNER", "MODEL", "PERIOD", "CREATED (UTC)")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if page["total"] > len(rows):
+        typer.echo(f"({len(rows)} of {page['total']}; --limit shows more)")
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: JobArgument = None) -> None:
+    """Cancel a retro test: a queued one at once, a running one within seconds (its model server is stopped)."""
+    with ctx.obj.client(timeout=30) as client:
+        job_id = job_id_of(client, job_id)
+        resp = client.post(f"/api/v1/retro-tests/{job_id}/cancel")
+        _refused_exits(resp)
+        job = resp.json()
+    word = "cancelled" if job["state"] == "cancelled" else "asked to stop; it stops within seconds"
+    typer.echo(f"retro test {job_id} {word}: {ctx.obj.web_url}/jobs/{job_id}")
+
+
+@app.command()
+def link(
+    ctx: typer.Context,
+    job_id: JobArgument = None,
+    days: Annotated[
+        int | None, typer.Option(min=1, help="Days the link works [default: RETRO_DOWNLOAD_LINK_DEFAULT_DAYS]")
+    ] = None,
+) -> None:
+    """Make a download link for the partner to a succeeded retro test and print it (it is shown only now)."""
+    body = {"expires_in_days": days} if days else {}
+    with ctx.obj.client(timeout=30) as client:
+        job_id = job_id_of(client, job_id)
+        resp = client.post(f"/api/v1/retro-tests/{job_id}/links", json=body)
+        _refused_exits(resp)
+        made = resp.json()
+    typer.echo(f"download link for the partner, shown only now; it works until {made['expires_at']}:", err=True)
+    typer.echo(made["url"])
+
+
 @app.command()
 def status(ctx: typer.Context, job_id: JobArgument = None) -> None:
     """Show a retro test's state, progress and files; exit 1 if it failed or was cancelled."""
     with ctx.obj.client(timeout=30) as client:
-        job_id = job_id or newest_job_id(client)
+        job_id = job_id_of(client, job_id)
         resp = client.get(f"/api/v1/retro-tests/{job_id}")
-        if resp.status_code >= 400:
-            typer.echo(refusal(resp), err=True)
-            raise typer.Exit(2)
+        _refused_exits(resp)
         job = resp.json()
     _print_job(job, web_url=ctx.obj.web_url)
     raise typer.Exit(exit_code(job["state"]))
@@ -376,13 +498,22 @@ def download(
     ctx: typer.Context,
     job_id: JobArgument = None,
     to: Annotated[Path | None, typer.Option(help="Folder to write the files to [default: ./retrotest-JOB_ID]")] = None,
+    force: Annotated[bool, typer.Option(help="Replace another retro test's files in that folder")] = False,
 ) -> None:
     """Download a succeeded job's result files, resuming partial ones, each checked against the manifest's sha256."""
-    from app.result_download import DownloadFailed, download_results
+    from app.result_download import DownloadFailed, download_results, job_in_folder
 
     with ctx.obj.client(timeout=60) as client:
-        job_id = job_id or newest_job_id(client)
+        job_id = job_id_of(client, job_id)
         folder = to or Path(f"retrotest-{job_id}")
+        other = job_in_folder(folder)
+        if other is not None and other != job_id and not force:
+            typer.echo(
+                f"{folder} holds the files of another retro test ({other}); choose another folder or add --force "
+                "to replace them",
+                err=True,
+            )
+            raise typer.Exit(2)
         try:
             written = download_results(client=client, job_id=job_id, folder=folder, progress=sys.stderr)
         except DownloadFailed as exc:

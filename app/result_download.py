@@ -112,3 +112,14 @@ def _sha256(path: Path) -> str:
         while block := fh.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def job_in_folder(folder: Path) -> str | None:
+    """The id of the retro test whose files a folder holds, by its manifest.json; None when it holds none."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    job = manifest.get("retro_test") if isinstance(manifest, dict) else None
+    found = job.get("id") if isinstance(job, dict) else None
+    return str(found) if found else None

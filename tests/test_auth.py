@@ -196,7 +196,10 @@ def test_an_account_manager_never_sees_another_partners_jobs(client, account_man
     nobody = jane.post("/api/v1/retro-tests", json=request(partner_code="nobody"))
     assert refused.status_code == nobody.status_code == 422
     assert refused.json()["error"] == "partner_not_found" and refused.json()["field"] == "partner_code"
-    assert refused.json()["detail"] == "no partner with code 'globex' is assigned to you; an admin can assign it"
+    assert (
+        refused.json()["detail"]
+        == "no partner with code 'globex' is assigned to you (an admin can add it or assign it to you)"
+    )
     assert nobody.json()["detail"] == refused.json()["detail"].replace("globex", "nobody")
 
     own = jane.post("/api/v1/retro-tests", json=request(period_start=request()["period_end"]))

@@ -12,7 +12,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from tests.conftest import ROOT, Stack, free_port
+from tests.conftest import HISTORY_START, ROOT, Stack, free_port
 from tests.web_helpers import succeeded_job
 
 RETROTEST = ROOT / ".venv" / "bin" / "retrotest"
@@ -44,7 +44,7 @@ def using_it_commands() -> list[str]:
 def test_the_readme_using_it_commands_work_as_written(stack: Stack, tmp_path: Path) -> None:
     """Submit, status and download exactly as README writes them (its exports become this stack's URL and token)."""
     commands = using_it_commands()
-    assert [c.split()[1] for c in commands] == ["submit", "status", "download"]
+    assert [c.split()[1] for c in commands] == ["submit", "status", "download", "list", "link"]
     with stack.client() as c:
         c.post("/api/v1/partners", json={"code": "demo-partner", "name": "Demo Partner"})  # as the demo makes it
     outputs = []
@@ -52,8 +52,10 @@ def test_the_readme_using_it_commands_work_as_written(stack: Stack, tmp_path: Pa
         done = run(line, stack=stack, cwd=tmp_path)
         assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
         outputs.append(done.stdout)
-    submitted, status, _ = outputs
+    submitted, status, _, listed, linked = outputs
     job_id = re.search(r"retro test ([0-9a-f-]{36})", submitted).group(1)  # type: ignore[union-attr]
+    assert re.search(rf"^{job_id[:8]}\s+succeeded\s+demo-partner\s+churn/\d+", listed, re.MULTILINE), listed
+    assert re.fullmatch(rf"{re.escape(stack.base_url)}/d/\S+\n", linked), linked
     assert f"{stack.base_url}/jobs/{job_id}" in submitted
     assert f"retro test {job_id}: succeeded, 100.0%" in status and "elapsed" in status
     files = {p.name for p in (tmp_path / "results").iterdir()}
@@ -140,3 +142,58 @@ def test_a_day_is_yyyy_mm_dd_or_yyyymmdd_and_anything_else_is_refused_before_cal
 
     assert compact.returncode == 2 and "cannot reach the retrotest API" in compact.stderr
     assert wrong.returncode == 2 and "'2026111' is not a day; write it as YYYY-MM-DD" in wrong.stderr
+
+
+def test_list_cancel_and_link_take_an_id_prefix(stack: Stack, tmp_path: Path) -> None:
+    from app.db import get_session_factory
+    from tests.factories import make_retro_test
+
+    done_id = _job_with_manifest(stack, scores=b"scores")
+    with get_session_factory()() as s, s.begin():
+        queued_id = str(make_retro_test(s, start=HISTORY_START, end=HISTORY_START, partner_prefix="cli-queued"))
+
+    listed = run(["list", "--limit", "5"], stack=stack, cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.startswith("ID ")
+    assert queued_id[:8] in listed.stdout and done_id[:8] in listed.stdout
+
+    # The 8 characters the list shows name the job; a succeeded job cannot be cancelled, a queued one can.
+    refused = run(["cancel", done_id[:8]], stack=stack, cwd=tmp_path)
+    assert refused.returncode == 2 and "409" in refused.stderr and "Traceback" not in refused.stderr
+    cancelled = run(["cancel", queued_id[:8].upper()], stack=stack, cwd=tmp_path)
+    assert cancelled.returncode == 0 and f"retro test {queued_id} cancelled" in cancelled.stdout
+    linked = run(["link", done_id[:10], "--days", "2"], stack=stack, cwd=tmp_path)
+    assert linked.returncode == 0 and linked.stdout.startswith(stack.base_url + "/d/"), linked.stderr
+    assert "shown only now" in linked.stderr
+    with stack.client() as c:
+        assert len(c.get(f"/api/v1/retro-tests/{done_id}/links").json()) == 1
+
+    short = run(["status", done_id[:6]], stack=stack, cwd=tmp_path)
+    assert short.returncode == 2 and "first 8 or more characters" in short.stderr
+    unknown = run(["status", "00000000"], stack=stack, cwd=tmp_path)
+    assert unknown.returncode == 2 and "none of your retro tests has an id starting with 00000000" in unknown.stderr
+
+
+def test_download_refuses_a_folder_holding_another_jobs_files_unless_forced(stack: Stack, tmp_path: Path) -> None:
+    first = _job_with_manifest(stack, scores=b"first")
+    second = _job_with_manifest(stack, scores=b"second")
+    manifest = {"retro_test": {"id": first}, "files": []}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+
+    refused = run(["download", second, "--to", "out"], stack=stack, cwd=tmp_path)
+    assert refused.returncode == 2 and f"holds the files of another retro test ({first})" in refused.stderr
+    assert "--force" in refused.stderr and not (tmp_path / "out" / "scores.parquet").exists()
+    forced = run(["download", second, "--to", "out", "--force"], stack=stack, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "out" / "scores.parquet").read_bytes() == b"second"
+
+
+def test_a_missing_token_or_a_url_without_scheme_is_explained_in_the_clis_terms(stack: Stack, tmp_path: Path) -> None:
+    env = {**os.environ, "RETRO_API_URL": stack.base_url, "RETRO_API_TOKEN": ""}
+    no_token = subprocess.run(
+        [str(RETROTEST), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert no_token.returncode == 2 and "RETRO_API_TOKEN" in no_token.stderr and "create-token" in no_token.stderr
+    bare = run(["list"], stack=stack, cwd=tmp_path, api=stack.base_url.removeprefix("http://"))
+    assert bare.returncode == 2 and bare.stderr.count("\n") == 1
+    assert "it must be the API's address with its scheme" in bare.stderr and "at ://" not in bare.stderr

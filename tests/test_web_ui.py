@@ -183,7 +183,7 @@ def test_the_form_shows_the_apis_refusals_next_to_their_fields_and_keeps_the_inp
     not_hers = jane.post("/jobs/new", data=form_data(csrf, partner_code="globex"))
     assert not_hers.status_code == 422
     assert field_error(not_hers.text, "partner_code") == (
-        "no partner with code 'globex' is assigned to you; an admin can assign it"
+        "no partner with code 'globex' is assigned to you (an admin can add it or assign it to you)"
     )
     too_long = jane.post("/jobs/new", data=form_data(csrf, period_start="2020-01-01"))
     assert "at most 366 are allowed" in field_error(too_long.text, "period_end")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import shutil
 import tempfile
@@ -164,7 +165,9 @@ class MlflowRegistry:
             registered = self._client.get_registered_model(name)
         except MlflowException as exc:
             if _not_found(exc):
-                raise ModelNotFound(f"no model named {name!r} in the registry", field="model_name") from None
+                raise ModelNotFound(
+                    f"no model named {name!r} in the registry{self._did_you_mean(name)}", field="model_name"
+                ) from None
             if _invalid(exc):
                 raise ModelNotFound(f"{name!r} cannot be a model name: {exc.message}", field="model_name") from None
             raise Upstream(f"the model registry failed: {exc.message}") from exc
@@ -178,13 +181,39 @@ class MlflowRegistry:
                     raise ModelVersionNotFound(f"version {version!r} is not a version number", field="model_version")
                 mv = self._client.get_model_version(name, version)
         except MlflowException as exc:
-            aliases = ", ".join(sorted(getattr(registered, "aliases", {}) or {})) or "none"
+            known = sorted(getattr(registered, "aliases", {}) or {})
+            near = difflib.get_close_matches(alias, known, n=1, cutoff=0.6) if alias is not None else []
             what = f"alias {alias!r}" if alias is not None else f"version {version}"
+            hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ModelVersionNotFound(
-                f"model {name!r} has no {what}; its aliases: {aliases}",
+                f"model {name!r} has no {what}{hint} Its aliases: {', '.join(known) or 'none'}; "
+                f"its versions: {self._versions_text(name)}",
                 field="model_alias" if alias is not None else "model_version",
             ) from exc
         return self._describe(mv)
+
+    def _did_you_mean(self, name: str) -> str:
+        """'; did you mean ...?' with the registered models nearest to a name not found (nothing if none is near)."""
+        try:
+            names = [m.name for m in self._client.search_registered_models(max_results=1000)]
+        except Exception:  # a hint is not worth a second failure
+            return ""
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+
+    def _versions_text(self, name: str) -> str:
+        """The model's versions, newest first, for a refusal ("7, 6, 5, ... 1 (12 in all)")."""
+        try:
+            found = self._client.search_model_versions(
+                filter_string=f"name = '{name.replace(chr(39), chr(39) * 2)}'", max_results=1000
+            )
+        except Exception:
+            return "unknown"
+        numbers = sorted((int(v.version) for v in found if str(v.version).isdigit()), reverse=True)
+        if not numbers:
+            return "none"
+        shown = ", ".join(str(n) for n in numbers[:10])
+        return shown if len(numbers) <= 10 else f"{shown}, ... ({len(numbers)} in all)"
 
     def _describe(self, mv: Any) -> ModelVersionInfo:
         from mlflow.models import Model

@@ -256,11 +256,18 @@ def job_filters(
     model: Annotated[
         str | None, Query(description="Registry model name", max_length=256, pattern=NO_CONTROL_PATTERN)
     ] = None,
+    id_prefix: Annotated[
+        str | None,
+        Query(
+            description="The start of the id (8 to 36 characters), as the pages show it",
+            pattern=r"^[0-9a-fA-F-]{8,36}$",
+        ),
+    ] = None,
     limit: Annotated[QueryInt, Query(ge=1, le=200)] = 50,
     offset: Annotated[QueryInt, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobFilters:
     """The list's query parameters."""
-    return JobFilters(partner=partner, state=state, model=model, limit=limit, offset=offset)
+    return JobFilters(partner=partner, state=state, model=model, id_prefix=id_prefix, limit=limit, offset=offset)
 
 
 @router.get("", response_model=RetroTestPage)

@@ -175,5 +175,6 @@ class JobFilters:
     partner: str | None = None
     state: State | None = None
     model: str | None = None
+    id_prefix: str | None = None  # the start of the job's id, as the pages and the CLI show it (8+ characters)
     limit: int = 50
     offset: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import uuid
@@ -12,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import ColumnElement, Row, func, select
+from sqlalchemy import ColumnElement, Row, String, cast, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 
@@ -134,12 +135,23 @@ def _active_with_key(session: Session, key: str) -> RetroTest | None:
     ).first()
 
 
-def _unknown_partner(code: str, scope: PartnerScope) -> PartnerNotFound:
-    # An account manager hears the same thing for a partner that exists but is not theirs: nothing leaks.
+def _unknown_partner(session: Session, code: str, scope: PartnerScope) -> PartnerNotFound:
+    """The refusal of a partner the caller cannot use, with the caller's own near matches and advice for their role.
+
+    An account manager hears the same thing for a partner that exists but is not theirs: nothing leaks."""
+    visible = select(Partner.code)
+    if not scope.everything:
+        visible = visible.where(Partner.id.in_(scope.partner_ids or ()))
+    codes = list(session.scalars(visible.order_by(Partner.code).limit(10_000)))
+    near = difflib.get_close_matches(code, codes, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
     if scope.everything:
-        return PartnerNotFound(f"no partner with code {code!r}; create it first", field="partner_code")
+        return PartnerNotFound(
+            f"no partner with code {code!r}{hint} (an admin adds partners on the Partners page)", field="partner_code"
+        )
     return PartnerNotFound(
-        f"no partner with code {code!r} is assigned to you; an admin can assign it", field="partner_code"
+        f"no partner with code {code!r} is assigned to you{hint} (an admin can add it or assign it to you)",
+        field="partner_code",
     )
 
 
@@ -196,7 +208,7 @@ def submit_request(
         raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
     partner = find_by_code(session=session, code=data.partner_code)
     if partner is None or not scope.allows(partner.id):
-        raise _unknown_partner(data.partner_code, scope)
+        raise _unknown_partner(session, data.partner_code, scope)
     model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
     override = data.source.model_dump(exclude_none=True) if data.source else {}
     check_source_override(override=override, model=model, scope=scope)
@@ -421,6 +433,8 @@ def list_retro_tests(
         conditions.append(RetroTest.state == filters.state)
     if filters.model is not None:
         conditions.append(RetroTest.model_name == filters.model)
+    if filters.id_prefix is not None:
+        conditions.append(cast(RetroTest.id, String).startswith(filters.id_prefix.lower(), autoescape=True))
     # The page's ids first, from an index in list order, then only their rows: skipping `offset` jobs then
     # costs index entries rather than whole rows.
     page_ids = select(RetroTest.id).where(*conditions).order_by(*NEWEST_FIRST).limit(limit).offset(offset)
