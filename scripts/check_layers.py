@@ -58,7 +58,7 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package:
         anchor = anchor[: len(anchor) - (node.level - 1)]
         base = ".".join([*anchor, *([base] if base else [])])
     # `from app import retro_tests` imports the package app.retro_tests, not app itself.
-    return [f"{base}.{alias.name}" if base in TOPS else base for alias in node.names]
+    return [f"{base}.{alias.name}" for alias in node.names] if base in TOPS else [base]
 
 
 def python_files(root: Path) -> Iterator[Path]:

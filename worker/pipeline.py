@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.core.jobs import State
 from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
@@ -55,7 +56,6 @@ from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests import runs
-from app.retro_tests.models import State
 from app.retro_tests.runs import JobSpec, LeaseLost
 from worker.chunks import Chunk, ChunkCounts, committed_keys, enforce_reject_budget, plan_chunks, score_chunks
 from worker.control import JobControl, claim

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.auth.scope import PartnerScope
 from app.config import Settings
+from app.core.jobs import RetroTest
+from app.core.scope import PartnerScope
 from app.errors import Upstream
 from app.integrations.results import ResultStore
 from app.queue import send_retro_test
 from app.retro_tests import service
-from app.retro_tests.models import RetroTest
 from app.retro_tests.schemas import RetroTestCreate
 
 

@@ -14,6 +14,8 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from app.audit.service import record
 from app.auth.deps import Caller, CurrentCaller, CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
+from app.core.jobs import State
+from app.core.jobs import get_retro_test as load_retro_test  # this module's get_retro_test is the route
 from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.errors import Invalid
@@ -22,7 +24,6 @@ from app.integrations.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch, service, views
-from app.retro_tests.models import State
 from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import (
     JobFilters,
@@ -326,7 +327,7 @@ def download_result_file(
     caller: CurrentCaller,
 ) -> Response:
     """Stream one result file of a succeeded job, whole or one byte range (Range: bytes=...)."""
-    job = service.get_retro_test(session=session, job_id=job_id, scope=caller.scope)
+    job = load_retro_test(session=session, job_id=job_id, scope=caller.scope)
     try:
         # The file name is looked up among the job's recorded files, never used as a path on its own.
         download = result_files.open_download(

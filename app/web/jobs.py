@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.config import Settings
+from app.core.jobs import TERMINAL_STATES, State, get_retro_test
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
@@ -28,7 +29,6 @@ from app.partners import service as partners
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
-from app.retro_tests.models import TERMINAL_STATES, State
 from app.retro_tests.population import read_upload
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
 from app.retro_tests.service import PopulationUpload
@@ -353,7 +353,7 @@ def create_link(
 ) -> HTMLResponse:
     """Make a partner link and show it once."""
     settings = web.settings
-    job = retro_tests.get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
+    job = get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
     try:
         link, token = links.create_link(
             session=web.session,
@@ -383,7 +383,7 @@ def revoke_link(
     scope: WebScope,
     session: Annotated[Session, Depends(get_session)],
 ) -> RedirectResponse:
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     links.revoke_link(session=session, job_id=job.id, link_id=link_id, actor=user.username)
     session.commit()
     return RedirectResponse(f"/jobs/{job_id}#links-heading", status_code=303)
