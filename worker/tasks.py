@@ -31,9 +31,10 @@ from app.queue import (
     send_retro_test,
 )
 from worker.celery_app import celery_app
-from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
+from worker.pipeline import run_retro_test, score_partition
 from worker.reaper import expire_results, reap_deployments, reap_files, reap_staged_models, reap_staging
 from worker.reconciler import reconcile_jobs
+from worker.run import Adapters, PartitionOrder
 
 log = logging.getLogger(__name__)
 
