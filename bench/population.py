@@ -69,8 +69,9 @@ def child_submit(file: str, days: int) -> dict[str, Any]:
     from app.core.scope import ALL_PARTNERS
     from app.db import get_session_factory
     from app.integrations.wiring import make_registry, make_result_store
+    from app.retro_tests.population import PopulationUpload
     from app.retro_tests.schemas import RetroTestCreate
-    from app.retro_tests.service import PopulationUpload, submit_request
+    from app.retro_tests.service import RetroTestRequest, submit_request
 
     migrate_database()
     settings = get_settings()
@@ -92,10 +93,7 @@ def child_submit(file: str, days: int) -> dict[str, Any]:
             session=s,
             registry=make_registry(settings),
             settings=settings,
-            data=data,
-            actor="bench",
-            scope=ALL_PARTNERS,
-            upload=upload,
+            request=RetroTestRequest(data=data, actor="bench", scope=ALL_PARTNERS, upload=upload),
         )
         job_id, stored_at = str(job.id), (job.population or {}).get("path")
     if population is not None and stored_at:

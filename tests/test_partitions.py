@@ -146,7 +146,7 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
     from app.core.partners import Partner
     from app.core.scope import ALL_PARTNERS
     from app.retro_tests.schemas import RetroTestCreate
-    from app.retro_tests.service import submit_request
+    from app.retro_tests.service import RetroTestRequest, submit_request
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -161,9 +161,8 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
             period_start=HISTORY_START,
             period_end=END,
         )
-        job, _, _ = submit_request(
-            session=s, registry=adapters.registry, settings=settings, data=data, actor="test", scope=ALL_PARTNERS
-        )
+        request = RetroTestRequest(data=data, actor="test", scope=ALL_PARTNERS)
+        job, _, _ = submit_request(session=s, registry=adapters.registry, settings=settings, request=request)
         job_id = job.id
         assert job.model_info == adapters.registry.resolve(name="churn", alias="champion").to_record()
 

@@ -36,7 +36,7 @@ from app.errors import (
 )
 from app.integrations.registry import ModelVersionInfo, SourceSpec
 from app.partners.service import find_by_code
-from app.retro_tests.population import Population, read_population
+from app.retro_tests.population import Population, PopulationColumns, PopulationUpload, read_population
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
 
 
@@ -155,14 +155,6 @@ def check_source_override(*, override: Mapping[str, object], model: ModelVersion
         )
 
 
-@dataclass(frozen=True)
-class PopulationUpload:
-    """A population file as the request brought it, before it is checked."""
-
-    data: bytes
-    filename: str
-
-
 class Submission(NamedTuple):
     """A created (or reused) job, and its checked population to store before it is queued."""
 
@@ -171,18 +163,27 @@ class Submission(NamedTuple):
     population: Population | None
 
 
+@dataclass(frozen=True)
+class RetroTestRequest:
+    """A request for a retro test as the REST API or the web form received it: what is asked, the population file
+    it brought, who asks and which partners they may act for."""
+
+    data: RetroTestCreate
+    actor: str
+    scope: PartnerScope
+    upload: PopulationUpload | None = None
+
+
 def submit_request(
     *,
     session: Session,
     registry: ModelResolver,
     settings: Settings,
-    data: RetroTestCreate,
-    actor: str,
-    scope: PartnerScope,
+    request: RetroTestRequest,
     history: HistoryCoverage | None = None,
-    upload: PopulationUpload | None = None,
 ) -> Submission:
     """Validate a request (and its population) and add it as a queued job; an identical active job is reused."""
+    data, actor, scope, upload = request.data, request.actor, request.scope, request.upload
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
     if upload is None and data.lookback_days:
         raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
@@ -286,12 +287,12 @@ def _check_population(
                 "rename it in the file and in as_of_column / outcome_column",
                 field="as_of_column",
             )
+    columns = PopulationColumns(
+        id_columns=tuple(spec.id_columns), as_of_column=data.as_of_column, outcome_column=data.outcome_column
+    )
     return read_population(
-        data=upload.data,
-        filename=upload.filename,
-        id_columns=tuple(spec.id_columns),
-        as_of_column=data.as_of_column,
-        outcome_column=data.outcome_column,
+        upload,
+        columns=columns,
         start=data.period_start,
         end=data.period_end,
         max_bytes=settings.population_max_bytes,

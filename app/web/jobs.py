@@ -29,9 +29,9 @@ from app.partners import service as partners
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
-from app.retro_tests.population import read_upload
+from app.retro_tests.population import PopulationUpload, read_upload
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
-from app.retro_tests.service import PopulationUpload
+from app.retro_tests.service import RetroTestRequest
 from app.retro_tests.views import files_url, job_out
 from app.validation import QueryInt
 from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser, csrf_guard, form_errors, render
@@ -286,11 +286,8 @@ def submit_job(
             session=web.session,
             registry=registry,
             settings=web.settings,
-            data=data,
-            actor=web.user.username,
-            scope=web.scope,
+            request=RetroTestRequest(data=data, actor=web.user.username, scope=web.scope, upload=upload),
             history=get_history_source(),
-            upload=upload,
             store=store,
         )
     except (ValidationError, AppError) as exc:
