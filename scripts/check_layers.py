@@ -3,7 +3,9 @@
 1. No import cycle between packages. A package is a first-level package or module of app/ or worker/
    (app.retro_tests, app.metrics, worker.run, ...); every import counts wherever it stands, inside a function
    or under TYPE_CHECKING too, since a hidden import is still a dependency.
-2. No function takes more than MAX_PARAMS parameters besides self/cls (*args and **kwargs not counted), except
+2. The bottom stays at the bottom: app.core (the job contract) and the modules under it (BOTTOM) import only
+   BOTTOM, so that every feature may import them; an upward import need not close a cycle to be wrong.
+3. No function takes more than MAX_PARAMS parameters besides self/cls (*args and **kwargs not counted), except
    FastAPI route handlers and CLI commands, whose parameters are the route's or the command's own inputs: they
    are told by their decorators (`@router.get(...)`, `@app.command(...)`).
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOPS = ("app", "worker")
+CORE = "app.core"
+# What app.core stands on: settings, the database session, errors, the clock, the Prometheus metrics.
+BOTTOM = frozenset({"app.config", "app.key_strength", "app.db", "app.errors", "app.clock", "app.metrics"})
 MAX_PARAMS = 6
 # Decorator attributes that make a function a route handler (FastAPI's APIRouter/FastAPI methods) or a CLI
 # command (typer's Typer.command and Typer.callback).
@@ -120,6 +125,11 @@ def cycles(edges: list[Edge]) -> list[list[str]]:
     return found
 
 
+def upward_imports(edges: list[Edge]) -> list[Edge]:
+    """Imports from app.core or a BOTTOM module into anything but BOTTOM."""
+    return [e for e in edges if (e.source == CORE or e.source in BOTTOM) and e.target not in BOTTOM]
+
+
 def _decorator_name(decorator: ast.expr) -> str | None:
     target = decorator.func if isinstance(decorator, ast.Call) else decorator
     return target.attr if isinstance(target, ast.Attribute) else None
@@ -170,13 +180,16 @@ def main(argv: list[str]) -> int:
         for edge in edges:
             if edge.source in members and edge.target in members:
                 print(f"  {edge.where}: {edge.source} imports {edge.target}")
+    for edge in upward_imports(edges):
+        failed = True
+        print(f"{edge.source} is below {edge.target} and may not import it: {edge.where}")
     for line in long_signatures(root):
         failed = True
         print(f"more than {MAX_PARAMS} parameters (pass a request object, or keyword-only fields of one): {line}")
     if failed:
         print("layers: FAILED (scripts/check_layers.py says what the rules are)")
         return 1
-    print("layers: no import cycle between packages; no function over the parameter limit")
+    print("layers: no import cycle between packages; app.core imports only the bottom; no function over 6 parameters")
     return 0
 
 

@@ -1,5 +1,5 @@
 """scripts/check_layers.py, the layer rules lint.sh holds app/ and worker/ to: it passes on this repository and
-fails on a planted import cycle or a planted function with 7 parameters."""
+fails on a planted import cycle, a planted import upward from app.core, or a planted function with 7 parameters."""
 
 from __future__ import annotations
 
@@ -77,6 +77,27 @@ def test_a_cycle_through_worker_and_app_fails_and_downward_imports_pass(tmp_path
     result = check(tmp_path)
     assert result.returncode == 1
     assert "app.core <-> app.feature <-> worker.pipeline <-> worker.run" in result.stdout
+
+
+def test_an_import_upward_from_the_core_fails_without_a_cycle(tmp_path: Path) -> None:
+    files = {
+        "app/db.py": "Base = object\n",
+        "app/core/__init__.py": "",
+        "app/core/jobs.py": "from app.db import Base\n",
+        "app/retro_tests/__init__.py": "",
+        "app/retro_tests/service.py": "def submit():\n    pass\n",
+    }
+    plant(tmp_path, files)
+    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+
+    plant(
+        tmp_path,
+        {"app/core/jobs.py": "from app.db import Base\n\n\ndef late():\n    from app.retro_tests import service\n"},
+    )
+    result = check(tmp_path)
+    assert result.returncode == 1
+    assert "import cycle" not in result.stdout
+    assert "app.core is below app.retro_tests and may not import it: app/core/jobs.py:5" in result.stdout
 
 
 def test_a_planted_function_with_seven_parameters_fails(tmp_path: Path) -> None:
