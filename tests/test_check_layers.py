@@ -65,18 +65,18 @@ def test_a_planted_cycle_fails_and_names_the_imports(tmp_path: Path, back: str) 
 
 def test_a_cycle_through_worker_and_app_fails_and_downward_imports_pass(tmp_path: Path) -> None:
     files = {
-        "app/core.py": "X = 1\n",
-        "app/feature/__init__.py": "from app.core import X\n",
+        "app/contract.py": "X = 1\n",
+        "app/feature/__init__.py": "from app.contract import X\n",
         "worker/run.py": "from app.feature import X\n",
-        "worker/pipeline.py": "from worker.run import X\nimport app.core\n",
+        "worker/pipeline.py": "from worker.run import X\nimport app.contract\n",
     }
     plant(tmp_path, files)
     assert check(tmp_path).returncode == 0, check(tmp_path).stdout
 
-    plant(tmp_path, {"app/core.py": "X = 1\n\n\ndef tasks():\n    import worker.pipeline\n"})
+    plant(tmp_path, {"app/contract.py": "X = 1\n\n\ndef tasks():\n    import worker.pipeline\n"})
     result = check(tmp_path)
     assert result.returncode == 1
-    assert "app.core <-> app.feature <-> worker.pipeline <-> worker.run" in result.stdout
+    assert "app.contract <-> app.feature <-> worker.pipeline <-> worker.run" in result.stdout
 
 
 def test_an_import_upward_from_the_core_fails_without_a_cycle(tmp_path: Path) -> None:
