@@ -19,6 +19,7 @@ import httpx
 import typer
 
 from app.demo_data import DEMO_MODEL, register_demo_model, write_history
+from app.job_progress import print_job, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER = "demo"
@@ -204,13 +205,11 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
                 typer.echo(f"the API refused the request ({resp.status_code}): {resp.text}", err=True)
                 return 1
             t_submit = time.monotonic()
-            from app.cli import _print_job, wait_for
-
             job = wait_for(client, resp.headers["location"], interval=0.5)
             t_done = time.monotonic()
             typer.echo("5/5 done")
             sys.stderr.flush()
-            _print_job(job, web_url=f"http://127.0.0.1:{port}")
+            print_job(job, web_url=f"http://127.0.0.1:{port}")
             scored = job["progress"]["rows_scored"]
             ok = job["state"] == "succeeded" and scored == stats.rows and job["progress"]["rows_read"] == stats.rows
             typer.echo(

@@ -22,12 +22,12 @@ from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
 from app.errors import AppError, DatabaseUnavailable, Unauthorized
-from app.metrics import register_jobs_collector
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
 from app.request_guard import RequestGuard
 from app.retro_tests.router import router as retro_tests_router
 from app.retro_tests.views import without_server_paths
+from app.system.job_metrics import register_jobs_collector
 from app.system.router import router as system_router
 from app.web import account as web_account
 from app.web import admin as web_admin

@@ -2,10 +2,10 @@
 
 from app.audit.models import AuditEvent
 from app.auth.models import ApiToken, User, UserPartner
+from app.core.jobs import ResultFile, RetroTest, RetroTestChunk
+from app.core.partners import Partner
 from app.db import Base
 from app.downloads.models import DownloadLink
-from app.partners.models import Partner
-from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk
 
 __all__ = [
     "ApiToken",

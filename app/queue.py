@@ -89,7 +89,7 @@ def send_retro_test(job_id: uuid.UUID) -> None:
 
 
 def send_partition(message: dict[str, Any]) -> None:
-    """Send a helper's share of a job (worker/pipeline.py PartitionOrder) to another worker."""
+    """Send a helper's share of a job (worker/run.py PartitionOrder) to another worker."""
     celery_client().send_task(SCORE_PARTITION, args=[message])
 
 

@@ -126,10 +126,10 @@ def seed(*, jobs: int, partners: int, rng: random.Random) -> Seeded:
     from app.auth import service as auth_service
     from app.auth.models import Role
     from app.auth.schemas import UserCreate
+    from app.core.jobs import ResultFile, RetroTest
     from app.db import get_engine, get_session_factory
     from app.partners import service as partner_service
     from app.partners.schemas import PartnerCreate
-    from app.retro_tests.models import ResultFile, RetroTest
 
     with get_session_factory()() as session:
         partner_ids = {}

@@ -280,9 +280,9 @@ def child_pipeline(root: Path, rows: int, batch: int, concurrency: int) -> dict[
 
     from app.cli import migrate_database
     from app.config import get_settings
+    from app.core.jobs import RetroTest, State
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_registry, make_result_store
-    from app.retro_tests.models import RetroTest, State
     from tests.factories import make_retro_test
     from worker.pipeline import Adapters, run_retro_test
 

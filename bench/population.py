@@ -63,14 +63,15 @@ def population_file(root: Path, rows: int, *, ids: int, days: int) -> Path:
 
 def child_submit(file: str, days: int) -> dict[str, Any]:
     """Submit the population as the API does (checked, stored under the partner's prefix); returns the job id."""
-    from app.auth.scope import ALL_PARTNERS
     from app.cli import migrate_database
     from app.config import get_settings
+    from app.core.partners import Partner
+    from app.core.scope import ALL_PARTNERS
     from app.db import get_session_factory
     from app.integrations.wiring import make_registry, make_result_store
-    from app.partners.models import Partner
+    from app.retro_tests.population import PopulationUpload
     from app.retro_tests.schemas import RetroTestCreate
-    from app.retro_tests.service import PopulationUpload, submit_request
+    from app.retro_tests.service import RetroTestRequest, submit_request
 
     migrate_database()
     settings = get_settings()
@@ -92,10 +93,7 @@ def child_submit(file: str, days: int) -> dict[str, Any]:
             session=s,
             registry=make_registry(settings),
             settings=settings,
-            data=data,
-            actor="bench",
-            scope=ALL_PARTNERS,
-            upload=upload,
+            request=RetroTestRequest(data=data, actor="bench", scope=ALL_PARTNERS, upload=upload),
         )
         job_id, stored_at = str(job.id), (job.population or {}).get("path")
     if population is not None and stored_at:
@@ -111,9 +109,9 @@ def child_run(job_id: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from app.config import get_settings
+    from app.core.jobs import ResultFile, RetroTest, State
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
-    from app.retro_tests.models import ResultFile, RetroTest, State
     from worker.pipeline import Adapters, run_retro_test
 
     settings = get_settings()

@@ -84,9 +84,9 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_job(days: int) -> dict[str, Any]:
     """Create a job over the whole history, send it to the workers and wait for its verdict."""
+    from app.core.jobs import RetroTest
     from app.db import get_session_factory
     from app.queue import send_retro_test
-    from app.retro_tests.models import RetroTest
     from tests.factories import make_retro_test
 
     sessions = get_session_factory()
@@ -116,7 +116,7 @@ def check_result(root: Path, job: Any, rows: int) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from app.retro_tests.service import job_prefix
+    from app.core.jobs import job_prefix
 
     table = pq.read_table(
         root / "results" / job_prefix(job) / "scores.parquet", columns=["customer_id", "snapshot_date"]

@@ -30,8 +30,8 @@ def make_retro_test(
 
     The session's transaction is the caller's to commit.
     """
-    from app.partners.models import Partner
-    from app.retro_tests.models import RetroTest, State
+    from app.core.jobs import RetroTest, State
+    from app.core.partners import Partner
 
     partner = Partner(code=f"{partner_prefix}-{uuid.uuid4().hex[:8]}", name=partner_prefix)
     session.add(partner)

@@ -41,9 +41,9 @@ def tiny_pool_api(database_url: str) -> Iterator[TinyPoolApi]:
     from sqlalchemy import delete
 
     from app.auth.models import User
+    from app.core.jobs import RetroTest
+    from app.core.partners import Partner
     from app.db import get_session_factory
-    from app.partners.models import Partner
-    from app.retro_tests.models import RetroTest
 
     username = f"overload-{uuid.uuid4().hex[:8]}"
     with get_session_factory()() as session:

@@ -165,8 +165,8 @@ def test_a_first_query_opened_early_is_closed_when_its_attempt_ends_without_read
 
 
 def test_a_job_that_committed_day_chunks_before_plans_were_recorded_keeps_its_days(database_url: str) -> None:
+    from app.core.jobs import RetroTestChunk
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTestChunk
     from worker.chunks import plan_chunks
 
     start, end = date(2026, 1, 1), date(2026, 1, 4)
@@ -244,8 +244,7 @@ def _new_job(prefix: str) -> uuid.UUID:
 
 
 def _scores(sessions: Any, adapters: Any, job_id: uuid.UUID) -> pa.Table:
-    from app.retro_tests.models import RetroTest, State
-    from app.retro_tests.service import job_prefix
+    from app.core.jobs import RetroTest, State, job_prefix
 
     with sessions() as s:
         job = s.get(RetroTest, job_id)
@@ -263,7 +262,7 @@ def _kinds(statements: list[str]) -> list[str]:
 def test_a_period_of_small_daily_partitions_is_read_in_a_few_queries_with_the_same_results(
     small_days: str, proxy: HiveLatencyProxy, registry: dict[str, str], database_url: str
 ) -> None:
-    from app.retro_tests.models import RetroTest
+    from app.core.jobs import RetroTest
     from worker.pipeline import run_retro_test
 
     results: dict[str, pa.Table] = {}
@@ -304,7 +303,7 @@ class WorkerDied(BaseException):
 def test_a_worker_killed_mid_chunk_resumes_at_the_last_committed_chunk(
     small_days: str, proxy: HiveLatencyProxy, registry: dict[str, str], database_url: str
 ) -> None:
-    from app.retro_tests.models import RetroTest, State
+    from app.core.jobs import RetroTest, State
     from worker.pipeline import run_retro_test
 
     settings, sessions, adapters = _in_process(proxy, chunk_rows=CHUNK_ROWS)

@@ -106,8 +106,8 @@ def test_download_refuses_a_file_whose_sha256_differs_from_the_manifest(stack: S
 
 
 def test_status_exits_1_for_a_failed_job_and_names_why(stack: Stack, tmp_path: Path) -> None:
+    from app.core.jobs import RetroTest, State
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest, State
 
     job_id = _job_with_manifest(stack, scores=b"x")
     with get_session_factory()() as session:

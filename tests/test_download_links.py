@@ -209,7 +209,7 @@ def test_expired_revoked_unknown_and_tampered_tokens_are_refused_identically(  #
 
 
 def test_a_link_of_a_job_that_is_not_succeeded_is_dead(client, partner_client, db_session, job_a) -> None:  # type: ignore[no-untyped-def]
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     link = make_link(client, job_a)
     job_a.state = State.failed  # e.g. a job re-run or corrected afterwards
@@ -246,7 +246,7 @@ def test_path_traversal_attempts_are_never_served(client, partner_client, job_a,
 
 
 def test_a_recorded_name_that_is_a_path_is_never_opened(client, partner_client, db_session, job_a) -> None:  # type: ignore[no-untyped-def]
-    from app.retro_tests.models import ResultFile
+    from app.core.jobs import ResultFile
 
     # Even a poisoned row cannot make the server read outside the job's folder.
     db_session.add(

@@ -201,9 +201,9 @@ def test_a_redelivered_job_skips_finished_chunks_and_writes_no_row_twice(
     database_url: str, registry: dict[str, str], history: Path
 ) -> None:
     from app.config import get_settings
+    from app.core.jobs import RetroTest, State
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
-    from app.retro_tests.models import RetroTest, State
     from tests.factories import make_retro_test
     from worker.pipeline import Adapters, run_retro_test
 
@@ -271,10 +271,9 @@ def test_a_job_whose_model_server_stays_down_fails_naming_the_cause_and_offers_n
     """The retry budget, then the re-creation budget, spent: the job fails and its committed chunks stay hidden."""
     import worker.chunks
     from app.config import get_settings
+    from app.core.jobs import RetroTest, State, job_prefix
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
-    from app.retro_tests.models import RetroTest, State
-    from app.retro_tests.service import job_prefix
     from tests.chaos.fault_proxy import Faults
     from tests.chaos.worker import FaultyDeployer
     from tests.factories import make_retro_test

@@ -36,8 +36,8 @@ def test_a_zombie_holder_is_dead() -> None:
 
 def test_a_fresh_lease_is_taken_over_at_once_when_its_holder_died_here(database_url: str) -> None:
     from app.config import get_settings
+    from app.core.jobs import RetroTest
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest
     from worker.control import claim
 
     sessions = get_session_factory()

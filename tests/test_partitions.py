@@ -60,8 +60,7 @@ def job_id(database_url: str, registry: dict[str, str], history: Path) -> Iterat
 
 
 def _result_keys(sessions: Any, adapters: Any, job_id: uuid.UUID) -> list[tuple[int, date]]:
-    from app.retro_tests.models import RetroTest, State
-    from app.retro_tests.service import job_prefix
+    from app.core.jobs import RetroTest, State, job_prefix
 
     with sessions() as s:
         job = s.get(RetroTest, job_id)
@@ -118,8 +117,8 @@ def test_an_attempt_that_finds_every_chunk_committed_publishes_without_deploying
     job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """...and, reading the model the first attempt recorded, without asking the registry either."""
+    from app.core.jobs import RetroTest
     from app.integrations.registry import ModelVersionInfo
-    from app.retro_tests.models import RetroTest
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -143,11 +142,11 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
     database_url: str, registry: dict[str, str], history: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The API records the registry's answer at submission: no attempt asks the registry again."""
-    from app.auth.scope import ALL_PARTNERS
-    from app.partners.models import Partner
-    from app.retro_tests.models import RetroTest
+    from app.core.jobs import RetroTest
+    from app.core.partners import Partner
+    from app.core.scope import ALL_PARTNERS
     from app.retro_tests.schemas import RetroTestCreate
-    from app.retro_tests.service import submit_request
+    from app.retro_tests.service import RetroTestRequest, submit_request
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -162,9 +161,8 @@ def test_a_job_runs_on_the_model_recorded_when_it_was_accepted_even_with_the_reg
             period_start=HISTORY_START,
             period_end=END,
         )
-        job, _, _ = submit_request(
-            session=s, registry=adapters.registry, settings=settings, data=data, actor="test", scope=ALL_PARTNERS
-        )
+        request = RetroTestRequest(data=data, actor="test", scope=ALL_PARTNERS)
+        job, _, _ = submit_request(session=s, registry=adapters.registry, settings=settings, request=request)
         job_id = job.id
         assert job.model_info == adapters.registry.resolve(name="churn", alias="champion").to_record()
 
@@ -181,7 +179,7 @@ def test_a_source_that_changed_between_attempts_fails_the_job_at_publishing(
     job_id: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A resumed attempt keeps the first attempt's count; the rows it reads must still add up to it."""
-    from app.retro_tests.models import RetroTest
+    from app.core.jobs import RetroTest
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -210,7 +208,7 @@ def die_before_publishing(
 ) -> None:
     """An attempt that commits every chunk and dies before publishing; its heartbeat is then left to go stale."""
     import worker.pipeline
-    from app.retro_tests.models import RetroTest
+    from app.core.jobs import RetroTest
 
     with monkeypatch.context() as patch:
         patch.setattr(worker.pipeline, "publish", die)
@@ -234,8 +232,7 @@ def test_a_worker_killed_after_publishing_leaves_a_succeeded_job_with_its_files(
     """Killed once the files and the verdict are recorded, before the parts are removed: nothing is lost."""
     import hashlib
 
-    from app.retro_tests.models import ResultFile, RetroTest, State
-    from app.retro_tests.service import job_prefix
+    from app.core.jobs import ResultFile, RetroTest, State, job_prefix
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -263,7 +260,7 @@ def test_a_worker_killed_while_recording_the_files_publishes_again_from_the_part
 ) -> None:
     """Killed after the result files are written but before they are recorded: the next attempt publishes again."""
     import worker.publish
-    from app.retro_tests.models import RetroTest, State
+    from app.core.jobs import RetroTest, State
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})
@@ -282,9 +279,9 @@ def test_a_worker_killed_while_recording_the_files_publishes_again_from_the_part
 
 
 def test_the_first_commit_of_a_chunk_wins_and_a_second_copy_is_dropped(job_id: uuid.UUID) -> None:
+    from app.core.jobs import RetroTest, RetroTestChunk
     from app.db import get_session_factory
     from app.retro_tests import runs
-    from app.retro_tests.models import RetroTest, RetroTestChunk
     from app.retro_tests.runs import ChunkRecord, Counts
 
     sessions = get_session_factory()

@@ -261,17 +261,14 @@ def test_a_population_too_large_is_refused_with_413(client) -> None:  # type: ig
 
 
 def test_a_parquet_population_is_read_like_a_csv() -> None:
-    from app.retro_tests.population import read_population
+    from app.retro_tests.population import PopulationColumns, PopulationUpload, read_population
 
     frame = population_frame(100)
     sink = io.BytesIO()
     frame.to_parquet(sink)
     checked = read_population(
-        data=sink.getvalue(),
-        filename="p.parquet",
-        id_columns=("customer_id",),
-        as_of_column="as_of",
-        outcome_column="outcome",
+        PopulationUpload(data=sink.getvalue(), filename="p.parquet"),
+        columns=PopulationColumns(id_columns=("customer_id",), as_of_column="as_of", outcome_column="outcome"),
         start=POP_START,
         end=POP_START + timedelta(days=POP_DAYS),
         max_bytes=10**6,

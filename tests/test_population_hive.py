@@ -23,7 +23,7 @@ import pytest
 
 from app.integrations.history import STAGING_PREFIX, HistoryQuery, LocalParquetSource, PopulationJoin, staging_table
 from app.integrations.hive import HiveSource
-from app.retro_tests.population import read_population
+from app.retro_tests.population import PopulationColumns, PopulationUpload, read_population
 from tests.conftest import Stack, start_process, start_stack
 from tests.hive_server import HiveServer, run_sql
 from tests.test_hive import MODEL_FEATURES, hive_settings
@@ -82,11 +82,8 @@ def test_hive_joins_the_staged_population_as_duckdb_does(
 ) -> None:
     population = population_frame(12_000, seed=lookback_days)
     checked = read_population(
-        data=csv_bytes(population),
-        filename="p.csv",
-        id_columns=("customer_id",),
-        as_of_column="as_of",
-        outcome_column="outcome",
+        PopulationUpload(data=csv_bytes(population), filename="p.csv"),
+        columns=PopulationColumns(id_columns=("customer_id",), as_of_column="as_of", outcome_column="outcome"),
         start=POP_START,
         end=POP_START + timedelta(days=POP_DAYS - 1),
         max_bytes=10**8,

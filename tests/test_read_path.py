@@ -15,7 +15,7 @@ from tests.web_helpers import succeeded_job
 def test_a_job_s_download_links_are_under_the_public_base_url_not_the_host(client, db_session) -> None:  # type: ignore[no-untyped-def]
     from starlette.requests import Request
 
-    from app.auth.scope import ALL_PARTNERS
+    from app.core.scope import ALL_PARTNERS
     from app.retro_tests import service, views
     from app.retro_tests.schemas import JobFilters
 

@@ -14,8 +14,8 @@ from tests.factories import make_retro_test
 
 def _running_job(*, holder: str, heartbeat_age_s: float) -> uuid.UUID:
     from app.clock import utcnow
+    from app.core.jobs import RetroTest, State
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest, State
 
     with get_session_factory()() as s, s.begin():
         job_id = make_retro_test(s, start=date(2025, 1, 1), end=date(2025, 1, 2), partner_prefix="reconcile")

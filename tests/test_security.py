@@ -450,11 +450,10 @@ def test_results_and_links_past_retention_are_deleted_by_beat_and_audited(databa
 
     from app.audit.models import AuditEvent
     from app.clock import utcnow
+    from app.core.jobs import ResultFile, RetroTest, State, job_prefix
     from app.db import get_session_factory
     from app.downloads.models import DownloadLink
     from app.integrations.results import ResultStore
-    from app.retro_tests.models import ResultFile, RetroTest, State
-    from app.retro_tests.service import job_prefix
     from tests.factories import make_retro_test
     from worker.reaper import expire_results
 

@@ -24,7 +24,7 @@ EVIL = ['=HYPERLINK("http://evil.example","click")', "=cmd|' /C calc'!A0", "+1",
 
 def _job_with(client, db_session, files: dict[str, tuple[str, str, bytes]]):  # type: ignore[no-untyped-def]
     """A succeeded job of partner acme with these files: name -> (kind, format, bytes)."""
-    from app.retro_tests.models import ResultFile
+    from app.core.jobs import ResultFile
 
     make_partner(client, "acme")
     job = succeeded_job(db_session, "acme", {name: blob for name, (_, _, blob) in files.items()})
@@ -368,7 +368,7 @@ def test_an_error_naming_a_server_path_reaches_people_without_it(client, monkeyp
 def test_job_json_shows_account_managers_no_file_uris_and_admins_all(
     client, db_session, account_manager_client
 ) -> None:  # type: ignore[no-untyped-def]
-    from app.retro_tests.models import RetroTest
+    from app.core.jobs import RetroTest
 
     job = _job_with(client, db_session, {"scores.parquet": ("scores", "parquet", b"PAR1")})
     db_session.execute(

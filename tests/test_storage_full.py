@@ -48,8 +48,8 @@ def test_a_full_result_store_fails_the_job_as_storage_full_and_keeps_nothing_of_
 ) -> None:
     """With the check, the job fails before it writes; without it (a store that cannot tell), when the disk fills."""
     from app.config import get_settings
+    from app.core.jobs import RetroTest
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest
 
     settings = get_settings().model_copy(
         update={"results_url": str(small_volume), "partitions": 1, "result_bytes_per_row": 32 if checked_first else 0}

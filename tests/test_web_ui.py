@@ -221,7 +221,7 @@ def test_model_options_for_the_version_field(browser) -> None:  # type: ignore[n
 
 
 def test_the_job_list_filters_and_pages(client, browser, db_session) -> None:  # type: ignore[no-untyped-def]
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     make_partner(client, "acme")
     make_partner(client, "globex")
@@ -421,7 +421,7 @@ def test_unknown_pages_and_bad_ids_render_html_not_json(browser) -> None:  # typ
 
 
 def test_a_failed_job_page_shows_the_error_plainly(client, browser, db_session) -> None:  # type: ignore[no-untyped-def]
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     make_partner(client, "acme")
     job = succeeded_job(db_session, "acme", {})

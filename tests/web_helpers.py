@@ -35,10 +35,9 @@ def sign_in(client: Any, username: str, password: str) -> None:
 def succeeded_job(session: Any, partner_code: str, files: dict[str, bytes]) -> Any:
     """A succeeded retro test of this partner whose result files really are in the result store."""
     from app.config import get_settings
+    from app.core.jobs import ResultFile, RetroTest, State, job_prefix
     from app.integrations.results import ResultStore
     from app.partners.service import find_by_code
-    from app.retro_tests.models import ResultFile, RetroTest, State
-    from app.retro_tests.service import job_prefix
 
     partner = find_by_code(session=session, code=partner_code)
     assert partner is not None

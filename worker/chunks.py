@@ -212,15 +212,7 @@ def score_chunks(
     def is_committed(chunk: Chunk) -> bool:
         return chunk.key in committed_keys(run)
 
-    stream = _read_ahead(
-        run.adapters.source,
-        query,
-        pending,
-        settings,
-        skip=is_committed,
-        depth=settings.score_window_batches,
-        job_id=run.job_id,
-    )
+    stream = _read_ahead(run, query, pending, skip=is_committed)
     with (
         ThreadPoolExecutor(max_workers=settings.score_concurrency, thread_name_prefix="score") as pool,
         stream as items,
@@ -250,16 +242,10 @@ class _ChunkEnd:
 
 
 def _read_ahead(
-    source: HistorySource,
-    query: HistoryQuery,
-    chunks: list[Chunk],
-    settings: Settings,
-    *,
-    skip: Callable[[Chunk], bool],
-    depth: int,
-    job_id: uuid.UUID,
+    run: JobRun, query: HistoryQuery, chunks: list[Chunk], *, skip: Callable[[Chunk], bool]
 ) -> contextlib.AbstractContextManager[Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]]:
-    """Slices of score_batch_rows rows, chunk after chunk, read on a background thread at most `depth` ahead.
+    """Slices of score_batch_rows rows, chunk after chunk, read from the job's history source on a background
+    thread at most score_window_batches slices ahead.
 
     Each chunk is one query, and the next chunk's query is opened as soon as the reader starts on a chunk, on a
     thread of its own: a production Hive spends seconds before a query's first row, and that time passes while
@@ -267,6 +253,8 @@ def _read_ahead(
     while the model server started (plan_chunks). A chunk that `skip` says is finished by the time the reader
     reaches it is not read at all.
     """
+
+    source, settings, job_id = run.adapters.source, run.settings, run.job_id
 
     def produce() -> Iterator[tuple[Chunk, pa.RecordBatch | _ChunkEnd]]:
         todo = deque(chunks)
@@ -299,7 +287,7 @@ def _read_ahead(
             for _, opened in ahead:
                 opened.close()
 
-    return prefetched(produce, depth=depth, name="history-reader")
+    return prefetched(produce, depth=settings.score_window_batches, name="history-reader")
 
 
 # Chunk queries open beyond the one being read: one hides a query's latency whenever reading and scoring a chunk

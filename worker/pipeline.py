@@ -28,7 +28,6 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.core.jobs import State
 from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
@@ -55,47 +55,16 @@ from app.integrations.registry import ModelVersionInfo, fetch_model
 from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests import runs
-from app.retro_tests.models import State
 from app.retro_tests.runs import JobSpec, LeaseLost
 from worker.chunks import Chunk, ChunkCounts, committed_keys, enforce_reject_budget, plan_chunks, score_chunks
 from worker.control import JobControl, claim
 from worker.publish import publish
-from worker.run import Adapters, JobRun
+from worker.run import Adapters, JobRun, PartitionOrder
 from worker.validation import Reference, check, load_reference
 
 __all__ = ["Adapters", "PartitionOrder", "run_retro_test", "score_partition", "split_ranges"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PartitionOrder:
-    """A helper's share of a job: the chunks from `first` to `last` (chunk keys), against `deployment`."""
-
-    job_id: uuid.UUID
-    lease: str
-    deployment: Deployment
-    first: str
-    last: str
-
-    def to_message(self) -> dict[str, Any]:
-        return {
-            "job_id": str(self.job_id),
-            "lease": self.lease,
-            "deployment": asdict(self.deployment),
-            "first": self.first,
-            "last": self.last,
-        }
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> PartitionOrder:
-        return cls(
-            job_id=uuid.UUID(message["job_id"]),
-            lease=message["lease"],
-            deployment=Deployment(**message["deployment"]),
-            first=message["first"],
-            last=message["last"],
-        )
 
 
 def run_retro_test(

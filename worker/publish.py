@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from app.clock import utcnow
+from app.core.jobs import State
 from app.errors import ReconciliationFailed
 from app.integrations.history import HistoryQuery
 from app.integrations.registry import ModelVersionInfo
@@ -23,7 +24,6 @@ from app.integrations.results import (
     csv_header,
 )
 from app.retro_tests import runs
-from app.retro_tests.models import State
 from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
 from worker import report
 from worker.chunks import stats_path

@@ -24,14 +24,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.clock import utcnow
 from app.config import Settings
+from app.core.jobs import TERMINAL_STATES, RetroTest, State, job_prefix
 from app.integrations.deployers import Deployer, ManagedDeployment
 from app.integrations.history import STAGING_PREFIX, HistorySource
 from app.integrations.results import ResultStore
 from app.integrations.staging import ModelStaging
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
 from app.retro_tests import retention
-from app.retro_tests.models import TERMINAL_STATES, RetroTest, State
-from app.retro_tests.service import job_prefix
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.service import record
 from app.clock import utcnow
+from app.core.jobs import RUNNING_STATES, RetroTest, State
 from app.retro_tests import runs
-from app.retro_tests.models import RUNNING_STATES, RetroTest, State
 from worker.control import holder_is_dead
 
 log = logging.getLogger(__name__)

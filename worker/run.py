@@ -1,18 +1,19 @@
 """One attempt at one job, as every stage sees it: what the job asks (JobSpec), the lease, the adapters, the
-settings, and short transactions on the job's row (app/retro_tests/runs.py does the writing)."""
+settings, and short transactions on the job's row (app/retro_tests/runs.py does the writing); and the order that
+hands a helper worker its share of a job (PartitionOrder)."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.integrations.deployers import Deployer
+from app.integrations.deployers import Deployer, Deployment
 from app.integrations.environments import EnvironmentCache
 from app.integrations.history import HistorySource
 from app.integrations.registry import MlflowRegistry
@@ -20,8 +21,35 @@ from app.integrations.results import ResultStore
 from app.retro_tests.runs import JobSpec
 from worker.control import JobControl
 
-if TYPE_CHECKING:
-    from worker.pipeline import PartitionOrder
+
+@dataclass(frozen=True)
+class PartitionOrder:
+    """A helper's share of a job: the chunks from `first` to `last` (chunk keys), against `deployment`."""
+
+    job_id: uuid.UUID
+    lease: str
+    deployment: Deployment
+    first: str
+    last: str
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "job_id": str(self.job_id),
+            "lease": self.lease,
+            "deployment": asdict(self.deployment),
+            "first": self.first,
+            "last": self.last,
+        }
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> PartitionOrder:
+        return cls(
+            job_id=uuid.UUID(message["job_id"]),
+            lease=message["lease"],
+            deployment=Deployment(**message["deployment"]),
+            first=message["first"],
+            last=message["last"],
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from celery import Task
 
 from app.auth import throttle
 from app.config import get_settings
+from app.core.jobs import TERMINAL_STATES
 from app.db import get_session_factory
 from app.integrations.deployers import Deployer
 from app.integrations.wiring import (
@@ -29,11 +30,11 @@ from app.queue import (
     send_partition,
     send_retro_test,
 )
-from app.retro_tests.models import TERMINAL_STATES
 from worker.celery_app import celery_app
-from worker.pipeline import Adapters, PartitionOrder, run_retro_test, score_partition
+from worker.pipeline import run_retro_test, score_partition
 from worker.reaper import expire_results, reap_deployments, reap_files, reap_staged_models, reap_staging
 from worker.reconciler import reconcile_jobs
+from worker.run import Adapters, PartitionOrder
 
 log = logging.getLogger(__name__)
 

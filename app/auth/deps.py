@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from app.auth import service
 from app.auth.models import User
-from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.config import get_settings
+from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.db import get_session, release_connection
 from app.errors import Forbidden, Unauthorized
 

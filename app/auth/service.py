@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.auth.models import ApiToken, Role, User, UserPartner
 from app.auth.schemas import UserCreate, UserUpdate
-from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.clock import as_utc, utcnow
 from app.config import get_settings
+from app.core.partners import Partner
+from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.errors import Conflict, Invalid, NotFound
-from app.partners.models import Partner
 
 API_TOKEN_PREFIX = "rtk_"
 # How stale last_used_at may get before a request writes it again: one write per token per minute at most.

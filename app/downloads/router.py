@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 
 from app.auth.deps import CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
+from app.core.jobs import get_retro_test
 from app.db import get_session
 from app.downloads import service
 from app.downloads.schemas import DownloadOut, LinkCreate, LinkCreated, LinkOut
-from app.retro_tests import service as retro_tests
 
 api_router = APIRouter(prefix="/api/v1/retro-tests", tags=["download links"], dependencies=[Depends(current_user)])
 
@@ -33,7 +33,7 @@ def create_link(
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> LinkCreated:
     """A download link for a partner to a succeeded job's files. The URL is in this response only."""
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     link, token = service.create_link(
         session=session,
         job=job,
@@ -50,7 +50,7 @@ def list_links(
     job_id: uuid.UUID, scope: CurrentScope, session: Annotated[Session, Depends(get_session)]
 ) -> list[LinkOut]:
     """The job's download links, newest first (never their tokens)."""
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     return [service.link_out(link) for link in service.list_links(session=session, job_id=job.id)]
 
 
@@ -65,7 +65,7 @@ def revoke_link(
     session: Annotated[Session, Depends(get_session)],
 ) -> Response:
     """Revoke a link: it answers like an unknown one from now on."""
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     service.revoke_link(session=session, job_id=job.id, link_id=link_id, actor=user.username)
     session.commit()
     return Response(status_code=204)
@@ -78,5 +78,5 @@ def list_downloads(
     job_id: uuid.UUID, scope: CurrentScope, session: Annotated[Session, Depends(get_session)]
 ) -> list[DownloadOut]:
     """Downloads of the job's files through partner links, newest first: time, IP, user agent, bytes."""
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     return service.download_history(session=session, job_id=job.id)

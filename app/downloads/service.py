@@ -13,11 +13,11 @@ from app.audit.models import AuditEvent
 from app.audit.service import record
 from app.auth.service import secret_digest
 from app.clock import as_utc, utcnow
+from app.core.jobs import RetroTest, State
 from app.downloads.files import Download
 from app.downloads.models import DownloadLink
 from app.downloads.schemas import DownloadOut, LinkOut, LinkState
 from app.errors import Conflict, Invalid, NotFound
-from app.retro_tests.models import RetroTest, State
 
 DOWNLOAD_ACTION = "download_link.download"
 _MAX_TOKEN_CHARS = 100

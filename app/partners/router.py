@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.auth.deps import AdminUser, CurrentScope, current_user
 from app.auth.schemas import PartnerManagers
-from app.auth.scope import ALL_PARTNERS
+from app.core.scope import ALL_PARTNERS
 from app.db import get_session
 from app.partners import service
 from app.partners.schemas import PartnerCreate, PartnerOut, PartnerUpdate

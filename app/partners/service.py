@@ -9,11 +9,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.auth.scope import ALL_PARTNERS, PartnerScope
+from app.core.jobs import RetroTest
+from app.core.partners import Partner
+from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.errors import Conflict, NotFound
-from app.partners.models import Partner
 from app.partners.schemas import PartnerCreate, PartnerUpdate
-from app.retro_tests.models import RetroTest
 
 
 def get_partner(*, session: Session, partner_id: uuid.UUID, scope: PartnerScope) -> Partner:

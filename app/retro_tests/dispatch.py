@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.auth.scope import PartnerScope
 from app.config import Settings
+from app.core.jobs import RetroTest
 from app.errors import Upstream
 from app.integrations.results import ResultStore
 from app.queue import send_retro_test
 from app.retro_tests import service
-from app.retro_tests.models import RetroTest
-from app.retro_tests.schemas import RetroTestCreate
 
 
 def submit(
@@ -19,11 +17,8 @@ def submit(
     session: Session,
     registry: service.ModelResolver,
     settings: Settings,
-    data: RetroTestCreate,
-    actor: str,
-    scope: PartnerScope,
+    request: service.RetroTestRequest,
     history: service.HistoryCoverage | None = None,
-    upload: service.PopulationUpload | None = None,
     store: ResultStore | None = None,
 ) -> tuple[RetroTest, bool]:
     """Validate, commit and queue a request; returns (job, created). A job the queue refuses is marked failed.
@@ -36,11 +31,8 @@ def submit(
         session=session,
         registry=registry,
         settings=settings,
-        data=data,
-        actor=actor,
-        scope=scope,
+        request=request,
         history=history,
-        upload=upload,
     )
     session.commit()
     if created:

@@ -55,19 +55,21 @@ def read_upload(file: IO[bytes], *, limit: int) -> bytes:
     return file.read(limit + 1)
 
 
+@dataclass(frozen=True)
+class PopulationUpload:
+    """A population file as the request brought it, before it is checked."""
+
+    data: bytes
+    filename: str
+
+
 def read_population(
-    *,
-    data: bytes,
-    filename: str,
-    id_columns: tuple[str, ...],
-    as_of_column: str,
-    outcome_column: str | None,
-    start: date,
-    end: date,
-    max_bytes: int,
-    max_rows: int,
+    upload: PopulationUpload, *, columns: PopulationColumns, start: date, end: date, max_bytes: int, max_rows: int
 ) -> Population:
-    """Check a population file against the request; raise InvalidPopulation naming the first problem found."""
+    """Check a population file against the request's columns and period; raise InvalidPopulation naming the first
+    problem found. The outcome column is optional in the file: the checked columns name it only if it is there."""
+    data, filename = upload.data, upload.filename
+    id_columns, as_of_column, outcome_column = columns.id_columns, columns.as_of_column, columns.outcome_column
     if len(data) > max_bytes:
         raise PopulationTooLarge(
             f"the population file is larger than the {max_bytes:,} bytes allowed (RETRO_POPULATION_MAX_BYTES); "
@@ -94,21 +96,21 @@ def read_population(
             field="population",
         )
     has_outcome = outcome_column is not None and outcome_column in names
-    columns = PopulationColumns(
+    found = PopulationColumns(
         id_columns=id_columns, as_of_column=as_of_column, outcome_column=outcome_column if has_outcome else None
     )
     chunks, line = [], offset
     for frame in frames:  # one chunk at a time: only its checked, compact columns are kept
         if not frame.empty:
-            chunks.append(_check_chunk(frame, columns=columns, start=start, end=end, where=where, offset=line))
+            chunks.append(_check_chunk(frame, columns=found, start=start, end=end, where=where, offset=line))
             line += len(frame)
     if not chunks:
         raise InvalidPopulation("the population file has a header but no rows", field="population")
-    table = _assemble(chunks, columns)
+    table = _assemble(chunks, found)
     _no_duplicates(table, keys=wanted, where=where, offset=offset)
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    return Population(columns=columns, parquet=sink.getvalue(), rows=table.num_rows)
+    return Population(columns=found, parquet=sink.getvalue(), rows=table.num_rows)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
+from app.core.jobs import ResultFile, RetroTest, State, job_prefix
 from app.downloads.service import revoke_job_links
-from app.retro_tests.models import ResultFile, RetroTest, State
-from app.retro_tests.service import job_prefix
 
 ACTOR = "retention"
 

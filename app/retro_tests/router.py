@@ -12,8 +12,10 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.audit.service import record
-from app.auth.deps import Caller, CurrentCaller, CurrentScope, CurrentUser, current_user
+from app.auth.deps import CurrentCaller, CurrentScope, CurrentUser, current_user
 from app.config import Settings, get_settings
+from app.core.jobs import State
+from app.core.jobs import get_retro_test as load_retro_test  # this module's get_retro_test is the route
 from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.errors import Invalid
@@ -22,8 +24,7 @@ from app.integrations.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch, service, views
-from app.retro_tests.models import State
-from app.retro_tests.population import read_upload
+from app.retro_tests.population import PopulationUpload, read_upload
 from app.retro_tests.schemas import (
     JobFilters,
     RetroTestCreate,
@@ -103,7 +104,8 @@ def create_retro_test(
 
     Account managers may only name partners they are assigned to.
     """
-    return submit(request=request, session=session, registry=registry, settings=settings, caller=caller, data=data)
+    job_request = service.RetroTestRequest(data=data, actor=caller.user.username, scope=caller.scope)
+    return submit(request=request, session=session, registry=registry, settings=settings, job_request=job_request)
 
 
 POPULATION_REQUEST_DOC = (
@@ -194,19 +196,13 @@ def create_retro_test_with_population(
     a 4xx naming the column and first bad lines, and no job is created.
     """
     data = parse_request_json(form.request_json)
-    upload = service.PopulationUpload(
+    upload = PopulationUpload(
         data=read_upload(form.population.file, limit=settings.population_max_bytes),
         filename=form.population.filename or "",
     )
+    job_request = service.RetroTestRequest(data=data, actor=caller.user.username, scope=caller.scope, upload=upload)
     return submit(
-        request=request,
-        session=session,
-        registry=registry,
-        settings=settings,
-        caller=caller,
-        data=data,
-        upload=upload,
-        store=store,
+        request=request, session=session, registry=registry, settings=settings, job_request=job_request, store=store
     )
 
 
@@ -226,9 +222,7 @@ def submit(
     session: Session,
     registry: MlflowRegistry,
     settings: Settings,
-    caller: Caller,
-    data: RetroTestCreate,
-    upload: service.PopulationUpload | None = None,
+    job_request: service.RetroTestRequest,
     store: ResultStore | None = None,
 ) -> Response:
     """Queue the request; 202 with Location for a new job, 200 with the existing job for a duplicate."""
@@ -236,15 +230,13 @@ def submit(
         session=session,
         registry=registry,
         settings=settings,
-        data=data,
-        actor=caller.user.username,
-        scope=caller.scope,
+        request=job_request,
         history=get_history_source(),
-        upload=upload,
         store=store,
     )
-    read = service.read_retro_test(session=session, job_id=job.id, scope=caller.scope)
-    response = json_response(views.job_out(read, views.files_url(request), staff=caller.scope.everything))
+    scope = job_request.scope
+    read = service.read_retro_test(session=session, job_id=job.id, scope=scope)
+    response = json_response(views.job_out(read, views.files_url(request), staff=scope.everything))
     response.status_code = 202 if created else 200
     response.headers["Location"] = views.job_url(job.id)
     return response
@@ -333,7 +325,7 @@ def download_result_file(
     caller: CurrentCaller,
 ) -> Response:
     """Stream one result file of a succeeded job, whole or one byte range (Range: bytes=...)."""
-    job = service.get_retro_test(session=session, job_id=job_id, scope=caller.scope)
+    job = load_retro_test(session=session, job_id=job_id, scope=caller.scope)
     try:
         # The file name is looked up among the job's recorded files, never used as a path on its own.
         download = result_files.open_download(

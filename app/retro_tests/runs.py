@@ -20,11 +20,11 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.clock import as_utc, utcnow
+from app.core.jobs import ResultFile, RetroTest, RetroTestChunk, State, job_prefix
+from app.core.partners import Partner
+from app.core.transitions import advance
 from app.errors import JobCancelled, NotFound
 from app.integrations.registry import ModelVersionInfo
-from app.partners.models import Partner
-from app.retro_tests.models import ResultFile, RetroTest, RetroTestChunk, State
-from app.retro_tests.service import advance, job_prefix
 
 
 class LeaseLost(Exception):

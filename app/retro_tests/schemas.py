@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import OutputFormat
-from app.retro_tests.models import State
+from app.core.jobs import State
 from app.validation import NO_CONTROL_PATTERN, IsoDate, JsonInt, Name, SafeText
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]

@@ -8,19 +8,22 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Any, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import ColumnElement, Row, String, cast, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session
 
 from app.audit.service import record
-from app.auth.scope import ALL_PARTNERS, PartnerScope
 from app.clock import utcnow
 from app.config import Settings
+from app.core.jobs import ACTIVE_STATES, TERMINAL_STATES, ResultFile, RetroTest, State, get_retro_test, job_prefix
+from app.core.partners import Partner
+from app.core.scope import ALL_PARTNERS, PartnerScope
+from app.core.transitions import advance
 from app.errors import (
     Conflict,
     Forbidden,
@@ -33,19 +36,8 @@ from app.errors import (
     PeriodTooLong,
 )
 from app.integrations.registry import ModelVersionInfo, SourceSpec
-from app.metrics import STAGE_SECONDS
-from app.partners.models import Partner
 from app.partners.service import find_by_code
-from app.retro_tests.models import (
-    ACTIVE_STATES,
-    RUNNING_STATES,
-    TERMINAL_STATES,
-    TRANSITIONS,
-    ResultFile,
-    RetroTest,
-    State,
-)
-from app.retro_tests.population import Population, read_population
+from app.retro_tests.population import Population, PopulationColumns, PopulationUpload, read_population
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
 
 
@@ -175,14 +167,6 @@ def check_source_override(*, override: Mapping[str, object], model: ModelVersion
         )
 
 
-@dataclass(frozen=True)
-class PopulationUpload:
-    """A population file as the request brought it, before it is checked."""
-
-    data: bytes
-    filename: str
-
-
 class Submission(NamedTuple):
     """A created (or reused) job, and its checked population to store before it is queued."""
 
@@ -191,18 +175,27 @@ class Submission(NamedTuple):
     population: Population | None
 
 
+@dataclass(frozen=True)
+class RetroTestRequest:
+    """A request for a retro test as the REST API or the web form received it: what is asked, the population file
+    it brought, who asks and which partners they may act for."""
+
+    data: RetroTestCreate
+    actor: str
+    scope: PartnerScope
+    upload: PopulationUpload | None = None
+
+
 def submit_request(
     *,
     session: Session,
     registry: ModelResolver,
     settings: Settings,
-    data: RetroTestCreate,
-    actor: str,
-    scope: PartnerScope,
+    request: RetroTestRequest,
     history: HistoryCoverage | None = None,
-    upload: PopulationUpload | None = None,
 ) -> Submission:
     """Validate a request (and its population) and add it as a queued job; an identical active job is reused."""
+    data, actor, scope, upload = request.data, request.actor, request.scope, request.upload
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
     if upload is None and data.lookback_days:
         raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
@@ -306,12 +299,12 @@ def _check_population(
                 "rename it in the file and in as_of_column / outcome_column",
                 field="as_of_column",
             )
+    columns = PopulationColumns(
+        id_columns=tuple(spec.id_columns), as_of_column=data.as_of_column, outcome_column=data.outcome_column
+    )
     return read_population(
-        data=upload.data,
-        filename=upload.filename,
-        id_columns=tuple(spec.id_columns),
-        as_of_column=data.as_of_column,
-        outcome_column=data.outcome_column,
+        upload,
+        columns=columns,
         start=data.period_start,
         end=data.period_end,
         max_bytes=settings.population_max_bytes,
@@ -331,19 +324,6 @@ def population_record(job: RetroTest, *, population: Population, lookback_days: 
         "lookback_days": lookback_days,
         "sha256": hashlib.sha256(population.parquet).hexdigest(),
     }
-
-
-def get_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> RetroTest:
-    """The job with its partner and files loaded, or NotFound (also when it is another account manager's)."""
-    job = session.scalars(
-        select(RetroTest)
-        .where(RetroTest.id == job_id)
-        .options(joinedload(RetroTest.partner), selectinload(RetroTest.files))
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    if job is None or not scope.allows(job.partner_id):
-        raise NotFound(f"no retro test with id {job_id}")
-    return job
 
 
 # What the public view of a job shows (app/retro_tests/router.py job_view), read as plain rows rather than ORM
@@ -488,33 +468,6 @@ def request_cancel(*, session: Session, job_id: uuid.UUID, actor: str, scope: Pa
     return job
 
 
-def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_message: str | None = None) -> None:
-    """Move a job to a new state, recording when the stage started; refuse moves the machine does not allow."""
-    restart = job.state in RUNNING_STATES and to == State.resolving  # a redelivered job starts its stages again
-    if to not in TRANSITIONS[job.state] and not restart and to != job.state:
-        raise Conflict(f"retro test {job.id} cannot go from {job.state.value} to {to.value}")
-    now = utcnow()
-    _observe_stage(job, now)
-    job.state = to
-    job.stage_started = {**(job.stage_started or {}), to.value: now.isoformat()}
-    if to in TERMINAL_STATES:
-        job.finished_at = now
-        job.error_code = error_code
-        job.error_message = error_message
-
-
-def _observe_stage(job: RetroTest, now: datetime) -> None:
-    """Record how long the job spent in the stage it is leaving (queued or a running stage)."""
-    started = (job.stage_started or {}).get(job.state.value) if job.state is not None else None
-    if started is None or job.state in TERMINAL_STATES:
-        return
-    try:
-        seconds = (now - datetime.fromisoformat(started)).total_seconds()
-    except (TypeError, ValueError):
-        return
-    STAGE_SECONDS.labels(job.state.value).observe(max(0.0, seconds))
-
-
 def fail_unqueued(*, session: Session, job_id: uuid.UUID, reason: str) -> None:
     """Mark a job that could not be sent to the workers as failed, so it is not left queued forever."""
     job = get_retro_test(session=session, job_id=job_id, scope=ALL_PARTNERS)
@@ -523,8 +476,3 @@ def fail_unqueued(*, session: Session, job_id: uuid.UUID, reason: str) -> None:
             job, State.failed, error_code="queue_unavailable", error_message=f"the job queue refused the job: {reason}"
         )
     session.flush()
-
-
-def job_prefix(job: RetroTest) -> str:
-    """Results folder of a job, under its partner's folder so storage policies can follow partners."""
-    return f"{job.partner_id}/{job.id}"

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from app.config import get_settings
-from app.retro_tests.models import TERMINAL_STATES, State
+from app.core.jobs import TERMINAL_STATES, State
 from app.retro_tests.schemas import RetroTestOut
 from app.retro_tests.service import JobRead, ViewRow
 

@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.auth.models import Role, User
 from app.auth.schemas import UserCreate, UserUpdate
-from app.auth.scope import ALL_PARTNERS
+from app.core.partners import Partner
+from app.core.scope import ALL_PARTNERS
 from app.db import get_session
 from app.errors import AppError
 from app.partners import service as partners
-from app.partners.models import Partner
 from app.partners.schemas import PartnerCreate, PartnerUpdate
 from app.web.deps import (
     NO_FEEDBACK,

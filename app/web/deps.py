@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.auth.deps import SAFE_METHODS, csrf_matches, csrf_token, session_user
 from app.auth.models import User
-from app.auth.scope import PartnerScope
 from app.config import Settings, get_settings
+from app.core.scope import PartnerScope
 from app.db import get_session, release_connection
 from app.errors import AppError, Forbidden, Unauthorized
 from app.web.templating import templates

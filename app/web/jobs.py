@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.config import Settings
+from app.core.jobs import TERMINAL_STATES, State, get_retro_test
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
@@ -29,10 +30,9 @@ from app.partners import service as partners
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
-from app.retro_tests.models import TERMINAL_STATES, State
-from app.retro_tests.population import read_upload
+from app.retro_tests.population import PopulationUpload, read_upload
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
-from app.retro_tests.service import PopulationUpload
+from app.retro_tests.service import RetroTestRequest
 from app.retro_tests.views import files_url, job_out
 from app.validation import QueryInt
 from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser, csrf_guard, form_errors, render
@@ -287,11 +287,8 @@ def submit_job(
             session=web.session,
             registry=registry,
             settings=web.settings,
-            data=data,
-            actor=web.user.username,
-            scope=web.scope,
+            request=RetroTestRequest(data=data, actor=web.user.username, scope=web.scope, upload=upload),
             history=get_history_source(),
-            upload=upload,
             store=store,
         )
     except (ValidationError, AppError) as exc:
@@ -410,7 +407,7 @@ def links_section(job_id: uuid.UUID) -> RedirectResponse:
 def create_link(job_id: uuid.UUID, web: WebPage, expires_in_days: Annotated[int, Form(ge=1, le=3650)] = 7) -> Response:
     """Make a partner link, then show it once on the job page (post, redirect, get: a reload makes no second link)."""
     settings = web.settings
-    job = retro_tests.get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
+    job = get_retro_test(session=web.session, job_id=job_id, scope=web.scope)
     try:
         link, token = links.create_link(
             session=web.session,
@@ -439,7 +436,7 @@ def revoke_link(
     scope: WebScope,
     session: Annotated[Session, Depends(get_session)],
 ) -> RedirectResponse:
-    job = retro_tests.get_retro_test(session=session, job_id=job_id, scope=scope)
+    job = get_retro_test(session=session, job_id=job_id, scope=scope)
     links.revoke_link(session=session, job_id=job.id, link_id=link_id, actor=user.username)
     session.commit()
     return RedirectResponse(f"/jobs/{job_id}#links-heading", status_code=303)

@@ -482,8 +482,8 @@ def holder_pid(job_id: str) -> int | None:
     """The process holding the job's lease (a worker's pool process), from the job's lease_holder (host:pid)."""
     import uuid
 
+    from app.core.jobs import RetroTest
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest
 
     with get_session_factory()() as s:
         job = s.get(RetroTest, uuid.UUID(job_id))

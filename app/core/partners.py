@@ -1,3 +1,5 @@
+"""The partner row: every job belongs to one, and a caller's scope is a set of them."""
+
 from __future__ import annotations
 
 import uuid

@@ -1,0 +1,53 @@
+"""The job's state machine: which moves are allowed, and the one function that makes them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from app.clock import utcnow
+from app.core.jobs import RUNNING_STATES, TERMINAL_STATES, RetroTest, State
+from app.errors import Conflict
+from app.metrics import STAGE_SECONDS
+
+# Allowed moves of the state machine; anything else is a bug or a race that must not win.
+TRANSITIONS: dict[State, tuple[State, ...]] = {
+    State.queued: (State.resolving, State.cancelled, State.failed),
+    State.resolving: (State.extracting, State.cancelled, State.failed),
+    # publishing: every chunk was scored by an earlier attempt; deploying: the worker's own packages serve the model
+    State.extracting: (State.preparing_environment, State.deploying, State.publishing, State.cancelled, State.failed),
+    State.preparing_environment: (State.deploying, State.cancelled, State.failed),
+    State.deploying: (State.validating, State.cancelled, State.failed),
+    State.validating: (State.scoring, State.cancelled, State.failed),
+    State.scoring: (State.publishing, State.deploying, State.cancelled, State.failed),  # deploying: re-created
+    State.publishing: (State.succeeded, State.cancelled, State.failed),
+    State.succeeded: (),
+    State.failed: (),
+    State.cancelled: (),
+}
+
+
+def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_message: str | None = None) -> None:
+    """Move a job to a new state, recording when the stage started; refuse moves the machine does not allow."""
+    restart = job.state in RUNNING_STATES and to == State.resolving  # a redelivered job starts its stages again
+    if to not in TRANSITIONS[job.state] and not restart and to != job.state:
+        raise Conflict(f"retro test {job.id} cannot go from {job.state.value} to {to.value}")
+    now = utcnow()
+    _observe_stage(job, now)
+    job.state = to
+    job.stage_started = {**(job.stage_started or {}), to.value: now.isoformat()}
+    if to in TERMINAL_STATES:
+        job.finished_at = now
+        job.error_code = error_code
+        job.error_message = error_message
+
+
+def _observe_stage(job: RetroTest, now: datetime) -> None:
+    """Record how long the job spent in the stage it is leaving (queued or a running stage)."""
+    started = (job.stage_started or {}).get(job.state.value) if job.state is not None else None
+    if started is None or job.state in TERMINAL_STATES:
+        return
+    try:
+        seconds = (now - datetime.fromisoformat(started)).total_seconds()
+    except (TypeError, ValueError):
+        return
+    STAGE_SECONDS.labels(job.state.value).observe(max(0.0, seconds))

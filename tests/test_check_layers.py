@@ -1,0 +1,141 @@
+"""scripts/check_layers.py, the layer rules lint.sh holds app/ and worker/ to: it passes on this repository and
+fails on a planted import cycle, a planted import upward from app.core, or a planted function with 7 parameters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = ROOT / "scripts" / "check_layers.py"
+
+
+def check(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(CHECK), str(root)], capture_output=True, text=True, timeout=120)
+
+
+def plant(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    for top in ("app", "worker"):
+        (root / top).mkdir(exist_ok=True)
+        (root / top / "__init__.py").touch()
+
+
+def test_the_repository_keeps_its_layers() -> None:
+    result = check(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no import cycle" in result.stdout
+
+
+# The import back from beta to alpha, written in each way that hides it from a reader but not from the check.
+BACK_EDGES = {
+    "top level": "from app.alpha.service import run\n",
+    "in a function": "def late():\n    from app.alpha import service\n\n    return service\n",
+    "type checking only": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from app.alpha.service import run\n",
+    "relative": "from ..alpha import service\n",
+    "from the top package": "from app import alpha\n",
+}
+
+
+@pytest.mark.parametrize("back", BACK_EDGES.values(), ids=BACK_EDGES.keys())
+def test_a_planted_cycle_fails_and_names_the_imports(tmp_path: Path, back: str) -> None:
+    plant(
+        tmp_path,
+        {
+            "app/alpha/__init__.py": "",
+            "app/alpha/service.py": "from app.beta.models import Thing\n\n\ndef run() -> Thing:\n    return Thing()\n",
+            "app/beta/__init__.py": "",
+            "app/beta/models.py": "class Thing:\n    pass\n",
+            "app/beta/views.py": back,
+        },
+    )
+    result = check(tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "import cycle between packages: app.alpha <-> app.beta" in result.stdout
+    assert "app/alpha/service.py:1: app.alpha imports app.beta" in result.stdout
+    assert "app/beta/views.py" in result.stdout
+
+
+def test_a_cycle_through_worker_and_app_fails_and_downward_imports_pass(tmp_path: Path) -> None:
+    files = {
+        "app/contract.py": "X = 1\n",
+        "app/feature/__init__.py": "from app.contract import X\n",
+        "worker/run.py": "from app.feature import X\n",
+        "worker/pipeline.py": "from worker.run import X\nimport app.contract\n",
+    }
+    plant(tmp_path, files)
+    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+
+    plant(tmp_path, {"app/contract.py": "X = 1\n\n\ndef tasks():\n    import worker.pipeline\n"})
+    result = check(tmp_path)
+    assert result.returncode == 1
+    assert "app.contract <-> app.feature <-> worker.pipeline <-> worker.run" in result.stdout
+
+
+def test_an_import_upward_from_the_core_fails_without_a_cycle(tmp_path: Path) -> None:
+    files = {
+        "app/db.py": "Base = object\n",
+        "app/core/__init__.py": "",
+        "app/core/jobs.py": "from app.db import Base\n",
+        "app/retro_tests/__init__.py": "",
+        "app/retro_tests/service.py": "def submit():\n    pass\n",
+    }
+    plant(tmp_path, files)
+    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+
+    plant(
+        tmp_path,
+        {"app/core/jobs.py": "from app.db import Base\n\n\ndef late():\n    from app.retro_tests import service\n"},
+    )
+    result = check(tmp_path)
+    assert result.returncode == 1
+    assert "import cycle" not in result.stdout
+    assert "app.core is below app.retro_tests and may not import it: app/core/jobs.py:5" in result.stdout
+
+
+def test_a_planted_function_with_seven_parameters_fails(tmp_path: Path) -> None:
+    allowed = """
+        import typer
+        from fastapi import APIRouter
+
+        router = APIRouter()
+        app = typer.Typer()
+
+
+        def six(a, b, c, d, e, f, *args, **kwargs):
+            pass
+
+
+        class Service:
+            def method(self, a, b, c, *, d, e, f):
+                pass
+
+            @classmethod
+            def build(cls, a, b, c, d, e, f):
+                pass
+
+
+        @router.post("/jobs")
+        def route(a, b, c, d, e, f, g):
+            pass
+
+
+        @app.command()
+        def command(a, b, c, d, e, f, g):
+            pass
+        """
+    plant(tmp_path, {"app/allowed.py": allowed})
+    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+
+    plant(tmp_path, {"worker/stage.py": "class Stage:\n    def run(self, a, b, /, c, d, *, e, f, g):\n        pass\n"})
+    result = check(tmp_path)
+    assert result.returncode == 1
+    assert "worker/stage.py:2 run (7 parameters)" in result.stdout
+    assert "allowed.py" not in result.stdout
