@@ -317,7 +317,7 @@ def _server_config(resources: CustomResources) -> str:
     pod = (config.get("spec") or {}).get("podSpec") or {}
     images = [f"{c.get('name')}={c.get('image')}" for c in pod.get("containers") or []]
     claims = [
-        f"{(t.get('metadata') or {}).get('name')} "
+        f"{t.get('name') or (t.get('metadata') or {}).get('name')} "
         f"{(((t.get('spec') or {}).get('resources') or {}).get('requests') or {}).get('storage', '?')}"
         for t in (config.get("spec") or {}).get("volumeClaimTemplates") or []
     ]
