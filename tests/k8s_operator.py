@@ -10,6 +10,14 @@ resource's modelUri/storageUri (LocalMLServerDeployer) and patches the resource'
 would (Seldon v1: state Available + address; Seldon v2: Ready condition; KServe: Ready condition + url), or
 Failed with a message when a test scripts that. When the resource is deleted it stops the MLServer.
 
+It is no more lenient than the platforms (issue 27), each rule citing its upstream source where it is applied:
+Pod Security "restricted" refuses a pod of ours with the admission controller's message as a FailedCreate event;
+KServe in Serverless mode refuses init containers unless Knative's kubernetes.podspec-init-containers is enabled
+(an InternalError event); a KServe predictor's MLServer listens where the runtime's environment says (8080, 9000),
+so gRPC sent to another declared port is refused; a crashing container's status carries its log's end only with
+terminationMessagePolicy FallbackToLogsOnError; a Seldon v2 Server gets its ServerConfig's volume claims, kept after
+it unless its retention policy says Delete. install_cluster() creates the settings these rules read.
+
 Its gateway is the network in front of the model servers:
   /gateway/{namespace}/{name}/...  one deployment, like an ingress path (RETRO_K8S_ENDPOINT_TEMPLATE); for
                                    Seldon v1 with protocol "seldon" it answers /api/v1.0/predictions as Seldon's
