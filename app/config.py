@@ -131,6 +131,22 @@ class Settings(BaseSettings):
     k8s_env_builder_image: str = "ghcr.io/astral-sh/uv:debian-slim"
     k8s_env_index_url: str = ""  # UV_INDEX_URL in the init container; empty means PyPI
     k8s_env_python_mirror: str = ""  # UV_PYTHON_INSTALL_MIRROR in the init container; empty means GitHub
+    # Closed clusters (deploy/README.md "Closed clusters"): what a container that fetches (the init containers we
+    # add) needs to get out, and what every pod needs to pull its images. The proxy variables go to those
+    # containers as HTTP_PROXY/HTTPS_PROXY/NO_PROXY (and lower case); the CA bundle is a ConfigMap in
+    # RETRO_K8S_NAMESPACE, mounted and named by SSL_CERT_FILE (uv, Python's ssl) and REQUESTS_CA_BUNDLE.
+    k8s_http_proxy: str = ""
+    k8s_https_proxy: str = ""
+    k8s_no_proxy: str = ""
+    k8s_ca_bundle_configmap: str = ""
+    k8s_ca_bundle_key: str = "ca.crt"
+    k8s_image_pull_secrets: list[str] = []  # Secret names, for every pod's imagePullSecrets
+    # The user an init container we add runs as: Pod Security "restricted" needs runAsNonRoot, and uv's image runs
+    # as root unless told otherwise.
+    k8s_run_as_user: int = Field(default=1000, ge=1)
+    # KServe: the serving.kserve.io/deploymentMode annotation (Serverless, RawDeployment; newer KServe also
+    # Knative, Standard); empty leaves the cluster's default (inferenceservice-config, usually Serverless).
+    kserve_deployment_mode: Literal["", "Serverless", "RawDeployment", "Knative", "Standard"] = ""
     seldon_protocol: Literal["v2", "seldon"] = "v2"
     # Where to reach a deployment: a template with {name} and {namespace}; empty means the in-cluster service.
     k8s_endpoint_template: str = ""

@@ -10,6 +10,14 @@ resource's modelUri/storageUri (LocalMLServerDeployer) and patches the resource'
 would (Seldon v1: state Available + address; Seldon v2: Ready condition; KServe: Ready condition + url), or
 Failed with a message when a test scripts that. When the resource is deleted it stops the MLServer.
 
+It is no more lenient than the platforms (issue 27), each rule citing its upstream source where it is applied:
+Pod Security "restricted" refuses a pod of ours with the admission controller's message as a FailedCreate event;
+KServe in Serverless mode refuses init containers unless Knative's kubernetes.podspec-init-containers is enabled
+(an InternalError event); a KServe predictor's MLServer listens where the runtime's environment says (8080, 9000),
+so gRPC sent to another declared port is refused; a crashing container's status carries its log's end only with
+terminationMessagePolicy FallbackToLogsOnError; a Seldon v2 Server gets its ServerConfig's volume claims, kept after
+it unless its retention policy says Delete. install_cluster() creates the settings these rules read.
+
 Its gateway is the network in front of the model servers:
   /gateway/{namespace}/{name}/...  one deployment, like an ingress path (RETRO_K8S_ENDPOINT_TEMPLATE); for
                                    Seldon v1 with protocol "seldon" it answers /api/v1.0/predictions as Seldon's
@@ -29,10 +37,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +63,7 @@ from app.integrations.k8s_deployers import (
     SELDON_DEPLOYMENT,
     SELDON_MODEL,
     SELDON_SERVER,
+    SELDON_SERVER_CONFIG,
     ResourceKind,
 )
 from app.integrations.protocols import GRPC_MODEL_INFER
@@ -62,11 +73,22 @@ from app.integrations.v2_grpc import inference_pb2
 log = logging.getLogger(__name__)
 
 KINDS = (SELDON_DEPLOYMENT, SELDON_MODEL, INFERENCE_SERVICE)  # what the operator serves models for
-# Seldon v2 Servers exist in the emulator and are left as created: a test reports their status itself.
-EMULATED_KINDS = (*KINDS, SELDON_SERVER)
-# Core objects: the storage Secrets and ServiceAccounts a test creates, the pods the operator reports.
-CORE_RESOURCES = ("pods", "secrets", "serviceaccounts")
-CORE_KINDS = {"pods": "Pod", "secrets": "Secret", "serviceaccounts": "ServiceAccount"}
+# Seldon v2 Servers: the operator makes their pods' volume claims, admits or refuses their pods, and leaves their
+# status to the test, which reports it itself. ServerConfigs are the cluster's (install_cluster).
+EMULATED_KINDS = (*KINDS, SELDON_SERVER, SELDON_SERVER_CONFIG)
+# Core objects: the storage Secrets and ServiceAccounts a test creates, the pods, events and volume claims the
+# operator makes, the cluster's settings (ConfigMaps).
+CORE_RESOURCES = ("pods", "secrets", "serviceaccounts", "configmaps", "events", "persistentvolumeclaims")
+CORE_KINDS = {
+    "pods": "Pod",
+    "secrets": "Secret",
+    "serviceaccounts": "ServiceAccount",
+    "configmaps": "ConfigMap",
+    "events": "Event",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+}
+# What the cluster is made of, or its history (events outlive their objects), rather than what a deployment leaves.
+SETUP_RESOURCES = ("secrets", "serviceaccounts", "configmaps", "serverconfigs", "events")
 
 
 class ApiServer:
@@ -120,13 +142,13 @@ class ApiServer:
         return {**review, "status": {"allowed": allowed}}
 
     def objects(self) -> list[tuple[str, str, str]]:
-        """(plural, namespace, name) of every object that exists now, but the storage Secrets and ServiceAccounts."""
+        """(plural, namespace, name) of every object that exists now, but the cluster's own (SETUP_RESOURCES)."""
 
         async def read() -> list[tuple[str, str, str]]:
             return sorted(
                 (resource.plural, namespace, name)
                 for (resource, namespace, name), obj in self._emulator.objects.items()
-                if not obj.deleted and resource.plural not in ("secrets", "serviceaccounts")
+                if not obj.deleted and resource.plural not in SETUP_RESOURCES
             )
 
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
@@ -157,7 +179,16 @@ class NoCapacity:
     freed: threading.Event
 
 
-Script = Fail | Hang | NoCapacity
+@dataclass(frozen=True)
+class Crash:
+    """The first container we added to the deployment's pod (an init container if there is one) exits with this log;
+    the kubelet reports it as the container's terminationMessagePolicy says (see container_terminated)."""
+
+    log: str
+    exit_code: int = 1
+
+
+Script = Fail | Hang | NoCapacity | Crash
 
 
 @dataclass(frozen=True)
@@ -181,11 +212,15 @@ class TestOperator:
         cfg.host = api_url
         self._api = client.CustomObjectsApi(client.ApiClient(cfg))
         self._core = client.CoreV1Api(self._api.api_client)
-        self._servers = LocalMLServerDeployer(work_dir=work_dir)
+        self._servers = RuntimeServers(work_dir=work_dir)
+        # The namespace's Pod Security level (its pod-security.kubernetes.io/enforce label): "restricted" or "".
+        self.enforce = "restricted"
+        self._server_objects: dict[str, dict[str, Any]] = {}  # Seldon v2 Servers seen, by name
         self._fetch_dir = work_dir.with_name(work_dir.name + "-fetched")  # where the downloaders put models
         self.scripts: dict[str, Script] = {}
         self.seen: dict[str, dict[str, Any]] = {}  # the last spec and labels seen per name, for assertions
         self.mesh_requests: list[tuple[str, str | None]] = []  # (path, Seldon-Model header) at the mesh
+        self.events: list[dict[str, Any]] = []  # every Warning event the operator recorded
         self._live: dict[str, Seen] = {}
         self._backends: dict[str, Deployment] = {}
         self._generations: defaultdict[str, int] = defaultdict(int)
@@ -196,18 +231,27 @@ class TestOperator:
         self.grpc_ingress = GrpcGateway(self, mesh=False)
         self.grpc_mesh = GrpcGateway(self, mesh=True)
         self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True) for kind in KINDS]
+        self._threads.append(
+            threading.Thread(target=self._run, args=(SELDON_SERVER, self._on_server_event), daemon=True)
+        )
         for t in self._threads:
             t.start()
 
     # Watching, as an informer does: list, then watch until the window ends, then list again.
-    def _run(self, kind: ResourceKind) -> None:
+    def _run(
+        self, kind: ResourceKind, on_event: Callable[[ResourceKind, str, dict[str, Any]], None] | None = None
+    ) -> None:
         import urllib3
         from kubernetes import watch
 
+        handle = on_event or self._on_event
         while not self._stopping.is_set():
             try:
                 listed = self._api.list_custom_object_for_all_namespaces(kind.group, kind.version, kind.plural)
-                self._reconcile(kind, listed.get("items") or [])
+                if on_event is None:
+                    self._reconcile(kind, listed.get("items") or [])
+                else:
+                    self._reconcile_servers(listed.get("items") or [])
                 w = watch.Watch()
                 for event in w.stream(
                     self._api.list_custom_object_for_all_namespaces,
@@ -217,7 +261,7 @@ class TestOperator:
                     timeout_seconds=1,
                     _request_timeout=(5, 1),
                 ):
-                    self._on_event(kind, event["type"], event["raw_object"])
+                    handle(kind, event["type"], event["raw_object"])
                     if self._stopping.is_set():
                         break
             except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
@@ -265,6 +309,8 @@ class TestOperator:
     def _provision(self, name: str, seen: Seen) -> None:
         kind, obj = seen.kind, seen.obj
         self._patch_status(kind, name, progressing_status(kind))
+        if not self._admitted(kind, obj):
+            return
         script = self.scripts.get(name)
         if isinstance(script, Hang):
             return
@@ -273,6 +319,9 @@ class TestOperator:
             self._patch_status(kind, name, failed_status(kind, script.message))
             return
         if isinstance(script, NoCapacity) and not self._wait_for_capacity(kind, obj, seen, script):
+            return
+        if isinstance(script, Crash) and kind != SELDON_MODEL:
+            self._crash(kind, obj, script)
             return
         server = obj["spec"].get("server") if kind == SELDON_MODEL else None
         if server and not self._wait_for_server(server, name, seen):
@@ -286,6 +335,8 @@ class TestOperator:
         model = ModelVersionInfo(
             name=name, version="1", run_id=None, source=str(local), artifact_uri=str(local), inputs=(), outputs=()
         )
+        if kind == INFERENCE_SERVICE:
+            self._servers.plan(name, kserve_container_ports(obj))
         try:
             deployment = self._servers.start(name=name, job_id=name, model=model)
             self._servers.wait_ready(
@@ -375,6 +426,7 @@ class TestOperator:
     def _teardown(self, name: str) -> None:
         with self._lock:
             self._backends.pop(name, None)
+        self._servers.forget(name)
         self._servers.stop(name)
         shutil.rmtree(self._fetch_dir / name, ignore_errors=True)
         namespace = self.seen[name]["metadata"]["namespace"]
@@ -395,6 +447,185 @@ class TestOperator:
             if exc.status != 404:  # deleted meanwhile
                 raise
 
+    # What the platform under each operator does before a pod runs.
+    def _admitted(self, kind: ResourceKind, obj: dict[str, Any]) -> bool:
+        """Whether the operator's pod (or Knative revision) gets created; if not, the Warning event that says why."""
+        meta = obj["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        if kind == SELDON_MODEL:
+            return True  # a Model has no pod of its own: its Server's is admitted in _on_server_event
+        if kind == INFERENCE_SERVICE:
+            refused = self._knative_refusal(obj)
+            if refused:
+                # kserve/kserve pkg/controller/v1beta1/inferenceservice/controller.go (v0.15.2): a component's
+                # reconcile error becomes a Warning event "InternalError" on the InferenceService, nothing else.
+                self._event(namespace, "InferenceService", name, "InternalError", refused)
+                return False
+        pod, ours = pod_of(kind, obj)
+        violations = restricted_violations(pod, ours) if self.enforce == "restricted" else ""
+        if violations:
+            owner, pod_name = replica_set_of(kind, obj)
+            # kubernetes/kubernetes pkg/controller/controller_utils.go (v1.30): the ReplicaSet controller reports a
+            # pod the API server refused as a Warning "FailedCreate" event, "Error creating: <the refusal>".
+            message = f'Error creating: pods "{pod_name}" is forbidden: {violations}'
+            self._event(namespace, "ReplicaSet", owner, "FailedCreate", message)
+            return False
+        return True
+
+    def _knative_refusal(self, obj: dict[str, Any]) -> str:
+        """Why Knative's webhook refuses the Serverless InferenceService's revision, or ""."""
+        predictor = obj["spec"]["predictor"]
+        if deployment_mode(self._core, obj) not in ("Serverless", "Knative") or not predictor.get("initContainers"):
+            return ""
+        features = self._config_map("knative-serving", "config-features")
+        if features.get("kubernetes.podspec-init-containers", "disabled") == "enabled":
+            return ""
+        # knative/serving pkg/apis/serving/k8s_validation.go (v1.15): a field behind a disabled feature flag is
+        # refused by the webhook with "must not set the field(s)"; KServe's ksvc reconciler returns that error.
+        return (
+            'fails to reconcile predictor: admission webhook "validation.webhook.serving.knative.dev" denied the '
+            "request: validation failed: must not set the field(s): spec.template.spec.initContainers"
+        )
+
+    def _crash(self, kind: ResourceKind, obj: dict[str, Any], script: Crash) -> None:
+        """The pod whose first container of ours keeps exiting, as the kubelet reports it."""
+        meta = obj["metadata"]
+        pod, _ = pod_of(kind, obj)
+        self._core.create_namespaced_pod(meta["namespace"], crashing_pod(kind, meta["name"], pod, script))
+
+    def _on_server_event(self, kind: ResourceKind, event: str, obj: dict[str, Any]) -> None:
+        """Seldon v2's operator for a Server: a StatefulSet whose pods get the ServerConfig's volume claims."""
+        name = obj["metadata"]["name"]
+        with self._lock:
+            known = name in self._server_objects
+            if event in ("ADDED", "MODIFIED") and not known:
+                self._server_objects[name] = obj
+            elif event == "DELETED" and known:
+                obj = self._server_objects.pop(name)
+            else:
+                return
+        work = (lambda: self._provision_server(obj)) if event != "DELETED" else (lambda: self._teardown_server(obj))
+        self._submit("server:" + name, work)
+
+    def _reconcile_servers(self, items: list[dict[str, Any]]) -> None:
+        names = {o["metadata"]["name"] for o in items}
+        for obj in items:
+            self._on_server_event(SELDON_SERVER, "ADDED", obj)
+        with self._lock:
+            gone = [o for n, o in self._server_objects.items() if n not in names]
+        for obj in gone:
+            self._on_server_event(SELDON_SERVER, "DELETED", obj)
+
+    def _provision_server(self, server: dict[str, Any]) -> None:
+        meta = server["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        config = self._server_config(namespace, server["spec"].get("serverConfig") or "mlserver")
+        replicas = int(server["spec"].get("replicas") or 1)
+        # kubernetes/kubernetes pkg/controller/statefulset/stateful_set_utils.go (v1.30), getPersistentVolumeClaimName:
+        # each replica's claim is "<template name>-<StatefulSet name>-<ordinal>", made before its pod.
+        for template in (config.get("spec") or {}).get("volumeClaimTemplates") or []:
+            for ordinal in range(replicas):
+                claim = {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {
+                        "name": f"{template['name']}-{name}-{ordinal}",
+                        "labels": {"seldon-server-name": name},
+                    },
+                    "spec": template.get("spec") or {},
+                }
+                self._core.create_namespaced_persistent_volume_claim(namespace, claim)
+        pod = merged_server_pod(config, server)
+        ours = server_containers_of_ours(server, pod)
+        violations = restricted_violations(pod, ours) if self.enforce == "restricted" else ""
+        if violations:
+            # kubernetes/kubernetes pkg/controller/statefulset/stateful_pod_control.go (v1.30): a refused pod is a
+            # Warning "FailedCreate" event on the StatefulSet, "create Pod <pod> in StatefulSet <set> failed error: ..."
+            message = (
+                f'create Pod {name}-0 in StatefulSet {name} failed error: pods "{name}-0" is forbidden: {violations}'
+            )
+            self._event(namespace, "StatefulSet", name, "FailedCreate", message)
+            return
+        script = self.scripts.get(name)
+        if isinstance(script, Crash):
+            self._core.create_namespaced_pod(namespace, crashing_pod(SELDON_SERVER, name, pod, script))
+
+    def _teardown_server(self, server: dict[str, Any]) -> None:
+        """The StatefulSet goes with the Server; its claims only when the retention policy says Delete."""
+        meta = server["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        # kubernetes/kubernetes pkg/controller/statefulset/stateful_set_control.go (v1.30): claims are deleted with
+        # the set only under persistentVolumeClaimRetentionPolicy.whenDeleted: Delete; the default is Retain.
+        # seldon-core operator/controllers/reconcilers/server/statefulset_reconciler.go (v2.8.5) passes the
+        # Server's statefulSetPersistentVolumeClaimRetentionPolicy through.
+        policy = server["spec"].get("statefulSetPersistentVolumeClaimRetentionPolicy") or {}
+        for pod in self._core.list_namespaced_pod(namespace).items or []:
+            if (pod.metadata.labels or {}).get("seldon-server-name") == name:
+                self._core.delete_namespaced_pod(pod.metadata.name, namespace)
+        if policy.get("whenDeleted") != "Delete":
+            return
+        for claim in self._core.list_namespaced_persistent_volume_claim(namespace).items or []:
+            if (claim.metadata.labels or {}).get("seldon-server-name") == name:
+                self._core.delete_namespaced_persistent_volume_claim(claim.metadata.name, namespace)
+
+    def _server_config(self, namespace: str, name: str) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        k = SELDON_SERVER_CONFIG
+        try:
+            found: dict[str, Any] = self._api.get_namespaced_custom_object(
+                k.group, k.version, namespace, k.plural, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
+        return found
+
+    def _config_map(self, namespace: str, name: str) -> dict[str, str]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return dict(self._core.read_namespaced_config_map(name, namespace).data or {})
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
+
+    def _event(self, namespace: str, kind: str, name: str, reason: str, message: str) -> None:
+        """A Warning event about an object, as a controller records it."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {"kind": kind, "name": name, "namespace": namespace},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": "test-operator"},
+        }
+        self._core.create_namespaced_event(namespace, body)
+        self.events.append(body)
+
+    def install_cluster(self, namespace: str) -> None:
+        """The cluster's own settings, as each project's release installs them (see the constants' sources)."""
+        for ns, config_name, data in (
+            ("kserve", "inferenceservice-config", INFERENCESERVICE_CONFIG),
+            ("knative-serving", "config-features", KNATIVE_FEATURES),
+        ):
+            body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": config_name}, "data": data}
+            self._core.create_namespaced_config_map(ns, body)
+        k = SELDON_SERVER_CONFIG
+        self._api.create_namespaced_custom_object(k.group, k.version, namespace, k.plural, MLSERVER_SERVER_CONFIG)
+
+    def set_cluster_config(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Change one of the cluster's ConfigMaps (a test switches KServe's default mode or a Knative flag)."""
+        self._core.patch_namespaced_config_map(name, namespace, {"data": data})
+
     # For tests.
     def backend(self, name: str) -> str | None:
         with self._lock:
@@ -404,7 +635,12 @@ class TestOperator:
     def grpc_backend(self, name: str) -> str | None:
         with self._lock:
             deployment = self._backends.get(name)
-        return deployment.grpc_target if deployment else None
+            seen = self._live.get(name)
+        if deployment is None:
+            return None
+        if seen is not None and seen.kind == INFERENCE_SERVICE:
+            return self._servers.route(name, declared_grpc_port(seen.obj))
+        return deployment.grpc_target
 
     def model_servers(self) -> list[str]:
         """Names of the MLServers the operator still runs (or has files for)."""
@@ -438,6 +674,298 @@ def _logged(work: Callable[[], None]) -> Callable[[], None]:
             log.exception("test operator: a reconcile step failed")
 
     return run
+
+
+# The cluster's settings, as the releases install them.
+# kserve/kserve config/configmap/inferenceservice.yaml (v0.15.2): key "deploy", Serverless by default.
+INFERENCESERVICE_CONFIG = {"deploy": json.dumps({"defaultDeploymentMode": "Serverless"})}
+# knative/serving config/core/configmaps/features.yaml (v1.15): init containers off, emptyDir on, pod-level
+# securityContext off.
+KNATIVE_FEATURES = {
+    "kubernetes.podspec-init-containers": "disabled",
+    "kubernetes.podspec-volumes-emptydir": "enabled",
+    "kubernetes.podspec-securitycontext": "disabled",
+}
+# SeldonIO/seldon-core operator/config/serverconfigs/mlserver.yaml (v2.8.5): the parts the rules here read (the
+# mlserver container, the pod's securityContext, the models claim); rclone and agent are the installation's.
+MLSERVER_SERVER_CONFIG: dict[str, Any] = {
+    "apiVersion": SELDON_SERVER_CONFIG.api_version,
+    "kind": SELDON_SERVER_CONFIG.kind,
+    "metadata": {"name": "mlserver"},
+    "spec": {
+        "podSpec": {
+            "containers": [
+                {
+                    "name": "mlserver",
+                    "image": "mlserver:latest",
+                    "env": [
+                        {"name": "MLSERVER_HTTP_PORT", "value": "9000"},
+                        {"name": "MLSERVER_GRPC_PORT", "value": "9500"},
+                        {"name": "MLSERVER_MODELS_DIR", "value": "/mnt/agent/models"},
+                        {"name": "MLSERVER_MODEL_PARALLEL_WORKERS", "value": "1"},
+                        {"name": "MLSERVER_LOAD_MODELS_AT_STARTUP", "value": "false"},
+                    ],
+                    "volumeMounts": [{"mountPath": "/mnt/agent", "name": "mlserver-models", "readOnly": True}],
+                }
+            ],
+            "securityContext": {"fsGroup": 2000, "runAsUser": 1000, "runAsNonRoot": True},
+        },
+        "volumeClaimTemplates": [
+            {
+                "name": "mlserver-models",
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+        ],
+    },
+}
+# kserve/kserve config/runtimes/kserve-mlserver.yaml (v0.15.2 to v0.20.0): the kserve-container's environment and
+# securityContext, which the predictor's model container is merged over.
+KSERVE_RUNTIME_CONTAINER: dict[str, Any] = {
+    "name": "kserve-container",
+    "env": [
+        {"name": "MLSERVER_HTTP_PORT", "value": "8080"},
+        {"name": "MLSERVER_GRPC_PORT", "value": "9000"},
+        {"name": "MODELS_DIR", "value": "/mnt/models"},
+    ],
+    "securityContext": {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    },
+}
+
+
+def merged_container(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Our container over the operator's, as a strategic merge: env by name, securityContext field by field."""
+    merged = {**base, **ours}
+    env = {e["name"]: e for e in base.get("env") or []}
+    env.update({e["name"]: e for e in ours.get("env") or []})
+    if env:
+        merged["env"] = list(env.values())
+    if base.get("securityContext") or ours.get("securityContext"):
+        merged["securityContext"] = {**(base.get("securityContext") or {}), **(ours.get("securityContext") or {})}
+    return merged
+
+
+def pod_of(kind: ResourceKind, obj: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The pod spec the operator creates for the resource, and which of its containers are ours (merged)."""
+    if kind == SELDON_DEPLOYMENT:
+        pod = dict(obj["spec"]["predictors"][0]["componentSpecs"][0]["spec"])
+        return pod, list(pod.get("containers") or [])
+    predictor = dict(obj["spec"]["predictor"])
+    container = merged_container(KSERVE_RUNTIME_CONTAINER, predictor.get("model") or {})
+    pod = {k: v for k, v in predictor.items() if k != "model"}
+    pod["containers"] = [container]
+    return pod, [container]
+
+
+def merged_server_pod(config: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """A Seldon v2 Server's pod: the ServerConfig's pod spec with the Server's podSpec merged over it (containers by
+    name; seldon-core operator/controllers/reconcilers/server, v2.8.5)."""
+    base = dict(((config.get("spec") or {}).get("podSpec")) or {})
+    ours = dict(server["spec"].get("podSpec") or {})
+    containers = {c["name"]: c for c in base.get("containers") or []}
+    for c in ours.get("containers") or []:
+        containers[c["name"]] = merged_container(containers.get(c["name"], {}), c)
+    pod = {**base, **{k: v for k, v in ours.items() if k != "containers"}}
+    pod["containers"] = list(containers.values())
+    return pod
+
+
+def server_containers_of_ours(server: dict[str, Any], pod: dict[str, Any]) -> list[dict[str, Any]]:
+    names = {c["name"] for c in (server["spec"].get("podSpec") or {}).get("containers") or []}
+    return [c for c in pod["containers"] if c["name"] in names]
+
+
+def restricted_violations(pod: dict[str, Any], containers: list[dict[str, Any]]) -> str:
+    """What Pod Security "restricted" refuses in these containers (and the pod's init containers), in the admission
+    controller's words; "" when it admits them.
+
+    kubernetes/pod-security-admission policy/check_allowPrivilegeEscalation.go, check_capabilities_restricted.go,
+    check_runAsNonRoot.go, check_seccompProfile_restricted.go (v0.30): each check names the containers that fail
+    it; the message is `violates PodSecurity "restricted:latest": <check> (<detail>), ...`. runAsNonRoot and
+    seccompProfile may be set on the pod instead. Only the containers we add are judged here: the operators' own
+    (storage initializer, Seldon's agent and rclone) are their installation's business.
+    """
+    checked = [*(pod.get("initContainers") or []), *containers]
+    pod_context = pod.get("securityContext") or {}
+
+    def ctx(c: dict[str, Any]) -> dict[str, Any]:
+        return c.get("securityContext") or {}
+
+    def names(failing: list[dict[str, Any]]) -> str:
+        quoted = ", ".join(f'"{c["name"]}"' for c in failing)
+        return f"container {quoted}" if len(failing) == 1 else f"containers {quoted}"
+
+    found = []
+    failing = [c for c in checked if ctx(c).get("allowPrivilegeEscalation") is not False]
+    if failing:
+        found.append(
+            f"allowPrivilegeEscalation != false ({names(failing)} must set securityContext.allowPrivilegeEscalation=false)"
+        )
+    failing = [c for c in checked if "ALL" not in ((ctx(c).get("capabilities") or {}).get("drop") or [])]
+    if failing:
+        found.append(f'unrestricted capabilities ({names(failing)} must set securityContext.capabilities.drop=["ALL"])')
+    failing = [c for c in checked if ctx(c).get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True]
+    if failing:
+        found.append(f"runAsNonRoot != true (pod or {names(failing)} must set securityContext.runAsNonRoot=true)")
+    pod_seccomp = (pod_context.get("seccompProfile") or {}).get("type")
+    failing = [
+        c
+        for c in checked
+        if (ctx(c).get("seccompProfile") or {}).get("type", pod_seccomp) not in ("RuntimeDefault", "Localhost")
+    ]
+    if failing:
+        found.append(
+            f"seccompProfile (pod or {names(failing)} must set securityContext.seccompProfile.type to "
+            '"RuntimeDefault" or "Localhost")'
+        )
+    return f'violates PodSecurity "restricted:latest": {", ".join(found)}' if found else ""
+
+
+def replica_set_of(kind: ResourceKind, obj: dict[str, Any]) -> tuple[str, str]:
+    """The ReplicaSet the operator's Deployment makes for the resource, and its first pod's name."""
+    name = obj["metadata"]["name"]
+    if kind == SELDON_DEPLOYMENT:
+        # seldon-core v1.18.2 operator: one Deployment per predictor and component, "<sdep>-<predictor>-0-<container>".
+        container = obj["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"][0]["name"]
+        deployment = f"{name}-default-0-{container}"
+    elif deployment_mode_of(obj) in ("RawDeployment", "Standard"):
+        deployment = f"{name}-predictor"  # kserve: RawDeployment's Deployment
+    else:
+        deployment = f"{name}-predictor-00001-deployment"  # Knative: the first revision's Deployment
+    return f"{deployment}-7d4b9c8f6", f"{deployment}-7d4b9c8f6-x2x9q"
+
+
+def deployment_mode_of(obj: dict[str, Any]) -> str:
+    return str(((obj["metadata"].get("annotations") or {}).get("serving.kserve.io/deploymentMode")) or "")
+
+
+def deployment_mode(core: Any, obj: dict[str, Any]) -> str:
+    """The InferenceService's annotation, else inferenceservice-config's defaultDeploymentMode
+    (kserve/kserve pkg/controller/v1beta1/inferenceservice/utils, GetDeploymentMode, v0.15.2)."""
+    from kubernetes.client.exceptions import ApiException
+
+    annotated = deployment_mode_of(obj)
+    if annotated:
+        return annotated
+    try:
+        data = core.read_namespaced_config_map("inferenceservice-config", "kserve").data or {}
+    except ApiException:
+        data = {}
+    return str(json.loads(data.get("deploy") or "{}").get("defaultDeploymentMode") or "Serverless")
+
+
+def kserve_container_ports(obj: dict[str, Any]) -> dict[str, int]:
+    """MLServer's HTTP and gRPC ports inside the kserve-container: the runtime's environment, under the model
+    container's own env (KServe merges the two)."""
+    container = merged_container(KSERVE_RUNTIME_CONTAINER, obj["spec"]["predictor"].get("model") or {})
+    env = {e["name"]: e.get("value") for e in container.get("env") or []}
+    return {"http": int(env["MLSERVER_HTTP_PORT"]), "grpc": int(env["MLSERVER_GRPC_PORT"])}
+
+
+def declared_grpc_port(obj: dict[str, Any]) -> int | None:
+    """The container port KServe routes gRPC (h2c) to, if the predictor declares one."""
+    for port in (obj["spec"]["predictor"].get("model") or {}).get("ports") or []:
+        if port.get("name") == "h2c":
+            return int(port["containerPort"])
+    return None
+
+
+class RuntimeServers(LocalMLServerDeployer):
+    """The operator's MLServers. A KServe predictor's listens where its runtime's environment says (8080, 9000 in
+    the container), each container port mapped to a free loopback port, as a pod network would: traffic sent to a
+    container port nothing listens on is refused."""
+
+    def __init__(self, *, work_dir: Path) -> None:
+        super().__init__(work_dir=work_dir)
+        # name -> (HTTP container port, gRPC container port, container port -> loopback port)
+        self._ports: dict[str, tuple[int, int, dict[int, int]]] = {}
+        self._plan_lock = threading.Lock()
+
+    def plan(self, name: str, container_ports: dict[str, int]) -> None:
+        http, grpc_port = container_ports["http"], container_ports["grpc"]
+        with self._plan_lock:
+            self._ports[name] = (http, grpc_port, {http: _free_port(), grpc_port: _free_port()})
+
+    def forget(self, name: str) -> None:
+        with self._plan_lock:
+            self._ports.pop(name, None)
+
+    def _listen_ports(self, name: str) -> tuple[int, int, int]:
+        with self._plan_lock:
+            planned = self._ports.get(name)
+        if planned is None:
+            return super()._listen_ports(name)
+        http, grpc_port, mapped = planned
+        return mapped[http], mapped[grpc_port], _free_port()
+
+    def route(self, name: str, container_port: int | None) -> str:
+        """Where traffic to the container port goes: its loopback port, or one nothing listens on."""
+        with self._plan_lock:
+            planned = self._ports.get(name)
+        target = planned[2].get(container_port) if planned and container_port is not None else None
+        return f"127.0.0.1:{target or _closed_port()}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    return _free_port()
+
+
+# The kubelet's termination message (kubernetes/kubernetes pkg/kubelet/kuberuntime/kuberuntime_container.go,
+# v1.30): with terminationMessagePolicy FallbackToLogsOnError and a failed container that wrote no message file,
+# the last 80 lines of its log, at most 2048 bytes; with the default policy (File), nothing.
+LOG_TAIL_LINES = 80
+LOG_TAIL_BYTES = 2048
+
+
+def container_terminated(container: dict[str, Any], log: str, exit_code: int) -> dict[str, Any]:
+    message = ""
+    if container.get("terminationMessagePolicy") == "FallbackToLogsOnError" and exit_code != 0:
+        tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:]).encode()[-LOG_TAIL_BYTES:]
+        message = tail.decode(errors="replace")
+    terminated = {"exitCode": exit_code, "reason": "Error"}
+    if message:
+        terminated["message"] = message
+    return {
+        "name": container["name"],
+        "image": container.get("image") or "",
+        "imageID": "",
+        "ready": False,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": terminated},
+    }
+
+
+def crashing_pod(kind: ResourceKind, name: str, pod: dict[str, Any], script: Crash) -> dict[str, Any]:
+    """The deployment's pod whose first container of ours (an init container if any) keeps failing."""
+    label = {
+        SELDON_DEPLOYMENT: "seldon-deployment-id",
+        INFERENCE_SERVICE: "serving.kserve.io/inferenceservice",
+        SELDON_SERVER: "seldon-server-name",
+    }[kind]
+    init = pod.get("initContainers") or []
+    status: dict[str, Any] = {"phase": "Pending" if init else "Running"}
+    if init:
+        status["initContainerStatuses"] = [container_terminated(init[0], script.log, script.exit_code)]
+    else:
+        status["containerStatuses"] = [container_terminated(pod["containers"][0], script.log, script.exit_code)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-crashing-0", "labels": {label: name}},
+        "spec": {"containers": [{"name": c["name"], "image": c.get("image") or "x"} for c in pod["containers"]]},
+        "status": status,
+    }
 
 
 class FetchFailed(Exception):

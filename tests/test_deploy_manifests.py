@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.integrations.k8s_deployers import API_RULES, KUBERNETES_DEPLOYERS
+from app.integrations.k8s_deployers import API_RULES, CLUSTER_CONFIG_MAPS, KUBERNETES_DEPLOYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "base"
@@ -50,6 +50,47 @@ def test_the_role_grants_exactly_what_the_deployers_and_the_reaper_call() -> Non
     called = {(rule.group, rule.resource, verb) for rule in API_RULES for verb in rule.verbs}
     assert granted == called
     assert not any("*" in part for triple in granted for part in triple)
+
+
+def test_reads_by_name_are_granted_by_name_and_events_can_be_listed() -> None:
+    """Secrets, ServiceAccounts and the ServerConfig only by resourceNames, for the objects the settings name; the
+    deployers list events (a refused pod never exists, its event says why)."""
+    objects = load_base()
+    settings = one(objects, "ConfigMap", "retrotest-settings")["data"]
+    storage = settings["RETRO_K8S_STORAGE_SECRET"]
+    rules = {
+        (g, r): rule for rule in one(objects, "Role")["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    named = {(rule.group, rule.resource) for rule in API_RULES if rule.named}
+    assert named == {("", "secrets"), ("", "serviceaccounts"), ("mlops.seldon.io", "serverconfigs")}
+    for key, rule in rules.items():
+        assert ("resourceNames" in rule) == (key in named), key
+        if key in named:
+            assert len(rule["resources"]) == 1, "resourceNames would apply to every resource of the rule"
+    assert rules[("", "secrets")]["resourceNames"] == [storage]
+    assert rules[("", "serviceaccounts")]["resourceNames"] == ["default", storage]
+    assert rules[("mlops.seldon.io", "serverconfigs")]["resourceNames"] == ["mlserver"]
+    assert rules[("", "events")]["verbs"] == ["list"]
+
+
+def test_the_optional_check_role_reads_exactly_kserves_and_knatives_settings() -> None:
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "optional" / "rbac-check-config.yaml").read_text()) if d]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    granted = {
+        (r["metadata"]["namespace"], name, verb)
+        for r in roles
+        for rule in r["rules"]
+        for name in rule["resourceNames"]
+        for verb in rule["verbs"]
+        if rule["resources"] == ["configmaps"] and rule["apiGroups"] == [""]
+    }
+    assert granted == {(ns, name, "get") for ns, name in CLUSTER_CONFIG_MAPS}
+    assert sum(len(r["rules"]) for r in roles) == len(CLUSTER_CONFIG_MAPS)
+    account = one(load_base(), "ServiceAccount")["metadata"]
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+        ]
 
 
 def test_only_the_workers_and_beat_get_the_role_and_only_in_the_models_namespace() -> None:

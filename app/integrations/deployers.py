@@ -152,7 +152,7 @@ class LocalMLServerDeployer:
         folder = self._claim(name, job_id)
         (folder / "environment").write_text(env_key)
         model_dir = fetch_model(model.artifact_uri, folder / "model")
-        http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+        http_port, grpc_port, metrics_port = self._listen_ports(name)
         settings = {
             "host": "127.0.0.1",
             "http_port": http_port,
@@ -192,6 +192,10 @@ class LocalMLServerDeployer:
         log.close()
         (folder / "pid").write_text(str(proc.pid))
         return _local_deployment(name, settings)
+
+    def _listen_ports(self, name: str) -> tuple[int, int, int]:
+        """The HTTP, gRPC and metrics ports the server of this deployment listens on: free loopback ports."""
+        return _free_port(), _free_port(), _free_port()
 
     def _server_command(self, exe: str, folder: Path) -> list[str]:
         """`mlserver start` as a model process: it sees its environment and its own folder (app/integrations/model_sandbox.py).

@@ -15,10 +15,15 @@ from typing import Any
 from app.config import Settings
 from app.integrations.k8s_deployers import (
     API_RULES,
+    KSERVE_DEPLOYMENT_MODE_ANNOTATION,
     KUBERNETES_DEPLOYERS,
     SECRETS,
+    SELDON_SERVER_CONFIG,
+    SELDON_V2_SERVER_CONFIG,
     SERVICE_ACCOUNTS,
+    ApiRule,
     CustomResources,
+    KServeDeployer,
     _describe_error,
 )
 from app.integrations.staging import ModelStaging
@@ -52,7 +57,12 @@ def _checks(*, settings: Settings, resources: CustomResources) -> Iterator[Check
         ("permissions", lambda: _permissions(resources)),
         ("storage credentials", lambda: _credentials(settings, resources)),
         ("model staging", lambda: _staging(settings)),
+        ("images", lambda: _images(settings)),
     ]
+    if settings.deployer == "kserve":
+        steps.append(("deployment mode", lambda: _kserve_mode(settings, resources)))
+    if settings.deployer == "seldon_v2":
+        steps.append(("server config", lambda: _server_config(resources)))
     for name, step in steps:
         try:
             yield CheckResult(name, True, step())
@@ -92,27 +102,44 @@ def _permissions(resources: CustomResources) -> str:
 
     api = client.AuthorizationV1Api(resources.core().api_client)
     denied = []
+    total = 0
     for rule in API_RULES:
-        for verb in rule.verbs:
-            review: Any = {
-                "apiVersion": "authorization.k8s.io/v1",
-                "kind": "SelfSubjectAccessReview",
-                "spec": {
-                    "resourceAttributes": {
-                        "namespace": resources.namespace,
-                        "group": rule.group,
-                        "resource": rule.resource,
-                        "verb": verb,
-                    }
-                },
-            }
-            answer = api.create_self_subject_access_review(review)
-            if not (answer.status and answer.status.allowed):
-                denied.append(f"{verb} {rule.resource}{'.' + rule.group if rule.group else ''}")
+        # A rule granted by resourceNames is asked about each object this installation reads, by name.
+        for name in _named_objects(resources.settings, rule) if rule.named else [""]:
+            for verb in rule.verbs:
+                total += 1
+                attributes = {
+                    "namespace": resources.namespace,
+                    "group": rule.group,
+                    "resource": rule.resource,
+                    "verb": verb,
+                }
+                if name:
+                    attributes["name"] = name
+                review: Any = {
+                    "apiVersion": "authorization.k8s.io/v1",
+                    "kind": "SelfSubjectAccessReview",
+                    "spec": {"resourceAttributes": attributes},
+                }
+                answer = api.create_self_subject_access_review(review)
+                if not (answer.status and answer.status.allowed):
+                    what = f"{rule.resource}{'.' + rule.group if rule.group else ''}"
+                    denied.append(f"{verb} {what}" + (f" {name}" if name else ""))
     if denied:
         raise CheckFailed(f"not allowed: {', '.join(denied)}; apply deploy/base/rbac.yaml (Role and RoleBinding)")
-    total = sum(len(r.verbs) for r in API_RULES)
-    return f"all {total} verbs of deploy/base/rbac.yaml are allowed in {resources.namespace}"
+    return f"all {total} permissions of deploy/base/rbac.yaml are allowed in {resources.namespace}"
+
+
+def _named_objects(settings: Settings, rule: ApiRule) -> list[str]:
+    """The objects a rule granted by resourceNames must cover for these settings."""
+    storage = [settings.k8s_storage_secret] if settings.k8s_storage_secret else []
+    if rule.resource == "serviceaccounts":
+        return ["default", *(storage if settings.deployer == "kserve" else [])]
+    if rule.resource == "secrets":
+        return storage if settings.deployer != "kserve" else []  # KServe's: those its ServiceAccount lists
+    if rule.resource == SELDON_SERVER_CONFIG.plural:
+        return [SELDON_V2_SERVER_CONFIG] if settings.deployer == "seldon_v2" else []
+    return []
 
 
 def _credentials(settings: Settings, resources: CustomResources) -> str:
@@ -212,3 +239,89 @@ def _staging(settings: Settings) -> str:
     except Exception as exc:
         raise CheckFailed(f"cannot write under {staging.url}: {type(exc).__name__}: {exc}") from exc
     return f"{staging.url} is writable"
+
+
+def _images(settings: Settings) -> str:
+    """Images by digest: a floating tag (uv's debian-slim) can change under a running installation."""
+    used = {"RETRO_K8S_ENV_BUILDER_IMAGE": settings.k8s_env_builder_image} if settings.model_env == "model" else {}
+    if settings.k8s_image:
+        used["RETRO_K8S_IMAGE"] = settings.k8s_image
+    floating = [f"{setting}={image}" for setting, image in used.items() if "@sha256:" not in image]
+    if not floating:
+        return "every image we set is pinned by digest" if used else "no image of ours is set"
+    message = f"not pinned by digest (name@sha256:...): {', '.join(floating)}"
+    if settings.env == "prod":
+        raise CheckFailed(message)
+    return f"warning: {message}"
+
+
+def _config_map(resources: CustomResources, namespace: str, name: str) -> tuple[dict[str, str] | None, str]:
+    """A cluster ConfigMap's data, or None and why it could not be read."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        found = resources.get_config_map(namespace, name)
+    except ApiException as exc:
+        if exc.status == 403:
+            return None, f"{namespace}/{name} not readable (apply deploy/optional/rbac-check-config.yaml)"
+        raise
+    if found is None:
+        return None, f"{namespace}/{name} not found"
+    return dict(found.get("data") or {}), ""
+
+
+def _kserve_mode(settings: Settings, resources: CustomResources) -> str:
+    """KServe's deployment mode for our InferenceServices, and whether Knative lets their init containers in."""
+    config, why = _config_map(resources, "kserve", "inferenceservice-config")
+    default = ""
+    if config is not None:
+        try:
+            default = str(json.loads(config.get("deploy") or "{}").get("defaultDeploymentMode") or "")
+        except ValueError:
+            why = "kserve/inferenceservice-config key deploy is not JSON"
+    mode = settings.kserve_deployment_mode or default
+    said = (
+        f"{KSERVE_DEPLOYMENT_MODE_ANNOTATION}={settings.kserve_deployment_mode} (RETRO_KSERVE_DEPLOYMENT_MODE)"
+        if settings.kserve_deployment_mode
+        else f"the cluster's default {default or '(unknown: ' + why + ')'}"
+    )
+    if mode in ("RawDeployment", "Standard"):
+        return f"{mode} ({said}): plain Deployments, init containers allowed"
+    features, unread = _config_map(resources, "knative-serving", "config-features")
+    flag = (features or {}).get("kubernetes.podspec-init-containers", "disabled" if features is not None else "")
+    knative = f"Knative kubernetes.podspec-init-containers: {flag or unread}"
+    init_containers = KServeDeployer.adds_init_containers(settings)
+    if mode and init_containers and features is not None and flag != "enabled":
+        raise CheckFailed(
+            f"{mode} ({said}) with {knative}: Knative refuses the model environment's init container; set "
+            "RETRO_KSERVE_DEPLOYMENT_MODE=RawDeployment or enable the flag in knative-serving/config-features"
+        )
+    return f"{mode or 'unknown'} ({said}); {knative}"
+
+
+def _server_config(resources: CustomResources) -> str:
+    """Seldon v2's ServerConfig the deployments' own Servers start from: its image and its volume claims."""
+    from kubernetes.client.exceptions import ApiException
+
+    name = SELDON_V2_SERVER_CONFIG
+    try:
+        config = resources.get_custom(SELDON_SERVER_CONFIG, name)
+    except ApiException as exc:
+        if exc.status == 403:
+            return f"ServerConfig {name} not readable ({_describe_error(exc)}); apply deploy/base/rbac.yaml"
+        raise
+    if config is None:
+        raise CheckFailed(
+            f"ServerConfig {name} not found in {resources.namespace}: install Seldon Core v2's ServerConfigs"
+        )
+    pod = (config.get("spec") or {}).get("podSpec") or {}
+    images = [f"{c.get('name')}={c.get('image')}" for c in pod.get("containers") or []]
+    claims = [
+        f"{t.get('name') or (t.get('metadata') or {}).get('name')} "
+        f"{(((t.get('spec') or {}).get('resources') or {}).get('requests') or {}).get('storage', '?')}"
+        for t in (config.get("spec") or {}).get("volumeClaimTemplates") or []
+    ]
+    return (
+        f"ServerConfig {name}: containers {', '.join(images) or 'none'}; volume claims {', '.join(claims) or 'none'} "
+        "(a deployment's own Server deletes its claims with it)"
+    )

@@ -71,6 +71,35 @@ REPLACE_TIMEOUT_S = 60.0  # how long start() waits for a leftover of the same na
 CAPACITY_BACKOFF_MAX_S = 30.0  # the longest pause between looks at pods that wait for room in the cluster
 # Container waiting reasons that no retry cures: a bad image, a missing Secret or ConfigMap.
 FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# Warning events that say a deployment's pods will never exist, whatever the wait: KServe's reconcile error (an
+# InternalError event on the InferenceService, kserve/kserve pkg/controller/v1beta1/inferenceservice/controller.go),
+# and a controller refused a pod or revision (FailedCreate on a ReplicaSet or StatefulSet, with the admission
+# controller's message: Pod Security, a webhook). A quota's FailedCreate ("exceeded quota") is waiting for room.
+FATAL_EVENT_REASONS = ("InternalError", "FailedCreate")
+CAPACITY_EVENT_WORDS = ("exceeded quota",)
+
+# Pod Security "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards, and the admission
+# checks in kubernetes/pod-security-admission policy/check_*.go): what every container we add sets. On the
+# container, not the pod: Knative refuses pod-level securityContext fields by default
+# (config-features kubernetes.podspec-securitycontext), and the operators merge our containers into theirs.
+RESTRICTED_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# A failing container's status carries the end of its log (kubelet: the last 80 lines, at most 2048 bytes),
+# not just "Error": that is what a job reports.
+TERMINATION_MESSAGE_POLICY = "FallbackToLogsOnError"
+# The CA bundle ConfigMap (RETRO_K8S_CA_BUNDLE_CONFIGMAP), mounted in the containers that fetch.
+CA_VOLUME = "retro-ca"
+CA_DIR = "/etc/retro-ca"
+# KServe's MLServer runtime (kserve/kserve config/runtimes/kserve-mlserver.yaml, v0.15.2 to v0.20.0) starts
+# MLServer with MLSERVER_HTTP_PORT=8080 and MLSERVER_GRPC_PORT=9000: a predictor's h2c port must be 9000.
+KSERVE_MLSERVER_GRPC_PORT = 9000
+KSERVE_DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+# Seldon Core v2 labels a Server's pods with its name (operator/controllers/reconcilers/server).
+SELDON_SERVER_LABEL = "seldon-server-name"
 
 
 @dataclass(frozen=True)
@@ -93,6 +122,7 @@ SELDON_DEPLOYMENT = ResourceKind(
 )
 SELDON_MODEL = ResourceKind("mlops.seldon.io", "v1alpha1", "models", "Model", "Ready")
 SELDON_SERVER = ResourceKind("mlops.seldon.io", "v1alpha1", "servers", "Server", "Ready")
+SELDON_SERVER_CONFIG = ResourceKind("mlops.seldon.io", "v1alpha1", "serverconfigs", "ServerConfig", "")
 INFERENCE_SERVICE = ResourceKind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService", "Ready")
 
 
@@ -103,24 +133,38 @@ class ApiRule:
     group: str
     resource: str
     verbs: tuple[str, ...]
+    # Granted only on the objects the settings name (resourceNames), never the whole namespace.
+    named: bool = False
 
 
 # Every Kubernetes API call the deployers and the reaper make: create (start), delete (stop, replace, reaper),
-# list (list_managed), watch (wait_ready, replace); list pods (wait_ready reads Seldon v1's pods, whose status
-# alone never says a model cannot be fetched); get the storage Secret and ServiceAccount (`retrotest k8s check`).
-# Nothing else; deploy/base/rbac.yaml must grant exactly this.
+# list (list_managed), watch (wait_ready, replace); list pods (wait_ready reads Seldon v1's, KServe's and a Seldon
+# v2 Server's pods, whose statuses alone say a container crashed); list events (a pod or revision refused by an
+# admission controller never exists: only a Warning event says why); get the storage Secret and ServiceAccount and
+# Seldon v2's ServerConfig (`retrotest k8s check`), each by name. Nothing else; deploy/base/rbac.yaml must grant
+# exactly this.
 DEPLOYER_VERBS = ("create", "delete", "list", "watch")
 PODS = ResourceKind("", "v1", "pods", "Pod", "Ready")
+EVENTS = ResourceKind("", "v1", "events", "Event", "")
 SECRETS = ResourceKind("", "v1", "secrets", "Secret", "")
 SERVICE_ACCOUNTS = ResourceKind("", "v1", "serviceaccounts", "ServiceAccount", "")
+CONFIG_MAPS = ResourceKind("", "v1", "configmaps", "ConfigMap", "")
 API_RULES: tuple[ApiRule, ...] = (
     *(
         ApiRule(group=k.group, resource=k.plural, verbs=DEPLOYER_VERBS)
         for k in (SELDON_DEPLOYMENT, SELDON_MODEL, SELDON_SERVER, INFERENCE_SERVICE)
     ),
     ApiRule(group="", resource="pods", verbs=("list",)),
-    ApiRule(group="", resource="secrets", verbs=("get",)),
-    ApiRule(group="", resource="serviceaccounts", verbs=("get",)),
+    ApiRule(group="", resource="events", verbs=("list",)),
+    ApiRule(group="", resource="secrets", verbs=("get",), named=True),
+    ApiRule(group="", resource="serviceaccounts", verbs=("get",), named=True),
+    ApiRule(group=SELDON_SERVER_CONFIG.group, resource=SELDON_SERVER_CONFIG.plural, verbs=("get",), named=True),
+)
+# Read by `retrotest k8s check` only, outside the models namespace, where deploy/optional/rbac-check-config.yaml
+# grants it: KServe's and Knative's settings. (namespace, ConfigMap name)
+CLUSTER_CONFIG_MAPS: tuple[tuple[str, str], ...] = (
+    ("kserve", "inferenceservice-config"),
+    ("knative-serving", "config-features"),
 )
 
 
@@ -164,6 +208,11 @@ class CustomResources:
         self._api: Any = None
         self._core: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings it was made with."""
+        return self._settings
 
     @property
     def where(self) -> str:
@@ -248,6 +297,44 @@ class CustomResources:
         self._allow(PODS, "list")
         pods = self.core().list_namespaced_pod(self.namespace, label_selector=label_selector)
         return [self.core().api_client.sanitize_for_serialization(p) for p in pods.items or []]
+
+    @_retry_transient
+    def list_warning_events(self) -> list[dict[str, Any]]:
+        """The namespace's Warning events, as plain dicts."""
+        self._allow(EVENTS, "list")
+        events = self.core().list_namespaced_event(self.namespace, field_selector="type=Warning")
+        items = [self.core().api_client.sanitize_for_serialization(e) for e in events.items or []]
+        return [e for e in items if e.get("type") == "Warning"]  # also when a server ignores the fieldSelector
+
+    def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A cluster setting's ConfigMap (CLUSTER_CONFIG_MAPS) from its own namespace; None when it does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        if (namespace, name) not in CLUSTER_CONFIG_MAPS:
+            raise RuntimeError(f"ConfigMap {namespace}/{name} is not declared in CLUSTER_CONFIG_MAPS")
+        try:
+            obj = self.core().read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        result: dict[str, Any] = self.core().api_client.sanitize_for_serialization(obj)
+        return result
+
+    def get_custom(self, kind: ResourceKind, name: str) -> dict[str, Any] | None:
+        """One custom object by name (Seldon v2's ServerConfig); None when it does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        self._allow(kind, "get")
+        try:
+            obj: dict[str, Any] = self._client().get_namespaced_custom_object(
+                kind.group, kind.version, self.namespace, kind.plural, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
 
     def get_core(self, kind: ResourceKind, name: str) -> dict[str, Any] | None:
         """A Secret or ServiceAccount as a plain dict; None when it does not exist."""
@@ -355,6 +442,55 @@ class KubernetesDeployer:
 
     def deployment(self, name: str) -> Deployment:
         raise NotImplementedError
+
+    def event_readiness(self, name: str, *, since: str | None = None) -> Readiness | None:
+        """A Warning event since the resource was created that says its pods or revision will never exist."""
+        return readiness_from_events(self._resources.list_warning_events(), name, since=since)
+
+    # Every container we add: Pod Security "restricted", its log's end as its termination message; the ones that
+    # fetch (our init containers) get the proxy and the CA bundle; every pod the image pull secrets.
+    def _secure_pod(self, pod: dict[str, Any], *, containers: list[dict[str, Any]]) -> None:
+        """Harden `containers` (merged by the operator into its own) and pod's initContainers, in place."""
+        s = self._settings
+        for container in containers:
+            _restricted(container)
+        init_containers = pod.get("initContainers") or []
+        for container in init_containers:
+            # Its image's user is not ours to rely on (uv's runs as root), so it is named.
+            _restricted(container, run_as_user=s.k8s_run_as_user)
+            container.setdefault("env", []).extend(self._egress_env())
+            if s.k8s_ca_bundle_configmap:
+                container.setdefault("volumeMounts", []).append(
+                    {"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}
+                )
+        if init_containers and s.k8s_ca_bundle_configmap:
+            pod.setdefault("volumes", []).append(
+                {
+                    "name": CA_VOLUME,
+                    "configMap": {
+                        "name": s.k8s_ca_bundle_configmap,
+                        "items": [{"key": s.k8s_ca_bundle_key, "path": "ca.crt"}],
+                    },
+                }
+            )
+        if s.k8s_image_pull_secrets:
+            pod["imagePullSecrets"] = [{"name": secret} for secret in s.k8s_image_pull_secrets]
+
+    def _egress_env(self) -> list[dict[str, str]]:
+        """The proxy and CA bundle variables for a container that fetches (closed clusters)."""
+        s = self._settings
+        env: list[dict[str, str]] = []
+        for names, value in (
+            (("HTTP_PROXY", "http_proxy"), s.k8s_http_proxy),
+            (("HTTPS_PROXY", "https_proxy"), s.k8s_https_proxy),
+            (("NO_PROXY", "no_proxy"), s.k8s_no_proxy),
+        ):
+            if value:
+                env.extend({"name": n, "value": value} for n in names)
+        if s.k8s_ca_bundle_configmap:
+            bundle = f"{CA_DIR}/ca.crt"
+            env += [{"name": "SSL_CERT_FILE", "value": bundle}, {"name": "REQUESTS_CA_BUNDLE", "value": bundle}]
+        return env
 
     # The shared life cycle.
     def _what(self, name: str, kind: ResourceKind | None = None) -> str:
@@ -534,6 +670,10 @@ class KubernetesDeployer:
                     raise DeploymentFailed(f"{self._what(name)} failed: {companion.failure}")
                 beside = f"; {companion.state}" if companion is not None else ""
                 if current is not None and time.monotonic() >= next_pod_check:
+                    created = (current.get("metadata") or {}).get("creationTimestamp")
+                    refused = self.event_readiness(name, since=str(created) if created else None)
+                    if refused is not None and refused.failure is not None:
+                        raise DeploymentFailed(f"{self._what(name)} failed: {refused.failure}")
                     pods = self.pod_readiness(name)
                     if pods is not None and pods.failure is not None:
                         raise DeploymentFailed(f"{self._what(name)} failed: {pods.failure}")
@@ -652,6 +792,7 @@ class SeldonDeployer(KubernetesDeployer):
             parts = self._environment_parts(environment, models_dir=SELDON_V1_MODELS_DIR)
             container.update(parts.server)
             pod.update(initContainers=[parts.init_container], volumes=[parts.volume])
+        self._secure_pod(pod, containers=[container])
         predictor = {
             "name": self.predictor,
             "replicas": s.k8s_replicas,
@@ -724,6 +865,12 @@ class SeldonV2Deployer(KubernetesDeployer):
         container: dict[str, Any] = {"name": "mlserver", "resources": self._resources_spec(), **parts.server}
         if s.k8s_image:
             container["image"] = s.k8s_image
+        pod_spec = {
+            "initContainers": [parts.init_container],
+            "volumes": [parts.volume],
+            "containers": [container],  # merged by name into the ServerConfig's mlserver container
+        }
+        self._secure_pod(pod_spec, containers=[container])
         return {
             "apiVersion": SELDON_SERVER.api_version,
             "kind": SELDON_SERVER.kind,
@@ -732,13 +879,17 @@ class SeldonV2Deployer(KubernetesDeployer):
                 "serverConfig": SELDON_V2_SERVER_CONFIG,
                 "replicas": s.k8s_replicas,
                 "capabilities": [name],  # replaces the ServerConfig's, so only a Model requiring this lands here
-                "podSpec": {
-                    "initContainers": [parts.init_container],
-                    "volumes": [parts.volume],
-                    "containers": [container],  # merged by name into the ServerConfig's mlserver container
-                },
+                "podSpec": pod_spec,
+                **self.claim_retention(),
             },
         }
+
+    @staticmethod
+    def claim_retention() -> dict[str, Any]:
+        """A per-job Server's volume claims go with it (operator/apis/mlops/v1alpha1/server_types.go passes this
+        to the StatefulSet; unset, Kubernetes retains every claim: one 1Gi mlserver-models claim per job)."""
+        policy = {"whenDeleted": "Delete", "whenScaled": "Delete"}
+        return {"statefulSetPersistentVolumeClaimRetentionPolicy": policy}
 
     def objects(
         self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None
@@ -758,6 +909,14 @@ class SeldonV2Deployer(KubernetesDeployer):
             # No server has room (memory) for it now; Seldon's scheduler retries as others' models unload.
             return Readiness(state=f"waiting for capacity ({status.failure})", capacity=True)
         return status
+
+    def pod_readiness(self, name: str) -> Readiness | None:
+        """The deployment's own Server's pods (labelled with its name): a crashing container fails the job with
+        its own words. A Model on a shared Server has none: another job's pods are not this job's business."""
+        selector = f"{SELDON_SERVER_LABEL}={name}"
+        return readiness_from_pods(
+            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
+        )
 
     def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
         server = (obj.get("spec") or {}).get("server")
@@ -811,8 +970,9 @@ class KServeDeployer(KubernetesDeployer):
         if s.k8s_image:
             model_spec["image"] = s.k8s_image
         if self._grpc:
-            # KServe routes one port per predictor: naming it h2c makes that port MLServer's gRPC server.
-            model_spec["ports"] = [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+            # KServe routes one port per predictor: naming it h2c makes that port MLServer's gRPC server, which
+            # listens where the runtime's MLSERVER_GRPC_PORT says.
+            model_spec["ports"] = [{"name": "h2c", "containerPort": KSERVE_MLSERVER_GRPC_PORT, "protocol": "TCP"}]
         predictor: dict[str, Any] = {"minReplicas": s.k8s_replicas, "maxReplicas": s.k8s_replicas, "model": model_spec}
         if s.k8s_storage_secret:
             predictor["serviceAccountName"] = s.k8s_storage_secret  # a ServiceAccount that carries the storage Secret
@@ -821,7 +981,24 @@ class KServeDeployer(KubernetesDeployer):
             parts = self._environment_parts(environment, models_dir=KSERVE_MODELS_DIR)
             model_spec.update(parts.server)
             predictor.update(initContainers=[parts.init_container], volumes=[parts.volume])
+        self._secure_pod(predictor, containers=[model_spec])  # the predictor is a pod spec inline
         return {"predictor": predictor}
+
+    def manifest(
+        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
+    ) -> dict[str, Any]:
+        """The InferenceService, annotated with RETRO_KSERVE_DEPLOYMENT_MODE when one is set."""
+        body = super().manifest(name=name, job_id=job_id, model=model, environment=environment)
+        if self._settings.kserve_deployment_mode:
+            annotations = body["metadata"].setdefault("annotations", {})
+            annotations[KSERVE_DEPLOYMENT_MODE_ANNOTATION] = self._settings.kserve_deployment_mode
+        return body
+
+    @staticmethod
+    def adds_init_containers(settings: Settings) -> bool:
+        """Whether a predictor gets an init container of ours (a model environment), which Serverless refuses
+        unless Knative's kubernetes.podspec-init-containers is enabled; spec() decides it the same way."""
+        return settings.model_env == "model"
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
         status = obj.get("status") or {}
@@ -897,6 +1074,56 @@ def readiness_from_pods(pods: list[dict[str, Any]]) -> Readiness | None:
     if waiting_for_room:
         return Readiness(state=f"waiting for capacity ({waiting_for_room})", capacity=True)
     return None
+
+
+def readiness_from_events(events: list[dict[str, Any]], name: str, *, since: str | None = None) -> Readiness | None:
+    """A failure when a Warning event on the resource, or on an object named after it (its ReplicaSet, StatefulSet,
+    Knative revision), says its pods will never exist; capacity when it is a quota. Events from before `since` (an
+    earlier attempt's object of the same name) do not count."""
+    waiting = ""
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        involved_name = str(involved.get("name") or "")
+        if involved_name != name and not involved_name.startswith(f"{name}-"):
+            continue
+        if since and _event_time(event) and _event_time(event) < _parse_time(since) - 1:  # stamps are in seconds
+            continue
+        reason, message = str(event.get("reason") or ""), str(event.get("message") or "").strip()
+        if reason not in FATAL_EVENT_REASONS:
+            continue
+        what = f"{involved.get('kind') or 'object'} {involved_name}: {reason}: {message[-1500:]}"
+        if any(word in message for word in CAPACITY_EVENT_WORDS):
+            waiting = what
+            continue
+        return Readiness(state="refused", failure=what)
+    if waiting:
+        return Readiness(state=f"waiting for capacity ({waiting})", capacity=True)
+    return None
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    stamp = event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+    return _parse_time(str(stamp)) if stamp else 0.0
+
+
+def _parse_time(stamp: str) -> float:
+    """RFC 3339 as the API server writes it (2026-01-02T03:04:05Z, maybe with fractions) to unix seconds; 0 if not."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _restricted(container: dict[str, Any], *, run_as_user: int | None = None) -> None:
+    """Pod Security "restricted" on one container, and its log's end as its termination message, in place."""
+    context = {**RESTRICTED_SECURITY_CONTEXT, **(container.get("securityContext") or {})}
+    context.update(RESTRICTED_SECURITY_CONTEXT)  # ours win: these are the profile's requirements
+    if run_as_user is not None:
+        context.setdefault("runAsUser", run_as_user)
+    container["securityContext"] = json.loads(json.dumps(context))  # a copy: manifests never share dicts
+    container["terminationMessagePolicy"] = TERMINATION_MESSAGE_POLICY
 
 
 def _labelled(obj: dict[str, Any], selector: str) -> bool:

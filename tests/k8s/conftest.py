@@ -119,6 +119,7 @@ def operator(cluster: ApiServer, s3: str) -> Iterator[TestOperator]:
     op = TestOperator(api_url=cluster.url, work_dir=_TMP / "operator-model-servers")
     for body in storage_secrets(s3):
         create_core(cluster.url, body)
+    op.install_cluster(NAMESPACE)  # KServe's and Knative's settings, Seldon v2's mlserver ServerConfig
     env = {
         "RETRO_MODEL_STAGING_URL": f"s3://{BUCKET}/staging",
         "RETRO_MODEL_STAGING_STORAGE_OPTIONS": json.dumps(

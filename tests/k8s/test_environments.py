@@ -66,6 +66,14 @@ ANNOTATIONS = {
     "retrotest.io/python": "3.11.7",
     "retrotest.io/mlserver": "1.6.1",
 }
+# Pod Security "restricted" on every container we add, and its log's end as its termination message.
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+HARDENED = {"securityContext": RESTRICTED, "terminationMessagePolicy": "FallbackToLogsOnError"}
 BASE_ENV = [
     {"name": "RETRO_PYTHON", "value": "3.11.7"},
     {"name": "RETRO_REQUIREMENTS_LOCK", "value": LOCK},
@@ -107,10 +115,19 @@ def assert_builds_the_environment(init_container: dict[str, Any], *, env: list[d
         "env": env,
         "resources": RESOURCES,
         "volumeMounts": [MOUNT],
+        # uv's image runs as root: the init container names a user, as "restricted" needs.
+        "securityContext": RESTRICTED | {"runAsUser": 1000},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     assert script[:2] == ["sh", "-c"]
     assert 'uv venv --clear --managed-python --python "$RETRO_PYTHON" /opt/retro-env/venv' in script[2]
     assert "uv pip sync --compile-bytecode --python /opt/retro-env/venv/bin/python " in script[2]
+
+
+def nothing_left(cluster: ApiServer) -> None:
+    """Nothing of the deployment is left; a Server's volume claims go a moment after it, as the StatefulSet
+    controller deletes them."""
+    wait_for(lambda: not cluster.objects(), timeout_s=10, what=f"nothing left, not {cluster.objects()}")
 
 
 def new_name() -> tuple[str, str]:
@@ -150,7 +167,7 @@ def test_kserve_builds_the_environment_in_the_predictor_and_runs_its_mlserver(
     # Everything else is as without an environment.
     assert model["storageUri"] == "s3://models/churn/3" and model["modelFormat"] == {"name": "mlflow"}
     assert model["resources"] == RESOURCES
-    assert cluster.objects() == []
+    nothing_left(cluster)
 
 
 def test_seldon_v1_with_mlserver_builds_the_environment_in_the_graph_nodes_pod(
@@ -177,6 +194,7 @@ def test_seldon_v1_with_mlserver_builds_the_environment_in_the_graph_nodes_pod(
             "resources": RESOURCES,
             "command": ["/opt/retro-env/venv/bin/mlserver", "start", "/mnt/models"],
             "volumeMounts": [MOUNT],
+            **HARDENED,
         }
     ]
     assert predictor["graph"]["name"] == name and predictor["graph"]["implementation"] == "MLFLOW_SERVER"
@@ -210,7 +228,7 @@ def test_seldon_v2_puts_the_model_on_a_server_of_its_own_and_stop_deletes_both(
         managed = [(m.name, m.job_id) for m in deployer.list_managed()]
     finally:
         deployer.stop(name)
-    assert cluster.objects() == []
+    nothing_left(cluster)
     deployer.stop(name)  # both already gone: fine
     assert created == ["models", "servers"]
     # One deployment for the reaper, not two.
@@ -241,9 +259,12 @@ def test_seldon_v2_puts_the_model_on_a_server_of_its_own_and_stop_deletes_both(
                     "resources": RESOURCES,
                     "command": ["/opt/retro-env/venv/bin/mlserver", "start", "/mnt/agent/models"],
                     "volumeMounts": [MOUNT],
+                    **HARDENED,
                 }
             ],
         },
+        # Its volume claims go with it: no 1Gi claim left per job.
+        "statefulSetPersistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Delete"},
     }
 
 
@@ -263,7 +284,7 @@ def test_a_seldon_v2_server_whose_model_is_gone_is_reaped(
         assert [(plural, n) for plural, _, n in cluster.objects()] == [("servers", name)]
         assert [(m.name, m.job_id) for m in deployer.list_managed()] == [(name, job_id)]
         assert reap_deployments(deployer=deployer, sessions=get_session_factory()) == [name]
-        assert cluster.objects() == []
+        nothing_left(cluster)
     finally:
         deployer.stop(name)
 
@@ -286,7 +307,7 @@ def test_a_failing_seldon_v2_server_ends_the_wait_with_its_message(cluster: ApiS
         )
     finally:
         deployer.stop(name)
-    assert cluster.objects() == []
+    nothing_left(cluster)
 
 
 def test_the_seldon_v2_readiness_timeout_says_how_the_server_is(cluster: ApiServer, operator: TestOperator) -> None:
@@ -306,7 +327,7 @@ def test_the_seldon_v2_readiness_timeout_says_how_the_server_is(cluster: ApiServ
         assert "last state: ModelReady=False (ModelProgressing)" in str(failed.value.detail)
     finally:
         deployer.stop(name)
-    assert cluster.objects() == []
+    nothing_left(cluster)
 
 
 def test_a_seldon_v2_model_waits_for_its_own_server_then_serves_and_stops(
@@ -341,7 +362,7 @@ def test_a_seldon_v2_model_waits_for_its_own_server_then_serves_and_stops(
         assert operator.seen[name]["spec"]["server"] == name
     finally:
         deployer.stop(name)
-    assert cluster.objects() == []
+    nothing_left(cluster)
 
 
 @pytest.mark.parametrize("deployer", ["seldon", "seldon_v2", "kserve"])
@@ -363,6 +384,7 @@ def test_without_an_environment_the_manifests_are_as_before(
     assert "annotations" not in obj["metadata"]
     text = str(obj["spec"])
     assert "initContainers" not in text and "retro-env" not in text and "command" not in text
+    assert str(HARDENED)[1:-1] in text or deployer == "seldon_v2"  # a Model has no container
     if deployer == "seldon_v2":
         assert obj["spec"]["requirements"] == ["mlflow"] and "server" not in obj["spec"]
 
