@@ -90,13 +90,15 @@ class EnvironmentPacker:
                 tarball = work / TARBALL
                 write_tarball(prefix, tarball)
                 digest = file_sha256(tarball)
-                meta = {
+                size = tarball.stat().st_size
+                pack_s = round(time.monotonic() - started, 1)
+                meta: dict[str, object] = {
                     "sha256": digest,
-                    "size_bytes": tarball.stat().st_size,
+                    "size_bytes": size,
                     "python": env.python,
                     "server_version": env.server_version,
                     "patched_elf_files": patched,
-                    "pack_s": round(time.monotonic() - started, 1),
+                    "pack_s": pack_s,
                     "packed_at": time.time(),
                 }
                 (work / "environment.json").write_text(json.dumps(meta))
@@ -109,14 +111,14 @@ class EnvironmentPacker:
         log.info(
             "packed model environment %s: %.0f MB in %.1f s (%d ELF files relocated)",
             env.key,
-            meta["size_bytes"] / 1e6,
-            meta["pack_s"],
+            size / 1e6,
+            pack_s,
             patched,
         )
         return PackedEnvironment(
             path=folder / TARBALL,
             sha256=digest,
-            size_bytes=int(meta["size_bytes"]),
+            size_bytes=size,
             python=env.python,
             server_version=env.server_version,
         )
