@@ -815,9 +815,9 @@ class SeldonV2Deployer(KubernetesDeployer):
     def bundle_settings(self, environment: ModelEnvironment) -> dict[str, Any] | None:
         """What the agent needs to load the folder: without a model-settings.json it builds settings only from a
         requirement it knows (scheduler/pkg/agent/repository/mlserver/settings.go), and a Model pinned to its own
-        Server requires that Server's name. The agent rewrites the file keeping parallel_workers (written as 0 when
-        absent, which turns MLServer's pool off and with it the tarball) and parameters.environment_tarball
-        (scheduler/pkg/agent/repository/mlserver/mlserver.go)."""
+        Server requires that Server's name. The agent rewrites the file through a Go struct that keeps
+        parallel_workers (a plain int in released agents: written as 0 when absent, which turns MLServer's pool off
+        and with it the tarball) and parameters.environment_tarball (scheduler/pkg/agent/repository/mlserver/mlserver.go)."""
         settings: dict[str, Any] = {"implementation": MLFLOW_RUNTIME, "parallel_workers": 0, "parameters": {}}
         if self.uses_tarball(environment):
             settings.update(parallel_workers=1, parameters={"environment_tarball": f"./{TARBALL}"})
