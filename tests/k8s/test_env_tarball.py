@@ -9,11 +9,13 @@ download hidden anywhere in the pod's start would fail. The environment is built
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import tarfile
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,7 +35,7 @@ from app.integrations.k8s_deployers import (
     SeldonV2Deployer,
 )
 from tests.conftest import _TMP, HISTORY_START
-from tests.k8s.conftest import END, job_row, k8s_settings, results_path, run
+from tests.k8s.conftest import END, adapters, job_row, k8s_settings, results_path
 from tests.k8s_operator import ApiServer, PodPlan, PodRun, TestOperator
 from tests.test_model_environments import OldModel, old_model  # noqa: F401  (a session fixture)
 
@@ -74,6 +76,16 @@ def packed_old(old_model: OldModel, operator: TestOperator) -> PackedOld:  # noq
     return PackedOld(environment=environment, packed=packed, pack_s=pack_s)
 
 
+def run_with_environment(job_id: uuid.UUID, settings: Any) -> Any:
+    """The job as a worker runs it with model environments on (the session's cache: built and packed once)."""
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_environments
+    from worker.pipeline import run_retro_test
+
+    with_envs = dataclasses.replace(adapters(settings), environments=make_environments(settings))
+    return run_retro_test(job_id=job_id, sessions=get_session_factory(), adapters=with_envs, settings=settings)
+
+
 def new_old_model_job() -> uuid.UUID:
     from app.db import get_session_factory
     from tests.factories import make_retro_test
@@ -96,7 +108,7 @@ def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     settings = k8s_settings(deployer, deploy_ready_timeout_s=300)
     job_id = new_old_model_job()
     name = deployment_name(job_id)
-    state = run(job_id, settings)
+    state = run_with_environment(job_id, settings)
     job = job_row(job_id)
     assert state == State.succeeded, (job.error_code, job.error_message)
     assert job.environment["key"] == packed_old.environment.key and job.environment["server_version"] == "1.6.1"
@@ -200,7 +212,7 @@ def test_an_unreachable_staging_bucket_fails_the_job_within_60_s_with_the_stores
     settings = k8s_settings(deployer, model_staging_url="s3://no-such-bucket/staging")
     job_id = new_old_model_job()
     started = time.monotonic()
-    state = run(job_id, settings)
+    state = run_with_environment(job_id, settings)
     took = time.monotonic() - started
     job = job_row(job_id)
     assert state == State.failed
