@@ -577,8 +577,9 @@ class PodRun:
                 here.mkdir(parents=True)
             binds += ["--bind", str(here), inside]
         relay = (
-            'h=$1; g=$2; d=$3; shift 3; socat UNIX-LISTEN:"$d/http.sock",fork TCP:127.0.0.1:"$h" & '
-            'socat UNIX-LISTEN:"$d/grpc.sock",fork TCP:127.0.0.1:"$g" & exec "$@"'
+            # Quiet: until the server listens each probe is refused, and the log is the container's own.
+            'h=$1; g=$2; d=$3; shift 3; socat UNIX-LISTEN:"$d/http.sock",fork TCP:127.0.0.1:"$h" 2>/dev/null & '
+            'socat UNIX-LISTEN:"$d/grpc.sock",fork TCP:127.0.0.1:"$g" 2>/dev/null & exec "$@"'
         )
         argv = ["sh", "-c", relay, "pod", str(plan.http_port), str(plan.grpc_port), str(folder), *plan.command]
         sandboxed = ModelSandbox("bwrap").command(

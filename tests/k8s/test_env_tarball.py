@@ -94,6 +94,8 @@ def new_old_model_job() -> uuid.UUID:
         return make_retro_test(s, start=HISTORY_START, end=END, model_name="legacy_churn", partner_prefix="k8s-old")
 
 
+# The first one also builds the old stack, the model's environment and its tarball (minutes on a busy machine).
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("deployer", DEPLOYERS)
 def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     deployer: str,
