@@ -36,7 +36,7 @@ from app.integrations.k8s_deployers import (
 )
 from tests.conftest import _TMP, HISTORY_START
 from tests.k8s.conftest import END, adapters, job_row, k8s_settings, results_path
-from tests.k8s_operator import ApiServer, PodPlan, PodRun, TestOperator
+from tests.k8s_operator import ApiServer, PodPlan, PodRun, TestOperator, server_container
 from tests.test_model_environments import OldModel, old_model  # noqa: F401  (a session fixture)
 
 DEPLOYERS = ("seldon", "seldon_v2", "kserve")
@@ -119,7 +119,8 @@ def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     obj = operator.seen[name]
     text = str(obj["spec"])
     assert "initContainers" not in text and "uv " not in text and "UV_" not in text
-    assert KIND[deployer] == SELDON_MODEL or ENV_RUN_SCRIPT in text
+    container = server_container(KIND[deployer], obj)
+    assert KIND[deployer] == SELDON_MODEL or (container or {}).get("command") == ["sh", "-c", ENV_RUN_SCRIPT]
     if deployer == "seldon_v2":
         # On the cluster's standard Server: no Server of its own, a requirement the agent knows.
         assert "server" not in obj["spec"] and obj["spec"]["requirements"] == ["mlflow"]
