@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX=auto uses it where user namespaces are allowed).
-RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+# patchelf: packing a model environment for Kubernetes makes its copied interpreter relocatable (env_artifacts.py).
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap patchelf && rm -rf /var/lib/apt/lists/*
 
 # Pinned dependencies first, so code changes do not reinstall them.
 COPY requirements.lock requirements-server.lock ./

@@ -94,7 +94,9 @@ class Settings(BaseSettings):
     env_server_versions: list[str] = ["1.7.1", "1.6.1", "1.5.0", "1.4.0", "1.3.5"]  # newest first
     # Constraints on every environment: mlflow 2.x imports pkg_resources, which setuptools 70 and later break
     # or no longer ship, and no model lists setuptools among its requirements.
-    env_constraints: list[str] = ["setuptools<70"]
+    # uvloop 0.22 and later kill MLServer's pool workers at start (mlserver/parallel/worker.py calls
+    # asyncio.get_event_loop() after installing it), which a packed environment on Kubernetes runs the model in.
+    env_constraints: list[str] = ["setuptools<70", "uvloop<0.22"]
     env_pythons: list[str] = []  # interpreters (paths or globs); empty: those on PATH and pyenv's
     env_nearest_python: bool = False  # no Python of the model's minor version: take the nearest, with a warning
     env_uv: str = "uv"
@@ -147,6 +149,15 @@ class Settings(BaseSettings):
     # KServe: the serving.kserve.io/deploymentMode annotation (Serverless, RawDeployment; newer KServe also
     # Knative, Standard); empty leaves the cluster's default (inferenceservice-config, usually Serverless).
     kserve_deployment_mode: Literal["", "Serverless", "RawDeployment", "Knative", "Standard"] = ""
+    # How a model's environment reaches the pod: "tarball" packs the environment the worker built and checked as a
+    # relocatable tarball (app/integrations/env_artifacts.py), staged beside the model under RETRO_MODEL_STAGING_URL
+    # and fetched by the operator's own downloader, so the pod needs no index and no Python download; "install"
+    # builds it at pod start in an init container with uv (needs PyPI or the mirrors above).
+    k8s_env_delivery: Literal["tarball", "install"] = "tarball"
+    # The MLServer release of the cluster's Seldon Core v2 mlserver ServerConfig image (Seldon Core 2.9 ships
+    # seldonio/mlserver:1.6.1). An environment holding the same release is loaded by that standard Server through
+    # MLServer's environment_tarball; any other gets a Server of its own (docs/kubernetes-environments.md).
+    seldon_v2_mlserver_version: str = "1.6.1"
     seldon_protocol: Literal["v2", "seldon"] = "v2"
     # Where to reach a deployment: a template with {name} and {namespace}; empty means the in-cluster service.
     k8s_endpoint_template: str = ""

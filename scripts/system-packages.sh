@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System tools the tests use that do not come from PyPI: docker-compose (validates docker-compose.yml);
-# chromium, Java 17, rclone and bubblewrap (see below).
+# chromium, Java 17, rclone, bubblewrap and patchelf (see below).
 # A no-op when they are already installed; installs with apt-get (CI runs as root) otherwise.
 set -euo pipefail
 
@@ -16,8 +16,10 @@ command -v java >/dev/null || debian_packages+=(openjdk-17-jre-headless)
 command -v rclone >/dev/null || debian_packages+=(rclone)
 # bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX, app/integrations/model_sandbox.py).
 command -v bwrap >/dev/null || debian_packages+=(bubblewrap)
+# patchelf: the environment packer makes a copied interpreter relocatable (app/integrations/env_artifacts.py).
+command -v patchelf >/dev/null || debian_packages+=(patchelf)
 if ((${#debian_packages[@]} == 0)); then
-    say "chromium, java, rclone and bubblewrap are installed"
+    say "chromium, java, rclone, bubblewrap and patchelf are installed"
 elif command -v apt-get >/dev/null && { [[ "$(id -u)" -eq 0 ]] || command -v sudo >/dev/null; }; then
     as_root=""
     [[ "$(id -u)" -eq 0 ]] || as_root="sudo"

@@ -18,6 +18,13 @@ so gRPC sent to another declared port is refused; a crashing container's status 
 terminationMessagePolicy FallbackToLogsOnError; a Seldon v2 Server gets its ServerConfig's volume claims, kept after
 it unless its retention policy says Delete. install_cluster() creates the settings these rules read.
 
+A pod whose model server runs from the model's own environment (RETRO_K8S_ENV_DELIVERY=tarball) is run as the pod
+would run it (PodRun): Seldon v1's and KServe's container command as written in the manifest, with the runtime's
+MLServer environment, the fetched model bind-mounted at /mnt/models and an emptyDir; Seldon v2's standard mlserver
+Server as MLServer of the cluster's release (`seldon_v2_server_python`) honouring the folder's model-settings.json
+after the agent's rewrite. Each runs under bubblewrap in a network namespace of its own (--unshare-net: only its
+own loopback), reached through socat over unix sockets, so a pod that tried to download anything would fail.
+
 Its gateway is the network in front of the model servers:
   /gateway/{namespace}/{name}/...  one deployment, like an ingress path (RETRO_K8S_ENDPOINT_TEMPLATE); for
                                    Seldon v1 with protocol "seldon" it answers /api/v1.0/predictions as Seldon's
@@ -33,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,15 +66,18 @@ import numpy as np
 import yaml
 
 from app.errors import AppError
-from app.integrations.deployers import Deployment, LocalMLServerDeployer
+from app.integrations.deployers import Deployment, LocalMLServerDeployer, find_server_executable, startup_failure
 from app.integrations.k8s_deployers import (
     INFERENCE_SERVICE,
+    KSERVE_MODELS_DIR,
     SELDON_DEPLOYMENT,
     SELDON_MODEL,
     SELDON_SERVER,
     SELDON_SERVER_CONFIG,
+    SELDON_V2_MODELS_DIR,
     ResourceKind,
 )
+from app.integrations.model_sandbox import ModelSandbox, python_roots
 from app.integrations.protocols import GRPC_MODEL_INFER
 from app.integrations.registry import ModelVersionInfo
 from app.integrations.v2_grpc import inference_pb2
@@ -217,6 +229,12 @@ class TestOperator:
         self.enforce = "restricted"
         self._server_objects: dict[str, dict[str, Any]] = {}  # Seldon v2 Servers seen, by name
         self._fetch_dir = work_dir.with_name(work_dir.name + "-fetched")  # where the downloaders put models
+        self._pod_dir = work_dir.with_name(work_dir.name + "-pods")  # pods run from their environment
+        self._pods: dict[str, PodRun] = {}
+        # The Python of the cluster's Seldon v2 mlserver image (MLServer of RETRO_SELDON_V2_MLSERVER_VERSION), which
+        # loads a folder's environment_tarball; None: this operator's own MLServer (.venv-server).
+        self.seldon_v2_server_python: str | None = None
+        self.cold_starts: dict[str, float] = {}  # seconds from a resource's creation to ready, per name
         self.scripts: dict[str, Script] = {}
         self.seen: dict[str, dict[str, Any]] = {}  # the last spec and labels seen per name, for assertions
         self.mesh_requests: list[tuple[str, str | None]] = []  # (path, Seldon-Model header) at the mesh
@@ -326,11 +344,20 @@ class TestOperator:
         server = obj["spec"].get("server") if kind == SELDON_MODEL else None
         if server and not self._wait_for_server(server, name, seen):
             return
+        created = time.monotonic()
         try:
             local = self._fetch(kind, obj)
         except FetchFailed as exc:
             if self._alive(name, seen.generation):
                 self._report_fetch_failure(kind, obj, str(exc))
+            return
+        try:
+            pod = self._pod_plan(kind, obj, local)
+        except AgentRefused as exc:
+            self._patch_status(kind, name, failed_status(kind, str(exc)))
+            return
+        if pod is not None:
+            self._run_pod(kind, obj, seen, pod, created=created)
             return
         model = ModelVersionInfo(
             name=name, version="1", run_id=None, source=str(local), artifact_uri=str(local), inputs=(), outputs=()
@@ -375,6 +402,72 @@ class TestOperator:
         if done.returncode != 0:
             raise FetchFailed((done.stderr or done.stdout).strip()[-1500:])
         return dest
+
+    # Pods that run from the model's own environment.
+    def _pod_plan(self, kind: ResourceKind, obj: dict[str, Any], local: Path) -> PodPlan | None:
+        """What the pod runs when the manifest or the fetched folder says so; None for this operator's own MLServer."""
+        name = obj["metadata"]["name"]
+        if kind == SELDON_MODEL:
+            settings = seldon_v2_agent_settings(local, model=name, requirements=obj["spec"].get("requirements") or [])
+            tarball = (settings.get("parameters") or {}).get("environment_tarball")
+            if not tarball:
+                return None  # the operator's MLServer loads the folder (its own Server, or a known requirement)
+            python = self.seldon_v2_server_python or str(Path(find_server_executable("mlserver")).with_name("python"))
+            return PodPlan(
+                # operator/config/serverconfigs/mlserver.yaml: MLServer on 9000 (HTTP) and 9500 (gRPC), models from
+                # MLSERVER_MODELS_DIR=/mnt/agent/models, where the agent puts each model's folder.
+                command=[python, "-m", "mlserver.cli.main", "start", SELDON_V2_MODELS_DIR],
+                env={"MLSERVER_HTTP_PORT": "9000", "MLSERVER_GRPC_PORT": "9500", "MLSERVER_PARALLEL_WORKERS": "1"},
+                mounts={f"{SELDON_V2_MODELS_DIR}/{name}": local},
+                readable=python_roots(python),
+                http_port=9000,
+                grpc_port=9500,
+            )
+        container = server_container(kind, obj)
+        if container is None or not container.get("command"):
+            return None
+        env = runtime_env(kind, name)
+        env.update({e["name"]: e["value"] for e in container.get("env") or []})  # the container's own win
+        mounts = {KSERVE_MODELS_DIR: local}  # both storage initializers download to /mnt/models
+        for mount in container.get("volumeMounts") or []:
+            mounts[mount["mountPath"]] = Path()  # an emptyDir: made per pod below
+        return PodPlan(
+            command=list(container["command"]),
+            env=env,
+            mounts=mounts,
+            readable=[],
+            http_port=int(env["MLSERVER_HTTP_PORT"]),
+            grpc_port=int(env["MLSERVER_GRPC_PORT"]),
+        )
+
+    def _run_pod(self, kind: ResourceKind, obj: dict[str, Any], seen: Seen, plan: PodPlan, *, created: float) -> None:
+        name = obj["metadata"]["name"]
+        pod = PodRun.start(self._pod_dir / name, plan)
+        with self._lock:
+            self._pods[name] = pod
+        failure = pod.wait_ready(name, timeout_s=300, alive=lambda: self._alive(name, seen.generation))
+        if failure is not None:
+            if self._alive(name, seen.generation):
+                self._report_pod_failure(kind, obj, failure)
+            return
+        if not self._alive(name, seen.generation):
+            return
+        self.cold_starts[name] = time.monotonic() - created
+        with self._lock:
+            self._backends[name] = pod.deployment(name)
+        self._patch_status(kind, name, ready_status(kind, name, obj["metadata"]["namespace"]))
+
+    def _report_pod_failure(self, kind: ResourceKind, obj: dict[str, Any], message: str) -> None:
+        """Seldon v1 leaves the deployment Creating with a crashing pod; KServe and Seldon v2 say Failed."""
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        if kind != SELDON_DEPLOYMENT:
+            self._patch_status(kind, name, failed_status(kind, message))
+            return
+        pod = failing_pod(name, message)
+        status = pod["status"]["initContainerStatuses"].pop()
+        status.update(name=name, image="seldonio/mlserver")
+        pod["status"]["containerStatuses"] = [status]
+        self._core.create_namespaced_pod(namespace, pod)
 
     def _report_fetch_failure(self, kind: ResourceKind, obj: dict[str, Any], message: str) -> None:
         """Seldon v1 leaves the deployment Creating and its pod's init container failing; the others say Failed."""
@@ -426,6 +519,9 @@ class TestOperator:
     def _teardown(self, name: str) -> None:
         with self._lock:
             self._backends.pop(name, None)
+            pod_run = self._pods.pop(name, None)
+        if pod_run is not None:
+            pod_run.stop()
         self._servers.forget(name)
         self._servers.stop(name)
         shutil.rmtree(self._fetch_dir / name, ignore_errors=True)
@@ -644,7 +740,9 @@ class TestOperator:
 
     def model_servers(self) -> list[str]:
         """Names of the MLServers the operator still runs (or has files for)."""
-        return self._servers.list_names()
+        with self._lock:
+            pods = list(self._pods)
+        return sorted({*self._servers.list_names(), *pods})
 
     def wait_idle(self, timeout_s: float = 30) -> list[str]:
         """Wait until no MLServer is left; return the names still there at the deadline."""
@@ -659,8 +757,10 @@ class TestOperator:
             t.join(10)
         for queue in self._queues.values():
             queue.shutdown(wait=True)
-        for name in self.model_servers():
+        for name in self._servers.list_names():
             self._servers.stop(name)
+        for pod in list(self._pods.values()):
+            pod.stop()
         self.gateway.shutdown()
         self.grpc_ingress.stop()
         self.grpc_mesh.stop()
@@ -909,6 +1009,113 @@ class RuntimeServers(LocalMLServerDeployer):
         return f"127.0.0.1:{target or _closed_port()}"
 
 
+@dataclass(frozen=True)
+class PodPlan:
+    """A pod's model server container: its command and environment, and what is mounted where."""
+
+    command: list[str]
+    env: dict[str, str]
+    mounts: dict[str, Path]  # path in the pod -> folder here; Path() for an emptyDir
+    readable: list[Path]  # folders of this machine the image provides (the server image's Python)
+    http_port: int
+    grpc_port: int
+
+
+class PodRun:
+    """One pod's container under bubblewrap in a network namespace of its own; socat carries its two ports out.
+
+    Inside, socat listens on unix sockets in the pod's folder and connects to the container's ports on the pod's
+    loopback; outside, socat listens on free loopback ports and connects to those sockets. The container sees /usr,
+    a few files of /etc, its mounts and its folder, as a container sees its image and volumes.
+    """
+
+    def __init__(self, folder: Path, procs: list[subprocess.Popen[bytes]], http: int, grpc_port: int) -> None:
+        self.folder = folder
+        self._procs = procs
+        self._http = http
+        self._grpc = grpc_port
+
+    @classmethod
+    def start(cls, folder: Path, plan: PodPlan) -> PodRun:
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "home").mkdir(parents=True)
+        binds: list[str] = []
+        for inside, here in plan.mounts.items():
+            if here == Path():
+                here = folder / "volumes" / inside.strip("/").replace("/", "_")
+                here.mkdir(parents=True)
+            binds += ["--bind", str(here), inside]
+        relay = (
+            # Quiet: until the server listens each probe is refused, and the log is the container's own.
+            'h=$1; g=$2; d=$3; shift 3; socat UNIX-LISTEN:"$d/http.sock",fork TCP:127.0.0.1:"$h" 2>/dev/null & '
+            'socat UNIX-LISTEN:"$d/grpc.sock",fork TCP:127.0.0.1:"$g" 2>/dev/null & exec "$@"'
+        )
+        argv = ["sh", "-c", relay, "pod", str(plan.http_port), str(plan.grpc_port), str(folder), *plan.command]
+        sandboxed = ModelSandbox("bwrap").command(
+            argv, cwd=folder, readable=plan.readable, writable=[folder], network=False, die_with_parent=True
+        )
+        at = sandboxed.index("--chdir")
+        # /dev/shm for MLServer's pool (multiprocessing's semaphores); the volumes at their paths in the pod.
+        sandboxed[at:at] = ["--tmpfs", "/dev/shm", *binds]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(folder / "home"), **plan.env}
+        log = (folder / "pod.log").open("ab")
+        procs = [
+            subprocess.Popen(
+                sandboxed, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True
+            )
+        ]
+        http, grpc_port = _free_port(), _free_port()
+        for port, sock in ((http, "http.sock"), (grpc_port, "grpc.sock")):
+            procs.append(
+                subprocess.Popen(
+                    ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UNIX-CONNECT:{folder / sock}"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        log.close()
+        return cls(folder, procs, http, grpc_port)
+
+    def deployment(self, name: str) -> Deployment:
+        return Deployment(
+            name=name, base_url=f"http://127.0.0.1:{self._http}", model_name=name, grpc_target=f"127.0.0.1:{self._grpc}"
+        )
+
+    def wait_ready(self, name: str, *, timeout_s: float, alive: Callable[[], bool]) -> str | None:
+        """None once the model answers ready; else why not: the container's own last words, as a pod shows them."""
+        url = f"http://127.0.0.1:{self._http}/v2/models/{name}/ready"
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=2) as client:
+            while alive():
+                if self._procs[0].poll() is not None:
+                    return f"exited with code {self._procs[0].returncode}: {self.last_words()}"
+                try:
+                    if client.get(url).status_code == 200:
+                        return None
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    return f"not ready within {timeout_s:.0f} s: {self.last_words()}"
+                time.sleep(0.25)
+        return "deleted"
+
+    def last_words(self) -> str:
+        """The exception the log names, else its last lines (a failing tar or shell names no exception)."""
+        text = (self.folder / "pod.log").read_text(errors="replace")
+        found = startup_failure(text)
+        if not found.startswith("it exited without naming"):
+            return found
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-4:])
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -965,6 +1172,76 @@ def crashing_pod(kind: ResourceKind, name: str, pod: dict[str, Any], script: Cra
         "metadata": {"name": f"{name}-crashing-0", "labels": {label: name}},
         "spec": {"containers": [{"name": c["name"], "image": c.get("image") or "x"} for c in pod["containers"]]},
         "status": status,
+    }
+
+
+class AgentRefused(Exception):
+    """Seldon v2's agent cannot make MLServer settings for the fetched folder."""
+
+
+# scheduler/pkg/agent/repository/mlserver/settings.go, getModelSettings: the requirements it makes settings for.
+AGENT_KNOWN_REQUIREMENTS = ("alibi-detect", "alibi-explain", "lightgbm", "mlflow", "python", "sklearn", "xgboost")
+
+
+def seldon_v2_agent_settings(folder: Path, *, model: str, requirements: list[str]) -> dict[str, Any]:
+    """The model-settings.json Seldon v2's agent leaves in a downloaded folder, written back there.
+
+    scheduler/pkg/agent/repository/mlserver/mlserver.go (UpdateModelVersion, UpdateNameAndVersion): a folder with a
+    model-settings.json at its top is loaded into a Go struct and written back with the Model's name and version,
+    so only the struct's fields survive (name, platform, versions, parallel_workers, implementation,
+    parameters.{uri, version, format, content_type, extra, environment_tarball}); parallel_workers is a plain int,
+    written as 0 when absent. Without the file, settings.go's getModelSettings takes the first requirement it knows
+    and otherwise fails with "Can't create model-settings from requirements [...]" (Go's %v of a slice).
+    """
+    path = folder / "model-settings.json"
+    if not path.is_file():
+        if not any(r in AGENT_KNOWN_REQUIREMENTS for r in requirements):
+            raise AgentRefused(f"Can't create model-settings from requirements [{' '.join(requirements)}]")
+        return {}  # a known requirement: the agent's own settings, as this operator's MLServer makes them
+    loaded = json.loads(path.read_text())
+    params = loaded.get("parameters") or {}
+    kept_params = {
+        k: params[k]
+        for k in ("uri", "version", "format", "content_type", "extra", "environment_tarball")
+        if params.get(k)
+    }
+    settings: dict[str, Any] = {"name": model, "parallel_workers": int(loaded.get("parallel_workers") or 0)}
+    settings.update({k: loaded[k] for k in ("platform", "versions", "implementation") if loaded.get(k)})
+    settings["parameters"] = {**kept_params, "version": "1"}
+    path.write_text(json.dumps(settings))
+    return settings
+
+
+def server_container(kind: ResourceKind, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The model server's container as the manifest overrides it: Seldon v1's graph node, KServe's predictor model."""
+    spec = obj["spec"]
+    if kind == INFERENCE_SERVICE:
+        return dict(spec["predictor"]["model"])
+    if kind == SELDON_DEPLOYMENT:
+        predictor = spec["predictors"][0]
+        node = predictor["graph"]["name"]
+        for component in predictor.get("componentSpecs") or []:
+            for container in (component.get("spec") or {}).get("containers") or []:
+                if container.get("name") == node:
+                    return dict(container)
+    return None
+
+
+def runtime_env(kind: ResourceKind, name: str) -> dict[str, str]:
+    """The MLServer environment each operator gives its model server container.
+
+    KServe: config/runtimes/kserve-mlserver.yaml (MLSERVER_HTTP_PORT=8080, MLSERVER_GRPC_PORT=9000,
+    MLSERVER_MODEL_NAME={{.Name}}, MLSERVER_MODEL_URI=/mnt/models, MLSERVER_MODEL_IMPLEMENTATION from the model
+    format's class). Seldon Core v1: operator/controllers/mlserver.go (HTTP 9000, gRPC 9500, the graph node's name,
+    /mnt/models, the MLflow runtime for MLFLOW_SERVER).
+    """
+    http, grpc_port = ("8080", "9000") if kind == INFERENCE_SERVICE else ("9000", "9500")
+    return {
+        "MLSERVER_HTTP_PORT": http,
+        "MLSERVER_GRPC_PORT": grpc_port,
+        "MLSERVER_MODEL_NAME": name,
+        "MLSERVER_MODEL_URI": KSERVE_MODELS_DIR,
+        "MLSERVER_MODEL_IMPLEMENTATION": "mlserver_mlflow.MLflowRuntime",
     }
 
 

@@ -6,10 +6,18 @@ expiry time, so the reaper can find what a killed worker left behind. Readiness 
 watch request lasts a couple of seconds, so a cancel is noticed between events, and a Failed state or failing
 condition ends the wait at once with the operator's own message.
 
-With a model environment (app/integrations/environments.py) the model server runs from the model's own packages:
-an init container builds the environment with uv from the resolved pins (passed inline, so nothing else is created
-or left behind) into an emptyDir volume, and the server container runs that environment's `mlserver`. Seldon Core
-v2 has no pod settings on a Model, so there the deployment is a Model on a Server of its own, of the same name.
+With a model environment (app/integrations/environments.py) the model server runs from the model's own packages,
+delivered as RETRO_K8S_ENV_DELIVERY says:
+- tarball (the default): the worker packs the environment it built and checked (app/integrations/env_artifacts.py)
+  and stages it beside the model (app/integrations/staging.py), so the operator's own downloader fetches both with
+  the credentials it already has; no init container, no index, no Python download. Seldon Core v1 and KServe run
+  MLServer from the extracted environment (`<env>/bin/python -m mlserver.cli.main start`, an emptyDir to extract
+  into); Seldon Core v2's standard mlserver Server loads it through MLServer's own `environment_tarball`, named in
+  the staged folder's model-settings.json, when the environment holds the cluster's MLServer release
+  (RETRO_SELDON_V2_MLSERVER_VERSION); an environment with another release gets a Server of its own, as below.
+- install: an init container builds the environment with uv from the resolved pins (passed inline) into an
+  emptyDir volume, and the server container runs that environment's `mlserver`. Seldon Core v2 has no pod settings
+  on a Model, so there the deployment is a Model on a Server of its own, of the same name.
 
 Every call to the API goes through CustomResources, which refuses any verb not declared in API_RULES; the RBAC
 Role in deploy/base/rbac.yaml grants exactly API_RULES (tests/test_deploy_manifests.py checks both).
@@ -18,6 +26,7 @@ Role in deploy/base/rbac.yaml grants exactly API_RULES (tests/test_deploy_manife
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +41,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 from app.config import Settings
 from app.errors import DeploymentFailed, JobCancelled
 from app.integrations.deployers import Deployment, ManagedDeployment
+from app.integrations.env_artifacts import TARBALL, EnvironmentPacker, PackedEnvironment
 from app.integrations.environments import ModelEnvironment
 from app.integrations.registry import ModelVersionInfo
 from app.integrations.staging import ModelStaging
@@ -59,6 +69,16 @@ printf '%s\\n' "$RETRO_REQUIREMENTS_LOCK" > {ENV_DIR}/requirements.lock
 uv venv --clear --managed-python --python "$RETRO_PYTHON" {ENV_DIR}/venv
 uv pip sync --compile-bytecode --python {ENV_DIR}/venv/bin/python {ENV_DIR}/requirements.lock
 """
+# With tarball delivery the server container extracts the environment, fetched with the model, into the volume and
+# runs MLServer from it; the model itself is given as MLServer's default model (MLSERVER_MODEL_*), as KServe's MLServer
+# runtime does, so the staged folder needs no model-settings.json. Its pool stays off (MLSERVER_PARALLEL_WORKERS=0):
+# the whole server already runs in the environment.
+ENV_RUN_SCRIPT = f"""set -eu
+mkdir -p {ENV_DIR}/env
+tar -xzf "$RETRO_MODELS_DIR/{TARBALL}" -C {ENV_DIR}/env
+exec {ENV_DIR}/env/bin/python -m mlserver.cli.main start "$RETRO_MODELS_DIR"
+"""
+MLFLOW_RUNTIME = "mlserver_mlflow.MLflowRuntime"
 # Where each platform puts the model for MLServer: KServe's and Seldon Core v1's storage initializers download it
 # to /mnt/models (MLSERVER_MODEL_URI); Seldon Core v2's agent to MLSERVER_MODELS_DIR of the mlserver ServerConfig.
 KSERVE_MODELS_DIR = "/mnt/models"
@@ -420,6 +440,7 @@ class KubernetesDeployer:
         self._settings = settings
         self._resources = resources or CustomResources(settings=settings)
         self._staging = ModelStaging(settings=settings)
+        self._packer: EnvironmentPacker | None = None
         self._namespace = settings.k8s_namespace
         self._instance = label_value(settings.queue_name)
         _check_template(settings.k8s_endpoint_template, "RETRO_K8S_ENDPOINT_TEMPLATE")
@@ -588,7 +609,7 @@ class KubernetesDeployer:
     def start(
         self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
     ) -> Deployment:
-        model = self._staging.servable(model, schemes=self.fetch_schemes, operator=self.operator)
+        model = self._servable(model, environment)
         for kind, body in self.objects(name=name, job_id=job_id, model=model, environment=environment):
             self._create(kind, body)
         log.info(
@@ -599,6 +620,64 @@ class KubernetesDeployer:
             f" in environment {environment.key}" if environment else "",
         )
         return self.deployment(name)
+
+    # The environment as an artifact.
+    def uses_tarball(self, environment: ModelEnvironment | None) -> bool:
+        """Whether the pod gets the environment as a tarball fetched with the model (RETRO_K8S_ENV_DELIVERY)."""
+        return environment is not None and self._settings.k8s_env_delivery == "tarball"
+
+    def bundle_settings(self, environment: ModelEnvironment) -> dict[str, Any] | None:
+        """The model-settings.json the staged folder carries, or None (the container names the model itself)."""
+        return None
+
+    def _servable(self, model: ModelVersionInfo, environment: ModelEnvironment | None) -> ModelVersionInfo:
+        """The model with a URI the operator fetches: with a packed environment or model-settings, a staged bundle."""
+        packed = self.pack(environment) if environment is not None and self.uses_tarball(environment) else None
+        settings = self.bundle_settings(environment) if environment is not None else None
+        if packed is None and settings is None:
+            return self._staging.servable(model, schemes=self.fetch_schemes, operator=self.operator)
+        if not self._staging.enabled:
+            raise DeploymentFailed(
+                f"{self.operator} fetches the model's environment with the model from one staged folder; set "
+                "RETRO_MODEL_STAGING_URL to an s3:// or gs:// prefix its storage credentials can read "
+                "(or RETRO_K8S_ENV_DELIVERY=install to build the environment at pod start from an index)"
+            )
+        uri = self._staging.stage_bundle(
+            model,
+            tarball=packed.path if packed else None,
+            tarball_sha256=packed.sha256 if packed else "",
+            model_settings=settings,
+        )
+        return dataclasses.replace(model, artifact_uri=uri)
+
+    def pack(self, environment: ModelEnvironment) -> PackedEnvironment:
+        """The environment's relocatable tarball, packed on this worker once per environment."""
+        if not environment.path:
+            raise DeploymentFailed(
+                f"the environment {environment.key} was not built on this worker, so it cannot be packed; "
+                "set RETRO_K8S_ENV_DELIVERY=install to build it at pod start"
+            )
+        if self._packer is None:
+            from app.integrations.wiring import make_environments
+
+            cache = make_environments(self._settings)
+            if cache is None:
+                raise DeploymentFailed("RETRO_MODEL_ENV=worker builds no model environment to pack")
+            self._packer = EnvironmentPacker(cache=cache)
+        return self._packer.pack(environment)
+
+    def _tarball_server(self, *, name: str, models_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The volume the environment is extracted into, and the server container's command, env and mount."""
+        mount = {"name": ENV_VOLUME, "mountPath": ENV_DIR}
+        env = [
+            {"name": "RETRO_MODELS_DIR", "value": models_dir},
+            {"name": "MLSERVER_MODEL_NAME", "value": name},
+            {"name": "MLSERVER_MODEL_IMPLEMENTATION", "value": MLFLOW_RUNTIME},
+            {"name": "MLSERVER_MODEL_URI", "value": models_dir},
+            {"name": "MLSERVER_PARALLEL_WORKERS", "value": "0"},
+        ]
+        server = {"command": ["sh", "-c", ENV_RUN_SCRIPT], "env": env, "volumeMounts": [mount]}
+        return {"name": ENV_VOLUME, "emptyDir": {}}, server
 
     def _create(self, kind: ResourceKind, body: dict[str, Any]) -> None:
         """Create the object, replacing one of the same name an earlier attempt left."""
@@ -788,7 +867,11 @@ class SeldonDeployer(KubernetesDeployer):
         if s.k8s_image:
             container["image"] = s.k8s_image
         pod: dict[str, Any] = {"containers": [container]}
-        if environment is not None and s.seldon_protocol == "v2":
+        if environment is not None and s.seldon_protocol == "v2" and self.uses_tarball(environment):
+            volume, server = self._tarball_server(name=name, models_dir=SELDON_V1_MODELS_DIR)
+            container.update(server)
+            pod.update(volumes=[volume])
+        elif environment is not None and s.seldon_protocol == "v2":
             parts = self._environment_parts(environment, models_dir=SELDON_V1_MODELS_DIR)
             container.update(parts.server)
             pod.update(initContainers=[parts.init_container], volumes=[parts.volume])
@@ -853,9 +936,33 @@ class SeldonV2Deployer(KubernetesDeployer):
         }
         if s.k8s_storage_secret:
             spec["secretName"] = s.k8s_storage_secret
-        if environment is not None:
+        if self.own_server(environment):
             spec.update(server=name, requirements=[name])
         return spec
+
+    def own_server(self, environment: ModelEnvironment | None) -> bool:
+        """Whether the Model needs a Server of its own: an environment the cluster's standard Server cannot load."""
+        return environment is not None and not self.uses_tarball(environment)
+
+    def uses_tarball(self, environment: ModelEnvironment | None) -> bool:
+        # MLServer's pool and its main process exchange pickled MLServer objects, so a tarball needs the server's own
+        # release (docs/kubernetes-environments.md; MLServer docs/user-guide/custom.md).
+        return (
+            super().uses_tarball(environment)
+            and environment is not None
+            and environment.server_version == self._settings.seldon_v2_mlserver_version
+        )
+
+    def bundle_settings(self, environment: ModelEnvironment) -> dict[str, Any] | None:
+        """What the agent needs to load the folder: without a model-settings.json it builds settings only from a
+        requirement it knows (scheduler/pkg/agent/repository/mlserver/settings.go), and a Model pinned to its own
+        Server requires that Server's name. The agent rewrites the file through a Go struct that keeps
+        parallel_workers (a plain int in released agents: written as 0 when absent, which turns MLServer's pool off
+        and with it the tarball) and parameters.environment_tarball (scheduler/pkg/agent/repository/mlserver/mlserver.go)."""
+        settings: dict[str, Any] = {"implementation": MLFLOW_RUNTIME, "parallel_workers": 0, "parameters": {}}
+        if self.uses_tarball(environment):
+            settings.update(parallel_workers=1, parameters={"environment_tarball": f"./{TARBALL}"})
+        return settings
 
     def server_manifest(self, *, name: str, job_id: str, environment: ModelEnvironment) -> dict[str, Any]:
         """The deployment's own Server: the mlserver ServerConfig's pod, serving from the model's environment."""
@@ -895,8 +1002,17 @@ class SeldonV2Deployer(KubernetesDeployer):
         self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None
     ) -> list[tuple[ResourceKind, dict[str, Any]]]:
         model_object = super().objects(name=name, job_id=job_id, model=model, environment=environment)
-        if environment is None:
+        if environment is None or not self.own_server(environment):
             return model_object
+        if self._settings.k8s_env_delivery == "tarball":
+            log.warning(
+                "the environment %s holds MLServer %s, the cluster's Seldon Core v2 Server MLServer %s "
+                "(RETRO_SELDON_V2_MLSERVER_VERSION): %s gets a Server of its own that installs it at start",
+                environment.key,
+                environment.server_version,
+                self._settings.seldon_v2_mlserver_version,
+                name,
+            )
         return [(SELDON_SERVER, self.server_manifest(name=name, job_id=job_id, environment=environment)), *model_object]
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
@@ -976,7 +1092,11 @@ class KServeDeployer(KubernetesDeployer):
         predictor: dict[str, Any] = {"minReplicas": s.k8s_replicas, "maxReplicas": s.k8s_replicas, "model": model_spec}
         if s.k8s_storage_secret:
             predictor["serviceAccountName"] = s.k8s_storage_secret  # a ServiceAccount that carries the storage Secret
-        if environment is not None:
+        if environment is not None and self.uses_tarball(environment):
+            volume, server = self._tarball_server(name=name, models_dir=KSERVE_MODELS_DIR)
+            model_spec.update(server)
+            predictor.update(volumes=[volume])
+        elif environment is not None:
             # The predictor is a pod spec inline; its model is the kserve-container, merged over the runtime's.
             parts = self._environment_parts(environment, models_dir=KSERVE_MODELS_DIR)
             model_spec.update(parts.server)
@@ -997,8 +1117,9 @@ class KServeDeployer(KubernetesDeployer):
     @staticmethod
     def adds_init_containers(settings: Settings) -> bool:
         """Whether a predictor gets an init container of ours (a model environment), which Serverless refuses
-        unless Knative's kubernetes.podspec-init-containers is enabled; spec() decides it the same way."""
-        return settings.model_env == "model"
+        unless Knative's kubernetes.podspec-init-containers is enabled; spec() decides it the same way: only an
+        environment installed at pod start has one (a tarball is extracted by the server container itself)."""
+        return settings.model_env == "model" and settings.k8s_env_delivery == "install"
 
     def readiness(self, obj: dict[str, Any]) -> Readiness:
         status = obj.get("status") or {}

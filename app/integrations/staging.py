@@ -11,14 +11,23 @@ its artifacts are read through the MLflow client and copied under RETRO_MODEL_ST
                                     means the copy is whole
 
 A version is uploaded once; later jobs only touch its last-used marker. The reaper deletes a copy unused for
-RETRO_MODEL_STAGING_TTL_S. A model environment needs nothing staged: its pins travel inline in the init container's
-environment (app/integrations/k8s_deployers.py), so only the model itself moves.
+RETRO_MODEL_STAGING_TTL_S.
+
+With a model environment delivered as a tarball (RETRO_K8S_ENV_DELIVERY=tarball, app/integrations/env_artifacts.py)
+the staged folder is a bundle: the model's artifacts, `environment.tar.gz` beside them and, for Seldon Core v2, a
+`model-settings.json` naming it. Each operator fetches exactly one storage URI per deployment (Seldon v2's agent
+the Model's storageUri into the server's models folder, Seldon v1's and KServe's storage initializers the model URI
+into /mnt/models), so the environment has to sit in the model's folder to arrive with it. A bundle is keyed by the
+hash of the model's content, the tarball's sha256 and the settings, so it is uploaded once and reaped like a model.
+With install-at-start delivery the pins travel inline in the init container's environment and only the model
+itself (with Seldon v2's model-settings.json) moves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -95,6 +104,50 @@ class ModelStaging:
             raise DeploymentFailed(f"cannot stage the model to {self.url}: {type(exc).__name__}: {exc}") from exc
         return target
 
+    def stage_bundle(
+        self,
+        model: ModelVersionInfo,
+        *,
+        tarball: Path | None,
+        model_settings: dict[str, Any] | None,
+        tarball_sha256: str = "",
+        tarball_name: str = "environment.tar.gz",
+    ) -> str:
+        """The URI of a staged folder holding the model's artifacts, the environment's tarball and model-settings.json."""
+        try:
+            with tempfile.TemporaryDirectory(prefix="retro-stage-") as tmp:
+                local = fetch_model(model.artifact_uri, Path(tmp) / "model", tracking_uri=self._tracking_uri)
+                extra: dict[str, Path] = {}
+                key = hashlib.sha256(content_hash(local).encode())
+                if tarball is not None:
+                    extra[tarball_name] = tarball
+                    key.update(b"\0tarball\0" + (tarball_sha256 or _sha256(tarball)).encode())
+                if model_settings is not None:
+                    settings_file = Path(tmp) / "model-settings.json"
+                    settings_file.write_text(json.dumps(model_settings, sort_keys=True))
+                    extra["model-settings.json"] = settings_file
+                    key.update(b"\0settings\0" + settings_file.read_bytes())
+                digest = key.hexdigest()
+                target = f"{self.url}/{MODELS_DIR}/{digest}"
+                fs = self._filesystem()
+                if fs.exists(self._marker(digest)):
+                    log.info(
+                        "model %s version %s is staged already with its environment at %s",
+                        model.name,
+                        model.version,
+                        target,
+                    )
+                else:
+                    uploads = [(p, p.relative_to(local).as_posix()) for p in _files(local)]
+                    uploads += [(path, name) for name, path in sorted(extra.items())]
+                    for path, name in uploads:
+                        fs.put_file(str(path), f"{target}/{name}")
+                    log.info("staged model %s version %s with its environment at %s", model.name, model.version, target)
+                self._touch(digest)
+        except Exception as exc:
+            raise DeploymentFailed(f"cannot stage the model to {self.url}: {type(exc).__name__}: {exc}") from exc
+        return target
+
     def _marker(self, digest: str) -> str:
         return f"{self.url}/{LAST_USED_DIR}/{digest}"
 
@@ -145,6 +198,14 @@ def content_hash(folder: Path) -> str:
             while block := f.read(1 << 20):
                 digest.update(block)
         digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -3,7 +3,8 @@
 Each deployer is given a ModelEnvironment made by hand (no uv, no index); the objects are read back from the
 emulator as the operator would see them: the init container that builds the environment from the pins, the shared
 volume, the server container running the environment's mlserver, the annotations naming the environment, and for
-Seldon Core v2 the deployment's own Server. The init container's script runs here against a stand-in `uv`.
+Seldon Core v2 the deployment's own Server. The init container's script runs here against a stand-in `uv`. These are
+the install-at-start deliveries (RETRO_K8S_ENV_DELIVERY=install); tests/k8s/test_env_tarball.py has the tarball.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from app.integrations.k8s_deployers import (
     SeldonV2Deployer,
 )
 from app.integrations.registry import ModelVersionInfo
-from tests.k8s.conftest import NAMESPACE, STORAGE_SECRETS, k8s_settings, wait_for
+from tests.conftest import _TMP
+from tests.k8s.conftest import BUCKET, NAMESPACE, STORAGE_SECRETS, k8s_settings, wait_for
 from tests.k8s_operator import ApiServer, Hang, TestOperator
 
 # What uv pip compile prints, and a marker line whose quotes must reach the lock file untouched.
@@ -80,6 +82,21 @@ BASE_ENV = [
     {"name": "UV_PYTHON_INSTALL_DIR", "value": "/opt/retro-env/python"},
     {"name": "UV_CACHE_DIR", "value": "/opt/retro-env/cache"},
 ]
+
+
+def install_settings(deployer: str, **overrides: Any) -> Any:
+    """Settings that build the environment at pod start."""
+    return k8s_settings(deployer, k8s_env_delivery="install", **overrides)
+
+
+def stageable_model() -> ModelVersionInfo:
+    """A model folder the deployer can stage: Seldon v2's staged folder carries a model-settings.json beside it."""
+    folder = _TMP / "stageable-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    return ModelVersionInfo(
+        name="churn", version="3", run_id=None, source="", artifact_uri=str(folder), inputs=(), outputs=()
+    )
 
 
 def custom_objects(cluster: ApiServer) -> Any:
@@ -138,7 +155,7 @@ def new_name() -> tuple[str, str]:
 def test_kserve_builds_the_environment_in_the_predictor_and_runs_its_mlserver(
     cluster: ApiServer, operator: TestOperator
 ) -> None:
-    settings = k8s_settings(
+    settings = install_settings(
         "kserve",
         k8s_env_index_url="https://pypi.corp.example/simple",
         k8s_env_python_mirror="https://mirror.corp.example/python-build-standalone",
@@ -173,7 +190,7 @@ def test_kserve_builds_the_environment_in_the_predictor_and_runs_its_mlserver(
 def test_seldon_v1_with_mlserver_builds_the_environment_in_the_graph_nodes_pod(
     cluster: ApiServer, operator: TestOperator
 ) -> None:
-    deployer = SeldonDeployer(settings=k8s_settings("seldon", seldon_protocol="v2"))
+    deployer = SeldonDeployer(settings=install_settings("seldon", seldon_protocol="v2"))
     name, job_id = new_name()
     operator.scripts[name] = Hang()
     deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
@@ -204,7 +221,7 @@ def test_seldon_v1_with_the_seldon_protocol_keeps_its_manifest_and_names_the_env
     """Seldon's own MLflow server builds the model's conda environment itself: only the annotations change."""
     from app.config import Settings
 
-    deployer = SeldonDeployer(settings=Settings(seldon_protocol="seldon"))
+    deployer = SeldonDeployer(settings=Settings(seldon_protocol="seldon", k8s_env_delivery="install"))
     name, job_id = new_name()
     with_env = deployer.manifest(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
     without = deployer.manifest(name=name, job_id=job_id, model=MODEL)
@@ -217,10 +234,10 @@ def test_seldon_v1_with_the_seldon_protocol_keeps_its_manifest_and_names_the_env
 def test_seldon_v2_puts_the_model_on_a_server_of_its_own_and_stop_deletes_both(
     cluster: ApiServer, operator: TestOperator
 ) -> None:
-    deployer = SeldonV2Deployer(settings=k8s_settings("seldon_v2"))
+    deployer = SeldonV2Deployer(settings=install_settings("seldon_v2"))
     name, job_id = new_name()
     operator.scripts[name] = Hang()
-    deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
+    deployer.start(name=name, job_id=job_id, model=stageable_model(), environment=ENVIRONMENT)
     try:
         created = sorted(plural for plural, _, n in cluster.objects() if n == name)
         model = read_back(cluster, SELDON_MODEL, name)
@@ -233,8 +250,9 @@ def test_seldon_v2_puts_the_model_on_a_server_of_its_own_and_stop_deletes_both(
     assert created == ["models", "servers"]
     # One deployment for the reaper, not two.
     assert managed == [(name, job_id)]
+    # Staged with a model-settings.json, without which the agent refuses a requirement it does not know.
+    assert model["spec"].pop("storageUri").startswith(f"s3://{BUCKET}/staging/models/")
     assert model["spec"] == {
-        "storageUri": "s3://models/churn/3",
         "requirements": [name],
         "replicas": 1,
         "memory": "1Gi",
@@ -275,7 +293,7 @@ def test_a_seldon_v2_server_whose_model_is_gone_is_reaped(
     from app.db import get_session_factory
     from worker.reaper import reap_deployments
 
-    settings = k8s_settings("seldon_v2")
+    settings = install_settings("seldon_v2")
     deployer = SeldonV2Deployer(settings=settings)
     name, job_id = new_name()  # a job the database does not know
     server = deployer.server_manifest(name=name, job_id=job_id, environment=ENVIRONMENT)
@@ -290,10 +308,10 @@ def test_a_seldon_v2_server_whose_model_is_gone_is_reaped(
 
 
 def test_a_failing_seldon_v2_server_ends_the_wait_with_its_message(cluster: ApiServer, operator: TestOperator) -> None:
-    deployer = SeldonV2Deployer(settings=k8s_settings("seldon_v2"))
+    deployer = SeldonV2Deployer(settings=install_settings("seldon_v2"))
     name, job_id = new_name()
     operator.scripts[name] = Hang()
-    deployment = deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
+    deployment = deployer.start(name=name, job_id=job_id, model=stageable_model(), environment=ENVIRONMENT)
     try:
         message = "failed to create StatefulSet: exceeded quota: models, requested: limits.memory=4Gi"
         condition = {"type": "StatefulSetOrDeploymentReady", "status": "False", "reason": "StatefulSetFailed"}
@@ -311,10 +329,10 @@ def test_a_failing_seldon_v2_server_ends_the_wait_with_its_message(cluster: ApiS
 
 
 def test_the_seldon_v2_readiness_timeout_says_how_the_server_is(cluster: ApiServer, operator: TestOperator) -> None:
-    deployer = SeldonV2Deployer(settings=k8s_settings("seldon_v2"))
+    deployer = SeldonV2Deployer(settings=install_settings("seldon_v2"))
     name, job_id = new_name()
     operator.scripts[name] = Hang()
-    deployment = deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
+    deployment = deployer.start(name=name, job_id=job_id, model=stageable_model(), environment=ENVIRONMENT)
     try:
         not_ready = "StatefulSet replicas does not match desired replicas"
         condition = {"type": "StatefulSetOrDeploymentReady", "status": "False", "reason": not_ready}
@@ -339,7 +357,7 @@ def test_a_seldon_v2_model_waits_for_its_own_server_then_serves_and_stops(
 
     from app.integrations.wiring import make_registry
 
-    settings = k8s_settings("seldon_v2")
+    settings = install_settings("seldon_v2")
     deployer = SeldonV2Deployer(settings=settings)
     model = make_registry(settings).resolve(name="churn", version="1")
     name, job_id = new_name()
@@ -393,7 +411,7 @@ def test_the_init_containers_script_writes_the_pins_and_builds_the_venv_with_uv(
     """The script, run by sh with a stand-in uv that records its calls: the pins land intact, uv runs twice."""
     from app.config import Settings
 
-    manifest = KServeDeployer(settings=Settings()).manifest(
+    manifest = KServeDeployer(settings=Settings(k8s_env_delivery="install")).manifest(
         name="retro-x", job_id="j", model=MODEL, environment=ENVIRONMENT
     )
     [init_container] = manifest["spec"]["predictor"]["initContainers"]
