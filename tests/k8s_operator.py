@@ -277,12 +277,17 @@ class TestOperator:
                     kind.version,
                     kind.plural,
                     timeout_seconds=1,
-                    _request_timeout=(5, 1),
+                    # The server ends the watch after its 1 s window; the read timeout only catches a stalled one.
+                    _request_timeout=(5, 10),
                 ):
                     handle(kind, event["type"], event["raw_object"])
                     if self._stopping.is_set():
                         break
-            except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+            except (
+                urllib3.exceptions.ReadTimeoutError,
+                urllib3.exceptions.ProtocolError,
+                urllib3.exceptions.MaxRetryError,
+            ):
                 pass
             except Exception:
                 if not self._stopping.is_set():

@@ -196,8 +196,8 @@ def wait_for(check: Any, *, timeout_s: float, what: str) -> Any:
 
 
 def job_row(job_id: uuid.UUID) -> Any:
+    from app.core.jobs import RetroTest
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest
 
     with get_session_factory()() as s:
         return s.get(RetroTest, job_id)

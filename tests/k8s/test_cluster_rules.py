@@ -195,10 +195,10 @@ def test_kserve_grpc_reaches_mlserver_only_on_the_runtimes_port(
     """MLServer listens where KServe's runtime says (MLSERVER_GRPC_PORT=9000): the declared h2c port must be it."""
     import grpc
 
+    from app.core.jobs import State
     from app.integrations.protocols import GRPC_MODEL_INFER
     from app.integrations.v2_grpc import inference_pb2
     from app.integrations.wiring import make_registry
-    from app.retro_tests.models import State
 
     settings = k8s_settings("kserve", score_protocol="v2-grpc")
     job_id = new_job()

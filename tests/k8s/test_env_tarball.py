@@ -105,7 +105,7 @@ def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     old_model: OldModel,  # noqa: F811
     packed_old: PackedOld,
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     settings = k8s_settings(deployer, deploy_ready_timeout_s=300)
     job_id = new_old_model_job()
@@ -210,7 +210,7 @@ def test_a_broken_tarball_fails_within_60_s_with_the_underlying_message(
 def test_an_unreachable_staging_bucket_fails_the_job_within_60_s_with_the_stores_message(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None, packed_old: PackedOld
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     settings = k8s_settings(deployer, model_staging_url="s3://no-such-bucket/staging")
     job_id = new_old_model_job()

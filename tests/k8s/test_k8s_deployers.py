@@ -179,8 +179,8 @@ def test_a_retro_test_runs_end_to_end_through_each_kind(
     retro_data: None,
     expected_scores: pd.DataFrame,
 ) -> None:
+    from app.core.jobs import State
     from app.integrations.wiring import make_registry
-    from app.retro_tests.models import State
 
     settings = k8s_settings(deployer, seldon_protocol=protocol)
     job_id = new_job()
@@ -222,7 +222,7 @@ def test_a_retro_test_runs_end_to_end_through_each_kind(
 def test_a_failed_deployment_ends_the_job_within_seconds_with_the_operators_message(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     job_id = new_job()
     name = deployment_name(job_id)
@@ -243,7 +243,7 @@ def test_a_failed_deployment_ends_the_job_within_seconds_with_the_operators_mess
 def test_the_readiness_timeout_says_what_it_waited_for(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     job_id = new_job()
     name = deployment_name(job_id)
@@ -263,8 +263,8 @@ def test_the_readiness_timeout_says_what_it_waited_for(
 def test_cancel_while_the_deployment_starts_stops_the_job_and_deletes_the_resource(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
+    from app.core.jobs import RetroTest, State
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest, State
 
     job_id = new_job()
     name = deployment_name(job_id)
@@ -303,9 +303,9 @@ class KilledWorker:
 
 def reap_after_a_killed_worker(job_id: uuid.UUID, deployer: Any, cluster: ApiServer) -> None:
     """The reaper keeps the deployment while the job is active, deletes it once the job is terminal."""
+    from app.core.jobs import RetroTest, State
+    from app.core.transitions import advance
     from app.db import get_session_factory
-    from app.retro_tests.models import RetroTest, State
-    from app.retro_tests.service import advance
     from worker.reaper import reap_deployments
 
     name = deployment_name(job_id)
@@ -324,8 +324,8 @@ def reap_after_a_killed_worker(job_id: uuid.UUID, deployer: Any, cluster: ApiSer
 def test_a_worker_killed_while_scoring_leaves_a_deployment_that_the_reaper_deletes(
     cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
+    from app.core.jobs import State
     from app.integrations.wiring import make_deployer, make_history_source
-    from app.retro_tests.models import State
 
     # A window of 4 batches makes the writer reach the end of the first day before the source dies on the
     # second; with a wider window the death could outrun the first day's commit (as it could in a real crash).
@@ -357,8 +357,8 @@ def test_a_worker_killed_while_scoring_leaves_a_deployment_that_the_reaper_delet
 def test_a_worker_killed_while_deploying_leaves_a_deployment_that_the_reaper_deletes(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
+    from app.core.jobs import State
     from app.integrations.wiring import make_deployer
-    from app.retro_tests.models import State
 
     real = make_deployer(k8s_settings(deployer))
     job_id = new_job()

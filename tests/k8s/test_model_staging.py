@@ -101,8 +101,8 @@ def test_through_a_registry_that_proxies_artifacts_each_operator_serves_the_stag
     retro_data: None,
     expected_scores: pd.DataFrame,  # noqa: F811  (the fixture imported above)
 ) -> None:
+    from app.core.jobs import State
     from app.integrations.wiring import make_registry
-    from app.retro_tests.models import State
 
     before = staged_objects(s3)
     staged_uris = set()
@@ -186,7 +186,7 @@ UNDERLYING = {
 def test_a_wrong_secret_fails_the_job_within_60_s_with_the_downloaders_message(
     deployer: str, cluster: ApiServer, operator: TestOperator, retro_data: None
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     settings = k8s_settings(deployer, k8s_storage_secret=WRONG_SECRETS[deployer], deploy_ready_timeout_s=300)
     job_id = new_job()

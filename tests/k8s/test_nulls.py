@@ -219,7 +219,7 @@ def settings_for(deployer: str, protocol: str, hive: HiveServer) -> Any:
 def test_every_row_with_nulls_scores_as_the_model_does_in_process(
     deployer: str, protocol: str, hive: HiveServer, null_models: None, retro_data: None
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     job_id = new_null_job("nullsafe")
     state = run(job_id, settings_for(deployer, protocol, hive))
@@ -256,7 +256,7 @@ def test_every_row_with_nulls_scores_as_the_model_does_in_process(
 def test_rows_the_model_refuses_are_isolated_with_its_own_message(
     protocol: str, hive: HiveServer, null_models: None, retro_data: None
 ) -> None:
-    from app.retro_tests.models import State
+    from app.core.jobs import State
 
     job_id = new_null_job("intinput", end=HISTORY_START)
     settings = settings_for("local", protocol, hive).model_copy(update={"max_rejected_ratio": 0.5})
