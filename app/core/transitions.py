@@ -17,7 +17,8 @@ TRANSITIONS: dict[State, tuple[State, ...]] = {
     State.extracting: (State.preparing_environment, State.deploying, State.publishing, State.cancelled, State.failed),
     State.preparing_environment: (State.deploying, State.cancelled, State.failed),
     State.deploying: (State.validating, State.cancelled, State.failed),
-    State.validating: (State.scoring, State.cancelled, State.failed),
+    # deploying: a server that went down while it scored the reference is re-created, as one that went down scoring
+    State.validating: (State.scoring, State.deploying, State.cancelled, State.failed),
     State.scoring: (State.publishing, State.deploying, State.cancelled, State.failed),  # deploying: re-created
     State.publishing: (State.succeeded, State.cancelled, State.failed),
     State.succeeded: (),
