@@ -27,8 +27,9 @@ from app.integrations.k8s_deployers import (
     SeldonV2Deployer,
 )
 from app.integrations.registry import ModelVersionInfo
-from tests.k8s.conftest import NAMESPACE, job_row, k8s_settings, new_job, run, wait_for
-from tests.k8s.test_environments import ENVIRONMENT, nothing_left
+from tests.k8s.conftest import NAMESPACE, job_row, new_job, run, wait_for
+from tests.k8s.conftest import k8s_settings as cluster_settings
+from tests.k8s.test_environments import ENVIRONMENT, nothing_left, stageable_model
 from tests.k8s_operator import ApiServer, Crash, Hang, TestOperator, pod_of, restricted_violations
 
 MODEL = ModelVersionInfo(
@@ -37,6 +38,19 @@ MODEL = ModelVersionInfo(
 DEPLOYERS = {"seldon": SeldonDeployer, "seldon_v2": SeldonV2Deployer, "kserve": KServeDeployer}
 # KServe in RawDeployment where a test is about something other than Knative's init-container flag.
 RAW = {"kserve_deployment_mode": "RawDeployment"}
+
+
+def k8s_settings(kind: str, **overrides: Any) -> Any:
+    """The deployer's settings with the environment built at pod start (RETRO_K8S_ENV_DELIVERY=install): the rules
+    here are about the containers we add, and that is the delivery that adds an init container (a tarball adds
+    none; tests/k8s/test_env_tarball.py runs those pods)."""
+    return cluster_settings(kind, **{"k8s_env_delivery": "install", **overrides})
+
+
+def model_for(deployer: Any) -> ModelVersionInfo:
+    """Seldon v2's deployer stages a folder with a model-settings.json for a model with an environment, so its
+    model must be one it can fetch; the others are given the operator's own URI."""
+    return stageable_model() if isinstance(deployer, SeldonV2Deployer) else MODEL
 
 
 def deployer_for(kind: str, **overrides: Any) -> Any:
@@ -50,7 +64,7 @@ def new_name() -> tuple[str, str]:
 
 def failure_of(deployer: Any, name: str, job_id: str, *, timeout_s: float = 120) -> tuple[str, float]:
     """Start with the model environment (so an init container of ours is there), wait; the failure and how long."""
-    deployment = deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
+    deployment = deployer.start(name=name, job_id=job_id, model=model_for(deployer), environment=ENVIRONMENT)
     started = time.monotonic()
     try:
         with pytest.raises(DeploymentFailed) as failed:
@@ -232,7 +246,7 @@ def test_after_20_seldon_v2_deployments_no_volume_claim_or_server_is_left(
     def cycle(deployer: SeldonV2Deployer) -> str:
         name, job_id = new_name()
         operator.scripts[name] = Hang()
-        deployer.start(name=name, job_id=job_id, model=MODEL, environment=ENVIRONMENT)
+        deployer.start(name=name, job_id=job_id, model=model_for(deployer), environment=ENVIRONMENT)
         claim = f"mlserver-models-{name}-0"
         try:
             wait_for(
