@@ -245,10 +245,15 @@ def submit(
     lookback_days: Annotated[
         int, typer.Option(help="With --population: the latest snapshot up to this many days before each as-of date")
     ] = 0,
+    require_full_period: Annotated[
+        bool, typer.Option(help="Refuse the request if any day of the period has no history")
+    ] = False,
     wait: Annotated[bool, typer.Option(help="Follow the job to the end (exit 1 if it fails)")] = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
     body: dict[str, Any] = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    if require_full_period:
+        body["require_full_period"] = True
     if output_format:
         body["output_formats"] = output_format
     if note:
@@ -275,6 +280,8 @@ def submit(
             f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: "
             f"{ctx.obj.web_url}/jobs/{job['id']}"
         )
+        for warning in job.get("warnings") or []:
+            typer.echo(f"warning: {warning}", err=True)
         if wait:
             job = wait_for(client, resp.headers["location"])
             print_job(job, web_url=ctx.obj.web_url)

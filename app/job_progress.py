@@ -68,6 +68,8 @@ def print_job(job: dict[str, Any], *, web_url: str) -> None:
     typer.echo(
         f"  rows: total {total}, read {p['rows_read']:,}, scored {p['rows_scored']:,}, rejected {p['rows_rejected']:,}"
     )
+    for warning in job.get("warnings") or []:
+        typer.echo(f"  warning: {warning}")
     for stage in job["stages"]:
         secs = f"{stage['seconds']:.1f} s" if stage["seconds"] is not None else ""
         typer.echo(f"  {stage['state']:<21} {stage['started_at']}  {secs}")

@@ -138,6 +138,30 @@ def test_the_first_plan_is_recorded_and_every_later_attempt_uses_it(database_url
     assert later.asked == 0
 
 
+def test_the_count_names_the_days_without_history_and_a_full_period_request_fails_on_them(database_url: str) -> None:
+    """Where the API could not tell (Hive), the period's per-day count is where the missing days are found."""
+    from app.core.jobs import RetroTest
+    from app.db import get_session_factory
+    from app.errors import NoHistoryInPeriod
+    from worker.chunks import plan_chunks
+
+    start, end = date(2026, 2, 1), date(2026, 2, 7)
+    counted = {start + timedelta(days=i): 100 for i in (0, 1, 2, 5)}  # no rows on the 4th, 5th and 7th
+    with get_session_factory()() as s, s.begin():
+        job_id = make_retro_test(s, start=start, end=end, partner_prefix="coverage")
+    plan_chunks(_run(job_id, CountedSource(counted)), _query(start, end))
+    with get_session_factory()() as s:
+        assert s.get(RetroTest, job_id).days_without_history == ["2026-02-04", "2026-02-05", "2026-02-07"]  # type: ignore[union-attr]
+
+    with get_session_factory()() as s, s.begin():
+        strict = make_retro_test(s, start=start, end=end, partner_prefix="coverage-strict")
+        s.get(RetroTest, strict).require_full_period = True  # type: ignore[union-attr]
+    with pytest.raises(
+        NoHistoryInPeriod, match=r"no rows on 3 of the 7 days of the period \(2026-02-04 to 2026-02-05, 2026-02-07\)"
+    ):
+        plan_chunks(_run(strict, CountedSource(counted)), _query(start, end))
+
+
 def test_a_first_query_opened_early_is_closed_when_its_attempt_ends_without_reading_it(database_url: str) -> None:
     from app.db import get_session_factory
     from worker.chunks import plan_chunks

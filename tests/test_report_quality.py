@@ -107,3 +107,23 @@ def test_the_html_report_leads_with_the_summary_and_explains_each_figure() -> No
     for key in ("auc", "ci", "gini", "ks", "roc", "gain", "lift", "null", "rows"):
         assert report.EXPLAIN[key].split(":")[0] in page
     assert page.count("<svg") >= 3  # ROC, gain, calibration
+
+
+def test_days_without_history_are_named_in_the_summary_and_marked_on_the_rows_per_day_chart() -> None:
+    figures = {
+        "score_column": "p1",
+        "outcome_column": None,
+        "rows": {"requested": 300, "matched": 300, "scored": 300, "rejected": 0, "unmatched": None},
+        "days_without_history": ["2026-11-28", "2026-11-29", "2026-12-01"],
+        "null_rate": {},
+        "score": None,
+        "quality": None,
+    }
+    page = report.render_html(figures, title="t")
+    summary = page[page.index("id='summary'") : page.index("</section>")]
+    assert "Days without history (not in the results)" in summary
+    assert "3: 2026-11-28 to 2026-11-29, 2026-12-01" in summary
+    days = [{"day": "2026-11-27", "rows": 100}, {"day": "2026-11-30", "rows": 100}]
+    with_gaps = report._svg_days(days, missing=figures["days_without_history"])
+    without = report._svg_days(days, missing=[])
+    assert with_gaps.count("<path") > without.count("<path")  # the red marks and the legend are drawn

@@ -45,6 +45,30 @@ def test_a_period_without_history_is_refused_at_once_naming_the_days_there_are(c
     assert client.post("/api/v1/retro-tests", json=overlapping).status_code == 202
 
 
+def test_a_period_partly_without_history_is_accepted_with_the_missing_days_named(client, acme) -> None:  # type: ignore[no-untyped-def]
+    """History ends on END; a period three days longer is accepted, and says which days are not in the results."""
+    last = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
+    past = [(last + timedelta(days=i)).isoformat() for i in (1, 2, 3)]
+    resp = client.post("/api/v1/retro-tests", json=request(period_end=past[-1]))
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["days_without_history"] == past
+    assert job["warnings"] == [
+        f"the history has no rows on 3 day(s) of the period: {past[0]} to {past[-1]}; those days are not in the results"
+    ]
+    assert client.get(f"/api/v1/retro-tests/{job['id']}").json()["days_without_history"] == past
+    # A full period is what the request asks for: the same period is refused, naming the days.
+    full = client.post("/api/v1/retro-tests", json=request(period_end=past[-1], require_full_period=True))
+    assert full.status_code == 422, full.text
+    err = full.json()
+    assert err["error"] == "no_history_in_period" and err["field"] == "period_start"
+    assert f"has no rows on 3 of the {HISTORY_DAYS + 3} days of the period ({past[0]} to {past[-1]})" in err["detail"]
+    # A period inside the history has nothing to warn about.
+    inside = client.post("/api/v1/retro-tests", json=request(require_full_period=True)).json()
+    assert inside["days_without_history"] == [] and inside["warnings"] == []
+    assert client.post("/api/v1/retro-tests", json=request(require_full_period="yes")).status_code == 422
+
+
 def test_progress_says_what_the_stage_does_and_how_long_it_has_taken(client, acme) -> None:  # type: ignore[no-untyped-def]
     progress = client.post("/api/v1/retro-tests", json=request()).json()["progress"]
     assert progress["activity"] == "waiting for a worker"

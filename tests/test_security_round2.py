@@ -360,7 +360,7 @@ def test_an_error_naming_a_server_path_reaches_people_without_it(client, monkeyp
         raise SourceUnknown("history table 'x' not found: no folder /srv/retro/history/features/x", field="source")
 
     make_partner(client, "acme")
-    monkeypatch.setattr("app.integrations.history.LocalParquetSource.history_span", lambda self, **kw: missing(**kw))
+    monkeypatch.setattr("app.integrations.history.LocalParquetSource.history_days", lambda self, **kw: missing(**kw))
     resp = client.post("/api/v1/retro-tests", json=request())
     assert resp.status_code == 422 and "/srv/retro" not in resp.text and "not found" in resp.json()["detail"]
 

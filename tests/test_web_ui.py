@@ -321,11 +321,17 @@ def test_the_job_page_leads_with_a_summary_in_words(client, browser, db_session)
     }
     files = {"scores.parquet": b"s" * 64, "report.json": json.dumps(report).encode(), "report.html": b"<html></html>"}
     job = succeeded_job(db_session, "acme", files)
+    job.days_without_history = ["2026-11-28", "2026-11-29"]
+    db_session.flush()
     page = browser("root").get(f"/jobs/{job.id}").text
     summary = page[page.index('id="result-summary"') : page.index("</section>", page.index('id="result-summary"'))]
     assert "This retro test finished." in summary
     assert "1,140" in summary and ">10<" in summary and "50" in summary
     assert "AUC 0.812, Gini 0.625" in summary and "1,140 rows with an outcome, 300 positive" in summary
+    assert (
+        "2 day(s) of the period have no history</strong> and are not in the results: 2026-11-28 to 2026-11-29"
+        in summary
+    )
     # The report opens in the browser from the summary; the technical facts are folded away below.
     assert re.search(r'id="view-report" href="[^"]+/files/report\.html"', summary)
     assert re.search(r'href="[^"]+/files/report\.html">report\.html', page)  # no download attribute

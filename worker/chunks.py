@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.config import Settings
-from app.errors import ReconciliationFailed, TooManyRejectedRows
+from app.core.periods import days_text, missing_days
+from app.errors import NoHistoryInPeriod, ReconciliationFailed, TooManyRejectedRows
 from app.integrations.history import HistoryQuery, HistorySource
 from app.integrations.prefetch import prefetched
 from app.integrations.results import ResultStore
@@ -79,6 +80,8 @@ def plan_chunks(run: JobRun, query: HistoryQuery) -> list[Chunk]:
         return chunks_of(run.spec.chunk_plan)
     resumed = bool(committed_keys(run))
     by_day = None if resumed else run.adapters.source.rows_by_day(query)
+    if by_day is not None and query.population is None:
+        check_coverage(run, query, by_day)
     if by_day is None:
         chunks = plan_days(query.start, query.end, run.settings.chunk_days)
     else:
@@ -90,6 +93,21 @@ def plan_chunks(run: JobRun, query: HistoryQuery) -> list[Chunk]:
         # production Hive its seconds of planning and start-up pass there instead of before the first score.
         _EARLY.open(run, query.between(chunks[0].start, chunks[0].end))
     return kept
+
+
+def check_coverage(run: JobRun, query: HistoryQuery, by_day: Mapping[date, int]) -> None:
+    """Record the days of the period the count found no row for; refuse them if the request requires the full
+    period. The API names them at submission where partitions tell (the local source); on Hive this is where they
+    are first known."""
+    missing = missing_days(start=query.start, end=query.end, days_with_history=(d for d, n in by_day.items() if n))
+    with run.transaction() as s:
+        runs.record_days_without_history(session=s, job_id=run.job_id, days=missing)
+    if missing and run.spec.require_full_period:
+        raise NoHistoryInPeriod(
+            f"history table {query.table} has no rows on {len(missing)} of the {(query.end - query.start).days + 1} "
+            f"days of the period ({days_text(missing)}); the request requires the full period",
+            field="period_start",
+        )
 
 
 def plan_rows(start: date, end: date, by_day: Mapping[date, int], *, rows: int) -> list[Chunk]:

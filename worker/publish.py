@@ -56,7 +56,7 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
     if query.population is not None:
         unmatched = _write_unmatched(run, query)
         files.append(_described(store, prefix, name="unmatched.csv.gz", kind="unmatched", fmt="csv.gz", rows=unmatched))
-    files += _write_report(run, model=model, query=query, chunks=chunks, counts=counts, unmatched=unmatched)
+    files += _write_report(run, model=model, query=query, chunks=chunks, tally=tally, unmatched=unmatched)
     if query.population is not None and query.population.staging_table:
         run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
     if tally.environment and tally.environment.get("packages"):
@@ -116,6 +116,18 @@ def partner_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _period(query: HistoryQuery, days_without_history: list[str] | None) -> dict[str, Any]:
+    """The period asked for, and the days of it the results cover: those with history (null where unknown)."""
+    days = (query.end - query.start).days + 1
+    return {
+        "start": query.start.isoformat(),
+        "end": query.end.isoformat(),
+        "days": days,
+        "days_covered": days - len(days_without_history) if days_without_history is not None else None,
+        "days_without_history": days_without_history,
+    }
+
+
 def _manifest(
     run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery, tally: Tally, files: list[ResultFileRecord]
 ) -> dict[str, Any]:
@@ -143,7 +155,7 @@ def _manifest(
             "query": run.adapters.source.describe(query),
             "parameters": {"start": query.start.isoformat(), "end": query.end.isoformat()},
         },
-        "period": {"start": query.start.isoformat(), "end": query.end.isoformat()},
+        "period": _period(query, tally.days_without_history),
         "population": {k: v for k, v in spec.population.items() if k != "path"} if spec.population else None,
         "scoring": {"protocol": tally.score_protocol},
         # What the model server ran from (null: the worker's own packages) and the check before scoring.
@@ -189,11 +201,11 @@ def _write_report(
     model: ModelVersionInfo,
     query: HistoryQuery,
     chunks: list[runs.ChunkRecord],
-    counts: runs.Counts,
+    tally: Tally,
     unmatched: int | None,
 ) -> list[ResultFileRecord]:
     """report.json and report.html, from the committed parts and each chunk's input statistics."""
-    store, prefix = run.adapters.store, run.spec.prefix
+    store, prefix, counts = run.adapters.store, run.spec.prefix, tally.counts
     parts = [c.part_path for c in chunks if c.part_path]
     stems = [_stem(c) for c in chunks]
     population = run.spec.population
@@ -210,6 +222,7 @@ def _write_report(
             "rejected": counts.rejected,
             "unmatched": unmatched,
         },
+        days_without_history=tally.days_without_history,
         memory_limit=run.settings.report_memory_limit,
         spill_dir=run.settings.resolved_spill_dir(),
     )

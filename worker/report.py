@@ -18,9 +18,11 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
+from app.core.periods import days_text
 from app.integrations.history import HistoryQuery, duckdb_connection
 from app.integrations.results import ResultStore
 
@@ -38,6 +40,7 @@ class ReportInputs:
     query: HistoryQuery
     score_column: str
     rows: dict[str, int | None]  # requested, matched, scored, rejected, unmatched
+    days_without_history: list[str] | None  # YYYY-MM-DD days of the period with no history (None: not known)
     memory_limit: str
     spill_dir: Path | None = None
 
@@ -51,6 +54,8 @@ def build(inputs: ReportInputs) -> dict[str, Any]:
         "day_column": pop.as_of_column if pop else inputs.query.date_column,
         "outcome_column": outcome,
         "rows": inputs.rows,
+        "period": {"start": inputs.query.start.isoformat(), "end": inputs.query.end.isoformat()},
+        "days_without_history": inputs.days_without_history,
         "null_rate": _null_rates(inputs),
     }
     if not inputs.parts:
@@ -311,6 +316,8 @@ EXPLAIN = {
     "the others flagged by mistake (false positive rate), over every score threshold.",
     "gain": "Gain curve: the share of all outcomes captured when the customers with the highest scores are "
     "contacted first; the diagonal is a random order.",
+    "missing": "Days marked in red had no history at all: the model scored nobody on them, so they are missing "
+    "from the results rather than days without customers.",
     "null": "Null rate: the share of rows in which a model input had no value; the model scored them as it does.",
 }
 
@@ -365,7 +372,8 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
             _svg_histogram(score["histogram"]),
             _table(["decile", "score"], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
             "<h2>Rows per day</h2>",
-            _svg_days(report["rows_per_day"]),
+            _explain("missing") if report.get("days_without_history") else "",
+            _svg_days(report["rows_per_day"], missing=report.get("days_without_history") or []),
             "<h2>Score stability between months (PSI)</h2>",
             _explain("psi"),
             _table(["from", "to", "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
@@ -393,6 +401,9 @@ def _summary_card(report: dict[str, Any]) -> str:
     items = [("Rows scored", _n(rows.get("scored"))), ("Rows refused by the model", _n(rows.get("rejected")))]
     if rows.get("unmatched") is not None:
         items.append(("Customers not found in the history", _n(rows["unmatched"])))
+    missing = report.get("days_without_history")
+    if missing:
+        items.append(("Days without history (not in the results)", _days_text(missing)))
     quality = report.get("quality")
     o = quality["overall"] if quality else None
     if o and o.get("auc") is not None:
@@ -482,15 +493,25 @@ def _svg_histogram(hist: dict[str, Any]) -> str:
     return _svg(fig)
 
 
-def _svg_days(days: list[dict[str, Any]]) -> str:
+def _svg_days(days: list[dict[str, Any]], *, missing: list[str]) -> str:
+    """Rows of each day of the period, days without history as red zeros in their place."""
+    rows = {date.fromisoformat(str(d["day"])[:10]): d["rows"] for d in days}
+    rows.update({date.fromisoformat(d): 0 for d in missing})
+    order = sorted(rows)
     fig = _figure()
     ax = fig.subplots()
-    ax.plot([d["day"] for d in days], [d["rows"] for d in days], marker=".")
+    ax.plot(order, [rows[d] for d in order], marker=".")
+    gaps = [date.fromisoformat(d) for d in missing]
+    if gaps:
+        ax.scatter(gaps, [0] * len(gaps), color="#c62828", marker="x", zorder=3, label="no history")
+        ax.legend(loc="upper right")
     ax.set_ylabel("rows")
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    if len(days) > 20:
-        ax.set_xticks([d["day"] for d in days][:: math.ceil(len(days) / 20)])
     return _svg(fig)
+
+
+def _days_text(days: list[str]) -> str:
+    return f"{len(days)}: {days_text([date.fromisoformat(d) for d in days])}"
 
 
 def _svg_calibration(deciles: list[dict[str, Any]]) -> str:

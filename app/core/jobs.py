@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     select,
     text,
@@ -111,6 +112,10 @@ class RetroTest(Base):
     # The partner's own population, when the request brought one (app/retro_tests/population.py): where its
     # checked Parquet copy is in the result store, its columns, rows, sha256, and lookback_days of the join.
     population: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Honest periods: whether the request refuses a period with days that have no history, and those days as the
+    # API (from partitions) or the worker (from the period's per-day counts) found them, YYYY-MM-DD; None: not known yet.
+    require_full_period: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    days_without_history: Mapped[list[str] | None] = mapped_column(JSON)
 
     # State machine and timings.
     state: Mapped[State] = mapped_column(

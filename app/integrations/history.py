@@ -148,8 +148,8 @@ class HistorySource(Protocol):
     def describe(self, query: HistoryQuery) -> str:
         """The exact query text, for the manifest."""
 
-    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
-        """The first and last day with history where partitions tell it without a query, else None."""
+    def history_days(self, *, table: str, date_column: str) -> list[date] | None:
+        """The days with history, in order, where partitions tell them without a query; None where they do not."""
 
     def known_schema(self, table: str) -> pa.Schema | None:
         """The table's columns and types where the source knows them without a statement; None otherwise."""
@@ -326,15 +326,14 @@ class LocalParquetSource:
             rows = con.sql(sql, params=self._params(query)).fetchall()
         return {d: int(n) for d, n in rows}
 
-    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
+    def history_days(self, *, table: str, date_column: str) -> list[date] | None:
         """From the partition folders (<date_column>=YYYY-MM-DD) of the table: a directory listing, no query."""
         folder = self._root.joinpath(*check_table(table))
         if not folder.is_dir():
             # Where the history lies on the server is for its admins (the log), not for whoever asked (issue 26, N13).
             log.warning("history table %r not found: no folder %s", table, folder)
             raise SourceUnknown(f"history table {table!r} not found in the local history", field="source")
-        days = sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
-        return (days[0], days[-1]) if days else None
+        return sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
 
     def known_schema(self, table: str) -> pa.Schema | None:
         """The footer of one of the table's Parquet files: its columns' types, no data read (None: no file yet)."""

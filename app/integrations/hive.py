@@ -340,8 +340,9 @@ class HiveSource:
             raise SourceUnknown(f"history table {query.table!r} not found in Hive", field="source")
         return pa.schema(list(fields.values()))
 
-    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None:
-        """None: SHOW PARTITIONS is a statement, paying a production Hive's latency in the submitting request."""
+    def history_days(self, *, table: str, date_column: str) -> list[date] | None:
+        """None: SHOW PARTITIONS is a statement, paying a production Hive's latency in the submitting request; the
+        job finds its days without history from the per-day count it makes while extracting."""
         return None
 
     def check_schema(self, query: HistoryQuery) -> None:

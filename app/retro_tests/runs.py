@@ -53,6 +53,8 @@ class JobSpec:
     chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
     population: dict[str, Any] | None = None  # the partner's population, as the API recorded it (RetroTest.population)
     partner_name: str = ""  # as the partner's report names it
+    require_full_period: bool = False  # refuse a period with days that have no history
+    days_without_history: tuple[str, ...] | None = None  # YYYY-MM-DD, as found so far (None: not known yet)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def _spec(session: Session, job: RetroTest) -> JobSpec:
         chunk_plan=job.chunk_plan,
         population=job.population,
         partner_name=session.scalar(select(Partner.name).where(Partner.id == job.partner_id)) or "",
+        require_full_period=bool(job.require_full_period),
+        days_without_history=tuple(job.days_without_history) if job.days_without_history is not None else None,
     )
 
 
@@ -196,6 +200,13 @@ def record_model(*, session: Session, job_id: uuid.UUID, model: ModelVersionInfo
 def record_plan(*, session: Session, job_id: uuid.UUID, rows_total: int | None, chunks_total: int) -> None:
     job = _job(session, job_id)
     job.rows_total, job.chunks_total = rows_total, chunks_total
+    session.flush()
+
+
+def record_days_without_history(*, session: Session, job_id: uuid.UUID, days: list[date]) -> None:
+    """The days of the period the history has no row for, as the period's per-day count found them."""
+    job = _job(session, job_id)
+    job.days_without_history = [d.isoformat() for d in days]
     session.flush()
 
 
@@ -340,6 +351,7 @@ class Tally:
     score_protocol: str | None
     environment: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
+    days_without_history: list[str] | None = None
 
 
 def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
@@ -351,6 +363,7 @@ def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
         score_protocol=job.score_protocol,
         environment=job.environment,
         validation=job.validation,
+        days_without_history=list(job.days_without_history) if job.days_without_history is not None else None,
     )
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.config import OutputFormat
 from app.core.jobs import State
@@ -65,6 +65,11 @@ class RetroTestCreate(BaseModel):
         le=366,
         description="With a population: each row takes the latest snapshot of its id on or before its as-of date, "
         "at most this many days before it (0: only the as-of date's own snapshot).",
+    )
+    require_full_period: StrictBool = Field(
+        default=False,
+        description="Refuse the request if any day of the period has no history (by default those days are left "
+        "out and named in `warnings`, the job and its report).",
     )
     as_of_column: Identifier = Field(default="as_of", description="The population's as-of date column.")
     outcome_column: Identifier = Field(
@@ -156,6 +161,12 @@ class RetroTestOut(BaseModel):
         "first mismatches when it failed",
     )
     progress: ProgressOut
+    days_without_history: list[date] | None = Field(
+        default=None,
+        description="Days of the period the history has no row for (not in the results); null while not known "
+        "(a Hive source tells once the job has counted its period)",
+    )
+    warnings: list[str] = Field(default_factory=list, description="What to know about the period before reading")
     error: dict[str, Any] | None
     result_location: str | None
     files: list[ResultFileOut]

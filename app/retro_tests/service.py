@@ -22,6 +22,7 @@ from app.clock import utcnow
 from app.config import Settings
 from app.core.jobs import ACTIVE_STATES, TERMINAL_STATES, ResultFile, RetroTest, State, get_retro_test, job_prefix
 from app.core.partners import Partner
+from app.core.periods import days_text, missing_days
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.core.transitions import advance
 from app.errors import (
@@ -46,7 +47,7 @@ class ModelResolver(Protocol):
 
 
 class HistoryCoverage(Protocol):
-    def history_span(self, *, table: str, date_column: str) -> tuple[date, date] | None: ...
+    def history_days(self, *, table: str, date_column: str) -> list[date] | None: ...
 
     def known_schema(self, table: str) -> pa.Schema | None: ...
 
@@ -69,18 +70,32 @@ def check_id_types(*, history: HistoryCoverage, table: str, population: Populati
             )
 
 
-def check_history(*, history: HistoryCoverage, table: str, date_column: str, start: date, end: date) -> None:
-    """Refuse a period with no day of history, naming the days there are, where the source tells it cheaply."""
-    span = history.history_span(table=table, date_column=date_column)
-    if span is None:
-        return
-    first, last = span
+def check_history(
+    *, history: HistoryCoverage, table: str, date_column: str, start: date, end: date, require_full: bool = False
+) -> list[date] | None:
+    """The period's days without history, where the source tells its days cheaply (None where it does not).
+
+    A period with no day of history is refused, naming the days there are; one with some days missing is refused
+    only when the request requires the full period, naming them."""
+    days = history.history_days(table=table, date_column=date_column)
+    if not days:
+        return None
+    first, last = days[0], days[-1]
     if end < first or start > last:
         raise NoHistoryInPeriod(
             f"history table {table} has no rows between {start} and {end}; "
             f"it has history from {first} to {last}: choose days in that range",
             field="period_start",
         )
+    missing = missing_days(start=start, end=end, days_with_history=days)
+    if missing and require_full:
+        raise NoHistoryInPeriod(
+            f"history table {table} has no rows on {len(missing)} of the {(end - start).days + 1} days of the period "
+            f"({days_text(missing)}); choose days with history, or submit without require_full_period to score the "
+            "days there are",
+            field="period_start",
+        )
+    return missing
 
 
 def check_period(*, start: date, end: date, max_days: int, today: date | None = None) -> None:
@@ -209,13 +224,15 @@ def submit_request(
     population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
     if population is not None and history is not None:
         check_id_types(history=history, table=spec.table, population=population)
+    missing: list[date] | None = None
     if history is not None:
-        check_history(
+        missing = check_history(
             history=history,
             table=spec.table,
             date_column=spec.date_column,
             start=data.period_start,
             end=data.period_end,
+            require_full=data.require_full_period and population is None,
         )
     formats = list(data.output_formats or settings.output_formats)
     source: dict[str, object] = {
@@ -252,6 +269,9 @@ def submit_request(
         id_columns=list(spec.id_columns),
         state=State.queued,
         stage_started={State.queued.value: utcnow().isoformat()},
+        require_full_period=data.require_full_period,
+        # A population is scored as of its own dates: its rows without history are listed as unmatched instead.
+        days_without_history=[d.isoformat() for d in missing] if missing is not None and population is None else None,
     )
     if population is not None:
         job.population = population_record(job, population=population, lookback_days=data.lookback_days)
@@ -366,6 +386,7 @@ JOB_VIEW = select(
     RetroTest.error_code,
     RetroTest.error_message,
     RetroTest.result_location,
+    RetroTest.days_without_history,
 ).join(Partner, Partner.id == RetroTest.partner_id)
 FILE_VIEW = select(
     ResultFile.retro_test_id,

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from app.config import get_settings
 from app.core.jobs import TERMINAL_STATES, State
+from app.core.periods import period_warnings
 from app.retro_tests.schemas import RetroTestOut
 from app.retro_tests.service import JobRead, ViewRow
 
@@ -104,6 +105,8 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
             **_pace(job, now=datetime.now(UTC)),
             "activity": activity(job.state),
         },
+        "days_without_history": job.days_without_history,
+        "warnings": period_warnings(job.days_without_history),
         "error": {"code": job.error_code, "message": without_server_paths(job.error_message)}
         if job.error_code
         else None,

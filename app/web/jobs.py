@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.config import Settings
 from app.core.jobs import TERMINAL_STATES, State, get_retro_test
+from app.core.periods import days_text
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
@@ -50,6 +51,7 @@ LABELS = {
     "output_format": "Output format",
     "population": "Population file",
     "lookback_days": "Lookback days",
+    "require_full_period": "Full period only",
     "note": "Note",
 }
 # Where the API's field names land on this form; a model-level refusal ("give exactly one ...") lands on model_ref.
@@ -144,12 +146,12 @@ def history_hint(registry: MlflowRegistry, model_name: str) -> str:
             return ""
         newest = max(versions, key=lambda v: int(v["version"]))
         spec = registry.resolve(name=model_name, version=str(newest["version"])).source_spec()
-        span = get_history_source().history_span(table=spec.table, date_column=spec.date_column)
+        days = get_history_source().history_days(table=spec.table, date_column=spec.date_column)
     except (AppError, ValueError):
         return ""
-    if span is None:
+    if not days:
         return ""
-    return f"{spec.table} has history from {span[0]} to {span[1]}."
+    return f"{spec.table} has history from {days[0]} to {days[-1]}."
 
 
 @router.get("/jobs/model-options")
@@ -219,6 +221,8 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
         body["note"] = form["note"]
     if lookback := form.get("lookback_days", "").strip():
         body["lookback_days"] = int(lookback) if re.fullmatch(r"[0-9]{1,6}", lookback) else lookback
+    if form.get("require_full_period"):
+        body["require_full_period"] = True
     return body
 
 
@@ -237,6 +241,7 @@ class JobForm(BaseModel):
     period_end: str = Field(default="", max_length=40)
     output_format: str = Field(default="", max_length=40)
     lookback_days: str = Field(default="", max_length=10)
+    require_full_period: str = Field(default="", max_length=10)  # a checkbox: "1" when ticked, absent when not
     note: str = Field(default="", max_length=4000)
 
 
@@ -359,6 +364,7 @@ def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: 
         "expiry_choices": _expiry_choices(settings),
         "default_days": min(settings.download_link_default_days, settings.download_link_max_days),
         "summary": None,
+        "missing_days": days_text(job.days_without_history or []),
         **extra,
     }
     if job.state == State.succeeded and any(f.name == "report.json" for f in job.files):

@@ -1,0 +1,36 @@
+"""The period of a job as its history covers it: which days have no row, said the way a person reads them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import date, timedelta
+
+
+def missing_days(*, start: date, end: date, days_with_history: Iterable[date]) -> list[date]:
+    """The days of [start, end] that are not among days_with_history."""
+    have = set(days_with_history)
+    return [start + timedelta(days=i) for i in range((end - start).days + 1) if start + timedelta(days=i) not in have]
+
+
+def days_text(days: Sequence[date], *, limit: int = 10) -> str:
+    """Days as a person reads them: runs of consecutive days as ranges, at most `limit` items then a count."""
+    runs: list[tuple[date, date]] = []
+    for d in sorted(days):
+        if runs and d == runs[-1][1] + timedelta(days=1):
+            runs[-1] = (runs[-1][0], d)
+        else:
+            runs.append((d, d))
+    items = [str(a) if a == b else f"{a} to {b}" for a, b in runs]
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def period_warnings(days_without_history: Sequence[str] | None) -> list[str]:
+    """What a person should know about the period before reading the results (the API's `warnings`)."""
+    if not days_without_history:
+        return []
+    days = [date.fromisoformat(d) for d in days_without_history]
+    return [
+        f"the history has no rows on {len(days)} day(s) of the period: {days_text(days)}; those days are not in "
+        "the results"
+    ]
