@@ -499,6 +499,34 @@ def create_admin(
     typer.echo(f"created admin {user.username!r}; sign in at /login or make an API token with create-token")
 
 
+def require_database() -> None:
+    """Exit with one line when the configured database is missing, unreachable or has no retrotest tables, rather
+    than a traceback (and, for SQLite, an empty file left at a mistyped path)."""
+    import sqlalchemy as sa
+
+    from app.config import get_settings
+    from app.db import get_engine
+
+    url = sa.make_url(get_settings().resolved_database_url())
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        typer.echo(
+            f"no database at {url.database}: point RETRO_DATABASE_URL at the service's database, or create this one "
+            "with `retrotest migrate` (or `retrotest create-admin`)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    try:
+        with get_engine().connect() as conn:
+            if not sa.inspect(conn).has_table("users"):
+                typer.echo(f"the database {where} has no retrotest tables: run `retrotest migrate` first", err=True)
+                raise typer.Exit(1)
+    except sa.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        typer.echo(f"cannot use the database {where}: {reason}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command("create-token")
 def create_token(
     username: Annotated[str, typer.Option(help="Whose token it is")],
@@ -512,6 +540,7 @@ def create_token(
     from app.auth import service
     from app.db import get_session_factory
 
+    require_database()
     with get_session_factory()() as session:
         user = service.find_user(session=session, username=username)
         if user is None or not user.is_active:

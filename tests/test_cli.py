@@ -197,3 +197,28 @@ def test_a_missing_token_or_a_url_without_scheme_is_explained_in_the_clis_terms(
     bare = run(["list"], stack=stack, cwd=tmp_path, api=stack.base_url.removeprefix("http://"))
     assert bare.returncode == 2 and bare.stderr.count("\n") == 1
     assert "it must be the API's address with its scheme" in bare.stderr and "at ://" not in bare.stderr
+
+
+def test_create_token_on_a_missing_or_empty_database_says_so_in_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    import sqlite3
+
+    missing = tmp_path / "mistyped.db"
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).execute("CREATE TABLE unrelated (x)").connection.close()
+    for url, words in (
+        (f"sqlite:///{missing}", f"no database at {missing}"),
+        (f"sqlite:///{empty}", "has no retrotest tables: run `retrotest migrate` first"),
+    ):
+        env = {**os.environ, "RETRO_DATABASE_URL": url}
+        done = subprocess.run(
+            [str(RETROTEST), "create-token", "--username", "alice"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 1 and words in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert not missing.exists()
