@@ -155,6 +155,8 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
         "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "PYTHONUNBUFFERED": "1",
     }
+    # The model's environment takes half a minute to build: it is kept beside the folder each run replaces.
+    env.setdefault("RETRO_ENV_CACHE_DIR", str(directory.with_name(f"{directory.name}-environments")))
     for key in (
         "RETRO_DATABASE_URL",
         "RETRO_BROKER_URL",
@@ -228,8 +230,15 @@ def run_demo(*, directory: Path, days: int, rows_per_day: int, port: int, keep_r
                 )
             if keep_running and ok:
                 typer.echo(
-                    f"the web UI stays up at http://127.0.0.1:{port}/ (sign in as {DEMO_USER!r} with password "
-                    f"{password!r}), the API docs at /docs (token {token}); press Ctrl-C to stop"
+                    f"\nthe web UI stays up at http://127.0.0.1:{port}/ (API docs at /docs)\n"
+                    f"  sign in as:  {DEMO_USER}\n"
+                    f"  password:    {password}\n"
+                    "for the CLI, paste into another terminal in this folder:\n"
+                    "  source .venv/bin/activate\n"
+                    f"  export RETRO_API_URL=http://127.0.0.1:{port}\n"
+                    f"  export RETRO_API_TOKEN={token}\n"
+                    f"press Ctrl-C to stop: the API and the worker stop; {directory} stays (the next demo replaces "
+                    f"it) and so does the environment cache {env['RETRO_ENV_CACHE_DIR']}"
                 )
                 with contextlib.suppress(KeyboardInterrupt):
                     api.wait()
