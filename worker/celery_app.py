@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from celery.concurrency import asynpool, prefork
-from celery.signals import setup_logging, worker_init, worker_process_shutdown, worker_ready
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from app.config import get_settings
 from app.logging_setup import configure_logging
@@ -102,6 +102,21 @@ def _import_before_forking(**_: Any) -> None:
         import pyhive.hive  # noqa: F401
     else:
         import duckdb  # noqa: F401
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _temporary_files_under_var_dir(**_: Any) -> None:
+    """Each pool process's model copies and multiprocessing folders in a folder of its own (worker/scratch.py)."""
+    from worker.scratch import take_scratch
+
+    take_scratch(get_settings().var_dir)
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _sweep_temporary_files_of_dead_processes(**_: Any) -> None:
+    from worker.scratch import sweep_scratch
+
+    sweep_scratch(get_settings().var_dir)
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]
