@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from functools import lru_cache
@@ -39,6 +40,9 @@ TRANSIENT_SQLSTATES = frozenset(
     {"08000", "08001", "08003", "08004", "08006", "40001", "40P01", "57P01", "57P02", "57P03"}
 )
 _patient = False
+
+
+log = logging.getLogger(__name__)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -137,16 +141,27 @@ def _retry_connects(engine: Engine, *, budget_s: float) -> None:
 
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        deadline = time.monotonic() + budget_s
+        started = time.monotonic()
+        deadline = started + budget_s
         pause = 0.25
+        waiting = False
         while True:
             try:
-                return dialect.connect(*cargs, **cparams)
-            except dialect.loaded_dbapi.OperationalError:
+                connection = dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 if time.monotonic() + pause > deadline:
+                    log.error("the database is still unreachable after %.0f s; giving up: %s", budget_s, reason)
                     raise
+                if not waiting:  # one line when the wait starts and one when it ends, not one per try
+                    log.warning("the database is unreachable (%s); waiting up to %.0f s for it", reason, budget_s)
+                    waiting = True
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
+            else:
+                if waiting:
+                    log.warning("the database answers again after %.1f s", time.monotonic() - started)
+                return connection
 
 
 @lru_cache
