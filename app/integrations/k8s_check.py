@@ -233,6 +233,12 @@ def _staging_scheme(settings: Settings) -> str:
 def _staging(settings: Settings) -> str:
     staging = ModelStaging(settings=settings)
     if not staging.enabled:
+        if settings.model_env == "model" and settings.k8s_env_delivery == "tarball":
+            raise CheckFailed(
+                "RETRO_MODEL_STAGING_URL is empty, but the model's environment travels staged beside the model "
+                "(RETRO_K8S_ENV_DELIVERY=tarball): set it to an s3:// or gs:// prefix the operator's storage "
+                "credentials can read (or RETRO_K8S_ENV_DELIVERY=install, which needs an index at pod start)"
+            )
         return "RETRO_MODEL_STAGING_URL is empty: only models the registry already keeps on s3:// or gs:// can deploy"
     try:
         staging.check_writable()

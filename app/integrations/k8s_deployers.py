@@ -1315,4 +1315,10 @@ def _describe_error(exc: Exception) -> str:
         except (ValueError, AttributeError):
             message = str(exc.body or "")[:300]
         return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+    import urllib3
+
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        # urllib3's text repeats the whole URL and the pool; the API server's address and the cause are what help.
+        cause = str(exc.reason).rsplit("] ", 1)[-1].rstrip("')\"")
+        return f"cannot reach the Kubernetes API at {exc.pool.scheme}://{exc.pool.host}:{exc.pool.port} ({cause})"
     return f"{type(exc).__name__}: {exc}"
