@@ -318,8 +318,8 @@ def test_a_failing_seldon_v2_server_ends_the_wait_with_its_message(cluster: ApiS
         patch_status(cluster, SELDON_SERVER, name, {"conditions": [condition | {"message": message}]})
         started = time.monotonic()
         with pytest.raises(DeploymentFailed) as failed:
-            deployer.wait_ready(deployment, timeout_s=30, should_stop=lambda: False)
-        assert time.monotonic() - started < 10
+            deployer.wait_ready(deployment, timeout_s=120, should_stop=lambda: False)
+        assert time.monotonic() - started < 60  # the Server's condition, not the wait's end
         assert str(failed.value.detail) == (
             f"the Model {name} in namespace {NAMESPACE} failed: the Server {name}: {message}"
         )

@@ -234,7 +234,7 @@ def test_a_failed_deployment_ends_the_job_within_seconds_with_the_operators_mess
     job = job_row(job_id)
     assert state == State.failed and job.error_code == "deployment_failed", job.error_message
     assert message in job.error_message and f"{KINDS[deployer].kind} {name}" in job.error_message
-    assert elapsed < 10, elapsed
+    assert elapsed < 60, elapsed  # the operator's message, not the 180-s deploy timeout (seconds when quiet)
     assert "scoring" not in job.stage_started
     assert cluster.objects() == []
 
