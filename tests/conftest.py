@@ -397,3 +397,7 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     except Exception:
         pass
     shutil.rmtree(_TMP, ignore_errors=True)
+
+
+# The old model's stack, built once per session for every test that asks for it (one definition: tests/old_model.py).
+from tests.old_model import old_model  # noqa: E402, F401

@@ -28,8 +28,8 @@ from app.integrations.environments import EnvironmentCache, ModelRequirements, r
 from app.integrations.model_sandbox import ModelSandbox
 from app.integrations.registry import Feature, ModelVersionInfo
 from tests.conftest import Stack, free_port
+from tests.old_model import register_model_folder
 from tests.test_end_to_end import mlserver_processes_for, submit
-from tests.test_model_environments import _register
 from worker.validation import predict_in_process
 
 WORKER_PYTHON = ".".join(str(p) for p in sys.version_info[:3])
@@ -421,7 +421,7 @@ def test_a_model_server_that_fails_to_start_names_only_the_exception_bounded(tmp
 
 
 def _register_folder(name: str, folder: Path) -> str:
-    return _register(name, folder, tags={})
+    return register_model_folder(name, folder, tags={})
 
 
 def test_a_job_whose_model_names_a_url_fails_preparing_its_environment_and_nothing_of_it_runs(

@@ -37,7 +37,7 @@ from app.integrations.k8s_deployers import (
 from tests.conftest import _TMP, HISTORY_START
 from tests.k8s.conftest import END, adapters, job_row, k8s_settings, results_path
 from tests.k8s_operator import ApiServer, PodPlan, PodRun, TestOperator, server_container
-from tests.test_model_environments import OldModel, old_model  # noqa: F401  (a session fixture)
+from tests.old_model import OldModel
 
 DEPLOYERS = ("seldon", "seldon_v2", "kserve")
 KIND = {"seldon": SELDON_DEPLOYMENT, "seldon_v2": SELDON_MODEL, "kserve": INFERENCE_SERVICE}
@@ -51,7 +51,7 @@ class PackedOld:
 
 
 @pytest.fixture(scope="session")
-def packed_old(old_model: OldModel, operator: TestOperator) -> PackedOld:  # noqa: F811
+def packed_old(old_model: OldModel, operator: TestOperator) -> PackedOld:
     """The old model's environment as the worker builds it, packed once; the Seldon v2 server image set up from it.
 
     The cluster's standard Seldon v2 Server runs MLServer 1.6.1 (RETRO_SELDON_V2_MLSERVER_VERSION), the release the
@@ -102,7 +102,7 @@ def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     cluster: ApiServer,
     operator: TestOperator,
     retro_data: None,
-    old_model: OldModel,  # noqa: F811
+    old_model: OldModel,
     packed_old: PackedOld,
 ) -> None:
     from app.core.jobs import State
