@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=0, ge=0)
     db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # Requests one API process serves at once; past it a request gets 503 + Retry-After at once (app/load_shedding.py;
+    # /health, /ready and /metrics exempt). 0 turns shedding off.
+    api_max_in_flight: int = Field(default=64, ge=0)
     # Workers and beat ride out a database outage (a restart, a failover) this long: a connection that drops is
     # replaced, and one that cannot be opened is tried again with backoff. Only then does a job fail, as
     # database_unavailable. The API does not wait: it answers 503 with Retry-After at once.

@@ -22,6 +22,7 @@ from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
 from app.errors import AppError, DatabaseUnavailable, Unauthorized
+from app.load_shedding import InFlightLimit
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
 from app.request_guard import RequestGuard
@@ -153,6 +154,7 @@ def create_app() -> FastAPI:
         https_only=settings.resolved_session_cookie_secure(),
     )
     app.add_middleware(RequestGuard, settings=settings)  # before anything reads the request
+    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight)  # before any work: shed, don't queue
     app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
     return app
 

@@ -25,6 +25,7 @@ from tests.factories import make_retro_test
 # Many times as many requests at once as the server has threads (THREADS) and connections (one).
 THREADS = 4
 CONCURRENT_REQUESTS = 120
+SHED_LIMIT = 8  # requests in flight the shedding API serves at once
 
 
 @dataclass
@@ -37,6 +38,17 @@ class TinyPoolApi:
 
 @pytest.fixture(scope="module")
 def tiny_pool_api(database_url: str) -> Iterator[TinyPoolApi]:
+    """The API as its own process with one database connection and no bound on requests in flight."""
+    yield from _tiny_pool_api(max_in_flight=0)
+
+
+@pytest.fixture(scope="module")
+def shedding_api(database_url: str) -> Iterator[TinyPoolApi]:
+    """The same API with at most SHED_LIMIT requests in flight (RETRO_API_MAX_IN_FLIGHT)."""
+    yield from _tiny_pool_api(max_in_flight=SHED_LIMIT)
+
+
+def _tiny_pool_api(*, max_in_flight: int) -> Iterator[TinyPoolApi]:
     """The API as its own process with one database connection, and a committed job and admin token to read."""
     from sqlalchemy import delete
 
@@ -65,6 +77,7 @@ def tiny_pool_api(database_url: str) -> Iterator[TinyPoolApi]:
         "RETRO_DB_POOL_SIZE": "1",
         "RETRO_DB_MAX_OVERFLOW": "0",
         "RETRO_DB_POOL_TIMEOUT_S": "20",
+        "RETRO_API_MAX_IN_FLIGHT": str(max_in_flight),
     }
     log = _TMP / f"overload-api-{port}.log"
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
@@ -107,3 +120,35 @@ def test_more_concurrent_reads_than_threads_on_a_one_connection_pool_all_answer(
     ]
     statuses = asyncio.run(_get_all(api, [paths[i % len(paths)] for i in range(CONCURRENT_REQUESTS)]))
     assert statuses == [200] * CONCURRENT_REQUESTS, sorted({str(s) for s in statuses})
+
+
+def test_past_the_bound_requests_are_shed_with_retry_after_and_the_probes_still_answer(
+    shedding_api: TinyPoolApi,
+) -> None:
+    """120 reads at once against a bound of 8 (issue 32): the ones past it are answered 503 with Retry-After instead
+    of queueing behind a one-connection pool; everything else is a 200, and /health answers throughout."""
+    api = shedding_api
+
+    async def run() -> list[tuple[str, int, str | None]]:
+        limits = httpx.Limits(max_connections=CONCURRENT_REQUESTS + 20)
+        headers = {"Authorization": f"Bearer {api.token}"}
+        async with httpx.AsyncClient(base_url=api.base_url, headers=headers, limits=limits, timeout=120) as client:
+
+            async def one(path: str) -> tuple[str, int, str | None]:
+                resp = await client.get(path)
+                return path, resp.status_code, resp.headers.get("retry-after")
+
+            reads = [f"/api/v1/retro-tests?partner={api.partner_code}&limit=50"] * CONCURRENT_REQUESTS
+            return list(await asyncio.gather(*(one(p) for p in [*reads, *["/health"] * 20])))
+
+    answers = asyncio.run(run())
+    health = [status for path, status, _ in answers if path == "/health"]
+    reads = [(status, retry) for path, status, retry in answers if path != "/health"]
+    assert health == [200] * 20
+    shed = [retry for status, retry in reads if status == 503]
+    assert shed and all(retry == "1" for retry in shed), sorted({s for s, _ in reads})
+    assert all(status in (200, 503) for status, _ in reads), sorted({s for s, _ in reads})
+    assert sum(status == 200 for status, _ in reads) >= SHED_LIMIT
+    # Once the burst is over the process serves again.
+    with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {api.token}"}, timeout=30) as c:
+        assert c.get(f"/api/v1/retro-tests/{api.job_id}").status_code == 200
