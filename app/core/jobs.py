@@ -125,7 +125,9 @@ class RetroTest(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
-    stage_started: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    stage_started: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # the latest start of each stage
+    # Every stage entered, in order, as [state, started at]: a resumed job's passes stay apart (None: older jobs).
+    stage_log: Mapped[list[list[str]] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

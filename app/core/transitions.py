@@ -34,8 +34,10 @@ def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_m
         raise Conflict(f"retro test {job.id} cannot go from {job.state.value} to {to.value}")
     now = utcnow()
     _observe_stage(job, now)
+    log = stage_log_of(job)
     job.state = to
     job.stage_started = {**(job.stage_started or {}), to.value: now.isoformat()}
+    job.stage_log = [*log, [to.value, now.isoformat()]]
     if to in TERMINAL_STATES:
         job.finished_at = now
         job.error_code = error_code
@@ -52,3 +54,10 @@ def _observe_stage(job: RetroTest, now: datetime) -> None:
     except (TypeError, ValueError):
         return
     STAGE_SECONDS.labels(job.state.value).observe(max(0.0, seconds))
+
+
+def stage_log_of(job: RetroTest) -> list[list[str]]:
+    """The job's stage log so far; for a job from before the log, its latest start of each stage, in order."""
+    if job.stage_log is not None:
+        return [list(entry) for entry in job.stage_log]
+    return [[state, at] for state, at in sorted((job.stage_started or {}).items(), key=lambda item: item[1])]

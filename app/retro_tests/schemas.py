@@ -103,6 +103,7 @@ class StageOut(BaseModel):
     state: str
     started_at: datetime
     seconds: float | None
+    attempt: int = Field(default=1, description="Which pass of the job: a resumed job runs its stages again")
 
 
 class ResultFileOut(BaseModel):

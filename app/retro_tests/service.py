@@ -268,7 +268,8 @@ def submit_request(
         date_column=spec.date_column,
         id_columns=list(spec.id_columns),
         state=State.queued,
-        stage_started={State.queued.value: utcnow().isoformat()},
+        stage_started={State.queued.value: (queued_at := utcnow().isoformat())},
+        stage_log=[[State.queued.value, queued_at]],
         require_full_period=data.require_full_period,
         # A population is scored as of its own dates: its rows without history are listed as unmatched instead.
         days_without_history=[d.isoformat() for d in missing] if missing is not None and population is None else None,
@@ -374,6 +375,7 @@ JOB_VIEW = select(
     RetroTest.created_at,
     RetroTest.finished_at,
     RetroTest.stage_started,
+    RetroTest.stage_log,
     RetroTest.score_protocol,
     RetroTest.environment,
     RetroTest.validation,

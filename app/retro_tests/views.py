@@ -123,15 +123,24 @@ def _population_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _stages(job: ViewRow) -> list[dict[str, Any]]:
-    """The stages the job went through, in order, each with how long it took (the last one: so far, or None)."""
-    starts = sorted(
-        ((state, datetime.fromisoformat(at)) for state, at in (job.stage_started or {}).items()), key=lambda x: x[1]
-    )
-    stages = []
+    """The stages the job went through, in order, each with how long it took (the last one: so far, or None).
+
+    From the stage log, so a resumed job shows each pass ("attempt" 2 from the second `resolving` on); a job from
+    before the log shows the latest start of each stage."""
+    log = job.stage_log if job.stage_log is not None else sorted((job.stage_started or {}).items(), key=lambda x: x[1])
+    starts = [(str(state), datetime.fromisoformat(at)) for state, at in log]
+    stages, attempt = [], 0
     for i, (state, at) in enumerate(starts):
+        if state == State.resolving:
+            attempt += 1
         end = starts[i + 1][1] if i + 1 < len(starts) else (job.finished_at if state not in TERMINAL_STATES else None)
         stages.append(
-            {"state": state, "started_at": at, "seconds": round((end - at).total_seconds(), 3) if end else None}
+            {
+                "state": state,
+                "started_at": at,
+                "seconds": round((end - at).total_seconds(), 3) if end else None,
+                "attempt": max(attempt, 1),
+            }
         )
     return stages
 

@@ -79,7 +79,7 @@
     body.textContent = "";
     job.stages.forEach(function (stage) {
       var tr = document.createElement("tr");
-      cell(tr, "Stage", label(stage.state));
+      cell(tr, "Stage", label(stage.state) + (stage.attempt > 1 ? " (attempt " + stage.attempt + ")" : ""));
       cell(tr, "Started", when(stage.started_at));
       cell(tr, "Took", took(stage), "num");
       body.appendChild(tr);
