@@ -37,8 +37,13 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, started: float, timeout
     raise SystemExit("not ready in time")
 
 
+# What reaches the index from this machine (a pod gets the same through RETRO_K8S_* proxy and CA settings).
+_EGRESS = ("SSL_CERT_FILE", "SSL_CERT_DIR", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
 def server_env(models: Path, port: int) -> dict[str, str]:
     return {
+        **{k: os.environ[k] for k in _EGRESS if k in os.environ},
         "PATH": os.environ["PATH"],
         "HOME": str(models.parent),
         "RETRO_MODELS_DIR": str(models),
