@@ -671,7 +671,7 @@ app.add_typer(k8s_app, name="k8s")
 def k8s_check() -> None:
     """Check what the configured Kubernetes deployer needs before its first job; exit 1 when anything is missing."""
     from app.config import get_settings
-    from app.integrations.k8s_check import run_checks
+    from app.integrations.deployers.kubernetes_check import run_checks
 
     settings = get_settings()
     results = run_checks(settings=settings)

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # Seldon Core v1 SeldonDeployment, a Seldon Core v2 Model or a KServe InferenceService on Kubernetes.
     deployer: Literal["local", "seldon", "seldon_v2", "kserve"] = "local"
     mlserver_executable: str = "mlserver"
-    # Model environments (app/integrations/environments.py): "model" serves each model version from a virtualenv
+    # Model environments (app/integrations/environments/cache.py): "model" serves each model version from a virtualenv
     # of its own logged requirements plus the newest MLServer release in env_server_versions that resolves with
     # them, built with uv and cached; "worker" serves it from the worker's own packages.
     model_env: Literal["model", "worker"] = "model"
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     env_build_allowed_packages: list[str] = []
     # Processes that read or run a model's code (uv, the in-process reference, the local model server) always start
     # with a minimal environment; "auto" also runs them under bubblewrap where it works, "bwrap" requires it,
-    # "none" never uses it (app/integrations/model_sandbox.py).
+    # "none" never uses it (app/integrations/environments/sandbox.py).
     model_sandbox: Literal["auto", "bwrap", "none"] = "auto"
     # Before scoring, the deployment scores the model's reference (a retro.reference artifact, else its input
     # example scored in-process in its own environment); a larger difference fails the job.
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     # Knative, Standard); empty leaves the cluster's default (inferenceservice-config, usually Serverless).
     kserve_deployment_mode: Literal["", "Serverless", "RawDeployment", "Knative", "Standard"] = ""
     # How a model's environment reaches the pod: "tarball" packs the environment the worker built and checked as a
-    # relocatable tarball (app/integrations/env_artifacts.py), staged beside the model under RETRO_MODEL_STAGING_URL
+    # relocatable tarball (app/integrations/environments/tarball.py), staged beside the model under RETRO_MODEL_STAGING_URL
     # and fetched by the operator's own downloader, so the pod needs no index and no Python download; "install"
     # builds it at pod start in an init container with uv (needs PyPI or the mirrors above).
     k8s_env_delivery: Literal["tarball", "install"] = "tarball"
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     k8s_grpc_endpoint_template: str = ""
     seldon_v2_mesh_grpc: str = "seldon-mesh.{namespace}.svc.cluster.local:80"  # the mesh serves gRPC too
     deployment_ttl_s: int = Field(default=24 * 3600, ge=60)  # expiry label; the reaper deletes after it
-    # Where models are copied when the registry's URI is not one the operator fetches (app/integrations/staging.py):
+    # Where models are copied when the registry's URI is not one the operator fetches (app/integrations/deployers/staging.py):
     # an s3:// or gs:// prefix; fsspec options (JSON, e.g. {"endpoint_url": "http://minio:9000"}); the reaper
     # deletes a copy unused this long.
     model_staging_url: str = ""

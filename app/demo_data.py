@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.integrations.registry import TAG_DATE_COLUMN, TAG_ID_COLUMNS, TAG_TABLE
+from app.core.model_types import TAG_DATE_COLUMN, TAG_ID_COLUMNS, TAG_TABLE
 
 DEMO_MODEL = "churn"
 DEMO_TABLE = "features.customer_daily"

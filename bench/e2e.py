@@ -114,14 +114,14 @@ def prepare(root: Path, rows: int) -> None:
 
 
 def model_info(root: Path) -> Any:
-    from app.integrations.registry import MlflowRegistry
+    from app.integrations.registry.mlflow import MlflowRegistry
 
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     return MlflowRegistry(tracking_uri=tracking, registry_uri=tracking).resolve(name="churn", version="1")
 
 
 def history_query(model: Any) -> Any:
-    from app.integrations.history import HistoryQuery
+    from app.integrations.history.port import HistoryQuery
 
     return HistoryQuery(
         table="features.customer_daily",
@@ -136,7 +136,7 @@ def history_query(model: Any) -> Any:
 def timed_source(root: Path, rows: int) -> Any:
     """The history source the timed stages read: local Parquet, or HiveServer2 when RETRO_HISTORY_SOURCE=hive."""
     from app.config import get_settings
-    from app.integrations.history import LocalParquetSource
+    from app.integrations.history.local import LocalParquetSource
     from app.integrations.wiring import make_history_source
 
     settings = get_settings()
@@ -181,7 +181,7 @@ def child_source(root: Path, rows: int, batch: int) -> dict[str, float]:
 def child_compute(root: Path, rows: int, batch: int) -> dict[str, float]:
     import mlflow
 
-    from app.integrations.history import LocalParquetSource
+    from app.integrations.history.local import LocalParquetSource
 
     model = model_info(root)
     pyfunc = mlflow.pyfunc.load_model(model.artifact_uri)
@@ -196,7 +196,7 @@ def child_compute(root: Path, rows: int, batch: int) -> dict[str, float]:
 
 
 def encode_rest(batch: Any, model: Any) -> bytes:
-    from app.integrations.protocols import encode_v2_json, v2_inputs
+    from app.integrations.scoring.codecs import encode_v2_json, v2_inputs
 
     return encode_v2_json(v2_inputs(batch, model.inputs), rows=batch.num_rows)
 
@@ -205,8 +205,8 @@ def child_server(root: Path, rows: int, batch: int, url: str, concurrency: int, 
     """A saturating client on the server alone: the same few pre-encoded requests, `concurrency` in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from app.integrations.history import LocalParquetSource
-    from app.integrations.protocols import GRPC_MODEL_INFER, encode_v2_grpc, v2_inputs
+    from app.integrations.history.local import LocalParquetSource
+    from app.integrations.scoring.codecs import GRPC_MODEL_INFER, encode_v2_grpc, v2_inputs
 
     model = model_info(root)
     source = LocalParquetSource(root=history_dir(root, rows))
@@ -253,7 +253,7 @@ def child_naive(root: Path, rows: int, batch: int, url: str, concurrency: int) -
     import pyarrow.parquet as pq
 
     from app.config import get_settings
-    from app.integrations.protocols import decode_v2_json
+    from app.integrations.scoring.codecs import decode_v2_json
 
     model = model_info(root)
     t0 = time.perf_counter()
@@ -401,8 +401,8 @@ def run_mlserver_infer(
     root: Path, rows: int, args: argparse.Namespace, host_port: str, model_name: str
 ) -> dict[str, Any]:
     """MLServer's own batch CLI, fed the same rows as V2 requests of the same batch size."""
-    from app.integrations.deployers import find_server_executable
-    from app.integrations.history import LocalParquetSource
+    from app.integrations.deployers.local import find_server_executable
+    from app.integrations.history.local import LocalParquetSource
 
     model = model_info(root)
     source = LocalParquetSource(root=history_dir(root, rows))
@@ -483,7 +483,7 @@ def main() -> None:
         parser.error("--latency needs --source hive")
 
     root = bench_root(args.dir, prefix="bench-e2e-")
-    from app.integrations.deployers import LocalMLServerDeployer
+    from app.integrations.deployers.local import LocalMLServerDeployer
 
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.sweep:

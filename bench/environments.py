@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.environments [--python 3.10] [--skip-pip]
 
 For two models, one logged two years ago (mlflow 2.9.2, scikit-learn 1.3.2, numpy 1.26.4, pandas 2.1.4) and one
-logged with the worker's own stack, it times EnvironmentCache.prepare (app/integrations/environments.py):
+logged with the worker's own stack, it times EnvironmentCache.prepare (app/integrations/environments/cache.py):
   cold, empty uv cache   a new worker: every package downloaded from the index, resolved, installed
   cold, warm uv cache    a worker that has built other environments: resolution and linking only
   warm                   the same model again: found in the environment cache
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.integrations.environments import EnvironmentCache, ModelRequirements, choose_python, discover_pythons
+from app.integrations.environments.cache import EnvironmentCache, ModelRequirements, choose_python, discover_pythons
 
 SERVER_VERSIONS = ("1.7.1", "1.6.1", "1.5.0", "1.4.0", "1.3.5")
 OLD_STACK = ("mlflow==2.9.2", "cloudpickle==2.2.1", "numpy==1.26.4", "pandas==2.1.4", "scikit-learn==1.3.2")

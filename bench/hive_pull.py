@@ -81,9 +81,9 @@ def pull_pyhive(host: str, port: int, fetch: int) -> dict[str, float]:
 
 
 def pull_retrotest(host: str, port: int, fetch: int) -> dict[str, float]:
-    from app.integrations.history import HistoryQuery
-    from app.integrations.hive import HiveSettings, HiveSource
-    from app.integrations.registry import Feature
+    from app.core.model_types import Feature
+    from app.integrations.history.hive import HiveSettings, HiveSource
+    from app.integrations.history.port import HistoryQuery
 
     source = HiveSource(
         HiveSettings(

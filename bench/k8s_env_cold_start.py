@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from app.integrations.k8s_deployers import ENV_BUILD_SCRIPT, ENV_DIR, ENV_RUN_SCRIPT
+from app.integrations.deployers.kubernetes import ENV_BUILD_SCRIPT, ENV_DIR, ENV_RUN_SCRIPT
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, started: float, timeout_s: float = 900) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from app.integrations import wiring
-from app.integrations.history import HistoryQuery, HistorySource
+from app.integrations.history.port import HistoryQuery, HistorySource
 
 
 class ThrottledSource:

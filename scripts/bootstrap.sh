@@ -76,7 +76,7 @@ install_project() {
 }
 
 # MLServer 1.7.1 pins fastapi<0.116, which the API cannot use (docs/security.md): it gets a venv of its own, found by
-# the local deployer as .venv-server/bin/mlserver (app/integrations/deployers.py).
+# the local deployer as .venv-server/bin/mlserver (app/integrations/deployers/local.py).
 install_server() {
     local server=.venv-server lock=requirements-server.lock
     if [[ -x "$server/bin/mlserver" && -f "$server/.stamp" && "$(cat "$server/.stamp")" == "$(lock_hash "$lock")" ]]; then

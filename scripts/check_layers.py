@@ -1,7 +1,7 @@
 """The layer rules CI holds app/ and worker/ to (scripts/lint.sh runs this; exit status 1 when one is broken).
 
 1. No import cycle between packages. A package is a first-level package or module of app/ or worker/
-   (app.retro_tests, app.metrics, worker.run, ...); every import counts wherever it stands, inside a function
+   (app.retro_tests, app.metrics, worker.run, ...), or a port of app/integrations/ (app.integrations.history); every import counts wherever it stands, inside a function
    or under TYPE_CHECKING too, since a hidden import is still a dependency.
 2. The bottom stays at the bottom: app.core (the job contract) and the modules under it (BOTTOM) import only
    BOTTOM, so that every feature may import them; an upward import need not close a cycle to be wrong.
@@ -40,9 +40,15 @@ class Edge:
     where: str  # path:line of the import
 
 
+PORTS = "app.integrations"  # its folders are ports (registry, history, deployers, ...): each counts as a package
+
+
 def package_of(module: str) -> str:
-    """The first-level package or module a dotted module name belongs to: app.retro_tests.models -> app.retro_tests."""
+    """The package a dotted module name belongs to: its first-level package or module (app.retro_tests.models ->
+    app.retro_tests), or for the adapters its port (app.integrations.history.hive -> app.integrations.history)."""
     parts = module.split(".")
+    if module.startswith(PORTS + ".") and len(parts) > 2:
+        return ".".join(parts[:3])
     return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
 
 

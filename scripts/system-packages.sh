@@ -14,9 +14,9 @@ debian_packages=()
 command -v java >/dev/null || debian_packages+=(openjdk-17-jre-headless)
 # rclone: the Kubernetes test operator fetches staged models with it, as Seldon Core v1 and v2 do.
 command -v rclone >/dev/null || debian_packages+=(rclone)
-# bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX, app/integrations/model_sandbox.py).
+# bubblewrap: the sandbox model code runs in (RETRO_MODEL_SANDBOX, app/integrations/environments/sandbox.py).
 command -v bwrap >/dev/null || debian_packages+=(bubblewrap)
-# patchelf: the environment packer makes a copied interpreter relocatable (app/integrations/env_artifacts.py).
+# patchelf: the environment packer makes a copied interpreter relocatable (app/integrations/environments/tarball.py).
 command -v patchelf >/dev/null || debian_packages+=(patchelf)
 # socat: the test operator's pods reach their ports through it from their own network namespace (tests/k8s_operator.py).
 command -v socat >/dev/null || debian_packages+=(socat)

@@ -65,9 +65,9 @@ import httpx
 import numpy as np
 import yaml
 
+from app.core.model_types import ModelVersionInfo
 from app.errors import AppError
-from app.integrations.deployers import Deployment, LocalMLServerDeployer, find_server_executable, startup_failure
-from app.integrations.k8s_deployers import (
+from app.integrations.deployers.kubernetes import (
     INFERENCE_SERVICE,
     KSERVE_MODELS_DIR,
     SELDON_DEPLOYMENT,
@@ -77,10 +77,11 @@ from app.integrations.k8s_deployers import (
     SELDON_V2_MODELS_DIR,
     ResourceKind,
 )
-from app.integrations.model_sandbox import ModelSandbox, python_roots
-from app.integrations.protocols import GRPC_MODEL_INFER
-from app.integrations.registry import ModelVersionInfo
-from app.integrations.v2_grpc import inference_pb2
+from app.integrations.deployers.local import LocalMLServerDeployer, find_server_executable, startup_failure
+from app.integrations.deployers.port import Deployment
+from app.integrations.environments.sandbox import ModelSandbox, python_roots
+from app.integrations.scoring.codecs import GRPC_MODEL_INFER
+from app.integrations.scoring.v2_grpc import inference_pb2
 
 log = logging.getLogger(__name__)
 

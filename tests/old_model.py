@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from app.integrations.environments import discover_pythons
+from app.integrations.environments.cache import discover_pythons
 from tests.conftest import _TMP
 
 OLD_STACK = [

@@ -139,3 +139,19 @@ def test_a_planted_function_with_seven_parameters_fails(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "worker/stage.py:2 run (7 parameters)" in result.stdout
     assert "allowed.py" not in result.stdout
+
+
+def test_a_cycle_between_two_ports_of_the_adapters_fails(tmp_path: Path) -> None:
+    plant(
+        tmp_path,
+        {
+            "app/integrations/__init__.py": "",
+            "app/integrations/deployers/__init__.py": "",
+            "app/integrations/deployers/local.py": "from app.integrations.scoring.scorers import Scorer\n",
+            "app/integrations/scoring/__init__.py": "",
+            "app/integrations/scoring/scorers.py": "from app.integrations.deployers.local import x\n\nScorer = 1\n",
+        },
+    )
+    result = check(tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "app.integrations.deployers <-> app.integrations.scoring" in result.stdout

@@ -104,8 +104,8 @@ class CountedSource:
 
 
 def _query(start: date, end: date) -> Any:
-    from app.integrations.history import HistoryQuery
-    from app.integrations.registry import Feature
+    from app.core.model_types import Feature
+    from app.integrations.history.port import HistoryQuery
 
     return HistoryQuery(
         table=TABLE,
@@ -376,7 +376,7 @@ def test_a_worker_killed_mid_chunk_resumes_at_the_last_committed_chunk(
 
 def test_a_server_that_never_answers_a_close_does_not_hold_the_read(small_days: str, proxy: HiveLatencyProxy) -> None:
     """Seen once with the Spark Thrift Server on a loaded machine: CloseSession unanswered for 600 s."""
-    from app.integrations.hive import HiveSource, settings_from
+    from app.integrations.history.hive import HiveSource, settings_from
 
     settings, _, _ = _in_process(proxy, hive_connect_timeout_s=2.0, hive_query_timeout_s=120.0)
     source = HiveSource(settings_from(settings))

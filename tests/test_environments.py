@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import EnvironmentFailed, ReferenceMismatch
-from app.integrations.deployers import startup_failure
-from app.integrations.environments import (
+from app.integrations.deployers.local import startup_failure
+from app.integrations.environments.cache import (
     EnvironmentCache,
     Interpreter,
     ModelEnvironment,
@@ -211,8 +211,8 @@ def test_scores_agree_within_the_tolerance_nan_with_null_and_labels_exactly() ->
 def test_a_reference_the_deployment_disagrees_with_fails_showing_the_first_rows() -> None:
     import pyarrow as pa
 
-    from app.integrations.registry import Feature
-    from app.integrations.scoring import ScoredBatch
+    from app.core.model_types import Feature
+    from app.integrations.scoring.scorers import ScoredBatch
 
     class Doubling:
         def score(self, batch: pa.RecordBatch) -> ScoredBatch:

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.core.model_types import Feature
 from app.errors import Invalid, SchemaMismatch, SourceUnknown
-from app.integrations.history import HistoryQuery
-from app.integrations.hive import HiveSettings, HiveSource, hive_type_to_arrow, select_sql, where_clause
-from app.integrations.registry import Feature
+from app.integrations.history.hive import HiveSettings, HiveSource, hive_type_to_arrow, select_sql, where_clause
+from app.integrations.history.port import HistoryQuery
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, start_stack
 from tests.conftest import HIVE_DAY as DAY
 from tests.hive_latency_proxy import HiveLatencyProxy

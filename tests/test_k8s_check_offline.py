@@ -8,7 +8,7 @@ from tests.conftest import free_port
 
 def test_the_check_names_the_unreachable_api_and_the_missing_staging_url_in_a_line_each() -> None:
     from app.config import Settings
-    from app.integrations.k8s_check import run_checks
+    from app.integrations.deployers.kubernetes_check import run_checks
 
     url = f"http://127.0.0.1:{free_port()}"
     # Explicit settings: a test process that ran tests/k8s first has the emulator's staging URL in its environment.

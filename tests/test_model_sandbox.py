@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.core.model_types import Feature, ModelVersionInfo
 from app.errors import DeploymentFailed, EnvironmentFailed
-from app.integrations.deployers import LocalMLServerDeployer
-from app.integrations.environments import EnvironmentCache, ModelRequirements, read_requirements
-from app.integrations.model_sandbox import ModelSandbox
-from app.integrations.registry import Feature, ModelVersionInfo
+from app.integrations.deployers.local import LocalMLServerDeployer
+from app.integrations.environments.cache import EnvironmentCache, ModelRequirements, read_requirements
+from app.integrations.environments.sandbox import ModelSandbox
 from tests.conftest import Stack, free_port
 from tests.old_model import register_model_folder
 from tests.test_end_to_end import mlserver_processes_for, submit
@@ -504,7 +504,7 @@ def test_without_a_sandbox_a_non_dumpable_worker_hides_its_environ_from_its_own_
     root = str(Path(__file__).resolve().parent.parent)
     worker_code = (
         f"import sys, time; sys.path.insert(0, {root!r})\n"
-        "from app.integrations.model_sandbox import hide_process_environment\n"
+        "from app.integrations.environments.sandbox import hide_process_environment\n"
         f"print(hide_process_environment() if {hidden} else 'visible', flush=True); time.sleep(120)\n"
     )
     worker = subprocess.Popen(

@@ -118,7 +118,7 @@ def test_an_attempt_that_finds_every_chunk_committed_publishes_without_deploying
 ) -> None:
     """...and, reading the model the first attempt recorded, without asking the registry either."""
     from app.core.jobs import RetroTest
-    from app.integrations.registry import ModelVersionInfo
+    from app.core.model_types import ModelVersionInfo
 
     settings, sessions, adapters = _in_process(None)
     settings = settings.model_copy(update={"partitions": 1})

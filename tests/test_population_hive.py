@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.integrations.history import STAGING_PREFIX, HistoryQuery, LocalParquetSource, PopulationJoin, staging_table
-from app.integrations.hive import HiveSource
+from app.integrations.history.hive import HiveSource
+from app.integrations.history.local import LocalParquetSource
+from app.integrations.history.port import STAGING_PREFIX, HistoryQuery, PopulationJoin, staging_table
 from app.retro_tests.population import PopulationColumns, PopulationUpload, read_population
 from tests.conftest import Stack, start_process, start_stack
 from tests.hive_server import HiveServer, run_sql

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.core.jobs import State
-from app.integrations.deployers import LocalMLServerDeployer, ManagedDeployment, deployment_name
+from app.integrations.deployers.local import LocalMLServerDeployer
+from app.integrations.deployers.port import ManagedDeployment, deployment_name
 from tests.test_end_to_end import mlserver_processes_for
 from worker.reaper import reap_reason
 
@@ -79,7 +80,7 @@ def test_the_reaper_removes_files_ended_jobs_left_and_nothing_a_job_offers(datab
     from app.clock import utcnow
     from app.core.jobs import RetroTest, job_prefix
     from app.db import get_session_factory
-    from app.integrations.results import ResultStore
+    from app.integrations.storage.results import ResultStore
     from tests.factories import make_retro_test
     from worker.reaper import reap_files
 

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from app.core.model_types import Feature
 from app.errors import ModelServerDown, ScoringFailed
-from app.integrations.deployers import Deployment
-from app.integrations.registry import Feature
-from app.integrations.scoring import ScoringOptions, V2GrpcScorer
-from app.integrations.v2_grpc import inference_pb2 as pb
+from app.integrations.deployers.port import Deployment
+from app.integrations.scoring.scorers import ScoringOptions, V2GrpcScorer
+from app.integrations.scoring.v2_grpc import inference_pb2 as pb
 
 FEATURES = (Feature("x", "double"), Feature("plan", "string"))
 POISON = -1.0  # a row holding this x makes the model raise, as a validating model would

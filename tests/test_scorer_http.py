@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
+from app.core.model_types import Feature
 from app.errors import ModelServerDown, ScoringFailed
-from app.integrations.deployers import Deployment
-from app.integrations.registry import Feature
-from app.integrations.scoring import ScoringOptions, V2RestScorer
+from app.integrations.deployers.port import Deployment
+from app.integrations.scoring.scorers import ScoringOptions, V2RestScorer
 
 FEATURES = (Feature("x", "double"),)
 
@@ -146,7 +146,7 @@ def test_once_the_server_has_answered_a_hang_costs_a_few_normal_answers_not_the_
 
 
 def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_their_bounds() -> None:
-    from app.integrations.scoring import LatencyTracker, Tuning
+    from app.integrations.scoring.scorers import LatencyTracker, Tuning
 
     t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, tuning=Tuning(factor=8.0, window=5, warmup=3))
     assert t.timeout_s(rows=5000, attempt=0) == 60.0  # nothing seen yet: the configured timeout
@@ -165,7 +165,7 @@ def test_read_timeouts_follow_the_slowest_recent_answer_of_the_same_size_within_
 
 
 def test_hedging_waits_for_twice_the_90th_percentile_of_answers_of_the_same_size() -> None:
-    from app.integrations.scoring import LatencyTracker, Tuning
+    from app.integrations.scoring.scorers import LatencyTracker, Tuning
 
     t = LatencyTracker(ceiling_s=60.0, floor_s=1.0, tuning=Tuning(window=10, warmup=3))
     for seconds in (0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.4):

@@ -426,7 +426,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised_and_parquet_is_u
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from app.integrations.results import ResultStore
+    from app.integrations.storage.results import ResultStore
     from worker.publish import _merge
 
     store = ResultStore(str(tmp_path))
@@ -453,7 +453,7 @@ def test_results_and_links_past_retention_are_deleted_by_beat_and_audited(databa
     from app.core.jobs import ResultFile, RetroTest, State, job_prefix
     from app.db import get_session_factory
     from app.downloads.models import DownloadLink
-    from app.integrations.results import ResultStore
+    from app.integrations.storage.results import ResultStore
     from tests.factories import make_retro_test
     from worker.reaper import expire_results
 

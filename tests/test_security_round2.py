@@ -49,7 +49,7 @@ def _partner_path(client, job) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_unmatched_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from app.integrations.results import ResultStore
+    from app.integrations.storage.results import ResultStore
     from worker.publish import _write_unmatched
 
     store = ResultStore(str(tmp_path))
@@ -360,7 +360,9 @@ def test_an_error_naming_a_server_path_reaches_people_without_it(client, monkeyp
         raise SourceUnknown("history table 'x' not found: no folder /srv/retro/history/features/x", field="source")
 
     make_partner(client, "acme")
-    monkeypatch.setattr("app.integrations.history.LocalParquetSource.history_days", lambda self, **kw: missing(**kw))
+    monkeypatch.setattr(
+        "app.integrations.history.local.LocalParquetSource.history_days", lambda self, **kw: missing(**kw)
+    )
     resp = client.post("/api/v1/retro-tests", json=request())
     assert resp.status_code == 422 and "/srv/retro" not in resp.text and "not found" in resp.json()["detail"]
 
@@ -417,7 +419,7 @@ def test_the_k8s_check_names_a_broken_secret_without_printing_it(config: bytes) 
     import base64
 
     from app.config import Settings
-    from app.integrations.k8s_check import _checks
+    from app.integrations.deployers.kubernetes_check import _checks
 
     settings = Settings(deployer="seldon_v2", k8s_storage_secret="retro-storage", model_staging_url="s3://b/x")
     secret = _OneSecret({"rclone.yaml": base64.b64encode(config).decode()})
@@ -435,7 +437,7 @@ def test_the_k8s_check_prints_a_config_name_only_when_it_is_a_plain_name() -> No
     import base64
 
     from app.config import Settings
-    from app.integrations.k8s_check import _checks
+    from app.integrations.deployers.kubernetes_check import _checks
 
     settings = Settings(deployer="seldon_v2", k8s_storage_secret="retro-storage", model_staging_url="s3://b/x")
     config = b'{"name": "AKIAEXAMPLEKEY SECRETs3cr3tVALUE", "type": "s3"}'

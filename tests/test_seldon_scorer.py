@@ -12,11 +12,18 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from app.core.model_types import Feature
 from app.errors import ScoringFailed
-from app.integrations.deployers import Deployment
-from app.integrations.protocols import decode_seldon, encode_seldon
-from app.integrations.registry import Feature
-from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, SeldonScorer, V2GrpcScorer, choose_protocol
+from app.integrations.deployers.port import Deployment
+from app.integrations.scoring.codecs import decode_seldon, encode_seldon
+from app.integrations.scoring.scorers import (
+    SCORERS,
+    BatchScorer,
+    ScoringOptions,
+    SeldonScorer,
+    V2GrpcScorer,
+    choose_protocol,
+)
 
 FEATURES = (Feature("x", "double"), Feature("plan", "string"), Feature("n", "long"))
 BATCH = pa.RecordBatch.from_pydict(

@@ -10,9 +10,10 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from app.core.identifiers import check_name, check_table
+from app.core.model_types import Feature
 from app.errors import Invalid, InvalidPeriod, PeriodTooLong
-from app.integrations.identifiers import check_name, check_table
-from app.integrations.protocols import (
+from app.integrations.scoring.codecs import (
     decode_v2_grpc,
     decode_v2_json,
     encode_v2_grpc,
@@ -20,8 +21,7 @@ from app.integrations.protocols import (
     model_message,
     v2_inputs,
 )
-from app.integrations.registry import Feature
-from app.integrations.v2_grpc import inference_pb2
+from app.integrations.scoring.v2_grpc import inference_pb2
 from app.retro_tests.service import check_period
 from worker.chunks import plan_days
 
@@ -176,7 +176,7 @@ def test_model_message_is_the_exception_a_traceback_ends_with() -> None:
 
 
 def test_model_artifacts_on_this_file_system_are_found_without_mlflow(tmp_path: Path) -> None:
-    from app.integrations.registry import _local_path
+    from app.integrations.registry.mlflow import _local_path
 
     model = tmp_path / "my model"
     model.mkdir()

@@ -336,7 +336,8 @@ def test_a_failed_history_query_names_neither_values_nor_sql(snapshots, tmp_path
     from datetime import timedelta
 
     from app.errors import Upstream
-    from app.integrations.history import HistoryQuery, LocalParquetSource, PopulationJoin
+    from app.integrations.history.local import LocalParquetSource
+    from app.integrations.history.port import HistoryQuery, PopulationJoin
     from tests.test_population import POP_TABLE
 
     population = tmp_path / "population.parquet"
@@ -363,7 +364,7 @@ def test_hive_errors_name_neither_values_nor_sql() -> None:
     error and the log get the problem only."""
     from types import SimpleNamespace
 
-    from app.integrations.hive import _reason
+    from app.integrations.history.hive import _reason
 
     message = (
         "Error while compiling statement: FAILED: SemanticException line 1:40 cannot convert 'secret-id-42' to "

@@ -36,7 +36,7 @@ def succeeded_job(session: Any, partner_code: str, files: dict[str, bytes]) -> A
     """A succeeded retro test of this partner whose result files really are in the result store."""
     from app.config import get_settings
     from app.core.jobs import ResultFile, RetroTest, State, job_prefix
-    from app.integrations.results import ResultStore
+    from app.integrations.storage.results import ResultStore
     from app.partners.service import find_by_code
 
     partner = find_by_code(session=session, code=partner_code)

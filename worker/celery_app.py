@@ -65,8 +65,8 @@ def _ride_out_database_outages(**_: Any) -> None:
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _hide_the_workers_environment(**_: Any) -> None:
-    """Model processes of the worker's own user cannot read its environ (app/integrations/model_sandbox.py)."""
-    from app.integrations.model_sandbox import hide_process_environment
+    """Model processes of the worker's own user cannot read its environ (app/integrations/environments/sandbox.py)."""
+    from app.integrations.environments.sandbox import hide_process_environment
 
     if not hide_process_environment():
         log.warning("could not make the worker non-dumpable; without a sandbox, models can read its environment")

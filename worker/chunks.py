@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 from app.config import Settings
 from app.core.periods import days_text, missing_days
 from app.errors import NoHistoryInPeriod, ReconciliationFailed, TooManyRejectedRows
-from app.integrations.history import HistoryQuery, HistorySource
-from app.integrations.prefetch import prefetched
-from app.integrations.results import ResultStore
-from app.integrations.scoring import ScoredBatch, Scorer, ScoringStopped
+from app.integrations.history.port import HistoryQuery, HistorySource
+from app.integrations.history.prefetch import prefetched
+from app.integrations.scoring.scorers import ScoredBatch, Scorer, ScoringStopped
+from app.integrations.storage.results import ResultStore
 from app.retro_tests import runs
 from app.retro_tests.runs import ChunkRecord, Counts
 from worker.run import JobRun

@@ -3,7 +3,7 @@
 resolving  -> the exact model version and its signature, from the registry
 extracting -> the source schema is checked and the period's rows counted, before anything is deployed
 preparing_environment -> the model's own Python environment (its logged pins + an MLServer that resolves with
-              them), built with uv or found in the worker's cache (app/integrations/environments.py); meanwhile
+              them), built with uv or found in the worker's cache (app/integrations/environments/cache.py); meanwhile
               the model's input example is scored in-process in it, as the reference for validating
 deploying  -> a temporary model server for exactly that version, from that environment; stopped on every path
 validating -> the deployment scores the reference and must agree with it (worker/validation.py)
@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.core.jobs import State
+from app.core.model_types import ModelVersionInfo
 from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
@@ -47,12 +48,12 @@ from app.errors import (
     StorageFull,
     TooManyAttempts,
 )
-from app.integrations.deployers import Deployment, deployment_name
-from app.integrations.environments import ModelEnvironment, hold, read_requirements
-from app.integrations.history import HistoryQuery, PopulationJoin, staging_table
-from app.integrations.model_sandbox import ModelSandbox
-from app.integrations.registry import ModelVersionInfo, fetch_model
-from app.integrations.scoring import SCORERS, BatchScorer, ScoringOptions, choose_protocol
+from app.integrations.deployers.port import Deployment, deployment_name
+from app.integrations.environments.cache import ModelEnvironment, hold, read_requirements
+from app.integrations.environments.sandbox import ModelSandbox
+from app.integrations.history.port import HistoryQuery, PopulationJoin, staging_table
+from app.integrations.registry.mlflow import fetch_model
+from app.integrations.scoring.scorers import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests import runs
 from app.retro_tests.runs import JobSpec, LeaseLost

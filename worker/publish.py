@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 
 from app.clock import utcnow
 from app.core.jobs import State
+from app.core.model_types import ModelVersionInfo
 from app.errors import ReconciliationFailed
-from app.integrations.history import HistoryQuery
-from app.integrations.registry import ModelVersionInfo
-from app.integrations.results import (
+from app.integrations.history.port import HistoryQuery
+from app.integrations.storage.results import (
     INTERNAL_MANIFEST,
     STAFF_ONLY_KIND,
     STAFF_ONLY_KINDS,

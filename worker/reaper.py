@@ -9,7 +9,7 @@ The same holds for files: a job that fails or is cancelled removes its files its
 parts; a worker killed at the wrong moment leaves them, and reap_files removes them for jobs that ended within
 RECENT_DAYS (older ones were looked at by earlier runs).
 
-Staged model copies (app/integrations/staging.py) go when unused for RETRO_MODEL_STAGING_TTL_S.
+Staged model copies (app/integrations/deployers/staging.py) go when unused for RETRO_MODEL_STAGING_TTL_S.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.clock import utcnow
 from app.config import Settings
 from app.core.jobs import TERMINAL_STATES, RetroTest, State, job_prefix
-from app.integrations.deployers import Deployer, ManagedDeployment
-from app.integrations.history import STAGING_PREFIX, HistorySource
-from app.integrations.results import ResultStore
-from app.integrations.staging import ModelStaging
+from app.integrations.deployers.port import Deployer, ManagedDeployment
+from app.integrations.deployers.staging import ModelStaging
+from app.integrations.history.port import STAGING_PREFIX, HistorySource
+from app.integrations.storage.results import ResultStore
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
 from app.retro_tests import retention
 

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.periods import days_text
-from app.integrations.history import HistoryQuery, duckdb_connection
-from app.integrations.results import ResultStore
+from app.integrations.history.local import duckdb_connection
+from app.integrations.history.port import HistoryQuery
+from app.integrations.storage.results import ResultStore
 
 HIST_BINS = 20
 _EPS = 1e-6  # PSI: an empty bin counts as this share, so the log stays finite

@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.integrations.deployers import Deployer, Deployment
-from app.integrations.environments import EnvironmentCache
-from app.integrations.history import HistorySource
-from app.integrations.registry import MlflowRegistry
-from app.integrations.results import ResultStore
+from app.integrations.deployers.port import Deployer, Deployment
+from app.integrations.environments.cache import EnvironmentCache
+from app.integrations.history.port import HistorySource
+from app.integrations.registry.mlflow import MlflowRegistry
+from app.integrations.storage.results import ResultStore
 from app.retro_tests.runs import JobSpec
 from worker.control import JobControl
 

@@ -13,7 +13,7 @@ from app.auth import throttle
 from app.config import get_settings
 from app.core.jobs import TERMINAL_STATES
 from app.db import get_session_factory
-from app.integrations.deployers import Deployer
+from app.integrations.deployers.port import Deployer
 from app.integrations.wiring import (
     make_deployer,
     make_environments,

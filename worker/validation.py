@@ -6,7 +6,7 @@ The reference is, in order of preference:
    the model's input columns and, in every other column, the expected outputs in the model's output order; the
    tag is a path in the version's run artifacts (`reference/expected.parquet`) or a full artifact URI;
 2. the input example logged with the model, scored in-process by mlflow's pyfunc inside the model's own
-   environment (app/integrations/model_predict.py) — or the worker's, with RETRO_MODEL_ENV=worker.
+   environment (app/integrations/environments/model_predict.py) — or the worker's, with RETRO_MODEL_ENV=worker.
 A version with neither is scored unchecked, and the job says so.
 """
 
@@ -24,18 +24,18 @@ from typing import Any
 
 import pyarrow as pa
 
+from app.core.model_types import Feature, ModelVersionInfo
 from app.errors import EnvironmentFailed, ReferenceMismatch
-from app.integrations import model_predict
-from app.integrations.environments import ModelEnvironment
-from app.integrations.model_sandbox import (
+from app.integrations.environments import model_predict
+from app.integrations.environments.cache import ModelEnvironment
+from app.integrations.environments.sandbox import (
     ModelSandbox,
     SandboxUnavailable,
     model_environment,
     python_roots,
     reported_error,
 )
-from app.integrations.registry import Feature, ModelVersionInfo
-from app.integrations.scoring import Scorer
+from app.integrations.scoring.scorers import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def predict_in_process(
 ) -> list[list[Any]]:
     """The model's own scores for the rows, by mlflow's pyfunc in the model's environment (or the worker's).
 
-    The model's code runs there as a model process (app/integrations/model_sandbox.py): a minimal environment, the
+    The model's code runs there as a model process (app/integrations/environments/sandbox.py): a minimal environment, the
     sandbox where it works, no network; the job learns only the exception's type and message it reports.
     """
     python = environment.python_executable if environment else sys.executable

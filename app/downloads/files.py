@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.core.jobs import ResultFile, RetroTest, State, job_prefix
 from app.errors import NotFound
-from app.integrations.results import STAFF_ONLY_KINDS, ResultStore
+from app.integrations.storage.results import STAFF_ONLY_KINDS, ResultStore
 
 # A recorded name must be one plain file name; anything else is never opened, whatever the database says.
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from app.config import Settings, get_settings
-from app.integrations.deployers import Deployer, LocalMLServerDeployer
-from app.integrations.environments import EnvironmentCache
-from app.integrations.history import HistorySource, LocalParquetSource
-from app.integrations.model_sandbox import ModelSandbox
-from app.integrations.registry import MlflowRegistry
-from app.integrations.results import ResultStore
+from app.integrations.deployers.local import LocalMLServerDeployer
+from app.integrations.deployers.port import Deployer
+from app.integrations.environments.cache import EnvironmentCache, environment_cache
+from app.integrations.environments.sandbox import ModelSandbox
+from app.integrations.history.local import LocalParquetSource
+from app.integrations.history.port import HistorySource
+from app.integrations.registry.mlflow import MlflowRegistry
+from app.integrations.storage.results import ResultStore
 
 
 def make_registry(settings: Settings) -> MlflowRegistry:
@@ -19,7 +21,7 @@ def make_registry(settings: Settings) -> MlflowRegistry:
 
 def make_history_source(settings: Settings) -> HistorySource:
     if settings.history_source == "hive":
-        from app.integrations.hive import HiveSource, settings_from
+        from app.integrations.history.hive import HiveSource, settings_from
 
         return HiveSource(settings_from(settings))
     return LocalParquetSource(
@@ -37,28 +39,14 @@ def make_deployer(settings: Settings) -> Deployer:
             ttl_s=settings.deployment_ttl_s,
             sandbox=ModelSandbox(settings.model_sandbox),
         )
-    from app.integrations.k8s_deployers import KUBERNETES_DEPLOYERS
+    from app.integrations.deployers.kubernetes import KUBERNETES_DEPLOYERS
 
     return KUBERNETES_DEPLOYERS[settings.deployer](settings=settings)
 
 
 def make_environments(settings: Settings) -> EnvironmentCache | None:
     """The worker's cache of model environments; None when models are served from the worker's own packages."""
-    if settings.model_env == "worker":
-        return None
-    return EnvironmentCache(
-        root=settings.resolved_env_cache_dir(),
-        uv=settings.env_uv,
-        server_versions=tuple(settings.env_server_versions),
-        constraints=tuple(settings.env_constraints),
-        max_bytes=int(settings.env_cache_max_gb * 2**30),
-        pythons=tuple(settings.env_pythons),
-        nearest_python=settings.env_nearest_python,
-        timeout_s=settings.env_build_timeout_s,
-        sandbox=ModelSandbox(settings.model_sandbox),
-        index_url=settings.env_index_url,
-        build_allowed=tuple(settings.env_build_allowed_packages),
-    )
+    return environment_cache(settings)
 
 
 def make_result_store(settings: Settings) -> ResultStore:

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path
 
 from app.auth.deps import current_user
-from app.integrations.registry import MlflowRegistry
+from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.wiring import get_registry
 from app.validation import NO_CONTROL_PATTERN
 

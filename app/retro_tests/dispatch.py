@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.core.jobs import RetroTest
 from app.errors import Upstream
-from app.integrations.results import ResultStore
+from app.integrations.storage.results import ResultStore
 from app.queue import send_retro_test
 from app.retro_tests import service
 

@@ -19,8 +19,8 @@ from app.core.jobs import get_retro_test as load_retro_test  # this module's get
 from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.errors import Invalid
-from app.integrations.registry import MlflowRegistry
-from app.integrations.results import ResultStore
+from app.integrations.registry.mlflow import MlflowRegistry
+from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.request_guard import allow_upload
 from app.retro_tests import dispatch, service, views

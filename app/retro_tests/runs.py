@@ -21,10 +21,10 @@ from sqlalchemy.orm import Session
 
 from app.clock import as_utc, utcnow
 from app.core.jobs import ResultFile, RetroTest, RetroTestChunk, State, job_prefix
+from app.core.model_types import ModelVersionInfo
 from app.core.partners import Partner
 from app.core.transitions import advance
 from app.errors import JobCancelled, NotFound
-from app.integrations.registry import ModelVersionInfo
 
 
 class LeaseLost(Exception):

@@ -21,6 +21,7 @@ from app.audit.service import record
 from app.clock import utcnow
 from app.config import Settings
 from app.core.jobs import ACTIVE_STATES, TERMINAL_STATES, ResultFile, RetroTest, State, get_retro_test, job_prefix
+from app.core.model_types import ModelVersionInfo, SourceSpec
 from app.core.partners import Partner
 from app.core.periods import days_text, missing_days
 from app.core.scope import ALL_PARTNERS, PartnerScope
@@ -36,7 +37,6 @@ from app.errors import (
     PartnerNotFound,
     PeriodTooLong,
 )
-from app.integrations.registry import ModelVersionInfo, SourceSpec
 from app.partners.service import find_by_code
 from app.retro_tests.population import Population, PopulationColumns, PopulationUpload, read_population
 from app.retro_tests.schemas import JobFilters, RetroTestCreate

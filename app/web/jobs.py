@@ -24,8 +24,8 @@ from app.core.periods import days_text
 from app.db import get_session
 from app.downloads import service as links
 from app.errors import AppError, Conflict
-from app.integrations.registry import MlflowRegistry
-from app.integrations.results import ResultStore
+from app.integrations.registry.mlflow import MlflowRegistry
+from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.partners import service as partners
 from app.request_guard import allow_upload

@@ -12,7 +12,7 @@ from app.db import get_session
 from app.downloads import files
 from app.downloads import service as links
 from app.errors import NotFound
-from app.integrations.results import ResultStore
+from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_result_store
 from app.web.templating import templates
 

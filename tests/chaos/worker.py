@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from app.core.model_types import ModelVersionInfo
 from app.integrations import wiring
-from app.integrations.deployers import Deployer, Deployment, ManagedDeployment
-from app.integrations.environments import ModelEnvironment
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.deployers.port import Deployer, Deployment, ManagedDeployment
+from app.integrations.environments.cache import ModelEnvironment
 from tests.chaos.fault_proxy import FaultProxy, Faults
 
 

@@ -16,17 +16,17 @@ from typing import Any
 
 import pytest
 
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
-from app.integrations import k8s_deployers
-from app.integrations.deployers import deployment_name
-from app.integrations.k8s_deployers import (
+from app.integrations.deployers import kubernetes as k8s_deployers
+from app.integrations.deployers.kubernetes import (
     INFERENCE_SERVICE,
     SELDON_DEPLOYMENT,
     KServeDeployer,
     SeldonDeployer,
     SeldonV2Deployer,
 )
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.deployers.port import deployment_name
 from tests.k8s.conftest import NAMESPACE, job_row, new_job, run, wait_for
 from tests.k8s.conftest import k8s_settings as cluster_settings
 from tests.k8s.test_environments import ENVIRONMENT, nothing_left, stageable_model
@@ -210,8 +210,8 @@ def test_kserve_grpc_reaches_mlserver_only_on_the_runtimes_port(
     import grpc
 
     from app.core.jobs import State
-    from app.integrations.protocols import GRPC_MODEL_INFER
-    from app.integrations.v2_grpc import inference_pb2
+    from app.integrations.scoring.codecs import GRPC_MODEL_INFER
+    from app.integrations.scoring.v2_grpc import inference_pb2
     from app.integrations.wiring import make_registry
 
     settings = k8s_settings("kserve", score_protocol="v2-grpc")
@@ -286,8 +286,8 @@ def test_a_model_on_a_shared_seldon_v2_server_never_reads_other_servers_pods(ope
 def test_k8s_check_reports_kserves_mode_knatives_flag_and_seldons_server_config(
     cluster: ApiServer, operator: TestOperator
 ) -> None:
-    from app.integrations import k8s_check
-    from app.integrations.k8s_deployers import CustomResources
+    from app.integrations.deployers import kubernetes_check as k8s_check
+    from app.integrations.deployers.kubernetes import CustomResources
 
     steps = {"deployment mode": "_kserve_mode", "server config": "_server_config", "images": "_images"}
 

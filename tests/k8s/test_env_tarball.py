@@ -2,7 +2,7 @@
 
 The old model (scikit-learn 1.3.2 / numpy 1.26.4 / mlflow 2.9.2 on Python 3.10, tests/old_stack/train.py) is
 retro-tested through each operator in the test operator: the worker builds and checks its environment, packs it
-(app/integrations/env_artifacts.py), stages it beside the model, and the "pod" fetches both with the operator's
+(app/integrations/environments/tarball.py), stages it beside the model, and the "pod" fetches both with the operator's
 own downloader and runs MLServer from it in a network namespace of its own (tests/k8s_operator.py, PodRun), so a
 download hidden anywhere in the pod's start would fail. The environment is built and packed once per session.
 """
@@ -22,10 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.errors import DeploymentFailed
-from app.integrations.deployers import deployment_name
-from app.integrations.env_artifacts import EnvironmentPacker, PackedEnvironment
-from app.integrations.environments import ModelEnvironment, read_requirements
-from app.integrations.k8s_deployers import (
+from app.integrations.deployers.kubernetes import (
     ENV_RUN_SCRIPT,
     INFERENCE_SERVICE,
     KUBERNETES_DEPLOYERS,
@@ -34,6 +31,9 @@ from app.integrations.k8s_deployers import (
     CustomResources,
     SeldonV2Deployer,
 )
+from app.integrations.deployers.port import deployment_name
+from app.integrations.environments.cache import ModelEnvironment, read_requirements
+from app.integrations.environments.tarball import EnvironmentPacker, PackedEnvironment
 from tests.conftest import _TMP, HISTORY_START
 from tests.k8s.conftest import END, adapters, job_row, k8s_settings, results_path
 from tests.k8s_operator import ApiServer, PodPlan, PodRun, TestOperator, server_container

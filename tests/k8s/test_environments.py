@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
-from app.integrations.deployers import deployment_name
-from app.integrations.environments import ModelEnvironment
-from app.integrations.k8s_deployers import (
+from app.integrations.deployers.kubernetes import (
     INFERENCE_SERVICE,
     JOB_ID_LABEL,
     MANAGED_BY_LABEL,
@@ -36,7 +35,8 @@ from app.integrations.k8s_deployers import (
     SeldonDeployer,
     SeldonV2Deployer,
 )
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.deployers.port import deployment_name
+from app.integrations.environments.cache import ModelEnvironment
 from tests.conftest import _TMP
 from tests.k8s.conftest import BUCKET, NAMESPACE, STORAGE_SECRETS, k8s_settings, wait_for
 from tests.k8s_operator import ApiServer, Hang, TestOperator

@@ -20,8 +20,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from app.integrations.deployers import deployment_name
-from app.integrations.k8s_deployers import (
+from app.core.model_types import ModelVersionInfo
+from app.integrations.deployers.kubernetes import (
     EXPIRES_AT_LABEL,
     INFERENCE_SERVICE,
     INSTANCE_LABEL,
@@ -35,7 +35,7 @@ from app.integrations.k8s_deployers import (
     SeldonV2Deployer,
     label_value,
 )
-from app.integrations.registry import ModelVersionInfo
+from app.integrations.deployers.port import deployment_name
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY
 from tests.k8s.conftest import BUCKET, NAMESPACE, job_row, k8s_settings, new_job, results_path, run, wait_for
 from tests.k8s_operator import ApiServer, Fail, Hang, TestOperator, artifact_uri

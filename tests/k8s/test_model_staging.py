@@ -21,11 +21,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
-from app.integrations.deployers import deployment_name
-from app.integrations.k8s_deployers import KUBERNETES_DEPLOYERS, SeldonDeployer
-from app.integrations.registry import ModelVersionInfo
-from app.integrations.staging import ModelStaging
+from app.integrations.deployers.kubernetes import KUBERNETES_DEPLOYERS, SeldonDeployer
+from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.staging import ModelStaging
 from tests.conftest import _TMP, HISTORY_DAYS, ROWS_PER_DAY
 from tests.k8s.conftest import BUCKET, WRONG_SECRETS, job_row, k8s_settings, new_job, results_path, run
 from tests.k8s.test_k8s_deployers import KINDS, expected_scores  # noqa: F401  (a fixture)
@@ -252,7 +252,7 @@ def test_a_capacity_shortage_waits_and_succeeds_when_capacity_frees(
 
     deployment = k8s.start(name=name, job_id=name, model=model)
     try:
-        with caplog.at_level("INFO", logger="app.integrations.k8s_deployers"):
+        with caplog.at_level("INFO", logger="app.integrations.deployers.kubernetes"):
             waiter = threading.Thread(target=wait)
             waiter.start()
             time.sleep(8)

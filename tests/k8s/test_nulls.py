@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.integrations.history import HistoryQuery
-from app.integrations.registry import TAG_DATE_COLUMN, TAG_ID_COLUMNS, TAG_TABLE, Feature
+from app.core.model_types import TAG_DATE_COLUMN, TAG_ID_COLUMNS, TAG_TABLE, Feature
+from app.integrations.history.port import HistoryQuery
 from tests.conftest import HISTORY_START
 from tests.hive_server import HiveServer, run_sql
 from tests.k8s.conftest import job_row, k8s_settings, results_path, run
@@ -166,7 +166,7 @@ def null_models(registry: dict[str, str], null_history: str) -> Iterator[None]:
 
 def source_rows(hive: HiveServer, features: tuple[Feature, ...]) -> pa.Table:
     """The period's rows as the job reads them: through HiveSource, cast to the model's input types."""
-    from app.integrations.hive import HiveSource
+    from app.integrations.history.hive import HiveSource
     from tests.test_hive import hive_settings
 
     query = HistoryQuery(

@@ -1,12 +1,5 @@
-"""Temporary model deployments: start exactly one model version, wait until it serves, stop it.
-
-Each deployment has a name derived from the job, so any process (the worker, a cancel, the reaper)
-can stop it by name, and stop is idempotent. Each also records its job id and an expiry time, so the
-reaper can find deployments whose job ended without them (a worker killed mid-job).
-
-Implementations: LocalMLServerDeployer here (an MLServer process on this machine); Seldon Core v1,
-Seldon Core v2 and KServe in app/integrations/k8s_deployers.py.
-"""
+"""The local deployer: one MLServer process on this machine per deployment (the embedded default and the tests').
+What a deployer is (the port) lives in app/integrations/deployers/port.py."""
 
 from __future__ import annotations
 
@@ -23,15 +16,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed, JobCancelled
-from app.integrations.environments import ModelEnvironment, hold
-from app.integrations.model_sandbox import (
+from app.integrations.environments.cache import ModelEnvironment, hold
+from app.integrations.environments.sandbox import (
     SERVER_ENV_PREFIXES,
     ModelSandbox,
     SandboxUnavailable,
@@ -39,77 +31,12 @@ from app.integrations.model_sandbox import (
     python_roots,
     reported_error,
 )
-from app.integrations.registry import ModelVersionInfo, fetch_model
+from app.integrations.registry.mlflow import fetch_model
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """A running model server that accepts inference requests."""
-
-    name: str
-    base_url: str  # its REST endpoint
-    model_name: str
-    protocol: str = "v2"  # what its REST endpoint speaks: "v2" (Open Inference Protocol) or "seldon"
-    headers: dict[str, str] = field(default_factory=dict)
-    grpc_target: str | None = None  # host:port of its V2 gRPC endpoint, where it serves one
-
-    @property
-    def protocols(self) -> tuple[str, ...]:
-        """The protocols a scorer can speak to it (RETRO_SCORE_PROTOCOL values), fastest first."""
-        if self.protocol == "seldon":
-            return ("seldon",)
-        return ("v2-grpc", "v2-rest") if self.grpc_target else ("v2-rest",)
-
-
-@dataclass(frozen=True)
-class ManagedDeployment:
-    """A deployment this service created, as the reaper sees it."""
-
-    name: str
-    job_id: str | None  # None when it cannot be told (then the reaper treats the job as missing)
-    expires_at: float | None  # unix seconds; None: never expires on its own
-
-
-class Deployer(Protocol):
-    """Starts and stops temporary model deployments."""
-
-    def start(
-        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
-    ) -> Deployment:
-        """Create the deployment for the job; return at once, before it is ready.
-
-        With an environment, the model server runs from the model's own packages (app/integrations/environments.py);
-        without, from the server's default ones.
-        """
-
-    def wait_ready(self, deployment: Deployment, *, timeout_s: float, should_stop: Callable[[], bool]) -> None:
-        """Block until the deployment serves, it fails, should_stop() is true, or the deadline passes."""
-
-    def stop(self, name: str) -> None:
-        """Tear the deployment down; a deployment that is already gone is fine."""
-
-    def list_managed(self) -> list[ManagedDeployment]:
-        """Every deployment this service created that still exists."""
-
-    def has_exited(self, name: str) -> bool:
-        """True when the deployment is known to be gone for good (its process exited); False when alive or unsure.
-
-        Asked when a request to it fails, so it must be quick: a deployer that cannot tell at once says False,
-        and retries decide.
-        """
-
-
-_DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-def deployment_name(job_id: object) -> str:
-    """A DNS-1123 label (<= 63 characters) unique to the job: 96 bits of its id."""
-    name = f"retro-{str(job_id).replace('-', '').lower()[:24]}"
-    if not _DNS_1123_LABEL.fullmatch(name):
-        raise ValueError(f"cannot derive a deployment name from job id {job_id!r}")
-    return name
+from app.integrations.deployers.port import Deployment, ManagedDeployment  # noqa: E402
 
 
 def _free_port() -> int:
@@ -198,7 +125,7 @@ class LocalMLServerDeployer:
         return _free_port(), _free_port(), _free_port()
 
     def _server_command(self, exe: str, folder: Path) -> list[str]:
-        """`mlserver start` as a model process: it sees its environment and its own folder (app/integrations/model_sandbox.py).
+        """`mlserver start` as a model process: it sees its environment and its own folder (app/integrations/environments/sandbox.py).
 
         It outlives the worker on purpose (a killed worker's next attempt adopts it), so not --die-with-parent.
         """
@@ -385,7 +312,7 @@ def _read_float(path: Path) -> float | None:
 
 
 # MLServer pins a fastapi the API cannot use, so bootstrap --dev gives it a venv of its own beside the project's.
-SERVER_VENV_BIN = Path(__file__).resolve().parents[2] / ".venv-server" / "bin"
+SERVER_VENV_BIN = Path(__file__).resolve().parents[3] / ".venv-server" / "bin"
 
 
 def find_server_executable(name: str) -> str:

@@ -6,10 +6,10 @@ expiry time, so the reaper can find what a killed worker left behind. Readiness 
 watch request lasts a couple of seconds, so a cancel is noticed between events, and a Failed state or failing
 condition ends the wait at once with the operator's own message.
 
-With a model environment (app/integrations/environments.py) the model server runs from the model's own packages,
+With a model environment (app/integrations/environments/cache.py) the model server runs from the model's own packages,
 delivered as RETRO_K8S_ENV_DELIVERY says:
-- tarball (the default): the worker packs the environment it built and checked (app/integrations/env_artifacts.py)
-  and stages it beside the model (app/integrations/staging.py), so the operator's own downloader fetches both with
+- tarball (the default): the worker packs the environment it built and checked (app/integrations/environments/tarball.py)
+  and stages it beside the model (app/integrations/deployers/staging.py), so the operator's own downloader fetches both with
   the credentials it already has; no init container, no index, no Python download. Seldon Core v1 and KServe run
   MLServer from the extracted environment (`<env>/bin/python -m mlserver.cli.main start`, an emptyDir to extract
   into); Seldon Core v2's standard mlserver Server loads it through MLServer's own `environment_tarball`, named in
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from app.config import Settings
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed, JobCancelled
-from app.integrations.deployers import Deployment, ManagedDeployment
-from app.integrations.env_artifacts import TARBALL, EnvironmentPacker, PackedEnvironment
-from app.integrations.environments import ModelEnvironment
-from app.integrations.registry import ModelVersionInfo
-from app.integrations.staging import ModelStaging
+from app.integrations.deployers.port import Deployment, ManagedDeployment
+from app.integrations.deployers.staging import ModelStaging
+from app.integrations.environments.cache import ModelEnvironment, environment_cache
+from app.integrations.environments.tarball import TARBALL, EnvironmentPacker, PackedEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ class KubernetesDeployer:
     # Kinds of objects start() may create beside the resource, under the same name (Seldon v2's own Server):
     # stop() deletes them and list_managed() lists them too, so the reaper finds them when the resource is gone.
     companion_kinds: ClassVar[tuple[ResourceKind, ...]] = ()
-    # The URI schemes the operator's own downloader fetches; any other model is staged (app/integrations/staging.py).
+    # The URI schemes the operator's own downloader fetches; any other model is staged (app/integrations/deployers/staging.py).
     fetch_schemes: ClassVar[tuple[str, ...]] = ("s3", "gs")
     operator: ClassVar[str] = ""
 
@@ -658,9 +658,7 @@ class KubernetesDeployer:
                 "set RETRO_K8S_ENV_DELIVERY=install to build it at pod start"
             )
         if self._packer is None:
-            from app.integrations.wiring import make_environments
-
-            cache = make_environments(self._settings)
+            cache = environment_cache(self._settings)
             if cache is None:
                 raise DeploymentFailed("RETRO_MODEL_ENV=worker builds no model environment to pack")
             self._packer = EnvironmentPacker(cache=cache)

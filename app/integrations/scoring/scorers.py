@@ -2,7 +2,7 @@
 
 One mechanism for every protocol (BatchScorer): bounded concurrency, retries with backoff, read timeouts and
 hedging that follow the server's answer times, and isolation of the rows the model refuses. Each protocol is a
-subclass that only says how a batch goes on the wire and how an answer is read (app/integrations/protocols.py).
+subclass that only says how a batch goes on the wire and how an answer is read (app/integrations/scoring/codecs.py).
 
 Nulls travel to the model (see protocols.py for the rule): no row is held back for being null. A row is rejected
 only when the model refuses it, with the model's own message; the job decides, by its budget of rejected rows
@@ -25,9 +25,10 @@ import httpx
 import pyarrow as pa
 
 from app.config import Settings
+from app.core.model_types import Feature
 from app.errors import ModelServerDown, ScoringFailed
-from app.integrations.deployers import Deployment
-from app.integrations.protocols import (
+from app.integrations.deployers.port import Deployment
+from app.integrations.scoring.codecs import (
     GRPC_MODEL_INFER,
     decode_seldon,
     decode_v2_grpc,
@@ -38,7 +39,6 @@ from app.integrations.protocols import (
     model_message,
     v2_inputs,
 )
-from app.integrations.registry import Feature
 from app.metrics import (
     ROWS_REJECTED,
     ROWS_SCORED,

@@ -13,7 +13,7 @@ its artifacts are read through the MLflow client and copied under RETRO_MODEL_ST
 A version is uploaded once; later jobs only touch its last-used marker. The reaper deletes a copy unused for
 RETRO_MODEL_STAGING_TTL_S.
 
-With a model environment delivered as a tarball (RETRO_K8S_ENV_DELIVERY=tarball, app/integrations/env_artifacts.py)
+With a model environment delivered as a tarball (RETRO_K8S_ENV_DELIVERY=tarball, app/integrations/environments/tarball.py)
 the staged folder is a bundle: the model's artifacts, `environment.tar.gz` beside them and, for Seldon Core v2, a
 `model-settings.json` naming it. Each operator fetches exactly one storage URI per deployment (Seldon v2's agent
 the Model's storageUri into the server's models folder, Seldon v1's and KServe's storage initializers the model URI
@@ -37,8 +37,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from app.config import Settings
+from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
-from app.integrations.registry import ModelVersionInfo, fetch_model
+from app.integrations.registry.mlflow import fetch_model
 
 log = logging.getLogger(__name__)
 

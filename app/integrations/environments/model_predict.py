@@ -2,10 +2,10 @@
 {"model_dir", "columns", "dtypes", "data"} as JSON on stdin and writes {"scores": [[...], ...]} to the file
 RESULT, or {"error": {"type": ..., "message": ...}} when loading or scoring raised.
 
-The worker runs this file with the Python of a model environment (app/integrations/environments.py) to get the
+The worker runs this file with the Python of a model environment (app/integrations/environments/cache.py) to get the
 scores the model gives in the stack it was logged with: the reference a deployment is checked against before a
 partner's rows are scored (worker/validation.py). The model's code is untrusted: the worker starts this process
-with a minimal environment, in a sandbox where it can (app/integrations/model_sandbox.py), and takes from it only
+with a minimal environment, in a sandbox where it can (app/integrations/environments/sandbox.py), and takes from it only
 the result file, never its output. It imports nothing of retrotest and keeps to what every Python from 3.6 and
 every mlflow with pyfunc offers, since it runs in old environments.
 """

@@ -28,9 +28,9 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from app.core.model_types import Feature
 from app.errors import ScoringFailed
-from app.integrations.registry import Feature
-from app.integrations.v2_grpc import inference_pb2 as pb
+from app.integrations.scoring.v2_grpc import inference_pb2 as pb
 
 # The V2 gRPC method retrotest calls (inference.GRPCInferenceService in the protocol's own proto).
 GRPC_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.core.identifiers import check_name, check_table
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
-from app.integrations.history import HistoryQuery, RecentCounts, check_columns, conform, without_values
-from app.integrations.identifiers import check_name, check_table
-from app.integrations.prefetch import prefetched
+from app.integrations.history.port import HistoryQuery, RecentCounts, check_columns, conform, without_values
+from app.integrations.history.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 

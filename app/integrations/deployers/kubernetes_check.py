@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.config import Settings
-from app.integrations.k8s_deployers import (
+from app.integrations.deployers.kubernetes import (
     API_RULES,
     KSERVE_DEPLOYMENT_MODE_ANNOTATION,
     KUBERNETES_DEPLOYERS,
@@ -26,7 +26,7 @@ from app.integrations.k8s_deployers import (
     KServeDeployer,
     _describe_error,
 )
-from app.integrations.staging import ModelStaging
+from app.integrations.deployers.staging import ModelStaging
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -1,7 +1,7 @@
 """A model environment as an artifact: a relocatable, content-addressed tarball a pod fetches like the model.
 
 A pod on a closed cluster cannot build an environment (no index, no Python download). So the worker packs the
-environment it already built and checked against the model's reference (app/integrations/environments.py):
+environment it already built and checked against the model's reference (app/integrations/environments/cache.py):
 
 - the interpreter's prefix is copied (not a venv, whose bin/python links to this worker's interpreter), without
   what a model server never uses (the test suite, static libraries, headers, manuals);
@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import EnvironmentFailed
-from app.integrations.environments import EnvironmentCache, ModelEnvironment, _uv_reason, build_options, parse_pins
+from app.integrations.environments.cache import (
+    EnvironmentCache,
+    ModelEnvironment,
+    _uv_reason,
+    build_options,
+    parse_pins,
+)
 
 log = logging.getLogger(__name__)
 

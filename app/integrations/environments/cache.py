@@ -43,15 +43,21 @@ from typing import Any
 
 import yaml
 
+from app.config import Settings
 from app.errors import EnvironmentFailed
-from app.integrations.model_sandbox import (
+from app.integrations.environments.requirements_policy import (
+    check_python_version,
+    check_requirement,
+    has_control_character,
+    shown,
+)
+from app.integrations.environments.sandbox import (
     UV_ENV_ALLOWED,
     ModelSandbox,
     SandboxUnavailable,
     model_environment,
     python_roots,
 )
-from app.integrations.requirements_policy import check_python_version, check_requirement, has_control_character, shown
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +153,7 @@ def _minor(version: str) -> tuple[int, int]:
 def read_requirements(model_dir: Path, *, what: str) -> ModelRequirements:
     """The Python version and requirements MLflow logged with the model (python_env.yaml, else conda.yaml).
 
-    Every entry is checked against the requirements policy (app/integrations/requirements_policy.py): a model may
+    Every entry is checked against the requirements policy (app/integrations/environments/requirements_policy.py): a model may
     ask only for named packages from the configured index.
     """
     python_env = model_dir / "python_env.yaml"
@@ -682,3 +688,22 @@ def _scratch(root: Path, name: str, text: str) -> Iterator[Path]:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def environment_cache(settings: Settings) -> EnvironmentCache | None:
+    """The worker's cache of model environments; None when models are served from the worker's own packages."""
+    if settings.model_env == "worker":
+        return None
+    return EnvironmentCache(
+        root=settings.resolved_env_cache_dir(),
+        uv=settings.env_uv,
+        server_versions=tuple(settings.env_server_versions),
+        constraints=tuple(settings.env_constraints),
+        max_bytes=int(settings.env_cache_max_gb * 2**30),
+        pythons=tuple(settings.env_pythons),
+        nearest_python=settings.env_nearest_python,
+        timeout_s=settings.env_build_timeout_s,
+        sandbox=ModelSandbox(settings.model_sandbox),
+        index_url=settings.env_index_url,
+        build_allowed=tuple(settings.env_build_allowed_packages),
+    )

@@ -1,0 +1,124 @@
+"""A registered model version as every layer sees it: its inputs, outputs and where its feature history lives.
+
+The MLflow adapter (app/integrations/registry/mlflow.py) builds these; the job keeps them (to_record/from_record).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.identifiers import check_name, check_table
+from app.errors import SourceUnknown
+
+TAG_TABLE = "retro.source.table"
+TAG_DATE_COLUMN = "retro.source.date_column"
+TAG_ID_COLUMNS = "retro.source.id_columns"
+
+# MLflow column types -> (Open Inference Protocol datatype, Arrow type name).
+COLUMN_TYPES: dict[str, tuple[str, str]] = {
+    "double": ("FP64", "float64"),
+    "float": ("FP32", "float32"),
+    "long": ("INT64", "int64"),
+    "integer": ("INT32", "int32"),
+    "boolean": ("BOOL", "bool"),
+    "string": ("BYTES", "string"),
+}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input column and its MLflow type."""
+
+    name: str
+    type: str
+
+    @property
+    def v2_datatype(self) -> str:
+        return COLUMN_TYPES[self.type][0]
+
+    @property
+    def arrow_type(self) -> str:
+        return COLUMN_TYPES[self.type][1]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a model's feature history lives."""
+
+    table: str
+    date_column: str
+    id_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """A registered model version, fully resolved."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    artifact_uri: str
+    inputs: tuple[Feature, ...]
+    outputs: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def own_id_columns(self) -> tuple[str, ...]:
+        """The id columns recorded on the model version (its tag); empty when it records none."""
+        return tuple(_split(self.tags.get(TAG_ID_COLUMNS, "")))
+
+    def source_spec(self, override: dict[str, Any] | None = None) -> SourceSpec:
+        """The history source from the version's tags, with the request's overrides on top."""
+        override = override or {}
+        table = override.get("table") or self.tags.get(TAG_TABLE)
+        date_column = override.get("date_column") or self.tags.get(TAG_DATE_COLUMN)
+        ids = override.get("id_columns") or _split(self.tags.get(TAG_ID_COLUMNS, ""))
+        missing = [
+            tag
+            for tag, value in ((TAG_TABLE, table), (TAG_DATE_COLUMN, date_column), (TAG_ID_COLUMNS, ids))
+            if not value
+        ]
+        if missing:
+            raise SourceUnknown(
+                f"model {self.name!r} version {self.version} does not say where its feature history "
+                f"lives: set the model version tag(s) {', '.join(missing)} in the registry, or give "
+                "source.table, source.date_column and source.id_columns in the request",
+                field="source",
+            )
+        assert table and date_column
+        check_table(table)
+        check_name(date_column, what="date_column")
+        for c in ids:
+            check_name(c, what="id_columns")
+        return SourceSpec(table=table, date_column=date_column, id_columns=tuple(ids))
+
+    def to_record(self) -> dict[str, Any]:
+        """As JSON, to keep on the job: every attempt reads it back instead of asking the registry."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "artifact_uri": self.artifact_uri,
+            "inputs": [[f.name, f.type] for f in self.inputs],
+            "outputs": list(self.outputs),
+            "tags": dict(self.tags),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ModelVersionInfo:
+        return cls(
+            name=record["name"],
+            version=record["version"],
+            run_id=record["run_id"],
+            source=record["source"],
+            artifact_uri=record["artifact_uri"],
+            inputs=tuple(Feature(name=name, type=type_) for name, type_ in record["inputs"]),
+            outputs=tuple(record["outputs"]),
+            tags=dict(record["tags"]),
+        )
+
+
+def _split(value: str) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip()]
