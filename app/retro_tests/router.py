@@ -326,6 +326,8 @@ def download_result_file(
 ) -> Response:
     """Stream one result file of a succeeded job, whole or one byte range (Range: bytes=...)."""
     job = load_retro_test(session=session, job_id=job_id, scope=caller.scope)
+    # Opening the file is a network call with an s3:// store: no connection is held across it.
+    release_connection(session)
     try:
         # The file name is looked up among the job's recorded files, never used as a path on its own.
         download = result_files.open_download(
