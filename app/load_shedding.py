@@ -4,17 +4,21 @@ byte of its body. Under a queue every caller waits and most give up after the wo
 200 req/s, 47% got no answer within 10 s); a fast "try again in a second" keeps the answers that are given fast.
 
 Probes are exempt: /health, /ready and /metrics must tell a busy process from a dead one. So are the static files,
-which cost nothing.
+which cost nothing. A job's event stream is counted only until its answer starts (see STREAM_SUFFIX).
 """
 
 from __future__ import annotations
 
 import json
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 RETRY_AFTER_S = 1
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# A job's event stream (app/retro_tests/live.py) counts while it checks its caller and reads the job, and no longer
+# once its answer starts: it then lasts minutes, costs one row of a shared query a second, and holds no thread or
+# database connection. Counted to its end, 64 open job pages would refuse every other request of the process.
+STREAM_SUFFIX = "/events"
 _BUSY_JSON = json.dumps(
     {
         "error": "overloaded",
@@ -45,10 +49,23 @@ class InFlightLimit:
             await _busy(scope, send)
             return
         self.in_flight += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.in_flight -= 1
+
+        async def send_releasing_at_start(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_releasing_at_start if path.endswith(STREAM_SUFFIX) else send)
         finally:
-            self.in_flight -= 1
+            release()
 
 
 async def _busy(scope: Scope, send: Send) -> None:
