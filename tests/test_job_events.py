@@ -254,3 +254,45 @@ def test_the_job_page_is_pushed_its_progress_and_polls_when_the_stream_is_refuse
                 set_job(api.job_id, state="extracting", rows_total=None, rows_scored=0)
         finally:
             browser.close()
+
+
+def test_an_open_stream_does_not_hold_up_the_server_s_shutdown(live_api: LiveApi) -> None:
+    """SIGTERM with a job page listening: the server stops within its grace period, not when the stream ends."""
+    import signal
+    import threading
+    import time
+
+    from app.cli import SHUTDOWN_GRACE_S
+
+    api = live_api
+    set_job(api.job_id, state="scoring")
+    port = free_port()
+    log = _TMP / f"live-api-stop-{port}.log"
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
+    proc = start_process(cmd, env=dict(os.environ), log=log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(f"{base}/ready", procs=[proc], timeout_s=90, logs=lambda: log.read_text(errors="replace"))
+        opened = threading.Event()
+
+        def listen() -> None:
+            headers = {"Authorization": f"Bearer {api.token}"}
+            with (
+                httpx.Client(base_url=base, headers=headers, timeout=60) as client,
+                client.stream("GET", f"/api/v1/retro-tests/{api.job_id}/events") as stream,
+            ):
+                opened.set()
+                for _ in stream.iter_lines():
+                    pass
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        assert opened.wait(30)
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=SHUTDOWN_GRACE_S + 15)
+        assert time.monotonic() - stopping < SHUTDOWN_GRACE_S + 10
+        listener.join(timeout=10)
+        assert not listener.is_alive()  # the stream was closed, not left hanging
+    finally:
+        stop_process(proc)
