@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -43,6 +44,21 @@ def set_job(job_id: uuid.UUID, **values: Any) -> None:
         session.execute(update(RetroTest).where(RetroTest.id == job_id).values(**values))
 
 
+def serve_api(**env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`retrotest serve` as its own process (one worker) with these settings, ready; and its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = _TMP / f"live-api-{port}.log"
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
+    proc = start_process(cmd, env={**os.environ, "RETRO_PUBLIC_BASE_URL": base, **env}, log=log)
+    try:
+        wait_until_ready(f"{base}/ready", procs=[proc], timeout_s=90, logs=lambda: log.read_text(errors="replace"))
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, base
+
+
 @pytest.fixture(scope="module")
 def live_api(database_url: str) -> Iterator[LiveApi]:
     """The API as its own process (one worker, at most MAX_IN_FLIGHT requests in flight), a queued job, and users."""
@@ -66,20 +82,9 @@ def live_api(database_url: str) -> Iterator[LiveApi]:
         other_token = make_user(session, names[2], role="account_manager", partners=[codes[1]])
         session.commit()
 
-    port = free_port()
-    env = {
-        **os.environ,
-        "RETRO_API_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
-        "RETRO_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-    }
-    log = _TMP / f"live-api-{port}.log"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
-    proc = start_process(cmd, env=env, log=log)
+    proc, base = serve_api(RETRO_API_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT))
     try:
-        wait_until_ready(
-            f"http://127.0.0.1:{port}/ready", procs=[proc], timeout_s=90, logs=lambda: log.read_text(errors="replace")
-        )
-        yield LiveApi(f"http://127.0.0.1:{port}", token, other_token, names[1], job_id)
+        yield LiveApi(base, token, other_token, names[1], job_id)
     finally:
         stop_process(proc)
         with get_session_factory()() as session, session.begin():
@@ -266,13 +271,8 @@ def test_an_open_stream_does_not_hold_up_the_server_s_shutdown(live_api: LiveApi
 
     api = live_api
     set_job(api.job_id, state="scoring")
-    port = free_port()
-    log = _TMP / f"live-api-stop-{port}.log"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--skip-migrations", "--workers", "1"]
-    proc = start_process(cmd, env=dict(os.environ), log=log)
+    proc, base = serve_api()
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_ready(f"{base}/ready", procs=[proc], timeout_s=90, logs=lambda: log.read_text(errors="replace"))
         opened = threading.Event()
 
         def listen() -> None:
