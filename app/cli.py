@@ -44,6 +44,9 @@ def migrate() -> None:
     typer.echo("database is at the latest migration")
 
 
+SHUTDOWN_GRACE_S = 5
+
+
 @app.command()
 def serve(
     host: str = "127.0.0.1",
@@ -76,6 +79,9 @@ def serve(
         # uvicorn would believe X-Forwarded-For from 127.0.0.1 (its forwarded_allow_ips default, or the
         # FORWARDED_ALLOW_IPS variable); the app decides by RETRO_TRUSTED_PROXIES alone (app/client_address.py).
         proxy_headers=False,
+        # On SIGTERM, requests get this long to finish (they take milliseconds); the job pages' event streams
+        # (app/retro_tests/live.py) last minutes and are cut then: their browsers reconnect to another process.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
 
 

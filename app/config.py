@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Requests one API process serves at once; past it a request gets 503 + Retry-After at once (app/load_shedding.py;
     # /health, /ready and /metrics exempt). 0 turns shedding off.
     api_max_in_flight: int = Field(default=64, ge=0)
+    # Reads that wait longer than this for their answer to start make the process serve fewer at once (down to
+    # api_threads) and refuse the rest with 503 at once: answers stay within about a second when it is overloaded.
+    api_shed_after_s: float = Field(default=0.25, gt=0)
     # Workers and beat ride out a database outage (a restart, a failover) this long: a connection that drops is
     # replaced, and one that cannot be opened is tried again with backoff. Only then does a job fail, as
     # database_unavailable. The API does not wait: it answers 503 with Retry-After at once.

@@ -1,20 +1,25 @@
 """Shed overload instead of queueing it: at most RETRO_API_MAX_IN_FLIGHT requests of one API process are served at
-once; past that a request is answered 503 with Retry-After at once, without a thread, a database connection or a
-byte of its body. Under a queue every caller waits and most give up after the work was done anyway (issue 32: at
+once, fewer when the process answers slowly (InFlightLimit's adaptive bound); past that a request is answered 503
+with Retry-After at once, without a thread, a database connection or a byte of its body. Under a queue every caller waits and most give up after the work was done anyway (issue 32: at
 200 req/s, 47% got no answer within 10 s); a fast "try again in a second" keeps the answers that are given fast.
 
 Probes are exempt: /health, /ready and /metrics must tell a busy process from a dead one. So are the static files,
-which cost nothing.
+which cost nothing. A job's event stream is counted only until its answer starts (see STREAM_SUFFIX).
 """
 
 from __future__ import annotations
 
 import json
+import time
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 RETRY_AFTER_S = 1
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# A job's event stream (app/retro_tests/live.py) counts while it checks its caller and reads the job, and no longer
+# once its answer starts: it then lasts minutes, costs one row of a shared query a second, and holds no thread or
+# database connection. Counted to its end, 64 open job pages would refuse every other request of the process.
+STREAM_SUFFIX = "/events"
 _BUSY_JSON = json.dumps(
     {
         "error": "overloaded",
@@ -29,26 +34,68 @@ _BUSY_HTML = (
 
 
 class InFlightLimit:
-    """Pure ASGI middleware: counts requests in flight in this process's event loop (no lock: one loop)."""
+    """Pure ASGI middleware: counts requests in flight in this process's event loop (no lock: one loop).
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    The bound adapts to how fast the process serves (additive increase, multiplicative decrease on latency, as TCP
+    does with its window): a fixed bound of 64 is a 0.3 s queue for a process serving 200 requests a second, but a
+    6 s one for a process given a fifth of a core by a busy machine. A read whose answer started later than
+    target_s after it arrived shrinks the bound by a quarter (at most once per target_s, so a cut shows before the
+    next); a read answered within half of it grows the bound by one, up to `limit`. The bound never falls below
+    `floor` (the threads that serve requests: fewer would leave them idle). Reads only, timed to the start of their
+    answer: an upload's time is its body's, a download's or stream's length is the client's.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, floor: int = 1, target_s: float = 0.25) -> None:
         self.app = app
         self.limit = limit
+        self.floor = max(1, min(floor, limit))
+        self.target_s = target_s
+        self.bound = limit
         self.in_flight = 0
+        self._last_cut = 0.0
+
+    def _answered(self, waited_s: float, now: float) -> None:
+        """Adapt the bound to how long a read took to start its answer."""
+        if waited_s > self.target_s:
+            if now - self._last_cut > self.target_s:
+                self.bound = max(self.floor, self.bound * 3 // 4)
+                self._last_cut = now
+        elif waited_s < self.target_s / 2 and self.bound < self.limit:
+            self.bound += 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         if not path or self.limit <= 0 or path in EXEMPT_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        if self.in_flight >= self.bound:
             await _busy(scope, send)
             return
         self.in_flight += 1
+        held = True
+        arrived = time.monotonic()
+        timed = scope.get("method") in ("GET", "HEAD")
+        stream = path.endswith(STREAM_SUFFIX)
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.in_flight -= 1
+
+        async def send_noting_start(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                now = time.monotonic()
+                if timed:
+                    self._answered(now - arrived, now)
+                if stream:
+                    release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noting_start)
         finally:
-            self.in_flight -= 1
+            release()
 
 
 async def _busy(scope: Scope, send: Send) -> None:

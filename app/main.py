@@ -154,7 +154,9 @@ def create_app() -> FastAPI:
         https_only=settings.resolved_session_cookie_secure(),
     )
     app.add_middleware(RequestGuard, settings=settings)  # before anything reads the request
-    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight)  # before any work: shed, don't queue
+    app.add_middleware(  # before any work: shed, don't queue
+        InFlightLimit, limit=settings.api_max_in_flight, floor=settings.api_threads, target_s=settings.api_shed_after_s
+    )
     app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
     return app
 

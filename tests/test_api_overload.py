@@ -152,3 +152,44 @@ def test_past_the_bound_requests_are_shed_with_retry_after_and_the_probes_still_
     # Once the burst is over the process serves again.
     with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {api.token}"}, timeout=30) as c:
         assert c.get(f"/api/v1/retro-tests/{api.job_id}").status_code == 200
+
+
+def test_the_bound_shrinks_while_reads_wait_and_grows_back_when_they_are_fast() -> None:
+    """The adaptive bound: reads answered later than the target cut it (never below the floor, at most once per
+    target), fast ones add one each up to the configured limit; a stream's or an upload's time does not count."""
+    from app.load_shedding import InFlightLimit
+
+    delay = {"s": 0.0}
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(delay["s"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def noop(_message):  # type: ignore[no-untyped-def]
+        return None
+
+    limit = InFlightLimit(app, limit=16, floor=4, target_s=0.05)
+
+    async def call(path: str = "/api/v1/retro-tests", method: str = "GET") -> None:
+        await limit({"type": "http", "path": path, "method": method, "headers": []}, noop, noop)
+
+    async def run() -> list[int]:
+        bounds = []
+        delay["s"] = 0.07  # slower than the target
+        for _ in range(8):
+            await call()
+            bounds.append(limit.bound)
+        await call(method="POST")  # an upload's time says nothing about the queue
+        await call(path=f"/api/v1/retro-tests/{uuid.uuid4()}/events")
+        bounds.append(limit.bound)
+        delay["s"] = 0.0
+        for _ in range(200):  # a busy machine may make a few of them slower than half the target
+            await call()
+        bounds.append(limit.bound)
+        return bounds
+
+    bounds = asyncio.run(run())
+    assert bounds[0] == 12 and bounds[7] == 4 and bounds[:8] == sorted(bounds[:8], reverse=True)
+    assert bounds[8] == 4  # neither the POST nor the stream moved it
+    assert bounds[9] == 16  # back to the limit, and no further

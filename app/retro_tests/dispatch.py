@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.jobs import RetroTest
+from app.db import release_connection
 from app.errors import Upstream
 from app.integrations.storage.results import ResultStore
 from app.queue import send_retro_test
@@ -23,17 +24,21 @@ def submit(
 ) -> tuple[RetroTest, bool]:
     """Validate, commit and queue a request; returns (job, created). A job the queue refuses is marked failed.
 
+    No transaction is open during an outside call: the partner is read and that read ended, then the model is
+    resolved, the population checked and the history's partitions listed, then one short transaction adds the job.
+
     A population is checked before anything is written, and its checked copy is stored (under the job's folder,
     the partner's prefix) after the job's row is committed and before the job is queued: no transaction waits on
     the store, and no worker sees the job before its file is there.
     """
-    job, created, population = service.submit_request(
-        session=session,
-        registry=registry,
-        settings=settings,
-        request=request,
-        history=history,
+    partner = service.requested_partner(session=session, settings=settings, request=request)
+    # The partner was read; end that transaction before the registry, the population and the history source are
+    # asked (seconds on a slow registry or a 64 MiB upload), so that no connection waits on them.
+    release_connection(session)
+    checked = service.check_request(
+        registry=registry, settings=settings, request=request, partner=partner, history=history
     )
+    job, created, population = service.add_job(session=session, checked=checked)
     session.commit()
     if created:
         if population is not None and job.population is not None:

@@ -23,7 +23,7 @@ from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
 from app.request_guard import allow_upload
-from app.retro_tests import dispatch, service, views
+from app.retro_tests import dispatch, live, service, views
 from app.retro_tests.population import PopulationUpload, read_upload
 from app.retro_tests.schemas import (
     JobFilters,
@@ -289,6 +289,22 @@ def get_retro_test(
     return json_response(views.job_out(job, views.files_url(request), staff=scope.everything))
 
 
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: ERRORS[404]},
+)
+def job_events(
+    job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)], scope: CurrentScope
+) -> Response:
+    """Server-sent events: the job as GET /{id} answers it, now and on every change (checked once a second), then
+    `end` when it has ended. The job page listens to it instead of polling; the same 404 as GET /{id} for a job
+    that is not the caller's."""
+    read = service.read_retro_test(session=session, job_id=job_id, scope=scope)
+    release_connection(session)
+    return live.event_stream(read, staff=scope.everything, files_at=views.files_url(request))
+
+
 @router.post(
     "/{job_id}/cancel", response_model=RetroTestOut, status_code=202, responses={404: ERRORS[404], 409: ERRORS[409]}
 )
@@ -326,6 +342,8 @@ def download_result_file(
 ) -> Response:
     """Stream one result file of a succeeded job, whole or one byte range (Range: bytes=...)."""
     job = load_retro_test(session=session, job_id=job_id, scope=caller.scope)
+    # Opening the file is a network call with an s3:// store: no connection is held across it.
+    release_connection(session)
     try:
         # The file name is looked up among the job's recorded files, never used as a path on its own.
         download = result_files.open_download(

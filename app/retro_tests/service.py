@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, NamedTuple, Protocol
@@ -201,6 +201,22 @@ class RetroTestRequest:
     upload: PopulationUpload | None = None
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request checked against everything outside the database (the registry, its population, the history
+    source), with its partner and its fingerprint: what add_job writes."""
+
+    request: RetroTestRequest
+    partner: Partner
+    model: ModelVersionInfo
+    override: dict[str, object]
+    spec: SourceSpec
+    population: Population | None
+    missing: list[date] | None
+    formats: list[str]
+    key: str
+
+
 def submit_request(
     *,
     session: Session,
@@ -209,14 +225,41 @@ def submit_request(
     request: RetroTestRequest,
     history: HistoryCoverage | None = None,
 ) -> Submission:
-    """Validate a request (and its population) and add it as a queued job; an identical active job is reused."""
-    data, actor, scope, upload = request.data, request.actor, request.scope, request.upload
+    """Validate a request (and its population) and add it as a queued job; an identical active job is reused.
+
+    On one session throughout (tests, benchmarks); the API runs the same three steps in app/retro_tests/dispatch.py
+    with the partner's read transaction ended before the outside calls."""
+    partner = requested_partner(session=session, settings=settings, request=request)
+    checked = check_request(registry=registry, settings=settings, request=request, partner=partner, history=history)
+    return add_job(session=session, checked=checked)
+
+
+def requested_partner(*, session: Session, settings: Settings, request: RetroTestRequest) -> Partner:
+    """The request's partner, if the caller may act for it, after the checks that need no outside system.
+
+    A request for a partner the caller cannot use is refused here, before the registry, the population or the
+    history source is asked anything."""
+    data, scope = request.data, request.scope
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
-    if upload is None and data.lookback_days:
+    if request.upload is None and data.lookback_days:
         raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
     partner = find_by_code(session=session, code=data.partner_code)
     if partner is None or not scope.allows(partner.id):
         raise _unknown_partner(session, data.partner_code, scope)
+    return partner
+
+
+def check_request(
+    *,
+    registry: ModelResolver,
+    settings: Settings,
+    request: RetroTestRequest,
+    partner: Partner,
+    history: HistoryCoverage | None = None,
+) -> CheckedRequest:
+    """Resolve the model, check the population and the period's history: every outside call of a submission, and
+    no database query, so that no transaction waits on the registry, a 64 MiB upload or a partition listing."""
+    data, scope, upload = request.data, request.scope, request.upload
     model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
     override = data.source.model_dump(exclude_none=True) if data.source else {}
     check_source_override(override=override, model=model, scope=scope)
@@ -234,7 +277,7 @@ def submit_request(
             end=data.period_end,
             require_full=data.require_full_period and population is None,
         )
-    formats = list(data.output_formats or settings.output_formats)
+    formats: list[str] = list(data.output_formats or settings.output_formats)
     source: dict[str, object] = {
         "table": spec.table,
         "date_column": spec.date_column,
@@ -244,19 +287,46 @@ def submit_request(
         source["population"] = hashlib.sha256(population.parquet).hexdigest()
         source["lookback_days"] = data.lookback_days
     key = request_key(partner_id=partner.id, model=model, data=data, source=source, formats=formats)
+    return CheckedRequest(
+        request=request,
+        partner=partner,
+        model=model,
+        override=override,
+        spec=spec,
+        population=population,
+        missing=missing,
+        formats=formats,
+        key=key,
+    )
+
+
+def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
+    """Add a checked request as a queued job, or hand back the identical active one: the submission's one write
+    transaction, which the caller commits.
+
+    The partial unique index on request_key over active jobs decides a race between two identical requests: the
+    loser's insert fails and it returns the winner's job."""
+    data, actor = checked.request.data, checked.request.actor
+    model, spec, population, missing, key = (
+        checked.model,
+        checked.spec,
+        checked.population,
+        checked.missing,
+        checked.key,
+    )
     existing = _active_with_key(session, key)
     if existing is not None:
         return Submission(existing, False, None)
     job = RetroTest(
         id=uuid.uuid4(),
-        partner_id=partner.id,
+        partner_id=checked.partner.id,
         model_name=model.name,
         requested_version=data.model_version,
         requested_alias=data.model_alias,
         period_start=data.period_start,
         period_end=data.period_end,
-        output_formats=formats,
-        source_override=override,
+        output_formats=checked.formats,
+        source_override=checked.override,
         note=data.note,
         requested_by=actor,
         request_key=key,
@@ -293,7 +363,7 @@ def submit_request(
         action="retro_test.create",
         subject_type="retro_test",
         subject_id=job.id,
-        partner=partner.code,
+        partner=checked.partner.code,
         model=f"{model.name}/{model.version}",
         period=[data.period_start.isoformat(), data.period_end.isoformat()],
         population_rows=population.rows if population else None,
@@ -418,6 +488,17 @@ def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope)
         raise NotFound(f"no retro test with id {job_id}")
     files = _view_files(session, [job], ResultFile.retro_test_id == job_id)
     return JobRead(job, files.get(job.id, []))
+
+
+def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, JobRead]:
+    """What the public view of each of these jobs shows, by id, in one query (and one for a succeeded job's files).
+
+    No scope: for app/retro_tests/live.py, whose streams checked their caller with read_retro_test when they began.
+    """
+    ids = list(job_ids)
+    jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(ids))).all()
+    files = _view_files(session, jobs, ResultFile.retro_test_id.in_(ids))
+    return {job.id: JobRead(job, files.get(job.id, [])) for job in jobs}
 
 
 def list_retro_tests(

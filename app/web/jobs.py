@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from app.config import Settings
 from app.core.jobs import TERMINAL_STATES, State, get_retro_test
 from app.core.periods import days_text
-from app.db import get_session
+from app.db import get_session, release_connection
 from app.downloads import service as links
 from app.errors import AppError, Conflict
 from app.integrations.registry.mlflow import MlflowRegistry
@@ -367,6 +367,7 @@ def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: 
         "missing_days": days_text(job.days_without_history or []),
         **extra,
     }
+    release_connection(session)  # before the result store is read (a network call on s3://)
     if job.state == State.succeeded and any(f.name == "report.json" for f in job.files):
         context["summary"] = result_summary(get_result_store(), partner_id=job.partner_id, job_id=job.id)
     return render(web.request, "jobs/detail.html", context, user=web.user, status_code=status_code)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
-from app.db import get_session
+from app.db import get_session, release_connection
 from app.downloads import files
 from app.downloads import service as links
 from app.errors import NotFound
@@ -70,6 +70,7 @@ def partner_download(
     if found is None:
         return link_not_found()
     link, job = found
+    release_connection(session)  # no connection is held while the file is opened (a network call on s3://)
     try:
         download = files.open_download(
             store=store,

@@ -26,7 +26,8 @@
   }
 })();
 
-// Live progress on the job page: poll the JSON API and update state, progress, stages and error in place.
+// Live progress on the job page: state, progress, stages and error updated in place from the job's event stream
+// (polling the JSON API where the stream is refused).
 (function () {
   "use strict";
   var root = document.getElementById("job");
@@ -91,6 +92,9 @@
     }
   }
 
+  function ended() { window.location.reload(); }  // once, to show the result files and the link form
+
+  // Polling: only where server-sent events are not available (an old browser, a proxy that refuses the stream).
   function poll() {
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (r) {
@@ -100,12 +104,34 @@
       .then(function (job) {
         show(job);
         if (TERMINAL.indexOf(job.state) >= 0) {
-          window.location.reload();  // once, to show the result files and the link form
+          ended();
         } else {
           window.setTimeout(poll, 1000);
         }
       })
       .catch(function () { window.setTimeout(poll, 5000); });
   }
-  window.setTimeout(poll, 1000);
+
+  // Pushed updates: the server sends the job's view whenever it changes, from one shared query per API process.
+  // EventSource reconnects by itself after a dropped connection; a refused stream (an error status) closes it,
+  // and the page then polls instead.
+  function listen() {
+    var source = new EventSource(url + "/events");
+    root.dataset.live = "connecting";
+    source.addEventListener("open", function () { root.dataset.live = "events"; });
+    source.addEventListener("job", function (event) { show(JSON.parse(event.data)); });
+    source.addEventListener("end", function () { source.close(); ended(); });
+    source.addEventListener("error", function () {
+      if (source.readyState === EventSource.CLOSED) {
+        root.dataset.live = "polling";
+        window.setTimeout(poll, 1000);
+      }
+    });
+  }
+  if (window.EventSource) {
+    listen();
+  } else {
+    root.dataset.live = "polling";
+    window.setTimeout(poll, 1000);
+  }
 })();
