@@ -22,6 +22,7 @@ from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
 from app.errors import AppError, DatabaseUnavailable, Unauthorized
+from app.i18n import RequestLanguage, _
 from app.load_shedding import InFlightLimit
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
@@ -119,7 +120,9 @@ def create_app() -> FastAPI:
         if not is_transient(exc):
             return await unexpected(request, exc)
         log.warning("the database is unreachable: %s", describe_database_error(exc))
-        down = DatabaseUnavailable("the job database is unreachable; nothing was changed, try again in a few seconds")
+        down = DatabaseUnavailable(
+            _("the job database is unreachable; nothing was changed, try again in a few seconds")
+        )
         if (page := error_page(request, status_code=down.status_code, detail=down.detail)) is not None:
             page.headers["Retry-After"] = str(RETRY_AFTER_S)
             return page
@@ -155,7 +158,8 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(RequestGuard, settings=settings)  # before anything reads the request
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight)  # before any work: shed, don't queue
-    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
+    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # every reader sees the client
+    app.add_middleware(RequestLanguage)  # outermost: every message, even a shed request's, in the caller's language
     return app
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.errors import SchemaMismatch, SourceUnknown, Upstream
+from app.i18n import _
 from app.integrations.identifiers import check_name, check_table
 from app.integrations.registry import Feature
 
@@ -217,7 +218,9 @@ def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -
     missing = [c for c in query.history_columns if c.lower() not in have]
     if missing:
         raise SchemaMismatch(
-            f"{table_label} lacks column(s) the retro test needs: {', '.join(missing)}",
+            _("{table_label} lacks column(s) the retro test needs: {value}").format(
+                table_label=table_label, value=", ".join(missing)
+            ),
             field="source",
         )
     wrong = []
@@ -228,7 +231,12 @@ def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -
     if type_family(have[query.date_column.lower()]) not in ("temporal", "string"):
         wrong.append(f"date column {query.date_column} is {have[query.date_column.lower()]}")
     if wrong:
-        raise SchemaMismatch(f"{table_label} has incompatible column types: {'; '.join(wrong)}", field="source")
+        raise SchemaMismatch(
+            _("{table_label} has incompatible column types: {value}").format(
+                table_label=table_label, value="; ".join(wrong)
+            ),
+            field="source",
+        )
 
 
 def conform(batch: pa.RecordBatch, query: HistoryQuery) -> pa.RecordBatch:
@@ -275,7 +283,9 @@ class LocalParquetSource:
         folder = self._root.joinpath(*check_table(query.table))
         if not folder.is_dir() or not any(folder.rglob("*.parquet")):
             raise SourceUnknown(
-                f"history table {query.table!r} not found: no Parquet files under {folder}",
+                _("history table {table} not found: no Parquet files under {folder}").format(
+                    table=repr(query.table), folder=folder
+                ),
                 field="source",
             )
         return str(folder / "**" / "*.parquet")
@@ -294,7 +304,11 @@ class LocalParquetSource:
                     con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
                 )
             except Exception as exc:
-                raise Upstream(f"cannot read history table {query.table!r}: {without_values(exc)}") from exc
+                raise Upstream(
+                    _("cannot read history table {table}: {exc}").format(
+                        table=repr(query.table), exc=without_values(exc)
+                    )
+                ) from exc
         check_columns(query, schema, table_label=f"history table {query.table!r}")
 
     def count(self, query: HistoryQuery) -> int:
@@ -332,7 +346,9 @@ class LocalParquetSource:
         if not folder.is_dir():
             # Where the history lies on the server is for its admins (the log), not for whoever asked (issue 26, N13).
             log.warning("history table %r not found: no folder %s", table, folder)
-            raise SourceUnknown(f"history table {table!r} not found in the local history", field="source")
+            raise SourceUnknown(
+                _("history table {table} not found in the local history").format(table=repr(table)), field="source"
+            )
         return sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
 
     def known_schema(self, table: str) -> pa.Schema | None:
@@ -419,7 +435,7 @@ def query_errors() -> Iterator[None]:
     try:
         yield
     except duckdb.Error as exc:
-        raise Upstream(f"the history query failed: {without_values(exc)}") from exc
+        raise Upstream(_("the history query failed: {exc}").format(exc=without_values(exc))) from exc
 
 
 def duckdb_connection(*, memory_limit: str, spill_dir: Path | None, threads: int = 2) -> Any:

@@ -20,6 +20,7 @@ from app.errors import (
     SourceUnknown,
     Upstream,
 )
+from app.i18n import _
 from app.integrations.identifiers import check_name, check_table
 
 TAG_TABLE = "retro.source.table"
@@ -92,9 +93,9 @@ class ModelVersionInfo:
         ]
         if missing:
             raise SourceUnknown(
-                f"model {self.name!r} version {self.version} does not say where its feature history "
-                f"lives: set the model version tag(s) {', '.join(missing)} in the registry, or give "
-                "source.table, source.date_column and source.id_columns in the request",
+                _(
+                    "model {name} version {version} does not say where its feature history lives: set the model version tag(s) {value} in the registry, or give source.table, source.date_column and source.id_columns in the request"
+                ).format(name=repr(self.name), version=self.version, value=", ".join(missing)),
                 field="source",
             )
         assert table and date_column
@@ -166,19 +167,28 @@ class MlflowRegistry:
         except MlflowException as exc:
             if _not_found(exc):
                 raise ModelNotFound(
-                    f"no model named {name!r} in the registry{self._did_you_mean(name)}", field="model_name"
+                    _("no model named {name} in the registry{value}").format(
+                        name=repr(name), value=self._did_you_mean(name)
+                    ),
+                    field="model_name",
                 ) from None
             if _invalid(exc):
-                raise ModelNotFound(f"{name!r} cannot be a model name: {exc.message}", field="model_name") from None
-            raise Upstream(f"the model registry failed: {exc.message}") from exc
+                raise ModelNotFound(
+                    _("{name} cannot be a model name: {message}").format(name=repr(name), message=exc.message),
+                    field="model_name",
+                ) from None
+            raise Upstream(_("the model registry failed: {message}").format(message=exc.message)) from exc
         except Exception as exc:
-            raise Upstream(f"the model registry is unreachable: {exc}") from exc
+            raise Upstream(_("the model registry is unreachable: {exc}").format(exc=exc)) from exc
         try:
             if alias is not None:
                 mv = self._client.get_model_version_by_alias(name, alias)
             else:
                 if version is None or not _VERSION.fullmatch(version):
-                    raise ModelVersionNotFound(f"version {version!r} is not a version number", field="model_version")
+                    raise ModelVersionNotFound(
+                        _("version {version} is not a version number").format(version=repr(version)),
+                        field="model_version",
+                    )
                 mv = self._client.get_model_version(name, version)
         except MlflowException as exc:
             known = sorted(getattr(registered, "aliases", {}) or {})
@@ -186,8 +196,13 @@ class MlflowRegistry:
             what = f"alias {alias!r}" if alias is not None else f"version {version}"
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ModelVersionNotFound(
-                f"model {name!r} has no {what}{hint} Its aliases: {', '.join(known) or 'none'}; "
-                f"its versions: {self._versions_text(name)}",
+                _("model {name} has no {what}{hint} Its aliases: {value}; its versions: {value2}").format(
+                    name=repr(name),
+                    what=what,
+                    hint=hint,
+                    value=", ".join(known) or "none",
+                    value2=self._versions_text(name),
+                ),
                 field="model_alias" if alias is not None else "model_version",
             ) from exc
         return self._describe(mv)
@@ -222,15 +237,17 @@ class MlflowRegistry:
         model = self._load_mlmodel(artifact_uri)
         if model.signature is None or model.signature.inputs is None:
             raise ModelSignatureMissing(
-                f"model {mv.name!r} version {mv.version} was logged without an input signature; "
-                "log it again with signature=infer_signature(X, y)",
+                _(
+                    "model {name} version {version} was logged without an input signature; log it again with signature=infer_signature(X, y)"
+                ).format(name=repr(mv.name), version=mv.version),
                 field="model_version",
             )
         inputs = model.signature.inputs
         if not inputs.has_input_names() or inputs.is_tensor_spec():
             raise ModelSignatureMissing(
-                f"model {mv.name!r} version {mv.version} has a tensor signature; retro tests need a "
-                "column-based signature naming each feature",
+                _(
+                    "model {name} version {version} has a tensor signature; retro tests need a column-based signature naming each feature"
+                ).format(name=repr(mv.name), version=mv.version),
                 field="model_version",
             )
         features = []
@@ -238,8 +255,9 @@ class MlflowRegistry:
             type_name = str(getattr(col.type, "name", col.type))
             if type_name not in COLUMN_TYPES:
                 raise ModelSignatureMissing(
-                    f"feature {col.name!r} has type {type_name}, which retro tests cannot score; "
-                    f"supported: {', '.join(COLUMN_TYPES)}",
+                    _("feature {name} has type {type_name}, which retro tests cannot score; supported: {value}").format(
+                        name=repr(col.name), type_name=type_name, value=", ".join(COLUMN_TYPES)
+                    ),
                     field="model_version",
                 )
             features.append(Feature(name=check_name(col.name, what="feature"), type=type_name))
@@ -271,14 +289,18 @@ class MlflowRegistry:
                 )
                 return Model.load(path)
         except Exception as exc:
-            raise Upstream(f"cannot read the model's MLmodel file at {artifact_uri}: {exc}") from exc
+            raise Upstream(
+                _("cannot read the model's MLmodel file at {artifact_uri}: {exc}").format(
+                    artifact_uri=artifact_uri, exc=exc
+                )
+            ) from exc
 
     def list_models(self, *, max_results: int = 100) -> list[dict[str, Any]]:
         """Registered models with their aliases and latest version."""
         try:
             models = self._client.search_registered_models(max_results=max_results)
         except Exception as exc:
-            raise Upstream(f"the model registry is unreachable: {exc}") from exc
+            raise Upstream(_("the model registry is unreachable: {exc}").format(exc=exc)) from exc
         return [
             {
                 "name": m.name,
@@ -300,8 +322,8 @@ class MlflowRegistry:
             )
         except MlflowException as exc:
             if _not_found(exc) or _invalid(exc):
-                raise NotFound(f"no model named {name!r} in the registry") from None
-            raise Upstream(f"the model registry failed: {exc.message}") from exc
+                raise NotFound(_("no model named {name} in the registry").format(name=repr(name))) from None
+            raise Upstream(_("the model registry failed: {message}").format(message=exc.message)) from exc
         by_version: dict[str, list[str]] = {}
         for alias, v in (registered.aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)
