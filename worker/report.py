@@ -343,12 +343,12 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
     """The report as one HTML page: a summary first, then tables, and charts as inline SVG; nothing loaded."""
     rows = report["rows"]
     quality = report.get("quality")
-    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), f"<h2>{_('Rows')}</h2>", _explain("rows")]
+    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), _heading(2, _("Rows")), _explain("rows")]
     parts.append(_table(["", _("rows")], [[_row_label(k), _n(v)] for k, v in rows.items()]))
     if quality:
         o = quality["overall"]
         parts += [
-            f"<h2>{html.escape(_('Quality against {column}').format(column=report['outcome_column']))}</h2>",
+            _heading(2, _("Quality against {column}").format(column=report["outcome_column"])),
             _explain("auc"),
             _explain("ci"),
             _explain("gini"),
@@ -359,10 +359,10 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
             ),
         ]
         if o.get("roc"):
-            parts += [f"<h3>{_('ROC curve')}</h3>", _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
-            parts += [f"<h3>{_('Cumulative gain')}</h3>", _explain("gain"), _svg_gain(o["gain"])]
+            parts += [_heading(3, _("ROC curve")), _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
+            parts += [_heading(3, _("Cumulative gain")), _explain("gain"), _svg_gain(o["gain"])]
         parts += [
-            f"<h3>{_('Deciles (highest scores first): lift and gain')}</h3>",
+            _heading(3, _("Deciles (highest scores first): lift and gain")),
             _explain("lift"),
             _table(
                 [
@@ -387,26 +387,26 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
                     for d in quality["deciles"]
                 ],
             ),
-            f"<h3>{_('Calibration')}</h3>",
+            _heading(3, _("Calibration")),
             _svg_calibration(quality["deciles"]),
         ]
     if report.get("score"):
         score = report["score"]
         parts += [
-            f"<h2>{html.escape(_('Score distribution ({column})').format(column=report['score_column']))}</h2>",
+            _heading(2, _("Score distribution ({column})").format(column=report["score_column"])),
             _svg_histogram(score["histogram"]),
             _table([_("decile"), _("score")], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
-            f"<h2>{_('Rows per day')}</h2>",
+            _heading(2, _("Rows per day")),
             _explain("missing") if report.get("days_without_history") else "",
             _svg_days(report["rows_per_day"], missing=report.get("days_without_history") or []),
-            f"<h2>{_('Score stability between months (PSI)')}</h2>",
+            _heading(2, _("Score stability between months (PSI)")),
             _explain("psi"),
             _table([_("from"), _("to"), "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
             if report["psi"]
-            else f"<p>{_('One month only.')}</p>",
+            else "<p>" + html.escape(_("One month only.")) + "</p>",
         ]
     parts += [
-        f"<h2>{_('Null rate of each model input')}</h2>",
+        _heading(2, _("Null rate of each model input")),
         _explain("null"),
         _table([_("input"), _("null rate")], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
     ]
@@ -441,7 +441,8 @@ def _summary_card(report: dict[str, Any]) -> str:
     elif report.get("outcome_column") is None:
         items.append((_("Quality"), _("no outcomes were given, so the report shows the score only")))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
-    return f"<section class='card' id='summary'><h2>{_('Summary')}</h2><dl>{dl}</dl></section>"
+    heading = _heading(2, _("Summary"))
+    return f"<section class='card' id='summary'>{heading}<dl>{dl}</dl></section>"
 
 
 def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
@@ -455,6 +456,10 @@ def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
         _interval(q.get("gini_ci95")),
         _f(q["ks"]),
     ]
+
+
+def _heading(level: int, text: str) -> str:
+    return f"<h{level}>{html.escape(text)}</h{level}>"
 
 
 def _explain(key: str) -> str:
