@@ -31,6 +31,7 @@ from app.retro_tests.router import router as retro_tests_router
 from app.retro_tests.views import without_server_paths
 from app.system.job_metrics import register_jobs_collector
 from app.system.router import router as system_router
+from app.validation import error_message
 from app.web import account as web_account
 from app.web import admin as web_admin
 from app.web import docs as web_docs
@@ -48,7 +49,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         where = ".".join(loc)
         first_field = first_field or (loc[0] if loc else None)
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = error_message(err)
         messages.append(f"{where}: {msg}" if where else msg)
     return "; ".join(messages), first_field
 

@@ -19,6 +19,7 @@ from app.core.scope import PartnerScope
 from app.db import get_session, release_connection
 from app.errors import AppError, Forbidden, Unauthorized
 from app.i18n import _
+from app.validation import error_message
 from app.web.templating import templates
 
 WEB_HEADERS = {
@@ -143,8 +144,7 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
         name = loc[0] if loc else "__root__"
-        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        errors.setdefault(name, message)
+        errors.setdefault(name, error_message(err))
     return errors
 
 
