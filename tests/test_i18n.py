@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from babel.messages.pofile import read_po
 
-from tests.conftest import ROOT, Stack, make_user
+from tests.conftest import HISTORY_START, ROOT, Stack, make_user
 from tests.test_browser import SHOTS, browser_errors, chromium, watched  # noqa: F401  (fixtures)
 from tests.web_helpers import succeeded_job
 
@@ -34,7 +34,7 @@ ALLOWED = {
 }  # fmt: skip
 # The test's own data: names of users, partners, the model, its table and columns.
 DATA = {
-    "churn", "features", "customer_daily", "snapshot_date", "customer_id", "parquet", "i18n-admin", "i18n-am", "tester",
+    "churn", "features.customer_daily", "customer_daily", "snapshot_date", "customer_id", "parquet", "i18n-admin", "i18n-am", "tester",
 }  # fmt: skip
 
 
@@ -143,6 +143,7 @@ def check_russian(page: Any, name: str, allowed: set[str], found: dict[str, list
     """The page's visible text and title have no English word outside the allow-list; a screenshot is kept.
 
     With `found`, what is left over is collected there (one assertion for a whole walk) instead of failing now."""
+    page.evaluate("document.querySelectorAll('details').forEach(d => { d.open = true; })")  # technical details too
     page.screenshot(path=str(SHOTS / f"ru-{name}.png"), full_page=True)
     options = page.eval_on_selector_all("select option[value]", "os => os.map(o => o.value)")  # data: models, codes
     data = allowed | {part for value in options for part in re.split(r"[:\s]", value) if part}
@@ -158,9 +159,11 @@ def check_russian(page: Any, name: str, allowed: set[str], found: dict[str, list
 @pytest.fixture()
 def russian_world(stack: Stack) -> dict[str, Any]:
     """An admin and an account manager, a partner whose report is in Russian, a succeeded job with a link."""
+    from app.core.jobs import RetroTest
     from app.core.partners import Partner
     from app.db import get_session_factory
     from app.downloads import service as links
+    from tests.factories import make_retro_test
 
     with stack.client() as c:
         c.post("/api/v1/partners", json={"code": "i18n-ru", "name": "Рога и Копыта", "report_language": "ru"})
@@ -171,8 +174,18 @@ def russian_world(stack: Stack) -> dict[str, Any]:
         _, token = links.create_link(session=session, job=job, expires_in_days=7, max_days=30, actor="i18n-admin")
         partner = session.query(Partner).filter_by(code="i18n-ru").one()
         assert partner.report_language == "ru"
+        queued = make_retro_test(session, start=HISTORY_START, end=HISTORY_START, partner_prefix="i18n")
+        queued_job = session.get(RetroTest, queued)
+        assert queued_job is not None
+        queued_partner = session.get(Partner, queued_job.partner_id).code  # type: ignore[union-attr]
         session.commit()
-        return {"job": str(job.id), "partner": str(partner.id), "token": token}
+        return {
+            "job": str(job.id),
+            "partner": str(partner.id),
+            "token": token,
+            "queued": str(queued),
+            "queued_partner": queued_partner,
+        }
 
 
 def _names_in_the_database() -> set[str]:
@@ -207,6 +220,7 @@ def test_every_page_in_russian_shows_no_english(  # type: ignore[no-untyped-def]
     page = context.new_page()
     page.set_default_timeout(30_000)
     allowed = ALLOWED | DATA | {"i18n-ru", "report.html", "scores.parquet"} | _names_in_the_database()
+    allowed |= {russian_world["queued_partner"], "i18n", "test"}
     job, partner = russian_world["job"], russian_world["partner"]
     found: dict[str, list[str]] = {}
 
@@ -227,6 +241,12 @@ def test_every_page_in_russian_shows_no_english(  # type: ignore[no-untyped-def]
     ]:
         page.goto(path)
         check_russian(page, name, allowed, found)
+
+    # A job still queued: the page's live updates (job.js, from the API in the page's language) stay Russian.
+    page.goto(f"/jobs/{russian_world['queued']}")
+    page.wait_for_function("document.getElementById('job-progress-text').textContent.indexOf('строк') >= 0")
+    page.wait_for_timeout(1500)  # a poll or two of the API
+    check_russian(page, "job-queued-live", allowed, found)
 
     # A form refused: the error summary and the field errors in Russian.
     page.goto("/jobs/new")
