@@ -20,7 +20,7 @@ from app.errors import (
     SourceUnknown,
     Upstream,
 )
-from app.i18n import _
+from app.i18n import _, pgettext
 from app.integrations.identifiers import check_name, check_table
 
 TAG_TABLE = "retro.source.table"
@@ -193,14 +193,18 @@ class MlflowRegistry:
         except MlflowException as exc:
             known = sorted(getattr(registered, "aliases", {}) or {})
             near = difflib.get_close_matches(alias, known, n=1, cutoff=0.6) if alias is not None else []
-            what = f"alias {alias!r}" if alias is not None else f"version {version}"
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            what = (
+                pgettext("missing", "alias {alias}").format(alias=repr(alias))
+                if alias is not None
+                else pgettext("missing", "version {version}").format(version=version)
+            )
+            hint = _("; did you mean {names}?").format(names=repr(near[0])) if near else ""
             raise ModelVersionNotFound(
                 _("model {name} has no {what}{hint} Its aliases: {value}; its versions: {value2}").format(
                     name=repr(name),
                     what=what,
                     hint=hint,
-                    value=", ".join(known) or "none",
+                    value=", ".join(known) or _("none"),
                     value2=self._versions_text(name),
                 ),
                 field="model_alias" if alias is not None else "model_version",
@@ -214,7 +218,7 @@ class MlflowRegistry:
         except Exception:  # a hint is not worth a second failure
             return ""
         near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-        return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        return _("; did you mean {names}?").format(names=", ".join(repr(n) for n in near)) if near else ""
 
     def _versions_text(self, name: str) -> str:
         """The model's versions, newest first, for a refusal ("7, 6, 5, ... 1 (12 in all)")."""
@@ -223,12 +227,14 @@ class MlflowRegistry:
                 filter_string=f"name = '{name.replace(chr(39), chr(39) * 2)}'", max_results=1000
             )
         except Exception:
-            return "unknown"
+            return _("unknown")
         numbers = sorted((int(v.version) for v in found if str(v.version).isdigit()), reverse=True)
         if not numbers:
-            return "none"
+            return _("none")
         shown = ", ".join(str(n) for n in numbers[:10])
-        return shown if len(numbers) <= 10 else f"{shown}, ... ({len(numbers)} in all)"
+        return (
+            shown if len(numbers) <= 10 else _("{shown}, ... ({count} in all)").format(shown=shown, count=len(numbers))
+        )
 
     def _describe(self, mv: Any) -> ModelVersionInfo:
         from mlflow.models import Model

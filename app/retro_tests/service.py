@@ -163,7 +163,7 @@ def _unknown_partner(session: Session, code: str, scope: PartnerScope) -> Partne
         visible = visible.where(Partner.id.in_(scope.partner_ids or ()))
     codes = list(session.scalars(visible.order_by(Partner.code).limit(10_000)))
     near = difflib.get_close_matches(code, codes, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+    hint = _("; did you mean {names}?").format(names=", ".join(repr(c) for c in near)) if near else ""
     if scope.everything:
         return PartnerNotFound(
             _("no partner with code {code}{hint} (an admin adds partners on the Partners page)").format(
