@@ -319,3 +319,23 @@ def test_the_cli_speaks_russian_from_retro_lang_or_lang(tag: str, tmp_path: Path
     )
     assert result.returncode != 0
     assert re.search("[а-я]{4}", result.stderr + result.stdout), result.stderr + result.stdout
+
+
+def test_a_token_owners_language_answers_a_request_without_accept_language(stack: Stack) -> None:
+    import httpx
+
+    from app.db import get_session_factory
+
+    with get_session_factory()() as session:
+        token = make_user(session, "i18n-api", role="account_manager")
+        session.commit()
+    missing = uuid.uuid4()
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {token}"}) as api:
+        assert api.patch("/api/v1/me", json={"language": "de"}).status_code == 422
+        me = api.patch("/api/v1/me", json={"language": "ru"})
+        assert me.status_code == 200 and me.json()["language"] == "ru", me.text
+        assert api.get(f"/api/v1/retro-tests/{missing}").json()["detail"].startswith("нет ретротеста")
+        english = api.get(f"/api/v1/retro-tests/{missing}", headers={"Accept-Language": "en"})
+        assert english.json()["detail"].startswith("no retro test")  # the request's own header wins
+        assert api.patch("/api/v1/me", json={"language": None}).json()["language"] is None
+        assert api.get(f"/api/v1/retro-tests/{missing}").json()["detail"].startswith("no retro test")

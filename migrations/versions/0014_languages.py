@@ -16,15 +16,13 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ADD/DROP COLUMN (SQLite has both since 3.35), not a batch: SQLite's batch copies the table and would lose
+# the expression index uq_users_username_lower (0011), which SQLAlchemy cannot reflect.
 def upgrade() -> None:
-    with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("language", sa.String(length=8), nullable=True))
-    with op.batch_alter_table("partners", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("report_language", sa.String(length=8), nullable=True))
+    op.add_column("users", sa.Column("language", sa.String(length=8), nullable=True))
+    op.add_column("partners", sa.Column("report_language", sa.String(length=8), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("partners", schema=None) as batch_op:
-        batch_op.drop_column("report_language")
-    with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.drop_column("language")
+    op.drop_column("partners", "report_language")
+    op.drop_column("users", "language")
