@@ -339,3 +339,38 @@ def test_a_token_owners_language_answers_a_request_without_accept_language(stack
         assert english.json()["detail"].startswith("no retro test")  # the request's own header wins
         assert api.patch("/api/v1/me", json={"language": None}).json()["language"] is None
         assert api.get(f"/api/v1/retro-tests/{missing}").json()["detail"].startswith("no retro test")
+
+
+def test_a_retro_test_in_russian_from_the_cli_to_the_partners_report(stack: Stack, tmp_path: Path) -> None:
+    """RETRO_LANG=ru: the CLI and the API's answers to it in Russian; the worker writes the report in the partner's
+    report language (ru), while the job's manifest and codes stay as they are."""
+    import os
+    import sys
+    from datetime import timedelta
+
+    with stack.client() as c:
+        made = c.post("/api/v1/partners", json={"code": "i18n-cli", "name": "Ромашка", "report_language": "ru"})
+        assert made.status_code in (201, 409), made.text
+    env = {**os.environ, "RETRO_API_URL": stack.base_url, "RETRO_API_TOKEN": stack.token, "RETRO_LANG": "ru"}
+    cli = [sys.executable, "-m", "app.cli"]
+
+    def retrotest(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    day = HISTORY_START.isoformat()
+    refused = retrotest(
+        "submit", "--partner", "i18n-cli", "--model", "churn@champion", "--start", day, "--end", "2001-01-01"
+    )
+    assert refused.returncode == 2 and "отклонено: первый день" in refused.stderr, refused.stderr
+    last = (HISTORY_START + timedelta(days=1)).isoformat()
+    done = retrotest("submit", "--partner", "i18n-cli", "--model", "churn@champion", "--start", day, "--end", last)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "поставлен в очередь" in done.stdout or "уже выполняется" in done.stdout, done.stdout
+    job_id = re.search(r"ретротест ([0-9a-f-]{36})", done.stdout).group(1)  # type: ignore[union-attr]
+    status = retrotest("status", job_id)
+    assert "страница:" in status.stdout and "прошло" in status.stdout, status.stdout
+    with stack.client() as c:
+        page = c.get(f"/api/v1/retro-tests/{job_id}/files/report.html")
+    assert page.status_code == 200, page.text
+    assert "<html lang='ru'>" in page.text and "Итоги" in page.text and "Ромашка" in page.text
+    assert "Summary" not in page.text
