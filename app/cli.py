@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from app.i18n import _, current_language, default_language, supported, use_language
 from app.job_progress import print_job, wait_for
 
 app = typer.Typer(help="Retro tests of MLflow models over a partner's feature history.", no_args_is_help=True)
@@ -41,7 +42,7 @@ def migrate_database() -> None:
 def migrate() -> None:
     """Apply database migrations."""
     migrate_database()
-    typer.echo("database is at the latest migration")
+    typer.echo(_("database is at the latest migration"))
 
 
 SHUTDOWN_GRACE_S = 5
@@ -174,12 +175,15 @@ class Api:
     def client(self, *, timeout: float) -> httpx.Client:
         if not re.match(r"^https?://[^/\s]+", self.url):
             typer.echo(
-                f"RETRO_API_URL (or --api) is {self.url!r}: it must be the API's address with its scheme, "
-                "for example http://127.0.0.1:8000",
+                _(
+                    "RETRO_API_URL (or --api) is {url}: it must be the API's address with its scheme, for example http://127.0.0.1:8000"
+                ).format(url=repr(self.url)),
                 err=True,
             )
             raise typer.Exit(2)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {"Accept-Language": current_language()}  # the API's messages in the CLI's language
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
 
@@ -202,7 +206,9 @@ def model_ref(text: str) -> dict[str, str]:
         return {"model_name": name, "model_alias": alias}
     name, slash, version = text.rpartition("/")
     if not slash or not name:
-        raise typer.BadParameter(f"{text!r}: give the model as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)")
+        raise typer.BadParameter(
+            _("{text}: give the model as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(text=repr(text))
+        )
     return {"model_name": name, "model_version": version}
 
 
@@ -211,7 +217,9 @@ def day(text: str) -> str:
     digits = text.replace("-", "") if re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{8}", text) else ""
     with contextlib.suppress(ValueError):
         return datetime.strptime(digits, "%Y%m%d").date().isoformat()
-    raise typer.BadParameter(f"{text!r} is not a day; write it as YYYY-MM-DD, for example 2026-11-20")
+    raise typer.BadParameter(
+        _("{text} is not a day; write it as YYYY-MM-DD, for example 2026-11-20").format(text=repr(text))
+    )
 
 
 def refusal(resp: httpx.Response) -> str:
@@ -279,15 +287,18 @@ def submit(
         if resp.status_code == 401:
             _refused_exits(resp)
         if resp.status_code >= 400:
-            typer.echo(f"refused: {refusal(resp)}", err=True)
+            typer.echo(_("refused: {resp}").format(resp=refusal(resp)), err=True)
             raise typer.Exit(2)
         job = resp.json()
         typer.echo(
-            f"retro test {job['id']} {'queued' if resp.status_code == 202 else 'already running'}: "
-            f"{ctx.obj.web_url}/jobs/{job['id']}"
+            (
+                _("retro test {id} queued: {web_url}/jobs/{id}")
+                if resp.status_code == 202
+                else _("retro test {id} already running: {web_url}/jobs/{id}")
+            ).format(id=job["id"], web_url=ctx.obj.web_url)
         )
         for warning in job.get("warnings") or []:
-            typer.echo(f"warning: {warning}", err=True)
+            typer.echo(_("warning: {warning}").format(warning=warning), err=True)
         if wait:
             job = wait_for(client, resp.headers["location"])
             print_job(job, web_url=ctx.obj.web_url)
@@ -305,7 +316,7 @@ def newest_job_id(client: httpx.Client) -> str:
     _refused_exits(resp)
     items = resp.json()["items"]
     if not items:
-        typer.echo("no retro tests yet; submit one with `retrotest submit`", err=True)
+        typer.echo(_("no retro tests yet; submit one with `retrotest submit`"), err=True)
         raise typer.Exit(2)
     return str(items[0]["id"])
 
@@ -324,8 +335,9 @@ def job_id_of(client: httpx.Client, given: str | None) -> str:
         return text
     if not _ID_START.fullmatch(text):
         typer.echo(
-            f"{given!r} is not a retro test id: give the whole id or its first 8 or more characters, "
-            "as `retrotest list` shows them",
+            _(
+                "{given} is not a retro test id: give the whole id or its first 8 or more characters, as `retrotest list` shows them"
+            ).format(given=repr(given)),
             err=True,
         )
         raise typer.Exit(2)
@@ -333,10 +345,15 @@ def job_id_of(client: httpx.Client, given: str | None) -> str:
     _refused_exits(resp)
     items = resp.json()["items"]
     if not items:
-        typer.echo(f"none of your retro tests has an id starting with {text}; `retrotest list` shows them", err=True)
+        typer.echo(
+            _("none of your retro tests has an id starting with {text}; `retrotest list` shows them").format(text=text),
+            err=True,
+        )
         raise typer.Exit(2)
     if len(items) > 1:
-        typer.echo(f"{text} starts the ids of more than one retro test; give more characters", err=True)
+        typer.echo(
+            _("{text} starts the ids of more than one retro test; give more characters").format(text=text), err=True
+        )
         raise typer.Exit(2)
     return str(items[0]["id"])
 
@@ -345,8 +362,10 @@ def _refused_exits(resp: httpx.Response) -> None:
     """Exit 2 with the API's reason when it refused; a missing or bad token is explained in the CLI's terms."""
     if resp.status_code == 401:
         typer.echo(
-            "the API wants a personal API token: set RETRO_API_TOKEN (or --token); make one on the web page "
-            "'API tokens' or ask an administrator (`retrotest create-token --username YOU`)",
+            _(
+                "the API wants a personal API token: set RETRO_API_TOKEN (or --token); make one on the web page "
+                "'API tokens' or ask an administrator (`retrotest create-token --username YOU`)"
+            ),
             err=True,
         )
         raise typer.Exit(2)
@@ -375,7 +394,11 @@ def list_jobs(
         _refused_exits(resp)
         page = resp.json()
     if not page["items"]:
-        typer.echo("no retro tests" + (" match" if partner or state else " yet; submit one with `retrotest submit`"))
+        typer.echo(
+            _("no retro tests match")
+            if partner or state
+            else _("no retro tests yet; submit one with `retrotest submit`")
+        )
         return
     rows = [
         (
@@ -393,7 +416,7 @@ def list_jobs(
     for r in [head, *rows]:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if page["total"] > len(rows):
-        typer.echo(f"({len(rows)} of {page['total']}; --limit shows more)")
+        typer.echo(_("({rows} of {total}; --limit shows more)").format(rows=len(rows), total=page["total"]))
 
 
 @app.command()
@@ -404,8 +427,12 @@ def cancel(ctx: typer.Context, job_id: JobArgument = None) -> None:
         resp = client.post(f"/api/v1/retro-tests/{job_id}/cancel")
         _refused_exits(resp)
         job = resp.json()
-    word = "cancelled" if job["state"] == "cancelled" else "asked to stop; it stops within seconds"
-    typer.echo(f"retro test {job_id} {word}: {ctx.obj.web_url}/jobs/{job_id}")
+    word = _("cancelled") if job["state"] == "cancelled" else _("asked to stop; it stops within seconds")
+    typer.echo(
+        _("retro test {job_id} {word}: {web_url}/jobs/{job_id}").format(
+            job_id=job_id, word=word, web_url=ctx.obj.web_url
+        )
+    )
 
 
 @app.command()
@@ -423,7 +450,12 @@ def link(
         resp = client.post(f"/api/v1/retro-tests/{job_id}/links", json=body)
         _refused_exits(resp)
         made = resp.json()
-    typer.echo(f"download link for the partner, shown only now; it works until {made['expires_at']}:", err=True)
+    typer.echo(
+        _("download link for the partner, shown only now; it works until {expires_at}:").format(
+            expires_at=made["expires_at"]
+        ),
+        err=True,
+    )
     typer.echo(made["url"])
 
 
@@ -455,8 +487,9 @@ def download(
         other = job_in_folder(folder)
         if other is not None and other != job_id and not force:
             typer.echo(
-                f"{folder} holds the files of another retro test ({other}); choose another folder or add --force "
-                "to replace them",
+                _(
+                    "{folder} holds the files of another retro test ({other}); choose another folder or add --force to replace them"
+                ).format(folder=folder, other=other),
                 err=True,
             )
             raise typer.Exit(2)
@@ -465,7 +498,11 @@ def download(
         except DownloadFailed as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
-    typer.echo(f"{len(written)} file(s) in {folder}, every sha256 matching the manifest")
+    typer.echo(
+        _("{written} file(s) in {folder}, every sha256 matching the manifest").format(
+            written=len(written), folder=folder
+        )
+    )
 
 
 @app.command("create-admin")
@@ -492,7 +529,7 @@ def create_admin(
         data = UserCreate(username=username, role=Role.admin, password=password)
     except ValidationError as exc:
         for err in exc.errors():
-            typer.echo(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}", err=True)
+            typer.echo(_("{value}: {msg}").format(value=".".join(str(p) for p in err["loc"]), msg=err["msg"]), err=True)
         raise typer.Exit(2) from None
     migrate_database()
     with get_session_factory()() as session:
@@ -502,7 +539,11 @@ def create_admin(
             typer.echo(exc.detail, err=True)
             raise typer.Exit(1) from None
         session.commit()
-    typer.echo(f"created admin {user.username!r}; sign in at /login or make an API token with create-token")
+    typer.echo(
+        _("created admin {username}; sign in at /login or make an API token with create-token").format(
+            username=repr(user.username)
+        )
+    )
 
 
 def require_database() -> None:
@@ -517,19 +558,25 @@ def require_database() -> None:
     where = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         typer.echo(
-            f"no database at {url.database}: point RETRO_DATABASE_URL at the service's database, or create this one "
-            "with `retrotest migrate` (or `retrotest create-admin`)",
+            _(
+                "no database at {database}: point RETRO_DATABASE_URL at the service's database, or create this one with `retrotest migrate` (or `retrotest create-admin`)"
+            ).format(database=url.database),
             err=True,
         )
         raise typer.Exit(1)
     try:
         with get_engine().connect() as conn:
             if not sa.inspect(conn).has_table("users"):
-                typer.echo(f"the database {where} has no retrotest tables: run `retrotest migrate` first", err=True)
+                typer.echo(
+                    _("the database {where} has no retrotest tables: run `retrotest migrate` first").format(
+                        where=where
+                    ),
+                    err=True,
+                )
                 raise typer.Exit(1)
     except sa.exc.SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        typer.echo(f"cannot use the database {where}: {reason}", err=True)
+        typer.echo(_("cannot use the database {where}: {reason}").format(where=where, reason=reason), err=True)
         raise typer.Exit(1) from None
 
 
@@ -550,13 +597,16 @@ def create_token(
     with get_session_factory()() as session:
         user = service.find_user(session=session, username=username)
         if user is None or not user.is_active:
-            typer.echo(f"no active user named {username!r}", err=True)
+            typer.echo(_("no active user named {username}").format(username=repr(username)), err=True)
             raise typer.Exit(1)
-        _, secret = service.create_api_token(
+        _token, secret = service.create_api_token(
             session=session, user=user, name=name[:100], actor="cli", expires_in_days=days
         )
         session.commit()
-    typer.echo(f"API token for {username!r} ({name}); it is shown only now:", err=True)
+    typer.echo(
+        _("API token for {username} ({name}); it is shown only now:").format(username=repr(username), name=name),
+        err=True,
+    )
     typer.echo(secret)
 
 
@@ -574,7 +624,7 @@ def link_sso(
     with get_session_factory()() as session:
         user = service.find_user(session=session, username=username)
         if user is None:
-            typer.echo(f"no user named {username!r}", err=True)
+            typer.echo(_("no user named {username}").format(username=repr(username)), err=True)
             raise typer.Exit(1)
         try:
             service.link_oidc_identity(session=session, user=user, subject=f"{issuer} {subject}", actor="cli")
@@ -582,7 +632,11 @@ def link_sso(
             typer.echo(exc.detail, err=True)
             raise typer.Exit(1) from None
         session.commit()
-    typer.echo(f"{username!r} now signs in as {subject!r} of {issuer}")
+    typer.echo(
+        _("{username} now signs in as {subject} of {issuer}").format(
+            username=repr(username), subject=repr(subject), issuer=issuer
+        )
+    )
 
 
 @app.command()
@@ -687,13 +741,23 @@ def k8s_check() -> None:
         raise typer.Exit(1)
 
 
+def cli_language() -> str:
+    """RETRO_LANG, else the locale (LC_ALL, LC_MESSAGES, LANG: ru_RU.UTF-8 -> ru), else RETRO_DEFAULT_LANGUAGE."""
+    for name in ("RETRO_LANG", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name)
+        if value:  # the first one set decides, as for gettext; C or POSIX is no language of ours
+            return supported(value) or default_language()
+    return default_language()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        app()
-    except httpx.TransportError as exc:  # submit, status, download: where the API was looked for, not a traceback
-        typer.echo(unreachable(exc), err=True)
-        raise SystemExit(2) from None
+    with use_language(cli_language()):
+        try:
+            app()
+        except httpx.TransportError as exc:  # submit, status, download: where the API was looked for, not a traceback
+            typer.echo(unreachable(exc), err=True)
+            raise SystemExit(2) from None
 
 
 def unreachable(exc: httpx.TransportError) -> str:
@@ -702,11 +766,11 @@ def unreachable(exc: httpx.TransportError) -> str:
         url = exc.request.url
         where = f"{url.scheme}://{url.netloc.decode()}"
     except RuntimeError:  # an error raised before any request was built
-        where = "the configured URL"
-    return (
-        f"cannot reach the retrotest API at {where} ({exc or type(exc).__name__}): start it (`retrotest serve`, or "
+        where = _("the configured URL")
+    return _(
+        "cannot reach the retrotest API at {where} ({reason}): start it (`retrotest serve`, or "
         "`./scripts/demo.sh --keep-running` on :8765) or point RETRO_API_URL (or --api) at it"
-    )
+    ).format(where=where, reason=exc or type(exc).__name__)
 
 
 if __name__ == "__main__":

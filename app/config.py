@@ -244,6 +244,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+    # The language of pages, messages and reports when nothing else says (a user's profile, a browser's
+    # Accept-Language, a partner's report setting, RETRO_LANG for the CLI); app/i18n.py.
+    default_language: Literal["en", "ru"] = "en"
 
     # Sign-in. The session cookie is HttpOnly and SameSite=Lax; Secure by default when the public URL is https.
     session_cookie_secure: bool | None = None

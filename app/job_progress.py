@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import typer
 
+from app.i18n import _
+
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -17,16 +19,20 @@ def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     s = round(seconds)
-    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+    if s >= 3600:
+        return _("{hours} h {minutes} min").format(hours=s // 3600, minutes=s % 3600 // 60)
+    if s >= 60:
+        return _("{minutes} min {seconds} s").format(minutes=s // 60, seconds=s % 60)
+    return _("{seconds} s").format(seconds=s)
 
 
 def pace(progress: dict[str, Any]) -> str:
     """'1 min 2 s elapsed, 41,200 rows/s, about 12 s left' (rate and time left once rows flow)."""
-    parts = [f"{duration(progress.get('elapsed_s'))} elapsed"]
+    parts = [_("{time} elapsed").format(time=duration(progress.get("elapsed_s")))]
     if progress.get("rows_per_s"):
-        parts.append(f"{progress['rows_per_s']:,.0f} rows/s")
+        parts.append(_("{rate} rows/s").format(rate=f"{progress['rows_per_s']:,.0f}"))
     if progress.get("eta_s") is not None:
-        parts.append(f"about {duration(progress['eta_s'])} left")
+        parts.append(_("about {time} left").format(time=duration(progress["eta_s"])))
     return ", ".join(parts)
 
 
@@ -36,7 +42,9 @@ def _bar(job: dict[str, Any]) -> str:
     filled = int(pct / 100 * 30)
     total = f"{p['rows_total']:,}" if p["rows_total"] is not None else "?"
     done = p["rows_scored"] + p["rows_rejected"]
-    return f"[{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}%  rows {done:,}/{total}  {pace(p)}  {p['activity']}"
+    return f"[{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}%  " + _("rows {done}/{total}  {pace}  {activity}").format(
+        done=f"{done:,}", total=total, pace=pace(p), activity=p["activity"]
+    )
 
 
 def wait_for(client: httpx.Client, job_url: str, *, interval: float = 1.0) -> dict[str, Any]:
@@ -59,24 +67,46 @@ def print_job(job: dict[str, Any], *, web_url: str) -> None:
     """A job's state, progress, stages, error and files, as the REST API shows it, on the terminal."""
     p = job["progress"]
     percent = f"{p['percent']:.1f}%" if p["percent"] is not None else "not counted yet"
-    typer.echo(f"retro test {job['id']}: {job['state']}, {percent} ({p['activity']}; {pace(p)})")
-    typer.echo(f"  page: {web_url}/jobs/{job['id']}")
     typer.echo(
-        f"  partner {job['partner_code']}, model {job['model_name']} version {job['model_version']}, period {job['period_start']}..{job['period_end']}"
+        _("retro test {id}: {state}, {percent} ({activity}; {p})").format(
+            id=job["id"], state=job["state"], percent=percent, activity=p["activity"], p=pace(p)
+        )
+    )
+    typer.echo(_("  page: {web_url}/jobs/{id}").format(web_url=web_url, id=job["id"]))
+    typer.echo(
+        _(
+            "  partner {partner_code}, model {model_name} version {model_version}, period {period_start}..{period_end}"
+        ).format(
+            partner_code=job["partner_code"],
+            model_name=job["model_name"],
+            model_version=job["model_version"],
+            period_start=job["period_start"],
+            period_end=job["period_end"],
+        )
     )
     total = f"{p['rows_total']:,}" if p["rows_total"] is not None else "not counted yet"
     typer.echo(
-        f"  rows: total {total}, read {p['rows_read']:,}, scored {p['rows_scored']:,}, rejected {p['rows_rejected']:,}"
+        _("  rows: total {total}, read {rows_read:,}, scored {rows_scored:,}, rejected {rows_rejected:,}").format(
+            total=total, rows_read=p["rows_read"], rows_scored=p["rows_scored"], rows_rejected=p["rows_rejected"]
+        )
     )
     for warning in job.get("warnings") or []:
-        typer.echo(f"  warning: {warning}")
+        typer.echo(_("  warning: {warning}").format(warning=warning))
     for stage in job["stages"]:
         secs = f"{stage['seconds']:.1f} s" if stage["seconds"] is not None else ""
-        typer.echo(f"  {stage['state']:<21} {stage['started_at']}  {secs}")
+        typer.echo(
+            _("  {state:<21} {started_at}  {secs}").format(
+                state=stage["state"], started_at=stage["started_at"], secs=secs
+            )
+        )
     if job["error"]:
-        typer.echo(f"  error: {job['error']['code']}: {job['error']['message']}")
+        typer.echo(_("  error: {code}: {message}").format(code=job["error"]["code"], message=job["error"]["message"]))
     for f in job["files"]:
         rows = f"{f['rows']:,} rows" if f["rows"] is not None else ""
-        typer.echo(f"  {f['name']:<22} {rows:>15} {f['bytes']:>14,} bytes  sha256 {f['sha256']}")
+        typer.echo(
+            _("  {name:<22} {rows:>15} {bytes:>14,} bytes  sha256 {sha256}").format(
+                name=f["name"], rows=rows, bytes=f["bytes"], sha256=f["sha256"]
+            )
+        )
     if job["files"]:
-        typer.echo(f"  download them with: retrotest download {job['id']}")
+        typer.echo(_("  download them with: retrotest download {id}").format(id=job["id"]))

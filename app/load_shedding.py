@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cache
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.i18n import _, current_language
 
 RETRY_AFTER_S = 1
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -20,17 +23,19 @@ EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 # once its answer starts: it then lasts minutes, costs one row of a shared query a second, and holds no thread or
 # database connection. Counted to its end, 64 open job pages would refuse every other request of the process.
 STREAM_SUFFIX = "/events"
-_BUSY_JSON = json.dumps(
-    {
-        "error": "overloaded",
-        "detail": f"the service is busy with other requests; try again in {RETRY_AFTER_S} s",
-    }
-).encode()
-_BUSY_HTML = (
-    "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-    f"<meta http-equiv='refresh' content='{RETRY_AFTER_S}'><title>Busy</title></head>"
-    "<body><p>The service is busy with other requests; this page loads again in a moment.</p></body></html>"
-).encode()
+
+
+@cache
+def _busy_bodies(language: str) -> tuple[bytes, bytes]:
+    """The JSON and HTML answers of a shed request in a language, made once (shedding must stay cheap)."""
+    detail = _("the service is busy with other requests; try again in {seconds} s").format(seconds=RETRY_AFTER_S)
+    title, text = _("Busy"), _("The service is busy with other requests; this page loads again in a moment.")
+    page = (
+        f"<!doctype html><html lang='{language}'><head><meta charset='utf-8'>"
+        f"<meta http-equiv='refresh' content='{RETRY_AFTER_S}'><title>{title}</title></head>"
+        f"<body><p>{text}</p></body></html>"
+    )
+    return json.dumps({"error": "overloaded", "detail": detail}).encode(), page.encode()
 
 
 class InFlightLimit:
@@ -104,7 +109,8 @@ async def _busy(scope: Scope, send: Send) -> None:
         if name == b"accept":
             accept = value
     html = b"text/html" in accept
-    body = _BUSY_HTML if html else _BUSY_JSON
+    busy_json, busy_html = _busy_bodies(current_language())
+    body = busy_html if html else busy_json
     await send(
         {
             "type": "http.response.start",

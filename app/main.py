@@ -22,6 +22,7 @@ from app.config import get_settings
 from app.db import describe_database_error, get_session_factory, is_transient
 from app.downloads.router import api_router as links_router
 from app.errors import AppError, DatabaseUnavailable, Unauthorized
+from app.i18n import RequestLanguage, _
 from app.load_shedding import InFlightLimit
 from app.partners.router import router as partners_router
 from app.registry.router import router as registry_router
@@ -30,6 +31,7 @@ from app.retro_tests.router import router as retro_tests_router
 from app.retro_tests.views import without_server_paths
 from app.system.job_metrics import register_jobs_collector
 from app.system.router import router as system_router
+from app.validation import error_message
 from app.web import account as web_account
 from app.web import admin as web_admin
 from app.web import docs as web_docs
@@ -47,7 +49,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         where = ".".join(loc)
         first_field = first_field or (loc[0] if loc else None)
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = error_message(err)
         messages.append(f"{where}: {msg}" if where else msg)
     return "; ".join(messages), first_field
 
@@ -119,7 +121,9 @@ def create_app() -> FastAPI:
         if not is_transient(exc):
             return await unexpected(request, exc)
         log.warning("the database is unreachable: %s", describe_database_error(exc))
-        down = DatabaseUnavailable("the job database is unreachable; nothing was changed, try again in a few seconds")
+        down = DatabaseUnavailable(
+            _("the job database is unreachable; nothing was changed, try again in a few seconds")
+        )
         if (page := error_page(request, status_code=down.status_code, detail=down.detail)) is not None:
             page.headers["Retry-After"] = str(RETRY_AFTER_S)
             return page
@@ -157,7 +161,8 @@ def create_app() -> FastAPI:
     app.add_middleware(  # before any work: shed, don't queue
         InFlightLimit, limit=settings.api_max_in_flight, floor=settings.api_threads, target_s=settings.api_shed_after_s
     )
-    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # outermost: every reader sees the client
+    app.add_middleware(TrustedProxies, trusted=settings.trusted_proxies)  # every reader sees the client
+    app.add_middleware(RequestLanguage)  # outermost: every message, even a shed request's, in the caller's language
     return app
 
 

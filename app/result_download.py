@@ -15,6 +15,8 @@ from typing import IO, Any
 
 import httpx
 
+from app.i18n import _
+
 CHUNK = 1 << 20
 MANIFEST = "manifest.json"
 
@@ -51,10 +53,17 @@ def download_results(*, client: httpx.Client, job_id: str, folder: Path, progres
 def _listed_files(*, client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     resp = client.get(f"/api/v1/retro-tests/{job_id}")
     if resp.status_code >= 400:
-        raise DownloadFailed(f"retro test {job_id}: {resp.json().get('detail', resp.text)}", exit_code=2)
+        raise DownloadFailed(
+            _("retro test {job_id}: {value}").format(job_id=job_id, value=resp.json().get("detail", resp.text)),
+            exit_code=2,
+        )
     job = resp.json()
     if job["state"] != "succeeded":
-        raise DownloadFailed(f"retro test {job_id} is {job['state']}: only a succeeded job has result files")
+        raise DownloadFailed(
+            _("retro test {job_id} is {state}: only a succeeded job has result files").format(
+                job_id=job_id, state=job["state"]
+            )
+        )
     return list(job["files"])
 
 
@@ -73,13 +82,21 @@ def _fetch(*, client: httpx.Client, file: dict[str, Any], folder: Path, sha256: 
     with client.stream("GET", file["download_url"], headers=headers) as resp:
         if resp.status_code not in (200, 206):
             resp.read()
-            raise DownloadFailed(f"{file['name']}: the API answered {resp.status_code}: {resp.text[:200]}")
+            raise DownloadFailed(
+                _("{name}: the API answered {status_code}: {value}").format(
+                    name=file["name"], status_code=resp.status_code, value=resp.text[:200]
+                )
+            )
         resumed = resp.status_code == 206
         with part.open("ab" if resumed else "wb") as out:
             _copy(resp, out, name=file["name"], start=have if resumed else 0, size=file["bytes"], progress=progress)
     if (got := _sha256(part)) != sha256:
         part.unlink()
-        raise DownloadFailed(f"{file['name']}: sha256 {got} does not match the manifest's {sha256}; run it again")
+        raise DownloadFailed(
+            _("{name}: sha256 {got} does not match the manifest's {sha256}; run it again").format(
+                name=file["name"], got=got, sha256=sha256
+            )
+        )
     part.replace(target)
     return target
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 TOPS = ("app", "worker")
 CORE = "app.core"
-# What app.core stands on: settings, the database session, errors, the clock, the Prometheus metrics.
-BOTTOM = frozenset({"app.config", "app.key_strength", "app.db", "app.errors", "app.clock", "app.metrics"})
+# What app.core stands on: settings, the database session, errors, the clock, the Prometheus metrics, the language.
+BOTTOM = frozenset({"app.config", "app.key_strength", "app.db", "app.errors", "app.clock", "app.metrics", "app.i18n"})
 MAX_PARAMS = 6
 # Decorator attributes that make a function a route handler (FastAPI's APIRouter/FastAPI methods) or a CLI
 # command (typer's Typer.command and Typer.callback).

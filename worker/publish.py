@@ -14,6 +14,7 @@ from app.clock import utcnow
 from app.core.jobs import State
 from app.core.model_types import ModelVersionInfo
 from app.errors import ReconciliationFailed
+from app.i18n import _, use_language
 from app.integrations.history.port import HistoryQuery
 from app.integrations.storage.results import (
     INTERNAL_MANIFEST,
@@ -227,12 +228,17 @@ def _write_report(
         spill_dir=run.settings.resolved_spill_dir(),
     )
     figures = report.build(inputs)
-    partner = run.spec.partner_name or "the partner"
-    title = f"{model.name} version {model.version} on {partner}'s customers, {query.start} to {query.end}"
     with store.open_write(f"{prefix}/report.json") as fh:
         fh.write(json.dumps(figures, indent=2, default=str).encode())
+    # In the partner's report language (an admin sets it on the partner's page), else RETRO_DEFAULT_LANGUAGE.
+    with use_language(run.spec.report_language or run.settings.default_language):
+        partner = run.spec.partner_name or _("the partner")
+        title = _("{model} version {version} on {partner}'s customers, {start} to {end}").format(
+            model=model.name, version=model.version, partner=partner, start=query.start, end=query.end
+        )
+        page = report.render_html(figures, title=title)
     with store.open_write(f"{prefix}/report.html") as fh:
-        fh.write(report.render_html(figures, title=title).encode())
+        fh.write(page.encode())
     return [
         _described(store, prefix, name="report.html", kind="report", fmt="html", rows=None),
         _described(store, prefix, name="report.json", kind="report", fmt="json", rows=None),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.periods import days_text
+from app.i18n import N_, _, current_language
 from app.integrations.history.local import duckdb_connection
 from app.integrations.history.port import HistoryQuery
 from app.integrations.storage.results import ResultStore
@@ -249,11 +250,11 @@ def _quality(con: Any, edges: list[float]) -> dict[str, Any]:
         for m, p, n in con.execute("SELECT m, sum(y), count(*) - sum(y) FROM r GROUP BY m").fetchall()
     }
     overall = _Ranking(curves=True)
-    overall.totals(sum(p for p, _ in totals.values()), sum(n for _, n in totals.values()))
-    for _, p, n in _stream(con, "SELECT s, sum(y), count(*) - sum(y) FROM r GROUP BY s ORDER BY s"):
+    overall.totals(sum(p for p, _n in totals.values()), sum(n for _p, n in totals.values()))
+    for _score, p, n in _stream(con, "SELECT s, sum(y), count(*) - sum(y) FROM r GROUP BY s ORDER BY s"):
         overall.add(int(p), int(n))
     monthly: dict[str, _Ranking] = {}
-    for m, _, p, n in _stream(con, "SELECT m, s, sum(y), count(*) - sum(y) FROM r GROUP BY m, s ORDER BY m, s"):
+    for m, _score, p, n in _stream(con, "SELECT m, s, sum(y), count(*) - sum(y) FROM r GROUP BY m, s ORDER BY m, s"):
         if m not in monthly:
             monthly[m] = _Ranking()
             monthly[m].totals(*totals[m])
@@ -273,7 +274,7 @@ def _deciles(con: Any, edges: list[float], *, positives: int) -> list[dict[str, 
     total = sum(int(n) for _, n, *_ in rows)
     base = positives / total if total else 0.0
     out, cum_pos, cum_rows = [], 0, 0
-    for rank, (_, n, p, mean, lo, hi) in enumerate(rows, start=1):
+    for rank, (_score, n, p, mean, lo, hi) in enumerate(rows, start=1):
         cum_pos += int(p)
         cum_rows += int(n)
         rate = int(p) / int(n)
@@ -299,27 +300,43 @@ def _deciles(con: Any, edges: list[float], *, positives: int) -> list[dict[str, 
 
 # One plain sentence for each figure, as a partner reads it.
 EXPLAIN = {
-    "rows": "Requested: the rows asked for (the partner's customers, or every row of the period); matched: those "
-    "found in the history; scored: those the model gave a score; rejected: those the model refused; unmatched: "
-    "the partner's customers not found in the history on their date.",
-    "auc": "AUC: the chance that a randomly chosen customer with the outcome gets a higher score than one without "
-    "it; 0.5 is guessing, 1 is a perfect ranking.",
-    "ci": "95% interval: where the model's true AUC lies with 95% confidence, given how many rows this sample has "
-    "(DeLong's method); it narrows as the sample grows, and two models whose intervals overlap widely may not "
-    "really differ.",
-    "gini": "Gini: the same ranking power on a scale from 0 (guessing) to 1 (perfect), 2 x AUC - 1.",
-    "ks": "KS: the largest gap between the score distributions of customers with and without the outcome.",
-    "psi": "PSI: how much the score distribution moved from one month to the next; under 0.1 is stable, over 0.25 "
-    "a large shift.",
-    "lift": "Lift: how many times more often the outcome occurs in a decile than on average; cumulative gain: the "
-    "share of all outcomes found in the top deciles.",
-    "roc": "ROC curve: the share of customers with the outcome found (true positive rate) against the share of "
-    "the others flagged by mistake (false positive rate), over every score threshold.",
-    "gain": "Gain curve: the share of all outcomes captured when the customers with the highest scores are "
-    "contacted first; the diagonal is a random order.",
-    "missing": "Days marked in red had no history at all: the model scored nobody on them, so they are missing "
-    "from the results rather than days without customers.",
-    "null": "Null rate: the share of rows in which a model input had no value; the model scored them as it does.",
+    "rows": N_(
+        "Requested: the rows asked for (the partner's customers, or every row of the period); matched: those "
+        "found in the history; scored: those the model gave a score; rejected: those the model refused; unmatched: "
+        "the partner's customers not found in the history on their date."
+    ),
+    "auc": N_(
+        "AUC: the chance that a randomly chosen customer with the outcome gets a higher score than one without "
+        "it; 0.5 is guessing, 1 is a perfect ranking."
+    ),
+    "ci": N_(
+        "95% interval: where the model's true AUC lies with 95% confidence, given how many rows this sample has "
+        "(DeLong's method); it narrows as the sample grows, and two models whose intervals overlap widely may not "
+        "really differ."
+    ),
+    "gini": N_("Gini: the same ranking power on a scale from 0 (guessing) to 1 (perfect), 2 x AUC - 1."),
+    "ks": N_("KS: the largest gap between the score distributions of customers with and without the outcome."),
+    "psi": N_(
+        "PSI: how much the score distribution moved from one month to the next; under 0.1 is stable, over 0.25 "
+        "a large shift."
+    ),
+    "lift": N_(
+        "Lift: how many times more often the outcome occurs in a decile than on average; cumulative gain: the "
+        "share of all outcomes found in the top deciles."
+    ),
+    "roc": N_(
+        "ROC curve: the share of customers with the outcome found (true positive rate) against the share of "
+        "the others flagged by mistake (false positive rate), over every score threshold."
+    ),
+    "gain": N_(
+        "Gain curve: the share of all outcomes captured when the customers with the highest scores are "
+        "contacted first; the diagonal is a random order."
+    ),
+    "missing": N_(
+        "Days marked in red had no history at all: the model scored nobody on them, so they are missing "
+        "from the results rather than days without customers."
+    ),
+    "null": N_("Null rate: the share of rows in which a model input had no value; the model scored them as it does."),
 }
 
 
@@ -327,35 +344,43 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
     """The report as one HTML page: a summary first, then tables, and charts as inline SVG; nothing loaded."""
     rows = report["rows"]
     quality = report.get("quality")
-    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), "<h2>Rows</h2>", _explain("rows")]
-    parts.append(_table(["", "rows"], [[k, _n(v)] for k, v in rows.items()]))
+    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), _heading(2, _("Rows")), _explain("rows")]
+    parts.append(_table(["", _("rows")], [[_row_label(k), _n(v)] for k, v in rows.items()]))
     if quality:
         o = quality["overall"]
         parts += [
-            f"<h2>Quality against {html.escape(str(report['outcome_column']))}</h2>",
+            _heading(2, _("Quality against {column}").format(column=report["outcome_column"])),
             _explain("auc"),
             _explain("ci"),
             _explain("gini"),
             _explain("ks"),
             _table(
-                ["", "rows", "positives", "AUC", "AUC 95% interval", "Gini", "Gini 95% interval", "KS"],
-                [_quality_row("overall", o)] + [_quality_row(m["month"], m) for m in quality["by_month"]],
+                ["", _("rows"), _("positives"), "AUC", _("AUC 95% interval"), "Gini", _("Gini 95% interval"), "KS"],
+                [_quality_row(_("overall"), o)] + [_quality_row(m["month"], m) for m in quality["by_month"]],
             ),
         ]
         if o.get("roc"):
-            parts += ["<h3>ROC curve</h3>", _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
-            parts += ["<h3>Cumulative gain</h3>", _explain("gain"), _svg_gain(o["gain"])]
+            parts += [_heading(3, _("ROC curve")), _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
+            parts += [_heading(3, _("Cumulative gain")), _explain("gain"), _svg_gain(o["gain"])]
         parts += [
-            "<h3>Deciles (highest scores first): lift and gain</h3>",
+            _heading(3, _("Deciles (highest scores first): lift and gain")),
             _explain("lift"),
             _table(
-                ["decile", "rows", "positives", "score range", "observed rate", "lift", "cumulative gain"],
+                [
+                    _("decile"),
+                    _("rows"),
+                    _("positives"),
+                    _("score range"),
+                    _("observed rate"),
+                    _("lift"),
+                    _("cumulative gain"),
+                ],
                 [
                     [
                         d["decile"],
                         _n(d["rows"]),
                         _n(d["positives"]),
-                        f"{_f(d['score_min'])} to {_f(d['score_max'])}",
+                        _("{low} to {high}").format(low=_f(d["score_min"]), high=_f(d["score_max"])),
                         _pct(d["observed_rate"]),
                         _f(d["lift"]),
                         _pct(d["cumulative_gain"]),
@@ -363,32 +388,32 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
                     for d in quality["deciles"]
                 ],
             ),
-            "<h3>Calibration</h3>",
+            _heading(3, _("Calibration")),
             _svg_calibration(quality["deciles"]),
         ]
     if report.get("score"):
         score = report["score"]
         parts += [
-            f"<h2>Score distribution ({html.escape(report['score_column'])})</h2>",
+            _heading(2, _("Score distribution ({column})").format(column=report["score_column"])),
             _svg_histogram(score["histogram"]),
-            _table(["decile", "score"], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
-            "<h2>Rows per day</h2>",
+            _table([_("decile"), _("score")], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
+            _heading(2, _("Rows per day")),
             _explain("missing") if report.get("days_without_history") else "",
             _svg_days(report["rows_per_day"], missing=report.get("days_without_history") or []),
-            "<h2>Score stability between months (PSI)</h2>",
+            _heading(2, _("Score stability between months (PSI)")),
             _explain("psi"),
-            _table(["from", "to", "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
+            _table([_("from"), _("to"), "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
             if report["psi"]
-            else "<p>One month only.</p>",
+            else "<p>" + html.escape(_("One month only.")) + "</p>",
         ]
     parts += [
-        "<h2>Null rate of each model input</h2>",
+        _heading(2, _("Null rate of each model input")),
         _explain("null"),
-        _table(["input", "null rate"], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
+        _table([_("input"), _("null rate")], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
     ]
     body = "\n".join(parts)
     return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<!doctype html><html lang='{current_language()}'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
         'img-src data:">'
@@ -399,22 +424,26 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
 def _summary_card(report: dict[str, Any]) -> str:
     """What a reader needs first: how many rows were scored, and how well the score ranks them."""
     rows = report["rows"]
-    items = [("Rows scored", _n(rows.get("scored"))), ("Rows refused by the model", _n(rows.get("rejected")))]
+    items = [(_("Rows scored"), _n(rows.get("scored"))), (_("Rows refused by the model"), _n(rows.get("rejected")))]
     if rows.get("unmatched") is not None:
-        items.append(("Customers not found in the history", _n(rows["unmatched"])))
+        items.append((_("Customers not found in the history"), _n(rows["unmatched"])))
     missing = report.get("days_without_history")
     if missing:
-        items.append(("Days without history (not in the results)", _days_text(missing)))
+        items.append((_("Days without history (not in the results)"), _days_text(missing)))
     quality = report.get("quality")
     o = quality["overall"] if quality else None
     if o and o.get("auc") is not None:
-        items.append(("AUC (95% interval)", f"{_f3(o['auc'])} ({_interval(o.get('auc_ci95'))})"))
-        items.append(("Gini (95% interval)", f"{_f3(o['gini'])} ({_interval(o.get('gini_ci95'))})"))
-        items.append(("Rows with an outcome", f"{_n(o['rows'])}, of them {_n(o['positives'])} positive"))
+        items.append((_("AUC (95% interval)"), f"{_f3(o['auc'])} ({_interval(o.get('auc_ci95'))})"))
+        items.append((_("Gini (95% interval)"), f"{_f3(o['gini'])} ({_interval(o.get('gini_ci95'))})"))
+        with_outcome = _("{rows}, of them {positives} positive").format(
+            rows=_n(o["rows"]), positives=_n(o["positives"])
+        )
+        items.append((_("Rows with an outcome"), with_outcome))
     elif report.get("outcome_column") is None:
-        items.append(("Quality", "no outcomes were given, so the report shows the score only"))
+        items.append((_("Quality"), _("no outcomes were given, so the report shows the score only")))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
-    return f"<section class='card' id='summary'><h2>Summary</h2><dl>{dl}</dl></section>"
+    heading = _heading(2, _("Summary"))
+    return f"<section class='card' id='summary'>{heading}<dl>{dl}</dl></section>"
 
 
 def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
@@ -430,12 +459,28 @@ def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _heading(level: int, text: str) -> str:
+    return f"<h{level}>{html.escape(text)}</h{level}>"
+
+
 def _explain(key: str) -> str:
-    return f"<p class='explain'>{html.escape(EXPLAIN[key])}</p>"
+    return f"<p class='explain'>{html.escape(_(EXPLAIN[key]))}</p>"
+
+
+def _row_label(key: str) -> str:
+    """The row counts' names: requested, matched, scored, rejected, unmatched."""
+    names = {
+        "requested": _("requested"),
+        "matched": _("matched"),
+        "scored": _("scored"),
+        "rejected": _("rejected"),
+        "unmatched": _("unmatched"),
+    }
+    return names.get(key, key)
 
 
 def _interval(ci: list[float] | None) -> str:
-    return "-" if not ci else f"{_f3(ci[0])} to {_f3(ci[1])}"
+    return "-" if not ci else _("{low} to {high}").format(low=_f3(ci[0]), high=_f3(ci[1]))
 
 
 def _f3(v: Any) -> str:
@@ -489,8 +534,8 @@ def _svg_histogram(hist: dict[str, Any]) -> str:
     ax = fig.subplots()
     edges = hist["edges"]
     ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in itertools.pairwise(edges)], align="edge")
-    ax.set_xlabel("score")
-    ax.set_ylabel("rows")
+    ax.set_xlabel(_("score"))
+    ax.set_ylabel(_("rows"))
     return _svg(fig)
 
 
@@ -504,9 +549,9 @@ def _svg_days(days: list[dict[str, Any]], *, missing: list[str]) -> str:
     ax.plot(order, [rows[d] for d in order], marker=".")
     gaps = [date.fromisoformat(d) for d in missing]
     if gaps:
-        ax.scatter(gaps, [0] * len(gaps), color="#c62828", marker="x", zorder=3, label="no history")
+        ax.scatter(gaps, [0] * len(gaps), color="#c62828", marker="x", zorder=3, label=_("no history"))
         ax.legend(loc="upper right")
-    ax.set_ylabel("rows")
+    ax.set_ylabel(_("rows"))
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     return _svg(fig)
 
@@ -518,10 +563,10 @@ def _days_text(days: list[str]) -> str:
 def _svg_calibration(deciles: list[dict[str, Any]]) -> str:
     fig = _figure()
     ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
-    ax.plot([d["mean_score"] for d in deciles], [d["observed_rate"] for d in deciles], marker="o", label="deciles")
-    ax.set_xlabel("mean score")
-    ax.set_ylabel("observed rate")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("perfect"))
+    ax.plot([d["mean_score"] for d in deciles], [d["observed_rate"] for d in deciles], marker="o", label=_("deciles"))
+    ax.set_xlabel(_("mean score"))
+    ax.set_ylabel(_("observed rate"))
     ax.legend()
     return _svg(fig)
 
@@ -529,10 +574,10 @@ def _svg_calibration(deciles: list[dict[str, Any]]) -> str:
 def _svg_roc(roc: dict[str, list[float]], *, auc: float) -> str:
     fig = _figure(square=True)
     ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="guessing")
-    ax.plot(roc["fpr"], roc["tpr"], label=f"model (AUC {auc:.3f})")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("guessing"))
+    ax.plot(roc["fpr"], roc["tpr"], label=_("model (AUC {auc})").format(auc=f"{auc:.3f}"))
+    ax.set_xlabel(_("false positive rate"))
+    ax.set_ylabel(_("true positive rate"))
     ax.legend(loc="lower right")
     return _svg(fig)
 
@@ -540,9 +585,9 @@ def _svg_roc(roc: dict[str, list[float]], *, auc: float) -> str:
 def _svg_gain(gain: dict[str, list[float]]) -> str:
     fig = _figure(square=True)
     ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="random order")
-    ax.plot(gain["selected"], gain["captured"], label="by score")
-    ax.set_xlabel("share of customers, highest scores first")
-    ax.set_ylabel("share of outcomes captured")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("random order"))
+    ax.plot(gain["selected"], gain["captured"], label=_("by score"))
+    ax.set_xlabel(_("share of customers, highest scores first"))
+    ax.set_ylabel(_("share of outcomes captured"))
     ax.legend(loc="lower right")
     return _svg(fig)

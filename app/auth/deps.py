@@ -19,6 +19,7 @@ from app.config import get_settings
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.db import get_session, release_connection
 from app.errors import Forbidden, Unauthorized
+from app.i18n import _, set_language
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SEEN_RESOLUTION_S = 30  # how stale a session's last-use time may get before a request notes it again
@@ -95,7 +96,10 @@ def session_user(request: Request, session: Session) -> User | None:
         user_id = uuid.UUID(raw)
     except ValueError:
         return None
-    return service.active_user(session=session, user_id=user_id, generation=generation)
+    user = service.active_user(session=session, user_id=user_id, generation=generation)
+    if user is not None and user.language:
+        set_language(user.language)  # the profile's language over the browser's
+    return user
 
 
 def current_user(
@@ -108,15 +112,21 @@ def current_user(
         user = service.user_for_api_token(session=session, secret=credentials.credentials)
         release_connection(session)  # and write the token's last-used time, when it was due
         if user is None:
-            raise Unauthorized("the API token is unknown, revoked or expired, or its user is deactivated")
+            raise Unauthorized(_("the API token is unknown, revoked or expired, or its user is deactivated"))
         request.state.via_api_token = True
+        if user.language and "accept-language" not in request.headers:
+            set_language(user.language)  # a script's own Accept-Language wins over the profile
         return user
     user = session_user(request, session)
     release_connection(session)
     if user is None:
-        raise Unauthorized("sign in, or send `Authorization: Bearer <token>` with a personal API token")
+        raise Unauthorized(_("sign in, or send `Authorization: Bearer <token>` with a personal API token"))
     if request.method not in SAFE_METHODS and not csrf_matches(request, request.headers.get(CSRF_HEADER)):
-        raise Forbidden(f"a signed-in browser must send its CSRF token in the {CSRF_HEADER} header to change things")
+        raise Forbidden(
+            _("a signed-in browser must send its CSRF token in the {csrf_header} header to change things").format(
+                csrf_header=CSRF_HEADER
+            )
+        )
     return user
 
 
@@ -141,7 +151,7 @@ def signed_in_user(request: Request, user: CurrentUser) -> User:
     """The caller, signed in with a password or SSO: an API token may not do this (e.g. make more tokens, which
     would outlive its own revocation)."""
     if getattr(request.state, "via_api_token", False):
-        raise Forbidden("an API token cannot do this; sign in to the web UI (API tokens page) instead")
+        raise Forbidden(_("an API token cannot do this; sign in to the web UI (API tokens page) instead"))
     return user
 
 
@@ -186,7 +196,7 @@ CurrentCaller = Annotated[Caller, Depends(current_caller)]
 def require_admin(user: CurrentUser) -> User:
     """The caller, who must be an admin."""
     if not user.is_admin:
-        raise Forbidden("only an admin may do this")
+        raise Forbidden(_("only an admin may do this"))
     return user
 
 

@@ -35,6 +35,8 @@ class User(Base):
     # Signed-in sessions carry the generation they started in; raising it (sign-out, a new password, a new role,
     # deactivation) ends every session of the user at once.
     session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The language of the pages and messages ("en", "ru"); None: the browser's Accept-Language.
+    language: Mapped[str | None] = mapped_column(String(8))
 
     @property
     def is_admin(self) -> bool:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service
 from app.auth.deps import AdminUser, CurrentUser, SignedInUser, current_user
-from app.auth.schemas import MeOut, TokenCreate, TokenCreated, TokenOut, UserCreate, UserOut, UserUpdate
+from app.auth.schemas import MeOut, MeUpdate, TokenCreate, TokenCreated, TokenOut, UserCreate, UserOut, UserUpdate
 from app.db import get_session
 
 router = APIRouter(prefix="/api/v1", tags=["users and tokens"], dependencies=[Depends(current_user)])
@@ -23,6 +23,14 @@ def me(user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> 
     """The caller, with the partners they act on."""
     codes = None if user.is_admin else service.assigned_partner_codes(session=session, user=user)
     return MeOut(**UserOut.model_validate(user).model_dump(), partner_codes=codes)
+
+
+@router.patch("/me", response_model=MeOut)
+def update_me(data: MeUpdate, user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> MeOut:
+    """Change the caller's own settings: the language of pages and messages."""
+    service.set_language(session=session, user=user, language=data.language, actor=user.username)
+    session.commit()
+    return me(user, session)
 
 
 @router.get("/tokens", response_model=list[TokenOut])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,17 @@ class UserOut(BaseModel):
     is_active: bool
     created_at: datetime
     last_login_at: datetime | None
+    language: str | None = Field(default=None, description="Pages and messages: en, ru; null: Accept-Language")
+
+
+class MeUpdate(BaseModel):
+    """The caller's own settings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"language": "ru"}]})
+
+    language: Literal["en", "ru"] | None = Field(
+        description="The language of pages and messages; null: the browser's or the request's Accept-Language"
+    )
 
 
 class MeOut(UserOut):

@@ -21,6 +21,7 @@ from app.config import get_settings
 from app.core.partners import Partner
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.errors import Conflict, Invalid, NotFound
+from app.i18n import LANGUAGES, _
 
 API_TOKEN_PREFIX = "rtk_"
 # How stale last_used_at may get before a request writes it again: one write per token per minute at most.
@@ -56,7 +57,7 @@ def find_user(*, session: Session, username: str) -> User | None:
 def get_user(*, session: Session, user_id: uuid.UUID) -> User:
     user = session.get(User, user_id)
     if user is None:
-        raise NotFound(f"no user with id {user_id}")
+        raise NotFound(_("no user with id {user_id}").format(user_id=user_id))
     return user
 
 
@@ -67,7 +68,9 @@ def list_users(*, session: Session) -> list[User]:
 def create_user(*, session: Session, data: UserCreate, actor: str) -> User:
     """Add a user; the username must be new."""
     if find_user(session=session, username=data.username) is not None:
-        raise Conflict(f"a user named {data.username!r} already exists", field="username")
+        raise Conflict(
+            _("a user named {username} already exists").format(username=repr(data.username)), field="username"
+        )
     user = User(
         username=data.username,
         role=data.role,
@@ -79,7 +82,9 @@ def create_user(*, session: Session, data: UserCreate, actor: str) -> User:
         with session.begin_nested():
             session.flush()
     except IntegrityError:
-        raise Conflict(f"a user named {data.username!r} already exists", field="username") from None
+        raise Conflict(
+            _("a user named {username} already exists").format(username=repr(data.username)), field="username"
+        ) from None
     record(
         session=session,
         actor=actor,
@@ -103,7 +108,9 @@ def update_user(*, session: Session, user_id: uuid.UUID, data: UserUpdate, actor
         user.is_active if data.is_active is None else data.is_active
     )
     if user.is_admin and user.is_active and not stays_admin and _active_admins(session) <= 1:
-        raise Conflict(f"{user.username!r} is the last active admin; make another admin first")
+        raise Conflict(
+            _("{username} is the last active admin; make another admin first").format(username=repr(user.username))
+        )
     ends_sessions = (
         (data.role is not None and data.role != user.role)
         or (data.is_active is not None and data.is_active != user.is_active)
@@ -161,6 +168,22 @@ def authenticate(*, session: Session, username: str, password: str) -> User | No
     return user
 
 
+def set_language(*, session: Session, user: User, language: str | None, actor: str) -> None:
+    """A user's language for pages and messages ("en", "ru"), or None for the browser's Accept-Language."""
+    if language is not None and language not in LANGUAGES:
+        raise Invalid(
+            _("unknown language {language}; use one of: {known}").format(
+                language=repr(language), known=", ".join(LANGUAGES)
+            ),
+            field="language",
+        )
+    user.language = language
+    session.flush()
+    record(
+        session=session, actor=actor, action="user.language", subject_type="user", subject_id=user.id, language=language
+    )
+
+
 def end_sessions(*, session: Session, user: User) -> None:
     """End every signed-in session of user at once (sign-out): their cookies no longer match."""
     user.session_generation += 1
@@ -178,7 +201,12 @@ def create_api_token(
     if expires_in_days is None:
         expires_in_days = settings.api_token_default_days
     if expires_in_days > settings.api_token_max_days:
-        raise Invalid(f"an API token lives at most {settings.api_token_max_days} days", field="expires_in_days")
+        raise Invalid(
+            _("an API token lives at most {api_token_max_days} days").format(
+                api_token_max_days=settings.api_token_max_days
+            ),
+            field="expires_in_days",
+        )
     secret = API_TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
     token = ApiToken(
         user_id=user.id,
@@ -212,7 +240,7 @@ def revoke_api_token(*, session: Session, user: User, token_id: uuid.UUID, actor
     """Revoke one of user's tokens; it stops working at once."""
     token = session.get(ApiToken, token_id)
     if token is None or token.user_id != user.id:
-        raise NotFound(f"you have no API token with id {token_id}")
+        raise NotFound(_("you have no API token with id {token_id}").format(token_id=token_id))
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         session.flush()
@@ -300,7 +328,7 @@ def set_partner_managers(*, session: Session, partner: Partner, usernames: list[
     users = list(session.scalars(select(User).where(func.lower(User.username).in_(wanted)))) if wanted else []
     missing = sorted(set(wanted) - {u.username.lower() for u in users})
     if missing:
-        raise Invalid(f"no user named {', '.join(repr(m) for m in missing)}", field="usernames")
+        raise Invalid(_("no user named {value}").format(value=", ".join(repr(m) for m in missing)), field="usernames")
     current = {m.id for m in partner_managers(session=session, partner_id=partner.id)}
     target = {u.id for u in users}
     for user_id in current - target:
@@ -355,7 +383,7 @@ def link_oidc_identity(*, session: Session, user: User, subject: str, actor: str
     """Link an OIDC identity ("<issuer> <sub>") to an existing user, so it signs in as them (admins)."""
     holder = session.scalars(select(User).where(User.oidc_subject == subject)).one_or_none()
     if holder is not None and holder.id != user.id:
-        raise Conflict(f"that identity is already linked to {holder.username!r}")
+        raise Conflict(_("that identity is already linked to {username}").format(username=repr(holder.username)))
     user.oidc_subject = subject
     session.flush()
     record(

@@ -26,6 +26,7 @@ from app.auth.models import SignInFailure
 from app.clock import as_utc, utcnow
 from app.config import Settings
 from app.errors import AppError
+from app.i18n import ngettext
 
 _FIRST_LOCK_S = 30  # the first refusal past a bar; doubled with each failure beyond it
 
@@ -36,9 +37,13 @@ class TooManySignIns(AppError):
 
     def __init__(self, retry_after_s: int) -> None:
         minutes = max(1, math.ceil(retry_after_s / 60))
-        super().__init__(
-            f"too many failed sign-ins for this account or from your address; try again in {minutes} minute(s)"
+        # English says "minute(s)" either way; the Russian catalogue has its three plural forms.
+        message = ngettext(
+            "too many failed sign-ins for this account or from your address; try again in {minutes} minute(s)",
+            "too many failed sign-ins for this account or from your address; try again in {minutes} minute(s)",
+            minutes,
         )
+        super().__init__(message.format(minutes=minutes))
         self.retry_after_s = retry_after_s
 
 

@@ -31,6 +31,7 @@ from app.core.partners import Partner
 from app.core.scope import PartnerScope
 from app.db import Base
 from app.errors import NotFound
+from app.i18n import _
 
 
 class State(enum.StrEnum):
@@ -227,5 +228,5 @@ def get_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) 
         .execution_options(populate_existing=True)
     ).one_or_none()
     if job is None or not scope.allows(job.partner_id):
-        raise NotFound(f"no retro test with id {job_id}")
+        raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
     return job

@@ -10,6 +10,7 @@ from typing import Any
 
 from app.core.identifiers import check_name, check_table
 from app.errors import SourceUnknown
+from app.i18n import _
 
 TAG_TABLE = "retro.source.table"
 TAG_DATE_COLUMN = "retro.source.date_column"
@@ -81,9 +82,9 @@ class ModelVersionInfo:
         ]
         if missing:
             raise SourceUnknown(
-                f"model {self.name!r} version {self.version} does not say where its feature history "
-                f"lives: set the model version tag(s) {', '.join(missing)} in the registry, or give "
-                "source.table, source.date_column and source.id_columns in the request",
+                _(
+                    "model {name} version {version} does not say where its feature history lives: set the model version tag(s) {value} in the registry, or give source.table, source.date_column and source.id_columns in the request"
+                ).format(name=repr(self.name), version=self.version, value=", ".join(missing)),
                 field="source",
             )
         assert table and date_column

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import date, timedelta
 
+from app.i18n import _, ngettext
+
 
 def missing_days(*, start: date, end: date, days_with_history: Iterable[date]) -> list[date]:
     """The days of [start, end] that are not among days_with_history."""
@@ -20,9 +22,10 @@ def days_text(days: Sequence[date], *, limit: int = 10) -> str:
             runs[-1] = (runs[-1][0], d)
         else:
             runs.append((d, d))
-    items = [str(a) if a == b else f"{a} to {b}" for a, b in runs]
+    span = _("{first} to {last}")
+    items = [str(a) if a == b else span.format(first=a, last=b) for a, b in runs]
     shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+    return shown if len(items) <= limit else _("{shown} and {count} more").format(shown=shown, count=len(items) - limit)
 
 
 def period_warnings(days_without_history: Sequence[str] | None) -> list[str]:
@@ -30,7 +33,10 @@ def period_warnings(days_without_history: Sequence[str] | None) -> list[str]:
     if not days_without_history:
         return []
     days = [date.fromisoformat(d) for d in days_without_history]
-    return [
-        f"the history has no rows on {len(days)} day(s) of the period: {days_text(days)}; those days are not in "
-        "the results"
-    ]
+    # English says "day(s)" either way; the Russian catalogue has its three plural forms.
+    message = ngettext(
+        "the history has no rows on {count} day(s) of the period: {days}; those days are not in the results",
+        "the history has no rows on {count} day(s) of the period: {days}; those days are not in the results",
+        len(days),
+    )
+    return [message.format(count=len(days), days=days_text(days))]

@@ -7,6 +7,7 @@ from datetime import datetime
 from app.clock import utcnow
 from app.core.jobs import RUNNING_STATES, TERMINAL_STATES, RetroTest, State
 from app.errors import Conflict
+from app.i18n import _
 from app.metrics import STAGE_SECONDS
 
 # Allowed moves of the state machine; anything else is a bug or a race that must not win.
@@ -31,7 +32,11 @@ def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_m
     """Move a job to a new state, recording when the stage started; refuse moves the machine does not allow."""
     restart = job.state in RUNNING_STATES and to == State.resolving  # a redelivered job starts its stages again
     if to not in TRANSITIONS[job.state] and not restart and to != job.state:
-        raise Conflict(f"retro test {job.id} cannot go from {job.state.value} to {to.value}")
+        raise Conflict(
+            _("retro test {id} cannot go from {value} to {value2}").format(
+                id=job.id, value=job.state.value, value2=to.value
+            )
+        )
     now = utcnow()
     _observe_stage(job, now)
     log = stage_log_of(job)

@@ -11,6 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.core.jobs import ResultFile, RetroTest, State, job_prefix
 from app.errors import NotFound
+from app.i18n import _
 from app.integrations.storage.results import STAFF_ONLY_KINDS, ResultStore
 
 # A recorded name must be one plain file name; anything else is never opened, whatever the database says.
@@ -181,11 +182,15 @@ def open_download(
     records the download and streams it (stream_slice)."""
     file = find_result_file(job, name, partner=partner)
     if file is None:
-        raise NotFound(f"retro test {job.id} has no result file {name!r}")
+        raise NotFound(_("retro test {id} has no result file {name}").format(id=job.id, name=repr(name)))
     part = choose_slice(size=file.bytes, range_header=range_header, if_range=if_range, etag=etag_of(file))
     if part is None:
         raise RangeNotSatisfiable(file.bytes)
     fh = open_result(store, job, file)
     if fh is None:
-        raise NotFound(f"result file {name!r} of retro test {job.id} is no longer in the result store")
+        raise NotFound(
+            _("result file {name} of retro test {id} is no longer in the result store").format(
+                name=repr(name), id=job.id
+            )
+        )
     return Download(file=file, part=part, fh=fh)

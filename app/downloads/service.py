@@ -18,6 +18,7 @@ from app.downloads.files import Download
 from app.downloads.models import DownloadLink
 from app.downloads.schemas import DownloadOut, LinkOut, LinkState
 from app.errors import Conflict, Invalid, NotFound
+from app.i18n import _
 
 DOWNLOAD_ACTION = "download_link.download"
 _MAX_TOKEN_CHARS = 100
@@ -33,9 +34,16 @@ def create_link(
 ) -> tuple[DownloadLink, str]:
     """A new link to a succeeded job's files; returns the row and the token, which is not stored."""
     if job.state != State.succeeded:
-        raise Conflict(f"a download link needs a succeeded retro test; this one is {job.state.value}")
+        raise Conflict(
+            _("a download link needs a succeeded retro test; this one is {value}").format(value=job.state.value)
+        )
     if not 1 <= expires_in_days <= max_days:
-        raise Invalid(f"a link may last 1 to {max_days} days, not {expires_in_days}", field="expires_in_days")
+        raise Invalid(
+            _("a link may last 1 to {max_days} days, not {expires_in_days}").format(
+                max_days=max_days, expires_in_days=expires_in_days
+            ),
+            field="expires_in_days",
+        )
     token = secrets.token_urlsafe(32)  # 256 random bits
     link = DownloadLink(
         retro_test_id=job.id,
@@ -69,7 +77,7 @@ def revoke_link(*, session: Session, job_id: uuid.UUID, link_id: uuid.UUID, acto
     """Revoke a link of this job; it stops working at once."""
     link = session.get(DownloadLink, link_id)
     if link is None or link.retro_test_id != job_id:
-        raise NotFound(f"retro test {job_id} has no download link {link_id}")
+        raise NotFound(_("retro test {job_id} has no download link {link_id}").format(job_id=job_id, link_id=link_id))
     if link.revoked_at is None:
         link.revoked_at = utcnow()
         link.revoked_by = actor

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.validation import SafeText
 
+# The language of a partner's report and download page; None: RETRO_DEFAULT_LANGUAGE.
+ReportLanguage = Literal["en", "ru"] | None
 PartnerCode = Annotated[str, Field(min_length=2, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
 
@@ -24,6 +26,7 @@ class PartnerCreate(BaseModel):
     contact_email: (
         Annotated[str, Field(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")] | None
     ) = None
+    report_language: ReportLanguage = None
 
 
 class PartnerUpdate(BaseModel):
@@ -33,6 +36,7 @@ class PartnerUpdate(BaseModel):
     contact_email: (
         Annotated[str, Field(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")] | None
     ) = None
+    report_language: ReportLanguage = None
 
 
 class PartnerOut(BaseModel):
@@ -42,4 +46,5 @@ class PartnerOut(BaseModel):
     code: str
     name: str
     contact_email: str | None
+    report_language: str | None
     created_at: datetime

@@ -13,6 +13,7 @@ from app.core.jobs import RetroTest
 from app.core.partners import Partner
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.errors import Conflict, NotFound
+from app.i18n import _
 from app.partners.schemas import PartnerCreate, PartnerUpdate
 
 
@@ -20,7 +21,7 @@ def get_partner(*, session: Session, partner_id: uuid.UUID, scope: PartnerScope)
     """The partner, or NotFound (also when the caller is not assigned to it)."""
     partner = session.get(Partner, partner_id)
     if partner is None or not scope.allows(partner.id):
-        raise NotFound(f"no partner with id {partner_id}")
+        raise NotFound(_("no partner with id {partner_id}").format(partner_id=partner_id))
     return partner
 
 
@@ -40,14 +41,18 @@ def list_partners(*, session: Session, scope: PartnerScope) -> list[Partner]:
 def create_partner(*, session: Session, data: PartnerCreate, actor: str) -> Partner:
     """Add a partner; its code must be new."""
     if find_by_code(session=session, code=data.code) is not None:
-        raise Conflict(f"a partner with code {data.code!r} already exists", field="code")
-    partner = Partner(code=data.code, name=data.name, contact_email=data.contact_email)
+        raise Conflict(_("a partner with code {code} already exists").format(code=repr(data.code)), field="code")
+    partner = Partner(
+        code=data.code, name=data.name, contact_email=data.contact_email, report_language=data.report_language
+    )
     session.add(partner)
     try:
         with session.begin_nested():
             session.flush()
     except IntegrityError:
-        raise Conflict(f"a partner with code {data.code!r} already exists", field="code") from None
+        raise Conflict(
+            _("a partner with code {code} already exists").format(code=repr(data.code)), field="code"
+        ) from None
     record(
         session=session,
         actor=actor,
@@ -88,7 +93,11 @@ def delete_partner(*, session: Session, partner_id: uuid.UUID, actor: str) -> No
     partner = get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
     jobs = count_retro_tests(session=session, partner_id=partner.id)
     if jobs:
-        raise Conflict(f"partner {partner.code!r} has {jobs} retro test(s) and cannot be deleted")
+        raise Conflict(
+            _("partner {code} has {jobs} retro test(s) and cannot be deleted").format(
+                code=repr(partner.code), jobs=jobs
+            )
+        )
     session.delete(partner)
     session.flush()
     record(

@@ -8,6 +8,7 @@ from app.config import Settings
 from app.core.jobs import RetroTest
 from app.db import release_connection
 from app.errors import Upstream
+from app.i18n import _
 from app.integrations.storage.results import ResultStore
 from app.queue import send_retro_test
 from app.retro_tests import service
@@ -49,11 +50,15 @@ def submit(
             except OSError as exc:
                 service.fail_unqueued(session=session, job_id=job.id, reason=f"population not stored: {exc}")
                 session.commit()
-                raise Upstream(f"the population could not be stored, the retro test was not started: {exc}") from exc
+                raise Upstream(
+                    _("the population could not be stored, the retro test was not started: {exc}").format(exc=exc)
+                ) from exc
         try:
             send_retro_test(job.id)
         except Exception as exc:
             service.fail_unqueued(session=session, job_id=job.id, reason=str(exc))
             session.commit()
-            raise Upstream(f"the job queue is unavailable, the retro test was not started: {exc}") from exc
+            raise Upstream(
+                _("the job queue is unavailable, the retro test was not started: {exc}").format(exc=exc)
+            ) from exc
     return job, created

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.errors import InvalidPopulation, PopulationTooLarge
+from app.i18n import _
 
 FIRST_BAD = 5  # lines named in a refusal
 CSV_CHUNK_ROWS = 200_000  # rows parsed and checked at a time (CSV and Parquet alike)
@@ -72,12 +73,13 @@ def read_population(
     id_columns, as_of_column, outcome_column = columns.id_columns, columns.as_of_column, columns.outcome_column
     if len(data) > max_bytes:
         raise PopulationTooLarge(
-            f"the population file is larger than the {max_bytes:,} bytes allowed (RETRO_POPULATION_MAX_BYTES); "
-            "split the request or ask an admin to raise the limit",
+            _(
+                "the population file is larger than the {max_bytes:,} bytes allowed (RETRO_POPULATION_MAX_BYTES); split the request or ask an admin to raise the limit"
+            ).format(max_bytes=max_bytes),
             field="population",
         )
     if not data.strip():
-        raise InvalidPopulation("the population file is empty", field="population")
+        raise InvalidPopulation(_("the population file is empty"), field="population")
     parquet = filename.lower().endswith(".parquet") or data[:4] == _PARQUET_MAGIC
     wanted = [*id_columns, as_of_column]
     keep = [*wanted, outcome_column] if outcome_column else wanted
@@ -91,8 +93,14 @@ def read_population(
     missing = [c for c in wanted if c not in names]
     if missing:
         raise InvalidPopulation(
-            f"the population file lacks column(s) {', '.join(missing)}; it needs {', '.join(wanted)} "
-            f"(and optionally {outcome_column or 'an outcome column'}); it has {', '.join(map(str, names))}",
+            _(
+                "the population file lacks column(s) {value}; it needs {value2} (and optionally {value3}); it has {value4}"
+            ).format(
+                value=", ".join(missing),
+                value2=", ".join(wanted),
+                value3=outcome_column or "an outcome column",
+                value4=", ".join(map(str, names)),
+            ),
             field="population",
         )
     has_outcome = outcome_column is not None and outcome_column in names
@@ -105,7 +113,7 @@ def read_population(
             chunks.append(_check_chunk(frame, columns=found, start=start, end=end, where=where, offset=line))
             line += len(frame)
     if not chunks:
-        raise InvalidPopulation("the population file has a header but no rows", field="population")
+        raise InvalidPopulation(_("the population file has a header but no rows"), field="population")
     table = _assemble(chunks, found)
     _no_duplicates(table, keys=wanted, where=where, offset=offset)
     sink = io.BytesIO()
@@ -158,8 +166,9 @@ def _no_duplicates(table: pa.Table, *, keys: list[str], where: str, offset: int)
         return
     dup = table.select(keys).to_pandas(date_as_object=False).duplicated(keys, keep="first")
     raise InvalidPopulation(
-        f"the population has duplicate ({', '.join(keys)}) pairs at {_lines(dup, where, offset)}; "
-        "each id may appear once per as-of date",
+        _("the population has duplicate ({value}) pairs at {dup}; each id may appear once per as-of date").format(
+            value=", ".join(keys), dup=_lines(dup, where, offset)
+        ),
         field="population",
     )
 
@@ -179,14 +188,15 @@ def _has_repeats(keys: pa.Table) -> bool:
 
 def _too_many_rows(max_rows: int) -> PopulationTooLarge:
     return PopulationTooLarge(
-        f"the population file has more than the {max_rows:,} rows allowed (RETRO_POPULATION_MAX_ROWS); "
-        "split the request or ask an admin to raise the limit",
+        _(
+            "the population file has more than the {max_rows:,} rows allowed (RETRO_POPULATION_MAX_ROWS); split the request or ask an admin to raise the limit"
+        ).format(max_rows=max_rows),
         field="population",
     )
 
 
 def _not_csv(exc: Exception) -> InvalidPopulation:
-    return InvalidPopulation(f"the population file is not a readable CSV: {exc}", field="population")
+    return InvalidPopulation(_("the population file is not a readable CSV: {exc}").format(exc=exc), field="population")
 
 
 def _csv_frames(data: bytes, *, keep: list[str], max_rows: int) -> tuple[list[str], Iterator[pd.DataFrame]]:
@@ -196,7 +206,9 @@ def _csv_frames(data: bytes, *, keep: list[str], max_rows: int) -> tuple[list[st
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InvalidPopulation(
-            f"the population file is not UTF-8: byte {exc.start} (line {line}) cannot be read; save it as UTF-8 CSV",
+            _(
+                "the population file is not UTF-8: byte {start} (line {line}) cannot be read; save it as UTF-8 CSV"
+            ).format(start=exc.start, line=line),
             field="population",
         ) from exc
     try:
@@ -222,7 +234,9 @@ def _csv_chunks(data: bytes, *, keep: list[str], max_rows: int) -> Iterator[pd.D
 
 
 def _not_parquet(exc: Exception) -> InvalidPopulation:
-    return InvalidPopulation(f"the population file is not a readable Parquet file: {exc}", field="population")
+    return InvalidPopulation(
+        _("the population file is not a readable Parquet file: {exc}").format(exc=exc), field="population"
+    )
 
 
 def _parquet_frames(
@@ -262,7 +276,9 @@ def _check_id_type(name: str, arrow_type: pa.DataType) -> None:
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return
     raise InvalidPopulation(
-        f"column {name} is {arrow_type} in the Parquet file; an id column must hold whole numbers or text (UTF-8)",
+        _(
+            "column {name} is {arrow_type} in the Parquet file; an id column must hold whole numbers or text (UTF-8)"
+        ).format(name=name, arrow_type=arrow_type),
         field="population",
     )
 
@@ -284,7 +300,10 @@ def _ids(values: pd.Series, *, column: str, where: str, offset: int) -> tuple[pa
     blank = _blank(values)
     if blank.any():
         raise InvalidPopulation(
-            f"column {column} is empty at {_lines(blank, where, offset)}; every row needs its id", field="population"
+            _("column {column} is empty at {blank}; every row needs its id").format(
+                column=column, blank=_lines(blank, where, offset)
+            ),
+            field="population",
         )
     if pd.api.types.is_numeric_dtype(values):
         return pa.array(_whole_ids(values, column=column, where=where, offset=offset), pa.int64()), None
@@ -309,7 +328,9 @@ def _whole_ids(values: pd.Series, *, column: str, where: str, offset: int) -> pd
     bad = ~_fit_int64(values)
     if bad.any():
         raise InvalidPopulation(
-            f"column {column} has values that are not whole numbers that fit a 64-bit id at {_lines(bad, where, offset)}",
+            _("column {column} has values that are not whole numbers that fit a 64-bit id at {bad}").format(
+                column=column, bad=_lines(bad, where, offset)
+            ),
             field="population",
         )
     return values.astype("int64")
@@ -324,7 +345,9 @@ def _dates(values: pd.Series, *, column: str, where: str, offset: int) -> pd.Ser
     bad = parsed.isna()
     if bad.any():
         raise InvalidPopulation(
-            f"column {column} has values that are not dates (YYYY-MM-DD) at {_lines(bad, where, offset)}",
+            _("column {column} has values that are not dates (YYYY-MM-DD) at {bad}").format(
+                column=column, bad=_lines(bad, where, offset)
+            ),
             field="population",
         )
     return parsed.dt.normalize()  # datetime64, not a Python date object per row (a tenth of the memory)
@@ -334,7 +357,9 @@ def _inside(days: pd.Series, *, column: str, start: date, end: date, where: str,
     outside = (days < pd.Timestamp(start)) | (days > pd.Timestamp(end))
     if outside.any():
         raise InvalidPopulation(
-            f"column {column} has dates outside the period {start} to {end} at {_lines(outside, where, offset)}",
+            _("column {column} has dates outside the period {start} to {end} at {outside}").format(
+                column=column, start=start, end=end, outside=_lines(outside, where, offset)
+            ),
             field="population",
         )
 
@@ -344,6 +369,9 @@ def _outcomes(values: pd.Series, *, column: str, where: str, offset: int) -> pd.
     bad = ~numbers.isin([0, 1])
     if bad.any():
         raise InvalidPopulation(
-            f"column {column} must be 0 or 1; it is not at {_lines(bad, where, offset)}", field="population"
+            _("column {column} must be 0 or 1; it is not at {bad}").format(
+                column=column, bad=_lines(bad, where, offset)
+            ),
+            field="population",
         )
     return numbers.astype("int8")

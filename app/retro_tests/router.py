@@ -19,6 +19,7 @@ from app.core.jobs import get_retro_test as load_retro_test  # this module's get
 from app.db import get_session, release_connection
 from app.downloads import files as result_files
 from app.errors import Invalid
+from app.i18n import _
 from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
@@ -148,7 +149,7 @@ class PopulationForm:
     population: StarletteUpload
 
 
-async def population_form(request: Request, _: CurrentUser) -> AsyncIterator[PopulationForm]:
+async def population_form(request: Request, _user: CurrentUser) -> AsyncIterator[PopulationForm]:
     """The body, read only now that the caller is known (FastAPI reads declared Form/File fields before any
     dependency, so the route declares none): an anonymous caller never gets past RETRO_MAX_BODY_BYTES."""
     allow_upload(request.scope)
@@ -156,9 +157,9 @@ async def population_form(request: Request, _: CurrentUser) -> AsyncIterator[Pop
     try:
         request_json, population = form.get("request"), form.get("population")
         if not isinstance(request_json, str):
-            raise Invalid("send the request's JSON as the multipart field `request`", field="request")
+            raise Invalid(_("send the request's JSON as the multipart field `request`"), field="request")
         if not isinstance(population, StarletteUpload):
-            raise Invalid("send the population file as the multipart file field `population`", field="population")
+            raise Invalid(_("send the population file as the multipart file field `population`"), field="population")
         yield PopulationForm(request_json=request_json, population=population)
     finally:
         await form.close()
@@ -213,7 +214,7 @@ def parse_request_json(text: str) -> RetroTestCreate:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "request"
-        raise Invalid(f"request: {field}: {first['msg']}", field=field) from exc
+        raise Invalid(_("request: {field}: {msg}").format(field=field, msg=first["msg"]), field=field) from exc
 
 
 def submit(

@@ -53,6 +53,7 @@ class JobSpec:
     chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
     population: dict[str, Any] | None = None  # the partner's population, as the API recorded it (RetroTest.population)
     partner_name: str = ""  # as the partner's report names it
+    report_language: str | None = None  # the partner's report language (None: RETRO_DEFAULT_LANGUAGE)
     require_full_period: bool = False  # refuse a period with days that have no history
     days_without_history: tuple[str, ...] | None = None  # YYYY-MM-DD, as found so far (None: not known yet)
 
@@ -137,6 +138,7 @@ def _spec(session: Session, job: RetroTest) -> JobSpec:
         chunk_plan=job.chunk_plan,
         population=job.population,
         partner_name=session.scalar(select(Partner.name).where(Partner.id == job.partner_id)) or "",
+        report_language=session.scalar(select(Partner.report_language).where(Partner.id == job.partner_id)),
         require_full_period=bool(job.require_full_period),
         days_without_history=tuple(job.days_without_history) if job.days_without_history is not None else None,
     )

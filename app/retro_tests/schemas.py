@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from app.config import OutputFormat
 from app.core.jobs import State
+from app.i18n import _
 from app.validation import NO_CONTROL_PATTERN, IsoDate, JsonInt, Name, SafeText
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -79,7 +80,7 @@ class RetroTestCreate(BaseModel):
     @model_validator(mode="after")
     def _one_of_version_or_alias(self) -> RetroTestCreate:
         if (self.model_version is None) == (self.model_alias is None):
-            raise ValueError("give exactly one of model_version or model_alias")
+            raise ValueError(_("give exactly one of model_version or model_alias"))
         return self
 
 

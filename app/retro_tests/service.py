@@ -37,6 +37,7 @@ from app.errors import (
     PartnerNotFound,
     PeriodTooLong,
 )
+from app.i18n import _
 from app.partners.service import find_by_code
 from app.retro_tests.population import Population, PopulationColumns, PopulationUpload, read_population
 from app.retro_tests.schemas import JobFilters, RetroTestCreate
@@ -64,8 +65,9 @@ def check_id_types(*, history: HistoryCoverage, table: str, population: Populati
         wanted, got = have.get(name.lower()), sent.field(name).type
         if wanted is not None and pa.types.is_integer(wanted) and not pa.types.is_integer(got):
             raise InvalidPopulation(
-                f"column {name} holds text ({got}) in the population but whole numbers ({wanted}) in history table "
-                f"{table}; send ids that are whole numbers",
+                _(
+                    "column {name} holds text ({got}) in the population but whole numbers ({wanted}) in history table {table}; send ids that are whole numbers"
+                ).format(name=name, got=got, wanted=wanted, table=table),
                 field="population",
             )
 
@@ -83,16 +85,17 @@ def check_history(
     first, last = days[0], days[-1]
     if end < first or start > last:
         raise NoHistoryInPeriod(
-            f"history table {table} has no rows between {start} and {end}; "
-            f"it has history from {first} to {last}: choose days in that range",
+            _(
+                "history table {table} has no rows between {start} and {end}; it has history from {first} to {last}: choose days in that range"
+            ).format(table=table, start=start, end=end, first=first, last=last),
             field="period_start",
         )
     missing = missing_days(start=start, end=end, days_with_history=days)
     if missing and require_full:
         raise NoHistoryInPeriod(
-            f"history table {table} has no rows on {len(missing)} of the {(end - start).days + 1} days of the period "
-            f"({days_text(missing)}); choose days with history, or submit without require_full_period to score the "
-            "days there are",
+            _(
+                "history table {table} has no rows on {missing} of the {value} days of the period ({missing2}); choose days with history, or submit without require_full_period to score the days there are"
+            ).format(table=table, missing=len(missing), value=(end - start).days + 1, missing2=days_text(missing)),
             field="period_start",
         )
     return missing
@@ -102,13 +105,22 @@ def check_period(*, start: date, end: date, max_days: int, today: date | None = 
     """Refuse periods that are reversed, reach into the future, or are longer than allowed."""
     today = today or utcnow().date()
     if start > end:
-        raise InvalidPeriod(f"the first day ({start}) is after the last day ({end})", field="period_start")
+        raise InvalidPeriod(
+            _("the first day ({start}) is after the last day ({end})").format(start=start, end=end),
+            field="period_start",
+        )
     if end > today:
-        raise InvalidPeriod(f"the last day ({end}) is in the future (today is {today})", field="period_end")
+        raise InvalidPeriod(
+            _("the last day ({end}) is in the future (today is {today})").format(end=end, today=today),
+            field="period_end",
+        )
     days = (end - start).days + 1
     if days > max_days:
         raise PeriodTooLong(
-            f"the period covers {days} days; at most {max_days} are allowed in one retro test", field="period_end"
+            _("the period covers {days} days; at most {max_days} are allowed in one retro test").format(
+                days=days, max_days=max_days
+            ),
+            field="period_end",
         )
 
 
@@ -151,13 +163,18 @@ def _unknown_partner(session: Session, code: str, scope: PartnerScope) -> Partne
         visible = visible.where(Partner.id.in_(scope.partner_ids or ()))
     codes = list(session.scalars(visible.order_by(Partner.code).limit(10_000)))
     near = difflib.get_close_matches(code, codes, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+    hint = _("; did you mean {names}?").format(names=", ".join(repr(c) for c in near)) if near else ""
     if scope.everything:
         return PartnerNotFound(
-            f"no partner with code {code!r}{hint} (an admin adds partners on the Partners page)", field="partner_code"
+            _("no partner with code {code}{hint} (an admin adds partners on the Partners page)").format(
+                code=repr(code), hint=hint
+            ),
+            field="partner_code",
         )
     return PartnerNotFound(
-        f"no partner with code {code!r} is assigned to you{hint} (an admin can add it or assign it to you)",
+        _("no partner with code {code} is assigned to you{hint} (an admin can add it or assign it to you)").format(
+            code=repr(code), hint=hint
+        ),
         field="partner_code",
     )
 
@@ -172,13 +189,14 @@ def check_source_override(*, override: Mapping[str, object], model: ModelVersion
         return
     if not scope.everything:
         raise Forbidden(
-            "only an admin may set `source`; ask one, or tag the model version with where its history lives"
+            _("only an admin may set `source`; ask one, or tag the model version with where its history lives")
         )
     own = model.own_id_columns()
     asked = override.get("id_columns")
     if own and isinstance(asked, list) and not set(asked) <= set(own):
         raise Invalid(
-            f"source.id_columns may only name the model's own id columns ({', '.join(own)})", field="source.id_columns"
+            _("source.id_columns may only name the model's own id columns ({value})").format(value=", ".join(own)),
+            field="source.id_columns",
         )
 
 
@@ -242,7 +260,7 @@ def requested_partner(*, session: Session, settings: Settings, request: RetroTes
     data, scope = request.data, request.scope
     check_period(start=data.period_start, end=data.period_end, max_days=settings.max_period_days)
     if request.upload is None and data.lookback_days:
-        raise InvalidPopulation("lookback_days applies to a population; send a population file with it")
+        raise InvalidPopulation(_("lookback_days applies to a population; send a population file with it"))
     partner = find_by_code(session=session, code=data.partner_code)
     if partner is None or not scope.allows(partner.id):
         raise _unknown_partner(session, data.partner_code, scope)
@@ -386,8 +404,9 @@ def _check_population(
     for name in (data.as_of_column, data.outcome_column):
         if name in taken or name in spec.id_columns:
             raise InvalidPopulation(
-                f"the population's column name {name!r} is also a history column or model input/output; "
-                "rename it in the file and in as_of_column / outcome_column",
+                _(
+                    "the population's column name {name} is also a history column or model input/output; rename it in the file and in as_of_column / outcome_column"
+                ).format(name=repr(name)),
                 field="as_of_column",
             )
     columns = PopulationColumns(
@@ -485,7 +504,7 @@ def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope)
     """What the public view of one job shows, or NotFound (also when it is another account manager's)."""
     job = session.execute(JOB_VIEW.where(RetroTest.id == job_id)).one_or_none()
     if job is None or not scope.allows(job.partner_id):
-        raise NotFound(f"no retro test with id {job_id}")
+        raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
     files = _view_files(session, [job], ResultFile.retro_test_id == job_id)
     return JobRead(job, files.get(job.id, []))
 
@@ -563,7 +582,11 @@ def request_cancel(*, session: Session, job_id: uuid.UUID, actor: str, scope: Pa
     """Cancel a job: a queued one at once, a running one by flagging it for its worker."""
     job = get_retro_test(session=session, job_id=job_id, scope=scope)
     if job.state in TERMINAL_STATES:
-        raise Conflict(f"retro test {job_id} is already {job.state.value} and cannot be cancelled")
+        raise Conflict(
+            _("retro test {job_id} is already {value} and cannot be cancelled").format(
+                job_id=job_id, value=job.state.value
+            )
+        )
     job.cancel_requested = True
     if job.state == State.queued:
         advance(job, State.cancelled, error_code="cancelled", error_message=f"cancelled by {actor} before it started")

@@ -13,6 +13,7 @@ from fastapi import Request
 from app.config import get_settings
 from app.core.jobs import TERMINAL_STATES, State
 from app.core.periods import period_warnings
+from app.i18n import N_, _
 from app.retro_tests.schemas import RetroTestOut
 from app.retro_tests.service import JobRead, ViewRow
 
@@ -147,23 +148,23 @@ def _stages(job: ViewRow) -> list[dict[str, Any]]:
 
 # What each stage is doing, in words a person follows ("deploying" at 0% for 15 s says nothing).
 ACTIVITY: dict[str, str] = {
-    State.queued: "waiting for a worker",
-    State.resolving: "looking the model version up in MLflow",
-    State.extracting: "counting the period's rows in the history source (a Hive query can take minutes)",
-    State.preparing_environment: "building the model's own Python environment (cached after the first job)",
-    State.deploying: "starting the model server",
-    State.validating: "checking the model on sample rows",
-    State.scoring: "reading history and scoring rows",
-    State.publishing: "writing results",
-    State.succeeded: "done",
-    State.failed: "stopped: see the error",
-    State.cancelled: "cancelled",
+    State.queued: N_("waiting for a worker"),
+    State.resolving: N_("looking the model version up in MLflow"),
+    State.extracting: N_("counting the period's rows in the history source (a Hive query can take minutes)"),
+    State.preparing_environment: N_("building the model's own Python environment (cached after the first job)"),
+    State.deploying: N_("starting the model server"),
+    State.validating: N_("checking the model on sample rows"),
+    State.scoring: N_("reading history and scoring rows"),
+    State.publishing: N_("writing results"),
+    State.succeeded: N_("done"),
+    State.failed: N_("stopped: see the error"),
+    State.cancelled: N_("cancelled"),
 }
 
 
 def activity(state: str) -> str:
     """What a job in this state is doing, in words."""
-    return ACTIVITY.get(state, state)
+    return _(ACTIVITY[state]) if state in ACTIVITY else state
 
 
 def _aware(moment: datetime) -> datetime:

@@ -22,6 +22,7 @@ from app.auth.schemas import TokenCreate
 from app.config import Settings, get_settings
 from app.db import get_session
 from app.errors import AppError, NotFound
+from app.i18n import N_, _
 from app.web.deps import NO_FEEDBACK, Feedback, WebUser, csrf_guard, field_errors, render
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
 OIDC_CALLBACK = "/auth/oidc/callback"
-WRONG_PASSWORD = "Wrong username or password, or the account is deactivated."
+WRONG_PASSWORD = N_("Wrong username or password, or the account is deactivated.")
 
 
 def safe_next(value: str | None) -> str:
@@ -91,7 +92,7 @@ def login(
     """Check a username and password (unless throttled); on success start a session (a new cookie and CSRF token)."""
     if any(ord(c) < 32 or ord(c) == 127 for c in username):
         # No account has such a name, and PostgreSQL cannot even hold a NUL to look it up: a wrong name, at once.
-        return _login_page(request, settings, next_url=safe_next(next), error=WRONG_PASSWORD, status_code=401)
+        return _login_page(request, settings, next_url=safe_next(next), error=_(WRONG_PASSWORD), status_code=401)
     address = request.client.host if request.client else "?"
     counted = throttle.bars(settings=settings, username=username, address=address)
     try:
@@ -104,7 +105,7 @@ def login(
             if address_wait_s:
                 raise throttle.TooManySignIns(address_wait_s)
             return _login_page(
-                request, settings, next_url=safe_next(next), username=username, error=WRONG_PASSWORD, status_code=401
+                request, settings, next_url=safe_next(next), username=username, error=_(WRONG_PASSWORD), status_code=401
             )
         throttle.admit(session=session, settings=settings, checked=counted, address_wait_s=address_wait_s)
     except throttle.TooManySignIns as exc:
@@ -132,7 +133,7 @@ def oidc_start(
 ) -> RedirectResponse:
     """Send the browser to the identity provider, remembering state, nonce and PKCE verifier in the session."""
     if not settings.oidc_enabled():
-        raise NotFound("single sign-on is not configured")
+        raise NotFound(_("single sign-on is not configured"))
     auth = oidc.start(settings, redirect_uri=settings.public_base_url.rstrip("/") + OIDC_CALLBACK)
     request.session["oidc"] = {
         "state": auth.state,
@@ -154,7 +155,7 @@ def oidc_callback(
 ) -> Response:
     """The identity provider sends the browser back here; verify everything before signing anyone in."""
     if not settings.oidc_enabled():
-        raise NotFound("single sign-on is not configured")
+        raise NotFound(_("single sign-on is not configured"))
     pending = request.session.pop("oidc", None)
     next_url = pending.get("next", "/jobs") if isinstance(pending, dict) else "/jobs"
 
@@ -162,9 +163,9 @@ def oidc_callback(
         return _login_page(request, settings, next_url=next_url, error=message, status_code=status_code)
 
     if error:
-        return refuse(f"Single sign-on did not complete: {error}.")
+        return refuse(_("Single sign-on did not complete: {error}.").format(error=error))
     if not isinstance(pending, dict) or not state or not secrets.compare_digest(str(pending.get("state")), state):
-        return refuse("This single sign-on answer does not belong to a sign-in started here; try again.")
+        return refuse(_("This single sign-on answer does not belong to a sign-in started here; try again."))
     try:
         claims = oidc.finish(
             settings,
@@ -174,10 +175,13 @@ def oidc_callback(
             nonce=str(pending["nonce"]),
         )
     except AppError as exc:
-        return refuse(f"Single sign-on failed: {exc.detail}", exc.status_code)
+        return refuse(_("Single sign-on failed: {detail}").format(detail=exc.detail), exc.status_code)
     username = str(claims.get(settings.oidc_username_claim) or "")
     if not _USERNAME.fullmatch(username):
-        return refuse(f"Your single sign-on account has no usable {settings.oidc_username_claim!r}.", 403)
+        return refuse(
+            _("Your single sign-on account has no usable {claim}.").format(claim=repr(settings.oidc_username_claim)),
+            403,
+        )
     user = auth_service.sign_in_oidc(
         session=session,
         subject=f"{claims['iss']} {claims['sub']}",
@@ -186,7 +190,7 @@ def oidc_callback(
     )
     if user is None:
         session.rollback()
-        return refuse(f"{username!r} may not sign in here; ask an admin.", 403)
+        return refuse(_("{username} may not sign in here; ask an admin.").format(username=repr(username)), 403)
     return _signed_in(request, session, user, via="oidc", next_url=next_url)
 
 
@@ -207,8 +211,9 @@ def _tokens_page(
             "tokens": auth_service.list_api_tokens(session=session, user=user),
             "form": form,
             "errors": feedback.errors,
-            "labels": {"name": "Token name"},
+            "labels": {"name": _("Token name")},
             "new_token": new_token,
+            "notice": feedback.notice,
         },
         user=user,
         status_code=feedback.status_code,
@@ -216,8 +221,26 @@ def _tokens_page(
 
 
 @router.get("/account/tokens", response_class=HTMLResponse)
-def tokens_page(request: Request, user: WebUser, session: Annotated[Session, Depends(get_session)]) -> HTMLResponse:
-    return _tokens_page(request, session, user, form={"name": ""})
+def tokens_page(
+    request: Request,
+    user: WebUser,
+    session: Annotated[Session, Depends(get_session)],
+    saved: Annotated[str, Query(max_length=8)] = "",
+) -> HTMLResponse:
+    notice = _("Language saved.") if saved else None
+    return _tokens_page(request, session, user, form={"name": ""}, feedback=Feedback(notice=notice))
+
+
+@router.post("/account/language")
+def save_language(
+    user: WebUser,
+    session: Annotated[Session, Depends(get_session)],
+    language: Annotated[str, Form(max_length=8)] = "",
+) -> RedirectResponse:
+    """The user's language for pages and messages; empty: as the browser asks (Accept-Language)."""
+    auth_service.set_language(session=session, user=user, language=language or None, actor=user.username)
+    session.commit()
+    return RedirectResponse("/account/tokens?saved=1", status_code=303)
 
 
 @router.post("/account/tokens", response_class=HTMLResponse)

@@ -14,10 +14,12 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.auth.models import Role, User
 from app.auth.schemas import UserCreate, UserUpdate
+from app.config import get_settings
 from app.core.partners import Partner
 from app.core.scope import ALL_PARTNERS
 from app.db import get_session
 from app.errors import AppError
+from app.i18n import N_, _, translate_values
 from app.partners import service as partners
 from app.partners.schemas import PartnerCreate, PartnerUpdate
 from app.web.deps import (
@@ -34,8 +36,14 @@ from app.web.deps import (
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
-PARTNER_LABELS = {"code": "Code", "name": "Name", "contact_email": "Contact e-mail", "usernames": "Account managers"}
-USER_LABELS = {"username": "Username", "role": "Role", "password": "Password"}
+PARTNER_LABELS = {
+    "code": N_("Code"),
+    "name": N_("Name"),
+    "contact_email": N_("Contact e-mail"),
+    "report_language": N_("Report language"),
+    "usernames": N_("Account managers"),
+}
+USER_LABELS = {"username": N_("Username"), "role": N_("Role"), "password": N_("Password")}
 
 
 def _partner_field(name: str | None) -> str:
@@ -59,7 +67,7 @@ def partner_list(
     managers = {
         p.id: [u.username for u in auth_service.partner_managers(session=session, partner_id=p.id)] for p in rows
     }
-    notice = f"Partner {deleted} was deleted." if deleted else None
+    notice = _("Partner {code} was deleted.").format(code=deleted) if deleted else None
     return render(
         request,
         "partners/list.html",
@@ -86,7 +94,8 @@ def _partner_page(
             "partner": partner,
             "form": form,
             "errors": feedback.errors,
-            "labels": PARTNER_LABELS,
+            "labels": translate_values(PARTNER_LABELS),
+            "default_language": get_settings().default_language,
             "candidates": candidates,
             "notice": feedback.notice,
             "job_count": partners.count_retro_tests(session=session, partner_id=partner.id) if partner else 0,
@@ -100,7 +109,7 @@ def _partner_page(
 def new_partner_form(
     request: Request, admin: WebAdmin, session: Annotated[Session, Depends(get_session)]
 ) -> HTMLResponse:
-    form: dict[str, object] = {"code": "", "name": "", "contact_email": ""}
+    form: dict[str, object] = {"code": "", "name": "", "contact_email": "", "report_language": ""}
     return _partner_page(request, session, admin, partner=None, form=form)
 
 
@@ -112,10 +121,23 @@ def create_partner(
     code: Annotated[str, Form(max_length=200)] = "",
     name: Annotated[str, Form(max_length=400)] = "",
     contact_email: Annotated[str, Form(max_length=400)] = "",
+    report_language: Annotated[str, Form(max_length=8)] = "",
 ) -> Response:
-    form: dict[str, object] = {"code": code, "name": name, "contact_email": contact_email}
+    form: dict[str, object] = {
+        "code": code,
+        "name": name,
+        "contact_email": contact_email,
+        "report_language": report_language,
+    }
     try:
-        data = PartnerCreate(code=code, name=name, contact_email=contact_email or None)
+        data = PartnerCreate.model_validate(
+            {
+                "code": code,
+                "name": name,
+                "contact_email": contact_email or None,
+                "report_language": report_language or None,
+            }
+        )
         partner = partners.create_partner(session=session, data=data, actor=admin.username)
     except (ValidationError, AppError) as exc:
         session.rollback()
@@ -138,9 +160,10 @@ def edit_partner_form(
     form: dict[str, object] = {
         "name": partner.name,
         "contact_email": partner.contact_email or "",
+        "report_language": partner.report_language or "",
         "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
     }
-    notice = "Saved." if saved else None
+    notice = _("Saved.") if saved else None
     return _partner_page(request, session, admin, partner=partner, form=form, feedback=Feedback(notice=notice))
 
 
@@ -149,6 +172,7 @@ class PartnerForm(BaseModel):
 
     name: str = Field(default="", max_length=400)
     contact_email: str = Field(default="", max_length=400)
+    report_language: str = Field(default="", max_length=8)
     managers: list[str] = []
 
 
@@ -164,7 +188,13 @@ def update_partner(
     partner = partners.get_partner(session=session, partner_id=partner_id, scope=ALL_PARTNERS)
     form: dict[str, object] = fields.model_dump()
     try:
-        data = PartnerUpdate(name=fields.name, contact_email=fields.contact_email or None)
+        data = PartnerUpdate.model_validate(
+            {
+                "name": fields.name,
+                "contact_email": fields.contact_email or None,
+                "report_language": fields.report_language or None,
+            }
+        )
         partners.update_partner(session=session, partner_id=partner.id, data=data, actor=admin.username)
         auth_service.set_partner_managers(
             session=session, partner=partner, usernames=fields.managers, actor=admin.username
@@ -191,6 +221,7 @@ def delete_partner(
         form: dict[str, object] = {
             "name": partner.name,
             "contact_email": partner.contact_email or "",
+            "report_language": partner.report_language or "",
             "managers": [u.username for u in auth_service.partner_managers(session=session, partner_id=partner.id)],
         }
         feedback = Feedback(errors={"form": exc.detail}, status_code=exc.status_code)
@@ -211,7 +242,7 @@ def _users_page(
             "roles": list(Role),
             "form": form,
             "errors": feedback.errors,
-            "labels": USER_LABELS,
+            "labels": translate_values(USER_LABELS),
             "notice": feedback.notice,
             "action_error": feedback.action_error,
         },
@@ -230,7 +261,7 @@ def users_page(
     session: Annotated[Session, Depends(get_session)],
     saved: Annotated[str, Query(max_length=150)] = "",
 ) -> HTMLResponse:
-    notice = f"Saved {saved}." if saved else None
+    notice = _("Saved {user}.").format(user=saved) if saved else None
     return _users_page(request, session, admin, form=dict(_EMPTY_USER), feedback=Feedback(notice=notice))
 
 

@@ -18,6 +18,8 @@ from app.config import Settings, get_settings
 from app.core.scope import PartnerScope
 from app.db import get_session, release_connection
 from app.errors import AppError, Forbidden, Unauthorized
+from app.i18n import _
+from app.validation import error_message
 from app.web.templating import templates
 
 WEB_HEADERS = {
@@ -44,7 +46,7 @@ def web_user(request: Request, session: Annotated[Session, Depends(get_session)]
     user = session_user(request, session)
     release_connection(session)
     if user is None:
-        raise SignInRequired("sign in to see this page")
+        raise SignInRequired(_("sign in to see this page"))
     return user
 
 
@@ -62,7 +64,7 @@ WebScope = Annotated[PartnerScope, Depends(web_scope)]
 
 def web_admin(user: WebUser) -> User:
     if not user.is_admin:
-        raise Forbidden("only an admin may open this page")
+        raise Forbidden(_("only an admin may open this page"))
     return user
 
 
@@ -120,7 +122,7 @@ async def csrf_guard(request: Request) -> None:
     if presented is None:
         presented = (await request.form()).get("csrf_token")
     if not isinstance(presented, str) or not csrf_matches(request, presented):
-        raise Forbidden("the form's security token is missing or out of date; reload the page and try again")
+        raise Forbidden(_("the form's security token is missing or out of date; reload the page and try again"))
 
 
 def render(
@@ -142,8 +144,7 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
         name = loc[0] if loc else "__root__"
-        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        errors.setdefault(name, message)
+        errors.setdefault(name, error_message(err))
     return errors
 
 

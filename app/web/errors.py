@@ -12,13 +12,14 @@ from fastapi.responses import RedirectResponse, Response
 from app.auth.deps import session_user
 from app.auth.models import User
 from app.db import get_session_factory
+from app.i18n import N_, _
 from app.web.deps import render
 from app.web.partner import link_not_found
 
 log = logging.getLogger(__name__)
 
 WEB_SECTIONS = frozenset({"", "jobs", "partners", "account", "admin", "login", "logout", "auth"})
-TITLES = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 409: "Cannot do that now"}
+TITLES = {401: N_("Please sign in"), 403: N_("Not allowed"), 404: N_("Not found"), 409: N_("Cannot do that now")}
 
 
 def page_kind(path: str) -> Literal["link", "web", "api"]:
@@ -40,7 +41,7 @@ def error_page(request: Request, *, status_code: int, detail: str) -> Response |
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
     signed_in = isinstance(request.session.get("uid"), str)
-    title = TITLES.get(status_code, "Something went wrong" if status_code >= 500 else "Cannot do that")
+    title = _(TITLES.get(status_code, N_("Something went wrong") if status_code >= 500 else N_("Cannot do that")))
     user = _signed_in_user(request) if signed_in and status_code < 500 else None
     return render(
         request,

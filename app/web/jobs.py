@@ -24,6 +24,7 @@ from app.core.periods import days_text
 from app.db import get_session, release_connection
 from app.downloads import service as links
 from app.errors import AppError, Conflict
+from app.i18n import N_, _, translate_values
 from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_history_source, get_registry, get_result_store
@@ -41,18 +42,18 @@ from app.web.deps import NO_FEEDBACK, Feedback, Page, WebPage, WebScope, WebUser
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
 PAGE_SIZE = 25
-FORMATS = [("", "Parquet and CSV (gzip)"), ("parquet", "Parquet only"), ("csv.gz", "CSV (gzip) only")]
+FORMATS = [("", N_("Parquet and CSV (gzip)")), ("parquet", N_("Parquet only")), ("csv.gz", N_("CSV (gzip) only"))]
 LABELS = {
-    "partner_code": "Partner",
-    "model_name": "Model",
-    "model_ref": "Version or alias",
-    "period_start": "First day",
-    "period_end": "Last day",
-    "output_format": "Output format",
-    "population": "Population file",
-    "lookback_days": "Lookback days",
-    "require_full_period": "Full period only",
-    "note": "Note",
+    "partner_code": N_("Partner"),
+    "model_name": N_("Model"),
+    "model_ref": N_("Version or alias"),
+    "period_start": N_("First day"),
+    "period_end": N_("Last day"),
+    "output_format": N_("Output format"),
+    "population": N_("Population file"),
+    "lookback_days": N_("Lookback days"),
+    "require_full_period": N_("Full period only"),
+    "note": N_("Note"),
 }
 # Where the API's field names land on this form; a model-level refusal ("give exactly one ...") lands on model_ref.
 FIELD_OF = {
@@ -130,9 +131,13 @@ def model_ref_groups(registry: MlflowRegistry, model_name: str) -> list[tuple[st
     aliases = sorted((alias, v["version"]) for v in versions for alias in v["aliases"])
     groups = []
     if aliases:
-        groups.append(("Aliases", [(f"alias:{a}", f"{a} (now version {v})") for a, v in aliases]))
+        now = _("{alias} (now version {version})")
+        groups.append((_("Aliases"), [(f"alias:{a}", now.format(alias=a, version=v)) for a, v in aliases]))
     if versions:
-        groups.append(("Versions", [(f"version:{v['version']}", f"version {v['version']}") for v in versions]))
+        label = _("version {version}")
+        groups.append(
+            (_("Versions"), [(f"version:{v['version']}", label.format(version=v["version"])) for v in versions])
+        )
     return groups
 
 
@@ -151,7 +156,7 @@ def history_hint(registry: MlflowRegistry, model_name: str) -> str:
         return ""
     if not days:
         return ""
-    return f"{spec.table} has history from {days[0]} to {days[-1]}."
+    return _("{table} has history from {first} to {last}.").format(table=spec.table, first=days[0], last=days[-1])
 
 
 @router.get("/jobs/model-options")
@@ -187,13 +192,13 @@ def _form_page(
             "active": "new",
             "form": form,
             "errors": errors,
-            "labels": LABELS,
+            "labels": translate_values(LABELS),
             "partners": partners.list_partners(session=web.session, scope=web.scope),
             "models": models,
             "model_names": {m["name"] for m in models},
             "model_refs": model_ref_groups(registry, form.get("model_name", "")),
             "history_hint": history_hint(registry, form.get("model_name", "")),
-            "formats": FORMATS,
+            "formats": [(value, _(label)) for value, label in FORMATS],
             "today": date.today().isoformat(),
         },
         user=web.user,
@@ -312,17 +317,17 @@ def _expiry_choices(settings: Settings) -> list[int]:
 
 # What each stage is called on the pages (the API keeps the state names).
 STAGE_LABELS = {
-    "queued": "Waiting in the queue",
-    "resolving": "Finding the model version",
-    "extracting": "Reading the customers' history",
-    "preparing_environment": "Preparing the model's own environment",
-    "deploying": "Starting the model server",
-    "validating": "Checking the server against reference scores",
-    "scoring": "Scoring the rows",
-    "publishing": "Writing the results and the report",
-    "succeeded": "Finished",
-    "failed": "Failed",
-    "cancelled": "Cancelled",
+    "queued": N_("Waiting in the queue"),
+    "resolving": N_("Finding the model version"),
+    "extracting": N_("Reading the customers' history"),
+    "preparing_environment": N_("Preparing the model's own environment"),
+    "deploying": N_("Starting the model server"),
+    "validating": N_("Checking the server against reference scores"),
+    "scoring": N_("Scoring the rows"),
+    "publishing": N_("Writing the results and the report"),
+    "succeeded": N_("Finished"),
+    "failed": N_("Failed"),
+    "cancelled": N_("Cancelled"),
 }
 
 # report.json is a few KiB; a file past this is not read into a page.
@@ -357,7 +362,7 @@ def _job_page(web: Page, *, job_id: uuid.UUID, status_code: int = 200, **extra: 
         "active": "jobs",
         "job": job,
         "report": next((f for f in job.files if f.kind == "report" and f.format == "html"), None),
-        "stage_labels": STAGE_LABELS,
+        "stage_labels": translate_values(STAGE_LABELS),
         "terminal": job.state in TERMINAL_STATES,
         "links": [links.link_out(link) for link in links.list_links(session=session, job_id=job.id)],
         "downloads": links.download_history(session=session, job_id=job.id),
@@ -380,7 +385,7 @@ NEW_LINK_KEY = "new_link"
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: uuid.UUID, web: WebPage, existing: Annotated[str, Query(max_length=8)] = "") -> HTMLResponse:
     """One retro test: stages, live progress, error, result files, partner links and downloads."""
-    notice = "An identical request is already running; this is that retro test." if existing else None
+    notice = _("An identical request is already running; this is that retro test.") if existing else None
     return _job_page(web, job_id=job_id, notice=notice, **_new_link(web, job_id=job_id))
 
 

@@ -12,6 +12,7 @@ from app.db import get_session, release_connection
 from app.downloads import files
 from app.downloads import service as links
 from app.errors import NotFound
+from app.i18n import _, current_language, set_language
 from app.integrations.storage.results import ResultStore
 from app.integrations.wiring import get_result_store
 from app.web.templating import templates
@@ -29,16 +30,23 @@ PARTNER_HEADERS = {
 
 # One page for every link that does not work (unknown, expired, revoked, tampered) and every file it lacks:
 # the same status and the same bytes, so a guesser learns nothing.
+# In the language the browser asks for: the same bytes for every bad link from one browser.
 NOT_FOUND_HTML = (
-    "<!doctype html><html lang=en><head><meta charset=utf-8><title>Not found</title>"
+    "<!doctype html><html lang={lang}><head><meta charset=utf-8><title>{title}</title>"
     '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="stylesheet" href="/static/app.css">'
-    '</head><body><header class="top"><span class="brand">Retro test results</span></header><main id="main">'
-    "<h1>Not found</h1><p>This link does not work. Ask the person who sent it for a new one.</p></main></body></html>"
+    '</head><body><header class="top"><span class="brand">{brand}</span></header><main id="main">'
+    "<h1>{title}</h1><p>{text}</p></main></body></html>"
 )
 
 
 def link_not_found() -> HTMLResponse:
-    return HTMLResponse(NOT_FOUND_HTML, status_code=404, headers=PARTNER_HEADERS)
+    page = NOT_FOUND_HTML.format(
+        lang=current_language(),
+        title=_("Not found"),
+        brand=_("Retro test results"),
+        text=_("This link does not work. Ask the person who sent it for a new one."),
+    )
+    return HTMLResponse(page, status_code=404, headers=PARTNER_HEADERS)
 
 
 @router.get("/{token}")
@@ -48,6 +56,8 @@ def partner_landing(token: str, request: Request, session: Annotated[Session, De
     if found is None:
         return link_not_found()
     link, job = found
+    if job.partner.report_language:
+        set_language(job.partner.report_language)  # the partner's page speaks as its report does
     shown = [f for f in job.files if files.find_result_file(job, f.name, partner=True) is not None]
     return templates.TemplateResponse(
         request,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from app.core.identifiers import check_table
 from app.errors import SourceUnknown, Upstream
+from app.i18n import _
 from app.integrations.history.port import HistoryQuery, RecentCounts, check_columns, conform, without_values
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class LocalParquetSource:
         folder = self._root.joinpath(*check_table(query.table))
         if not folder.is_dir() or not any(folder.rglob("*.parquet")):
             raise SourceUnknown(
-                f"history table {query.table!r} not found: no Parquet files under {folder}",
+                _("history table {table} not found: no Parquet files under {folder}").format(
+                    table=repr(query.table), folder=folder
+                ),
                 field="source",
             )
         return str(folder / "**" / "*.parquet")
@@ -73,7 +76,11 @@ class LocalParquetSource:
                     con.sql(f"SELECT * FROM {self._from()} LIMIT 0", params={"files": files}).to_arrow_table().schema
                 )
             except Exception as exc:
-                raise Upstream(f"cannot read history table {query.table!r}: {without_values(exc)}") from exc
+                raise Upstream(
+                    _("cannot read history table {table}: {exc}").format(
+                        table=repr(query.table), exc=without_values(exc)
+                    )
+                ) from exc
         check_columns(query, schema, table_label=f"history table {query.table!r}")
 
     def count(self, query: HistoryQuery) -> int:
@@ -111,7 +118,9 @@ class LocalParquetSource:
         if not folder.is_dir():
             # Where the history lies on the server is for its admins (the log), not for whoever asked (issue 26, N13).
             log.warning("history table %r not found: no folder %s", table, folder)
-            raise SourceUnknown(f"history table {table!r} not found in the local history", field="source")
+            raise SourceUnknown(
+                _("history table {table} not found in the local history").format(table=repr(table)), field="source"
+            )
         return sorted(d for d in (_partition_day(p.name, date_column) for p in folder.iterdir()) if d is not None)
 
     def known_schema(self, table: str) -> pa.Schema | None:
@@ -186,7 +195,7 @@ def query_errors() -> Iterator[None]:
     try:
         yield
     except duckdb.Error as exc:
-        raise Upstream(f"the history query failed: {without_values(exc)}") from exc
+        raise Upstream(_("the history query failed: {exc}").format(exc=without_values(exc))) from exc
 
 
 def duckdb_connection(*, memory_limit: str, spill_dir: Path | None, threads: int = 2) -> Any:

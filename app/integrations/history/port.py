@@ -18,6 +18,7 @@ import pyarrow as pa
 from app.core.identifiers import check_name, check_table
 from app.core.model_types import Feature
 from app.errors import SchemaMismatch
+from app.i18n import _
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,9 @@ def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -
     missing = [c for c in query.history_columns if c.lower() not in have]
     if missing:
         raise SchemaMismatch(
-            f"{table_label} lacks column(s) the retro test needs: {', '.join(missing)}",
+            _("{table_label} lacks column(s) the retro test needs: {value}").format(
+                table_label=table_label, value=", ".join(missing)
+            ),
             field="source",
         )
     wrong = []
@@ -221,7 +224,12 @@ def check_columns(query: HistoryQuery, schema: pa.Schema, *, table_label: str) -
     if type_family(have[query.date_column.lower()]) not in ("temporal", "string"):
         wrong.append(f"date column {query.date_column} is {have[query.date_column.lower()]}")
     if wrong:
-        raise SchemaMismatch(f"{table_label} has incompatible column types: {'; '.join(wrong)}", field="source")
+        raise SchemaMismatch(
+            _("{table_label} has incompatible column types: {value}").format(
+                table_label=table_label, value="; ".join(wrong)
+            ),
+            field="source",
+        )
 
 
 def conform(batch: pa.RecordBatch, query: HistoryQuery) -> pa.RecordBatch:

@@ -20,6 +20,7 @@ from app.errors import (
     NotFound,
     Upstream,
 )
+from app.i18n import _, pgettext
 
 _VERSION = re.compile(r"^[0-9]{1,9}$")
 
@@ -52,28 +53,46 @@ class MlflowRegistry:
         except MlflowException as exc:
             if _not_found(exc):
                 raise ModelNotFound(
-                    f"no model named {name!r} in the registry{self._did_you_mean(name)}", field="model_name"
+                    _("no model named {name} in the registry{value}").format(
+                        name=repr(name), value=self._did_you_mean(name)
+                    ),
+                    field="model_name",
                 ) from None
             if _invalid(exc):
-                raise ModelNotFound(f"{name!r} cannot be a model name: {exc.message}", field="model_name") from None
-            raise Upstream(f"the model registry failed: {exc.message}") from exc
+                raise ModelNotFound(
+                    _("{name} cannot be a model name: {message}").format(name=repr(name), message=exc.message),
+                    field="model_name",
+                ) from None
+            raise Upstream(_("the model registry failed: {message}").format(message=exc.message)) from exc
         except Exception as exc:
-            raise Upstream(f"the model registry is unreachable: {exc}") from exc
+            raise Upstream(_("the model registry is unreachable: {exc}").format(exc=exc)) from exc
         try:
             if alias is not None:
                 mv = self._client.get_model_version_by_alias(name, alias)
             else:
                 if version is None or not _VERSION.fullmatch(version):
-                    raise ModelVersionNotFound(f"version {version!r} is not a version number", field="model_version")
+                    raise ModelVersionNotFound(
+                        _("version {version} is not a version number").format(version=repr(version)),
+                        field="model_version",
+                    )
                 mv = self._client.get_model_version(name, version)
         except MlflowException as exc:
             known = sorted(getattr(registered, "aliases", {}) or {})
             near = difflib.get_close_matches(alias, known, n=1, cutoff=0.6) if alias is not None else []
-            what = f"alias {alias!r}" if alias is not None else f"version {version}"
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            what = (
+                pgettext("missing", "alias {alias}").format(alias=repr(alias))
+                if alias is not None
+                else pgettext("missing", "version {version}").format(version=version)
+            )
+            hint = _("; did you mean {names}?").format(names=repr(near[0])) if near else ""
             raise ModelVersionNotFound(
-                f"model {name!r} has no {what}{hint} Its aliases: {', '.join(known) or 'none'}; "
-                f"its versions: {self._versions_text(name)}",
+                _("model {name} has no {what}{hint} Its aliases: {value}; its versions: {value2}").format(
+                    name=repr(name),
+                    what=what,
+                    hint=hint,
+                    value=", ".join(known) or _("none"),
+                    value2=self._versions_text(name),
+                ),
                 field="model_alias" if alias is not None else "model_version",
             ) from exc
         return self._describe(mv)
@@ -85,7 +104,7 @@ class MlflowRegistry:
         except Exception:  # a hint is not worth a second failure
             return ""
         near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-        return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        return _("; did you mean {names}?").format(names=", ".join(repr(n) for n in near)) if near else ""
 
     def _versions_text(self, name: str) -> str:
         """The model's versions, newest first, for a refusal ("7, 6, 5, ... 1 (12 in all)")."""
@@ -94,12 +113,14 @@ class MlflowRegistry:
                 filter_string=f"name = '{name.replace(chr(39), chr(39) * 2)}'", max_results=1000
             )
         except Exception:
-            return "unknown"
+            return _("unknown")
         numbers = sorted((int(v.version) for v in found if str(v.version).isdigit()), reverse=True)
         if not numbers:
-            return "none"
+            return _("none")
         shown = ", ".join(str(n) for n in numbers[:10])
-        return shown if len(numbers) <= 10 else f"{shown}, ... ({len(numbers)} in all)"
+        return (
+            shown if len(numbers) <= 10 else _("{shown}, ... ({count} in all)").format(shown=shown, count=len(numbers))
+        )
 
     def _describe(self, mv: Any) -> ModelVersionInfo:
         from mlflow.models import Model
@@ -108,15 +129,17 @@ class MlflowRegistry:
         model = self._load_mlmodel(artifact_uri)
         if model.signature is None or model.signature.inputs is None:
             raise ModelSignatureMissing(
-                f"model {mv.name!r} version {mv.version} was logged without an input signature; "
-                "log it again with signature=infer_signature(X, y)",
+                _(
+                    "model {name} version {version} was logged without an input signature; log it again with signature=infer_signature(X, y)"
+                ).format(name=repr(mv.name), version=mv.version),
                 field="model_version",
             )
         inputs = model.signature.inputs
         if not inputs.has_input_names() or inputs.is_tensor_spec():
             raise ModelSignatureMissing(
-                f"model {mv.name!r} version {mv.version} has a tensor signature; retro tests need a "
-                "column-based signature naming each feature",
+                _(
+                    "model {name} version {version} has a tensor signature; retro tests need a column-based signature naming each feature"
+                ).format(name=repr(mv.name), version=mv.version),
                 field="model_version",
             )
         features = []
@@ -124,8 +147,9 @@ class MlflowRegistry:
             type_name = str(getattr(col.type, "name", col.type))
             if type_name not in COLUMN_TYPES:
                 raise ModelSignatureMissing(
-                    f"feature {col.name!r} has type {type_name}, which retro tests cannot score; "
-                    f"supported: {', '.join(COLUMN_TYPES)}",
+                    _("feature {name} has type {type_name}, which retro tests cannot score; supported: {value}").format(
+                        name=repr(col.name), type_name=type_name, value=", ".join(COLUMN_TYPES)
+                    ),
                     field="model_version",
                 )
             features.append(Feature(name=check_name(col.name, what="feature"), type=type_name))
@@ -157,14 +181,18 @@ class MlflowRegistry:
                 )
                 return Model.load(path)
         except Exception as exc:
-            raise Upstream(f"cannot read the model's MLmodel file at {artifact_uri}: {exc}") from exc
+            raise Upstream(
+                _("cannot read the model's MLmodel file at {artifact_uri}: {exc}").format(
+                    artifact_uri=artifact_uri, exc=exc
+                )
+            ) from exc
 
     def list_models(self, *, max_results: int = 100) -> list[dict[str, Any]]:
         """Registered models with their aliases and latest version."""
         try:
             models = self._client.search_registered_models(max_results=max_results)
         except Exception as exc:
-            raise Upstream(f"the model registry is unreachable: {exc}") from exc
+            raise Upstream(_("the model registry is unreachable: {exc}").format(exc=exc)) from exc
         return [
             {
                 "name": m.name,
@@ -186,8 +214,8 @@ class MlflowRegistry:
             )
         except MlflowException as exc:
             if _not_found(exc) or _invalid(exc):
-                raise NotFound(f"no model named {name!r} in the registry") from None
-            raise Upstream(f"the model registry failed: {exc.message}") from exc
+                raise NotFound(_("no model named {name} in the registry").format(name=repr(name))) from None
+            raise Upstream(_("the model registry failed: {message}").format(message=exc.message)) from exc
         by_version: dict[str, list[str]] = {}
         for alias, v in (registered.aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)

@@ -7,14 +7,15 @@
       var field = document.getElementById(copy.dataset.copies);
       var status = document.getElementById("copy-link-status");
       field.select();
-      function done() { status.textContent = "Copied."; }
+      var byHand = copy.dataset.copyByHand || "Select the link and copy it with Ctrl+C.";
+      function done() { status.textContent = copy.dataset.copied || "Copied."; }
       if (navigator.clipboard && window.isSecureContext) {
         navigator.clipboard.writeText(field.value).then(done, function () {
-          status.textContent = "Select the link and copy it with Ctrl+C.";
+          status.textContent = byHand;
         });
       } else {
         // Plain http outside localhost has no Clipboard API: the older command still copies the selection.
-        if (document.execCommand("copy")) { done(); } else { status.textContent = "Select the link and copy it with Ctrl+C."; }
+        if (document.execCommand("copy")) { done(); } else { status.textContent = byHand; }
       }
     });
   }
@@ -35,17 +36,25 @@
   var TERMINAL = ["succeeded", "failed", "cancelled"];
   var url = root.dataset.apiUrl;
   var LABELS = JSON.parse(root.dataset.stageLabels || "{}");
+  // The page's words (data-messages, in its language); {name} fields are filled in here.
+  var M = JSON.parse(root.dataset.messages || "{}");
+  function t(key, english, fields) {
+    var text = M[key] || english;
+    Object.keys(fields || {}).forEach(function (name) { text = text.split("{" + name + "}").join(fields[name]); });
+    return text;
+  }
   function label(state) { return LABELS[state] || state; }
+  function stateName(state) { return (M.states || {})[state] || state; }
 
   function num(n) { return n === null || n === undefined ? "?" : n.toLocaleString("en-US"); }
   function duration(seconds) {
-    if (seconds < 60) { return seconds.toFixed(1) + " s"; }
+    if (seconds < 60) { return t("seconds", "{seconds} s", { seconds: seconds.toFixed(1) }); }
     var s = Math.round(seconds);
-    return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return t("minutes", "{minutes} min {seconds} s", { minutes: Math.floor(s / 60), seconds: s % 60 });
   }
   function took(stage) {
     if (TERMINAL.indexOf(stage.state) >= 0) { return "–"; }
-    if (stage.seconds === null) { return "running"; }
+    if (stage.seconds === null) { return t("still_running", "running"); }
     return duration(stage.seconds);
   }
   function when(iso) { return iso.replace("T", " ").replace(/\.\d+/, "").replace(/(\+00:00|Z)$/, " UTC"); }
@@ -59,35 +68,35 @@
 
   function show(job) {
     var state = document.getElementById("job-state");
-    state.textContent = job.state;
+    state.textContent = stateName(job.state);
     state.className = "state state-" + job.state;
     if (TERMINAL.indexOf(job.state) < 0) {
       document.getElementById("job-state-words").textContent = job.state === "queued"
-        ? "This retro test is waiting in the queue."
-        : "This retro test is running: " + label(job.state).toLowerCase() + ".";
+        ? t("queued", "This retro test is waiting in the queue.")
+        : t("running", "This retro test is running: {stage}.", { stage: label(job.state).toLowerCase() });
     }
     var p = job.progress;
     var pct = p.percent || 0;
     document.getElementById("job-progress").value = pct;
     document.getElementById("job-progress-text").textContent =
-      pct.toFixed(1) + "% · " + num(p.rows_scored + p.rows_rejected) + " of " + num(p.rows_total) + " rows";
+      pct.toFixed(1) + "% · " + t("rows", "{done} of {total} rows", { done: num(p.rows_scored + p.rows_rejected), total: num(p.rows_total) });
     document.getElementById("job-activity").textContent = p.activity.charAt(0).toUpperCase() + p.activity.slice(1);
-    var pace = duration(p.elapsed_s) + " elapsed";
-    if (p.rows_per_s) { pace += ", " + Math.round(p.rows_per_s).toLocaleString("en-US") + " rows/s"; }
-    if (p.eta_s !== null && p.eta_s !== undefined) { pace += ", about " + duration(p.eta_s) + " left"; }
+    var pace = t("elapsed", "{time} elapsed", { time: duration(p.elapsed_s) });
+    if (p.rows_per_s) { pace += ", " + t("rate", "{rate} rows/s", { rate: Math.round(p.rows_per_s).toLocaleString("en-US") }); }
+    if (p.eta_s !== null && p.eta_s !== undefined) { pace += ", " + t("left", "about {time} left", { time: duration(p.eta_s) }); }
     document.getElementById("job-rate").textContent = pace;
     var body = document.getElementById("stages");
     body.textContent = "";
     job.stages.forEach(function (stage) {
       var tr = document.createElement("tr");
-      cell(tr, "Stage", label(stage.state) + (stage.attempt > 1 ? " (attempt " + stage.attempt + ")" : ""));
-      cell(tr, "Started", when(stage.started_at));
-      cell(tr, "Took", took(stage), "num");
+      cell(tr, t("stage", "Stage"), label(stage.state) + (stage.attempt > 1 ? " " + t("attempt", "(attempt {n})", { n: stage.attempt }) : ""));
+      cell(tr, t("started", "Started"), when(stage.started_at));
+      cell(tr, t("took", "Took"), took(stage), "num");
       body.appendChild(tr);
     });
     var err = document.getElementById("job-error");
     if (job.error) {
-      err.textContent = job.state + ": " + job.error.message + " (" + job.error.code + ")";
+      err.textContent = stateName(job.state) + ": " + job.error.message + " (" + job.error.code + ")";
       err.hidden = false;
     }
   }

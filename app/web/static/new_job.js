@@ -10,7 +10,7 @@
     if (!groups.length) {
       var none = document.createElement("option");
       none.value = "";
-      none.textContent = model.value ? "This model has no versions" : "Choose a model first";
+      none.textContent = model.value ? (ref.dataset.noVersions || "This model has no versions") : (ref.dataset.chooseModel || "Choose a model first");
       ref.appendChild(none);
       return;
     }
