@@ -104,9 +104,13 @@ def _import_before_forking(**_: Any) -> None:
         import duckdb  # noqa: F401
 
 
+@worker_init.connect  # type: ignore[untyped-decorator]
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _temporary_files_under_var_dir(**_: Any) -> None:
-    """Each pool process's model copies and multiprocessing folders in a folder of its own (worker/scratch.py)."""
+    """Each worker process's model copies and multiprocessing folders in a folder of its own (worker/scratch.py).
+
+    The main process too: its pool makes a `pymp-*` folder that a SIGKILL left in TMPDIR for good.
+    """
     from worker.scratch import take_scratch
 
     take_scratch(get_settings().var_dir)
