@@ -241,6 +241,8 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+    # Worker and beat: a warning or error that repeats (a broker outage) is written once per this many seconds.
+    log_repeat_window_s: float = Field(default=60.0, gt=0)
 
     # Sign-in. The session cookie is HttpOnly and SameSite=Lax; Secure by default when the public URL is https.
     session_cookie_secure: bool | None = None

@@ -50,9 +50,11 @@ class PromptReapTaskPool(prefork.TaskPool):  # type: ignore[misc]
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
 def _logging(loglevel: Any = None, **_: Any) -> None:
-    """Our JSON logs in the worker and beat, instead of Celery's own setup."""
+    """Our JSON logs in the worker and beat, instead of Celery's own setup; repeated errors once per window."""
     settings = get_settings()
-    configure_logging(level=loglevel or settings.log_level, fmt=settings.log_format)
+    configure_logging(
+        level=loglevel or settings.log_level, fmt=settings.log_format, repeat_window_s=settings.log_repeat_window_s
+    )
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
