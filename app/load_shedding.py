@@ -13,6 +13,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.metrics import API_REQUESTS_SHED
+
 RETRY_AFTER_S = 1
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _BUSY_JSON = json.dumps(
@@ -42,6 +44,7 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
+            API_REQUESTS_SHED.inc()
             await _busy(scope, send)
             return
         self.in_flight += 1
