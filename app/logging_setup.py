@@ -65,8 +65,12 @@ class RepeatLimitingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Beat and the worker's consumer log the same error on every tick and every reconnect attempt while the broker
     is down (~3,800 lines in a 30-s Redis outage, issue 32). Records alike but for their numbers ("Trying again in
     4.00 seconds... (2/100)") count as one. The count is written as "repeated N times" when the error comes again
-    after its window, or when any later record finds the window over, or when the handler closes.
+    after its window, or when any later record finds the window over, or when the handler closes. Only Celery's
+    and kombu's loggers are held back: ours log a state change once (a database wait starting, ending) and each
+    such line matters.
     """
+
+    LIMITED = ("celery", "kombu", "amqp")
 
     def __init__(self, stream: Any = None, window_s: float = 60.0) -> None:
         super().__init__(stream)
@@ -78,7 +82,7 @@ class RepeatLimitingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         now = time.monotonic()
         with self._repeats_lock:
             due = self._due(now)
-            show = record.levelno < logging.WARNING
+            show = record.levelno < logging.WARNING or record.name.partition(".")[0] not in self.LIMITED
             if not show:
                 key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
                 seen = self._seen.get(key)

@@ -85,7 +85,7 @@ def test_alike_errors_are_written_once_per_window_then_counted() -> None:
 
     stream = io.StringIO()
     handler = RepeatLimitingHandler(stream, window_s=0.3)
-    log = logging.getLogger("test.repeats")
+    log = logging.getLogger("celery.test_repeats")
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.INFO)
@@ -95,6 +95,10 @@ def test_alike_errors_are_written_once_per_window_then_counted() -> None:
         log.info("an info line is never held back")
         time.sleep(0.35)
         log.info("connected")  # the window is over: its count comes first
+        logging.getLogger("app.db").addHandler(handler)
+        for _ in range(2):  # our own modules log state changes: never held back
+            logging.getLogger("app.db").warning("the database answers again after 3.9 s")
+        logging.getLogger("app.db").removeHandler(handler)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -103,4 +107,6 @@ def test_alike_errors_are_written_once_per_window_then_counted() -> None:
         "an info line is never held back",
         "Cannot connect: trying again in 1 s (1/100) (repeated 9 times in 0.3 s)",
         "connected",
+        "the database answers again after 3.9 s",
+        "the database answers again after 3.9 s",
     ]
