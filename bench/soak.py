@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -153,7 +154,7 @@ def strike(soak: Soak, fault: str) -> str:
         world.procs["redis"].kill()
         world.procs["redis"].popen = chaos.start_redis(world.redis_port, world.root)
         return "Redis restarted (its queued messages are lost)"
-    running = [i for i in soak.jobs if (chaos.job(world, i) or {}).get("state") not in (*ENDED, None)]
+    running = [i for i in list(soak.jobs) if (chaos.job(world, i) or {}).get("state") not in (*ENDED, None)]
     if not running:
         return "cancel: no job running"
     job_id = soak.random.choice(running)
@@ -217,10 +218,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             soak.stop.set()
             chaos.stop_services(world)
             world.procs["redis"].kill()
+            if not args.keep:
+                shutil.rmtree(world.root, ignore_errors=True)
 
 
 def all_ended(soak: Soak, jobs: int) -> bool:
-    return len(soak.jobs) == jobs and all((chaos.job(soak.world, i) or {}).get("state") in ENDED for i in soak.jobs)
+    return len(soak.jobs) == jobs and all(
+        (chaos.job(soak.world, i) or {}).get("state") in ENDED for i in list(soak.jobs)
+    )
 
 
 def soak_run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
@@ -286,6 +291,7 @@ def main() -> int:
     parser.add_argument("--fault-every", type=float, default=25, help="seconds between faults, on average")
     parser.add_argument("--reads-per-s", type=float, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
     args = parser.parse_args()
     if not own_pg.available():
         raise SystemExit("the soak restarts a PostgreSQL cluster of its own: it needs initdb and runuser (root)")
