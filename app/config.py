@@ -247,6 +247,8 @@ class Settings(BaseSettings):
     # The language of pages, messages and reports when nothing else says (a user's profile, a browser's
     # Accept-Language, a partner's report setting, RETRO_LANG for the CLI); app/i18n.py.
     default_language: Literal["en", "ru"] = "en"
+    # Worker and beat: a warning or error that repeats (a broker outage) is written once per this many seconds.
+    log_repeat_window_s: float = Field(default=60.0, gt=0)
 
     # Sign-in. The session cookie is HttpOnly and SameSite=Lax; Secure by default when the public URL is https.
     session_cookie_secure: bool | None = None

@@ -16,6 +16,7 @@ from functools import cache
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.i18n import _, current_language
+from app.metrics import API_REQUESTS_SHED
 
 RETRY_AFTER_S = 1
 EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -74,6 +75,7 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.bound:
+            API_REQUESTS_SHED.inc()
             await _busy(scope, send)
             return
         self.in_flight += 1

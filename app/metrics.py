@@ -48,6 +48,9 @@ DEPLOYMENTS_ALIVE = Gauge(
     ["deployer"],
     multiprocess_mode="livesum",
 )
+API_REQUESTS_SHED = Counter(
+    "retrotest_api_requests_shed", "Requests an API process answered 503 at once, being at its in-flight limit."
+)
 REAPER_RUNS = Counter("retrotest_reaper_runs", "Runs of the deployment reaper.")
 DEPLOYMENTS_REAPED = Counter(
     "retrotest_deployments_reaped", "Deployments deleted by the reaper, by reason.", ["reason"]

@@ -84,13 +84,17 @@ def celery_client() -> Celery:
 
 
 def send_retro_test(job_id: uuid.UUID) -> None:
-    """Send a job to the workers; only after the transaction that created or re-queued its row has committed."""
-    celery_client().send_task(RUN_RETRO_TEST, args=[str(job_id)])
+    """Send a job to the workers; only after the transaction that created or re-queued its row has committed.
+
+    The message expires with the job's deadline: a worker that receives it later acknowledges and drops it (a job
+    still queued then is sent again by the reconciler, and its attempt fails it for the deadline).
+    """
+    celery_client().send_task(RUN_RETRO_TEST, args=[str(job_id)], expires=get_settings().job_deadline_s)
 
 
 def send_partition(message: dict[str, Any]) -> None:
     """Send a helper's share of a job (worker/run.py PartitionOrder) to another worker."""
-    celery_client().send_task(SCORE_PARTITION, args=[message])
+    celery_client().send_task(SCORE_PARTITION, args=[message], expires=get_settings().job_deadline_s)
 
 
 def check_broker() -> None:

@@ -38,6 +38,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.teardown import owned_processes, raise_on_signals
+
 DAYS = 10
 START = date(2025, 1, 1)
 
@@ -476,12 +478,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.child:
+        raise_on_signals()  # the parent's clean-up sends SIGTERM: the child's model server is stopped on the way out
         child(args)
         return
     DAYS = args.days
     if args.latency and args.source != "hive":
         parser.error("--latency needs --source hive")
+    with owned_processes():
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
+    """The benchmark the options ask for, in this process and its children."""
     root = bench_root(args.dir, prefix="bench-e2e-")
     from app.integrations.deployers.local import LocalMLServerDeployer
 
@@ -493,10 +501,10 @@ def main() -> None:
         latency(root, sizes, args)
         return
     deployer = LocalMLServerDeployer(work_dir=root / "bench-deployments")
-    deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
     table: list[tuple[int, dict[str, dict[str, Any]]]] = []
     hive = None
     try:
+        deployment = deployer.start(name="bench-server", job_id="bench", model=model_info(root))
         if args.source == "hive":
             from tests.hive_server import start_hive_server
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System tools the tests use that do not come from PyPI: docker-compose (validates docker-compose.yml);
-# chromium, Java 17, rclone, bubblewrap, patchelf and socat (see below).
+# chromium, Java 17, rclone, bubblewrap, patchelf, socat and promtool (see below).
 # A no-op when they are already installed; installs with apt-get (CI runs as root) otherwise.
 set -euo pipefail
 
@@ -20,8 +20,10 @@ command -v bwrap >/dev/null || debian_packages+=(bubblewrap)
 command -v patchelf >/dev/null || debian_packages+=(patchelf)
 # socat: the test operator's pods reach their ports through it from their own network namespace (tests/k8s_operator.py).
 command -v socat >/dev/null || debian_packages+=(socat)
+# promtool (Debian's prometheus package): checks the alert rules and the dashboard's queries (deploy/monitoring).
+command -v promtool >/dev/null || debian_packages+=(prometheus)
 if ((${#debian_packages[@]} == 0)); then
-    say "chromium, java, rclone, bubblewrap, patchelf and socat are installed"
+    say "chromium, java, rclone, bubblewrap, patchelf, socat and promtool are installed"
 elif command -v apt-get >/dev/null && { [[ "$(id -u)" -eq 0 ]] || command -v sudo >/dev/null; }; then
     as_root=""
     [[ "$(id -u)" -eq 0 ]] || as_root="sudo"

@@ -1,5 +1,6 @@
-"""Recovery without beat: a worker killed mid-job and started again picks its job back up at once, and a model
-server killed mid-scoring is re-created at once instead of after a run of retries against a closed port."""
+"""Recovery without beat: a worker killed mid-job and started again picks its job back up at once and leaves no
+temporary files of the killed processes behind, and a model server killed mid-scoring is re-created at once instead
+of after a run of retries against a closed port."""
 
 from __future__ import annotations
 
@@ -21,9 +22,22 @@ BIG_ROWS = HISTORY_DAYS * 150_000
 
 
 @pytest.fixture(scope="module")
-def lone_stack(database_url: str, registry: dict[str, str], history: Path) -> Iterator[tuple[Stack, dict[str, str]]]:
-    """An API and one worker on a queue of their own, and no beat: nothing else would recover their jobs."""
-    overrides = {"RETRO_QUEUE_NAME": f"recovery-{uuid.uuid4().hex[:8]}", "RETRO_HEARTBEAT_INTERVAL_S": "1"}
+def lone_stack(
+    database_url: str, registry: dict[str, str], history: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, dict[str, str]]]:
+    """An API and one worker on a queue of their own, and no beat: nothing else would recover their jobs.
+
+    With a TMPDIR and RETRO_VAR_DIR of their own, so a test sees every temporary file the worker leaves there.
+    """
+    own = tmp_path_factory.mktemp("recovery")
+    (own / "tmp").mkdir()
+    overrides = {
+        "RETRO_QUEUE_NAME": f"recovery-{uuid.uuid4().hex[:8]}",
+        "RETRO_HEARTBEAT_INTERVAL_S": "1",
+        "TMPDIR": str(own / "tmp"),
+        "RETRO_VAR_DIR": str(own / "var"),
+        "RETRO_ENV_CACHE_DIR": str(Path(os.environ["RETRO_VAR_DIR"]).resolve() / "envs"),  # built once per session
+    }
     s = start_stack(f"recovery-{uuid.uuid4().hex[:6]}", **overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETRO_PUBLIC_BASE_URL": s.base_url, **overrides}
     yield s, env
@@ -45,6 +59,15 @@ def _finished(job: dict[str, Any]) -> bool:
     return job["state"] in ("succeeded", "failed", "cancelled")
 
 
+def _temporary_files(env: dict[str, str]) -> set[Path]:
+    """Model copies and multiprocessing folders anywhere under the stack's TMPDIR and RETRO_VAR_DIR."""
+    found: set[Path] = set()
+    for root in (Path(env["TMPDIR"]), Path(env["RETRO_VAR_DIR"])):
+        for pattern in ("retro-model-*", "pymp-*"):
+            found.update(root.rglob(pattern))
+    return found
+
+
 def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
     lone_stack: tuple[Stack, dict[str, str]], big_history: str
 ) -> None:
@@ -54,6 +77,8 @@ def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
     worker = stack.procs[1]
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool processes, as an OOM kill or a lost node would
     worker.wait()
+    left_by_killed = _temporary_files(env)
+    assert any(p.name.startswith("retro-model-") for p in left_by_killed), left_by_killed  # the job's model copy
     log = stack.logs / "worker-restarted.log"
     stack.procs.append(
         start_process([sys.executable, "-m", "app.cli", "worker", "--name", "restarted"], env=env, log=log)
@@ -65,6 +90,10 @@ def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
     assert "held by a process on this host that died; sending it again" in log.read_text()
     assert next(f["rows"] for f in done["files"] if f["name"] == "scores.parquet") == BIG_ROWS
     assert mlserver_processes_for(done["id"]) == []
+    # Nothing the killed processes left is there any more (issue 32); the restarted worker's copy went with its job.
+    remaining = _temporary_files(env)
+    assert not left_by_killed & remaining, sorted(left_by_killed & remaining)
+    assert not [p for p in remaining if p.name.startswith("retro-model-")], remaining
 
 
 def test_a_model_server_killed_mid_scoring_is_re_created_at_once(

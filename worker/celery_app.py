@@ -50,9 +50,11 @@ class PromptReapTaskPool(prefork.TaskPool):  # type: ignore[misc]
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
 def _logging(loglevel: Any = None, **_: Any) -> None:
-    """Our JSON logs in the worker and beat, instead of Celery's own setup."""
+    """Our JSON logs in the worker and beat, instead of Celery's own setup; repeated errors once per window."""
     settings = get_settings()
-    configure_logging(level=loglevel or settings.log_level, fmt=settings.log_format)
+    configure_logging(
+        level=loglevel or settings.log_level, fmt=settings.log_format, repeat_window_s=settings.log_repeat_window_s
+    )
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
@@ -104,9 +106,13 @@ def _import_before_forking(**_: Any) -> None:
         import duckdb  # noqa: F401
 
 
+@worker_init.connect  # type: ignore[untyped-decorator]
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _temporary_files_under_var_dir(**_: Any) -> None:
-    """Each pool process's model copies and multiprocessing folders in a folder of its own (worker/scratch.py)."""
+    """Each worker process's model copies and multiprocessing folders in a folder of its own (worker/scratch.py).
+
+    The main process too: its pool makes a `pymp-*` folder that a SIGKILL left in TMPDIR for good.
+    """
     from worker.scratch import take_scratch
 
     take_scratch(get_settings().var_dir)

@@ -8,10 +8,11 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Task
+from sqlalchemy import select
 
 from app.auth import throttle
 from app.config import get_settings
-from app.core.jobs import TERMINAL_STATES
+from app.core.jobs import TERMINAL_STATES, RetroTest, State
 from app.db import get_session_factory
 from app.integrations.deployers.port import Deployer
 from app.integrations.wiring import (
@@ -66,6 +67,9 @@ def run_retro_test_task(self: Task, job_id: str) -> str:
     """
     settings = get_settings()
     with job_context(job_id):
+        ended = _ended(job_id)
+        if ended is not None:
+            return ended
         state = run_retro_test(
             job_id=uuid.UUID(job_id), sessions=get_session_factory(), adapters=_adapters(), settings=settings
         )
@@ -76,6 +80,23 @@ def run_retro_test_task(self: Task, job_id: str) -> str:
             raise self.retry(countdown=settings.stale_after_s + 1)
         log.info("retro test %s finished: %s", job_id, state.value)
     return state.value
+
+
+def _ended(job_id: str) -> str | None:
+    """The state of a job that has ended or is gone, logged once: its message is stale and is acknowledged.
+
+    Such a message is one the broker delivered again (Redis after its visibility timeout, a reconciler's second
+    send); it is dropped here, without a lock on the job or an attempt counted.
+    """
+    with get_session_factory()() as s:
+        state = s.scalar(select(RetroTest.state).where(RetroTest.id == uuid.UUID(job_id)))
+    if state is None:
+        log.warning("retro test %s does not exist; dropping its message", job_id)
+        return State.failed.value
+    if state not in TERMINAL_STATES:
+        return None
+    log.info("retro test %s has already ended (%s); dropping a stale message for it", job_id, state.value)
+    return str(state.value)
 
 
 @celery_app.task(name=SCORE_PARTITION, acks_late=True)  # type: ignore[untyped-decorator]

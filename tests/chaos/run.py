@@ -345,16 +345,22 @@ def orphan_deployments(world: World) -> int:
     """Model servers still running, or deployment folders still on disk, for this world."""
     folder = world.root / "var" / "deployments"
     leftovers = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.exists() else []
-    running = 0
+    return len(leftovers) + len(model_server_pids(world))
+
+
+def model_server_pids(world: World) -> list[int]:
+    """The model server processes of this world's deployments."""
+    folder = str(world.root / "var" / "deployments").encode()
+    pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if str(folder).encode() in cmd and b"mlserver" in cmd:
-                running += 1
-    return len(leftovers) + running
+            if folder in cmd and b"mlserver" in cmd:
+                pids.append(int(proc.name))
+    return pids
 
 
 def pool_children(pid: int) -> list[int]:

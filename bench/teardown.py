@@ -1,0 +1,99 @@
+"""A benchmark ends what it started on every path: a normal end, an error, Ctrl-C (SIGINT) or SIGTERM.
+
+SIGINT and SIGTERM raise in the main thread, so the benchmark's own `finally` blocks stop what they hold (model
+servers, a Thrift Server). Then every process still below the benchmark is ended: SIGTERM, a grace period, SIGKILL.
+The benchmark is made a child subreaper (Linux prctl), so a model server whose parent was killed first (a child
+process that `subprocess.run` killed on the interrupt) is re-parented to it, not to init, and is found too.
+Issue 32: `python -m bench.e2e` interrupted with Ctrl-C left its MLServer running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def owned_processes(*, grace_s: float = 10.0) -> Iterator[None]:
+    """Run the block with SIGINT/SIGTERM raising; whatever way it ends, end every process left below this one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    raise_on_signals()
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        left = end_descendants(grace_s=grace_s)
+        if left:
+            print(f"stopped {len(left)} process(es) the benchmark left running: {sorted(left)}", flush=True)
+
+
+def raise_on_signals() -> None:
+    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit(143), once: later ones are ignored."""
+
+    def interrupted(signum: int, _frame: FrameType | None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
+
+
+def end_descendants(*, grace_s: float) -> set[int]:
+    """SIGTERM every process below this one, SIGKILL what is left after grace_s; returns the pids found."""
+    found: set[int] = set()
+    deadline = time.monotonic() + grace_s
+    sig = signal.SIGTERM
+    while True:
+        _reap()
+        alive = descendants(os.getpid())
+        if not alive:
+            return found
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        for pid in alive - found if sig == signal.SIGTERM else alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        found |= alive
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (not zombie) processes below pid, by their parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    below: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in below:
+                below.add(child)
+                todo.append(child)
+    return below
+
+
+def _reap() -> None:
+    """Collect exited children (orphans re-parented here included), so they do not stay as zombies."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
