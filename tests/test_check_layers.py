@@ -139,3 +139,33 @@ def test_a_planted_function_with_seven_parameters_fails(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "worker/stage.py:2 run (7 parameters)" in result.stdout
     assert "allowed.py" not in result.stdout
+
+
+# Each way a worker module other than worker/run.py could write the running job's row itself.
+JOB_WRITES = {
+    "a transaction": "def stage(run):\n    with run.transaction() as s:\n        return s\n",
+    "the module": "from app.retro_tests import runs\n",
+    "the module, dotted": "import app.retro_tests.runs as r\n",
+    "a function": "from app.retro_tests.runs import JobSpec, record_chunk\n",
+    "a function, relative": "from ..app.retro_tests.runs import finish\n",
+}
+
+
+@pytest.mark.parametrize("write", JOB_WRITES.values(), ids=JOB_WRITES.keys())
+def test_a_worker_module_that_writes_the_running_job_itself_fails(tmp_path: Path, write: str) -> None:
+    files = {
+        "app/retro_tests/__init__.py": "",
+        "app/retro_tests/runs.py": "class JobSpec:\n    pass\n\n\ndef record_chunk():\n    pass\n",
+        # JobRun may do all of it; the stages may import runs' types.
+        "worker/run.py": "from app.retro_tests import runs\n\n\ndef commit(run):\n    with run.transaction() as s:\n"
+        "        return runs.record_chunk(s)\n",
+        "worker/chunks.py": "from app.retro_tests.runs import JobSpec\nfrom worker.run import commit\n",
+    }
+    plant(tmp_path, files)
+    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+
+    plant(tmp_path, {"worker/chunks.py": f"from worker.run import commit\n{write}"})
+    result = check(tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "a write to the running job outside JobRun: worker/chunks.py:" in result.stdout
+    assert "JobRun: worker/run.py" not in result.stdout
