@@ -14,6 +14,9 @@
    types and exceptions: `from app.retro_tests.runs import X` only where X is a CapWords name (JobSpec, Counts,
    LeaseLost, ...); its functions (lowercase: record_chunk, enter_stage, finish, tally, ...) are the job row's
    writes and reads, which only worker/run.py calls.
+5. The job's JSON facts are read as their record types (app/core/records.py), never by string key: no module of
+   app/ or worker/ subscripts (`x.environment["python"]`) or calls .get/.items/.keys/.values on an attribute
+   named after one of them (RECORD_FIELDS), whatever object it is on. app/core/records.py itself is exempt.
 
 Usage: python scripts/check_layers.py [ROOT]   (ROOT: the folder holding app/ and worker/; default the repo)
 """
@@ -38,6 +41,10 @@ COMMAND_DECORATORS = frozenset({"command", "callback"})
 # Rule 4: the running job's writes (app.retro_tests.runs) and the one worker module that may make them.
 JOB_WRITES = "app.retro_tests.runs"
 JOB_WRITER = "worker/run.py"
+# Rule 5: the job row's JSON columns that hold a record (app/core/records.py), and the module that defines them.
+RECORD_FIELDS = frozenset({"model_info", "population", "chunk_plan", "environment", "validation", "source_override"})
+RECORDS = "app/core/records.py"
+DICT_READS = frozenset({"get", "items", "keys", "values"})
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,28 @@ def job_writes_outside_jobrun(root: Path) -> list[str]:
     return found
 
 
+def _record_field(node: ast.expr) -> str | None:
+    return node.attr if isinstance(node, ast.Attribute) and node.attr in RECORD_FIELDS else None
+
+
+def records_read_by_key(root: Path) -> list[str]:
+    """Rule 5: a job's JSON fact read as a dict (by key, or its keys, values or items) outside its record type."""
+    found: list[str] = []
+    for path in python_files(root):
+        rel = path.relative_to(root).as_posix()
+        if rel == RECORDS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Subscript | ast.Attribute):
+                continue
+            if isinstance(node, ast.Attribute) and node.attr not in DICT_READS:
+                continue
+            field = _record_field(node.value)
+            if field is not None:
+                found.append(f"{rel}:{node.lineno} reads .{field} by key; read its record's attributes")
+    return found
+
+
 def main(argv: list[str]) -> int:
     root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent
     failed = False
@@ -240,12 +269,15 @@ def main(argv: list[str]) -> int:
     for line in job_writes_outside_jobrun(root):
         failed = True
         print(f"a write to the running job outside JobRun: {line}")
+    for line in records_read_by_key(root):
+        failed = True
+        print(f"a job's fact read as a dict: {line}")
     if failed:
         print("layers: FAILED (scripts/check_layers.py says what the rules are)")
         return 1
     print(
         "layers: no import cycle between packages; app.core imports only the bottom; no function over 6 parameters; "
-        "only worker/run.py writes a running job"
+        "only worker/run.py writes a running job; no job fact read by key"
     )
     return 0
 

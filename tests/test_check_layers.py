@@ -141,6 +141,16 @@ def test_a_planted_function_with_seven_parameters_fails(tmp_path: Path) -> None:
     assert "allowed.py" not in result.stdout
 
 
+def passes_then_fails(root: Path, allowed: dict[str, str], planted: dict[str, str]) -> str:
+    """The check passes on `allowed`, then fails once `planted` is written over it; returns what it printed."""
+    plant(root, allowed)
+    assert check(root).returncode == 0, check(root).stdout
+    plant(root, planted)
+    result = check(root)
+    assert result.returncode == 1, result.stdout
+    return result.stdout
+
+
 # Each way a worker module other than worker/run.py could write the running job's row itself.
 JOB_WRITES = {
     "a transaction": "def stage(run):\n    with run.transaction() as s:\n        return s\n",
@@ -161,11 +171,23 @@ def test_a_worker_module_that_writes_the_running_job_itself_fails(tmp_path: Path
         "        return runs.record_chunk(s)\n",
         "worker/chunks.py": "from app.retro_tests.runs import JobSpec\nfrom worker.run import commit\n",
     }
-    plant(tmp_path, files)
-    assert check(tmp_path).returncode == 0, check(tmp_path).stdout
+    printed = passes_then_fails(tmp_path, files, {"worker/chunks.py": f"from worker.run import commit\n{write}"})
+    assert "a write to the running job outside JobRun: worker/chunks.py:" in printed
+    assert "JobRun: worker/run.py" not in printed
 
-    plant(tmp_path, {"worker/chunks.py": f"from worker.run import commit\n{write}"})
-    result = check(tmp_path)
-    assert result.returncode == 1, result.stdout
-    assert "a write to the running job outside JobRun: worker/chunks.py:" in result.stdout
-    assert "JobRun: worker/run.py" not in result.stdout
+
+@pytest.mark.parametrize(
+    "read",
+    ['job.population["path"]', 'run.spec.environment.get("packages")', "tally.validation.items()"],
+)
+def test_a_job_fact_read_by_key_fails(tmp_path: Path, read: str) -> None:
+    files = {
+        "app/core/__init__.py": "",
+        "app/core/records.py": 'def public(record):\n    return record.population["rows"]\n',  # its own type: allowed
+        "worker/publish.py": "def manifest(job, run, tally):\n    return job.population.rows, run.spec.environment\n",
+    }
+    printed = passes_then_fails(
+        tmp_path, files, {"worker/publish.py": f"def manifest(job, run, tally):\n    return {read}\n"}
+    )
+    assert "a job's fact read as a dict: worker/publish.py:2 reads ." in printed
+    assert "records.py" not in printed
