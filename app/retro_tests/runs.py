@@ -2,10 +2,11 @@
 
 The one place that changes a job while it runs: claim the lease, enter a stage, record what was learned (the
 model, the plan, the deployment, the protocol), heartbeat and progress, commit a chunk, record the result files,
-give the verdict. Worker modules call these functions and never set a job's attributes themselves.
+give the verdict. In the worker only worker/run.py (JobRun, the one writer of a running job) calls these
+functions (scripts/check_layers.py holds that); nothing sets a job's attributes itself.
 
-Each function works in the caller's session and only flushes: the worker owns the transaction, and keeps none
-open across a call to an outside system (Hive, a model server, Kubernetes).
+Each function works in the caller's session and only flushes: JobRun owns the transaction, one short one per
+call, and keeps none open across a call to an outside system (Hive, a model server, Kubernetes).
 """
 
 from __future__ import annotations
