@@ -8,6 +8,15 @@
 3. No function takes more than MAX_PARAMS parameters besides self/cls (*args and **kwargs not counted), except
    FastAPI route handlers and CLI commands, whose parameters are the route's or the command's own inputs: they
    are told by their decorators (`@router.get(...)`, `@app.command(...)`).
+4. worker/run.py (JobRun) is the one writer of a running job. No other module of worker/ calls a method named
+   `transaction` (`run.transaction()`, `self.transaction()`, ...), imports the module app.retro_tests.runs
+   (`from app.retro_tests import runs`, `import app.retro_tests.runs`), or imports from it anything but its
+   types and exceptions: `from app.retro_tests.runs import X` only where X is a CapWords name (JobSpec, Counts,
+   LeaseLost, ...); its functions (lowercase: record_chunk, enter_stage, finish, tally, ...) are the job row's
+   writes and reads, which only worker/run.py calls.
+5. The job's JSON facts are read as their record types (app/core/records.py), never by string key: no module of
+   app/ or worker/ subscripts (`x.environment["python"]`) or calls .get/.items/.keys/.values on an attribute
+   named after one of them (RECORD_FIELDS), whatever object it is on. app/core/records.py itself is exempt.
 
 Usage: python scripts/check_layers.py [ROOT]   (ROOT: the folder holding app/ and worker/; default the repo)
 """
@@ -29,6 +38,13 @@ MAX_PARAMS = 6
 # command (typer's Typer.command and Typer.callback).
 ROUTE_DECORATORS = frozenset({"get", "post", "put", "patch", "delete", "head", "options", "trace", "api_route"})
 COMMAND_DECORATORS = frozenset({"command", "callback"})
+# Rule 4: the running job's writes (app.retro_tests.runs) and the one worker module that may make them.
+JOB_WRITES = "app.retro_tests.runs"
+JOB_WRITER = "worker/run.py"
+# Rule 5: the job row's JSON columns that hold a record (app/core/records.py), and the module that defines them.
+RECORD_FIELDS = frozenset({"model_info", "population", "chunk_plan", "environment", "validation", "source_override"})
+RECORDS = "app/core/records.py"
+DICT_READS = frozenset({"get", "items", "keys", "values"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,13 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package:
     """The dotted names an import statement reaches (a relative import resolved against the importing module)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
+    base = from_module(node, module, is_package)
+    # `from app import retro_tests` imports the package app.retro_tests, not app itself.
+    return [f"{base}.{alias.name}" for alias in node.names] if base in TOPS else [base]
+
+
+def from_module(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The module a `from ... import` statement imports from (a relative one resolved against `module`)."""
     base = node.module or ""
     if node.level:
         anchor = module.split(".")
@@ -68,8 +91,7 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package:
             anchor = anchor[:-1]
         anchor = anchor[: len(anchor) - (node.level - 1)]
         base = ".".join([*anchor, *([base] if base else [])])
-    # `from app import retro_tests` imports the package app.retro_tests, not app itself.
-    return [f"{base}.{alias.name}" for alias in node.names] if base in TOPS else [base]
+    return base
 
 
 def python_files(root: Path) -> Iterator[Path]:
@@ -175,6 +197,64 @@ def long_signatures(root: Path) -> list[str]:
     return found
 
 
+def _job_write(node: ast.AST, module: str, is_package: bool) -> str | None:
+    """What in `node` writes the running job's row outside JobRun (rule 4), or None."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "transaction":
+        return "opens a transaction (.transaction()); call a JobRun method (worker/run.py) instead"
+    if not isinstance(node, ast.Import | ast.ImportFrom):
+        return None
+    if isinstance(node, ast.Import):
+        reached = [alias.name for alias in node.names]
+    else:
+        base = from_module(node, module, is_package)
+        if base == JOB_WRITES:  # from app.retro_tests.runs import ...: its types only
+            functions = [alias.name for alias in node.names if not alias.name[:1].isupper()]
+            if functions:
+                return f"imports {', '.join(functions)} from {JOB_WRITES}; only worker/run.py calls its functions"
+            return None
+        reached = [f"{base}.{alias.name}" for alias in node.names]  # from app.retro_tests import runs
+    if JOB_WRITES in reached:
+        return f"imports {JOB_WRITES}; call a JobRun method (worker/run.py) instead"
+    return None
+
+
+def job_writes_outside_jobrun(root: Path) -> list[str]:
+    """Rule 4: modules of worker/ other than worker/run.py that open a transaction or use runs' functions."""
+    found: list[str] = []
+    for path in python_files(root):
+        rel = path.relative_to(root).as_posix()
+        if not rel.startswith("worker/") or rel == JOB_WRITER:
+            continue
+        module = module_name(path, root)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            why = _job_write(node, module, path.name == "__init__.py")
+            if why is not None:
+                found.append(f"{rel}:{getattr(node, 'lineno', 0)} {why}")
+    return found
+
+
+def _record_field(node: ast.expr) -> str | None:
+    return node.attr if isinstance(node, ast.Attribute) and node.attr in RECORD_FIELDS else None
+
+
+def records_read_by_key(root: Path) -> list[str]:
+    """Rule 5: a job's JSON fact read as a dict (by key, or its keys, values or items) outside its record type."""
+    found: list[str] = []
+    for path in python_files(root):
+        rel = path.relative_to(root).as_posix()
+        if rel == RECORDS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Subscript | ast.Attribute):
+                continue
+            if isinstance(node, ast.Attribute) and node.attr not in DICT_READS:
+                continue
+            field = _record_field(node.value)
+            if field is not None:
+                found.append(f"{rel}:{node.lineno} reads .{field} by key; read its record's attributes")
+    return found
+
+
 def main(argv: list[str]) -> int:
     root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent
     failed = False
@@ -192,10 +272,19 @@ def main(argv: list[str]) -> int:
     for line in long_signatures(root):
         failed = True
         print(f"more than {MAX_PARAMS} parameters (pass a request object, or keyword-only fields of one): {line}")
+    for line in job_writes_outside_jobrun(root):
+        failed = True
+        print(f"a write to the running job outside JobRun: {line}")
+    for line in records_read_by_key(root):
+        failed = True
+        print(f"a job's fact read as a dict: {line}")
     if failed:
         print("layers: FAILED (scripts/check_layers.py says what the rules are)")
         return 1
-    print("layers: no import cycle between packages; app.core imports only the bottom; no function over 6 parameters")
+    print(
+        "layers: no import cycle between packages; app.core imports only the bottom; no function over 6 parameters; "
+        "only worker/run.py writes a running job; no job fact read by key"
+    )
     return 0
 
 

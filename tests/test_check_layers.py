@@ -155,3 +155,55 @@ def test_a_cycle_between_two_ports_of_the_adapters_fails(tmp_path: Path) -> None
     result = check(tmp_path)
     assert result.returncode == 1, result.stdout
     assert "app.integrations.deployers <-> app.integrations.scoring" in result.stdout
+
+
+def passes_then_fails(root: Path, allowed: dict[str, str], planted: dict[str, str]) -> str:
+    """The check passes on `allowed`, then fails once `planted` is written over it; returns what it printed."""
+    plant(root, allowed)
+    assert check(root).returncode == 0, check(root).stdout
+    plant(root, planted)
+    result = check(root)
+    assert result.returncode == 1, result.stdout
+    return result.stdout
+
+
+# Each way a worker module other than worker/run.py could write the running job's row itself.
+JOB_WRITES = {
+    "a transaction": "def stage(run):\n    with run.transaction() as s:\n        return s\n",
+    "the module": "from app.retro_tests import runs\n",
+    "the module, dotted": "import app.retro_tests.runs as r\n",
+    "a function": "from app.retro_tests.runs import JobSpec, record_chunk\n",
+    "a function, relative": "from ..app.retro_tests.runs import finish\n",
+}
+
+
+@pytest.mark.parametrize("write", JOB_WRITES.values(), ids=JOB_WRITES.keys())
+def test_a_worker_module_that_writes_the_running_job_itself_fails(tmp_path: Path, write: str) -> None:
+    files = {
+        "app/retro_tests/__init__.py": "",
+        "app/retro_tests/runs.py": "class JobSpec:\n    pass\n\n\ndef record_chunk():\n    pass\n",
+        # JobRun may do all of it; the stages may import runs' types.
+        "worker/run.py": "from app.retro_tests import runs\n\n\ndef commit(run):\n    with run.transaction() as s:\n"
+        "        return runs.record_chunk(s)\n",
+        "worker/chunks.py": "from app.retro_tests.runs import JobSpec\nfrom worker.run import commit\n",
+    }
+    printed = passes_then_fails(tmp_path, files, {"worker/chunks.py": f"from worker.run import commit\n{write}"})
+    assert "a write to the running job outside JobRun: worker/chunks.py:" in printed
+    assert "JobRun: worker/run.py" not in printed
+
+
+@pytest.mark.parametrize(
+    "read",
+    ['job.population["path"]', 'run.spec.environment.get("packages")', "tally.validation.items()"],
+)
+def test_a_job_fact_read_by_key_fails(tmp_path: Path, read: str) -> None:
+    files = {
+        "app/core/__init__.py": "",
+        "app/core/records.py": 'def public(record):\n    return record.population["rows"]\n',  # its own type: allowed
+        "worker/publish.py": "def manifest(job, run, tally):\n    return job.population.rows, run.spec.environment\n",
+    }
+    printed = passes_then_fails(
+        tmp_path, files, {"worker/publish.py": f"def manifest(job, run, tally):\n    return {read}\n"}
+    )
+    assert "a job's fact read as a dict: worker/publish.py:2 reads ." in printed
+    assert "records.py" not in printed

@@ -303,7 +303,11 @@ def test_a_period_of_small_daily_partitions_is_read_in_a_few_queries_with_the_sa
         results[plan] = _scores(sessions, adapters, job_id)
         with sessions() as s:
             job = s.get(RetroTest, job_id)
-            assert job is not None and job.chunks_done == job.chunks_total == len(job.chunk_plan["chunks"])
+            assert (
+                job is not None
+                and job.chunk_plan is not None
+                and job.chunks_done == job.chunks_total == len(job.chunk_plan.chunks)
+            )
 
     # Every statement the job sent to HiveServer2: one GROUP BY of the days, then a SELECT per chunk. The schema
     # check is one GetColumns metadata call, and no session sends a USE or SET.

@@ -226,7 +226,7 @@ def test_a_reference_the_deployment_disagrees_with_fails_showing_the_first_rows(
 
     features = (Feature("x", "double"),)
     good = Reference(source="r", columns={"x": [1.0, 2.0]}, expected=[[2.0], [4.0]])
-    assert check(good, scorer=Doubling(), features=features, tolerance=1e-9)["passed"] is True
+    assert check(good, scorer=Doubling(), features=features, tolerance=1e-9).passed is True
     bad = Reference(source="r", columns={"x": [1.0, 2.0, 3.0]}, expected=[[2.0], [4.5], [6.5]])
     with pytest.raises(ReferenceMismatch) as failed:
         check(bad, scorer=Doubling(), features=features, tolerance=1e-9)

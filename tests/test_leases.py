@@ -38,7 +38,7 @@ def test_a_fresh_lease_is_taken_over_at_once_when_its_holder_died_here(database_
     from app.config import get_settings
     from app.core.jobs import RetroTest
     from app.db import get_session_factory
-    from worker.control import claim
+    from worker.run import claim
 
     sessions = get_session_factory()
     settings = get_settings()

@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 
 from app.config import Settings
 from app.core.periods import days_text, missing_days
+from app.core.records import ChunkPlanRecord
 from app.errors import NoHistoryInPeriod, ReconciliationFailed, TooManyRejectedRows
 from app.integrations.history.port import HistoryQuery, HistorySource
 from app.integrations.history.prefetch import prefetched
 from app.integrations.scoring.scorers import ScoredBatch, Scorer, ScoringStopped
 from app.integrations.storage.results import ResultStore
-from app.retro_tests import runs
 from app.retro_tests.runs import ChunkRecord, Counts
 from worker.run import JobRun
 
@@ -78,7 +78,7 @@ def plan_chunks(run: JobRun, query: HistoryQuery) -> list[Chunk]:
     """
     if run.spec.chunk_plan is not None:
         return chunks_of(run.spec.chunk_plan)
-    resumed = bool(committed_keys(run))
+    resumed = bool(run.committed_keys())
     by_day = None if resumed else run.adapters.source.rows_by_day(query)
     if by_day is not None and query.population is None:
         check_coverage(run, query, by_day)
@@ -86,8 +86,7 @@ def plan_chunks(run: JobRun, query: HistoryQuery) -> list[Chunk]:
         chunks = plan_days(query.start, query.end, run.settings.chunk_days)
     else:
         chunks = plan_rows(query.start, query.end, by_day, rows=run.settings.chunk_rows)
-    with run.transaction() as s:
-        kept = chunks_of(runs.record_chunk_plan(session=s, job_id=run.job_id, plan=plan_record(chunks)))
+    kept = chunks_of(run.keep_chunk_plan(plan_record(chunks)))
     if not resumed and kept == chunks:
         # The first chunk's query runs while the model environment is prepared and the server starts: on a
         # production Hive its seconds of planning and start-up pass there instead of before the first score.
@@ -100,8 +99,7 @@ def check_coverage(run: JobRun, query: HistoryQuery, by_day: Mapping[date, int])
     period. The API names them at submission where partitions tell (the local source); on Hive this is where they
     are first known."""
     missing = missing_days(start=query.start, end=query.end, days_with_history=(d for d, n in by_day.items() if n))
-    with run.transaction() as s:
-        runs.record_days_without_history(session=s, job_id=run.job_id, days=missing)
+    run.record_days_without_history(missing)
     if missing and run.spec.require_full_period:
         raise NoHistoryInPeriod(
             f"history table {query.table} has no rows on {len(missing)} of the {(query.end - query.start).days + 1} "
@@ -146,23 +144,14 @@ def plan_days(start: date, end: date, days: int) -> list[Chunk]:
     return chunks
 
 
-def plan_record(chunks: list[Chunk]) -> dict[str, Any]:
+def plan_record(chunks: list[Chunk]) -> ChunkPlanRecord:
     """A plan as the job's row keeps it."""
-    return {"chunks": [[c.start.isoformat(), c.end.isoformat(), c.rows] for c in chunks]}
+    return ChunkPlanRecord(chunks=[(c.start, c.end, c.rows) for c in chunks])
 
 
-def chunks_of(record: dict[str, Any]) -> list[Chunk]:
+def chunks_of(record: ChunkPlanRecord) -> list[Chunk]:
     """The chunks of a recorded plan."""
-    chunks = []
-    for start, end, rows in record["chunks"]:
-        first = date.fromisoformat(start)
-        chunks.append(Chunk(key=first.isoformat(), start=first, end=date.fromisoformat(end), rows=rows))
-    return chunks
-
-
-def committed_keys(run: JobRun) -> set[str]:
-    with run.transaction() as s:
-        return runs.committed_keys(session=s, job_id=run.job_id)
+    return [Chunk(key=start.isoformat(), start=start, end=end, rows=rows) for start, end, rows in record.chunks]
 
 
 def score_chunks(
@@ -185,10 +174,9 @@ def score_chunks(
     counters move with every batch; without (several workers share the job) they move with each commit.
     """
     settings, control, store = run.settings, run.control, run.adapters.store
-    with run.transaction() as s:
-        done = runs.committed_keys(session=s, job_id=run.job_id)
-        base = ChunkCounts()
-        base.add(runs.committed_counts(session=s, job_id=run.job_id))
+    done, committed = run.committed()
+    base = ChunkCounts()
+    base.add(committed)
     pending = [c for c in chunks if c.key not in done]
     tag = uuid.uuid4().hex[:8]  # this stream's part files never collide with another's for the same chunk
     own = tally if tally is not None else ChunkCounts()
@@ -228,7 +216,7 @@ def score_chunks(
         return sum(1 for _, item in window if not isinstance(item, _ChunkEnd))
 
     def is_committed(chunk: Chunk) -> bool:
-        return chunk.key in committed_keys(run)
+        return chunk.key in run.committed_keys()
 
     stream = _read_ahead(run, query, pending, skip=is_committed)
     with (
@@ -435,8 +423,7 @@ def commit_chunk(run: JobRun, *, chunk: Chunk, output: _ChunkOutput) -> bool:
         part_path=output.part_path if counts.scored else None,
         rejects_path=output.rejects_path if counts.rejected else None,
     )
-    with run.transaction() as s:
-        totals = runs.record_chunk(session=s, job_id=run.job_id, lease=run.control.lease, chunk=record)
+    totals = run.commit_chunk(record)
     if totals is None:
         return False
     enforce_reject_budget(

@@ -13,21 +13,22 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from app.clock import utcnow
-from app.config import Settings
 from app.db import describe_database_error, is_transient
 from app.errors import DeadlineExceeded, JobCancelled
-from app.retro_tests import runs
-from app.retro_tests.runs import Claim, Counts, LeaseLost
+from app.retro_tests.runs import Beat, Counts, LeaseLost
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobControl", "LeaseLost", "claim", "holder_is_dead", "this_process"]
+__all__ = ["BeatWriter", "JobControl", "LeaseLost", "holder_is_dead", "this_process"]
+
+# Writes one heartbeat: (live counters or None, whether to renew heartbeat_at) -> what the job row said.
+# worker/run.py's beat, bound to the job and the lease.
+BeatWriter = Callable[[Counts | None, bool], Beat]
 
 
 class JobControl:
@@ -41,14 +42,14 @@ class JobControl:
     def __init__(
         self,
         *,
-        sessions: sessionmaker[Session],
+        write_beat: BeatWriter,
         job_id: uuid.UUID,
         lease: str,
         deadline: datetime,
         heartbeat_s: float | None,
         interval_s: float = 1.0,
     ) -> None:
-        self._sessions = sessions
+        self._write_beat = write_beat
         self._job_id = job_id
         self.lease = lease
         self._deadline = deadline
@@ -130,14 +131,7 @@ class JobControl:
             self._beat_once(counts)
 
     def _beat_once(self, counts: Counts | None) -> None:
-        with self._sessions() as s, s.begin():
-            found = runs.beat(
-                session=s,
-                job_id=self._job_id,
-                lease=self.lease,
-                progress=counts,
-                heartbeat=self._heartbeat_s is not None,
-            )
+        found = self._write_beat(counts, self._heartbeat_s is not None)
         self._lost = not found.held
         self._cancelled = found.cancel_requested
 
@@ -164,15 +158,3 @@ def holder_is_dead(holder: str | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
-
-
-def claim(*, sessions: sessionmaker[Session], job_id: uuid.UUID, settings: Settings) -> Claim | None:
-    """Take the job's lease for this attempt, unless it is finished or another live attempt holds it."""
-    with sessions() as s, s.begin():
-        return runs.claim(
-            session=s,
-            job_id=job_id,
-            holder=this_process(),
-            stale_after_s=settings.stale_after_s,
-            holder_is_dead=holder_is_dead,
-        )

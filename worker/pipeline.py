@@ -15,8 +15,9 @@ scoring    -> the period, chunk by chunk (consecutive days of about RETRO_CHUNK_
 publishing -> parts merged into the result files, a manifest, row counts reconciled
 
 The attempt that runs the stages holds the job's lease (worker/control.py) and is the only one to give a verdict.
-Every stage takes the attempt's JobRun (worker/run.py); every write to the job's row goes through
-app/retro_tests/runs.py, in a short transaction of its own, never held across a call to an outside system.
+Every stage takes the attempt's JobRun (worker/run.py), the one writer of the running job: `run.enter(state)`,
+`run.record_...(fact)`, `run.commit_chunk(...)`, each a short transaction of its own, never held across a call to
+an outside system.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.core.jobs import State
 from app.core.model_types import ModelVersionInfo
+from app.core.records import EnvironmentRecord, ValidationRecord
 from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
@@ -55,10 +56,10 @@ from app.integrations.history.port import HistoryQuery, PopulationJoin, staging_
 from app.integrations.registry.mlflow import fetch_model
 from app.integrations.scoring.scorers import SCORERS, BatchScorer, ScoringOptions, choose_protocol
 from app.metrics import DEPLOYMENTS_ALIVE
-from app.retro_tests import runs
-from app.retro_tests.runs import JobSpec, LeaseLost
-from worker.chunks import Chunk, ChunkCounts, committed_keys, enforce_reject_budget, plan_chunks, score_chunks
-from worker.control import JobControl, claim
+from app.retro_tests.runs import Beat, Counts, JobSpec, LeaseLost
+from worker import run as job_row
+from worker.chunks import Chunk, ChunkCounts, enforce_reject_budget, plan_chunks, score_chunks
+from worker.control import JobControl
 from worker.publish import publish
 from worker.run import Adapters, JobRun, PartitionOrder
 from worker.validation import Reference, check, load_reference
@@ -72,7 +73,7 @@ def run_retro_test(
     *, job_id: uuid.UUID, sessions: sessionmaker[Session], adapters: Adapters, settings: Settings
 ) -> State:
     """Run a job to a terminal state; safe to call again for a redelivered or re-enqueued job."""
-    claimed = claim(sessions=sessions, job_id=job_id, settings=settings)
+    claimed = job_row.claim(sessions=sessions, job_id=job_id, settings=settings)
     if claimed is None:
         log.warning("retro test %s does not exist; nothing to do", job_id)
         return State.failed
@@ -86,8 +87,7 @@ def run_retro_test(
     def finish(state: State, error: tuple[str, str] | None = None) -> State:
         if state != State.succeeded:  # publishing dropped it already
             release_staging(claimed.spec, adapters=adapters, settings=settings)  # gone before the job says it ended
-        with sessions() as s, s.begin():
-            return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
+        return job_row.finish(sessions=sessions, job_id=job_id, lease=lease, state=state, error=error)
 
     if claimed.cancel_requested:
         return _discard(claimed.spec, adapters, finish(State.cancelled, ("cancelled", "cancelled before it started")))
@@ -158,8 +158,12 @@ def _control(
     spec: JobSpec, *, sessions: sessionmaker[Session], lease: str, settings: Settings, heartbeat: bool
 ) -> JobControl:
     """The attempt's lease, heartbeat (a coordinator's; a helper only watches) and deadline."""
+
+    def write_beat(progress: Counts | None, renew: bool) -> Beat:
+        return job_row.beat(sessions=sessions, job_id=spec.id, lease=lease, progress=progress, heartbeat=renew)
+
     return JobControl(
-        sessions=sessions,
+        write_beat=write_beat,
         job_id=spec.id,
         lease=lease,
         deadline=spec.created_at + timedelta(seconds=settings.job_deadline_s),
@@ -168,15 +172,14 @@ def _control(
 
 
 def _run_stages(run: JobRun) -> None:
-    _enter(run, State.resolving)
+    run.enter(State.resolving)
     model = resolve(run)
-    _enter(run, State.extracting)
+    run.enter(State.extracting)
     query, total = extract(run, model)
     run.control.check()
     chunks = plan_chunks(run, query)
-    with run.transaction() as s:
-        runs.record_plan(session=s, job_id=run.job_id, rows_total=total, chunks_total=len(chunks))
-    done = committed_keys(run)
+    run.record_plan(rows_total=total, chunks_total=len(chunks))
+    done = run.committed_keys()
     if not done:  # a resumed attempt has written part of it already: the estimate would be off
         check_free_space(run, rows=total)
     # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
@@ -202,7 +205,7 @@ def _run_stages(run: JobRun) -> None:
                 finally:
                     # A job that failed or was cancelled while the server started does not wait for the reference.
                     background.shutdown(wait=False, cancel_futures=True)
-    _enter(run, State.publishing)
+    run.enter(State.publishing)
     publish(run, model=model, query=query)
 
 
@@ -220,9 +223,9 @@ def _deploy_and_score(
     while True:
         try:
             with deployed(run, model, environment) as (deployment, scorer):
-                _enter(run, State.validating)
+                run.enter(State.validating)
                 validate(run, model=model, reference=reference.result(), scorer=scorer)
-                _enter(run, State.scoring)
+                run.enter(State.scoring)
                 score_period(run, query=query, chunks=chunks, deployment=deployment, scorer=scorer)
             return
         except ModelServerDown as exc:
@@ -255,12 +258,6 @@ def check_free_space(run: JobRun, *, rows: int | None) -> None:
         )
 
 
-def _enter(run: JobRun, state: State) -> None:
-    with run.transaction() as s:
-        runs.enter_stage(session=s, job_id=run.job_id, state=state)
-    log.info("retro test %s: %s", run.job_id, state.value)  # the log's timestamps show each stage's time
-
-
 def resolve(run: JobRun) -> ModelVersionInfo:
     """The exact version the job was created for; never an alias that may have moved since.
 
@@ -269,11 +266,10 @@ def resolve(run: JobRun) -> ModelVersionInfo:
     the registry is down. A version's signature and artifacts do not change. A job without the record (accepted
     before it was kept) asks the registry and records the answer, so only its first attempt asks.
     """
-    if run.spec.model_info:
+    if run.spec.model_info is not None:
         return ModelVersionInfo.from_record(run.spec.model_info)
     model = run.adapters.registry.resolve(name=run.spec.model_name, version=run.spec.model_version)
-    with run.transaction() as s:
-        runs.record_model(session=s, job_id=run.job_id, model=model)
+    run.record_model(model)
     return model
 
 
@@ -297,10 +293,10 @@ def population_join(run: JobRun) -> PopulationJoin | None:
     if record is None:
         return None
     return PopulationJoin(
-        file=run.adapters.store.local_path(record["path"], cache_dir=run.settings.var_dir / "populations"),
-        as_of_column=record["as_of_column"],
-        outcome_column=record["outcome_column"],
-        lookback_days=int(record["lookback_days"]),
+        file=run.adapters.store.local_path(record.path, cache_dir=run.settings.var_dir / "populations"),
+        as_of_column=record.as_of_column,
+        outcome_column=record.outcome_column,
+        lookback_days=record.lookback_days,
         staging_table=staging_table(run.settings.hive_scratch_database, run.job_id),
     )
 
@@ -331,39 +327,34 @@ def prepare_environment(run: JobRun, model: ModelVersionInfo, model_dir: Path) -
     environments = run.adapters.environments
     if environments is None:
         return None
-    _enter(run, State.preparing_environment)
+    run.enter(State.preparing_environment)
 
     def progress(step: str) -> None:
         run.control.check()
-        with run.transaction() as s:
-            runs.record_environment(session=s, job_id=run.job_id, environment={"step": step})
+        run.record_environment(EnvironmentRecord(step=step))
 
     requirements = read_requirements(model_dir, what=f"model {model.name!r} version {model.version}")
     environment = environments.prepare(requirements, progress=progress)
-    with run.transaction() as s:
-        runs.record_environment(session=s, job_id=run.job_id, environment=environment.to_record())
+    run.record_environment(environment.to_record())
     return environment
 
 
 def validate(run: JobRun, *, model: ModelVersionInfo, reference: Reference | None, scorer: BatchScorer) -> None:
     """The deployment must score the model's reference as the reference says, before any partner row."""
     if reference is None:
-        outcome: dict[str, Any] = {
-            "passed": None,
-            "source": None,
-            "note": "not checked: the version has no retro.reference tag and no logged input example",
-        }
+        outcome = ValidationRecord(
+            passed=None,
+            source=None,
+            note="not checked: the version has no retro.reference tag and no logged input example",
+        )
     else:
         try:
             outcome = check(reference, scorer=scorer, features=model.inputs, tolerance=run.settings.reference_tolerance)
         except ReferenceMismatch as exc:
-            with run.transaction() as s:
-                runs.record_validation(
-                    session=s, job_id=run.job_id, validation=exc.outcome or {"passed": False, "note": exc.detail}
-                )
+            failed = ValidationRecord.read(exc.outcome) if exc.outcome else None
+            run.record_validation(failed or ValidationRecord(passed=False, note=exc.detail))
             raise
-    with run.transaction() as s:
-        runs.record_validation(session=s, job_id=run.job_id, validation=outcome)
+    run.record_validation(outcome)
 
 
 @contextlib.contextmanager
@@ -373,10 +364,9 @@ def deployed(
     """A ready model server for the job's model version, torn down when the block exits, however it exits."""
     name = deployment_name(run.job_id)
     deployer = run.adapters.deployer
-    _enter(run, State.deploying)
+    run.enter(State.deploying)
     # Record the name before creating anything, so a reaper can find it if this process dies.
-    with run.transaction() as s:
-        runs.record_deployment(session=s, job_id=run.job_id, name=name)
+    run.record_deployment(name)
     alive = DEPLOYMENTS_ALIVE.labels(run.settings.deployer)
     alive.inc()
     try:
@@ -385,8 +375,7 @@ def deployed(
             deployment, timeout_s=run.settings.deploy_ready_timeout_s, should_stop=run.control.cancel_requested
         )
         with open_scorer(run, deployment=deployment, model=model) as scorer:
-            with run.transaction() as s:
-                runs.record_protocol(session=s, job_id=run.job_id, protocol=scorer.protocol)
+            run.record_protocol(scorer.protocol)
             yield deployment, scorer
     finally:
         alive.dec()
@@ -432,7 +421,7 @@ def score_period(
     first commit wins). When this returns, every chunk is committed.
     """
     send = run.adapters.send_partition
-    done = committed_keys(run)
+    done = run.committed_keys()
     pending = [c for c in chunks if c.key not in done]
     ranges = split_ranges(pending, run.settings.partitions if send else 1)
     order = ranges[0] if ranges else []
@@ -447,8 +436,7 @@ def score_period(
     for part in reversed(ranges[1:]):
         order += list(reversed(part))
     score_chunks(run, query=query, chunks=order, scorer=scorer, live_progress=len(ranges) <= 1)
-    with run.transaction() as s:
-        totals = runs.tally(session=s, job_id=run.job_id)
+    totals = run.tally()
     # A helper's commit may have passed the reject budget; its own error went only to its log.
     enforce_reject_budget(
         rejected=totals.counts.rejected, read_total=totals.rows_total or totals.counts.read, settings=run.settings
@@ -464,10 +452,9 @@ def score_partition(
     scoring failure) only ends its share early: the coordinator scores every chunk left open. Returns what
     happened, for the log.
     """
-    with sessions() as s:
-        if not runs.holds_lease(session=s, job_id=order.job_id, lease=order.lease):
-            return "stale: the job ended or another attempt owns it"
-        spec = runs.load_spec(session=s, job_id=order.job_id)
+    spec = job_row.partition_spec(sessions=sessions, job_id=order.job_id, lease=order.lease)
+    if spec is None:
+        return "stale: the job ended or another attempt owns it"
     own = ChunkCounts()
     try:
         with _control(spec, sessions=sessions, lease=order.lease, settings=settings, heartbeat=False) as control:
@@ -481,9 +468,8 @@ def score_partition(
     except (LeaseLost, JobCancelled) as exc:
         return f"this helper scored {own.read} rows, then stopped: {exc}"
     except AppError as exc:
-        with sessions() as s:
-            held = runs.holds_lease(session=s, job_id=order.job_id, lease=order.lease)
-        if not held:  # the job ended or moved on while this helper was scoring
+        # the job ended or moved on while this helper was scoring
+        if not job_row.holds_lease(sessions=sessions, job_id=order.job_id, lease=order.lease):
             return f"this helper scored {own.read} rows, then the job moved on ({exc.detail})"
         log.warning(
             "partition %s..%s of retro test %s stopped: %s; its coordinator scores the rest",

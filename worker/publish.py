@@ -11,8 +11,8 @@ from typing import IO, TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from app.clock import utcnow
-from app.core.jobs import State
 from app.core.model_types import ModelVersionInfo
+from app.core.records import EnvironmentRecord
 from app.errors import ReconciliationFailed
 from app.i18n import _, use_language
 from app.integrations.history.port import HistoryQuery
@@ -24,8 +24,7 @@ from app.integrations.storage.results import (
     SafeCsvWriter,
     csv_header,
 )
-from app.retro_tests import runs
-from app.retro_tests.runs import LeaseLost, ResultFileRecord, Tally
+from app.retro_tests.runs import ChunkRecord, ResultFileRecord, Tally
 from worker import report
 from worker.chunks import stats_path
 
@@ -36,9 +35,7 @@ if TYPE_CHECKING:
 def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> None:
     """Merge the parts into the result files, write the manifest, reconcile, and record the files."""
     store, prefix = run.adapters.store, run.spec.prefix
-    with run.transaction() as s:
-        chunks = runs.committed_chunks(session=s, job_id=run.job_id)
-        tally = runs.tally(session=s, job_id=run.job_id)
+    chunks, tally = run.to_publish()
     counts = tally.counts
     if tally.rows_total is not None and counts.read != tally.rows_total:
         raise ReconciliationFailed(
@@ -60,7 +57,7 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
     files += _write_report(run, model=model, query=query, chunks=chunks, tally=tally, unmatched=unmatched)
     if query.population is not None and query.population.staging_table:
         run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
-    if tally.environment and tally.environment.get("packages"):
+    if tally.environment and tally.environment.packages:
         files.append(_write_lock(store, prefix, tally.environment))
     # The full manifest is for staff (the API); partners' links serve the one without internal details.
     manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
@@ -72,10 +69,7 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
     files.append(_described(store, prefix, name="manifest.json", kind="manifest", fmt="json", rows=None))
     # The files and the verdict in one transaction, and only then the parts go: a worker killed at any point
     # leaves either a succeeded job with its files, or the parts a next attempt publishes from again.
-    with run.transaction() as s:
-        runs.record_results(session=s, job_id=run.job_id, files=files, location=store.location(prefix))
-        if runs.finish(session=s, job_id=run.job_id, lease=run.control.lease, state=State.succeeded) != State.succeeded:
-            raise LeaseLost(f"retro test {run.job_id} was taken over by another attempt while publishing")
+    run.succeed(files=files, location=store.location(prefix))
     store.remove_tree(f"{prefix}/parts")
 
 
@@ -157,11 +151,11 @@ def _manifest(
             "parameters": {"start": query.start.isoformat(), "end": query.end.isoformat()},
         },
         "period": _period(query, tally.days_without_history),
-        "population": {k: v for k, v in spec.population.items() if k != "path"} if spec.population else None,
+        "population": spec.population.public() if spec.population else None,
         "scoring": {"protocol": tally.score_protocol},
         # What the model server ran from (null: the worker's own packages) and the check before scoring.
-        "environment": tally.environment,
-        "validation": tally.validation,
+        "environment": tally.environment.public() if tally.environment else None,
+        "validation": tally.validation.public() if tally.validation else None,
         "rows": {"total": tally.rows_total, "read": counts.read, "scored": counts.scored, "rejected": counts.rejected},
         "files": [
             {"name": f.name, "kind": f.kind, "format": f.format, "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256}
@@ -201,7 +195,7 @@ def _write_report(
     *,
     model: ModelVersionInfo,
     query: HistoryQuery,
-    chunks: list[runs.ChunkRecord],
+    chunks: list[ChunkRecord],
     tally: Tally,
     unmatched: int | None,
 ) -> list[ResultFileRecord]:
@@ -217,7 +211,7 @@ def _write_report(
         query=query,
         score_column=model.outputs[-1] if model.outputs else _score_column(store, parts, query),
         rows={
-            "requested": int(population["rows"]) if population is not None else counts.read,
+            "requested": population.rows if population is not None else counts.read,
             "matched": counts.read,
             "scored": counts.scored,
             "rejected": counts.rejected,
@@ -245,7 +239,7 @@ def _write_report(
     ]
 
 
-def _stem(chunk: runs.ChunkRecord) -> str | None:
+def _stem(chunk: ChunkRecord) -> str | None:
     if chunk.part_path:
         return chunk.part_path.removesuffix(".parquet")
     if chunk.rejects_path:
@@ -262,10 +256,10 @@ def _score_column(store: ResultStore, parts: list[str], query: HistoryQuery) -> 
     return str([n for n in names if n not in query.carried][-1])
 
 
-def _write_lock(store: ResultStore, prefix: str, environment: dict[str, Any]) -> ResultFileRecord:
+def _write_lock(store: ResultStore, prefix: str, environment: EnvironmentRecord) -> ResultFileRecord:
     """The model server's packages, pinned, kept with the results: `uv pip sync` rebuilds the environment."""
-    lines = [f"# Python {environment['python']}, as the model server of this retro test ran"]
-    lines += [f"{name}=={version}" for name, version in sorted(environment["packages"].items())]
+    lines = [f"# Python {environment.python}, as the model server of this retro test ran"]
+    lines += [f"{name}=={version}" for name, version in sorted((environment.packages or {}).items())]
     with store.open_write(f"{prefix}/requirements.lock") as fh:
         fh.write(("\n".join(lines) + "\n").encode())
     return _described(store, prefix, name="requirements.lock", kind="environment", fmt="txt", rows=None)

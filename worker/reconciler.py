@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.service import record
 from app.clock import utcnow
 from app.core.jobs import RUNNING_STATES, RetroTest, State
-from app.retro_tests import runs
 from worker.control import holder_is_dead
+from worker.run import mark_requeued
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def reconcile_jobs(
         # On one machine (a laptop, a single VM) a dead holder is seen at once, without waiting for its heartbeat.
         jobs += [job for job in _dead_here(s, stale) if job not in jobs]
         for job in jobs:
-            runs.mark_requeued(session=s, job_id=job.id, at=now)
+            mark_requeued(s, job.id, at=now)
             record(
                 session=s,
                 actor="reconciler",
@@ -112,7 +112,7 @@ def resume_dead_here(
         with sessions() as s, s.begin():
             jobs = _dead_here(s, now)
             for job in jobs:
-                runs.mark_requeued(session=s, job_id=job.id, at=now)
+                mark_requeued(s, job.id, at=now)
             ids = [job.id for job in jobs]
     except Exception:
         log.warning("could not look for jobs a dead process on this host held; beat's reconciler will", exc_info=True)

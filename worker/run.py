@@ -1,25 +1,45 @@
 """One attempt at one job, as every stage sees it: what the job asks (JobSpec), the lease, the adapters, the
-settings, and short transactions on the job's row (app/retro_tests/runs.py does the writing); and the order that
-hands a helper worker its share of a job (PartitionOrder)."""
+settings; and the order that hands a helper worker its share of a job (PartitionOrder).
+
+This module is the one writer of a running job. Stages call JobRun's methods (`run.enter(state)`,
+`run.record_environment(...)`, `run.commit_chunk(...)`, `run.succeed(...)`), and the attempt's claim, heartbeat
+and verdict go through the functions below; each is one short transaction of its own, never held across a call
+to an outside system. The SQL is app/retro_tests/runs.py's (one owner per row); no other worker module opens a
+transaction on the job or calls runs' functions (scripts/check_layers.py holds that).
+
+Where the lease is checked is runs.py's: a chunk commit (the job row locked, so a chunk is recorded exactly once),
+the verdict and success, the heartbeat; entering a stage and recording a fact check a cancel, not the lease (an
+attempt that lost its lease finds out at its next heartbeat, checkpoint or verdict, and writes no verdict).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from datetime import date, datetime
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.core.jobs import State
+from app.core.model_types import ModelVersionInfo
+from app.core.records import ChunkPlanRecord, EnvironmentRecord, ValidationRecord
 from app.integrations.deployers.port import Deployer, Deployment
 from app.integrations.environments.cache import EnvironmentCache
 from app.integrations.history.port import HistorySource
 from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
-from app.retro_tests.runs import JobSpec
-from worker.control import JobControl
+from app.retro_tests import runs
+from app.retro_tests.runs import Beat, ChunkRecord, Claim, Counts, JobSpec, LeaseLost, ResultFileRecord, Tally
+from worker.control import JobControl, holder_is_dead, this_process
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,7 +101,140 @@ class JobRun:
         return self.spec.id
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """A short transaction on the database: never held across a call to an outside system."""
-        with self.sessions() as session, session.begin():
+    def _transaction(self) -> Iterator[Session]:
+        with _transaction(self.sessions) as session:
             yield session
+
+    def _write(self, write: Callable[..., T], **fact: Any) -> T:
+        """One of runs' functions on this job, in a short transaction of its own."""
+        with self._transaction() as s:
+            return write(session=s, job_id=self.job_id, **fact)
+
+    # --- the job's stages and the facts an attempt learns (a cancel asked meanwhile stops the attempt) ---
+
+    def enter(self, state: State) -> None:
+        """Move the job to its next stage; a cancel asked meanwhile stops it here (JobCancelled)."""
+        self._write(runs.enter_stage, state=state)
+        log.info("retro test %s: %s", self.job_id, state.value)  # the log's timestamps show each stage's time
+
+    def record_model(self, model: ModelVersionInfo) -> None:
+        self._write(runs.record_model, model=model)
+
+    def record_plan(self, *, rows_total: int | None, chunks_total: int) -> None:
+        self._write(runs.record_plan, rows_total=rows_total, chunks_total=chunks_total)
+
+    def record_days_without_history(self, days: list[date]) -> None:
+        self._write(runs.record_days_without_history, days=days)
+
+    def keep_chunk_plan(self, plan: ChunkPlanRecord) -> ChunkPlanRecord:
+        """Keep the plan unless the job has one already; returns the plan the job has (the first one wins)."""
+        return self._write(runs.record_chunk_plan, plan=plan)
+
+    def record_deployment(self, name: str) -> None:
+        self._write(runs.record_deployment, name=name)
+
+    def record_environment(self, environment: EnvironmentRecord) -> None:
+        self._write(runs.record_environment, environment=environment)
+
+    def record_validation(self, validation: ValidationRecord) -> None:
+        self._write(runs.record_validation, validation=validation)
+
+    def record_protocol(self, protocol: str) -> None:
+        self._write(runs.record_protocol, protocol=protocol)
+
+    # --- chunks: the checkpoint ---
+
+    def committed_keys(self) -> set[str]:
+        """The keys of the job's chunks already committed, by any attempt or helper."""
+        return self._write(runs.committed_keys)
+
+    def committed(self) -> tuple[set[str], Counts]:
+        """The committed chunks' keys and their rows added up, as one snapshot."""
+        with self._transaction() as s:
+            return (
+                runs.committed_keys(session=s, job_id=self.job_id),
+                runs.committed_counts(session=s, job_id=self.job_id),
+            )
+
+    def commit_chunk(self, chunk: ChunkRecord) -> Tally | None:
+        """Record a finished chunk and the job's totals (the checkpoint), if this attempt still holds the lease.
+
+        None when another copy of the chunk was committed first; LeaseLost when another attempt owns the job.
+        """
+        return self._write(runs.record_chunk, lease=self.control.lease, chunk=chunk)
+
+    def tally(self) -> Tally:
+        return self._write(runs.tally)
+
+    def to_publish(self) -> tuple[list[ChunkRecord], Tally]:
+        """The committed chunks in the order of the period and the job's tally, as one snapshot."""
+        with self._transaction() as s:
+            return runs.committed_chunks(session=s, job_id=self.job_id), runs.tally(session=s, job_id=self.job_id)
+
+    # --- the verdict ---
+
+    def succeed(self, *, files: list[ResultFileRecord], location: str) -> None:
+        """The result files and the verdict in one transaction; LeaseLost when another attempt owns the job."""
+        with self._transaction() as s:
+            runs.record_results(session=s, job_id=self.job_id, files=files, location=location)
+            if runs.finish(session=s, job_id=self.job_id, lease=self.control.lease, state=State.succeeded) != (
+                State.succeeded
+            ):
+                raise LeaseLost(f"retro test {self.job_id} was taken over by another attempt while publishing")
+
+
+@contextlib.contextmanager
+def _transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A short transaction on the database: never held across a call to an outside system."""
+    with sessions() as session, session.begin():
+        yield session
+
+
+# --- what an attempt writes before it has a JobRun, or without one ---
+
+
+def claim(*, sessions: sessionmaker[Session], job_id: uuid.UUID, settings: Settings) -> Claim | None:
+    """Take the job's lease for this attempt, unless it is finished or another live attempt holds it."""
+    with _transaction(sessions) as s:
+        return runs.claim(
+            session=s,
+            job_id=job_id,
+            holder=this_process(),
+            stale_after_s=settings.stale_after_s,
+            holder_is_dead=holder_is_dead,
+        )
+
+
+def finish(
+    *, sessions: sessionmaker[Session], job_id: uuid.UUID, lease: str, state: State, error: tuple[str, str] | None
+) -> State:
+    """Record the verdict, if `lease` still holds the job, and release the lease; returns the job's state."""
+    with _transaction(sessions) as s:
+        return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
+
+
+def beat(
+    *, sessions: sessionmaker[Session], job_id: uuid.UUID, lease: str, progress: Counts | None, heartbeat: bool
+) -> Beat:
+    """Renew the heartbeat (if `heartbeat`) and the live counters while `lease` still holds the job."""
+    with _transaction(sessions) as s:
+        return runs.beat(session=s, job_id=job_id, lease=lease, progress=progress, heartbeat=heartbeat)
+
+
+def holds_lease(*, sessions: sessionmaker[Session], job_id: uuid.UUID, lease: str) -> bool:
+    with sessions() as s:
+        return runs.holds_lease(session=s, job_id=job_id, lease=lease)
+
+
+def partition_spec(*, sessions: sessionmaker[Session], job_id: uuid.UUID, lease: str) -> JobSpec | None:
+    """The job a helper was sent a share of, or None when `lease` no longer holds it (the job ended or moved on)."""
+    with sessions() as s:
+        if not runs.holds_lease(session=s, job_id=job_id, lease=lease):
+            return None
+        return runs.load_spec(session=s, job_id=job_id)
+
+
+def mark_requeued(session: Session, job_id: uuid.UUID, *, at: datetime) -> None:
+    """The reconciler's one write: a stranded job sent to the workers again, in the reconciler's own transaction
+    (the one that found the job and locked its row)."""
+    runs.mark_requeued(session=session, job_id=job_id, at=at)

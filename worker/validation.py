@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from app.core.model_types import Feature, ModelVersionInfo
+from app.core.records import Mismatch, ValidationRecord
 from app.errors import EnvironmentFailed, ReferenceMismatch
 from app.integrations.environments import model_predict
 from app.integrations.environments.cache import ModelEnvironment
@@ -88,14 +89,13 @@ def load_reference(
     )
 
 
-def check(reference: Reference, *, scorer: Scorer, features: tuple[Feature, ...], tolerance: float) -> dict[str, Any]:
+def check(reference: Reference, *, scorer: Scorer, features: tuple[Feature, ...], tolerance: float) -> ValidationRecord:
     """Score the reference through the deployment; the outcome, or ReferenceMismatch naming the first differing rows."""
     batch = pa.RecordBatch.from_arrays(
         [pa.array(reference.columns[f.name], type=pa.type_for_alias(f.arrow_type)) for f in features],
         names=[f.name for f in features],
     )
     scored = scorer.score(batch)
-    outcome: dict[str, Any] = {"source": reference.source, "rows": reference.rows, "tolerance": tolerance}
     if scored.rejected_rows.num_rows:
         raise ReferenceMismatch(
             f"the deployment refused {scored.rejected_rows.num_rows} of the {reference.rows} reference rows "
@@ -107,14 +107,21 @@ def check(reference: Reference, *, scorer: Scorer, features: tuple[Feature, ...]
         same, diff = _same(want, have, tolerance)
         worst = max(worst, diff) if math.isfinite(diff) else worst
         if not same:
-            mismatches.append({"row": i, "expected": _plain(want), "got": _plain(have)})
-    outcome |= {"max_abs_diff": worst, "passed": not mismatches, "mismatches": mismatches[:SHOWN_MISMATCHES]}
+            mismatches.append(Mismatch(row=i, expected=_plain(want), got=_plain(have)))
+    outcome = ValidationRecord(
+        source=reference.source,
+        rows=reference.rows,
+        tolerance=tolerance,
+        max_abs_diff=worst,
+        passed=not mismatches,
+        mismatches=mismatches[:SHOWN_MISMATCHES],
+    )
     if mismatches:
-        shown = "; ".join(f"row {m['row']}: expected {m['expected']}, got {m['got']}" for m in outcome["mismatches"])
+        shown = "; ".join(f"row {m.row}: expected {m.expected}, got {m.got}" for m in outcome.mismatches or [])
         raise ReferenceMismatch(
             f"the deployed model does not reproduce its reference ({reference.source}): {len(mismatches)} of "
             f"{reference.rows} rows differ by more than {tolerance:g}; {shown}",
-            outcome=outcome,
+            outcome=outcome.stored(),
         )
     return outcome
 

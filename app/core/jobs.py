@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import date, datetime
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -28,6 +27,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship, selectinload
 
 from app.core.partners import Partner
+from app.core.records import (
+    ChunkPlanRecord,
+    EnvironmentRecord,
+    ModelRecord,
+    PopulationRecord,
+    RecordJSON,
+    SourceRecord,
+    ValidationRecord,
+)
 from app.core.scope import PartnerScope
 from app.db import Base
 from app.errors import NotFound
@@ -95,7 +103,7 @@ class RetroTest(Base):
     period_start: Mapped[date] = mapped_column(Date)
     period_end: Mapped[date] = mapped_column(Date)
     output_formats: Mapped[list[str]] = mapped_column(JSON)
-    source_override: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    source_override: Mapped[SourceRecord] = mapped_column(RecordJSON(SourceRecord), default=SourceRecord)
     note: Mapped[str | None] = mapped_column(Text)
     requested_by: Mapped[str] = mapped_column(String(200))
     request_key: Mapped[str] = mapped_column(String(64))
@@ -107,12 +115,13 @@ class RetroTest(Base):
     source_table: Mapped[str] = mapped_column(String(512))
     date_column: Mapped[str] = mapped_column(String(256))
     id_columns: Mapped[list[str]] = mapped_column(JSON)
+    # The JSON facts below are typed records (app/core/records.py), read and written as objects.
     # The registry's full answer (signature, artifact location), recorded by the API when it accepts the job:
     # every attempt reads it here and needs neither the registry nor mlflow (ModelVersionInfo.to_record).
-    model_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    model_info: Mapped[ModelRecord | None] = mapped_column(RecordJSON(ModelRecord))
     # The partner's own population, when the request brought one (app/retro_tests/population.py): where its
     # checked Parquet copy is in the result store, its columns, rows, sha256, and lookback_days of the join.
-    population: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    population: Mapped[PopulationRecord | None] = mapped_column(RecordJSON(PopulationRecord))
     # Honest periods: whether the request refuses a period with days that have no history, and those days as the
     # API (from partitions) or the worker (from the period's per-day counts) found them, YYYY-MM-DD; None: not known yet.
     require_full_period: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -147,15 +156,15 @@ class RetroTest(Base):
     chunks_done: Mapped[int] = mapped_column(Integer, default=0)
     # The chunks as the first attempt planned them (worker/chunks.py plan_chunks): every attempt and helper cuts
     # the period the same way, whatever the source says later.
-    chunk_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    chunk_plan: Mapped[ChunkPlanRecord | None] = mapped_column(RecordJSON(ChunkPlanRecord))
 
     # Outcome.
     deployment_name: Mapped[str | None] = mapped_column(String(128))
     score_protocol: Mapped[str | None] = mapped_column(String(16))  # v2-grpc, v2-rest or seldon, once scoring starts
     # The model's environment (ModelEnvironment.to_record, with the step it is at while being prepared) and the
     # reference check's outcome (worker/validation.py), as the job page and the manifest show them.
-    environment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    environment: Mapped[EnvironmentRecord | None] = mapped_column(RecordJSON(EnvironmentRecord))
+    validation: Mapped[ValidationRecord | None] = mapped_column(RecordJSON(ValidationRecord))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     result_location: Mapped[str | None] = mapped_column(Text)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.identifiers import check_name, check_table
+from app.core.records import ModelRecord
 from app.errors import SourceUnknown
 from app.i18n import _
 
@@ -94,30 +95,30 @@ class ModelVersionInfo:
             check_name(c, what="id_columns")
         return SourceSpec(table=table, date_column=date_column, id_columns=tuple(ids))
 
-    def to_record(self) -> dict[str, Any]:
-        """As JSON, to keep on the job: every attempt reads it back instead of asking the registry."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "run_id": self.run_id,
-            "source": self.source,
-            "artifact_uri": self.artifact_uri,
-            "inputs": [[f.name, f.type] for f in self.inputs],
-            "outputs": list(self.outputs),
-            "tags": dict(self.tags),
-        }
+    def to_record(self) -> ModelRecord:
+        """As the job keeps it: every attempt reads it back instead of asking the registry."""
+        return ModelRecord(
+            name=self.name,
+            version=self.version,
+            run_id=self.run_id,
+            source=self.source,
+            artifact_uri=self.artifact_uri,
+            inputs=[(f.name, f.type) for f in self.inputs],
+            outputs=list(self.outputs),
+            tags=dict(self.tags),
+        )
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ModelVersionInfo:
+    def from_record(cls, record: ModelRecord) -> ModelVersionInfo:
         return cls(
-            name=record["name"],
-            version=record["version"],
-            run_id=record["run_id"],
-            source=record["source"],
-            artifact_uri=record["artifact_uri"],
-            inputs=tuple(Feature(name=name, type=type_) for name, type_ in record["inputs"]),
-            outputs=tuple(record["outputs"]),
-            tags=dict(record["tags"]),
+            name=record.name,
+            version=record.version,
+            run_id=record.run_id,
+            source=record.source,
+            artifact_uri=record.artifact_uri,
+            inputs=tuple(Feature(name=name, type=type_) for name, type_ in record.inputs),
+            outputs=tuple(record.outputs),
+            tags=dict(record.tags),
         )
 
 

@@ -45,7 +45,7 @@ def submit(
         if population is not None and job.population is not None:
             assert store is not None, "a population needs the result store"
             try:
-                with store.open_write(job.population["path"]) as fh:
+                with store.open_write(job.population.path) as fh:
                     fh.write(population.parquet)
             except OSError as exc:
                 service.fail_unqueued(session=session, job_id=job.id, reason=f"population not stored: {exc}")

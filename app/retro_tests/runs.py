@@ -2,10 +2,11 @@
 
 The one place that changes a job while it runs: claim the lease, enter a stage, record what was learned (the
 model, the plan, the deployment, the protocol), heartbeat and progress, commit a chunk, record the result files,
-give the verdict. Worker modules call these functions and never set a job's attributes themselves.
+give the verdict. In the worker only worker/run.py (JobRun, the one writer of a running job) calls these
+functions (scripts/check_layers.py holds that); nothing sets a job's attributes itself.
 
-Each function works in the caller's session and only flushes: the worker owns the transaction, and keeps none
-open across a call to an outside system (Hive, a model server, Kubernetes).
+Each function works in the caller's session and only flushes: JobRun owns the transaction, one short one per
+call, and keeps none open across a call to an outside system (Hive, a model server, Kubernetes).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -23,6 +23,7 @@ from app.clock import as_utc, utcnow
 from app.core.jobs import ResultFile, RetroTest, RetroTestChunk, State, job_prefix
 from app.core.model_types import ModelVersionInfo
 from app.core.partners import Partner
+from app.core.records import ChunkPlanRecord, EnvironmentRecord, ModelRecord, PopulationRecord, ValidationRecord
 from app.core.transitions import advance
 from app.errors import JobCancelled, NotFound
 
@@ -40,7 +41,7 @@ class JobSpec:
     prefix: str  # where its files go in the result store
     model_name: str
     model_version: str
-    model_info: dict[str, Any] | None  # the registry's answer the API recorded (None for older jobs)
+    model_info: ModelRecord | None  # the registry's answer the API recorded (None for older jobs)
     source_table: str
     date_column: str
     id_columns: tuple[str, ...]
@@ -50,8 +51,10 @@ class JobSpec:
     requested_by: str
     created_at: datetime
     rows_total: int | None  # as a first attempt counted it; a resumed attempt keeps it
-    chunk_plan: dict[str, Any] | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
-    population: dict[str, Any] | None = None  # the partner's population, as the API recorded it (RetroTest.population)
+    chunk_plan: ChunkPlanRecord | None = None  # the chunks as the first attempt planned them (chunks.plan_chunks)
+    population: PopulationRecord | None = (
+        None  # the partner's population, as the API recorded it (RetroTest.population)
+    )
     partner_name: str = ""  # as the partner's report names it
     report_language: str | None = None  # the partner's report language (None: RETRO_DEFAULT_LANGUAGE)
     require_full_period: bool = False  # refuse a period with days that have no history
@@ -212,7 +215,7 @@ def record_days_without_history(*, session: Session, job_id: uuid.UUID, days: li
     session.flush()
 
 
-def record_chunk_plan(*, session: Session, job_id: uuid.UUID, plan: dict[str, Any]) -> dict[str, Any]:
+def record_chunk_plan(*, session: Session, job_id: uuid.UUID, plan: ChunkPlanRecord) -> ChunkPlanRecord:
     """Keep the job's chunk plan unless one is kept already; returns the plan the job has (the first one wins).
 
     A chunk is known by its key in retro_test_chunks, so every attempt and helper must cut the period the same
@@ -231,13 +234,13 @@ def record_deployment(*, session: Session, job_id: uuid.UUID, name: str) -> None
     session.flush()
 
 
-def record_environment(*, session: Session, job_id: uuid.UUID, environment: dict[str, Any]) -> None:
+def record_environment(*, session: Session, job_id: uuid.UUID, environment: EnvironmentRecord) -> None:
     """The model's environment as far as it is known: the step being taken, then what was built or reused."""
     _job(session, job_id).environment = environment
     session.flush()
 
 
-def record_validation(*, session: Session, job_id: uuid.UUID, validation: dict[str, Any]) -> None:
+def record_validation(*, session: Session, job_id: uuid.UUID, validation: ValidationRecord) -> None:
     """The reference check's outcome, passed or not."""
     _job(session, job_id).validation = validation
     session.flush()
@@ -351,8 +354,8 @@ class Tally:
     counts: Counts
     stage_started: dict[str, str]
     score_protocol: str | None
-    environment: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None
+    environment: EnvironmentRecord | None = None
+    validation: ValidationRecord | None = None
     days_without_history: list[str] | None = None
 
 

@@ -24,6 +24,7 @@ from app.core.jobs import ACTIVE_STATES, TERMINAL_STATES, ResultFile, RetroTest,
 from app.core.model_types import ModelVersionInfo, SourceSpec
 from app.core.partners import Partner
 from app.core.periods import days_text, missing_days
+from app.core.records import PopulationRecord, SourceRecord
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.core.transitions import advance
 from app.errors import (
@@ -344,7 +345,7 @@ def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
         period_start=data.period_start,
         period_end=data.period_end,
         output_formats=checked.formats,
-        source_override=checked.override,
+        source_override=SourceRecord.model_validate(checked.override),
         note=data.note,
         requested_by=actor,
         request_key=key,
@@ -422,18 +423,18 @@ def _check_population(
     )
 
 
-def population_record(job: RetroTest, *, population: Population, lookback_days: int) -> dict[str, Any]:
+def population_record(job: RetroTest, *, population: Population, lookback_days: int) -> PopulationRecord:
     """What the job row keeps of its population: where the checked copy goes, its columns and size."""
     cols = population.columns
-    return {
-        "path": f"{job_prefix(job)}/population.parquet",
-        "rows": population.rows,
-        "id_columns": list(cols.id_columns),
-        "as_of_column": cols.as_of_column,
-        "outcome_column": cols.outcome_column,
-        "lookback_days": lookback_days,
-        "sha256": hashlib.sha256(population.parquet).hexdigest(),
-    }
+    return PopulationRecord(
+        path=f"{job_prefix(job)}/population.parquet",
+        rows=population.rows,
+        id_columns=list(cols.id_columns),
+        as_of_column=cols.as_of_column,
+        outcome_column=cols.outcome_column,
+        lookback_days=lookback_days,
+        sha256=hashlib.sha256(population.parquet).hexdigest(),
+    )
 
 
 # What the public view of a job shows (app/retro_tests/router.py job_view), read as plain rows rather than ORM

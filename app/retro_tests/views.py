@@ -83,7 +83,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         "source_table": job.source_table,
         "date_column": job.date_column,
         "id_columns": job.id_columns,
-        "population": _population_view(job.population),
+        "population": job.population.public() if job.population is not None else None,
         "note": job.note,
         "requested_by": job.requested_by,
         "state": job.state,
@@ -93,8 +93,8 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         "finished_at": job.finished_at,
         "stages": _stages(job),
         "score_protocol": job.score_protocol,
-        "environment": shown(job.environment),
-        "validation": shown(job.validation),
+        "environment": shown(job.environment.public()) if job.environment is not None else None,
+        "validation": shown(job.validation.public()) if job.validation is not None else None,
         "progress": {
             "rows_total": job.rows_total,
             "rows_read": job.rows_read,
@@ -114,13 +114,6 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         "result_location": job.result_location if succeeded and staff else None,
         "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
     }
-
-
-def _population_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the job's population record shows: never where the file is kept."""
-    if record is None:
-        return None
-    return {k: v for k, v in record.items() if k != "path"}
 
 
 def _stages(job: ViewRow) -> list[dict[str, Any]]:

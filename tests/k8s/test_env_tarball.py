@@ -113,7 +113,8 @@ def test_the_old_model_scores_from_its_packed_environment_through_each_operator(
     state = run_with_environment(job_id, settings)
     job = job_row(job_id)
     assert state == State.succeeded, (job.error_code, job.error_message)
-    assert job.environment["key"] == packed_old.environment.key and job.environment["server_version"] == "1.6.1"
+    assert job.environment is not None and job.environment.key == packed_old.environment.key
+    assert job.environment.server_version == "1.6.1"
 
     # What the operator was given: no init container, no index, no Python download; the staged folder instead.
     obj = operator.seen[name]

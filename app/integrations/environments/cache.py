@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from app.config import Settings
+from app.core.records import EnvironmentRecord
 from app.errors import EnvironmentFailed
 from app.integrations.environments.requirements_policy import (
     check_python_version,
@@ -117,17 +118,17 @@ class ModelEnvironment:
         """The pinned packages, by name."""
         return parse_pins(self.lock)
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> EnvironmentRecord:
         """What the job, its manifest and its page show."""
-        return {
-            "key": self.key,
-            "python": self.python,
-            "python_requested": self.python_requested,
-            "server_version": self.server_version,
-            "packages": self.packages(),
-            "warnings": list(self.warnings),
-            "reused": self.reused,
-        }
+        return EnvironmentRecord(
+            key=self.key,
+            python=self.python,
+            python_requested=self.python_requested,
+            server_version=self.server_version,
+            packages=self.packages(),
+            warnings=list(self.warnings),
+            reused=self.reused,
+        )
 
 
 def parse_pins(lock: str) -> dict[str, str]:
