@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from app.config import Settings
-from app.integrations.deployers.kubernetes import API_RULES, CLUSTER_CONFIG_MAPS, KUBERNETES_DEPLOYERS
+from app.integrations.deployers.kubernetes import API_RULES, CLUSTER_CONFIG_MAPS
+from app.integrations.deployers.operators import KUBERNETES_DEPLOYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "base"

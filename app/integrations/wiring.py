@@ -39,7 +39,7 @@ def make_deployer(settings: Settings) -> Deployer:
             ttl_s=settings.deployment_ttl_s,
             sandbox=ModelSandbox(settings.model_sandbox),
         )
-    from app.integrations.deployers.kubernetes import KUBERNETES_DEPLOYERS
+    from app.integrations.deployers.operators import KUBERNETES_DEPLOYERS
 
     return KUBERNETES_DEPLOYERS[settings.deployer](settings=settings)
 

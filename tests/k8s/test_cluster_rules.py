@@ -18,15 +18,13 @@ import pytest
 
 from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
+from app.integrations.deployers import kserve as kserve_module
 from app.integrations.deployers import kubernetes as k8s_deployers
-from app.integrations.deployers.kubernetes import (
-    INFERENCE_SERVICE,
-    SELDON_DEPLOYMENT,
-    KServeDeployer,
-    SeldonDeployer,
-    SeldonV2Deployer,
-)
+from app.integrations.deployers.kserve import KServeDeployer
+from app.integrations.deployers.kubernetes import INFERENCE_SERVICE, SELDON_DEPLOYMENT
 from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.seldon_v1 import SeldonDeployer
+from app.integrations.deployers.seldon_v2 import SeldonV2Deployer
 from tests.k8s.conftest import NAMESPACE, job_row, new_job, run, wait_for
 from tests.k8s.conftest import k8s_settings as cluster_settings
 from tests.k8s.test_environments import ENVIRONMENT, nothing_left, stageable_model
@@ -220,7 +218,7 @@ def test_kserve_grpc_reaches_mlserver_only_on_the_runtimes_port(
     assert operator.seen[deployment_name(job_id)]["spec"]["predictor"]["model"]["ports"][0]["containerPort"] == 9000
 
     # The port the deployer declared before: MLServer, started with the runtime's environment, is not there.
-    monkeypatch.setattr(k8s_deployers, "KSERVE_MLSERVER_GRPC_PORT", 8081)
+    monkeypatch.setattr(kserve_module, "KSERVE_MLSERVER_GRPC_PORT", 8081)
     deployer = KServeDeployer(settings=settings)
     model = make_registry(settings).resolve(name="churn", version="1")
     name, job_id = new_name()

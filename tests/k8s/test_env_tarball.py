@@ -25,13 +25,13 @@ from app.errors import DeploymentFailed
 from app.integrations.deployers.kubernetes import (
     ENV_RUN_SCRIPT,
     INFERENCE_SERVICE,
-    KUBERNETES_DEPLOYERS,
     SELDON_DEPLOYMENT,
     SELDON_MODEL,
     CustomResources,
-    SeldonV2Deployer,
 )
+from app.integrations.deployers.operators import KUBERNETES_DEPLOYERS
 from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.seldon_v2 import SeldonV2Deployer
 from app.integrations.environments.cache import ModelEnvironment, read_requirements
 from app.integrations.environments.tarball import EnvironmentPacker, PackedEnvironment
 from tests.conftest import _TMP, HISTORY_START

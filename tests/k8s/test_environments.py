@@ -21,6 +21,7 @@ import pytest
 
 from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
+from app.integrations.deployers.kserve import KServeDeployer
 from app.integrations.deployers.kubernetes import (
     INFERENCE_SERVICE,
     JOB_ID_LABEL,
@@ -30,12 +31,11 @@ from app.integrations.deployers.kubernetes import (
     SELDON_SERVER,
     WATCH_WINDOW_S,
     CustomResources,
-    KServeDeployer,
     ResourceKind,
-    SeldonDeployer,
-    SeldonV2Deployer,
 )
 from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.seldon_v1 import SeldonDeployer
+from app.integrations.deployers.seldon_v2 import SeldonV2Deployer
 from app.integrations.environments.cache import ModelEnvironment
 from tests.conftest import _TMP
 from tests.k8s.conftest import BUCKET, NAMESPACE, STORAGE_SECRETS, k8s_settings, wait_for

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.core.model_types import ModelVersionInfo
+from app.integrations.deployers.kserve import KServeDeployer
 from app.integrations.deployers.kubernetes import (
     EXPIRES_AT_LABEL,
     INFERENCE_SERVICE,
@@ -30,12 +31,11 @@ from app.integrations.deployers.kubernetes import (
     SELDON_DEPLOYMENT,
     SELDON_MODEL,
     CustomResources,
-    KServeDeployer,
-    SeldonDeployer,
-    SeldonV2Deployer,
     label_value,
 )
 from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.seldon_v1 import SeldonDeployer
+from app.integrations.deployers.seldon_v2 import SeldonV2Deployer
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY
 from tests.k8s.conftest import BUCKET, NAMESPACE, job_row, k8s_settings, new_job, results_path, run, wait_for
 from tests.k8s_operator import ApiServer, Fail, Hang, TestOperator, artifact_uri

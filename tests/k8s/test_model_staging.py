@@ -23,8 +23,9 @@ import pytest
 
 from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed
-from app.integrations.deployers.kubernetes import KUBERNETES_DEPLOYERS, SeldonDeployer
+from app.integrations.deployers.operators import KUBERNETES_DEPLOYERS
 from app.integrations.deployers.port import deployment_name
+from app.integrations.deployers.seldon_v1 import SeldonDeployer
 from app.integrations.deployers.staging import ModelStaging
 from tests.conftest import _TMP, HISTORY_DAYS, ROWS_PER_DAY
 from tests.k8s.conftest import BUCKET, WRONG_SECRETS, job_row, k8s_settings, new_job, results_path, run

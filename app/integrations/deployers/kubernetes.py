@@ -443,8 +443,8 @@ class KubernetesDeployer:
         self._packer: EnvironmentPacker | None = None
         self._namespace = settings.k8s_namespace
         self._instance = label_value(settings.queue_name)
-        _check_template(settings.k8s_endpoint_template, "RETRO_K8S_ENDPOINT_TEMPLATE")
-        _check_template(settings.k8s_grpc_endpoint_template, "RETRO_K8S_GRPC_ENDPOINT_TEMPLATE")
+        check_template(settings.k8s_endpoint_template, "RETRO_K8S_ENDPOINT_TEMPLATE")
+        check_template(settings.k8s_grpc_endpoint_template, "RETRO_K8S_GRPC_ENDPOINT_TEMPLATE")
 
     # What each kind defines.
     def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
@@ -817,349 +817,7 @@ class KubernetesDeployer:
         return list(managed.values())
 
 
-class SeldonDeployer(KubernetesDeployer):
-    """Seldon Core v1: a SeldonDeployment with one MLFLOW_SERVER graph node; protocol v2 (MLServer) or seldon.
-
-    With a model environment and protocol v2, the pod's init container builds it and the graph node's container
-    (named after the node, which Seldon fills in as MLServer) runs its mlserver. With protocol seldon, Seldon's own
-    MLflow server already builds the model's conda environment from its conda.yaml at pod start, so the manifest
-    stays as it is and only the annotations name the environment.
-    """
-
-    kind = SELDON_DEPLOYMENT
-    operator = "Seldon Core v1 (rclone in its storage initializer)"
-    predictor = "default"
-
-    def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
-        super().__init__(settings=settings, resources=resources)
-        if settings.seldon_protocol == "v2" and settings.seldon_parameters:
-            # Seldon passes graph parameters as PREDICTIVE_UNIT_PARAMETERS, which MLServer never reads.
-            raise ValueError(
-                "RETRO_SELDON_PARAMETERS only reach Seldon's own MLflow server (RETRO_SELDON_PROTOCOL=seldon); "
-                "with protocol v2 MLServer would silently ignore them: unset them or use protocol seldon"
-            )
-
-    def pod_readiness(self, name: str) -> Readiness | None:
-        """Seldon v1 leaves a deployment Creating while its pods crash: their statuses tell what went wrong."""
-        selector = f"seldon-deployment-id={name}"
-        return readiness_from_pods(
-            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
-        )
-
-    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
-        s = self._settings
-        graph: dict[str, Any] = {
-            "name": name,
-            "type": "MODEL",
-            "implementation": "MLFLOW_SERVER",
-            "modelUri": model.artifact_uri,
-            "children": [],
-        }
-        if s.k8s_storage_secret:
-            graph["envSecretRefName"] = s.k8s_storage_secret
-        if s.seldon_parameters:
-            graph["parameters"] = [
-                {"name": k, "value": v, "type": "STRING"} for k, v in sorted(s.seldon_parameters.items())
-            ]
-        container: dict[str, Any] = {"name": name, "resources": self._resources_spec()}
-        if s.k8s_image:
-            container["image"] = s.k8s_image
-        pod: dict[str, Any] = {"containers": [container]}
-        if environment is not None and s.seldon_protocol == "v2" and self.uses_tarball(environment):
-            volume, server = self._tarball_server(name=name, models_dir=SELDON_V1_MODELS_DIR)
-            container.update(server)
-            pod.update(volumes=[volume])
-        elif environment is not None and s.seldon_protocol == "v2":
-            parts = self._environment_parts(environment, models_dir=SELDON_V1_MODELS_DIR)
-            container.update(parts.server)
-            pod.update(initContainers=[parts.init_container], volumes=[parts.volume])
-        self._secure_pod(pod, containers=[container])
-        predictor = {
-            "name": self.predictor,
-            "replicas": s.k8s_replicas,
-            "graph": graph,
-            "componentSpecs": [{"spec": pod}],
-        }
-        return {"protocol": s.seldon_protocol, "predictors": [predictor]}
-
-    def readiness(self, obj: dict[str, Any]) -> Readiness:
-        status = obj.get("status") or {}
-        state = str(status.get("state") or "no status yet")
-        if state == "Available":
-            return Readiness(state=state, ready=True)
-        if state == "Failed":
-            return Readiness(state=state, failure=str(status.get("description") or "Failed, without a description"))
-        return Readiness(state=state + (f" ({status['description']})" if status.get("description") else ""))
-
-    def deployment(self, name: str) -> Deployment:
-        service = f"{name}-{self.predictor}.{self._namespace}.svc.cluster.local"
-        # With protocol v2 the executor serves V2 gRPC on the service's gRPC port; the Seldon protocol's gRPC
-        # API is another one, so that deployment is scored over REST.
-        v2 = self._settings.seldon_protocol == "v2"
-        return Deployment(
-            name=name,
-            base_url=self._base_url(name, in_cluster=f"http://{service}:8000"),
-            model_name=name,
-            protocol=self._settings.seldon_protocol,
-            grpc_target=self._grpc_target(name, in_cluster=f"{service}:5001") if v2 else None,
-        )
-
-
-class SeldonV2Deployer(KubernetesDeployer):
-    """Seldon Core v2: a Model on an MLServer server with the mlflow capability, reached through the mesh.
-
-    A Model carries no pod settings, so with a model environment the deployment is also a Server of the same name:
-    MLServer's pod with the init container building the environment and the mlserver container running from it.
-    Its only capability is the deployment's name, which the Model requires and names as its server, so no other
-    model lands on it. stop() deletes both; list_managed() lists Servers too, so the reaper finds a Server whose
-    Model a killed worker never created.
-    """
-
-    kind = SELDON_MODEL
-    companion_kinds = (SELDON_SERVER,)
-    operator = "Seldon Core v2 (its agent's rclone)"
-
-    def __init__(self, *, settings: Settings, resources: CustomResources | None = None) -> None:
-        super().__init__(settings=settings, resources=resources)
-        _check_template(settings.seldon_v2_mesh_url, "RETRO_SELDON_V2_MESH_URL")
-        _check_template(settings.seldon_v2_mesh_grpc, "RETRO_SELDON_V2_MESH_GRPC")
-
-    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
-        s = self._settings
-        spec: dict[str, Any] = {
-            "storageUri": model.artifact_uri,
-            "requirements": ["mlflow"],
-            "replicas": s.k8s_replicas,
-            "memory": s.k8s_memory_request,
-        }
-        if s.k8s_storage_secret:
-            spec["secretName"] = s.k8s_storage_secret
-        if self.own_server(environment):
-            spec.update(server=name, requirements=[name])
-        return spec
-
-    def own_server(self, environment: ModelEnvironment | None) -> bool:
-        """Whether the Model needs a Server of its own: an environment the cluster's standard Server cannot load."""
-        return environment is not None and not self.uses_tarball(environment)
-
-    def uses_tarball(self, environment: ModelEnvironment | None) -> bool:
-        # MLServer's pool and its main process exchange pickled MLServer objects, so a tarball needs the server's own
-        # release (docs/kubernetes-environments.md; MLServer docs/user-guide/custom.md).
-        return (
-            super().uses_tarball(environment)
-            and environment is not None
-            and environment.server_version == self._settings.seldon_v2_mlserver_version
-        )
-
-    def bundle_settings(self, environment: ModelEnvironment) -> dict[str, Any] | None:
-        """What the agent needs to load the folder: without a model-settings.json it builds settings only from a
-        requirement it knows (scheduler/pkg/agent/repository/mlserver/settings.go), and a Model pinned to its own
-        Server requires that Server's name. The agent rewrites the file through a Go struct that keeps
-        parallel_workers (a plain int in released agents: written as 0 when absent, which turns MLServer's pool off
-        and with it the tarball) and parameters.environment_tarball (scheduler/pkg/agent/repository/mlserver/mlserver.go)."""
-        settings: dict[str, Any] = {"implementation": MLFLOW_RUNTIME, "parallel_workers": 0, "parameters": {}}
-        if self.uses_tarball(environment):
-            settings.update(parallel_workers=1, parameters={"environment_tarball": f"./{TARBALL}"})
-        return settings
-
-    def server_manifest(self, *, name: str, job_id: str, environment: ModelEnvironment) -> dict[str, Any]:
-        """The deployment's own Server: the mlserver ServerConfig's pod, serving from the model's environment."""
-        s = self._settings
-        parts = self._environment_parts(environment, models_dir=SELDON_V2_MODELS_DIR)
-        # Its memory request is what the agent offers the scheduler (MEMORY_REQUEST): the Model's, so it fits.
-        container: dict[str, Any] = {"name": "mlserver", "resources": self._resources_spec(), **parts.server}
-        if s.k8s_image:
-            container["image"] = s.k8s_image
-        pod_spec = {
-            "initContainers": [parts.init_container],
-            "volumes": [parts.volume],
-            "containers": [container],  # merged by name into the ServerConfig's mlserver container
-        }
-        self._secure_pod(pod_spec, containers=[container])
-        return {
-            "apiVersion": SELDON_SERVER.api_version,
-            "kind": SELDON_SERVER.kind,
-            "metadata": self._metadata(name=name, job_id=job_id, environment=environment),
-            "spec": {
-                "serverConfig": SELDON_V2_SERVER_CONFIG,
-                "replicas": s.k8s_replicas,
-                "capabilities": [name],  # replaces the ServerConfig's, so only a Model requiring this lands here
-                "podSpec": pod_spec,
-                **self.claim_retention(),
-            },
-        }
-
-    @staticmethod
-    def claim_retention() -> dict[str, Any]:
-        """A per-job Server's volume claims go with it (operator/apis/mlops/v1alpha1/server_types.go passes this
-        to the StatefulSet; unset, Kubernetes retains every claim: one 1Gi mlserver-models claim per job)."""
-        policy = {"whenDeleted": "Delete", "whenScaled": "Delete"}
-        return {"statefulSetPersistentVolumeClaimRetentionPolicy": policy}
-
-    def objects(
-        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None
-    ) -> list[tuple[ResourceKind, dict[str, Any]]]:
-        model_object = super().objects(name=name, job_id=job_id, model=model, environment=environment)
-        if environment is None or not self.own_server(environment):
-            return model_object
-        if self._settings.k8s_env_delivery == "tarball":
-            log.warning(
-                "the environment %s holds MLServer %s, the cluster's Seldon Core v2 Server MLServer %s "
-                "(RETRO_SELDON_V2_MLSERVER_VERSION): %s gets a Server of its own that installs it at start",
-                environment.key,
-                environment.server_version,
-                self._settings.seldon_v2_mlserver_version,
-                name,
-            )
-        return [(SELDON_SERVER, self.server_manifest(name=name, job_id=job_id, environment=environment)), *model_object]
-
-    def readiness(self, obj: dict[str, Any]) -> Readiness:
-        status = _readiness_from_conditions(obj)
-        if status.failure is not None and _only_schedule_failed(obj):
-            if (obj.get("spec") or {}).get("server"):
-                # On its own Server, which is still building the environment: the scheduler finds no replica of it
-                # yet and places the Model once the Server's agent connects. The wait goes on, showing both states.
-                return Readiness(state=status.state)
-            # No server has room (memory) for it now; Seldon's scheduler retries as others' models unload.
-            return Readiness(state=f"waiting for capacity ({status.failure})", capacity=True)
-        return status
-
-    def pod_readiness(self, name: str) -> Readiness | None:
-        """The deployment's own Server's pods (labelled with its name): a crashing container fails the job with
-        its own words. A Model on a shared Server has none: another job's pods are not this job's business."""
-        selector = f"{SELDON_SERVER_LABEL}={name}"
-        return readiness_from_pods(
-            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
-        )
-
-    def companion_readiness(self, obj: dict[str, Any]) -> Readiness | None:
-        server = (obj.get("spec") or {}).get("server")
-        if not server:
-            return None
-        what = f"the Server {server}"
-        items = self._resources.list_labelled(SELDON_SERVER, label_selector=self._selector)
-        found = [o for o in items if (o.get("metadata") or {}).get("name") == server]
-        if not found:
-            return Readiness(state=f"{what}: not found")
-        status = _readiness_from_conditions(found[0])
-        return Readiness(
-            state=f"{what}: {status.state}", failure=f"{what}: {status.failure}" if status.failure else None
-        )
-
-    def deployment(self, name: str) -> Deployment:
-        # The mesh routes by the Seldon-Model header; the path names the model too.
-        mesh = self._settings.seldon_v2_mesh_url.format(name=name, namespace=self._namespace).rstrip("/")
-        mesh_grpc = self._settings.seldon_v2_mesh_grpc.format(name=name, namespace=self._namespace)
-        return Deployment(
-            name=name,
-            base_url=mesh,
-            model_name=name,
-            protocol="v2",
-            headers={"Seldon-Model": name},
-            grpc_target=mesh_grpc,
-        )
-
-
-class KServeDeployer(KubernetesDeployer):
-    """KServe: an InferenceService with the mlflow model format over the Open Inference Protocol (v2).
-
-    With a model environment, the predictor's init container builds it and the model's container runs its
-    mlserver on /mnt/models, where the storage initializer still puts the model. In Serverless mode Knative must
-    allow init containers and emptyDir volumes (config-features: kubernetes.podspec-init-containers,
-    kubernetes.podspec-volumes-emptydir); RawDeployment mode needs nothing.
-    """
-
-    kind = INFERENCE_SERVICE
-    operator = "KServe (its storage initializer)"
-    fetch_schemes = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs")
-
-    def spec(self, *, name: str, model: ModelVersionInfo, environment: ModelEnvironment | None) -> dict[str, Any]:
-        s = self._settings
-        model_spec: dict[str, Any] = {
-            "modelFormat": {"name": "mlflow"},
-            "protocolVersion": "v2",
-            "storageUri": model.artifact_uri,
-            "resources": self._resources_spec(),
-        }
-        if s.k8s_image:
-            model_spec["image"] = s.k8s_image
-        if self._grpc:
-            # KServe routes one port per predictor: naming it h2c makes that port MLServer's gRPC server, which
-            # listens where the runtime's MLSERVER_GRPC_PORT says.
-            model_spec["ports"] = [{"name": "h2c", "containerPort": KSERVE_MLSERVER_GRPC_PORT, "protocol": "TCP"}]
-        predictor: dict[str, Any] = {"minReplicas": s.k8s_replicas, "maxReplicas": s.k8s_replicas, "model": model_spec}
-        if s.k8s_storage_secret:
-            predictor["serviceAccountName"] = s.k8s_storage_secret  # a ServiceAccount that carries the storage Secret
-        if environment is not None and self.uses_tarball(environment):
-            volume, server = self._tarball_server(name=name, models_dir=KSERVE_MODELS_DIR)
-            model_spec.update(server)
-            predictor.update(volumes=[volume])
-        elif environment is not None:
-            # The predictor is a pod spec inline; its model is the kserve-container, merged over the runtime's.
-            parts = self._environment_parts(environment, models_dir=KSERVE_MODELS_DIR)
-            model_spec.update(parts.server)
-            predictor.update(initContainers=[parts.init_container], volumes=[parts.volume])
-        self._secure_pod(predictor, containers=[model_spec])  # the predictor is a pod spec inline
-        return {"predictor": predictor}
-
-    def manifest(
-        self, *, name: str, job_id: str, model: ModelVersionInfo, environment: ModelEnvironment | None = None
-    ) -> dict[str, Any]:
-        """The InferenceService, annotated with RETRO_KSERVE_DEPLOYMENT_MODE when one is set."""
-        body = super().manifest(name=name, job_id=job_id, model=model, environment=environment)
-        if self._settings.kserve_deployment_mode:
-            annotations = body["metadata"].setdefault("annotations", {})
-            annotations[KSERVE_DEPLOYMENT_MODE_ANNOTATION] = self._settings.kserve_deployment_mode
-        return body
-
-    @staticmethod
-    def adds_init_containers(settings: Settings) -> bool:
-        """Whether a predictor gets an init container of ours (a model environment), which Serverless refuses
-        unless Knative's kubernetes.podspec-init-containers is enabled; spec() decides it the same way: only an
-        environment installed at pod start has one (a tarball is extracted by the server container itself)."""
-        return settings.model_env == "model" and settings.k8s_env_delivery == "install"
-
-    def readiness(self, obj: dict[str, Any]) -> Readiness:
-        status = obj.get("status") or {}
-        model_status = status.get("modelStatus") or {}
-        transition = model_status.get("transitionStatus")
-        if transition in ("BlockedByFailedLoad", "InvalidSpec"):
-            info = model_status.get("lastFailureInfo") or {}
-            return Readiness(
-                state=str(transition), failure=str(info.get("message") or info.get("reason") or transition)
-            )
-        return _readiness_from_conditions(obj)
-
-    def pod_readiness(self, name: str) -> Readiness | None:
-        """Pods that cannot be scheduled (no room) or cannot start show only in the pods' own statuses."""
-        selector = f"serving.kserve.io/inferenceservice={name}"
-        return readiness_from_pods(
-            [p for p in self._resources.list_pods(label_selector=selector) if _labelled(p, selector)]
-        )
-
-    @property
-    def _grpc(self) -> bool:
-        """Whether the InferenceService serves V2 gRPC: it serves one port, so gRPC only when asked for by name."""
-        return self._settings.score_protocol == "v2-grpc"
-
-    def deployment(self, name: str) -> Deployment:
-        service = f"{name}-predictor.{self._namespace}.svc.cluster.local"
-        return Deployment(
-            name=name,
-            base_url=self._base_url(name, in_cluster=f"http://{service}"),
-            model_name=name,
-            grpc_target=self._grpc_target(name, in_cluster=f"{service}:80") if self._grpc else None,
-        )
-
-
-KUBERNETES_DEPLOYERS: dict[str, type[KubernetesDeployer]] = {
-    "seldon": SeldonDeployer,
-    "seldon_v2": SeldonV2Deployer,
-    "kserve": KServeDeployer,
-}
-
-
-def _readiness_from_conditions(obj: dict[str, Any]) -> Readiness:
+def readiness_from_conditions(obj: dict[str, Any]) -> Readiness:
     """Ready when the Ready condition is True; failed when any condition is False for a reason naming a failure."""
     conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
     state = (
@@ -1245,7 +903,7 @@ def _restricted(container: dict[str, Any], *, run_as_user: int | None = None) ->
     container["terminationMessagePolicy"] = TERMINATION_MESSAGE_POLICY
 
 
-def _labelled(obj: dict[str, Any], selector: str) -> bool:
+def labelled(obj: dict[str, Any], selector: str) -> bool:
     """Whether obj carries the one label key=value selector names (for a server that ignores selectors)."""
     key, _, value = selector.partition("=")
     return bool(((obj.get("metadata") or {}).get("labels") or {}).get(key) == value)
@@ -1264,7 +922,7 @@ def _container_problem(c: dict[str, Any]) -> str | None:
     return None
 
 
-def _only_schedule_failed(obj: dict[str, Any]) -> bool:
+def only_schedule_failed(obj: dict[str, Any]) -> bool:
     """Whether every failing condition is Seldon v2's ScheduleFailed (no server replica to place the Model on)."""
     conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
     failing = [c for c in conditions if c.get("status") == "False" and "fail" in str(c.get("reason") or "").lower()]
@@ -1279,7 +937,7 @@ def label_value(text: str) -> str:
     return _LABEL_VALUE_CHARS.sub("-", text)[:63].strip("-_.")
 
 
-def _check_template(template: str, setting: str) -> None:
+def check_template(template: str, setting: str) -> None:
     try:
         template.format(name="n", namespace="ns")
     except (KeyError, IndexError, ValueError) as exc:

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.config import Settings
+from app.integrations.deployers.kserve import KServeDeployer
 from app.integrations.deployers.kubernetes import (
     API_RULES,
     KSERVE_DEPLOYMENT_MODE_ANNOTATION,
-    KUBERNETES_DEPLOYERS,
     SECRETS,
     SELDON_SERVER_CONFIG,
     SELDON_V2_SERVER_CONFIG,
     SERVICE_ACCOUNTS,
     ApiRule,
     CustomResources,
-    KServeDeployer,
     _describe_error,
 )
+from app.integrations.deployers.operators import KUBERNETES_DEPLOYERS
 from app.integrations.deployers.staging import ModelStaging
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
