@@ -41,8 +41,20 @@ COMMAND_DECORATORS = frozenset({"command", "callback"})
 # Rule 4: the running job's writes (app.retro_tests.runs) and the one worker module that may make them.
 JOB_WRITES = "app.retro_tests.runs"
 JOB_WRITER = "worker/run.py"
-# Rule 5: the job row's JSON columns that hold a record (app/core/records.py), and the module that defines them.
-RECORD_FIELDS = frozenset({"model_info", "population", "chunk_plan", "environment", "validation", "source_override"})
+# Rule 5: the job row's JSON columns that hold a record (app/core/records.py), and the module that defines them
+# (stage_started and stage_log are read through its StageTimeline).
+RECORD_FIELDS = frozenset(
+    {
+        "model_info",
+        "population",
+        "chunk_plan",
+        "environment",
+        "validation",
+        "source_override",
+        "stage_started",
+        "stage_log",
+    }
+)
 RECORDS = "app/core/records.py"
 DICT_READS = frozenset({"get", "items", "keys", "values"})
 
@@ -234,6 +246,9 @@ def job_writes_outside_jobrun(root: Path) -> list[str]:
 
 
 def _record_field(node: ast.expr) -> str | None:
+    """The fact an expression reads: `job.environment`, or `(job.environment or {})`, as a default hides it."""
+    if isinstance(node, ast.BoolOp) and node.values:
+        node = node.values[0]
     return node.attr if isinstance(node, ast.Attribute) and node.attr in RECORD_FIELDS else None
 
 

@@ -194,7 +194,12 @@ def test_a_worker_module_that_writes_the_running_job_itself_fails(tmp_path: Path
 
 @pytest.mark.parametrize(
     "read",
-    ['job.population["path"]', 'run.spec.environment.get("packages")', "tally.validation.items()"],
+    [
+        'job.population["path"]',
+        'run.spec.environment.get("packages")',
+        "tally.validation.items()",
+        '(job.stage_started or {}).get("scoring")',
+    ],
 )
 def test_a_job_fact_read_by_key_fails(tmp_path: Path, read: str) -> None:
     files = {

@@ -19,6 +19,7 @@ from app.core.records import (
     Record,
     RecordJSON,
     SourceRecord,
+    StageTimeline,
     ValidationRecord,
 )
 
@@ -100,3 +101,18 @@ def test_a_key_a_newer_writer_added_is_ignored_and_a_wrong_type_is_refused() -> 
     assert "added_later" not in PopulationRecord.read(newer).public()
     with pytest.raises(ValidationError):
         RecordJSON(PopulationRecord).process_bind_param({**OLD_ROWS[PopulationRecord], "rows": "many"}, DIALECT)
+
+
+def test_the_stage_timeline_reads_the_log_or_for_an_older_job_its_latest_starts() -> None:
+    log = [
+        ["queued", "2026-01-01T00:00:00"],
+        ["resolving", "2026-01-01T00:00:01"],
+        ["resolving", "2026-01-01T00:05:00"],
+    ]
+    timeline = StageTimeline(log=log, started={"queued": "2026-01-01T00:00:00"})
+    assert timeline.latest_start("resolving") == "2026-01-01T00:05:00"  # the second attempt's, from the log
+    assert timeline.latest_start("scoring") is None
+    assert timeline.as_log() == log
+    older = StageTimeline(log=None, started={"scoring": "2026-01-01T00:02:00", "queued": "2026-01-01T00:00:00"})
+    assert older.as_log() == [["queued", "2026-01-01T00:00:00"], ["scoring", "2026-01-01T00:02:00"]]
+    assert older.latest_start("scoring") == "2026-01-01T00:02:00"

@@ -146,3 +146,26 @@ class SourceRecord(Record):
     table: str | None = None
     date_column: str | None = None
     id_columns: list[str] | None = None
+
+
+class StageTimeline:
+    """When a job entered each stage, read from its two JSON columns in one place: `stage_log` (every entry, in
+    order: a resumed job's stages appear once per attempt) and, for a job from before the log (migration 0013),
+    `stage_started` (the latest start of each stage). The transition policy writes both (app/core/transitions.py)."""
+
+    def __init__(self, *, log: list[list[str]] | None, started: dict[str, str] | None) -> None:
+        if log is not None:
+            self.entries = [(str(state), str(at)) for state, at in log]
+        else:
+            self.entries = sorted(((str(s), str(at)) for s, at in (started or {}).items()), key=lambda e: e[1])
+
+    def latest_start(self, state: str) -> str | None:
+        """The ISO time the job last entered `state`, or None if it never did."""
+        for entered, at in reversed(self.entries):
+            if entered == state:
+                return at
+        return None
+
+    def as_log(self) -> list[list[str]]:
+        """The entries as the stage_log column holds them."""
+        return [[state, at] for state, at in self.entries]

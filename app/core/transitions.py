@@ -6,6 +6,7 @@ from datetime import datetime
 
 from app.clock import utcnow
 from app.core.jobs import RUNNING_STATES, TERMINAL_STATES, RetroTest, State
+from app.core.records import StageTimeline
 from app.errors import Conflict
 from app.i18n import _
 from app.metrics import STAGE_SECONDS
@@ -51,7 +52,7 @@ def advance(job: RetroTest, to: State, *, error_code: str | None = None, error_m
 
 def _observe_stage(job: RetroTest, now: datetime) -> None:
     """Record how long the job spent in the stage it is leaving (queued or a running stage)."""
-    started = (job.stage_started or {}).get(job.state.value) if job.state is not None else None
+    started = timeline_of(job).latest_start(job.state.value) if job.state is not None else None
     if started is None or job.state in TERMINAL_STATES:
         return
     try:
@@ -61,8 +62,11 @@ def _observe_stage(job: RetroTest, now: datetime) -> None:
     STAGE_SECONDS.labels(job.state.value).observe(max(0.0, seconds))
 
 
+def timeline_of(job: RetroTest) -> StageTimeline:
+    """When the job entered each stage (its stage log, or for a job from before the log its latest starts)."""
+    return StageTimeline(log=job.stage_log, started=job.stage_started)
+
+
 def stage_log_of(job: RetroTest) -> list[list[str]]:
     """The job's stage log so far; for a job from before the log, its latest start of each stage, in order."""
-    if job.stage_log is not None:
-        return [list(entry) for entry in job.stage_log]
-    return [[state, at] for state, at in sorted((job.stage_started or {}).items(), key=lambda item: item[1])]
+    return timeline_of(job).as_log()

@@ -13,6 +13,7 @@ from fastapi import Request
 from app.config import get_settings
 from app.core.jobs import TERMINAL_STATES, State
 from app.core.periods import period_warnings
+from app.core.records import StageTimeline
 from app.i18n import N_, _
 from app.retro_tests.schemas import RetroTestOut
 from app.retro_tests.service import JobRead, ViewRow
@@ -121,8 +122,8 @@ def _stages(job: ViewRow) -> list[dict[str, Any]]:
 
     From the stage log, so a resumed job shows each pass ("attempt" 2 from the second `resolving` on); a job from
     before the log shows the latest start of each stage."""
-    log = job.stage_log if job.stage_log is not None else sorted((job.stage_started or {}).items(), key=lambda x: x[1])
-    starts = [(str(state), datetime.fromisoformat(at)) for state, at in log]
+    timeline = StageTimeline(log=job.stage_log, started=job.stage_started)
+    starts = [(state, datetime.fromisoformat(at)) for state, at in timeline.entries]
     stages, attempt = [], 0
     for i, (state, at) in enumerate(starts):
         if state == State.resolving:
@@ -169,11 +170,12 @@ def _pace(job: ViewRow, *, now: datetime) -> dict[str, float | None]:
     end = _aware(job.finished_at) if job.finished_at is not None else now
     elapsed = max(0.0, (end - _aware(job.created_at)).total_seconds())
     pace: dict[str, float | None] = {"elapsed_s": round(elapsed, 1), "rows_per_s": None, "eta_s": None}
-    scoring_at = (job.stage_started or {}).get(State.scoring.value)
+    timeline = StageTimeline(log=job.stage_log, started=job.stage_started)
+    scoring_at = timeline.latest_start(State.scoring.value)
     done = int(job.rows_scored) + int(job.rows_rejected)
     if scoring_at is None or done == 0:
         return pace
-    publishing_at = (job.stage_started or {}).get(State.publishing.value)
+    publishing_at = timeline.latest_start(State.publishing.value)
     until = _aware(datetime.fromisoformat(publishing_at)) if publishing_at else end
     seconds = (until - _aware(datetime.fromisoformat(scoring_at))).total_seconds()
     if seconds <= 0:
