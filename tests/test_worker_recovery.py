@@ -113,3 +113,25 @@ def test_a_model_server_killed_mid_scoring_is_re_created_at_once(
     worker_log = "".join(log.read_text() for log in stack.logs.glob("worker*.log"))
     assert "has exited" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
     assert "scoring failed after" not in worker_log
+
+
+def test_a_model_server_killed_while_it_starts_is_re_created(
+    lone_stack: tuple[Stack, dict[str, str]], big_history: str
+) -> None:
+    """The soak found a job failed 'the model server exited while starting' when its server was killed before it
+    was ready: a server killed from outside names no exception, and is re-created like one lost mid-scoring."""
+    stack, _ = lone_stack
+    job = submit(stack, "recovery-start", source={"table": big_history})
+    deadline = time.monotonic() + 120
+    servers: list[int] = []
+    while not servers and time.monotonic() < deadline:
+        servers = mlserver_processes_for(job["id"])
+        time.sleep(0.05)
+    assert servers, stack.tail()
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    done = _wait(stack, job["id"], _finished, timeout_s=300)
+    assert done["state"] == "succeeded", (done["error"], stack.tail())
+    assert done["progress"]["rows_scored"] == BIG_ROWS
+    worker_log = "".join(log.read_text() for log in stack.logs.glob("worker*.log"))
+    assert "exited while starting" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]

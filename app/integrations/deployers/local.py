@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from app.core.model_types import ModelVersionInfo
-from app.errors import DeploymentFailed, JobCancelled
+from app.errors import DeploymentFailed, JobCancelled, ModelServerDown
 from app.integrations.environments.cache import ModelEnvironment, hold
 from app.integrations.environments.sandbox import (
     SERVER_ENV_PREFIXES,
@@ -185,7 +185,10 @@ class LocalMLServerDeployer:
                 if should_stop():
                     raise JobCancelled("cancelled while the model server was starting")
                 if not self._alive(deployment.name):
-                    raise DeploymentFailed(f"the model server exited while starting: {self._cause(deployment.name)}")
+                    cause = self._cause(deployment.name)
+                    if cause == UNNAMED_EXIT:  # the pipeline re-creates a server that went down (max_redeploys)
+                        raise ModelServerDown(f"the model server exited while starting: {cause}")
+                    raise DeploymentFailed(f"the model server exited while starting: {cause}")
                 try:
                     if client.get(url).status_code == 200:
                         return
@@ -271,6 +274,11 @@ _SECONDARY = ("CancelledError", "KeyboardInterrupt", "SystemExit")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)\b(?::.*)?$")
 
 
+# What startup_failure says of a server whose log names no exception: killed from outside (SIGKILL, the OOM killer)
+# rather than refused by the model, so a new server may well start.
+UNNAMED_EXIT = "it exited without naming an exception (the worker's log has the end of its output)"
+
+
 def startup_failure(log_text: str) -> str:
     """Why a model server failed to start, from its log: the exception the model raised, as `Type: message`.
 
@@ -293,7 +301,7 @@ def startup_failure(log_text: str) -> str:
     if causes:
         kind, _, message = (real or causes)[-1].partition(":")
         return reported_error(kind, message)
-    return "it exited without naming an exception (the worker's log has the end of its output)"
+    return UNNAMED_EXIT
 
 
 def _read_text(path: Path) -> str | None:
