@@ -139,6 +139,18 @@ def english_words(text: str, allowed: set[str]) -> list[str]:
     return sorted({w for w in words if w.lower() not in allowed_lower and not re.fullmatch(r"[A-Za-z]", w)})
 
 
+# The page's visible text but for what is marked translate="no" (HTML's mark for content that is not to be
+# translated: partner codes and names, usernames, and a job's error message, stored in the language of its moment).
+_TEXT_TO_TRANSLATE = """() => {
+    const data = [...document.querySelectorAll('[translate=no]')];
+    const shown = data.map(e => e.style.display);
+    data.forEach(e => { e.style.display = 'none'; });
+    const text = document.body.innerText;
+    data.forEach((e, i) => { e.style.display = shown[i]; });
+    return text;
+}"""
+
+
 def check_russian(page: Any, name: str, allowed: set[str], found: dict[str, list[str]] | None = None) -> None:
     """The page's visible text and title have no English word outside the allow-list; a screenshot is kept.
 
@@ -147,7 +159,7 @@ def check_russian(page: Any, name: str, allowed: set[str], found: dict[str, list
     page.screenshot(path=str(SHOTS / f"ru-{name}.png"), full_page=True)
     options = page.eval_on_selector_all("select option[value]", "os => os.map(o => o.value)")  # data: models, codes
     data = allowed | {part for value in options for part in re.split(r"[:\s]", value) if part}
-    text = page.inner_text("body") + "\n" + page.title()
+    text = page.evaluate(_TEXT_TO_TRANSLATE) + "\n" + page.title()
     assert page.evaluate("document.documentElement.lang") == "ru", name
     leftovers = english_words(text, data)
     if found is not None and leftovers:
