@@ -104,15 +104,22 @@ def test_a_model_server_killed_mid_scoring_is_re_created_at_once(
     _wait(stack, job["id"], lambda j: j["progress"]["rows_scored"] >= BIG_ROWS // 3)
     servers = mlserver_processes_for(job["id"])
     assert servers
+    # Recognised from the process being gone, not after the retries against a closed port ran out.
+    worker_log = _killed_and_re_created(stack, job["id"], servers, says="has exited")
+    assert "scoring failed after" not in worker_log
+
+
+def _killed_and_re_created(stack: Stack, job_id: str, servers: list[int], *, says: str) -> str:
+    """SIGKILL the job's model servers; the job succeeds with every row, its worker having said `says` and
+    re-created the server once; returns the workers' log."""
     for pid in servers:
         os.kill(pid, signal.SIGKILL)
-    done = _wait(stack, job["id"], _finished, timeout_s=300)
+    done = _wait(stack, job_id, _finished, timeout_s=300)
     assert done["state"] == "succeeded", (done["error"], stack.tail())
     assert done["progress"]["rows_scored"] == BIG_ROWS
-    # Recognised from the process being gone, not after the retries against a closed port ran out.
     worker_log = "".join(log.read_text() for log in stack.logs.glob("worker*.log"))
-    assert "has exited" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
-    assert "scoring failed after" not in worker_log
+    assert says in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
+    return worker_log
 
 
 def test_a_model_server_killed_while_it_starts_is_re_created(
@@ -128,10 +135,4 @@ def test_a_model_server_killed_while_it_starts_is_re_created(
         servers = mlserver_processes_for(job["id"])
         time.sleep(0.05)
     assert servers, stack.tail()
-    for pid in servers:
-        os.kill(pid, signal.SIGKILL)
-    done = _wait(stack, job["id"], _finished, timeout_s=300)
-    assert done["state"] == "succeeded", (done["error"], stack.tail())
-    assert done["progress"]["rows_scored"] == BIG_ROWS
-    worker_log = "".join(log.read_text() for log in stack.logs.glob("worker*.log"))
-    assert "exited while starting" in worker_log and "re-creating it (1 of" in worker_log, worker_log[-3000:]
+    _killed_and_re_created(stack, job["id"], servers, says="exited while starting")
