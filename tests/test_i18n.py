@@ -139,14 +139,14 @@ def english_words(text: str, allowed: set[str]) -> list[str]:
     return sorted({w for w in words if w.lower() not in allowed_lower and not re.fullmatch(r"[A-Za-z]", w)})
 
 
-# The page's visible text but for what is marked translate="no" (HTML's mark for content that is not to be
-# translated: partner codes and names, usernames, and a job's error message, stored in the language of its moment).
+# The page's visible text but for what is marked translate="no" (HTML's mark for content not to be translated:
+# partner codes and names, usernames, model names, a job's error message stored in the language of its moment).
+# The marked elements are taken out of the page while it is read: a hidden <option> still counts in innerText.
 _TEXT_TO_TRANSLATE = """() => {
     const data = [...document.querySelectorAll('[translate=no]')];
-    const shown = data.map(e => e.style.display);
-    data.forEach(e => { e.style.display = 'none'; });
+    const marks = data.map(e => { const mark = document.createComment('data'); e.replaceWith(mark); return mark; });
     const text = document.body.innerText;
-    data.forEach((e, i) => { e.style.display = shown[i]; });
+    marks.forEach((mark, i) => mark.replaceWith(data[i]));
     return text;
 }"""
 
