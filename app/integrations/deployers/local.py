@@ -22,6 +22,7 @@ import httpx
 
 from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed, JobCancelled, ModelServerDown
+from app.integrations.deployers.port import Deployment, ManagedDeployment
 from app.integrations.environments.cache import ModelEnvironment, hold
 from app.integrations.environments.sandbox import (
     SERVER_ENV_PREFIXES,
@@ -34,9 +35,6 @@ from app.integrations.environments.sandbox import (
 from app.integrations.registry.mlflow import fetch_model
 
 _log = logging.getLogger(__name__)
-
-
-from app.integrations.deployers.port import Deployment, ManagedDeployment  # noqa: E402
 
 
 def _free_port() -> int:

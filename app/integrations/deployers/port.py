@@ -5,7 +5,7 @@ can stop it by name, and stop is idempotent. Each also records its job id and an
 reaper can find deployments whose job ended without them (a worker killed mid-job).
 
 Implementations: LocalMLServerDeployer in local.py (an MLServer process on this machine); Seldon Core v1,
-Seldon Core v2 and KServe in app/integrations/deployers/kubernetes.py.
+Seldon Core v2 and KServe in seldon_v1.py, seldon_v2.py and kserve.py (on kubernetes.py).
 """
 
 from __future__ import annotations
