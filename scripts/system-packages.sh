@@ -20,7 +20,7 @@ command -v bwrap >/dev/null || debian_packages+=(bubblewrap)
 command -v patchelf >/dev/null || debian_packages+=(patchelf)
 # socat: the test operator's pods reach their ports through it from their own network namespace (tests/k8s_operator.py).
 command -v socat >/dev/null || debian_packages+=(socat)
-# promtool (Debian's prometheus package): checks the alert rules and the dashboard's queries (deploy/monitoring).
+# promtool (Debian's prometheus package): checks the alert rules and the dashboard's queries (deploy/prometheus/alerts.yml, deploy/grafana/retrotest.json).
 command -v promtool >/dev/null || debian_packages+=(prometheus)
 if ((${#debian_packages[@]} == 0)); then
     say "chromium, java, rclone, bubblewrap, patchelf, socat and promtool are installed"
