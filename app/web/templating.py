@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from app import i18n
 from app.i18n import _
@@ -50,6 +51,11 @@ def seconds(value: float | None) -> str:
     return _("{minutes} min {seconds} s").format(minutes=minutes, seconds=secs)
 
 
+def data(value: object) -> Markup:
+    """A name or value put into a sentence, marked as data (HTML's translate="no") so nothing translates it."""
+    return Markup('<span translate="no">{}</span>').format(value)
+
+
 def state_label(state: str) -> str:
     """A job's or link's state as its badge shows it: English keeps the API's names ('succeeded'), Russian words."""
     names = {
@@ -82,3 +88,4 @@ templates.env.globals["role_label"] = role_label
 templates.env.filters["human_bytes"] = human_bytes
 templates.env.filters["when"] = when
 templates.env.filters["seconds"] = seconds
+templates.env.filters["data"] = data
