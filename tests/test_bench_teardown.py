@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.integration  # runs the benchmark: MLflow, model servers, the pipeline
+
 Process = tuple[int, str]  # pid and start time: a pid used again later is another process
 
 

@@ -377,6 +377,7 @@ def _served(model_dir: Path, name: str) -> ModelVersionInfo:
     )
 
 
+@pytest.mark.integration  # starts MLServer
 def test_the_local_model_server_sees_no_worker_secret_and_no_worker_process(
     worker_secrets: list[str], tmp_path: Path
 ) -> None:
@@ -401,6 +402,7 @@ def test_the_local_model_server_sees_no_worker_secret_and_no_worker_process(
     assert not (tmp_path / "deployments" / name).exists()
 
 
+@pytest.mark.integration  # starts MLServer
 def test_a_model_server_that_fails_to_start_names_only_the_exception_bounded(tmp_path: Path) -> None:
     model = save_hostile_model(tmp_path / "model", "raise-on-load")
     deployer = LocalMLServerDeployer(work_dir=tmp_path / "deployments")
