@@ -30,6 +30,10 @@ REDIS_URL = os.environ.get("RETRO_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 _RUN = secrets.token_hex(4)
 _TMP = Path(tempfile.mkdtemp(prefix=f"retrotest-{_RUN}-"))
+# Model environments are built once per test run, not once per xdist worker: the cache is made for builders that
+# share it (a lock per environment, app/integrations/environments/cache.py). The folder is named by xdist's id of
+# the run, which every worker has, and the controller (or a run without xdist) removes it at the end.
+_SHARED = Path(tempfile.gettempdir()) / f"retrotest-shared-{os.environ.get('PYTEST_XDIST_TESTRUNUID', _RUN)}"
 DB_NAME = f"retrotest_{_RUN}"
 
 # Settings for everything under test; set before app.config is imported anywhere.
@@ -37,6 +41,7 @@ os.environ.update(
     {
         "RETRO_ENV": "test",
         "RETRO_VAR_DIR": str(_TMP / "var"),
+        "RETRO_ENV_CACHE_DIR": str(_SHARED / "envs"),
         "RETRO_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
         "RETRO_BROKER_URL": REDIS_URL,
         "RETRO_QUEUE_NAME": f"retrotest-{_RUN}",
@@ -379,8 +384,37 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
+# The longest files, longest first (their minutes in a full run, 2026-12-06): with `--dist loadfile` xdist hands out
+# files in collection order, so a long file collected last keeps one process busy after the other has finished.
+LONGEST_FIRST = (
+    "tests/k8s/test_env_tarball.py",  # 6
+    "tests/k8s/test_cluster_rules.py",  # 2.5
+    "tests/test_population_hive.py",
+    "tests/chaos/test_chaos.py",
+    "tests/k8s/test_nulls.py",
+    "tests/test_partitions.py",
+    "tests/k8s/test_model_staging.py",
+    "tests/test_model_environments.py",
+    "tests/test_demo_and_migrations.py",
+    "tests/test_bench_teardown.py",
+    "tests/k8s/test_k8s_deployers.py",
+    "tests/test_end_to_end.py",
+    "tests/test_database_outage.py",
+    "tests/test_worker_recovery.py",
+    "tests/test_hive.py",
+    "tests/test_chunk_plan.py",
+    "tests/test_model_sandbox.py",  # 1.2
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
-    """Mark every test `integration` or `unit` by the fixtures it uses (an explicit mark wins)."""
+    """Mark every test `integration` or `unit` by the fixtures it uses (an explicit mark wins); longest files first."""
+    items.sort(key=_longest_first)  # stable: the order within a file, and of the other files, stays
     for item in items:
         if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
             continue
@@ -397,6 +431,10 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     except Exception:
         pass
     shutil.rmtree(_TMP, ignore_errors=True)
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist: the workers are done
+        xdist = session.config.pluginmanager.getplugin("dsession")
+        run_id = xdist.nodemanager.testrunuid if xdist is not None and xdist.nodemanager is not None else _RUN
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"retrotest-shared-{run_id}", ignore_errors=True)
 
 
 # The old model's stack, built once per session for every test that asks for it (one definition: tests/old_model.py).

@@ -26,8 +26,8 @@ from tests.hive_latency_proxy import HiveLatencyProxy
 from tests.hive_server import HiveServer, run_sql
 from worker.chunks import Chunk, chunks_of, plan_record, plan_rows
 
-DAYS = 120
-ROWS_PER_DAY = 50
+DAYS = 30  # six chunks of five days; the day-per-query comparison sends one statement a day
+ROWS_PER_DAY = 200
 CHUNK_ROWS = 1_000
 TABLE = "features.small_days"
 START = HISTORY_START - timedelta(days=DAYS + 10)
@@ -212,7 +212,7 @@ def test_a_job_that_committed_day_chunks_before_plans_were_recorded_keeps_its_da
 
 @pytest.fixture(scope="module")
 def small_days(hive: HiveServer, history: Path) -> str:
-    """120 daily partitions of 50 rows each: a partner request's usual shape."""
+    """Small daily partitions (30 of 200 rows), a partner request's usual shape: many days of few rows each."""
     from app.demo_data import write_history
 
     write_history(root=history, table=TABLE, start=START, days=DAYS, rows_per_day=ROWS_PER_DAY)

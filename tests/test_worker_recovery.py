@@ -36,7 +36,7 @@ def lone_stack(
         "RETRO_HEARTBEAT_INTERVAL_S": "1",
         "TMPDIR": str(own / "tmp"),
         "RETRO_VAR_DIR": str(own / "var"),
-        "RETRO_ENV_CACHE_DIR": str(Path(os.environ["RETRO_VAR_DIR"]).resolve() / "envs"),  # built once per session
+        "RETRO_ENV_CACHE_DIR": os.environ["RETRO_ENV_CACHE_DIR"],  # built once per test run
     }
     s = start_stack(f"recovery-{uuid.uuid4().hex[:6]}", **overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETRO_PUBLIC_BASE_URL": s.base_url, **overrides}
