@@ -384,8 +384,10 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
-# The longest files, longest first (their minutes in a full run, 2026-12-06): with `--dist loadfile` xdist hands out
-# files in collection order, so a long file collected last keeps one process busy after the other has finished.
+# The longest files, longest first (their minutes in a full run, 2026-12-06): with `--dist loadfile
+# --no-loadscope-reorder` (pyproject.toml) xdist hands out files in collection order (by default it reorders them by
+# their number of tests, which put the one-test chaos file last), so a long file collected last would keep one
+# process busy after the other has finished.
 LONGEST_FIRST = (
     "tests/k8s/test_env_tarball.py",  # 6
     "tests/k8s/test_cluster_rules.py",  # 2.5
