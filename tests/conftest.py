@@ -384,39 +384,8 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
-# The longest files, longest first (their minutes in a full run, 2026-12-06): with `--dist loadfile
-# --no-loadscope-reorder` (pyproject.toml) xdist hands out files in collection order (by default it reorders them by
-# their number of tests, which put the one-test chaos file last), so a long file collected last would keep one
-# process busy after the other has finished.
-LONGEST_FIRST = (
-    "tests/k8s/test_env_tarball.py",  # 6
-    "tests/k8s/test_cluster_rules.py",  # 2.5
-    "tests/test_population_hive.py",
-    "tests/chaos/test_chaos.py",
-    "tests/k8s/test_nulls.py",
-    "tests/test_partitions.py",
-    "tests/k8s/test_model_staging.py",
-    "tests/test_model_environments.py",
-    "tests/test_demo_and_migrations.py",
-    "tests/test_bench_teardown.py",
-    "tests/k8s/test_k8s_deployers.py",
-    "tests/test_end_to_end.py",
-    "tests/test_database_outage.py",
-    "tests/test_worker_recovery.py",
-    "tests/test_hive.py",
-    "tests/test_chunk_plan.py",
-    "tests/test_model_sandbox.py",  # 1.2
-)
-
-
-def _longest_first(item: pytest.Item) -> int:
-    path = item.nodeid.split("::", 1)[0]
-    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
-    """Mark every test `integration` or `unit` by the fixtures it uses (an explicit mark wins); longest files first."""
-    items.sort(key=_longest_first)  # stable: the order within a file, and of the other files, stays
+    """Mark every test `integration` or `unit` by the fixtures it uses (an explicit mark wins)."""
     for item in items:
         if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
             continue
