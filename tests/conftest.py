@@ -30,10 +30,15 @@ REDIS_URL = os.environ.get("RETRO_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 _RUN = secrets.token_hex(4)
 _TMP = Path(tempfile.mkdtemp(prefix=f"retrotest-{_RUN}-"))
+
+
 # Model environments are built once per test run, not once per xdist worker: the cache is made for builders that
 # share it (a lock per environment, app/integrations/environments/cache.py). The folder is named by xdist's id of
 # the run, which every worker has, and the controller (or a run without xdist) removes it at the end.
-_SHARED = Path(tempfile.gettempdir()) / f"retrotest-shared-{os.environ.get('PYTEST_XDIST_TESTRUNUID', _RUN)}"
+def _shared_folder(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"retrotest-shared-{run_id}"
+
+
 DB_NAME = f"retrotest_{_RUN}"
 
 # Settings for everything under test; set before app.config is imported anywhere.
@@ -41,7 +46,7 @@ os.environ.update(
     {
         "RETRO_ENV": "test",
         "RETRO_VAR_DIR": str(_TMP / "var"),
-        "RETRO_ENV_CACHE_DIR": str(_SHARED / "envs"),
+        "RETRO_ENV_CACHE_DIR": str(_shared_folder(os.environ.get("PYTEST_XDIST_TESTRUNUID", _RUN)) / "envs"),
         "RETRO_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
         "RETRO_BROKER_URL": REDIS_URL,
         "RETRO_QUEUE_NAME": f"retrotest-{_RUN}",
@@ -405,7 +410,7 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist: the workers are done
         xdist = session.config.pluginmanager.getplugin("dsession")
         run_id = xdist.nodemanager.testrunuid if xdist is not None and xdist.nodemanager is not None else _RUN
-        shutil.rmtree(Path(tempfile.gettempdir()) / f"retrotest-shared-{run_id}", ignore_errors=True)
+        shutil.rmtree(_shared_folder(run_id), ignore_errors=True)
 
 
 # The old model's stack, built once per session for every test that asks for it (one definition: tests/old_model.py).
