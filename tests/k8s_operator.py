@@ -123,6 +123,9 @@ class ApiServer:
         from kmock import KubernetesEmulator, Server
 
         self._stop = asyncio.Event()
+        # No access log: its lines are noise in a test's output, and one written after a test closed the stream
+        # pytest captured it with printed "--- Logging error ---" in the suite's output.
+        logging.getLogger("aiohttp.access").disabled = True
         async with KubernetesEmulator() as emulator, Server(emulator) as server:
             for kind in EMULATED_KINDS:
                 emulator.resources[f"{kind.group}/{kind.version}/{kind.plural}"] = {
