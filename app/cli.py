@@ -723,6 +723,56 @@ def envs_prune(
     )
 
 
+servers_app = typer.Typer(
+    help="Warm model servers: deployments kept after their job for the next job of the same model (RETRO_WARM_TTL_S).",
+    no_args_is_help=True,
+)
+app.add_typer(servers_app, name="servers")
+
+
+@servers_app.command("list")
+def servers_list() -> None:
+    """Every warm deployment in the pool, most recently used first: its model, the jobs on it now, when it expires."""
+    from app.db import get_session_factory
+    from app.retro_tests import warm_pool
+
+    require_database()
+    with get_session_factory()() as s:
+        found = warm_pool.entries(s)
+    if not found:
+        typer.echo("no warm model servers")
+        return
+    typer.echo(f"{'deployment':<31} {'deployer':<10} {'state':<9} {'model':<28} {'jobs':>4} {'served':>6}  expires")
+    for e in found:
+        expires = e.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC") if e.expires_at else "in use"
+        typer.echo(
+            f"{e.name:<31} {e.deployer:<10} {e.state:<9} {e.model:<28} {e.jobs:>4} {e.jobs_served:>6}  {expires}"
+        )
+    typer.echo(f"{len(found)} warm model server(s), {sum(e.jobs for e in found)} job(s) on them now")
+
+
+@servers_app.command("drain")
+def servers_drain() -> None:
+    """Empty the pool: no job attaches any more; idle servers stop now, busy ones when their last job ends."""
+    from app.config import get_settings
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer
+    from app.retro_tests import warm_pool
+    from worker.warm import WarmPool
+
+    require_database()
+    settings = get_settings()
+    pool = WarmPool(sessions=get_session_factory(), deployer=make_deployer(settings), settings=settings)
+    stopped = pool.drain()
+    typer.echo(
+        f"stopped {len(stopped)} idle warm model server(s){': ' + ', '.join(name for name, _reason in stopped) if stopped else ''}"
+    )
+    with get_session_factory()() as s:
+        busy = [e.name for e in warm_pool.entries(s)]
+    if busy:
+        typer.echo(f"{len(busy)} still in use, stopping when their jobs end: {', '.join(busy)}")
+
+
 k8s_app = typer.Typer(help="Kubernetes deployments (RETRO_DEPLOYER seldon, seldon_v2 or kserve).", no_args_is_help=True)
 app.add_typer(k8s_app, name="k8s")
 

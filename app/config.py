@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     # example scored in-process in its own environment); a larger difference fails the job.
     reference_tolerance: float = Field(default=1e-9, ge=0)
     deploy_ready_timeout_s: float = Field(default=180.0, gt=0)
+    # Warm deployments (worker/warm.py): a job's model server stays up this long after its last job, for the next
+    # job of the same model version, environment and deployer settings, which checks it against the reference again
+    # and scores at once; 0 turns the pool off (every job deploys and tears down its own). At most warm_max
+    # deployments are kept (idle ones go least recently used first), each shared by at most warm_share jobs at once.
+    warm_ttl_s: float = Field(default=900.0, ge=0)
+    warm_max: int = Field(default=4, ge=1)
+    warm_share: int = Field(default=4, ge=1)
 
     # Kubernetes (deployers other than "local").
     k8s_namespace: str = "retrotest-models"

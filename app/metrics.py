@@ -51,6 +51,12 @@ DEPLOYMENTS_ALIVE = Gauge(
 API_REQUESTS_SHED = Counter(
     "retrotest_api_requests_shed", "Requests an API process answered 503 at once, being at its in-flight limit."
 )
+WARM_POOL = Counter(
+    "retrotest_warm_pool",
+    "Warm deployment pool events: hit (a job attached to a warm deployment), miss (it started its own), "
+    "removed (a warm one failed its check or went down), evicted (no room), expired (idle past RETRO_WARM_TTL_S).",
+    ["event"],
+)
 REAPER_RUNS = Counter("retrotest_reaper_runs", "Runs of the deployment reaper.")
 DEPLOYMENTS_REAPED = Counter(
     "retrotest_deployments_reaped", "Deployments deleted by the reaper, by reason.", ["reason"]

@@ -6,6 +6,7 @@ from app.core.jobs import ResultFile, RetroTest, RetroTestChunk
 from app.core.partners import Partner
 from app.db import Base
 from app.downloads.models import DownloadLink
+from app.retro_tests.warm_pool import WarmDeployment, WarmDeploymentUser
 
 __all__ = [
     "ApiToken",
@@ -18,4 +19,6 @@ __all__ = [
     "RetroTestChunk",
     "User",
     "UserPartner",
+    "WarmDeployment",
+    "WarmDeploymentUser",
 ]

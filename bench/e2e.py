@@ -51,6 +51,7 @@ def env_for(root: Path) -> dict[str, str]:
         "RETRO_VAR_DIR": str(root / "var"),
         "RETRO_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "RETRO_WORKER_METRICS_PORT": "0",
+        "RETRO_WARM_TTL_S": "0",  # every run deploys its own model server (bench/warm measures the warm pool)
     }
 
 

@@ -56,6 +56,8 @@ os.environ.update(
         "RETRO_CHUNK_ROWS": "2500",  # ROWS_PER_DAY: a day per chunk, so the tests see several chunks
         "RETRO_SCORE_BATCH_ROWS": "1000",
         "RETRO_READ_BATCH_ROWS": "5000",
+        # Each test sees its own job's deployment start and go; tests/test_warm_pool.py turns the pool on.
+        "RETRO_WARM_TTL_S": "0",
     }
 )
 

@@ -8,7 +8,14 @@ import os
 from typing import Any
 
 from celery.concurrency import asynpool, prefork
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from app.config import get_settings
 from app.logging_setup import configure_logging
@@ -123,6 +130,27 @@ def _sweep_temporary_files_of_dead_processes(**_: Any) -> None:
     from worker.scratch import sweep_scratch
 
     sweep_scratch(get_settings().var_dir)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_this_hosts_warm_servers(**_: Any) -> None:
+    """Local warm model servers belong to their host's worker: when it stops, they stop (idle ones now, in-use
+    ones when their job leaves). Model servers on Kubernetes are the cluster's: they stay for any worker."""
+    settings = get_settings()
+    if settings.deployer != "local" or settings.warm_ttl_s <= 0:
+        return
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer
+    from worker.warm import WarmPool
+
+    try:
+        pool = WarmPool(sessions=get_session_factory(), deployer=make_deployer(settings), settings=settings)
+        stopped = pool.drain(host_only=True)
+    except Exception:  # the database is down: the reaper stops them once they expire or their jobs end
+        log.warning("could not stop this host's warm model servers", exc_info=True)
+        return
+    if stopped:
+        log.info("stopped %d warm model server(s) of this host", len(stopped))
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]

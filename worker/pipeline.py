@@ -27,8 +27,9 @@ import errno
 import logging
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
     DatabaseUnavailable,
+    DeploymentFailed,
     JobCancelled,
     ModelServerDown,
     ReferenceMismatch,
@@ -63,6 +65,7 @@ from worker.control import JobControl
 from worker.publish import publish
 from worker.run import Adapters, JobRun, PartitionOrder
 from worker.validation import Reference, check, load_reference
+from worker.warm import WarmPool, pool_key
 
 __all__ = ["Adapters", "PartitionOrder", "run_retro_test", "score_partition", "split_ranges"]
 
@@ -222,11 +225,21 @@ def _deploy_and_score(
     redeploys = 0
     while True:
         try:
-            with deployed(run, model, environment) as (deployment, scorer):
+            with deployed(run, model, environment) as serving:
                 run.enter(State.validating)
-                validate(run, model=model, reference=reference.result(), scorer=scorer)
+                try:
+                    validate(run, model=model, reference=reference.result(), scorer=serving.scorer)
+                except ReferenceMismatch as exc:
+                    if not serving.warm:
+                        raise
+                    # The same check passed when the deployment was new: this one has gone wrong, not the model.
+                    raise ModelServerDown(
+                        f"warm deployment {serving.deployment.name} failed the reference check ({exc.detail}); "
+                        "it leaves the pool"
+                    ) from exc
+                serving.validated()
                 run.enter(State.scoring)
-                score_period(run, query=query, chunks=chunks, deployment=deployment, scorer=scorer)
+                score_period(run, query=query, chunks=chunks, deployment=serving.deployment, scorer=serving.scorer)
             return
         except ModelServerDown as exc:
             if redeploys >= run.settings.max_redeploys:
@@ -357,33 +370,73 @@ def validate(run: JobRun, *, model: ModelVersionInfo, reference: Reference | Non
     run.record_validation(outcome)
 
 
+@dataclass
+class Serving:
+    """The job's model server and its client, inside deployed()."""
+
+    deployment: Deployment
+    scorer: BatchScorer
+    warm: bool  # attached to a warm deployment of the pool, not started for this job
+    validated: Callable[[], None]  # the reference check passed: other jobs may attach to it (with the pool on)
+
+
 @contextlib.contextmanager
-def deployed(
-    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None
-) -> Iterator[tuple[Deployment, BatchScorer]]:
-    """A ready model server for the job's model version, torn down when the block exits, however it exits."""
-    name = deployment_name(run.job_id)
+def deployed(run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None) -> Iterator[Serving]:
+    """A ready model server for the job's model version: a warm one from the pool (worker/warm.py) or a new one.
+
+    Without the pool (RETRO_WARM_TTL_S=0) it is torn down when the block exits, however it exits. With it, the job
+    detaches when the block exits: the deployment stays warm for the next job, unless it went down or failed its
+    check (then it is stopped), or the pool lets it go.
+    """
     deployer = run.adapters.deployer
+    pool = WarmPool(sessions=run.sessions, deployer=deployer, settings=run.settings)
+    key = pool_key(model, environment, run.settings)
     run.enter(State.deploying)
+    deployment = pool.attach(key=key, job_id=run.job_id) if pool.enabled else None
+    warm = deployment is not None
+    name = deployment.name if deployment is not None else deployment_name(run.job_id)
     # Record the name before creating anything, so a reaper can find it if this process dies.
-    run.record_deployment(name)
+    if pool.enabled and not warm:
+        pool.register(name=name, key=key, job_id=run.job_id, model=model)
+    run.record_deployment(name, warm=warm)
     alive = DEPLOYMENTS_ALIVE.labels(run.settings.deployer)
     alive.inc()
+    broken = False
     try:
-        deployment = deployer.start(name=name, job_id=str(run.job_id), model=model, environment=environment)
-        deployer.wait_ready(
-            deployment, timeout_s=run.settings.deploy_ready_timeout_s, should_stop=run.control.cancel_requested
-        )
-        with open_scorer(run, deployment=deployment, model=model) as scorer:
+        if deployment is None:
+            deployment = deployer.start(name=name, job_id=str(run.job_id), model=model, environment=environment)
+            deployer.wait_ready(
+                deployment, timeout_s=run.settings.deploy_ready_timeout_s, should_stop=run.control.cancel_requested
+            )
+        else:
+            log.info("retro test %s: attached to warm deployment %s", run.job_id, name)
+        ready = deployment
+        with open_scorer(run, deployment=ready, model=model) as scorer:
             run.record_protocol(scorer.protocol)
-            yield deployment, scorer
+            yield Serving(
+                deployment=ready,
+                scorer=scorer,
+                warm=warm,
+                validated=(lambda: pool.mark_ready(ready)) if pool.enabled else (lambda: None),
+            )
+    except (ModelServerDown, DeploymentFailed):
+        broken = True
+        raise
     finally:
         alive.dec()
-        try:
-            deployer.stop(name)
-        except Exception:
-            # The job's outcome stands; the reaper deletes the deployment once the job is terminal.
-            log.exception("could not stop deployment %s of retro test %s; the reaper will", name, run.job_id)
+        _leave(run, pool, name=name, broken=broken)
+
+
+def _leave(run: JobRun, pool: WarmPool, *, name: str, broken: bool) -> None:
+    """The job is done with its deployment: detach from the pool, or stop it without one. Never raises: the job's
+    outcome stands, and what could not be stopped the reaper stops once the job is terminal."""
+    try:
+        if pool.enabled:
+            pool.release(name=name, job_id=run.job_id, broken=broken)
+        else:
+            run.adapters.deployer.stop(name)
+    except Exception:
+        log.exception("could not stop or release deployment %s of retro test %s; the reaper will", name, run.job_id)
 
 
 def open_scorer(run: JobRun, *, deployment: Deployment, model: ModelVersionInfo) -> BatchScorer:

@@ -152,7 +152,11 @@ def _manifest(
         },
         "period": _period(query, tally.days_without_history),
         "population": spec.population.public() if spec.population else None,
-        "scoring": {"protocol": tally.score_protocol},
+        # "warm": scored on a deployment an earlier job had started and validated again; "new": started for it.
+        "scoring": {
+            "protocol": tally.score_protocol,
+            "deployment": None if tally.deployment_warm is None else "warm" if tally.deployment_warm else "new",
+        },
         # What the model server ran from (null: the worker's own packages) and the check before scoring.
         "environment": tally.environment.public() if tally.environment else None,
         "validation": tally.validation.public() if tally.validation else None,

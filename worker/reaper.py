@@ -30,26 +30,53 @@ from app.integrations.deployers.staging import ModelStaging
 from app.integrations.history.port import STAGING_PREFIX, HistorySource
 from app.integrations.storage.results import ResultStore
 from app.metrics import DEPLOYMENTS_REAPED, REAPER_RUNS
-from app.retro_tests import retention
+from app.retro_tests import retention, warm_pool
+from worker.warm import maintain
 
 log = logging.getLogger(__name__)
 
 
-def reap_deployments(*, deployer: Deployer, sessions: sessionmaker[Session], now: float | None = None) -> list[str]:
-    """Delete managed deployments whose job is terminal or missing, or whose expiry has passed; return their names."""
+def reap_deployments(
+    *, deployer: Deployer, sessions: sessionmaker[Session], now: float | None = None, settings: Settings | None = None
+) -> list[str]:
+    """Delete managed deployments whose job is terminal or missing, or whose expiry has passed; return their names.
+
+    A deployment in the warm pool (worker/warm.py) outlives its job: the pool's rules decide when it goes. With
+    settings, the pool is tended first: jobs that ended attached are detached, idle deployments past
+    RETRO_WARM_TTL_S and the pool's surplus are stopped.
+    """
     REAPER_RUNS.inc()
     now = time.time() if now is None else now
+    reaped = []
+    if settings is not None:
+        for name, reason in maintain(
+            sessions=sessions,
+            deployer=deployer,
+            settings=settings,
+            live=lambda: {m.name for m in deployer.list_managed()},
+        ):
+            DEPLOYMENTS_REAPED.labels(f"warm_{reason}").inc()
+            reaped.append(name)
+    return reaped + _reap_managed(deployer=deployer, sessions=sessions, now=now)
+
+
+def _reap_managed(*, deployer: Deployer, sessions: sessionmaker[Session], now: float) -> list[str]:
+    reaped: list[str] = []
     managed = deployer.list_managed()
     if not managed:
-        return []
+        return reaped
     states = _job_states(sessions, [m.job_id for m in managed])
-    reaped = []
+    with sessions() as s:
+        pooled = warm_pool.names(s)
     for deployment in managed:
-        reason = reap_reason(deployment, states=states, now=now)
+        reason = reap_reason(deployment, states=states, now=now, pooled=deployment.name in pooled)
         if reason is None:
             continue
         try:
             deployer.stop(deployment.name)
+            if deployment.name in pooled:
+                with sessions.begin() as s:
+                    warm_pool.remove(s, name=deployment.name)
         except Exception:
             log.exception("reaper: could not delete deployment %s; trying again next time", deployment.name)
             continue
@@ -68,10 +95,17 @@ def reap_staged_models(*, settings: Settings, now: float | None = None) -> list[
         return []
 
 
-def reap_reason(deployment: ManagedDeployment, *, states: dict[str, State], now: float) -> str | None:
-    """Why a deployment should go ("expired", "job_missing", "job_finished"), or None to keep it."""
+def reap_reason(
+    deployment: ManagedDeployment, *, states: dict[str, State], now: float, pooled: bool = False
+) -> str | None:
+    """Why a deployment should go ("expired", "job_missing", "job_finished"), or None to keep it.
+
+    Its expiry (RETRO_DEPLOYMENT_TTL_S after it was created) holds in the warm pool too; otherwise a pooled
+    deployment stays whatever its first job's state: the pool expires it."""
     if deployment.expires_at is not None and deployment.expires_at <= now:
         return "expired"
+    if pooled:
+        return None
     state = states.get(_canonical(deployment.job_id) or "")
     if state is None:
         return "job_missing"

@@ -130,8 +130,8 @@ class JobRun:
         """Keep the plan unless the job has one already; returns the plan the job has (the first one wins)."""
         return self._write(runs.record_chunk_plan, plan=plan)
 
-    def record_deployment(self, name: str) -> None:
-        self._write(runs.record_deployment, name=name)
+    def record_deployment(self, name: str, *, warm: bool | None = None) -> None:
+        self._write(runs.record_deployment, name=name, warm=warm)
 
     def record_environment(self, environment: EnvironmentRecord) -> None:
         self._write(runs.record_environment, environment=environment)

@@ -116,8 +116,8 @@ def reap_deployments_task() -> list[str]:
     """Delete model deployments whose job has ended or whose expiry has passed, files ended jobs left, and results
     past their retention (beat)."""
     sessions = get_session_factory()
-    reaped = reap_deployments(deployer=_deployer(), sessions=sessions)
     adapters, settings = _adapters(), get_settings()
+    reaped = reap_deployments(deployer=_deployer(), sessions=sessions, settings=settings)
     reaped += reap_staging(source=adapters.source, sessions=sessions, database=settings.hive_scratch_database)
     reaped += [f"staged model {d}" for d in reap_staged_models(settings=settings)]
     reaped += reap_files(store=adapters.store, sessions=sessions)

@@ -160,6 +160,8 @@ class RetroTest(Base):
 
     # Outcome.
     deployment_name: Mapped[str | None] = mapped_column(String(128))
+    # True: the job scored on a warm deployment another job had started (worker/warm.py); False: on a new one.
+    deployment_warm: Mapped[bool | None] = mapped_column(Boolean)
     score_protocol: Mapped[str | None] = mapped_column(String(16))  # v2-grpc, v2-rest or seldon, once scoring starts
     # The model's environment (ModelEnvironment.to_record, with the step it is at while being prepared) and the
     # reference check's outcome (worker/validation.py), as the job page and the manifest show them.

@@ -228,9 +228,12 @@ def record_chunk_plan(*, session: Session, job_id: uuid.UUID, plan: ChunkPlanRec
     return job.chunk_plan
 
 
-def record_deployment(*, session: Session, job_id: uuid.UUID, name: str) -> None:
-    """The deployment's name, recorded before it is created, so a reaper can find it if the worker dies."""
-    _job(session, job_id).deployment_name = name
+def record_deployment(*, session: Session, job_id: uuid.UUID, name: str, warm: bool | None = None) -> None:
+    """The deployment's name, recorded before it is created, so a reaper can find it if the worker dies; and
+    whether it was a warm one from the pool (None: not known yet)."""
+    job = _job(session, job_id)
+    job.deployment_name = name
+    job.deployment_warm = warm
     session.flush()
 
 
@@ -354,6 +357,7 @@ class Tally:
     counts: Counts
     stage_started: dict[str, str]
     score_protocol: str | None
+    deployment_warm: bool | None = None
     environment: EnvironmentRecord | None = None
     validation: ValidationRecord | None = None
     days_without_history: list[str] | None = None
@@ -366,6 +370,7 @@ def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
         counts=Counts(read=job.rows_read, scored=job.rows_scored, rejected=job.rows_rejected),
         stage_started=dict(job.stage_started or {}),
         score_protocol=job.score_protocol,
+        deployment_warm=job.deployment_warm,
         environment=job.environment,
         validation=job.validation,
         days_without_history=list(job.days_without_history) if job.days_without_history is not None else None,

@@ -151,6 +151,11 @@ class RetroTestOut(BaseModel):
     score_protocol: str | None = Field(
         default=None, description="the inference protocol the rows were scored over: v2-grpc, v2-rest or seldon"
     )
+    deployment_warm: bool | None = Field(
+        default=None,
+        description="true: scored on a warm deployment an earlier job had started (checked against the reference "
+        "again); false: on a deployment started for this job; null: not deployed yet",
+    )
     environment: dict[str, Any] | None = Field(
         default=None,
         description="the model server's own environment: python, python_requested, server_version, packages "

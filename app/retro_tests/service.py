@@ -467,6 +467,7 @@ JOB_VIEW = select(
     RetroTest.stage_started,
     RetroTest.stage_log,
     RetroTest.score_protocol,
+    RetroTest.deployment_warm,
     RetroTest.environment,
     RetroTest.validation,
     RetroTest.rows_total,

@@ -94,6 +94,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         "finished_at": job.finished_at,
         "stages": _stages(job),
         "score_protocol": job.score_protocol,
+        "deployment_warm": job.deployment_warm,
         "environment": shown(job.environment.public()) if job.environment is not None else None,
         "validation": shown(job.validation.public()) if job.validation is not None else None,
         "progress": {
