@@ -201,6 +201,7 @@ def _run_stages(run: JobRun) -> None:
                         environment=environment,
                         timeout_s=run.settings.deploy_ready_timeout_s,
                         sandbox=ModelSandbox(run.settings.model_sandbox),
+                        cache_dir=run.settings.var_dir / "references",
                     )
                     _deploy_and_score(
                         run, model=model, environment=environment, reference=reference, query=query, chunks=chunks

@@ -12,9 +12,11 @@ A version with neither is scored unchecked, and the job says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,8 +67,64 @@ def load_reference(
     environment: ModelEnvironment | None,
     timeout_s: float,
     sandbox: ModelSandbox | None = None,
+    cache_dir: Path | None = None,
 ) -> Reference | None:
-    """The version's reference: its retro.reference artifact, else its input example scored in-process."""
+    """The version's reference: its retro.reference artifact, else its input example scored in-process.
+
+    With cache_dir, a reference an earlier job of this host computed for the same version in the same environment is
+    read back instead (scoring in-process costs seconds, mostly mlflow's import: a job on a warm model server would
+    otherwise wait for it); one not there yet is kept there for the next job.
+    """
+    cached = cache_dir / f"{_reference_key(model, environment)}.json" if cache_dir else None
+    if cached is not None and (found := _read_cached(cached)) is not None:
+        return found
+    reference = _load_reference(
+        model=model, model_dir=model_dir, environment=environment, timeout_s=timeout_s, sandbox=sandbox
+    )
+    if cached is not None and reference is not None:
+        _keep(cached, reference)
+    return reference
+
+
+def _reference_key(model: ModelVersionInfo, environment: ModelEnvironment | None) -> str:
+    """What a reference depends on: the version, its artifacts and reference tag, and the environment it ran in."""
+    identity = [model.name, model.version, model.run_id, model.artifact_uri, model.tags.get(REFERENCE_TAG)]
+    identity.append(environment.key if environment else "worker")
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def _read_cached(path: Path) -> Reference | None:
+    try:
+        kept = json.loads(path.read_text())
+        return Reference(
+            source=f"{kept['source']}; computed by an earlier job on this worker",
+            columns=kept["columns"],
+            expected=kept["expected"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not there, or unreadable: computed again
+
+
+def _keep(path: Path, reference: Reference) -> None:
+    """Write the reference for later jobs, atomically; one that JSON cannot hold (dates in a table) is not kept."""
+    try:
+        text = json.dumps({"source": reference.source, "columns": reference.columns, "expected": reference.expected})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)
+    except (TypeError, ValueError, OSError):
+        log.debug("reference not kept at %s", path, exc_info=True)
+
+
+def _load_reference(
+    *,
+    model: ModelVersionInfo,
+    model_dir: Path,
+    environment: ModelEnvironment | None,
+    timeout_s: float,
+    sandbox: ModelSandbox | None,
+) -> Reference | None:
     tag = model.tags.get(REFERENCE_TAG)
     if tag:
         return _tagged_reference(model, tag)

@@ -357,6 +357,10 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
 
 
 def _reap(pid: int) -> None:
-    """Collect the exit status if it is our child, so it does not linger as a zombie."""
+    """Collect the exit status of every child of ours in the server's process group (pid is its leader), so none
+    lingers as a zombie: a zombie still counts as a member of the group, and the wait in _kill_group would run out
+    its grace period. Beside the server itself, a process that is a child subreaper (bench/teardown.py) inherits
+    the sandbox's inner processes when bwrap exits before them."""
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+        while os.waitpid(-pid, os.WNOHANG)[0]:
+            pass
