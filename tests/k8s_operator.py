@@ -157,6 +157,15 @@ class ApiServer:
             del self._emulator.objects[key]
         return {**review, "status": {"allowed": allowed}}
 
+    def requests(self, method: str) -> list[str]:
+        """The paths of every request with this method the API server has received, oldest first (kmock keeps
+        each request; iterating the emulator yields them)."""
+
+        async def read() -> list[str]:
+            return [r.url.path for r in self._emulator if str(r.method.value).upper() == method.upper()]
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)
+
     def objects(self) -> list[tuple[str, str, str]]:
         """(plural, namespace, name) of every object that exists now, but the cluster's own (SETUP_RESOURCES)."""
 
