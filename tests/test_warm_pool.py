@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,113 @@ def _engine() -> Any:
     from app.db import get_engine
 
     return get_engine()
+
+
+# --- two jobs on one warm server, in this process: one is cancelled while both score ------------------------------
+
+
+class Gate:
+    """A history source whose second chunk query waits until the test opens the gate: the job is scoring then."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._calls = 0
+        self.reached = threading.Event()  # the job is reading its second chunk: it scores
+        self.open = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def batches(self, query: Any, *, batch_rows: int) -> Iterator[Any]:
+        self._calls += 1
+        if self._calls == 2:
+            self.reached.set()
+            assert self.open.wait(120), "the test never opened the gate"
+        yield from self._inner.batches(query, batch_rows=batch_rows)
+
+
+def _run_in_process(job_id: uuid.UUID, settings: Any, *, source: Any = None) -> Any:
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_history_source, make_registry, make_result_store
+    from worker.pipeline import Adapters, run_retro_test
+
+    adapters = Adapters(
+        registry=make_registry(settings),
+        source=source or make_history_source(settings),
+        deployer=make_deployer(settings),
+        store=make_result_store(settings),
+    )
+    return run_retro_test(job_id=job_id, sessions=get_session_factory(), adapters=adapters, settings=settings)
+
+
+def _row(job_id: uuid.UUID) -> Any:
+    from app.core.jobs import RetroTest
+    from app.db import get_session_factory
+
+    with get_session_factory()() as s:
+        return s.get(RetroTest, job_id)
+
+
+def _wait(check: Any, *, what: str, timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_cancelling_one_of_two_jobs_on_a_warm_server_leaves_the_other_scoring_to_success(
+    database_url: str, registry: dict[str, str], history: Path
+) -> None:
+    from app.config import Settings
+    from app.core.jobs import RetroTest, State
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_history_source
+    from worker.warm import WarmPool
+
+    settings = Settings(warm_ttl_s=600, heartbeat_interval_s=0.3)
+    sessions = get_session_factory()
+
+    def new_job() -> uuid.UUID:
+        with sessions.begin() as s:
+            return make_retro_test(s, start=HISTORY_START, end=END, partner_prefix="warm-share")
+
+    pool = WarmPool(sessions=sessions, deployer=make_deployer(settings), settings=settings)
+    try:
+        first = new_job()
+        assert _run_in_process(first, settings) == State.succeeded, _row(first).error_message
+        server = _row(first).deployment_name
+        pids = mlserver_processes_for(str(first))
+        assert pids, "the first job's server should stay, warm"
+
+        gates = {"cancelled": Gate(make_history_source(settings)), "kept": Gate(make_history_source(settings))}
+        jobs = {name: new_job() for name in gates}
+        with ThreadPoolExecutor(2) as threads:
+            ends = {name: threads.submit(_run_in_process, jobs[name], settings, source=gates[name]) for name in gates}
+            for name, job_id in jobs.items():  # both attached to the warm server and score their first chunk
+                assert gates[name].reached.wait(120), f"the {name} job never reached its second chunk"
+                _wait(lambda j=job_id: _row(j).state == State.scoring, what=f"the {name} job is not scoring")
+                assert (_row(job_id).deployment_name, _row(job_id).deployment_warm) == (server, True)
+            assert [e.jobs for e in _entries()] == [2]
+
+            with sessions.begin() as s:
+                s.get(RetroTest, jobs["cancelled"]).cancel_requested = True  # type: ignore[union-attr]
+            gates["cancelled"].open.set()
+            assert ends["cancelled"].result(timeout=120) == State.cancelled
+            # The server is the other job's still: running, in the pool, with one job on it.
+            assert mlserver_processes_for(str(first)) == pids
+            assert [(e.name, e.jobs) for e in _entries()] == [(server, 1)]
+
+            gates["kept"].open.set()
+            assert ends["kept"].result(timeout=120) == State.succeeded, _row(jobs["kept"]).error_message
+        kept = _row(jobs["kept"])
+        assert kept.rows_scored == kept.rows_total and kept.rows_rejected == 0
+        assert [(e.name, e.jobs) for e in _entries()] == [(server, 0)]
+    finally:
+        pool.drain()
+    assert mlserver_processes_for(str(first)) == []
+
+
+def _entries() -> list[warm_pool.PoolEntry]:
+    with Session(bind=_engine()) as s:
+        return warm_pool.entries(s)

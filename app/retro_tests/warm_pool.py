@@ -6,7 +6,7 @@ deploying again. Its row lives while the deployment does; `warm_deployment_users
 to it. The pool's rules, all in the SQL below:
 
 - A job attaches only to a `ready` deployment of its key (on its own host for local servers) with fewer than
-  `share` jobs on it; the row is locked (SKIP LOCKED) so two jobs never take the last place at once.
+  `share` jobs on it; the row is locked while it counts, so two jobs never take the last place at once.
 - A deployment is idle when no job is attached; an idle one expires RETRO_WARM_TTL_S after its last job left.
 - Over RETRO_WARM_MAX deployments, idle ones go least recently used first; in-use ones are never evicted.
 - A `draining` deployment takes no new job and goes when its last job leaves (`retrotest servers drain`).
@@ -97,24 +97,21 @@ def detach_job(session: Session, job_id: uuid.UUID) -> None:
 def attach(
     session: Session, *, key: str, host: str, job_id: uuid.UUID, share: int, now: datetime
 ) -> dict[str, Any] | None:
-    """Attach the job to a ready deployment of its key with room for it; its endpoint, or None when there is none."""
+    """Attach the job to a ready deployment of its key with room for it; its endpoint, or None when there is none.
+
+    Each candidate is locked in turn (by name, so two jobs never wait on each other in opposite orders) and counted
+    under the lock: two jobs never take the last place at once, and neither skips a deployment the other is
+    attaching to (the lock is held for a moment only).
+    """
     detach_job(session, job_id)
-    users = (
-        select(func.count())
-        .where(WarmDeploymentUser.deployment_name == WarmDeployment.name)
-        .correlate(WarmDeployment)
-        .scalar_subquery()
-    )
-    candidates = session.scalars(
-        select(WarmDeployment)
+    names = session.scalars(
+        select(WarmDeployment.name)
         .where(WarmDeployment.pool_key == key, WarmDeployment.host == host, WarmDeployment.state == READY)
-        .where(users < share)
-        .order_by(WarmDeployment.last_used_at.desc())
-        .limit(1)
-        .with_for_update(skip_locked=True)
+        .order_by(WarmDeployment.name)
     ).all()
-    for row in candidates:
-        if _users(session, row.name) >= share:  # a job attached between the count and the lock
+    for name in names:
+        row = session.get(WarmDeployment, name, with_for_update=True, populate_existing=True)
+        if row is None or row.state != READY or _users(session, name) >= share:
             continue
         _attach(session, row, job_id, now)
         session.flush()
