@@ -119,7 +119,7 @@ class WarmPool:
             with self.sessions.begin() as s:
                 keep = warm_pool.release(s, name=name, job_id=job_id, ttl_s=self.settings.warm_ttl_s, now=utcnow())
         if not keep:
-            self._stop(name, "released")
+            self._stop(name, "down or failed its check: out of the pool" if broken else "released by its last job")
         self.evict()
 
     def evict(self) -> list[tuple[str, str]]:

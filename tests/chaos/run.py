@@ -10,6 +10,9 @@ worker replicas (as deploy/base runs them) and the control process (beat + reape
   (c) the model server answers 5% 503, 1% hangs, 1% connection resets, and 400 for batches holding poison rows
       (one batch in 100 holds one, unless --poison says otherwise),
   (d) a second job is cancelled mid-run and the API is restarted.
+The warm pool is on (--warm-ttl, 5 s): the jobs leave their model servers warm, a job's next attempt attaches
+to the server its last attempt started (through a fault proxy that died with that worker: it is replaced), and
+orphans are counted after the TTL, when the reaper should have stopped every server.
 It prints rows lost, rows duplicated, poison rows isolated, orphan deployments and the time against the clean
 run, and exits non-zero when any of them misses its target.
 """
@@ -192,6 +195,8 @@ def build_world(args: argparse.Namespace, pg: OwnPostgres) -> World:
             "RETRO_REAPER_INTERVAL_S": "3",
             "RETRO_MAX_ATTEMPTS": "50",
             "RETRO_CHAOS_HANG_S": "6",
+            # The warm pool on, as in production, with a TTL short enough for the orphan count after it.
+            "RETRO_WARM_TTL_S": str(args.warm_ttl),
         }
     )
     os.environ.update(env)
@@ -628,7 +633,8 @@ def _run(args: argparse.Namespace, pg: OwnPostgres) -> dict[str, Any]:
         report["cancelled_job_state"] = cancelled["state"]
         if final["state"] == "succeeded":
             report.update(check_rows(world, final, keys, poison_keys))
-        time.sleep(3 * float(world.env["RETRO_REAPER_INTERVAL_S"]) + 2)  # the reaper's turn
+        # The reaper's turn, after the warm servers' TTL: every server left is an orphan then.
+        time.sleep(float(world.env["RETRO_WARM_TTL_S"]) + 3 * float(world.env["RETRO_REAPER_INTERVAL_S"]) + 2)
         report["orphan_deployments"] = orphan_deployments(world)
         report["events"] = world.events
         report["timeline"] = [f"clean {line}" for line in timeline_lines(clean_timeline)]
@@ -694,6 +700,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--max-ratio", type=float, default=1.5)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
+    parser.add_argument(
+        "--warm-ttl",
+        type=float,
+        default=5.0,
+        help="RETRO_WARM_TTL_S: jobs leave their model servers warm this long (0: the pool off); orphans are counted "
+        "after it, once the reaper has had its turns",
+    )
     parser.add_argument(
         "--faults-only",
         action="store_true",
