@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     warm_ttl_s: float = Field(default=900.0, ge=0)
     warm_max: int = Field(default=4, ge=1)
     warm_share: int = Field(default=4, ge=1)
+    # Local model servers only: the warm ones of a host may hold this much resident memory in all (MB); over it, idle
+    # ones go least recently used first. 0: no budget.
+    warm_max_memory_mb: int = Field(default=8192, ge=0)
 
     # Kubernetes (deployers other than "local").
     k8s_namespace: str = "retrotest-models"

@@ -337,3 +337,23 @@ def test_cancelling_one_of_two_jobs_on_a_warm_server_leaves_the_other_scoring_to
 def _entries() -> list[warm_pool.PoolEntry]:
     with Session(bind=_engine()) as s:
         return warm_pool.entries(s)
+
+
+def test_a_local_server_over_the_memory_budget_is_stopped_when_its_job_leaves_it_idle(
+    database_url: str, registry: dict[str, str], history: Path
+) -> None:
+    from app.config import Settings
+    from app.core.jobs import State
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer
+
+    sessions = get_session_factory()
+    with sessions.begin() as s:
+        job_id = make_retro_test(s, start=HISTORY_START, end=END, partner_prefix="warm-memory")
+    # An MLServer holds well over 1 MB: idle, it is over the budget at once.
+    settings = Settings(warm_ttl_s=600, warm_max_memory_mb=1)
+    assert make_deployer(settings).memory_bytes("retro-none") == 0  # type: ignore[attr-defined]
+    assert _run_in_process(job_id, settings) == State.succeeded, _row(job_id).error_message
+    assert _row(job_id).deployment_warm is False
+    assert mlserver_processes_for(str(job_id)) == []
+    assert _entries() == []

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.clock import utcnow
 from app.config import Settings
 from app.core.model_types import ModelVersionInfo
+from app.integrations.deployers.local import LocalMLServerDeployer
 from app.integrations.deployers.port import Deployer, Deployment
 from app.integrations.environments.cache import ModelEnvironment
 from app.metrics import WARM_POOL
@@ -129,6 +130,28 @@ class WarmPool:
         for name, reason in gone:
             WARM_POOL.labels("evicted" if reason == "evicted" else "expired").inc()
             self._stop(name, reason)
+        return gone + self._evict_over_memory()
+
+    def _evict_over_memory(self) -> list[tuple[str, str]]:
+        """Local servers: stop idle ones, least recently used first, while this host's warm servers hold more
+        resident memory than RETRO_WARM_MAX_MEMORY_MB."""
+        budget = self.settings.warm_max_memory_mb * 2**20
+        if not isinstance(self.deployer, LocalMLServerDeployer) or not budget:
+            return []
+        host = pool_host(self.settings)
+        with self.sessions() as s:
+            held = {e.name: self.deployer.memory_bytes(e.name) for e in warm_pool.entries(s) if e.host == host}
+            idle = warm_pool.idle_names(s, host=host)
+        gone: list[tuple[str, str]] = []
+        for name in idle:
+            if sum(held.values()) <= budget:
+                break
+            with self.sessions.begin() as s:
+                if not warm_pool.take_idle(s, name=name):
+                    continue
+            WARM_POOL.labels("evicted").inc()
+            self._stop(name, f"over RETRO_WARM_MAX_MEMORY_MB ({held.pop(name, 0) / 2**20:,.0f} MB freed)")
+            gone.append((name, "evicted"))
         return gone
 
     def drain(self, *, host_only: bool = False) -> list[tuple[str, str]]:

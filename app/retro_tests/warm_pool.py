@@ -234,6 +234,28 @@ def evict(session: Session, *, host: str, max_count: int, now: datetime) -> list
     return gone
 
 
+def idle_names(session: Session, *, host: str) -> list[str]:
+    """The host's idle deployments, least recently used first (not locked: take_idle decides)."""
+    in_use = select(WarmDeploymentUser.deployment_name)
+    return list(
+        session.scalars(
+            select(WarmDeployment.name)
+            .where(WarmDeployment.host == host, WarmDeployment.name.not_in(in_use))
+            .order_by(WarmDeployment.last_used_at, WarmDeployment.name)
+        )
+    )
+
+
+def take_idle(session: Session, *, name: str) -> bool:
+    """Delete the row of a deployment that is still idle, to stop it; False when a job attached meanwhile."""
+    row = session.get(WarmDeployment, name, with_for_update=True)
+    if row is None or _users(session, name):
+        return False
+    session.delete(row)
+    session.flush()
+    return True
+
+
 def detach_ended_jobs(session: Session, *, ttl_s: float, now: datetime) -> int:
     """Detach jobs that ended or vanished while attached (a killed worker); a deployment left idle starts its TTL.
 

@@ -252,6 +252,23 @@ class LocalMLServerDeployer:
             for name in self.list_names()
         ]
 
+    def memory_bytes(self, name: str) -> int:
+        """Resident memory of the deployment's server: every process of its process group (0 when it is gone)."""
+        pid = self._pid(name)
+        if pid is None:
+            return 0
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pid:  # its process group
+                    total += int((entry / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
     def has_exited(self, name: str) -> bool:
         """The server process of a deployment this worker started is gone (killed, crashed, out of memory)."""
         return (self._dir(name) / "pid").exists() and not self._alive(name)
