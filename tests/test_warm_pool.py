@@ -357,3 +357,37 @@ def test_a_local_server_over_the_memory_budget_is_stopped_when_its_job_leaves_it
     assert _row(job_id).deployment_warm is False
     assert mlserver_processes_for(str(job_id)) == []
     assert _entries() == []
+
+
+def test_a_job_whose_own_name_serves_other_jobs_starts_its_deployment_under_another(database_url: str) -> None:
+    from app.config import Settings
+    from app.core.model_types import ModelVersionInfo
+    from app.db import get_session_factory
+    from app.integrations.deployers.port import deployment_name
+    from worker.warm import WarmPool, pool_host
+
+    settings = Settings(warm_ttl_s=600)
+    sessions = get_session_factory()
+    with sessions.begin() as s:
+        job, other = _job(s), _job(s)
+    own, key = deployment_name(job), uuid.uuid4().hex * 2
+    model = ModelVersionInfo(name="churn", version="1", run_id="r", source="", artifact_uri="", inputs=(), outputs=())
+    pool = WarmPool(sessions=sessions, deployer=None, settings=settings)  # type: ignore[arg-type]
+    second = ""
+    try:
+        # An earlier attempt of the job started `own`, and another job scores on it now.
+        assert pool.register(name=own, key=key, job_id=job, model=model) == own
+        with sessions.begin() as s:
+            warm_pool.mark_ready(s, name=own, endpoint={"name": own, "base_url": "u", "model_name": own})
+            assert warm_pool.attach(s, key=key, host=pool_host(settings), job_id=other, share=4, now=utcnow())
+        # The job's next attempt starts a deployment (its own was full, say) under another name: `own` keeps the
+        # other job, and is not replaced under it.
+        second = pool.register(name=own, key=key, job_id=job, model=model)
+        assert second != own and second.startswith("retro-")
+        with sessions() as s:
+            jobs = {e.name: e.jobs for e in warm_pool.entries(s)}
+        assert (jobs[own], jobs[second]) == (1, 1)
+    finally:
+        with sessions.begin() as s:
+            for name in (own, second):
+                warm_pool.remove(s, name=name)

@@ -398,7 +398,7 @@ def deployed(run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment
     name = deployment.name if deployment is not None else deployment_name(run.job_id)
     # Record the name before creating anything, so a reaper can find it if this process dies.
     if pool.enabled and not warm:
-        pool.register(name=name, key=key, job_id=run.job_id, model=model)
+        name = pool.register(name=name, key=key, job_id=run.job_id, model=model)
     run.record_deployment(name, warm=warm)
     alive = DEPLOYMENTS_ALIVE.labels(run.settings.deployer)
     alive.inc()

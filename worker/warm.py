@@ -31,7 +31,7 @@ from app.clock import utcnow
 from app.config import Settings
 from app.core.model_types import ModelVersionInfo
 from app.integrations.deployers.local import LocalMLServerDeployer
-from app.integrations.deployers.port import Deployer, Deployment
+from app.integrations.deployers.port import Deployer, Deployment, deployment_name
 from app.integrations.environments.cache import ModelEnvironment
 from app.metrics import WARM_POOL
 from app.retro_tests import warm_pool
@@ -90,20 +90,29 @@ class WarmPool:
         WARM_POOL.labels("hit" if endpoint else "miss").inc()
         return Deployment(**endpoint) if endpoint else None
 
-    def register(self, *, name: str, key: str, job_id: uuid.UUID, model: ModelVersionInfo) -> None:
-        """Record a deployment this job is about to create (a leftover row of the same name, an earlier attempt's
-        that was killed while starting it, is replaced: the deployer replaces that deployment too)."""
-        new = warm_pool.NewWarm(
-            name=name,
-            key=key,
-            deployer=self.settings.deployer,
-            host=pool_host(self.settings),
-            model_name=model.name,
-            model_version=model.version,
-        )
+    def register(self, *, name: str, key: str, job_id: uuid.UUID, model: ModelVersionInfo) -> str:
+        """Record a deployment this job is about to create; returns its name.
+
+        The name is the job's own (deployment_name), and a leftover row of it, an earlier attempt's that was killed
+        while starting it, is replaced (the deployer replaces that deployment too). But when an earlier attempt's
+        deployment of that name serves other jobs now (it was full for this one), the job gets a name of its own.
+        """
         with self.sessions.begin() as s:
-            warm_pool.remove(s, name=name)
+            warm_pool.detach_job(s, job_id)
+            if warm_pool.serves_jobs(s, name=name):
+                name = deployment_name(uuid.uuid4())
+            else:
+                warm_pool.remove(s, name=name)
+            new = warm_pool.NewWarm(
+                name=name,
+                key=key,
+                deployer=self.settings.deployer,
+                host=pool_host(self.settings),
+                model_name=model.name,
+                model_version=model.version,
+            )
             warm_pool.register(s, new=new, job_id=job_id, now=utcnow())
+        return name
 
     def mark_ready(self, deployment: Deployment) -> None:
         with self.sessions.begin() as s:

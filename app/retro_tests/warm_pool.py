@@ -152,6 +152,12 @@ def register(session: Session, *, new: NewWarm, job_id: uuid.UUID, now: datetime
     session.flush()
 
 
+def serves_jobs(session: Session, *, name: str) -> bool:
+    """Whether a deployment of this name is in the pool with jobs on it (locked, so none leaves meanwhile)."""
+    row = session.get(WarmDeployment, name, with_for_update=True)
+    return row is not None and _users(session, name) > 0
+
+
 def mark_ready(session: Session, *, name: str, endpoint: dict[str, Any]) -> None:
     """The deployment passed its first job's reference check: other jobs may attach to it now."""
     row = session.get(WarmDeployment, name, with_for_update=True)
