@@ -474,19 +474,36 @@ def chaos_loop(
                 return
         world.strikes.append(action)
     for action in at_publishing:
-        # The job's process is killed while it publishes: the window between its files and its verdict.
+        # The job's process is killed while it publishes: the window between its files and its verdict. Its state
+        # is read from the database, not the API: the API may be restarting just then (the strike before it), and
+        # a short publishing stage would pass unseen.
         while True:
-            j = job(world, main_id)
-            if j and j["state"] in ("succeeded", "failed", "cancelled"):
+            state, scored = job_state(main_id)
+            if state in ("succeeded", "failed", "cancelled"):
                 world.note(f"{action}: the job ended before it could be struck while publishing")
                 return
-            if j and j["state"] == "publishing":
+            if state == "publishing":
                 with lock:
-                    if strike(world, action, j["progress"]["rows_scored"], main_id=main_id, cancel_id=cancel_id):
+                    if strike(world, action, scored, main_id=main_id, cancel_id=cancel_id):
                         break
             if stop.wait(0.05):
                 return
         world.strikes.append(action)
+
+
+def job_state(job_id: str) -> tuple[str | None, int]:
+    """The job's state and rows scored, read from the database."""
+    import uuid
+
+    from app.core.jobs import RetroTest
+    from app.db import get_session_factory
+
+    try:
+        with get_session_factory()() as s:
+            job = s.get(RetroTest, uuid.UUID(job_id))
+            return (job.state.value, job.rows_scored) if job is not None else (None, 0)
+    except Exception:  # PostgreSQL is restarting
+        return None, 0
 
 
 def holder_pid(job_id: str) -> int | None:
