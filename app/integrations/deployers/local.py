@@ -361,16 +361,30 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
         _reap(pid)
+        if not _group_running(pid):
+            break
         time.sleep(0.1)
     else:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     _reap(pid)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: one whose parent is not this process (the
+    sandbox's inner bwrap, re-parented to a child subreaper above this process when the outer one exits first) is
+    not ours to reap, and waiting on it would wait out the whole grace period."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def _reap(pid: int) -> None:
