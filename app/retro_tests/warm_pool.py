@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Uuid, delete, func, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, Select, String, Uuid, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.clock import as_utc
@@ -200,17 +200,19 @@ def remove(session: Session, *, name: str) -> None:
     session.execute(delete(WarmDeployment).where(WarmDeployment.name == name))
 
 
-def _idle(session: Session, host: str) -> list[WarmDeployment]:
-    """The host's idle deployments (no job attached), least recently used first, locked."""
+def _idle_query(host: str) -> Select[WarmDeployment]:
+    """The host's idle deployments (no job attached), least recently used first."""
     in_use = select(WarmDeploymentUser.deployment_name)
-    return list(
-        session.scalars(
-            select(WarmDeployment)
-            .where(WarmDeployment.host == host, WarmDeployment.name.not_in(in_use))
-            .order_by(WarmDeployment.last_used_at, WarmDeployment.name)
-            .with_for_update(skip_locked=True)
-        )
+    return (
+        select(WarmDeployment)
+        .where(WarmDeployment.host == host, WarmDeployment.name.not_in(in_use))
+        .order_by(WarmDeployment.last_used_at, WarmDeployment.name)
     )
+
+
+def _idle(session: Session, host: str) -> list[WarmDeployment]:
+    """The host's idle deployments, locked (rows another transaction holds are skipped)."""
+    return list(session.scalars(_idle_query(host).with_for_update(skip_locked=True)))
 
 
 def evict(session: Session, *, host: str, max_count: int, now: datetime) -> list[tuple[str, str]]:
@@ -242,14 +244,7 @@ def evict(session: Session, *, host: str, max_count: int, now: datetime) -> list
 
 def idle_names(session: Session, *, host: str) -> list[str]:
     """The host's idle deployments, least recently used first (not locked: take_idle decides)."""
-    in_use = select(WarmDeploymentUser.deployment_name)
-    return list(
-        session.scalars(
-            select(WarmDeployment.name)
-            .where(WarmDeployment.host == host, WarmDeployment.name.not_in(in_use))
-            .order_by(WarmDeployment.last_used_at, WarmDeployment.name)
-        )
-    )
+    return [row.name for row in session.scalars(_idle_query(host))]
 
 
 def take_idle(session: Session, *, name: str) -> bool:

@@ -255,18 +255,10 @@ class LocalMLServerDeployer:
     def memory_bytes(self, name: str) -> int:
         """Resident memory of the deployment's server: every process of its process group (0 when it is gone)."""
         pid = self._pid(name)
-        if pid is None:
-            return 0
         total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pid:  # its process group
-                    total += int((entry / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, IndexError, ValueError):
-                continue
+        for member, _state in _group_members(pid) if pid is not None else []:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return total
 
     def has_exited(self, name: str) -> bool:
@@ -371,10 +363,9 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
     _reap(pid)
 
 
-def _group_running(pgid: int) -> bool:
-    """Whether a process of the group still runs. Zombies do not count: one whose parent is not this process (the
-    sandbox's inner bwrap, re-parented to a child subreaper above this process when the outer one exits first) is
-    not ours to reap, and waiting on it would wait out the whole grace period."""
+def _group_members(pgid: int) -> list[tuple[int, str]]:
+    """The processes of a process group, each with its state letter (Z: a zombie), from /proc."""
+    members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -382,9 +373,16 @@ def _group_running(pgid: int) -> bool:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
+        if len(fields) > 2 and fields[2] == str(pgid):
+            members.append((int(entry.name), fields[0]))
+    return members
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: one whose parent is not this process (the
+    sandbox's inner bwrap, re-parented to a child subreaper above this process when the outer one exits first) is
+    not ours to reap, and waiting on it would wait out the whole grace period."""
+    return any(state != "Z" for _pid, state in _group_members(pgid))
 
 
 def _reap(pid: int) -> None:
