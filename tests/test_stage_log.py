@@ -9,7 +9,7 @@ from unittest import mock
 
 from app.core.jobs import RetroTest, State
 from app.core.transitions import advance
-from app.retro_tests.views import _stages
+from app.retro_tests.views import _stages, _starts
 
 
 def test_a_resumed_job_shows_both_passes_with_their_own_durations() -> None:
@@ -31,7 +31,7 @@ def test_a_resumed_job_shows_both_passes_with_their_own_durations() -> None:
     for state, second in moves:
         with mock.patch("app.core.transitions.utcnow", return_value=t0 + timedelta(seconds=second)):
             advance(job, state)
-    stages = _stages(job)
+    stages = _stages(job, _starts(job))
     assert [(s["state"], s["attempt"]) for s in stages] == [
         ("queued", 1),
         ("resolving", 1),
@@ -59,4 +59,4 @@ def test_a_job_from_before_the_log_shows_the_latest_start_of_each_stage() -> Non
     )
     with mock.patch("app.core.transitions.utcnow", return_value=t0 + timedelta(seconds=4)):
         advance(job, State.deploying)
-    assert [s["state"] for s in _stages(job)] == ["queued", "resolving", "deploying"]
+    assert [s["state"] for s in _stages(job, _starts(job))] == ["queued", "resolving", "deploying"]

@@ -55,7 +55,7 @@ class Watch:
 
 def render(read: JobRead, *, files_at: str, staff: bool) -> str:
     """A job's view as the status endpoint answers it, as JSON."""
-    return views.job_out(read, files_at, staff=staff).model_dump_json()
+    return views.job_json(read, files_at, staff=staff).decode()
 
 
 class JobFeed:

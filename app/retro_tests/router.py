@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile as StarletteUpload
 
@@ -75,13 +75,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def json_response(model: BaseModel) -> Response:
-    """The model as JSON, serialized once and here.
+def json_response(body: bytes) -> Response:
+    """A view already encoded (views.job_json, views.page_json).
 
     Returned as a model instead, FastAPI would validate it a second time, then serialize it on another trip to
     the threadpool.
     """
-    return Response(model.model_dump_json(), media_type="application/json")
+    return Response(body, media_type="application/json")
 
 
 @router.post(
@@ -237,7 +237,7 @@ def submit(
     )
     scope = job_request.scope
     read = service.read_retro_test(session=session, job_id=job.id, scope=scope)
-    response = json_response(views.job_out(read, views.files_url(request), staff=scope.everything))
+    response = json_response(views.job_json(read, views.files_url(request), staff=scope.everything))
     response.status_code = 202 if created else 200
     response.headers["Location"] = views.job_url(job.id)
     return response
@@ -274,9 +274,8 @@ def list_retro_tests(
     jobs, total = service.list_retro_tests(session=session, scope=scope, filters=filters)
     release_connection(session)
     files_at = views.files_url(request)
-    items = [views.job_view(j, files_at, staff=scope.everything) for j in jobs]
     return json_response(
-        RetroTestPage.model_validate({"items": items, "total": total, "limit": filters.limit, "offset": filters.offset})
+        views.page_json(jobs, files_at, total=total, limit=filters.limit, offset=filters.offset, staff=scope.everything)
     )
 
 
@@ -287,7 +286,7 @@ def get_retro_test(
     """One retro test with its stages, progress, error and result files."""
     job = service.read_retro_test(session=session, job_id=job_id, scope=scope)
     release_connection(session)
-    return json_response(views.job_out(job, views.files_url(request), staff=scope.everything))
+    return json_response(views.job_json(job, views.files_url(request), staff=scope.everything))
 
 
 @router.get(
@@ -315,12 +314,15 @@ def cancel_retro_test(
     session: Annotated[Session, Depends(get_session)],
     user: CurrentUser,
     scope: CurrentScope,
-) -> RetroTestOut:
+) -> Response:
     """Cancel a job. A queued job is cancelled at once; a running one stops within seconds and its model server is stopped."""
     service.request_cancel(session=session, job_id=job_id, actor=user.username, scope=scope)
     session.commit()
     read = service.read_retro_test(session=session, job_id=job_id, scope=scope)
-    return views.job_out(read, views.files_url(request), staff=scope.everything)
+    release_connection(session)
+    response = json_response(views.job_json(read, views.files_url(request), staff=scope.everything))
+    response.status_code = 202
+    return response
 
 
 @router.get(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from fastapi import Request
 
 from app.config import get_settings
@@ -67,6 +69,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
     """
     job, files = read
     succeeded = job.state == State.succeeded
+    starts = _starts(job)
     shown = _as_is if staff else _scrubbed
     return {
         "id": job.id,
@@ -92,7 +95,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         "attempts": job.attempts,
         "created_at": job.created_at,
         "finished_at": job.finished_at,
-        "stages": _stages(job),
+        "stages": _stages(job, starts),
         "score_protocol": job.score_protocol,
         "deployment_warm": job.deployment_warm,
         "environment": shown(job.environment.public()) if job.environment is not None else None,
@@ -105,7 +108,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
             "chunks_total": job.chunks_total,
             "chunks_done": job.chunks_done,
             "percent": 100.0 if succeeded else _percent(job),
-            **_pace(job, now=datetime.now(UTC)),
+            **_pace(job, starts, now=datetime.now(UTC)),
             "activity": activity(job.state),
         },
         "days_without_history": job.days_without_history,
@@ -118,13 +121,16 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
     }
 
 
-def _stages(job: ViewRow) -> list[dict[str, Any]]:
+def _starts(job: ViewRow) -> list[tuple[str, datetime]]:
+    """When the job entered each stage, in order, from its stage log (a job from before the log: its latest starts)."""
+    timeline = StageTimeline(log=job.stage_log, started=job.stage_started)
+    return [(state, datetime.fromisoformat(at)) for state, at in timeline.entries]
+
+
+def _stages(job: ViewRow, starts: list[tuple[str, datetime]]) -> list[dict[str, Any]]:
     """The stages the job went through, in order, each with how long it took (the last one: so far, or None).
 
-    From the stage log, so a resumed job shows each pass ("attempt" 2 from the second `resolving` on); a job from
-    before the log shows the latest start of each stage."""
-    timeline = StageTimeline(log=job.stage_log, started=job.stage_started)
-    starts = [(state, datetime.fromisoformat(at)) for state, at in timeline.entries]
+    A resumed job shows each pass ("attempt" 2 from the second `resolving` on)."""
     stages, attempt = [], 0
     for i, (state, at) in enumerate(starts):
         if state == State.resolving:
@@ -166,19 +172,22 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _pace(job: ViewRow, *, now: datetime) -> dict[str, float | None]:
+def _latest(starts: list[tuple[str, datetime]], state: str) -> datetime | None:
+    return next((at for entered, at in reversed(starts) if entered == state), None)
+
+
+def _pace(job: ViewRow, starts: list[tuple[str, datetime]], *, now: datetime) -> dict[str, float | None]:
     """Elapsed seconds since submission, and once rows flow: rows per second while scoring and the time left."""
     end = _aware(job.finished_at) if job.finished_at is not None else now
     elapsed = max(0.0, (end - _aware(job.created_at)).total_seconds())
     pace: dict[str, float | None] = {"elapsed_s": round(elapsed, 1), "rows_per_s": None, "eta_s": None}
-    timeline = StageTimeline(log=job.stage_log, started=job.stage_started)
-    scoring_at = timeline.latest_start(State.scoring.value)
+    scoring_at = _latest(starts, State.scoring.value)
     done = int(job.rows_scored) + int(job.rows_rejected)
     if scoring_at is None or done == 0:
         return pace
-    publishing_at = timeline.latest_start(State.publishing.value)
-    until = _aware(datetime.fromisoformat(publishing_at)) if publishing_at else end
-    seconds = (until - _aware(datetime.fromisoformat(scoring_at))).total_seconds()
+    publishing_at = _latest(starts, State.publishing.value)
+    until = _aware(publishing_at) if publishing_at else end
+    seconds = (until - _aware(scoring_at)).total_seconds()
     if seconds <= 0:
         return pace
     rate = done / seconds
@@ -207,5 +216,27 @@ def _file_view(job: ViewRow, file: ViewRow, files_at: str) -> dict[str, Any]:
 
 
 def job_out(read: JobRead, files_at: str, *, staff: bool = False) -> RetroTestOut:
-    """The public view of a job, as the API answers it and the web pages show it."""
+    """The public view of a job as a model, for the web pages' templates."""
     return RetroTestOut.model_validate(job_view(read, files_at, staff=staff))
+
+
+def job_json(read: JobRead, files_at: str, *, staff: bool = False) -> bytes:
+    """The public view of a job as the API answers it: RetroTestOut's JSON.
+
+    Encoded straight from the view, without building the pydantic model first: for a page of 50 jobs the
+    model's validation and serialization cost as much CPU as the views themselves (issue 32's API load). The view
+    is held to RetroTestOut's schema by tests/test_view_json.py, which compares the two encodings for jobs in every
+    shape.
+    """
+    return _encoded(job_view(read, files_at, staff=staff))
+
+
+def page_json(reads: Sequence[JobRead], files_at: str, *, total: int, limit: int, offset: int, staff: bool) -> bytes:
+    """A page of the list as the API answers it: RetroTestPage's JSON, encoded as job_json is."""
+    items = [job_view(read, files_at, staff=staff) for read in reads]
+    return _encoded({"items": items, "total": total, "limit": limit, "offset": offset})
+
+
+def _encoded(value: dict[str, Any]) -> bytes:
+    # UTC as "Z", as pydantic writes it; orjson writes UUIDs, dates, datetimes and enums (by value) itself.
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z)

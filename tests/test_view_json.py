@@ -1,0 +1,94 @@
+"""The API encodes a job's view straight to JSON (views.job_json, views.page_json) without building the pydantic
+models: these tests hold that encoding to RetroTestOut's and RetroTestPage's schemas, for jobs in every shape the
+view has (queued, running with an environment and a failed check, failed with a server path, succeeded with files,
+with a population and days without history), as staff and as an account manager see them."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, date, datetime, timedelta
+
+import orjson
+
+from tests.conftest import make_partner
+from tests.factories import make_retro_test
+from tests.web_helpers import succeeded_job
+
+
+def _jobs_in_every_shape(db_session) -> list:  # type: ignore[no-untyped-def]
+    from app.core.jobs import RetroTest, State
+
+    now = datetime.now(UTC)
+    queued = make_retro_test(db_session, start=date(2026, 1, 1), end=date(2026, 1, 31))
+    running = db_session.get(RetroTest, make_retro_test(db_session, start=date(2026, 2, 1), end=date(2026, 2, 28)))
+    running.state = State.scoring
+    running.stage_log = [
+        [state, (now - timedelta(seconds=60 - i * 10)).isoformat()]
+        for i, state in enumerate(("queued", "resolving", "preparing_environment", "deploying", "scoring"))
+    ]
+    running.environment = {"key": "abc", "python": "3.11.7", "packages": {"mlflow": "2.9.2"}, "reused": True}
+    running.validation = {
+        "passed": False,
+        "source": "/srv/retrotest/var/references/churn.parquet",
+        "rows": 3,
+        "tolerance": 1e-6,
+        "max_abs_diff": 0.25,
+        "mismatches": [{"row": 1, "expected": 0.5, "got": math.nan}, {"row": 2, "expected": None, "got": "x"}],
+    }
+    running.population = {
+        "path": "/srv/results/pop.parquet",
+        "rows": 12,
+        "id_columns": ["customer_id"],
+        "as_of_column": "as_of",
+        "outcome_column": None,
+        "lookback_days": 0,
+        "sha256": "0" * 64,
+    }
+    running.rows_total, running.rows_read, running.rows_scored, running.rows_rejected = 1000, 600, 590, 3
+    running.chunks_total, running.chunks_done = 4, 2
+    running.days_without_history = ["2026-02-03", "2026-02-04"]
+    running.deployment_warm = True
+    running.score_protocol = "v2-grpc"
+    failed = db_session.get(RetroTest, make_retro_test(db_session, start=date(2026, 3, 1), end=date(2026, 3, 2)))
+    failed.state, failed.finished_at = State.failed, now
+    failed.stage_started = {"queued": (now - timedelta(seconds=3)).isoformat(), "failed": now.isoformat()}
+    failed.error_code, failed.error_message = "source_unreadable", "cannot open /data/hive/warehouse/x.parquet"
+    db_session.flush()
+    succeeded = succeeded_job(db_session, "acme", {"scores.parquet": b"PAR1", "report.html": b"<html>"})
+    return [queued, running.id, failed.id, succeeded.id]
+
+
+def test_the_encoded_view_is_the_schema_s_json_for_jobs_in_every_shape(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    from app.core.scope import ALL_PARTNERS
+    from app.retro_tests import service, views
+    from app.retro_tests.schemas import RetroTestOut, RetroTestPage
+
+    make_partner(client, "acme")
+    ids = _jobs_in_every_shape(db_session)
+    files_at = "https://retro.example/api/v1/retro-tests"
+    reads = [service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS) for job_id in ids]
+    for staff in (True, False):
+        for read in reads:
+            expected = RetroTestOut.model_validate(views.job_view(read, files_at, staff=staff)).model_dump_json()
+            assert orjson.loads(views.job_json(read, files_at, staff=staff)) == json.loads(expected)
+        page = {"items": [views.job_view(r, files_at, staff=staff) for r in reads], "total": 9, "limit": 4, "offset": 0}
+        expected = RetroTestPage.model_validate(page).model_dump_json()
+        encoded = views.page_json(reads, files_at, total=9, limit=4, offset=0, staff=staff)
+        assert orjson.loads(encoded) == json.loads(expected)
+    # What the shapes were for: a server path hidden from account managers, a NaN as null, times in UTC as "Z".
+    shown = orjson.loads(views.job_json(reads[1], files_at, staff=False))
+    assert shown["validation"]["source"] == "<server path>" and shown["validation"]["mismatches"][0]["got"] is None
+    assert shown["created_at"].endswith("Z") and shown["progress"]["rows_per_s"] is not None
+    assert "path" not in shown["population"] and len(shown["warnings"]) == 1
+
+
+def test_the_api_answers_the_encoded_view(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    make_partner(client, "acme")
+    job = succeeded_job(db_session, "acme", {"scores.parquet": b"PAR1"})
+    db_session.commit()
+    one = client.get(f"/api/v1/retro-tests/{job.id}")
+    page = client.get("/api/v1/retro-tests", params={"partner": "acme"})
+    assert one.status_code == page.status_code == 200 and one.headers["content-type"] == "application/json"
+    assert page.json()["items"][0]["id"] == one.json()["id"] == str(job.id)
+    assert one.json()["files"][0]["download_url"].endswith(f"/{job.id}/files/scores.parquet")
