@@ -92,3 +92,37 @@ def test_the_api_answers_the_encoded_view(client, db_session) -> None:  # type: 
     assert one.status_code == page.status_code == 200 and one.headers["content-type"] == "application/json"
     assert page.json()["items"][0]["id"] == one.json()["id"] == str(job.id)
     assert one.json()["files"][0]["download_url"].endswith(f"/{job.id}/files/scores.parquet")
+
+
+def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_language(client, db_session) -> None:  # type: ignore[no-untyped-def]
+    from app.core.jobs import ResultFile, RetroTest
+    from app.core.scope import ALL_PARTNERS
+    from app.i18n import set_language
+    from app.retro_tests import service, views
+
+    make_partner(client, "acme")
+    job = succeeded_job(db_session, "acme", {"scores.parquet": b"PAR1", "report.html": b"<html>"})
+    job.days_without_history = ["2026-01-02"]  # a translated warning
+    job.result_location = "/srv/retrotest/results/acme"  # staff only
+    db_session.commit()
+    files_at = "https://retro.example/api/v1/retro-tests"
+
+    def shown(*, staff: bool = False) -> dict:  # type: ignore[type-arg]
+        read = service.read_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
+        return orjson.loads(views.job_json(read, files_at, staff=staff))
+
+    first = shown()
+    assert shown() == first and len(first["files"]) == 2 and first["result_location"] is None
+    assert shown(staff=True)["result_location"] == "/srv/retrotest/results/acme"
+    set_language("ru")
+    try:
+        assert shown()["warnings"] != first["warnings"] and shown()["progress"]["activity"] == "готово"
+    finally:
+        set_language("en")
+    # Retention deletes its files; then an update of its row (a note): each shows at once.
+    db_session.query(ResultFile).filter_by(retro_test_id=job.id, name="report.html").delete()
+    db_session.commit()
+    assert [f["name"] for f in shown()["files"]] == ["scores.parquet"]
+    db_session.get(RetroTest, job.id).note = "re-checked"
+    db_session.commit()
+    assert shown()["note"] == "re-checked" and shown() == {**first, "note": "re-checked", "files": shown()["files"]}

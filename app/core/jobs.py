@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship, selectinload
 
+from app.clock import utcnow
 from app.core.partners import Partner
 from app.core.records import (
     ChunkPlanRecord,
@@ -132,9 +133,10 @@ class RetroTest(Base):
         Enum(State, native_enum=False, length=32, validate_strings=True), default=State.queued
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
-    )
+    # The time of each update itself, not its transaction's start (SQL now()): two updates in one transaction tell
+    # apart, which the API's kept views of ended jobs rely on (app/retro_tests/views.py). Written by the app, as
+    # SQLite (the demo) has no clock_timestamp().
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=utcnow)
     stage_started: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # the latest start of each stage
     # Every stage entered, in order, as [state, started at]: a resumed job's passes stay apart (None: older jobs).
     stage_log: Mapped[list[list[str]] | None] = mapped_column(JSON)

@@ -464,6 +464,7 @@ JOB_VIEW = select(
     RetroTest.attempts,
     RetroTest.created_at,
     RetroTest.finished_at,
+    RetroTest.updated_at,  # not shown: what tells a changed row (views.EndedViews)
     RetroTest.stage_started,
     RetroTest.stage_log,
     RetroTest.score_protocol,
