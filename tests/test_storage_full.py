@@ -50,6 +50,7 @@ def test_a_full_result_store_fails_the_job_as_storage_full_and_keeps_nothing_of_
     from app.config import get_settings
     from app.core.jobs import RetroTest
     from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer
 
     settings = get_settings().model_copy(
         update={"results_url": str(small_volume), "partitions": 1, "result_bytes_per_row": 32 if checked_first else 0}
@@ -66,9 +67,11 @@ def test_a_full_result_store_fails_the_job_as_storage_full_and_keeps_nothing_of_
         job = s.get(RetroTest, big)
         assert job is not None and job.error_code == "storage_full", (job.error_code, job.error_message)
         assert str(small_volume) in (job.error_message or "") and "no space left" in (job.error_message or "")
-        # Checked first: refused before anything was deployed or written, naming what it needs.
+        # Checked first: refused by the count (which runs while the model server starts) before any row was
+        # scored or written, naming what it needs; the server it may have started is gone.
         assert ("MiB needed for 10,000 rows" in (job.error_message or "")) is checked_first
-        assert ("deploying" not in job.stage_started) is checked_first
+        assert ("scoring" not in job.stage_started) is checked_first
+    assert make_deployer(settings).list_managed() == []
     assert list(small_volume.rglob("*.parquet")) == [] and list(small_volume.rglob("*.gz")) == []  # nothing remains
 
     assert run(small, settings) == "succeeded"

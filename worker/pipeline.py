@@ -1,12 +1,16 @@
 """The life of one retro test, stage by stage, as plain functions over the adapters.
 
 resolving  -> the exact model version and its signature, from the registry
-extracting -> the source schema is checked and the period's rows counted, before anything is deployed
+extracting -> the source schema is checked before anything is deployed; then the period's rows are counted and
+              cut into chunks (one GROUP BY of its days) on a thread of its own while the stages below run: a job
+              the count refuses (no rows, days missing, results that will not fit) stops there, as soon as known
 preparing_environment -> the model's own Python environment (its logged pins + an MLServer that resolves with
               them), built with uv or found in the worker's cache (app/integrations/environments/cache.py); meanwhile
               the model's input example is scored in-process in it, as the reference for validating
-deploying  -> a temporary model server for exactly that version, from that environment; stopped on every path
-validating -> the deployment scores the reference and must agree with it (worker/validation.py)
+deploying  -> a temporary model server for exactly that version, from that environment (or a warm one); stopped on
+              every path
+validating -> the deployment scores the reference and must agree with it (worker/validation.py); then the job waits
+              for its plan, if the count is still running
 scoring    -> the period, chunk by chunk (consecutive days of about RETRO_CHUNK_ROWS rows, planned once from the
               rows of each day and kept on the job; one query each, the next opened while one is scored), streamed in batches to the model server; a chunk's
               part file and its row in retro_test_chunks are the checkpoint, so a redelivered job skips
@@ -178,39 +182,95 @@ def _run_stages(run: JobRun) -> None:
     run.enter(State.resolving)
     model = resolve(run)
     run.enter(State.extracting)
-    query, total = extract(run, model)
+    query = extract(run, model)
     run.control.check()
-    chunks = plan_chunks(run, query)
-    run.record_plan(rows_total=total, chunks_total=len(chunks))
-    done = run.committed_keys()
-    if not done:  # a resumed attempt has written part of it already: the estimate would be off
-        check_free_space(run, rows=total)
-    # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
-    if not {c.key for c in chunks} <= done:
-        with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
-            model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
-            environment = prepare_environment(run, model, model_dir)
-            with hold(environment) if environment else contextlib.nullcontext():
-                # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
-                background = ThreadPoolExecutor(1, thread_name_prefix="reference")
-                try:
-                    reference = background.submit(
-                        load_reference,
-                        model=model,
-                        model_dir=model_dir,
-                        environment=environment,
-                        timeout_s=run.settings.deploy_ready_timeout_s,
-                        sandbox=ModelSandbox(run.settings.model_sandbox),
-                        cache_dir=run.settings.var_dir / "references",
-                    )
-                    _deploy_and_score(
-                        run, model=model, environment=environment, reference=reference, query=query, chunks=chunks
-                    )
-                finally:
-                    # A job that failed or was cancelled while the server started does not wait for the reference.
-                    background.shutdown(wait=False, cancel_futures=True)
+    # A first attempt counts and plans the period while its model server starts; a resumed one has its plan kept.
+    with Plan(run, query, early=run.spec.chunk_plan is None) as plan:
+        # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
+        if not plan.ready or not {c.key for c in plan.chunks()} <= run.committed_keys():
+            with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
+                model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
+                plan.check()
+                environment = prepare_environment(run, model, model_dir, plan=plan)
+                with hold(environment) if environment else contextlib.nullcontext():
+                    # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
+                    background = ThreadPoolExecutor(1, thread_name_prefix="reference")
+                    try:
+                        reference = background.submit(
+                            load_reference,
+                            model=model,
+                            model_dir=model_dir,
+                            environment=environment,
+                            timeout_s=run.settings.deploy_ready_timeout_s,
+                            sandbox=ModelSandbox(run.settings.model_sandbox),
+                            cache_dir=run.settings.var_dir / "references",
+                        )
+                        _deploy_and_score(
+                            run, model=model, environment=environment, reference=reference, query=query, plan=plan
+                        )
+                    finally:
+                        # A job that failed or was cancelled while the server started does not wait for the reference.
+                        background.shutdown(wait=False, cancel_futures=True)
     run.enter(State.publishing)
     publish(run, model=model, query=query)
+
+
+class Plan:
+    """The period's count and chunk plan (plan_period), made now or, with `early`, on a thread of its own.
+
+    Early, the count (on a production Hive a GROUP BY over the period: seconds to minutes) runs while the model is
+    fetched, its environment prepared and its server started. A refusal it finds (SourceUnknown, NoHistoryInPeriod,
+    StorageFull) is the job's error as soon as it is known: the stages check() between steps and the deployment's
+    wait stops on refused(). An attempt that ends before the count does leaves it to finish on its thread: it only
+    reads the source and records facts of the job (first plan wins), and its query is abandoned.
+    """
+
+    def __init__(self, run: JobRun, query: HistoryQuery, *, early: bool) -> None:
+        self._job_id = run.job_id
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future[list[Chunk]] = Future()
+        if early:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"plan-{run.job_id}")
+            self._future = self._executor.submit(plan_period, run, query)
+        else:
+            self._future.set_result(plan_period(run, query))
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    @property
+    def ready(self) -> bool:
+        return self._future.done()
+
+    def refused(self) -> bool:
+        """The count or the plan failed: the job must stop."""
+        return self._future.done() and self._future.exception() is not None
+
+    def check(self) -> None:
+        """Raise the plan's error, if it failed already."""
+        if self.refused():
+            self._future.result()
+
+    def chunks(self) -> list[Chunk]:
+        """The plan, waiting for it if the count is still running; its error if it failed."""
+        if not self._future.done():
+            log.info("retro test %s: waiting for the period's count and plan", self._job_id)
+        return self._future.result()
+
+
+def plan_period(run: JobRun, query: HistoryQuery) -> list[Chunk]:
+    """Count the period's rows and cut it into chunks, recorded on the job; refuse a period with no rows, or one
+    whose results will not fit the store."""
+    total = count_period(run, query)
+    chunks = plan_chunks(run, query)
+    run.record_plan(rows_total=total, chunks_total=len(chunks))
+    if not run.committed_keys():  # a resumed attempt has written part of it already: the estimate would be off
+        check_free_space(run, rows=total)
+    return chunks
 
 
 def _deploy_and_score(
@@ -220,13 +280,13 @@ def _deploy_and_score(
     environment: ModelEnvironment | None,
     reference: Future[Reference | None],
     query: HistoryQuery,
-    chunks: list[Chunk],
+    plan: Plan,
 ) -> None:
     """Deploy, validate and score until every chunk is committed, re-creating a model server that went down."""
     redeploys = 0
     while True:
         try:
-            with deployed(run, model, environment) as serving:
+            with deployed(run, model, environment, plan=plan) as serving:
                 run.enter(State.validating)
                 try:
                     validate(run, model=model, reference=reference.result(), scorer=serving.scorer)
@@ -239,6 +299,7 @@ def _deploy_and_score(
                         "it leaves the pool"
                     ) from exc
                 serving.validated()
+                chunks = plan.chunks()
                 run.enter(State.scoring)
                 score_period(run, query=query, chunks=chunks, deployment=serving.deployment, scorer=serving.scorer)
             return
@@ -315,28 +376,35 @@ def population_join(run: JobRun) -> PopulationJoin | None:
     )
 
 
-def extract(run: JobRun, model: ModelVersionInfo) -> tuple[HistoryQuery, int | None]:
-    """Check the source schema and count the period's rows, before any model is deployed.
-
-    A resumed attempt keeps the first attempt's count (a COUNT over a long period can take minutes in Hive);
-    publishing compares it with the rows read, so a source that changed in between still fails the job.
-    """
+def extract(run: JobRun, model: ModelVersionInfo) -> HistoryQuery:
+    """Check the source schema (and stage a population), before any model is deployed."""
     query = history_query(run, model)
     source = run.adapters.source
     source.check_schema(query)
     if query.population is not None:
         source.stage(query)  # dropped on every path: run_retro_test's release, else the reaper
-    total = run.spec.rows_total if run.spec.rows_total is not None else source.count(query)
+    return query
+
+
+def count_period(run: JobRun, query: HistoryQuery) -> int | None:
+    """The period's rows; a period without any is refused.
+
+    A resumed attempt keeps the first attempt's count (a COUNT over a long period can take minutes in Hive);
+    publishing compares it with the rows read, so a source that changed in between still fails the job.
+    """
+    total = run.spec.rows_total if run.spec.rows_total is not None else run.adapters.source.count(query)
     if total == 0:
         raise SourceUnknown(
             f"history table {run.spec.source_table!r} has no rows between {run.spec.period_start} and "
             f"{run.spec.period_end}",
             field="period_start",
         )
-    return query, total
+    return total
 
 
-def prepare_environment(run: JobRun, model: ModelVersionInfo, model_dir: Path) -> ModelEnvironment | None:
+def prepare_environment(
+    run: JobRun, model: ModelVersionInfo, model_dir: Path, *, plan: Plan | None = None
+) -> ModelEnvironment | None:
     """The model's own environment, from the worker's cache or built now; None with RETRO_MODEL_ENV=worker."""
     environments = run.adapters.environments
     if environments is None:
@@ -345,6 +413,8 @@ def prepare_environment(run: JobRun, model: ModelVersionInfo, model_dir: Path) -
 
     def progress(step: str) -> None:
         run.control.check()
+        if plan is not None:
+            plan.check()
         run.record_environment(EnvironmentRecord(step=step))
 
     requirements = read_requirements(model_dir, what=f"model {model.name!r} version {model.version}")
@@ -382,7 +452,9 @@ class Serving:
 
 
 @contextlib.contextmanager
-def deployed(run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None) -> Iterator[Serving]:
+def deployed(
+    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None, *, plan: Plan | None = None
+) -> Iterator[Serving]:
     """A ready model server for the job's model version: a warm one from the pool (worker/warm.py) or a new one.
 
     Without the pool (RETRO_WARM_TTL_S=0) it is torn down when the block exits, however it exits. With it, the job
@@ -406,9 +478,17 @@ def deployed(run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment
     try:
         if deployment is None:
             deployment = deployer.start(name=name, job_id=str(run.job_id), model=model, environment=environment)
-            deployer.wait_ready(
-                deployment, timeout_s=run.settings.deploy_ready_timeout_s, should_stop=run.control.cancel_requested
-            )
+            refused = plan.refused if plan is not None else (lambda: False)
+            try:
+                deployer.wait_ready(
+                    deployment,
+                    timeout_s=run.settings.deploy_ready_timeout_s,
+                    should_stop=lambda: run.control.cancel_requested() or refused(),
+                )
+            except JobCancelled:
+                if plan is not None:
+                    plan.check()  # the count refused the job while its server started: that is why it stopped
+                raise
         else:
             log.info("retro test %s: attached to warm deployment %s", run.job_id, name)
         ready = deployment
