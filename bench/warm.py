@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,49 +43,20 @@ def _timed_scores() -> list[float]:
 
 def run_job(root: Path, rows: int, *, warm_ttl_s: float, stamps: list[float]) -> dict[str, Any]:
     """One job end to end in this process, as a worker runs it; its times from creation."""
-    from app.config import get_settings
-    from app.core.jobs import RetroTest, State
-    from app.db import get_session_factory
-    from app.integrations.wiring import make_deployer, make_registry, make_result_store
-    from tests.factories import make_retro_test
-    from worker.pipeline import Adapters, run_retro_test
-
-    settings = get_settings().model_copy(update={"warm_ttl_s": warm_ttl_s})
-    sessions = get_session_factory()
-    created = time.time()
-    with sessions() as s, s.begin():
-        job_id = make_retro_test(
-            s,
-            start=e2e.START,
-            end=e2e.START + timedelta(days=e2e.DAYS - 1),
-            partner_prefix="bench",
-            requested_by="bench",
-            model_info=e2e.model_info(root).to_record(),
-        )
-    adapters = Adapters(
-        registry=make_registry(settings),
-        source=e2e.timed_source(root, rows),
-        deployer=make_deployer(settings),
-        store=make_result_store(settings),
-    )
-    state = run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings)
-    succeeded = time.time() - created
-    with sessions() as s:
-        job = s.get(RetroTest, job_id)
-        assert job is not None
-        if state != State.succeeded:
-            raise SystemExit(f"the job ended {state}: {job.error_message}")
-        scoring = datetime.fromisoformat(job.stage_started["scoring"]).timestamp()
-        first = min(t for t in stamps if t >= scoring) - created
-        offsets = {k: datetime.fromisoformat(v).timestamp() - created for k, v in job.stage_started.items()}
-        return {
-            "stages": " ".join(f"{k} {t:.2f}" for k, t in sorted(offsets.items(), key=lambda kv: kv[1])),
-            "warm": bool(job.deployment_warm),
-            "first_row_s": first,
-            "succeeded_s": succeeded,
-            "rows": job.rows_scored,
-            "rate": job.rows_scored / succeeded,
-        }
+    job, at = e2e.run_job(root, rows, warm_ttl_s=warm_ttl_s)
+    created = at["created"]
+    succeeded = at["ended"] - created
+    scoring = datetime.fromisoformat(job.stage_started["scoring"]).timestamp()
+    first = min(t for t in stamps if t >= scoring) - created
+    offsets = {k: datetime.fromisoformat(v).timestamp() - created for k, v in job.stage_started.items()}
+    return {
+        "stages": " ".join(f"{k} {t:.2f}" for k, t in sorted(offsets.items(), key=lambda kv: kv[1])),
+        "warm": bool(job.deployment_warm),
+        "first_row_s": first,
+        "succeeded_s": succeeded,
+        "rows": job.rows_scored,
+        "rate": job.rows_scored / succeeded,
+    }
 
 
 def main() -> None:
