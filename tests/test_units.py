@@ -9,6 +9,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.core.identifiers import check_name, check_table
 from app.core.model_types import Feature
@@ -18,6 +20,7 @@ from app.integrations.scoring.codecs import (
     decode_v2_json,
     encode_v2_grpc,
     encode_v2_json,
+    length_prefixed,
     model_message,
     v2_inputs,
 )
@@ -135,6 +138,15 @@ def test_grpc_requests_carry_raw_little_endian_tensors_and_nan() -> None:
     )
     assert flag == b"\x04\x00\x00\x00true\x04\x00\x00\x00null"
     assert plan == b"\x02\x00\x00\x00ab\x02\x00\x00\x00" + "ü".encode()
+
+
+@given(texts=st.lists(st.text(max_size=12), max_size=40), start=st.integers(0, 40), stop=st.integers(0, 40))
+def test_a_raw_bytes_tensor_is_each_strings_length_then_its_utf8_bytes(texts: list[str], start: int, stop: int) -> None:
+    """The numpy encoding equals the protocol's definition, element by element, on slices of an array too."""
+    array = pa.array(texts, pa.string()).slice(start, max(0, stop - start))
+    expected = b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in array.to_pylist())
+    assert length_prefixed(array) == expected
+    assert length_prefixed(array.cast(pa.large_string())) == expected
 
 
 def test_decode_v2_grpc_reads_raw_and_typed_outputs() -> None:

@@ -58,7 +58,8 @@ class InputTensor:
 
     name: str
     datatype: str
-    values: np.ndarray | list[Any]  # numbers as a numpy array; BYTES as a list of str (or JSON texts)
+    # numbers as a numpy array; BYTES as an Arrow string array (a column without nulls) or a list of JSON texts
+    values: np.ndarray | pa.Array | list[Any]
     content_type: str | None = None
 
 
@@ -75,7 +76,7 @@ def v2_inputs(batch: pa.RecordBatch, features: tuple[Feature, ...]) -> list[Inpu
             texts = [orjson.dumps(v).decode() for v in col.to_pylist()]
             tensors.append(InputTensor(f.name, "BYTES", texts, content_type="pd_json"))
         elif f.v2_datatype == "BYTES":
-            tensors.append(InputTensor(f.name, "BYTES", col.to_pylist(), content_type="str"))
+            tensors.append(InputTensor(f.name, "BYTES", col.cast(pa.string()), content_type="str"))
         else:
             tensors.append(InputTensor(f.name, f.v2_datatype, col.to_numpy(zero_copy_only=False)))
     return tensors
@@ -85,7 +86,8 @@ def encode_v2_json(tensors: Sequence[InputTensor], *, rows: int) -> bytes:
     """A V2 REST inference request, column by column (NaN is written as JSON null)."""
     inputs: list[dict[str, Any]] = []
     for t in tensors:
-        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": [rows, 1], "data": t.values}
+        data = t.values.to_pylist() if isinstance(t.values, pa.Array) else t.values
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": [rows, 1], "data": data}
         if t.content_type:
             entry["parameters"] = {"content_type": t.content_type}
         inputs.append(entry)
@@ -128,10 +130,31 @@ def decode_v2_grpc(body: bytes, *, rows: int, output_names: tuple[str, ...]) -> 
 
 def _raw(tensor: InputTensor) -> bytes:
     if tensor.datatype == "BYTES":
-        # Each element: its length as a 4-byte little-endian integer, then its bytes.
-        encoded = [str(v).encode() for v in tensor.values]
-        return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+        values = tensor.values
+        return length_prefixed(values if isinstance(values, pa.Array) else pa.array(values, pa.string()))
     return np.ascontiguousarray(tensor.values, dtype=_RAW_DTYPES[tensor.datatype]).tobytes()
+
+
+def length_prefixed(strings: pa.Array) -> bytes:
+    """A V2 raw BYTES tensor: each element's UTF-8 length as a 4-byte little-endian integer, then its bytes.
+
+    Built from the Arrow array's offsets and data buffers in numpy (a loop per element took 6% of the pipeline's
+    time at 1M rows). Nulls are not allowed: a column with nulls travels as pd_json texts.
+    """
+    strings = strings.cast(pa.string())
+    if strings.null_count:
+        raise ValueError("a raw BYTES tensor cannot carry a null")
+    n = len(strings)
+    _, offsets_buffer, data_buffer = strings.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype="<i4")[strings.offset : strings.offset + n + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]] if n else np.empty(0, np.uint8)
+    starts = offsets[:-1] - offsets[0] + 4 * np.arange(n)  # where each element's length goes in the output
+    out = np.empty(4 * n + len(data), dtype=np.uint8)
+    prefix = np.zeros(len(out), dtype=bool)
+    prefix[(starts[:, None] + np.arange(4)).ravel()] = True
+    out[prefix] = np.diff(offsets).astype("<u4").view(np.uint8)
+    out[~prefix] = data
+    return out.tobytes()
 
 
 def _from_raw(raw: bytes, datatype: str) -> np.ndarray:
