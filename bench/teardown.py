@@ -15,8 +15,9 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
+
+from app.integrations.deployers.procs import proc_stats
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -73,15 +74,9 @@ def end_descendants(*, grace_s: float) -> set[int]:
 def descendants(pid: int) -> set[int]:
     """Live (not zombie) processes below pid, by their parent pids in /proc."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for p in proc_stats():
+        if p.state != "Z":
+            children.setdefault(p.ppid, []).append(p.pid)
     below: set[int] = set()
     todo = [pid]
     while todo:

@@ -23,6 +23,7 @@ import httpx
 from app.core.model_types import ModelVersionInfo
 from app.errors import DeploymentFailed, JobCancelled, ModelServerDown
 from app.integrations.deployers.port import Deployment, ManagedDeployment
+from app.integrations.deployers.procs import proc_stats
 from app.integrations.environments.cache import ModelEnvironment, hold
 from app.integrations.environments.sandbox import (
     SERVER_ENV_PREFIXES,
@@ -365,17 +366,7 @@ def _kill_group(pid: int, grace_s: float = 10.0) -> None:
 
 def _group_members(pgid: int) -> list[tuple[int, str]]:
     """The processes of a process group, each with its state letter (Z: a zombie), from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid):
-            members.append((int(entry.name), fields[0]))
-    return members
+    return [(p.pid, p.state) for p in proc_stats() if p.pgrp == pgid]
 
 
 def _group_running(pgid: int) -> bool:
