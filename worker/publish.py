@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
@@ -42,19 +43,26 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
             f"read {counts.read} rows but the source counted {tally.rows_total} for the period; the source changed "
             "while the job ran, or rows were lost"
         )
-    run.control.check()
-    files = [*_merge_scores(run, [c.part_path for c in chunks if c.part_path], scored=counts.scored)]
-    reject_parts = [c.rejects_path for c in chunks if c.rejects_path]
-    if reject_parts:
-        rows = _merge(store, reject_parts, {"csv.gz": f"{prefix}/rejects.csv.gz"})["csv.gz"]
-        files.append(_described(store, prefix, name="rejects.csv.gz", kind="rejects", fmt="csv.gz", rows=rows))
     if counts.scored + counts.rejected != counts.read:
         raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
-    unmatched = None
-    if query.population is not None:
-        unmatched = _write_unmatched(run, query)
-        files.append(_described(store, prefix, name="unmatched.csv.gz", kind="unmatched", fmt="csv.gz", rows=unmatched))
-    files += _write_report(run, model=model, query=query, chunks=chunks, tally=tally, unmatched=unmatched)
+    run.control.check()
+    unmatched = _write_unmatched(run, query) if query.population is not None else None
+    # The report reads the parts, not the merged files: it is built while they are merged (the merge is Arrow's
+    # work, mostly outside the GIL; at 1M rows each takes ~0.2-0.3 s).
+    with ThreadPoolExecutor(1, thread_name_prefix="report") as background:
+        reported = background.submit(
+            _write_report, run, model=model, query=query, chunks=chunks, tally=tally, unmatched=unmatched
+        )
+        files = [*_merge_scores(run, [c.part_path for c in chunks if c.part_path], scored=counts.scored)]
+        reject_parts = [c.rejects_path for c in chunks if c.rejects_path]
+        if reject_parts:
+            rows = _merge(store, reject_parts, {"csv.gz": f"{prefix}/rejects.csv.gz"})["csv.gz"]
+            files.append(_described(store, prefix, name="rejects.csv.gz", kind="rejects", fmt="csv.gz", rows=rows))
+        if unmatched is not None:
+            files.append(
+                _described(store, prefix, name="unmatched.csv.gz", kind="unmatched", fmt="csv.gz", rows=unmatched)
+            )
+        files += reported.result()
     if query.population is not None and query.population.staging_table:
         run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
     if tally.environment and tally.environment.packages:
