@@ -442,27 +442,50 @@ def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings)
         )
 
 
+# A part's row groups: the size publishing's merge writes (worker/publish.py reads parts in batches of this many).
+PART_ROW_GROUP_ROWS = 65_536
+
+
 class _PartWriter:
-    """A Parquet part written through the result store, opened on the first batch."""
+    """A Parquet part written through the result store, opened on the first batch.
+
+    Written as the result file is (zstd, row groups of PART_ROW_GROUP_ROWS rows, the scored batches gathered until
+    one is full), so that publishing a job of one chunk takes its part as scores.parquet as it is, without reading
+    and encoding every row again.
+    """
 
     def __init__(self, store: ResultStore, rel: str) -> None:
         self._stack = contextlib.ExitStack()
         self._store = store
         self._rel = rel
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= PART_ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        group = pa.concat_tables(self._pending)
+        self._pending, self._pending_rows = [], 0
         if self._writer is None:
             fh = self._stack.enter_context(self._store.open_write(self._rel))
-            self._writer = self._stack.enter_context(pq.ParquetWriter(fh, table.schema))
-        self._writer.write_table(table)
+            self._writer = self._stack.enter_context(pq.ParquetWriter(fh, group.schema, compression="zstd"))
+        self._writer.write_table(group, row_group_size=PART_ROW_GROUP_ROWS)
 
     def __enter__(self) -> _PartWriter:
         return self
 
     def __exit__(self, *exc: Any) -> Any:
+        if exc[0] is None:
+            self._flush()
         return self._stack.__exit__(*exc)
 
 

@@ -82,11 +82,22 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
 
 
 def _merge_scores(run: JobRun, parts: list[str], *, scored: int) -> list[ResultFileRecord]:
-    """scores.<format> for each of the job's formats, each checked to hold every scored row."""
+    """scores.<format> for each of the job's formats, each checked to hold every scored row.
+
+    A job of one chunk has its scores.parquet already: its part, written in the result file's encoding
+    (worker/chunks.py _PartWriter), is copied as it is.
+    """
     store, prefix = run.adapters.store, run.spec.prefix
-    written = _merge(store, parts, {fmt: f"{prefix}/scores.{fmt}" for fmt in run.spec.output_formats})
+    targets = {fmt: f"{prefix}/scores.{fmt}" for fmt in run.spec.output_formats}
+    copied: dict[str, int] = {}
+    if len(parts) == 1 and "parquet" in targets:
+        store.copy(parts[0], targets.pop("parquet"))
+        with store.open_read(f"{prefix}/scores.parquet") as fh:
+            copied["parquet"] = pq.ParquetFile(fh).metadata.num_rows
+    written = {**copied, **_merge(store, parts, targets)}
     files = []
-    for fmt, rows in written.items():
+    for fmt in run.spec.output_formats:
+        rows = written[fmt]
         if rows != scored:
             raise ReconciliationFailed(f"wrote {rows} rows to scores.{fmt} but scored {scored}")
         files.append(_described(store, prefix, name=f"scores.{fmt}", kind="scores", fmt=fmt, rows=rows))
@@ -280,7 +291,7 @@ def _write_lock(store: ResultStore, prefix: str, environment: EnvironmentRecord)
 def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dict[str, int]:
     """Stream Parquet parts, in order, into one file per format; returns rows written per format."""
     rows = dict.fromkeys(targets, 0)
-    if not parts:
+    if not parts or not targets:
         return rows
     with store.open_read(parts[0]) as first:
         schema = pq.read_schema(first)

@@ -57,6 +57,19 @@ class ResultStore:
                 self._fs.rm(tmp)
             raise
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy src to dst atomically (a server-side copy where the store has one); dst is replaced."""
+        final = self.path(dst)
+        tmp = f"{final}.tmp"
+        self._fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            self._fs.copy(self.path(src), tmp)
+            self._fs.mv(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(tmp)
+            raise
+
     @property
     def is_local(self) -> bool:
         protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
