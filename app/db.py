@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import orjson
@@ -41,6 +41,8 @@ TRANSIENT_SQLSTATES = frozenset(
 )
 _patient = False
 
+T = TypeVar("T")
+
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,21 @@ def describe_database_error(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
     return f"{type(orig).__name__}: {first}"[:300] if first else type(orig).__name__
+
+
+def once_more_if_dropped(call: Callable[[], T], *, what: str) -> T:
+    """call(), and once more if the database dropped its connection under it (a restart): the new connection
+    waits for the server up to RETRO_DB_OUTAGE_BUDGET_S (use_patient_connections). A checkout pings its connection
+    first, but a restart that begins between that ping and the statement still fails the statement. Only for work
+    that may be done twice: if the first COMMIT went through before the connection dropped, the second finds it done.
+    """
+    try:
+        return call()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("%s: the database dropped a connection (%s); trying again", what, describe_database_error(exc))
+        return call()
 
 
 def use_patient_connections() -> None:

@@ -38,11 +38,10 @@ class CountAfterStart:
 
 
 class StartSignals:
-    """The real deployer, signalling when a start is asked for and remembering what was stopped."""
+    """The real deployer, signalling when a start is asked for."""
 
     def __init__(self, deployer: Deployer, started: threading.Event) -> None:
         self._deployer, self._started = deployer, started
-        self.ready_at_stop: list[str] = []
 
     def start(self, **kwargs: Any) -> Deployment:
         self._started.set()

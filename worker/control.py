@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from app.clock import utcnow
-from app.db import describe_database_error, is_transient
+from app.db import once_more_if_dropped
 from app.errors import DeadlineExceeded, JobCancelled
 from app.retro_tests.runs import Beat, Counts, LeaseLost
 
@@ -116,19 +116,7 @@ class JobControl:
         self._write(counts)
 
     def _write(self, counts: Counts | None) -> None:
-        try:
-            self._beat_once(counts)
-        except Exception as exc:
-            # A connection dropped under a short transaction (a database restart): a new one waits for the
-            # server (RETRO_DB_OUTAGE_BUDGET_S) and the beat is written again.
-            if not is_transient(exc):
-                raise
-            log.warning(
-                "retro test %s: the database dropped a connection (%s); trying again",
-                self._job_id,
-                describe_database_error(exc),
-            )
-            self._beat_once(counts)
+        once_more_if_dropped(lambda: self._beat_once(counts), what=f"retro test {self._job_id}")
 
     def _beat_once(self, counts: Counts | None) -> None:
         found = self._write_beat(counts, self._heartbeat_s is not None)

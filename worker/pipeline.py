@@ -403,7 +403,7 @@ def count_period(run: JobRun, query: HistoryQuery) -> int | None:
 
 
 def prepare_environment(
-    run: JobRun, model: ModelVersionInfo, model_dir: Path, *, plan: Plan | None = None
+    run: JobRun, model: ModelVersionInfo, model_dir: Path, *, plan: Plan
 ) -> ModelEnvironment | None:
     """The model's own environment, from the worker's cache or built now; None with RETRO_MODEL_ENV=worker."""
     environments = run.adapters.environments
@@ -413,8 +413,7 @@ def prepare_environment(
 
     def progress(step: str) -> None:
         run.control.check()
-        if plan is not None:
-            plan.check()
+        plan.check()
         run.record_environment(EnvironmentRecord(step=step))
 
     requirements = read_requirements(model_dir, what=f"model {model.name!r} version {model.version}")
@@ -453,7 +452,7 @@ class Serving:
 
 @contextlib.contextmanager
 def deployed(
-    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None = None, *, plan: Plan | None = None
+    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None, *, plan: Plan
 ) -> Iterator[Serving]:
     """A ready model server for the job's model version: a warm one from the pool (worker/warm.py) or a new one.
 
@@ -478,16 +477,14 @@ def deployed(
     try:
         if deployment is None:
             deployment = deployer.start(name=name, job_id=str(run.job_id), model=model, environment=environment)
-            refused = plan.refused if plan is not None else (lambda: False)
             try:
                 deployer.wait_ready(
                     deployment,
                     timeout_s=run.settings.deploy_ready_timeout_s,
-                    should_stop=lambda: run.control.cancel_requested() or refused(),
+                    should_stop=lambda: run.control.cancel_requested() or plan.refused(),
                 )
             except JobCancelled:
-                if plan is not None:
-                    plan.check()  # the count refused the job while its server started: that is why it stopped
+                plan.check()  # the count refused the job while its server started: that is why it stopped
                 raise
         else:
             log.info("retro test %s: attached to warm deployment %s", run.job_id, name)

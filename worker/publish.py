@@ -91,8 +91,9 @@ def _merge_scores(run: JobRun, parts: list[str], *, scored: int) -> list[ResultF
     targets = {fmt: f"{prefix}/scores.{fmt}" for fmt in run.spec.output_formats}
     copied: dict[str, int] = {}
     if len(parts) == 1 and "parquet" in targets:
-        store.copy(parts[0], targets.pop("parquet"))
-        with store.open_read(f"{prefix}/scores.parquet") as fh:
+        target = targets.pop("parquet")
+        store.copy(parts[0], target)
+        with store.open_read(target) as fh:
             copied["parquet"] = pq.ParquetFile(fh).metadata.num_rows
     written = {**copied, **_merge(store, parts, targets)}
     files = []

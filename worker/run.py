@@ -28,7 +28,7 @@ from app.config import Settings
 from app.core.jobs import State
 from app.core.model_types import ModelVersionInfo
 from app.core.records import ChunkPlanRecord, EnvironmentRecord, ValidationRecord
-from app.db import describe_database_error, is_transient
+from app.db import once_more_if_dropped
 from app.integrations.deployers.port import Deployer, Deployment
 from app.integrations.environments.cache import EnvironmentCache
 from app.integrations.history.port import HistorySource
@@ -101,19 +101,12 @@ class JobRun:
     def job_id(self) -> uuid.UUID:
         return self.spec.id
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        with _transaction(self.sessions) as session:
-            yield session
-
     def _write(self, write: Callable[..., T], **fact: Any) -> T:
         """One of runs' functions on this job, in a short transaction of its own."""
+        return self._transact(lambda s: write(session=s, job_id=self.job_id, **fact))
 
-        def once() -> T:
-            with self._transaction() as s:
-                return write(session=s, job_id=self.job_id, **fact)
-
-        return _once_more_if_dropped(once, job_id=self.job_id)
+    def _transact(self, work: Callable[[Session], T]) -> T:
+        return _transact(self.sessions, work, job_id=self.job_id)
 
     # --- the job's stages and the facts an attempt learns (a cancel asked meanwhile stops the attempt) ---
 
@@ -155,15 +148,12 @@ class JobRun:
 
     def committed(self) -> tuple[set[str], Counts]:
         """The committed chunks' keys and their rows added up, as one snapshot."""
-
-        def once() -> tuple[set[str], Counts]:
-            with self._transaction() as s:
-                return (
-                    runs.committed_keys(session=s, job_id=self.job_id),
-                    runs.committed_counts(session=s, job_id=self.job_id),
-                )
-
-        return _once_more_if_dropped(once, job_id=self.job_id)
+        return self._transact(
+            lambda s: (
+                runs.committed_keys(session=s, job_id=self.job_id),
+                runs.committed_counts(session=s, job_id=self.job_id),
+            )
+        )
 
     def commit_chunk(self, chunk: ChunkRecord) -> Tally | None:
         """Record a finished chunk and the job's totals (the checkpoint), if this attempt still holds the lease.
@@ -177,44 +167,33 @@ class JobRun:
 
     def to_publish(self) -> tuple[list[ChunkRecord], Tally]:
         """The committed chunks in the order of the period and the job's tally, as one snapshot."""
-
-        def once() -> tuple[list[ChunkRecord], Tally]:
-            with self._transaction() as s:
-                return runs.committed_chunks(session=s, job_id=self.job_id), runs.tally(session=s, job_id=self.job_id)
-
-        return _once_more_if_dropped(once, job_id=self.job_id)
+        return self._transact(
+            lambda s: (runs.committed_chunks(session=s, job_id=self.job_id), runs.tally(session=s, job_id=self.job_id))
+        )
 
     # --- the verdict ---
 
     def succeed(self, *, files: list[ResultFileRecord], location: str) -> None:
         """The result files and the verdict in one transaction; LeaseLost when another attempt owns the job."""
 
-        def once() -> State:
-            with self._transaction() as s:
-                runs.record_results(session=s, job_id=self.job_id, files=files, location=location)
-                return runs.finish(session=s, job_id=self.job_id, lease=self.control.lease, state=State.succeeded)
+        def record(s: Session) -> State:
+            runs.record_results(session=s, job_id=self.job_id, files=files, location=location)
+            return runs.finish(session=s, job_id=self.job_id, lease=self.control.lease, state=State.succeeded)
 
-        if _once_more_if_dropped(once, job_id=self.job_id) != State.succeeded:
+        if self._transact(record) != State.succeeded:
             raise LeaseLost(f"retro test {self.job_id} was taken over by another attempt while publishing")
 
 
-def _once_more_if_dropped(call: Callable[[], T], *, job_id: uuid.UUID) -> T:
-    """call(), and once more if the database dropped its connection under it (a restart): the new connection
-    waits for the server up to RETRO_DB_OUTAGE_BUDGET_S (app/db.py). A checkout pings its connection first, but a
-    restart that begins between that ping and the statement still fails the statement.
+def _transact(sessions: sessionmaker[Session], work: Callable[[Session], T], *, job_id: uuid.UUID) -> T:
+    """work(session) in a short transaction of its own, sent once more if the database dropped the connection
+    under it (app/db.py once_more_if_dropped). Every write here may go twice: a chunk is recorded once, a stage may
+    be entered again, results are replaced, a verdict on a finished job is kept."""
 
-    Every write here may be sent twice: if the first one's COMMIT went through before the connection dropped, the
-    second finds it done (a chunk recorded once, a stage entered again, results replaced, a verdict kept).
-    """
-    try:
-        return call()
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        log.warning(
-            "retro test %s: the database dropped a connection (%s); trying again", job_id, describe_database_error(exc)
-        )
-        return call()
+    def once() -> T:
+        with _transaction(sessions) as s:
+            return work(s)
+
+    return once_more_if_dropped(once, what=f"retro test {job_id}")
 
 
 @contextlib.contextmanager
@@ -243,12 +222,9 @@ def finish(
     *, sessions: sessionmaker[Session], job_id: uuid.UUID, lease: str, state: State, error: tuple[str, str] | None
 ) -> State:
     """Record the verdict, if `lease` still holds the job, and release the lease; returns the job's state."""
-
-    def once() -> State:
-        with _transaction(sessions) as s:
-            return runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error)
-
-    return _once_more_if_dropped(once, job_id=job_id)
+    return _transact(
+        sessions, lambda s: runs.finish(session=s, job_id=job_id, lease=lease, state=state, error=error), job_id=job_id
+    )
 
 
 def beat(
