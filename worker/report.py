@@ -145,14 +145,15 @@ def _psi(con: Any, edges: list[float]) -> list[dict[str, Any]]:
     for m in months:
         total = sum(shares[m])
         shares[m] = [c / total for c in shares[m]]
-    out = []
-    for before, after in itertools.pairwise(months):
-        psi = sum(
-            (max(a, _EPS) - max(b, _EPS)) * math.log(max(a, _EPS) / max(b, _EPS))
-            for a, b in zip(shares[after], shares[before], strict=True)
-        )
-        out.append({"from": before, "to": after, "psi": psi})
-    return out
+    return [{"from": b, "to": a, "psi": psi(shares[b], shares[a])} for b, a in itertools.pairwise(months)]
+
+
+def psi(before: list[float], after: list[float]) -> float:
+    """The population stability index of two distributions over the same bins (shares that add up to 1)."""
+    return sum(
+        (max(a, _EPS) - max(b, _EPS)) * math.log(max(a, _EPS) / max(b, _EPS))
+        for a, b in zip(after, before, strict=True)
+    )
 
 
 # The two-sided 95% normal quantile, for the AUC's confidence interval.
@@ -245,6 +246,12 @@ def _stream(con: Any, sql: str) -> Iterator[tuple[Any, ...]]:
 
 
 def _quality(con: Any, edges: list[float]) -> dict[str, Any]:
+    figures = ranking(con)
+    return figures | {"deciles": _deciles(con, edges, positives=figures["overall"]["positives"])}
+
+
+def ranking(con: Any) -> dict[str, Any]:
+    """AUC with its interval, Gini, KS and the curves over the view r (s, y, m): overall and per month."""
     totals = {
         m: (int(p), int(n))
         for m, p, n in con.execute("SELECT m, sum(y), count(*) - sum(y) FROM r GROUP BY m").fetchall()
@@ -262,7 +269,6 @@ def _quality(con: Any, edges: list[float]) -> dict[str, Any]:
     return {
         "overall": overall.result(),
         "by_month": [{"month": m, **monthly[m].result()} for m in sorted(monthly)],
-        "deciles": _deciles(con, edges, positives=overall.pos),
     }
 
 
