@@ -117,3 +117,29 @@ def test_a_model_compared_with_itself_has_no_test() -> None:
     pair = compare.build(con, labels=["a", "twice a"], outcome=True)["pairs"][0]
     assert pair["auc_difference"] == 0.0 and pair["z"] is None and pair["p_value"] is None
     assert pair["spearman"] == pytest.approx(1.0) and pair["top_decile_overlap"] == 1.0
+
+
+@pytest.mark.parametrize("language", ["en", "ru"])
+def test_comparison_section_of_the_report(figures: dict, language: str) -> None:  # type: ignore[type-arg]
+    """Every model and pair is in the section, the figures as the JSON has them; labels are escaped."""
+    from app.i18n import use_language
+
+    labelled = figures | {"quality": [q | {"model": f"<{q['model']}>"} for q in figures["quality"]]}
+    with use_language(language):
+        page = compare.render_html(labelled)
+        intervals = [report.interval(p["difference_ci95"]) for p in figures["pairs"]]
+    assert page.count("<svg") == 1  # the ROC curves of every model on one chart
+    for q in figures["quality"]:
+        assert f"&lt;{q['model']}&gt;" in page and f"<{q['model']}>" not in page
+        assert f"{q['auc']:.3f}" in page
+    assert all(i in page for i in intervals)
+    a_and_d = next(p for p in figures["pairs"] if (p["first"], p["second"]) == ("a", "d"))
+    assert f"{a_and_d['p_value']:.4f}" in page
+    assert ("Сравнение моделей" in page) == (language == "ru")
+    assert ("Comparison of the models" in page) == (language == "en")
+
+
+def test_comparison_without_outcomes_has_no_quality_columns() -> None:
+    figures = compare.build(_connection(_rows(), outcome=False), labels=MODELS, outcome=False)
+    page = compare.render_html(figures)
+    assert "<svg" not in page and "p-value" not in page and "Spearman" in page

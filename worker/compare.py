@@ -22,10 +22,12 @@ Without outcomes only the last three are computed.
 
 from __future__ import annotations
 
+import html
 import itertools
 import math
 from typing import Any
 
+from app.i18n import N_, _
 from worker import report
 
 _Z95 = 1.959963984540054
@@ -170,3 +172,97 @@ def _psi(con: Any, i: int, j: int) -> float:
         return [n / total for n in counts]
 
     return report.psi(shares(f"s{i}"), shares(f"s{j}"))
+
+
+# --- the comparison's section of report.html ---------------------------------------------------------------------
+
+EXPLAIN = {
+    "compare": N_(
+        "The models below scored the same customers on the same days; only rows every model scored are compared, "
+        "so each model's figures here may differ slightly from its own report."
+    ),
+    "delong": N_(
+        "AUC difference: how much better the first model ranks than the second, with its 95% interval. p-value "
+        "(DeLong's test for two models on the same rows): the chance of a difference at least this large if the "
+        "models were equally good; under 0.05, the difference is unlikely to be chance."
+    ),
+    "agreement": N_(
+        "Spearman: how alike the two models order the customers (1: the same order). Top-decile overlap: the share "
+        "of the customers in either model's top 10% who are in both. PSI: how differently the two models spread "
+        "the customers over the first one's deciles (under 0.1: alike, over 0.25: very different)."
+    ),
+}
+
+
+def render_html(figures: dict[str, Any]) -> str:
+    """The comparison as a section of report.html: the models side by side, each pair, the ROC curves together."""
+    parts = [report.heading(2, _("Comparison of the models")), _explain("compare")]
+    parts.append("<p>" + html.escape(_("Rows compared: {rows}").format(rows=f"{figures['rows']:,}")) + "</p>")
+    quality = figures.get("quality")
+    if quality:
+        parts.append(
+            report.table(
+                [_("model"), "AUC", _("AUC 95% interval"), "Gini", _("Gini 95% interval"), "KS"],
+                [
+                    [
+                        q["model"],
+                        report.f3(q["auc"]),
+                        report.interval(q["auc_ci95"]),
+                        report.f3(q["gini"]),
+                        report.interval(q["gini_ci95"]),
+                        report.f3(q["ks"]),
+                    ]
+                    for q in quality
+                ],
+            )
+        )
+    if figures["pairs"]:
+        parts += [report.heading(3, _("Pairs of models")), _explain("agreement")]
+        head = [_("first model"), _("second model")]
+        if quality:
+            parts.append(_explain("delong"))
+            head += [_("AUC difference"), _("95% interval"), _("p-value")]
+        head += ["Spearman", _("top-decile overlap"), "PSI"]
+        rows = []
+        for p in figures["pairs"]:
+            row = [p["first"], p["second"]]
+            if quality:
+                row += [report.f3(p["auc_difference"]), report.interval(p["difference_ci95"]), _p_value(p["p_value"])]
+            row += [report.f3(p["spearman"]), report.pct(p["top_decile_overlap"]), report.f4(p["psi"])]
+            rows.append(row)
+        parts.append(report.table(head, rows))
+    if quality:
+        months = [m["month"] for m in quality[0]["by_month"]]
+        by_model = [{m["month"]: m["auc"] for m in q["by_month"]} for q in quality]
+        parts += [
+            report.heading(3, _("AUC per month")),
+            report.table(
+                [_("month"), *(q["model"] for q in quality)],
+                [[month, *(report.f3(auc.get(month)) for auc in by_model)] for month in months],
+            ),
+        ]
+        if all(q.get("roc") for q in quality):
+            parts += [report.heading(3, _("ROC curves")), _svg_roc_curves(quality)]
+    return "\n".join(parts)
+
+
+def _explain(key: str) -> str:
+    return f"<p class='explain'>{html.escape(_(EXPLAIN[key]))}</p>"
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _svg_roc_curves(quality: list[dict[str, Any]]) -> str:
+    fig = report.figure(square=True)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("guessing"))
+    for q in quality:
+        ax.plot(q["roc"]["fpr"], q["roc"]["tpr"], label=f"{q['model']} (AUC {q['auc']:.3f})")
+    ax.set_xlabel(_("false positive rate"))
+    ax.set_ylabel(_("true positive rate"))
+    ax.legend(loc="lower right", fontsize=8)
+    return report.svg(fig)

@@ -350,28 +350,28 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
     """The report as one HTML page: a summary first, then tables, and charts as inline SVG; nothing loaded."""
     rows = report["rows"]
     quality = report.get("quality")
-    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), _heading(2, _("Rows")), _explain("rows")]
-    parts.append(_table(["", _("rows")], [[_row_label(k), _n(v)] for k, v in rows.items()]))
+    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), heading(2, _("Rows")), _explain("rows")]
+    parts.append(table(["", _("rows")], [[_row_label(k), _n(v)] for k, v in rows.items()]))
     if quality:
         o = quality["overall"]
         parts += [
-            _heading(2, _("Quality against {column}").format(column=report["outcome_column"])),
+            heading(2, _("Quality against {column}").format(column=report["outcome_column"])),
             _explain("auc"),
             _explain("ci"),
             _explain("gini"),
             _explain("ks"),
-            _table(
+            table(
                 ["", _("rows"), _("positives"), "AUC", _("AUC 95% interval"), "Gini", _("Gini 95% interval"), "KS"],
                 [_quality_row(_("overall"), o)] + [_quality_row(m["month"], m) for m in quality["by_month"]],
             ),
         ]
         if o.get("roc"):
-            parts += [_heading(3, _("ROC curve")), _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
-            parts += [_heading(3, _("Cumulative gain")), _explain("gain"), _svg_gain(o["gain"])]
+            parts += [heading(3, _("ROC curve")), _explain("roc"), _svg_roc(o["roc"], auc=o["auc"])]
+            parts += [heading(3, _("Cumulative gain")), _explain("gain"), _svg_gain(o["gain"])]
         parts += [
-            _heading(3, _("Deciles (highest scores first): lift and gain")),
+            heading(3, _("Deciles (highest scores first): lift and gain")),
             _explain("lift"),
-            _table(
+            table(
                 [
                     _("decile"),
                     _("rows"),
@@ -386,36 +386,36 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
                         d["decile"],
                         _n(d["rows"]),
                         _n(d["positives"]),
-                        _("{low} to {high}").format(low=_f(d["score_min"]), high=_f(d["score_max"])),
-                        _pct(d["observed_rate"]),
-                        _f(d["lift"]),
-                        _pct(d["cumulative_gain"]),
+                        _("{low} to {high}").format(low=f4(d["score_min"]), high=f4(d["score_max"])),
+                        pct(d["observed_rate"]),
+                        f4(d["lift"]),
+                        pct(d["cumulative_gain"]),
                     ]
                     for d in quality["deciles"]
                 ],
             ),
-            _heading(3, _("Calibration")),
+            heading(3, _("Calibration")),
             _svg_calibration(quality["deciles"]),
         ]
     if report.get("score"):
         score = report["score"]
         parts += [
-            _heading(2, _("Score distribution ({column})").format(column=report["score_column"])),
+            heading(2, _("Score distribution ({column})").format(column=report["score_column"])),
             _svg_histogram(score["histogram"]),
-            _table([_("decile"), _("score")], [[f"{10 * (i + 1)}%", _f(x)] for i, x in enumerate(score["deciles"])]),
-            _heading(2, _("Rows per day")),
+            table([_("decile"), _("score")], [[f"{10 * (i + 1)}%", f4(x)] for i, x in enumerate(score["deciles"])]),
+            heading(2, _("Rows per day")),
             _explain("missing") if report.get("days_without_history") else "",
             _svg_days(report["rows_per_day"], missing=report.get("days_without_history") or []),
-            _heading(2, _("Score stability between months (PSI)")),
+            heading(2, _("Score stability between months (PSI)")),
             _explain("psi"),
-            _table([_("from"), _("to"), "PSI"], [[p["from"], p["to"], _f(p["psi"])] for p in report["psi"]])
+            table([_("from"), _("to"), "PSI"], [[p["from"], p["to"], f4(p["psi"])] for p in report["psi"]])
             if report["psi"]
             else "<p>" + html.escape(_("One month only.")) + "</p>",
         ]
     parts += [
-        _heading(2, _("Null rate of each model input")),
+        heading(2, _("Null rate of each model input")),
         _explain("null"),
-        _table([_("input"), _("null rate")], [[k, _pct(v)] for k, v in report["null_rate"].items()]),
+        table([_("input"), _("null rate")], [[k, pct(v)] for k, v in report["null_rate"].items()]),
     ]
     body = "\n".join(parts)
     return (
@@ -439,8 +439,8 @@ def _summary_card(report: dict[str, Any]) -> str:
     quality = report.get("quality")
     o = quality["overall"] if quality else None
     if o and o.get("auc") is not None:
-        items.append((_("AUC (95% interval)"), f"{_f3(o['auc'])} ({_interval(o.get('auc_ci95'))})"))
-        items.append((_("Gini (95% interval)"), f"{_f3(o['gini'])} ({_interval(o.get('gini_ci95'))})"))
+        items.append((_("AUC (95% interval)"), f"{f3(o['auc'])} ({interval(o.get('auc_ci95'))})"))
+        items.append((_("Gini (95% interval)"), f"{f3(o['gini'])} ({interval(o.get('gini_ci95'))})"))
         with_outcome = _("{rows}, of them {positives} positive").format(
             rows=_n(o["rows"]), positives=_n(o["positives"])
         )
@@ -448,8 +448,8 @@ def _summary_card(report: dict[str, Any]) -> str:
     elif report.get("outcome_column") is None:
         items.append((_("Quality"), _("no outcomes were given, so the report shows the score only")))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
-    heading = _heading(2, _("Summary"))
-    return f"<section class='card' id='summary'>{heading}<dl>{dl}</dl></section>"
+    title = heading(2, _("Summary"))
+    return f"<section class='card' id='summary'>{title}<dl>{dl}</dl></section>"
 
 
 def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
@@ -457,15 +457,15 @@ def _quality_row(label: str, q: dict[str, Any]) -> list[Any]:
         label,
         _n(q["rows"]),
         _n(q["positives"]),
-        _f(q["auc"]),
-        _interval(q.get("auc_ci95")),
-        _f(q["gini"]),
-        _interval(q.get("gini_ci95")),
-        _f(q["ks"]),
+        f4(q["auc"]),
+        interval(q.get("auc_ci95")),
+        f4(q["gini"]),
+        interval(q.get("gini_ci95")),
+        f4(q["ks"]),
     ]
 
 
-def _heading(level: int, text: str) -> str:
+def heading(level: int, text: str) -> str:
     return f"<h{level}>{html.escape(text)}</h{level}>"
 
 
@@ -485,11 +485,11 @@ def _row_label(key: str) -> str:
     return names.get(key, key)
 
 
-def _interval(ci: list[float] | None) -> str:
-    return "-" if not ci else _("{low} to {high}").format(low=_f3(ci[0]), high=_f3(ci[1]))
+def interval(ci: list[float] | None) -> str:
+    return "-" if not ci else _("{low} to {high}").format(low=f3(ci[0]), high=f3(ci[1]))
 
 
-def _f3(v: Any) -> str:
+def f3(v: Any) -> str:
     return "-" if v is None else f"{float(v):.3f}"
 
 
@@ -507,21 +507,21 @@ def _n(v: Any) -> str:
     return "-" if v is None else f"{int(v):,}"
 
 
-def _f(v: Any) -> str:
+def f4(v: Any) -> str:
     return "-" if v is None else f"{float(v):.4f}"
 
 
-def _pct(v: Any) -> str:
+def pct(v: Any) -> str:
     return "-" if v is None else f"{100 * float(v):.2f}%"
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
+def table(head: list[str], rows: list[list[Any]]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def _svg(fig: Any) -> str:
+def svg(fig: Any) -> str:
     """A matplotlib figure as inline SVG (text drawn as paths: no font is needed to show it)."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
@@ -529,20 +529,20 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg") :]
 
 
-def _figure(*, square: bool = False) -> Any:
+def figure(*, square: bool = False) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(4.2, 4.2) if square else (7, 2.8), dpi=96)
 
 
 def _svg_histogram(hist: dict[str, Any]) -> str:
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     edges = hist["edges"]
     ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in itertools.pairwise(edges)], align="edge")
     ax.set_xlabel(_("score"))
     ax.set_ylabel(_("rows"))
-    return _svg(fig)
+    return svg(fig)
 
 
 def _svg_days(days: list[dict[str, Any]], *, missing: list[str]) -> str:
@@ -550,7 +550,7 @@ def _svg_days(days: list[dict[str, Any]], *, missing: list[str]) -> str:
     rows = {date.fromisoformat(str(d["day"])[:10]): d["rows"] for d in days}
     rows.update({date.fromisoformat(d): 0 for d in missing})
     order = sorted(rows)
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     ax.plot(order, [rows[d] for d in order], marker=".")
     gaps = [date.fromisoformat(d) for d in missing]
@@ -559,7 +559,7 @@ def _svg_days(days: list[dict[str, Any]], *, missing: list[str]) -> str:
         ax.legend(loc="upper right")
     ax.set_ylabel(_("rows"))
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    return _svg(fig)
+    return svg(fig)
 
 
 def _days_text(days: list[str]) -> str:
@@ -567,33 +567,33 @@ def _days_text(days: list[str]) -> str:
 
 
 def _svg_calibration(deciles: list[dict[str, Any]]) -> str:
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("perfect"))
     ax.plot([d["mean_score"] for d in deciles], [d["observed_rate"] for d in deciles], marker="o", label=_("deciles"))
     ax.set_xlabel(_("mean score"))
     ax.set_ylabel(_("observed rate"))
     ax.legend()
-    return _svg(fig)
+    return svg(fig)
 
 
 def _svg_roc(roc: dict[str, list[float]], *, auc: float) -> str:
-    fig = _figure(square=True)
+    fig = figure(square=True)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("guessing"))
     ax.plot(roc["fpr"], roc["tpr"], label=_("model (AUC {auc})").format(auc=f"{auc:.3f}"))
     ax.set_xlabel(_("false positive rate"))
     ax.set_ylabel(_("true positive rate"))
     ax.legend(loc="lower right")
-    return _svg(fig)
+    return svg(fig)
 
 
 def _svg_gain(gain: dict[str, list[float]]) -> str:
-    fig = _figure(square=True)
+    fig = figure(square=True)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=_("random order"))
     ax.plot(gain["selected"], gain["captured"], label=_("by score"))
     ax.set_xlabel(_("share of customers, highest scores first"))
     ax.set_ylabel(_("share of outcomes captured"))
     ax.legend(loc="lower right")
-    return _svg(fig)
+    return svg(fig)
