@@ -200,16 +200,16 @@ def api_options(
 
 
 def model_ref(text: str) -> dict[str, str]:
-    """`name/3` (a version) or `name@champion` (an alias), as MLflow writes model URIs, as request fields."""
+    """`name/3` (a version) or `name@champion` (an alias), as MLflow writes model URIs, as a request's `models` item."""
     name, at, alias = text.partition("@")
     if at:
-        return {"model_name": name, "model_alias": alias}
+        return {"name": name, "alias": alias}
     name, slash, version = text.rpartition("/")
     if not slash or not name:
         raise typer.BadParameter(
             _("{text}: give the model as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(text=repr(text))
         )
-    return {"model_name": name, "model_version": version}
+    return {"name": name, "version": version}
 
 
 def day(text: str) -> str:
@@ -237,7 +237,11 @@ def submit(
     ctx: typer.Context,
     partner: Annotated[str, typer.Option(help="Partner code")],
     model: Annotated[
-        str, typer.Option(help="The model version: NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)")
+        list[str],
+        typer.Option(
+            help="The model version: NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion); repeat it to compare "
+            "several models on the same rows"
+        ),
     ],
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD", callback=day)],
     end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD", callback=day)],
@@ -262,10 +266,21 @@ def submit(
     require_full_period: Annotated[
         bool, typer.Option(help="Refuse the request if any day of the period has no history")
     ] = False,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(help="With several --model: publish the others when one fails its deployment or check"),
+    ] = False,
     wait: Annotated[bool, typer.Option(help="Follow the job to the end (exit 1 if it fails)")] = True,
 ) -> None:
     """Submit a retro test through the REST API and, by default, follow it to the end."""
-    body: dict[str, Any] = {"partner_code": partner, **model_ref(model), "period_start": start, "period_end": end}
+    body: dict[str, Any] = {"partner_code": partner, "period_start": start, "period_end": end}
+    refs = [model_ref(m) for m in model]
+    if len(refs) == 1:  # a request of one model, as every version of the API takes it
+        body |= {f"model_{key}": value for key, value in refs[0].items()}
+    else:
+        body["models"] = refs
+    if allow_partial:
+        body["allow_partial"] = True
     if require_full_period:
         body["require_full_period"] = True
     if output_format:

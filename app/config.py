@@ -61,6 +61,10 @@ class Settings(BaseSettings):
 
     # Request validation.
     max_period_days: int = Field(default=366, ge=1)
+    # A request comparing models scores every row with each of at most this many (each its own deployment).
+    max_models_per_job: int = Field(default=5, ge=1, le=16)
+    # Model servers of one such job started at once (each waits for its server to be ready).
+    max_parallel_deployments: int = Field(default=3, ge=1)
     # A request's population file (CSV or Parquet of ids, as-of dates and outcomes): the largest accepted, in bytes.
     # The API checks it in memory (pandas), so this bounds a request's memory too: 64 MiB is about 2-3M CSV rows.
     population_max_bytes: int = Field(default=64 * 2**20, ge=1)

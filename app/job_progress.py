@@ -90,6 +90,19 @@ def print_job(job: dict[str, Any], *, web_url: str) -> None:
             total=total, rows_read=p["rows_read"], rows_scored=p["rows_scored"], rows_rejected=p["rows_rejected"]
         )
     )
+    for m in job.get("models") or []:
+        state = (
+            _("left out: {message}").format(message=m["left_out"]["message"])
+            if m["left_out"]
+            else _("scored {rows_scored:,}, rejected {rows_rejected:,}").format(
+                rows_scored=m["rows_scored"], rows_rejected=m["rows_rejected"]
+            )
+        )
+        typer.echo(
+            _("  model {name} version {version} (columns {prefix}...): {state}").format(
+                name=m["model_name"], version=m["model_version"], prefix=m["column_prefix"], state=state
+            )
+        )
     for warning in job.get("warnings") or []:
         typer.echo(_("  warning: {warning}").format(warning=warning))
     for stage in job["stages"]:

@@ -4,6 +4,7 @@ of after a run of retries against a closed port."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -13,9 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import HISTORY_DAYS, Stack, start_process, start_stack
+from tests.old_model import OldModel
 from tests.test_end_to_end import mlserver_processes_for, submit
 
 BIG_ROWS = HISTORY_DAYS * 150_000
@@ -69,10 +73,14 @@ def _temporary_files(env: dict[str, str]) -> set[Path]:
 
 
 def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
-    lone_stack: tuple[Stack, dict[str, str]], big_history: str
+    lone_stack: tuple[Stack, dict[str, str]], big_history: str, old_model: OldModel
 ) -> None:
+    """A job comparing two models (issue 30): after the restart, every (row, model) pair is scored exactly once."""
     stack, env = lone_stack
-    job = submit(stack, "recovery-worker", source={"table": big_history})
+    two_models = [{"name": "churn", "version": "1"}, {"name": old_model.name, "version": "1"}]
+    job = submit(
+        stack, "recovery-worker", source={"table": big_history}, model_name=None, model_alias=None, models=two_models
+    )
     _wait(stack, job["id"], lambda j: j["progress"]["rows_scored"] >= BIG_ROWS // 3)
     worker = stack.procs[1]
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool processes, as an OOM kill or a lost node would
@@ -89,11 +97,22 @@ def test_a_worker_killed_mid_job_and_restarted_resumes_its_job_without_beat(
     assert done["attempts"] == 2
     assert "held by a process on this host that died; sending it again" in log.read_text()
     assert next(f["rows"] for f in done["files"] if f["name"] == "scores.parquet") == BIG_ROWS
+    assert [m["rows_scored"] for m in done["models"]] == [BIG_ROWS, BIG_ROWS]
+    scores = _download_scores(stack, done)
+    assert len(scores) == BIG_ROWS and not scores.duplicated(["customer_id", "snapshot_date"]).any()
+    model_columns = [c for c in scores.columns if c.startswith(("churn_v1_", f"{old_model.name}_v1_"))]
+    assert len(model_columns) == 3 and scores[model_columns].notna().all().all()
     assert mlserver_processes_for(done["id"]) == []
     # Nothing the killed processes left is there any more (issue 32); the restarted worker's copy went with its job.
     remaining = _temporary_files(env)
     assert not left_by_killed & remaining, sorted(left_by_killed & remaining)
     assert not [p for p in remaining if p.name.startswith("retro-model-")], remaining
+
+
+def _download_scores(stack: Stack, job: dict[str, Any]) -> pd.DataFrame:
+    url = next(f["download_url"] for f in job["files"] if f["name"] == "scores.parquet")
+    with stack.client() as c:
+        return pq.read_table(io.BytesIO(c.get(url).content)).to_pandas()
 
 
 def test_a_model_server_killed_mid_scoring_is_re_created_at_once(

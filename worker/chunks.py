@@ -35,7 +35,7 @@ from app.integrations.history.port import HistoryQuery, HistorySource
 from app.integrations.history.prefetch import prefetched
 from app.integrations.scoring.scorers import ScoredBatch, Scorer, ScoringStopped
 from app.integrations.storage.results import ResultStore
-from app.retro_tests.runs import ChunkRecord, Counts
+from app.retro_tests.runs import ChunkRecord, Counts, Tally
 from worker.run import JobRun
 
 log = logging.getLogger(__name__)
@@ -373,19 +373,30 @@ class _ChunkOutput:
         self._parts = _PartWriter(store, self.part_path)
         self._rejects = _PartWriter(store, self.rejects_path)
         self.counts = ChunkCounts()
+        self.model_counts: list[list[int]] | None = None  # a comparing job's [scored, rejected] per model
+        self.has_rejects = False
         self.nulls = dict.fromkeys((f.name for f in query.features), 0)
 
     def write(self, result: ScoredBatch) -> None:
-        for rows in (result.scored_rows, result.rejected_rows):
+        for rows in (result.scored_rows, result.not_scored):
             for name in self.nulls:
                 self.nulls[name] += rows.column(name).null_count
         if result.scored_rows.num_rows:
             self._parts.write(_output_table(result.scored_rows, self._query, result.scores))
         if result.rejected_rows.num_rows:
-            reasons = pa.table({"reason": pa.array(result.reject_reasons, pa.string())})
-            self._rejects.write(_output_table(result.rejected_rows, self._query, reasons))
+            reasons = {"reason": pa.array(result.reject_reasons, pa.string())}
+            if result.reject_models is not None:
+                reasons = {"model": pa.array(result.reject_models, pa.string())} | reasons
+            self._rejects.write(_output_table(result.rejected_rows, self._query, pa.table(reasons)))
         self.counts.scored += result.scored_rows.num_rows
-        self.counts.rejected += result.rejected_rows.num_rows
+        self.counts.rejected += result.not_scored.num_rows
+        self.has_rejects = self.has_rejects or result.rejected_rows.num_rows > 0
+        if result.model_counts is not None:
+            if self.model_counts is None:
+                self.model_counts = [[0, 0] for _ in result.model_counts]
+            for total, (scored, rejected) in zip(self.model_counts, result.model_counts, strict=True):
+                total[0] += scored
+                total[1] += rejected
 
     def close(self, *, read: int) -> ChunkCounts:
         """Finish both files; every row the source gave must be scored or rejected."""
@@ -421,22 +432,31 @@ def commit_chunk(run: JobRun, *, chunk: Chunk, output: _ChunkOutput) -> bool:
         key=chunk.key,
         counts=counts.frozen(),
         part_path=output.part_path if counts.scored else None,
-        rejects_path=output.rejects_path if counts.rejected else None,
+        rejects_path=output.rejects_path if output.has_rejects else None,
+        model_counts=tuple((a, b) for a, b in output.model_counts) if output.model_counts is not None else None,
     )
     totals = run.commit_chunk(record)
     if totals is None:
         return False
-    enforce_reject_budget(
-        rejected=totals.counts.rejected, read_total=totals.rows_total or totals.counts.read, settings=run.settings
-    )
+    enforce_reject_budgets(totals, settings=run.settings)
     return True
 
 
-def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings) -> None:
+def enforce_reject_budgets(totals: Tally, *, settings: Settings) -> None:
+    """The job's rejects within budget, and each compared model's own."""
+    read_total = totals.rows_total or totals.counts.read
+    enforce_reject_budget(rejected=totals.counts.rejected, read_total=read_total, settings=settings)
+    for model in totals.models:
+        if model.error is None:
+            label = f"model {model.model_info.name} version {model.model_info.version}"
+            enforce_reject_budget(rejected=model.rows_rejected, read_total=read_total, settings=settings, model=label)
+
+
+def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings, model: str = "the model") -> None:
     """Fail the job once more rows were rejected than RETRO_MAX_REJECTED_ROWS / _RATIO allow."""
     if rejected > max(settings.max_rejected_rows, int(settings.max_rejected_ratio * read_total)):
         raise TooManyRejectedRows(
-            f"{rejected} row(s) were refused by the model (each with its reason in the rejects), more than the "
+            f"{rejected} row(s) were refused by {model} (each with its reason in the rejects), more than the "
             f"allowed (RETRO_MAX_REJECTED_ROWS={settings.max_rejected_rows}, RETRO_MAX_REJECTED_RATIO={settings.max_rejected_ratio}); "
             "fix those rows at the source or the model, or raise the budget if scoring the rest is what the partner needs"
         )

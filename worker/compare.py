@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 from app.i18n import N_, _
+from app.integrations.history.local import duckdb_connection
 from worker import report
 
 _Z95 = 1.959963984540054
@@ -59,6 +60,25 @@ def build(con: Any, *, labels: list[str], outcome: bool) -> dict[str, Any]:
             figure |= tests.get((i, j), _NO_TEST)
     out["pairs"] = figures
     return out
+
+
+def build_from_parts(inputs: report.ReportInputs, *, columns: list[str], labels: list[str]) -> dict[str, Any]:
+    """The comparison of the models whose scores are `columns` of the job's committed parts."""
+    pop = inputs.query.population
+    outcome = pop.outcome_column if pop else None
+    if not inputs.parts:
+        return {"models": labels, "rows": 0, "quality": None, "pairs": []}
+    with duckdb_connection(memory_limit=inputs.memory_limit, spill_dir=inputs.spill_dir) as con:
+        report.parts_view(con, inputs)
+        day = report.day_column(inputs)
+        y = f'CAST("{outcome}" AS INTEGER) AS y, ' if outcome else ""
+        scores = ", ".join(f'CAST("{c}" AS DOUBLE) AS s{k}' for k, c in enumerate(columns))
+        shared = " AND ".join(f'"{c}" IS NOT NULL' for c in [*columns, *([outcome] if outcome else [])])
+        con.execute(
+            f"CREATE VIEW c AS SELECT strftime(CAST(\"{day}\" AS DATE), '%Y-%m') AS m, {y}{scores} "
+            f"FROM parts WHERE {shared}"
+        )
+        return build(con, labels=labels, outcome=outcome is not None)
 
 
 _NO_TEST: dict[str, Any] = {"auc_difference": None, "difference_ci95": None, "z": None, "p_value": None}

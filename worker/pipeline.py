@@ -27,6 +27,7 @@ an outside system.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import tempfile
@@ -41,13 +42,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.core.jobs import State
-from app.core.model_types import ModelVersionInfo
+from app.core.model_types import ModelVersionInfo, compared_inputs
 from app.core.records import EnvironmentRecord, ValidationRecord
 from app.db import describe_database_error, is_transient
 from app.errors import (
     AppError,
     DatabaseUnavailable,
     DeploymentFailed,
+    EnvironmentFailed,
     JobCancelled,
     ModelServerDown,
     ReferenceMismatch,
@@ -60,14 +62,15 @@ from app.integrations.environments.cache import ModelEnvironment, hold, read_req
 from app.integrations.environments.sandbox import ModelSandbox
 from app.integrations.history.port import HistoryQuery, PopulationJoin, staging_table
 from app.integrations.registry.mlflow import fetch_model
-from app.integrations.scoring.scorers import SCORERS, BatchScorer, ScoringOptions, choose_protocol
+from app.integrations.scoring.scorers import SCORERS, BatchScorer, Scorer, ScoringOptions, choose_protocol
+from app.integrations.scoring.several import ComparedScorer, ModelsScorer
 from app.metrics import DEPLOYMENTS_ALIVE
 from app.retro_tests.runs import Beat, Counts, JobSpec, LeaseLost
 from worker import run as job_row
-from worker.chunks import Chunk, ChunkCounts, enforce_reject_budget, plan_chunks, score_chunks
+from worker.chunks import Chunk, ChunkCounts, enforce_reject_budgets, plan_chunks, score_chunks
 from worker.control import JobControl
 from worker.publish import publish
-from worker.run import Adapters, JobRun, PartitionOrder
+from worker.run import Adapters, JobModel, JobRun, PartitionOrder
 from worker.validation import Reference, check, load_reference
 from worker.warm import WarmPool, pool_key
 
@@ -180,39 +183,92 @@ def _control(
 
 def _run_stages(run: JobRun) -> None:
     run.enter(State.resolving)
-    model = resolve(run)
+    models = resolve_models(run)
     run.enter(State.extracting)
-    query = extract(run, model)
+    query = extract(run, models)
     run.control.check()
-    # A first attempt counts and plans the period while its model server starts; a resumed one has its plan kept.
+    # A first attempt counts and plans the period while its model servers start; a resumed one has its plan kept.
     with Plan(run, query, early=run.spec.chunk_plan is None) as plan:
         # An attempt that finds every chunk committed (its predecessor died before publishing) deploys nothing.
         if not plan.ready or not {c.key for c in plan.chunks()} <= run.committed_keys():
-            with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
-                model_dir = fetch_model(model.artifact_uri, Path(scratch) / "model")
-                plan.check()
-                environment = prepare_environment(run, model, model_dir, plan=plan)
-                with hold(environment) if environment else contextlib.nullcontext():
-                    # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
-                    background = ThreadPoolExecutor(1, thread_name_prefix="reference")
-                    try:
-                        reference = background.submit(
-                            load_reference,
-                            model=model,
-                            model_dir=model_dir,
-                            environment=environment,
-                            timeout_s=run.settings.deploy_ready_timeout_s,
-                            sandbox=ModelSandbox(run.settings.model_sandbox),
-                            cache_dir=run.settings.var_dir / "references",
-                        )
-                        _deploy_and_score(
-                            run, model=model, environment=environment, reference=reference, query=query, plan=plan
-                        )
-                    finally:
-                        # A job that failed or was cancelled while the server started does not wait for the reference.
-                        background.shutdown(wait=False, cancel_futures=True)
+            with contextlib.ExitStack() as stack:
+                prepared = prepare_models(run, models, plan=plan, stack=stack)
+                models = _deploy_and_score(run, prepared, query=query, plan=plan)
     run.enter(State.publishing)
-    publish(run, model=model, query=query)
+    publish(run, models=models, query=query)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model ready to deploy: its environment (None: the worker's packages) and its in-process reference."""
+
+    each: JobModel
+    environment: ModelEnvironment | None
+    reference: Future[Reference | None]
+
+
+def resolve_models(run: JobRun) -> list[JobModel]:
+    """The job's models: its one model, or each model it compares that no earlier attempt left out."""
+    if not run.spec.models:
+        return [JobModel(resolve(run))]
+    return [
+        JobModel(ModelVersionInfo.from_record(m.model_info), position=m.position, column_prefix=m.column_prefix)
+        for m in run.spec.models
+        if not m.left_out
+    ]
+
+
+def prepare_models(run: JobRun, models: list[JobModel], *, plan: Plan, stack: contextlib.ExitStack) -> list[Prepared]:
+    """Each model fetched, its environment prepared and its reference started, held until `stack` closes."""
+    prepared: list[Prepared] = []
+    left = len(models)
+    if len(models) > 1 and run.adapters.environments is not None:
+        run.enter(State.preparing_environment)
+    for each in models:
+        try:
+            prepared.append(stack.enter_context(prepared_model(run, each, plan=plan)))
+        except (EnvironmentFailed, DeploymentFailed) as exc:
+            left -= 1
+            leave_out(run, each, exc, others=left)
+    return prepared
+
+
+@contextlib.contextmanager
+def prepared_model(run: JobRun, each: JobModel, *, plan: Plan) -> Iterator[Prepared]:
+    """The model's files in a scratch folder, its environment held, its reference scored in-process meanwhile."""
+    with tempfile.TemporaryDirectory(prefix="retro-model-") as scratch:
+        model_dir = fetch_model(each.model.artifact_uri, Path(scratch) / "model")
+        plan.check()
+        environment = prepare_environment(run, each, model_dir, plan=plan)
+        with hold(environment) if environment else contextlib.nullcontext():
+            # The in-process reference takes seconds (mlflow's import): it runs while the server starts.
+            background = ThreadPoolExecutor(1, thread_name_prefix="reference")
+            try:
+                reference = background.submit(
+                    load_reference,
+                    model=each.model,
+                    model_dir=model_dir,
+                    environment=environment,
+                    timeout_s=run.settings.deploy_ready_timeout_s,
+                    sandbox=ModelSandbox(run.settings.model_sandbox),
+                    cache_dir=run.settings.var_dir / "references",
+                )
+                yield Prepared(each=each, environment=environment, reference=reference)
+            finally:
+                # A job that failed or was cancelled while the server started does not wait for the reference.
+                background.shutdown(wait=False, cancel_futures=True)
+
+
+def leave_out(run: JobRun, each: JobModel, exc: AppError, *, others: int) -> None:
+    """A compared model failed before scoring: the job goes on without it when the request allows that, some other
+    model is left and no row was scored yet (every part must have the same columns); else the job fails, naming it."""
+    if each.position is None:
+        raise exc
+    exc.detail = f"{each.label}: {exc.detail}"
+    if not run.spec.allow_partial or others < 1 or run.committed_keys():
+        raise exc
+    log.warning("retro test %s: leaving out %s (allow_partial)", run.job_id, exc.detail)
+    run.record_left_out(each.position, code=exc.code, message=exc.detail)
 
 
 class Plan:
@@ -273,36 +329,26 @@ def plan_period(run: JobRun, query: HistoryQuery) -> list[Chunk]:
     return chunks
 
 
-def _deploy_and_score(
-    run: JobRun,
-    *,
-    model: ModelVersionInfo,
-    environment: ModelEnvironment | None,
-    reference: Future[Reference | None],
-    query: HistoryQuery,
-    plan: Plan,
-) -> None:
-    """Deploy, validate and score until every chunk is committed, re-creating a model server that went down."""
+def _deploy_and_score(run: JobRun, prepared: list[Prepared], *, query: HistoryQuery, plan: Plan) -> list[JobModel]:
+    """Deploy, validate and score until every chunk is committed, re-creating model servers that went down;
+    returns the models that scored (a compared model that failed is left out when the request allows it)."""
     redeploys = 0
     while True:
         try:
-            with deployed(run, model, environment, plan=plan) as serving:
+            with serving_models(run, prepared, plan=plan) as started:
                 run.enter(State.validating)
-                try:
-                    validate(run, model=model, reference=reference.result(), scorer=serving.scorer)
-                except ReferenceMismatch as exc:
-                    if not serving.warm:
-                        raise
-                    # The same check passed when the deployment was new: this one has gone wrong, not the model.
-                    raise ModelServerDown(
-                        f"warm deployment {serving.deployment.name} failed the reference check ({exc.detail}); "
-                        "it leaves the pool"
-                    ) from exc
-                serving.validated()
+                servings: list[Serving] = []
+                for n, serving in enumerate(started):
+                    if _validated(run, serving, others=len(servings) + len(started) - n - 1):
+                        servings.append(serving)
+                    else:
+                        prepared = [p for p in prepared if p.each != serving.each]
+                for serving in servings:
+                    serving.validated()
                 chunks = plan.chunks()
                 run.enter(State.scoring)
-                score_period(run, query=query, chunks=chunks, deployment=serving.deployment, scorer=serving.scorer)
-            return
+                score_period(run, query=query, chunks=chunks, servings=servings)
+            return [s.each for s in servings]
         except ModelServerDown as exc:
             if redeploys >= run.settings.max_redeploys:
                 raise ModelServerDown(
@@ -316,6 +362,23 @@ def _deploy_and_score(
                 redeploys,
                 run.settings.max_redeploys,
             )
+
+
+def _validated(run: JobRun, serving: Serving, *, others: int) -> bool:
+    """The model's reference check; False when it failed and the job goes on without it (its server stopped)."""
+    try:
+        validate(run, each=serving.each, reference=serving.reference.result(), scorer=serving.scorer)
+    except ReferenceMismatch as exc:
+        if serving.warm:
+            # The same check passed when the deployment was new: this one has gone wrong, not the model.
+            raise ModelServerDown(
+                f"warm deployment {serving.deployment.name} failed the reference check ({exc.detail}); "
+                "it leaves the pool"
+            ) from exc
+        leave_out(run, serving.each, exc, others=others)
+        serving.stop()
+        return False
+    return True
 
 
 def check_free_space(run: JobRun, *, rows: int | None) -> None:
@@ -348,14 +411,15 @@ def resolve(run: JobRun) -> ModelVersionInfo:
     return model
 
 
-def history_query(run: JobRun, model: ModelVersionInfo) -> HistoryQuery:
-    """The job's period of history: its id and date columns and the model's inputs; point-in-time with a population."""
+def history_query(run: JobRun, models: list[JobModel]) -> HistoryQuery:
+    """The job's period of history: its id and date columns and the models' inputs (each once: the history is read
+    once for every model); point-in-time with a population."""
     spec = run.spec
     return HistoryQuery(
         table=spec.source_table,
         date_column=spec.date_column,
         id_columns=spec.id_columns,
-        features=model.inputs,
+        features=compared_inputs([m.model for m in models]) if len(models) > 1 else models[0].model.inputs,
         start=spec.period_start,
         end=spec.period_end,
         population=population_join(run),
@@ -376,9 +440,9 @@ def population_join(run: JobRun) -> PopulationJoin | None:
     )
 
 
-def extract(run: JobRun, model: ModelVersionInfo) -> HistoryQuery:
+def extract(run: JobRun, models: list[JobModel]) -> HistoryQuery:
     """Check the source schema (and stage a population), before any model is deployed."""
-    query = history_query(run, model)
+    query = history_query(run, models)
     source = run.adapters.source
     source.check_schema(query)
     if query.population is not None:
@@ -402,27 +466,27 @@ def count_period(run: JobRun, query: HistoryQuery) -> int | None:
     return total
 
 
-def prepare_environment(
-    run: JobRun, model: ModelVersionInfo, model_dir: Path, *, plan: Plan
-) -> ModelEnvironment | None:
+def prepare_environment(run: JobRun, each: JobModel, model_dir: Path, *, plan: Plan) -> ModelEnvironment | None:
     """The model's own environment, from the worker's cache or built now; None with RETRO_MODEL_ENV=worker."""
     environments = run.adapters.environments
     if environments is None:
         return None
-    run.enter(State.preparing_environment)
+    if each.position is None:  # a comparing job entered the stage once for all its models
+        run.enter(State.preparing_environment)
 
     def progress(step: str) -> None:
         run.control.check()
         plan.check()
-        run.record_environment(EnvironmentRecord(step=step))
+        run.record_environment(EnvironmentRecord(step=step), position=each.position)
 
+    model = each.model
     requirements = read_requirements(model_dir, what=f"model {model.name!r} version {model.version}")
     environment = environments.prepare(requirements, progress=progress)
-    run.record_environment(environment.to_record())
+    run.record_environment(environment.to_record(), position=each.position)
     return environment
 
 
-def validate(run: JobRun, *, model: ModelVersionInfo, reference: Reference | None, scorer: BatchScorer) -> None:
+def validate(run: JobRun, *, each: JobModel, reference: Reference | None, scorer: BatchScorer) -> None:
     """The deployment must score the model's reference as the reference says, before any partner row."""
     if reference is None:
         outcome = ValidationRecord(
@@ -432,45 +496,93 @@ def validate(run: JobRun, *, model: ModelVersionInfo, reference: Reference | Non
         )
     else:
         try:
-            outcome = check(reference, scorer=scorer, features=model.inputs, tolerance=run.settings.reference_tolerance)
+            outcome = check(
+                reference, scorer=scorer, features=each.model.inputs, tolerance=run.settings.reference_tolerance
+            )
         except ReferenceMismatch as exc:
             failed = ValidationRecord.read(exc.outcome) if exc.outcome else None
-            run.record_validation(failed or ValidationRecord(passed=False, note=exc.detail))
+            run.record_validation(failed or ValidationRecord(passed=False, note=exc.detail), position=each.position)
             raise
-    run.record_validation(outcome)
+    run.record_validation(outcome, position=each.position)
 
 
 @dataclass
 class Serving:
-    """The job's model server and its client, inside deployed()."""
+    """A model's server and its client, inside deployed()."""
 
+    each: JobModel
     deployment: Deployment
     scorer: BatchScorer
+    reference: Future[Reference | None]
     warm: bool  # attached to a warm deployment of the pool, not started for this job
     validated: Callable[[], None]  # the reference check passed: other jobs may attach to it (with the pool on)
+    stop: Callable[[], None] = lambda: None  # a compared model left out: its server goes at once
 
 
 @contextlib.contextmanager
-def deployed(
-    run: JobRun, model: ModelVersionInfo, environment: ModelEnvironment | None, *, plan: Plan
-) -> Iterator[Serving]:
-    """A ready model server for the job's model version: a warm one from the pool (worker/warm.py) or a new one.
+def serving_models(run: JobRun, prepared: list[Prepared], *, plan: Plan) -> Iterator[list[Serving]]:
+    """A ready server for each model: the job's one model, or every compared model started side by side (at most
+    RETRO_MAX_PARALLEL_DEPLOYMENTS at once); all stopped when the block exits, however it exits."""
+    if len(prepared) == 1 and prepared[0].each.position is None:
+        with deployed(run, prepared[0], plan=plan) as serving:
+            yield [serving]
+        return
+    run.enter(State.deploying)
+
+    def start(p: Prepared) -> tuple[contextlib.ExitStack, Serving]:
+        own = contextlib.ExitStack()
+        try:
+            return own, own.enter_context(deployed(run, p, plan=plan))
+        except BaseException:
+            own.close()
+            raise
+
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(run.settings.max_parallel_deployments, thread_name_prefix="deploy") as pool:
+            started = [pool.submit(contextvars.copy_context().run, start, p) for p in prepared]
+        servings, failures, fatal = [], [], []
+        for p, future in zip(prepared, started, strict=True):
+            try:
+                own, serving = future.result()
+            except (DeploymentFailed, ModelServerDown) as exc:
+                failures.append((p.each, exc))
+                continue
+            except BaseException as exc:  # raised once every server that did start is on the stack
+                fatal.append(exc)
+                continue
+            stack.enter_context(own)
+            serving.stop = own.close
+            servings.append(serving)
+        if fatal:
+            raise fatal[0]
+        for each, failure in failures:
+            leave_out(run, each, failure, others=len(servings))
+        yield servings
+
+
+@contextlib.contextmanager
+def deployed(run: JobRun, prepared: Prepared, *, plan: Plan) -> Iterator[Serving]:
+    """A ready model server for the model: a warm one from the pool (worker/warm.py) or a new one.
 
     Without the pool (RETRO_WARM_TTL_S=0) it is torn down when the block exits, however it exits. With it, the job
     detaches when the block exits: the deployment stays warm for the next job, unless it went down or failed its
-    check (then it is stopped), or the pool lets it go.
+    check (then it is stopped), or the pool lets it go. A job comparing models starts a server of its own for each
+    (the pool holds one job per deployment), named after the job and the model's position.
     """
+    each, environment, model = prepared.each, prepared.environment, prepared.each.model
     deployer = run.adapters.deployer
     pool = WarmPool(sessions=run.sessions, deployer=deployer, settings=run.settings)
+    pooled = pool.enabled and each.position is None
     key = pool_key(model, environment, run.settings)
-    run.enter(State.deploying)
-    deployment = pool.attach(key=key, job_id=run.job_id) if pool.enabled else None
+    if each.position is None:  # a comparing job entered the stage once for all its models
+        run.enter(State.deploying)
+    deployment = pool.attach(key=key, job_id=run.job_id) if pooled else None
     warm = deployment is not None
-    name = deployment.name if deployment is not None else deployment_name(run.job_id)
+    name = deployment.name if deployment is not None else deployment_name(run.job_id, position=each.position)
     # Record the name before creating anything, so a reaper can find it if this process dies.
-    if pool.enabled and not warm:
+    if pooled and not warm:
         name = pool.register(name=name, key=key, job_id=run.job_id, model=model)
-    run.record_deployment(name, warm=warm)
+    run.record_deployment(name, warm=warm, position=each.position)
     alive = DEPLOYMENTS_ALIVE.labels(run.settings.deployer)
     alive.inc()
     broken = False
@@ -490,26 +602,28 @@ def deployed(
             log.info("retro test %s: attached to warm deployment %s", run.job_id, name)
         ready = deployment
         with open_scorer(run, deployment=ready, model=model) as scorer:
-            run.record_protocol(scorer.protocol)
+            run.record_protocol(scorer.protocol, position=each.position)
             yield Serving(
+                each=each,
                 deployment=ready,
                 scorer=scorer,
+                reference=prepared.reference,
                 warm=warm,
-                validated=(lambda: pool.mark_ready(ready)) if pool.enabled else (lambda: None),
+                validated=(lambda: pool.mark_ready(ready)) if pooled else (lambda: None),
             )
     except (ModelServerDown, DeploymentFailed):
         broken = True
         raise
     finally:
         alive.dec()
-        _leave(run, pool, name=name, broken=broken)
+        _leave(run, pool if pooled else None, name=name, broken=broken)
 
 
-def _leave(run: JobRun, pool: WarmPool, *, name: str, broken: bool) -> None:
+def _leave(run: JobRun, pool: WarmPool | None, *, name: str, broken: bool) -> None:
     """The job is done with its deployment: detach from the pool, or stop it without one. Never raises: the job's
     outcome stands, and what could not be stopped the reaper stops once the job is terminal."""
     try:
-        if pool.enabled:
+        if pool is not None:
             pool.release(name=name, job_id=run.job_id, broken=broken)
         else:
             run.adapters.deployer.stop(name)
@@ -541,17 +655,16 @@ def split_ranges(chunks: list[Chunk], parts: int) -> list[list[Chunk]]:
     return [r for r in ranges if r]
 
 
-def score_period(
-    run: JobRun, *, query: HistoryQuery, chunks: list[Chunk], deployment: Deployment, scorer: BatchScorer
-) -> None:
+def score_period(run: JobRun, *, query: HistoryQuery, chunks: list[Chunk], servings: list[Serving]) -> None:
     """Score every chunk of the period not yet committed, alone or with RETRO_PARTITIONS - 1 helper workers.
 
     Helpers each get a date range; this attempt scores the first range, then every chunk still open from the
     end of the period backwards. A helper that never starts or dies costs nothing but its share of the time, and
     a live one meets this attempt inside its range, where at most the chunk both are on is scored twice (the
-    first commit wins). When this returns, every chunk is committed.
+    first commit wins). When this returns, every chunk is committed. A job comparing models scores each batch
+    with every model (app/integrations/scoring/several.py), alone: a helper serves one deployment.
     """
-    send = run.adapters.send_partition
+    send = run.adapters.send_partition if not run.spec.models else None
     done = run.committed_keys()
     pending = [c for c in chunks if c.key not in done]
     ranges = split_ranges(pending, run.settings.partitions if send else 1)
@@ -560,18 +673,35 @@ def score_period(
         assert send is not None
         send(
             PartitionOrder(
-                job_id=run.job_id, lease=run.control.lease, deployment=deployment, first=part[0].key, last=part[-1].key
+                job_id=run.job_id,
+                lease=run.control.lease,
+                deployment=servings[0].deployment,
+                first=part[0].key,
+                last=part[-1].key,
             )
         )
         log.info("retro test %s: chunks %s to %s sent to a helper worker", run.job_id, part[0].key, part[-1].key)
     for part in reversed(ranges[1:]):
         order += list(reversed(part))
-    score_chunks(run, query=query, chunks=order, scorer=scorer, live_progress=len(ranges) <= 1)
-    totals = run.tally()
+    with _job_scorer(run, servings) as scorer:
+        score_chunks(run, query=query, chunks=order, scorer=scorer, live_progress=len(ranges) <= 1)
     # A helper's commit may have passed the reject budget; its own error went only to its log.
-    enforce_reject_budget(
-        rejected=totals.counts.rejected, read_total=totals.rows_total or totals.counts.read, settings=run.settings
+    enforce_reject_budgets(run.tally(), settings=run.settings)
+
+
+@contextlib.contextmanager
+def _job_scorer(run: JobRun, servings: list[Serving]) -> Iterator[Scorer]:
+    """The job's one model's scorer, or one that scores each batch with every compared model."""
+    if not run.spec.models:
+        yield servings[0].scorer
+        return
+    scorer = ModelsScorer(
+        [ComparedScorer(scorer=s.scorer, column_prefix=s.each.column_prefix, label=s.each.short) for s in servings]
     )
+    try:
+        yield scorer
+    finally:
+        scorer.close()
 
 
 def score_partition(
@@ -591,7 +721,7 @@ def score_partition(
         with _control(spec, sessions=sessions, lease=order.lease, settings=settings, heartbeat=False) as control:
             run = JobRun(spec=spec, control=control, adapters=adapters, settings=settings, sessions=sessions)
             model = resolve(run)
-            query = history_query(run, model)
+            query = history_query(run, [JobModel(model)])
             chunks = plan_chunks(run, query)
             mine = [c for c in chunks if order.first <= c.key <= order.last]
             with open_scorer(run, deployment=order.deployment, model=model) as scorer:

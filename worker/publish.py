@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import html
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
@@ -25,15 +27,15 @@ from app.integrations.storage.results import (
     SafeCsvWriter,
     csv_header,
 )
-from app.retro_tests.runs import ChunkRecord, ResultFileRecord, Tally
-from worker import report
+from app.retro_tests.runs import ChunkRecord, ModelTally, ResultFileRecord, Tally
+from worker import compare, report
 from worker.chunks import stats_path
 
 if TYPE_CHECKING:
-    from worker.run import JobRun
+    from worker.run import JobModel, JobRun
 
 
-def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> None:
+def publish(run: JobRun, *, models: list[JobModel], query: HistoryQuery) -> None:
     """Merge the parts into the result files, write the manifest, reconcile, and record the files."""
     store, prefix = run.adapters.store, run.spec.prefix
     chunks, tally = run.to_publish()
@@ -51,7 +53,7 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
     # work, mostly outside the GIL; at 1M rows each takes ~0.2-0.3 s).
     with ThreadPoolExecutor(1, thread_name_prefix="report") as background:
         reported = background.submit(
-            _write_report, run, model=model, query=query, chunks=chunks, tally=tally, unmatched=unmatched
+            _write_report, run, models=models, query=query, chunks=chunks, tally=tally, unmatched=unmatched
         )
         files = [*_merge_scores(run, [c.part_path for c in chunks if c.part_path], scored=counts.scored)]
         reject_parts = [c.rejects_path for c in chunks if c.rejects_path]
@@ -67,8 +69,11 @@ def publish(run: JobRun, *, model: ModelVersionInfo, query: HistoryQuery) -> Non
         run.adapters.source.drop_staging(query.population.staging_table)  # read for the last time: gone first
     if tally.environment and tally.environment.packages:
         files.append(_write_lock(store, prefix, tally.environment))
+    for m in tally.models:  # a comparing job: each model's own environment
+        if m.environment and m.environment.packages and m.error is None:
+            files.append(_write_lock(store, prefix, m.environment, name=f"requirements.{m.column_prefix}lock"))
     # The full manifest is for staff (the API); partners' links serve the one without internal details.
-    manifest = _manifest(run, model=model, query=query, tally=tally, files=files)
+    manifest = _manifest(run, model=models[0].model, query=query, tally=tally, files=files)
     with store.open_write(f"{prefix}/{INTERNAL_MANIFEST}") as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
     with store.open_write(f"{prefix}/manifest.json") as fh:
@@ -120,7 +125,7 @@ def partner_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     Not the run id, artifact URI, requester, source table, query, environment or timings: they describe our
     systems, not the partner's results.
     """
-    return {
+    public = {
         "retro_test": {"id": manifest["retro_test"]["id"], "created_at": manifest["retro_test"]["created_at"]},
         "model": {"name": manifest["model"]["name"], "version": manifest["model"]["version"]},
         "id_columns": manifest["source"]["id_columns"],
@@ -129,6 +134,10 @@ def partner_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "files": [f for f in manifest["files"] if f["kind"] not in STAFF_ONLY_KINDS],
         "published_at": manifest["published_at"],
     }
+    if "models" in manifest:
+        keep = ("name", "version", "columns", "outputs", "rows", "left_out")
+        public["models"] = [{k: m[k] for k in keep} for m in manifest["models"]]
+    return public
 
 
 def _period(query: HistoryQuery, days_without_history: list[str] | None) -> dict[str, Any]:
@@ -181,11 +190,30 @@ def _manifest(
         "environment": tally.environment.public() if tally.environment else None,
         "validation": tally.validation.public() if tally.validation else None,
         "rows": {"total": tally.rows_total, "read": counts.read, "scored": counts.scored, "rejected": counts.rejected},
+        **({"models": [_model_entry(m) for m in tally.models]} if tally.models else {}),
         "files": [
             {"name": f.name, "kind": f.kind, "format": f.format, "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256}
             for f in files
         ],
         "published_at": utcnow().isoformat(),
+    }
+
+
+def _model_entry(m: ModelTally) -> dict[str, Any]:
+    """One compared model in the manifest: which version, where its columns are, its rows, its server."""
+    info = m.model_info
+    return {
+        "name": info.name,
+        "version": info.version,
+        "run_id": info.run_id,
+        "artifact_uri": info.artifact_uri,
+        "columns": m.column_prefix,  # its outputs are <columns><output> in the results
+        "outputs": [m.column_prefix + o for o in info.outputs],
+        "rows": {"scored": m.rows_scored, "rejected": m.rows_rejected},
+        "left_out": {"error": m.error[0], "detail": m.error[1]} if m.error else None,
+        "protocol": m.score_protocol,
+        "environment": m.environment.public() if m.environment else None,
+        "validation": m.validation.public() if m.validation else None,
     }
 
 
@@ -217,13 +245,14 @@ def _write_unmatched(run: JobRun, query: HistoryQuery) -> int:
 def _write_report(
     run: JobRun,
     *,
-    model: ModelVersionInfo,
+    models: list[JobModel],
     query: HistoryQuery,
     chunks: list[ChunkRecord],
     tally: Tally,
     unmatched: int | None,
 ) -> list[ResultFileRecord]:
-    """report.json and report.html, from the committed parts and each chunk's input statistics."""
+    """report.json and report.html, from the committed parts and each chunk's input statistics: one model's
+    figures, or each compared model's and their comparison (worker/compare.py)."""
     store, prefix, counts = run.adapters.store, run.spec.prefix, tally.counts
     parts = [c.part_path for c in chunks if c.part_path]
     stems = [_stem(c) for c in chunks]
@@ -233,7 +262,7 @@ def _write_report(
         parts=parts,
         stats=[stats_path(stem) for stem in stems if stem],
         query=query,
-        score_column=model.outputs[-1] if model.outputs else _score_column(store, parts, query),
+        score_column="",
         rows={
             "requested": population.rows if population is not None else counts.read,
             "matched": counts.read,
@@ -245,16 +274,24 @@ def _write_report(
         memory_limit=run.settings.report_memory_limit,
         spill_dir=run.settings.resolved_spill_dir(),
     )
-    figures = report.build(inputs)
+    language = run.spec.report_language or run.settings.default_language
+    partner = run.spec.partner_name
+    if not run.spec.models:
+        model = models[0].model
+        figures = report.build(replace(inputs, score_column=_score_column(store, parts, query, model)))
+        with use_language(language):
+            title = _("{model} version {version} on {partner}'s customers, {start} to {end}").format(
+                model=model.name,
+                version=model.version,
+                partner=partner or _("the partner"),
+                start=query.start,
+                end=query.end,
+            )
+            page = report.render_html(figures, title=title)
+    else:
+        figures, page = _comparison_report(inputs, models=models, tally=tally, language=language, partner=partner)
     with store.open_write(f"{prefix}/report.json") as fh:
         fh.write(json.dumps(figures, indent=2, default=str).encode())
-    # In the partner's report language (an admin sets it on the partner's page), else RETRO_DEFAULT_LANGUAGE.
-    with use_language(run.spec.report_language or run.settings.default_language):
-        partner = run.spec.partner_name or _("the partner")
-        title = _("{model} version {version} on {partner}'s customers, {start} to {end}").format(
-            model=model.name, version=model.version, partner=partner, start=query.start, end=query.end
-        )
-        page = report.render_html(figures, title=title)
     with store.open_write(f"{prefix}/report.html") as fh:
         fh.write(page.encode())
     return [
@@ -271,22 +308,67 @@ def _stem(chunk: ChunkRecord) -> str | None:
     return None
 
 
-def _score_column(store: ResultStore, parts: list[str], query: HistoryQuery) -> str:
-    """The last column of the results that is not carried from the source: the model's last output."""
+def _comparison_report(
+    inputs: report.ReportInputs, *, models: list[JobModel], tally: Tally, language: str, partner: str
+) -> tuple[dict[str, Any], str]:
+    """A comparing job's report: the comparison first, then each model's own figures; and those left out."""
+    by_position = {m.position: m for m in tally.models}
+    columns = [_score_column(inputs.store, inputs.parts, inputs.query, m.model, prefix=m.column_prefix) for m in models]
+    per_model = []
+    for each, column in zip(models, columns, strict=True):
+        assert each.position is not None
+        counted = by_position[each.position]
+        rows = inputs.rows | {"scored": counted.rows_scored, "rejected": counted.rows_rejected}
+        figures = report.build(replace(inputs, score_column=column, rows=rows, only_scored=True))
+        per_model.append({"model": each.short, "name": each.model.name, "version": each.model.version} | figures)
+    comparison = compare.build_from_parts(inputs, columns=columns, labels=[m.short for m in models])
+    left_out = [
+        {"model": f"{m.model_info.name} v{m.model_info.version}", "error": m.error[0], "detail": m.error[1]}
+        for m in tally.models
+        if m.error
+    ]
+    content = {"comparison": comparison, "models": per_model, "left_out": left_out}
+    with use_language(language):
+        title = _("{count} models compared on {partner}'s customers, {start} to {end}").format(
+            count=len(models), partner=partner or _("the partner"), start=inputs.query.start, end=inputs.query.end
+        )
+        body = [compare.render_html(comparison)]
+        for m in left_out:
+            body.append(
+                "<p class='explain'>"
+                + html.escape(_("{model} was left out: {detail}").format(model=m["model"], detail=m["detail"]))
+                + "</p>"
+            )
+        for figures in per_model:
+            body += [f"<section>{report.heading(2, figures['model'])}", report.render_body(figures), "</section>"]
+        page = report.page(title=title, body="\n".join(body))
+    return content, page
+
+
+def _score_column(
+    store: ResultStore, parts: list[str], query: HistoryQuery, model: ModelVersionInfo, *, prefix: str = ""
+) -> str:
+    """The model's score in the results: its last output; for a model without declared outputs, the last column
+    of its own that the results hold."""
+    if model.outputs:
+        return prefix + model.outputs[-1]
     if not parts:
-        return "score"
+        return prefix + "score"
     with store.open_read(parts[0]) as fh:
         names = pq.read_schema(fh).names
-    return str([n for n in names if n not in query.carried][-1])
+    own = [n for n in names if n not in query.carried and n.startswith(prefix)]
+    return str(own[-1]) if own else prefix + "score"
 
 
-def _write_lock(store: ResultStore, prefix: str, environment: EnvironmentRecord) -> ResultFileRecord:
+def _write_lock(
+    store: ResultStore, prefix: str, environment: EnvironmentRecord, *, name: str = "requirements.lock"
+) -> ResultFileRecord:
     """The model server's packages, pinned, kept with the results: `uv pip sync` rebuilds the environment."""
     lines = [f"# Python {environment.python}, as the model server of this retro test ran"]
     lines += [f"{name}=={version}" for name, version in sorted((environment.packages or {}).items())]
-    with store.open_write(f"{prefix}/requirements.lock") as fh:
+    with store.open_write(f"{prefix}/{name}") as fh:
         fh.write(("\n".join(lines) + "\n").encode())
-    return _described(store, prefix, name="requirements.lock", kind="environment", fmt="txt", rows=None)
+    return _described(store, prefix, name=name, kind="environment", fmt="txt", rows=None)
 
 
 def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dict[str, int]:

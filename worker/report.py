@@ -45,6 +45,7 @@ class ReportInputs:
     days_without_history: list[str] | None  # YYYY-MM-DD days of the period with no history (None: not known)
     memory_limit: str
     spill_dir: Path | None = None
+    only_scored: bool = False  # a compared model: leave out the rows it refused (null in its column)
 
 
 def build(inputs: ReportInputs) -> dict[str, Any]:
@@ -76,8 +77,18 @@ def build(inputs: ReportInputs) -> dict[str, Any]:
 
 
 def _results_view(con: Any, inputs: ReportInputs, *, outcome: str | None) -> None:
-    day = f'"{_day_column(inputs)}"'
+    day = f'"{day_column(inputs)}"'
     y = f', CAST("{outcome}" AS INTEGER) AS y' if outcome else ""
+    parts_view(con, inputs)
+    where = f' WHERE "{inputs.score_column}" IS NOT NULL' if inputs.only_scored else ""
+    con.execute(
+        f'CREATE VIEW r AS SELECT CAST({day} AS DATE) AS d, CAST("{inputs.score_column}" AS DOUBLE) AS s{y}, '
+        f"strftime(CAST({day} AS DATE), '%Y-%m') AS m FROM parts{where}"
+    )
+
+
+def parts_view(con: Any, inputs: ReportInputs) -> None:
+    """The view `parts`: the job's committed parts, read where they are."""
     store = inputs.store
     if store.is_local:
         files = [store.local_path(p) for p in inputs.parts]
@@ -85,13 +96,9 @@ def _results_view(con: Any, inputs: ReportInputs, *, outcome: str | None) -> Non
         con.register_filesystem(store.filesystem)
         files = [store.location(p) for p in inputs.parts]
     con.read_parquet(files).create_view("parts")
-    con.execute(
-        f'CREATE VIEW r AS SELECT CAST({day} AS DATE) AS d, CAST("{inputs.score_column}" AS DOUBLE) AS s{y}, '
-        f"strftime(CAST({day} AS DATE), '%Y-%m') AS m FROM parts"
-    )
 
 
-def _day_column(inputs: ReportInputs) -> str:
+def day_column(inputs: ReportInputs) -> str:
     pop = inputs.query.population
     return pop.as_of_column if pop else inputs.query.date_column
 
@@ -348,9 +355,26 @@ EXPLAIN = {
 
 def render_html(report: dict[str, Any], *, title: str) -> str:
     """The report as one HTML page: a summary first, then tables, and charts as inline SVG; nothing loaded."""
+    return page(title=title, body=render_body(report))
+
+
+def page(*, title: str, body: str) -> str:
+    """A self-contained HTML page: no script, font or image loaded from anywhere."""
+    return (
+        f"<!doctype html><html lang='{current_language()}'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        'img-src data:">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"{body}</body></html>"
+    )
+
+
+def render_body(report: dict[str, Any]) -> str:
+    """One model's figures: a summary card, the rows, quality, deciles, distribution, stability, null rates."""
     rows = report["rows"]
     quality = report.get("quality")
-    parts = [f"<h1>{html.escape(title)}</h1>", _summary_card(report), heading(2, _("Rows")), _explain("rows")]
+    parts = [_summary_card(report), heading(2, _("Rows")), _explain("rows")]
     parts.append(table(["", _("rows")], [[_row_label(k), _n(v)] for k, v in rows.items()]))
     if quality:
         o = quality["overall"]
@@ -417,14 +441,7 @@ def render_html(report: dict[str, Any], *, title: str) -> str:
         _explain("null"),
         table([_("input"), _("null rate")], [[k, pct(v)] for k, v in report["null_rate"].items()]),
     ]
-    body = "\n".join(parts)
-    return (
-        f"<!doctype html><html lang='{current_language()}'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; "
-        'img-src data:">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
-    )
+    return "\n".join(parts)
 
 
 def _summary_card(report: dict[str, Any]) -> str:

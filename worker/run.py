@@ -35,7 +35,17 @@ from app.integrations.history.port import HistorySource
 from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
 from app.retro_tests import runs
-from app.retro_tests.runs import Beat, ChunkRecord, Claim, Counts, JobSpec, LeaseLost, ResultFileRecord, Tally
+from app.retro_tests.runs import (
+    Beat,
+    ChunkRecord,
+    Claim,
+    Counts,
+    JobSpec,
+    LeaseLost,
+    ModelFacts,
+    ResultFileRecord,
+    Tally,
+)
 from worker.control import JobControl, holder_is_dead, this_process
 
 log = logging.getLogger(__name__)
@@ -71,6 +81,26 @@ class PartitionOrder:
             first=message["first"],
             last=message["last"],
         )
+
+
+@dataclass(frozen=True)
+class JobModel:
+    """A model the job scores every row with: the job's one model (position None: its facts are on the job row), or
+    one of the models it compares (position 0, 1, ...: on that model's row; its columns start with the prefix)."""
+
+    model: ModelVersionInfo
+    position: int | None = None
+    column_prefix: str = ""
+
+    @property
+    def label(self) -> str:
+        """As messages name it: model churn version 7."""
+        return f"model {self.model.name} version {self.model.version}"
+
+    @property
+    def short(self) -> str:
+        """As the rejects and the report name it: churn v7."""
+        return f"{self.model.name} v{self.model.version}"
 
 
 @dataclass
@@ -128,17 +158,39 @@ class JobRun:
         """Keep the plan unless the job has one already; returns the plan the job has (the first one wins)."""
         return self._write(runs.record_chunk_plan, plan=plan)
 
-    def record_deployment(self, name: str, *, warm: bool | None = None) -> None:
-        self._write(runs.record_deployment, name=name, warm=warm)
+    # A fact of one model: of the job's one model on the job row (position None), or of one model of a job that
+    # compares several (position 0, 1, ...) on that model's row.
 
-    def record_environment(self, environment: EnvironmentRecord) -> None:
-        self._write(runs.record_environment, environment=environment)
+    def record_deployment(self, name: str, *, warm: bool | None = None, position: int | None = None) -> None:
+        if position is None:
+            self._write(runs.record_deployment, name=name, warm=warm)
+        else:
+            self._model_facts(position, ModelFacts(deployment_name=name))
 
-    def record_validation(self, validation: ValidationRecord) -> None:
-        self._write(runs.record_validation, validation=validation)
+    def record_environment(self, environment: EnvironmentRecord, *, position: int | None = None) -> None:
+        if position is None:
+            self._write(runs.record_environment, environment=environment)
+        else:
+            self._model_facts(position, ModelFacts(environment=environment))
 
-    def record_protocol(self, protocol: str) -> None:
-        self._write(runs.record_protocol, protocol=protocol)
+    def record_validation(self, validation: ValidationRecord, *, position: int | None = None) -> None:
+        if position is None:
+            self._write(runs.record_validation, validation=validation)
+        else:
+            self._model_facts(position, ModelFacts(validation=validation))
+
+    def record_protocol(self, protocol: str, *, position: int | None = None) -> None:
+        if position is None:
+            self._write(runs.record_protocol, protocol=protocol)
+        else:
+            self._model_facts(position, ModelFacts(score_protocol=protocol))
+
+    def record_left_out(self, position: int, *, code: str, message: str) -> None:
+        """One model of a comparing job failed, and the job goes on without it (allow_partial)."""
+        self._model_facts(position, ModelFacts(error=(code, message)))
+
+    def _model_facts(self, position: int, facts: ModelFacts) -> None:
+        self._write(runs.record_model_facts, position=position, facts=facts)
 
     # --- chunks: the checkpoint ---
 

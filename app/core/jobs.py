@@ -176,6 +176,17 @@ class RetroTest(Base):
     files: Mapped[list[ResultFile]] = relationship(
         lazy="raise", cascade="all, delete-orphan", order_by="ResultFile.name"
     )
+    # A job comparing several models: one row each, in the request's order (the first is the one named above).
+    # Each model's own facts (environment, check, deployment, rows) are there; a job of one model has none and
+    # keeps its model's facts on this row.
+    models: Mapped[list[RetroTestModel]] = relationship(
+        lazy="raise", cascade="all, delete-orphan", order_by="RetroTestModel.position"
+    )
+    # With several models: publish the models that succeeded when another fails its deployment or check (its
+    # columns are then left out and the job names it), instead of failing the job.
+    allow_partial: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # How many models the job compares (0: a job of one model): the views read the models' rows only when set.
+    compared_models: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     @property
     def is_terminal(self) -> bool:
@@ -193,6 +204,33 @@ Index("ix_retro_tests_created_at_id", RetroTest.created_at.desc(), RetroTest.id)
 Index("ix_retro_tests_state_created_at_id", RetroTest.state, RetroTest.created_at.desc(), RetroTest.id)
 
 
+class RetroTestModel(Base):
+    """One of the models a comparing job scores every row with, and what its worker learned of it."""
+
+    __tablename__ = "retro_test_models"
+    __table_args__ = (UniqueConstraint("retro_test_id", "position"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    retro_test_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("retro_tests.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # 0, 1, ... in the request's order
+    model_name: Mapped[str] = mapped_column(String(256))
+    requested_version: Mapped[str | None] = mapped_column(String(32))
+    requested_alias: Mapped[str | None] = mapped_column(String(256))
+    model_version: Mapped[str] = mapped_column(String(32))
+    model_info: Mapped[ModelRecord] = mapped_column(RecordJSON(ModelRecord))
+    # The start of this model's columns in the results ("churn_v7_"): its outputs are named <prefix><output>.
+    column_prefix: Mapped[str] = mapped_column(String(300))
+    environment: Mapped[EnvironmentRecord | None] = mapped_column(RecordJSON(EnvironmentRecord))
+    validation: Mapped[ValidationRecord | None] = mapped_column(RecordJSON(ValidationRecord))
+    deployment_name: Mapped[str | None] = mapped_column(String(128))
+    score_protocol: Mapped[str | None] = mapped_column(String(16))
+    rows_scored: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_rejected: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Set when the model failed and the job went on without it (allow_partial): it has no columns in the results.
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
 class RetroTestChunk(Base):
     """A finished slice of the period; its part file is final once this row is committed."""
 
@@ -207,6 +245,8 @@ class RetroTestChunk(Base):
     rows_rejected: Mapped[int] = mapped_column(BigInteger)
     part_path: Mapped[str | None] = mapped_column(Text)
     rejects_path: Mapped[str | None] = mapped_column(Text)
+    # A comparing job's rows per model, in model order: [[scored, rejected], ...] (None: a job of one model).
+    model_counts: Mapped[list[list[int]] | None] = mapped_column(JSON)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

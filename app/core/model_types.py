@@ -5,12 +5,13 @@ The MLflow adapter (app/integrations/registry/mlflow.py) builds these; the job k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.identifiers import check_name, check_table
 from app.core.records import ModelRecord
-from app.errors import SourceUnknown
+from app.errors import Invalid, SourceUnknown
 from app.i18n import _
 
 TAG_TABLE = "retro.source.table"
@@ -120,6 +121,39 @@ class ModelVersionInfo:
             outputs=tuple(record.outputs),
             tags=dict(record.tags),
         )
+
+
+def column_prefix(model: ModelVersionInfo) -> str:
+    """Where a compared model's outputs start in the results: `churn_v7_` for model churn version 7."""
+    return f"{re.sub(r'[^0-9A-Za-z_]', '_', model.name)}_v{model.version}_"
+
+
+def compared_inputs(models: list[ModelVersionInfo]) -> tuple[Feature, ...]:
+    """The inputs every compared model reads, each once, in the models' order; the history is read once for all.
+
+    Refused when two models read the same column as different types (each would need it cast its own way)."""
+    seen: dict[str, Feature] = {}
+    for model in models:
+        for feature in model.inputs:
+            other = seen.setdefault(feature.name, feature)
+            if other.type != feature.type:
+                raise Invalid(
+                    _(
+                        "the models disagree on input {column}: {first} reads it as {first_type}, {second} as {second_type}; compare models that read their inputs alike"
+                    ).format(
+                        column=repr(feature.name),
+                        first=_model_label(next(m for m in models if other in m.inputs)),
+                        first_type=other.type,
+                        second=_model_label(model),
+                        second_type=feature.type,
+                    ),
+                    field="models",
+                )
+    return tuple(seen.values())
+
+
+def _model_label(model: ModelVersionInfo) -> str:
+    return f"{model.name} v{model.version}"
 
 
 def _split(value: str) -> list[str]:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.clock import as_utc, utcnow
-from app.core.jobs import ResultFile, RetroTest, RetroTestChunk, State, job_prefix
+from app.core.jobs import ResultFile, RetroTest, RetroTestChunk, RetroTestModel, State, job_prefix
 from app.core.model_types import ModelVersionInfo
 from app.core.partners import Partner
 from app.core.records import ChunkPlanRecord, EnvironmentRecord, ModelRecord, PopulationRecord, ValidationRecord
@@ -30,6 +30,17 @@ from app.errors import JobCancelled, NotFound
 
 class LeaseLost(Exception):
     """Another attempt owns the job now (this one was presumed dead); this attempt stops without a verdict."""
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """One model of a job comparing several: its registry answer, where its columns start, and whether an earlier
+    attempt left it out (allow_partial) after it failed."""
+
+    position: int
+    model_info: ModelRecord
+    column_prefix: str
+    left_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class JobSpec:
     report_language: str | None = None  # the partner's report language (None: RETRO_DEFAULT_LANGUAGE)
     require_full_period: bool = False  # refuse a period with days that have no history
     days_without_history: tuple[str, ...] | None = None  # YYYY-MM-DD, as found so far (None: not known yet)
+    models: tuple[ModelSlot, ...] = ()  # a job comparing several models: each (none for a job of one model)
+    allow_partial: bool = False  # with several models: go on without one that fails its deployment or check
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,7 @@ class ChunkRecord:
     counts: Counts
     part_path: str | None
     rejects_path: str | None
+    model_counts: tuple[tuple[int, int], ...] | None = None  # a comparing job's (scored, rejected) per model
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,15 @@ def _job(session: Session, job_id: uuid.UUID, *, lock: bool = False) -> RetroTes
     return job
 
 
+def _models(session: Session, job_id: uuid.UUID) -> list[RetroTestModel]:
+    """The models a comparing job scores with, in order (none for a job of one model)."""
+    return list(
+        session.scalars(
+            select(RetroTestModel).where(RetroTestModel.retro_test_id == job_id).order_by(RetroTestModel.position)
+        )
+    )
+
+
 def _spec(session: Session, job: RetroTest) -> JobSpec:
     return JobSpec(
         id=job.id,
@@ -144,6 +167,16 @@ def _spec(session: Session, job: RetroTest) -> JobSpec:
         report_language=session.scalar(select(Partner.report_language).where(Partner.id == job.partner_id)),
         require_full_period=bool(job.require_full_period),
         days_without_history=tuple(job.days_without_history) if job.days_without_history is not None else None,
+        models=tuple(
+            ModelSlot(
+                position=m.position,
+                model_info=m.model_info,
+                column_prefix=m.column_prefix,
+                left_out=m.error_code is not None,
+            )
+            for m in _models(session, job.id)
+        ),
+        allow_partial=bool(job.allow_partial),
     )
 
 
@@ -254,6 +287,36 @@ def record_protocol(*, session: Session, job_id: uuid.UUID, protocol: str) -> No
     session.flush()
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an attempt learned of one model of a comparing job; None: nothing new of that kind."""
+
+    deployment_name: str | None = None
+    environment: EnvironmentRecord | None = None
+    validation: ValidationRecord | None = None
+    score_protocol: str | None = None
+    error: tuple[str, str] | None = None  # (code, message): the model failed and the job goes on without it
+
+
+def record_model_facts(*, session: Session, job_id: uuid.UUID, position: int, facts: ModelFacts) -> None:
+    """Keep what was learned of one model of a comparing job on its row."""
+    row = session.scalars(
+        select(RetroTestModel).where(RetroTestModel.retro_test_id == job_id, RetroTestModel.position == position)
+    ).one()
+    if facts.deployment_name is not None:
+        row.deployment_name = facts.deployment_name
+    if facts.environment is not None:
+        row.environment = facts.environment
+    if facts.validation is not None:
+        row.validation = facts.validation
+    if facts.score_protocol is not None:
+        row.score_protocol = facts.score_protocol
+    if facts.error is not None:
+        row.error_code, row.error_message = facts.error
+    _job(session, job_id).updated_at = utcnow()  # the job's views show its models: a kept view is out of date
+    session.flush()
+
+
 def beat(
     *, session: Session, job_id: uuid.UUID, lease: str, progress: Counts | None = None, heartbeat: bool = True
 ) -> Beat:
@@ -319,9 +382,12 @@ def record_chunk(*, session: Session, job_id: uuid.UUID, lease: str, chunk: Chun
             rows_rejected=chunk.counts.rejected,
             part_path=chunk.part_path,
             rejects_path=chunk.rejects_path,
+            model_counts=[list(c) for c in chunk.model_counts] if chunk.model_counts is not None else None,
         )
     )
     session.flush()
+    if chunk.model_counts is not None:
+        _add_up_models(session, job_id)
     totals = committed_counts(session=session, job_id=job_id)
     job = _job(session, job_id)
     job.rows_read, job.rows_scored, job.rows_rejected = totals.read, totals.scored, totals.rejected
@@ -331,6 +397,23 @@ def record_chunk(*, session: Session, job_id: uuid.UUID, lease: str, chunk: Chun
     )
     session.flush()
     return tally(session=session, job_id=job_id)
+
+
+def _add_up_models(session: Session, job_id: uuid.UUID) -> None:
+    """Each compared model's rows over the committed chunks, on its row (the job's page shows them)."""
+    per_model: dict[int, list[int]] = {}
+    for counts in session.scalars(
+        select(RetroTestChunk.model_counts).where(
+            RetroTestChunk.retro_test_id == job_id, RetroTestChunk.model_counts.is_not(None)
+        )
+    ):
+        for position, (scored, rejected) in enumerate(counts or []):
+            total = per_model.setdefault(position, [0, 0])
+            total[0] += scored
+            total[1] += rejected
+    for row in _models(session, job_id):
+        row.rows_scored, row.rows_rejected = per_model.get(row.position, [0, 0])
+    session.flush()
 
 
 def committed_chunks(*, session: Session, job_id: uuid.UUID) -> list[ChunkRecord]:
@@ -344,6 +427,7 @@ def committed_chunks(*, session: Session, job_id: uuid.UUID) -> list[ChunkRecord
             counts=Counts(read=c.rows_read, scored=c.rows_scored, rejected=c.rows_rejected),
             part_path=c.part_path,
             rejects_path=c.rejects_path,
+            model_counts=tuple((int(a), int(b)) for a, b in c.model_counts) if c.model_counts is not None else None,
         )
         for c in rows
     ]
@@ -361,11 +445,41 @@ class Tally:
     environment: EnvironmentRecord | None = None
     validation: ValidationRecord | None = None
     days_without_history: list[str] | None = None
+    models: tuple[ModelTally, ...] = ()  # a comparing job's models
+
+
+@dataclass(frozen=True)
+class ModelTally:
+    """One compared model as publishing reads it."""
+
+    position: int
+    model_info: ModelRecord
+    column_prefix: str
+    rows_scored: int
+    rows_rejected: int
+    score_protocol: str | None
+    environment: EnvironmentRecord | None
+    validation: ValidationRecord | None
+    error: tuple[str, str] | None
 
 
 def tally(*, session: Session, job_id: uuid.UUID) -> Tally:
     job = _job(session, job_id)
     return Tally(
+        models=tuple(
+            ModelTally(
+                position=m.position,
+                model_info=m.model_info,
+                column_prefix=m.column_prefix,
+                rows_scored=m.rows_scored,
+                rows_rejected=m.rows_rejected,
+                score_protocol=m.score_protocol,
+                environment=m.environment,
+                validation=m.validation,
+                error=(m.error_code, m.error_message or "") if m.error_code else None,
+            )
+            for m in _models(session, job_id)
+        ),
         rows_total=job.rows_total,
         counts=Counts(read=job.rows_read, scored=job.rows_scored, rejected=job.rows_rejected),
         stage_started=dict(job.stage_started or {}),

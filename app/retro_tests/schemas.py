@@ -27,6 +27,22 @@ class SourceOverride(BaseModel):
     id_columns: Annotated[list[Identifier], Field(min_length=1, max_length=16)] | None = None
 
 
+class ModelRef(BaseModel):
+    """One model of a request: a registry model by name, at a version or an alias."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    version: Annotated[str, Field(pattern=r"^[0-9]{1,9}$")] | None = None
+    alias: Name | None = None
+
+    @model_validator(mode="after")
+    def _one_of_version_or_alias(self) -> ModelRef:
+        if (self.version is None) == (self.alias is None):
+            raise ValueError(_("give each model exactly one of version or alias"))
+        return self
+
+
 class RetroTestCreate(BaseModel):
     """A request to score a partner's history with one model version over one period."""
 
@@ -48,12 +64,22 @@ class RetroTestCreate(BaseModel):
     )
 
     partner_code: Annotated[str, Field(min_length=1, max_length=64, pattern=NO_CONTROL_PATTERN)]
-    model_name: Name
+    model_name: Name | None = Field(default=None, description="The registry model; or give `models`.")
     model_version: Annotated[str, Field(pattern=r"^[0-9]{1,9}$")] | None = Field(
         default=None, description="A registry version number; give this or model_alias."
     )
     model_alias: Name | None = Field(
         default=None, description="A registry alias such as 'champion'; resolved to a version at submission."
+    )
+    models: Annotated[list[ModelRef], Field(min_length=1, max_length=16)] | None = Field(
+        default=None,
+        description="Several models to compare on the same rows (at most RETRO_MAX_MODELS_PER_JOB), instead of "
+        "model_name with model_version or model_alias: every row is scored by each, and the report compares them.",
+    )
+    allow_partial: StrictBool = Field(
+        default=False,
+        description="With several models: when one fails its deployment or reference check, publish the others "
+        "and name it, instead of failing the job.",
     )
     period_start: IsoDate
     period_end: IsoDate
@@ -79,9 +105,22 @@ class RetroTestCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_version_or_alias(self) -> RetroTestCreate:
+        if self.models is not None:
+            if self.model_name is not None or self.model_version is not None or self.model_alias is not None:
+                raise ValueError(_("give either models or model_name with model_version or model_alias, not both"))
+            return self
+        if self.model_name is None:
+            raise ValueError(_("give model_name with model_version or model_alias, or models"))
         if (self.model_version is None) == (self.model_alias is None):
             raise ValueError(_("give exactly one of model_version or model_alias"))
         return self
+
+    def model_refs(self) -> list[ModelRef]:
+        """Every model of the request, in order: one for a request of one model."""
+        if self.models is not None:
+            return list(self.models)
+        assert self.model_name is not None
+        return [ModelRef(name=self.model_name, version=self.model_version, alias=self.model_alias)]
 
 
 class ProgressOut(BaseModel):
@@ -117,6 +156,25 @@ class ResultFileOut(BaseModel):
     bytes: int
     sha256: str
     download_url: str
+
+
+class ModelOut(BaseModel):
+    """One model of a job that compares several."""
+
+    position: int = Field(description="0, 1, ... in the request's order")
+    model_name: str
+    model_version: str
+    requested_version: str | None
+    requested_alias: str | None
+    column_prefix: str = Field(description="where the model's outputs start in the results: <prefix><output>")
+    score_protocol: str | None
+    environment: dict[str, Any] | None
+    validation: dict[str, Any] | None
+    rows_scored: int
+    rows_rejected: int
+    left_out: dict[str, Any] | None = Field(
+        description="set when the model failed and the job went on without it (allow_partial): code and message"
+    )
 
 
 class RetroTestOut(BaseModel):
@@ -177,6 +235,11 @@ class RetroTestOut(BaseModel):
     error: dict[str, Any] | None
     result_location: str | None
     files: list[ResultFileOut]
+    models: list[ModelOut] | None = Field(
+        default=None,
+        description="a job comparing several models: each, with its own environment, check and rows (the fields "
+        "above name the first); null for a job of one model",
+    )
 
 
 class RetroTestPage(BaseModel):

@@ -20,8 +20,17 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.clock import utcnow
 from app.config import Settings
-from app.core.jobs import ACTIVE_STATES, TERMINAL_STATES, ResultFile, RetroTest, State, get_retro_test, job_prefix
-from app.core.model_types import ModelVersionInfo, SourceSpec
+from app.core.jobs import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    ResultFile,
+    RetroTest,
+    RetroTestModel,
+    State,
+    get_retro_test,
+    job_prefix,
+)
+from app.core.model_types import ModelVersionInfo, SourceSpec, column_prefix, compared_inputs
 from app.core.partners import Partner
 from app.core.periods import days_text, missing_days
 from app.core.records import PopulationRecord, SourceRecord
@@ -41,7 +50,7 @@ from app.errors import (
 from app.i18n import _
 from app.partners.service import find_by_code
 from app.retro_tests.population import Population, PopulationColumns, PopulationUpload, read_population
-from app.retro_tests.schemas import JobFilters, RetroTestCreate
+from app.retro_tests.schemas import JobFilters, ModelRef, RetroTestCreate
 
 
 class ModelResolver(Protocol):
@@ -128,24 +137,24 @@ def check_period(*, start: date, end: date, max_days: int, today: date | None = 
 def request_key(
     *,
     partner_id: uuid.UUID,
-    model: ModelVersionInfo,
+    models: Sequence[ModelVersionInfo],
     data: RetroTestCreate,
     source: Mapping[str, object],
     formats: Sequence[str],
 ) -> str:
     """A fingerprint of what the job would compute, so an identical active request is not run twice."""
-    canonical = json.dumps(
-        {
-            "partner": str(partner_id),
-            "model": model.name,
-            "version": model.version,
-            "start": data.period_start.isoformat(),
-            "end": data.period_end.isoformat(),
-            "source": source,
-            "formats": sorted(formats),
-        },
-        sort_keys=True,
-    )
+    fields: dict[str, object] = {
+        "partner": str(partner_id),
+        "model": models[0].name,
+        "version": models[0].version,
+        "start": data.period_start.isoformat(),
+        "end": data.period_end.isoformat(),
+        "source": source,
+        "formats": sorted(formats),
+    }
+    if len(models) > 1:  # a job of one model keeps the fingerprint it always had
+        fields |= {"models": [[m.name, m.version] for m in models], "allow_partial": data.allow_partial}
+    canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -227,7 +236,8 @@ class CheckedRequest:
 
     request: RetroTestRequest
     partner: Partner
-    model: ModelVersionInfo
+    model: ModelVersionInfo  # the first of models
+    models: list[ModelVersionInfo]
     override: dict[str, object]
     spec: SourceSpec
     population: Population | None
@@ -279,11 +289,13 @@ def check_request(
     """Resolve the model, check the population and the period's history: every outside call of a submission, and
     no database query, so that no transaction waits on the registry, a 64 MiB upload or a partition listing."""
     data, scope, upload = request.data, request.scope, request.upload
-    model = registry.resolve(name=data.model_name, version=data.model_version, alias=data.model_alias)
+    models = resolve_models(registry=registry, refs=data.model_refs(), settings=settings)
+    model = models[0]
     override = data.source.model_dump(exclude_none=True) if data.source else {}
-    check_source_override(override=override, model=model, scope=scope)
-    spec = model.source_spec(override)
-    population = _check_population(upload, data=data, model=model, spec=spec, settings=settings)
+    for each in models:
+        check_source_override(override=override, model=each, scope=scope)
+    spec = compared_source(models, override)
+    population = _check_population(upload, data=data, models=models, spec=spec, settings=settings)
     if population is not None and history is not None:
         check_id_types(history=history, table=spec.table, population=population)
     missing: list[date] | None = None
@@ -305,11 +317,12 @@ def check_request(
     if population is not None:
         source["population"] = hashlib.sha256(population.parquet).hexdigest()
         source["lookback_days"] = data.lookback_days
-    key = request_key(partner_id=partner.id, model=model, data=data, source=source, formats=formats)
+    key = request_key(partner_id=partner.id, models=models, data=data, source=source, formats=formats)
     return CheckedRequest(
         request=request,
         partner=partner,
         model=model,
+        models=models,
         override=override,
         spec=spec,
         population=population,
@@ -317,6 +330,53 @@ def check_request(
         formats=formats,
         key=key,
     )
+
+
+def resolve_models(*, registry: ModelResolver, refs: list[ModelRef], settings: Settings) -> list[ModelVersionInfo]:
+    """Each model of the request, resolved to its exact version; at most RETRO_MAX_MODELS_PER_JOB, none twice."""
+    if len(refs) > settings.max_models_per_job:
+        raise Invalid(
+            _("{count} models asked for; one retro test compares at most {limit} (RETRO_MAX_MODELS_PER_JOB)").format(
+                count=len(refs), limit=settings.max_models_per_job
+            ),
+            field="models",
+        )
+    models = [registry.resolve(name=r.name, version=r.version, alias=r.alias) for r in refs]
+    seen: set[tuple[str, str]] = set()
+    for m in models:
+        if (m.name, m.version) in seen:
+            raise Invalid(
+                _("model {name} version {version} is asked for twice; compare different versions").format(
+                    name=repr(m.name), version=m.version
+                ),
+                field="models",
+            )
+        seen.add((m.name, m.version))
+    if len(models) > 1:
+        compared_inputs(models)
+    return models
+
+
+def compared_source(models: list[ModelVersionInfo], override: dict[str, object]) -> SourceSpec:
+    """The history every model of the request reads: one table, read once for all of them."""
+    spec = models[0].source_spec(override)
+    for other in models[1:]:
+        theirs = other.source_spec(override)
+        if theirs != spec:
+            raise Invalid(
+                _(
+                    "model {first} reads history table {table} ({columns}) but {second} reads {other_table} ({other_columns}); one retro test compares models on the same history"
+                ).format(
+                    first=f"{models[0].name} v{models[0].version}",
+                    table=spec.table,
+                    columns=", ".join([spec.date_column, *spec.id_columns]),
+                    second=f"{other.name} v{other.version}",
+                    other_table=theirs.table,
+                    other_columns=", ".join([theirs.date_column, *theirs.id_columns]),
+                ),
+                field="models",
+            )
+    return spec
 
 
 def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
@@ -340,8 +400,8 @@ def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
         id=uuid.uuid4(),
         partner_id=checked.partner.id,
         model_name=model.name,
-        requested_version=data.model_version,
-        requested_alias=data.model_alias,
+        requested_version=(first := data.model_refs()[0]).version,
+        requested_alias=first.alias,
         period_start=data.period_start,
         period_end=data.period_end,
         output_formats=checked.formats,
@@ -362,7 +422,24 @@ def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
         require_full_period=data.require_full_period,
         # A population is scored as of its own dates: its rows without history are listed as unmatched instead.
         days_without_history=[d.isoformat() for d in missing] if missing is not None and population is None else None,
+        allow_partial=data.allow_partial,
+        compared_models=len(checked.models) if len(checked.models) > 1 else 0,
     )
+    if len(checked.models) > 1:
+        job.models = [
+            RetroTestModel(
+                position=n,
+                model_name=m.name,
+                requested_version=ref.version,
+                requested_alias=ref.alias,
+                model_version=m.version,
+                model_info=m.to_record(),
+                column_prefix=column_prefix(m),
+                rows_scored=0,
+                rows_rejected=0,
+            )
+            for n, (m, ref) in enumerate(zip(checked.models, data.model_refs(), strict=True))
+        ]
     if population is not None:
         job.population = population_record(job, population=population, lookback_days=data.lookback_days)
     session.add(job)
@@ -383,7 +460,7 @@ def add_job(*, session: Session, checked: CheckedRequest) -> Submission:
         subject_type="retro_test",
         subject_id=job.id,
         partner=checked.partner.code,
-        model=f"{model.name}/{model.version}",
+        model=", ".join(f"{m.name}/{m.version}" for m in checked.models),
         period=[data.period_start.isoformat(), data.period_end.isoformat()],
         population_rows=population.rows if population else None,
     )
@@ -394,14 +471,17 @@ def _check_population(
     upload: PopulationUpload | None,
     *,
     data: RetroTestCreate,
-    model: ModelVersionInfo,
+    models: list[ModelVersionInfo],
     spec: SourceSpec,
     settings: Settings,
 ) -> Population | None:
     """The request's population, checked against the model's id columns and the period; None without one."""
     if upload is None:
         return None
-    taken = {spec.date_column, *(f.name for f in model.inputs), *(model.outputs or ())}
+    taken = {spec.date_column}
+    for model in models:
+        prefix = column_prefix(model) if len(models) > 1 else ""
+        taken |= {f.name for f in model.inputs} | {prefix + o for o in model.outputs or ()}
     for name in (data.as_of_column, data.outcome_column):
         if name in taken or name in spec.id_columns:
             raise InvalidPopulation(
@@ -481,7 +561,24 @@ JOB_VIEW = select(
     RetroTest.error_message,
     RetroTest.result_location,
     RetroTest.days_without_history,
+    RetroTest.compared_models,
 ).join(Partner, Partner.id == RetroTest.partner_id)
+MODEL_VIEW = select(
+    RetroTestModel.retro_test_id,
+    RetroTestModel.position,
+    RetroTestModel.model_name,
+    RetroTestModel.model_version,
+    RetroTestModel.requested_version,
+    RetroTestModel.requested_alias,
+    RetroTestModel.column_prefix,
+    RetroTestModel.environment,
+    RetroTestModel.validation,
+    RetroTestModel.score_protocol,
+    RetroTestModel.rows_scored,
+    RetroTestModel.rows_rejected,
+    RetroTestModel.error_code,
+    RetroTestModel.error_message,
+)
 FILE_VIEW = select(
     ResultFile.retro_test_id,
     ResultFile.name,
@@ -497,10 +594,12 @@ ViewRow = Row[*tuple[Any, ...]]
 
 
 class JobRead(NamedTuple):
-    """A job as its public view reads it: its row of JOB_VIEW, and its result files (a succeeded job's)."""
+    """A job as its public view reads it: its row of JOB_VIEW, its result files (a succeeded job's), and the rows of
+    MODEL_VIEW of the models it compares (none for a job of one model)."""
 
     job: ViewRow
     files: list[ViewRow]
+    models: Sequence[ViewRow] = ()
 
 
 def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> JobRead:
@@ -509,7 +608,8 @@ def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope)
     if job is None or not scope.allows(job.partner_id):
         raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
     files = _view_files(session, [job], ResultFile.retro_test_id == job_id)
-    return JobRead(job, files.get(job.id, []))
+    models = _view_models(session, [job], RetroTestModel.retro_test_id == job_id)
+    return JobRead(job, files.get(job.id, []), models.get(job.id, []))
 
 
 def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, JobRead]:
@@ -520,7 +620,8 @@ def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dic
     ids = list(job_ids)
     jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(ids))).all()
     files = _view_files(session, jobs, ResultFile.retro_test_id.in_(ids))
-    return {job.id: JobRead(job, files.get(job.id, [])) for job in jobs}
+    models = _view_models(session, jobs, RetroTestModel.retro_test_id.in_(ids))
+    return {job.id: JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs}
 
 
 def list_retro_tests(
@@ -546,7 +647,8 @@ def list_retro_tests(
     page_ids = select(RetroTest.id).where(*conditions).order_by(*NEWEST_FIRST).limit(limit).offset(offset)
     jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(page_ids.scalar_subquery())).order_by(*NEWEST_FIRST)).all()
     files = _view_files(session, jobs, ResultFile.retro_test_id.in_(page_ids.scalar_subquery()))
-    page = [JobRead(job, files.get(job.id, [])) for job in jobs]
+    models = _view_models(session, jobs, RetroTestModel.retro_test_id.in_(page_ids.scalar_subquery()))
+    page = [JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs]
     return page, _total(session, conditions, page=page, limit=limit, offset=offset)
 
 
@@ -566,6 +668,18 @@ def _view_files(
         for file in session.execute(query):
             files.setdefault(file.retro_test_id, []).append(file)
     return files
+
+
+def _view_models(
+    session: Session, jobs: Sequence[ViewRow], of_jobs: ColumnElement[bool]
+) -> dict[uuid.UUID, list[ViewRow]]:
+    """The compared models of jobs (selected by of_jobs), by job id, in order; none read when no job compares."""
+    models: dict[uuid.UUID, list[ViewRow]] = {}
+    if any(job.compared_models for job in jobs):
+        query = MODEL_VIEW.where(of_jobs).order_by(RetroTestModel.retro_test_id, RetroTestModel.position)
+        for model in session.execute(query):
+            models.setdefault(model.retro_test_id, []).append(model)
+    return models
 
 
 def _total(

@@ -69,7 +69,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
     Where things are on the server (file: model URIs, the result folder, paths in records) only staff (admins)
     see; account managers get the rest (issue 26, N13).
     """
-    job, files = read
+    job, files = read.job, read.files
     succeeded = job.state == State.succeeded
     starts = _starts(job)
     shown = _as_is if staff else _scrubbed
@@ -120,6 +120,27 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
         else None,
         "result_location": job.result_location if succeeded and staff else None,
         "files": [_file_view(job, f, files_at) for f in files] if succeeded else [],
+        "models": [_model_view(m, shown) for m in read.models] if read.models else None,
+    }
+
+
+def _model_view(model: ViewRow, shown: Any) -> dict[str, Any]:
+    """One model of a comparing job, as ModelOut has it."""
+    return {
+        "position": model.position,
+        "model_name": model.model_name,
+        "model_version": model.model_version,
+        "requested_version": model.requested_version,
+        "requested_alias": model.requested_alias,
+        "column_prefix": model.column_prefix,
+        "score_protocol": model.score_protocol,
+        "environment": shown(model.environment.public()) if model.environment is not None else None,
+        "validation": shown(model.validation.public()) if model.validation is not None else None,
+        "rows_scored": model.rows_scored,
+        "rows_rejected": model.rows_rejected,
+        "left_out": {"code": model.error_code, "message": without_server_paths(model.error_message)}
+        if model.error_code
+        else None,
     }
 
 
@@ -260,7 +281,7 @@ class EndedViews:
         self._lock = threading.Lock()  # the endpoints run on several threads
 
     def encoded(self, read: JobRead, files_at: str, *, staff: bool) -> bytes:
-        job, files = read
+        job, files = read.job, read.files
         if job.state not in TERMINAL_STATES or job.finished_at is None:
             return _encoded(job_view(read, files_at, staff=staff))
         key = (job.id, job.updated_at, staff, current_language(), files_at, tuple(f.name for f in files))

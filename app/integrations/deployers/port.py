@@ -79,9 +79,12 @@ class Deployer(Protocol):
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def deployment_name(job_id: object) -> str:
-    """A DNS-1123 label (<= 63 characters) unique to the job: 96 bits of its id."""
+def deployment_name(job_id: object, *, position: int | None = None) -> str:
+    """A DNS-1123 label (<= 63 characters) unique to the job: 96 bits of its id (and, for one of the models a job
+    compares, its position: -m0, -m1, ...)."""
     name = f"retro-{str(job_id).replace('-', '').lower()[:24]}"
+    if position is not None:
+        name += f"-m{position}"
     if not _DNS_1123_LABEL.fullmatch(name):
         raise ValueError(f"cannot derive a deployment name from job id {job_id!r}")
     return name

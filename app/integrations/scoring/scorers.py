@@ -64,6 +64,17 @@ class ScoredBatch:
     scores: pa.Table  # one row per scored row, columns named by score_columns
     rejected_rows: pa.RecordBatch
     reject_reasons: list[str]
+    # A batch of several models (app/integrations/scoring/several.py): a row is in rejected_rows once for each
+    # model that refused it, named in reject_models; `unscored` holds the rows no model scored; model_counts the
+    # (scored, rejected) rows of each model.
+    reject_models: list[str] | None = None
+    unscored: pa.RecordBatch | None = None
+    model_counts: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def not_scored(self) -> pa.RecordBatch:
+        """The rows that are not in the results: no model scored them."""
+        return self.unscored if self.unscored is not None else self.rejected_rows
 
 
 class Scorer(Protocol):
