@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, make_partner
-from tests.old_model import OldModel
+from tests.old_model import OldModel, register_model_folder
 from tests.test_end_to_end import mlserver_processes_for, source_rows
 
 POPULATION_ROWS = 3_000
@@ -216,3 +217,49 @@ def test_models_and_model_name_together_are_refused(client: Any) -> None:
 
 
 assert ROWS_PER_DAY * HISTORY_DAYS > POPULATION_ROWS
+
+
+def test_a_model_that_fails_its_check_is_left_out_with_allow_partial_and_fails_the_job_without(
+    stack: Stack, history: Path, old_model: OldModel
+) -> None:
+    """A compared model whose reference check fails: by default the job fails naming it; with allow_partial the
+    other model's results are published and the job says which model was left out and why."""
+    features = ["tenure_months", "monthly_spend", "data_gb", "support_calls", "late_payments"]
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = old_model.expected.head(25)[features].assign(
+            expected=old_model.expected.head(25)["expected"] + 1e-3
+        )
+        path = Path(tmp) / "reference.parquet"
+        reference.to_parquet(path)
+        version = register_model_folder(
+            "compare_disagrees",
+            old_model.model_dir,
+            tags={"retro.reference": "reference/reference.parquet"},
+            extra={Path("reference"): path},
+        )
+    population = _population(history).head(500)
+    models = [{"name": "churn", "version": "1"}, {"name": "compare_disagrees", "version": version}]
+    strict = _submit(stack, "compare-strict", population, models=models)
+    partial = _submit(stack, "compare-partial", population, models=models, allow_partial=True)
+
+    failed = stack.wait(strict["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
+    assert failed["state"] == "failed" and failed["error"]["code"] == "reference_mismatch", failed["error"]
+    assert failed["error"]["message"].startswith(f"model compare_disagrees version {version}: ")
+    assert failed["files"] == [] and mlserver_processes_for(failed["id"]) == []
+
+    done = stack.wait(partial["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
+    assert done["state"] == "succeeded", (done["error"], stack.tail())
+    kept, left = done["models"]
+    assert kept["left_out"] is None and kept["rows_scored"] == len(population)
+    assert left["left_out"]["code"] == "reference_mismatch" and left["validation"]["passed"] is False
+    assert left["rows_scored"] == 0
+    files = {f["name"]: f for f in done["files"]}
+    with stack.client() as c:
+        scores = pq.read_table(io.BytesIO(c.get(files["scores.parquet"]["download_url"]).content)).to_pandas()
+        report = c.get(files["report.json"]["download_url"]).json()
+        manifest = c.get(files["manifest.json"]["download_url"]).json()
+    assert [c for c in scores.columns if "_v" in c] == ["churn_v1_p_stay", "churn_v1_p_churn"]
+    assert len(scores) == len(population)
+    assert [m["model"] for m in report["left_out"]] == [f"compare_disagrees v{version}"]
+    assert manifest["models"][1]["left_out"]["error"] == "reference_mismatch"
+    assert mlserver_processes_for(done["id"]) == []

@@ -27,6 +27,7 @@ from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, sta
 from tests.conftest import HIVE_DAY as DAY
 from tests.hive_latency_proxy import HiveLatencyProxy
 from tests.hive_server import HiveServer, run_sql
+from tests.old_model import OldModel
 from tests.test_end_to_end import source_rows
 
 END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
@@ -337,3 +338,42 @@ def test_decimal_values_are_cast_to_float(hive: HiveServer) -> None:
     )
     values = sorted((r["id"], r["dec"]) for r in read_all(source, q).to_pylist())
     assert values == [(1, float(Decimal("1234.5678"))), (2, None)]
+
+
+def test_a_comparison_reads_the_history_with_as_many_statements_as_one_model(
+    hive: HiveServer, stack: Stack, old_model: OldModel
+) -> None:
+    """Issue 30: two models on one table read it once, with the union of their inputs, as one model's job does."""
+    with HiveLatencyProxy(upstream_host=hive.host, upstream_port=hive.port) as proxy:
+        counted = start_stack(
+            "hive-compare",
+            RETRO_HISTORY_SOURCE="hive",
+            RETRO_HIVE_HOST=proxy.host,
+            RETRO_HIVE_PORT=str(proxy.port),
+            RETRO_QUEUE_NAME=os.environ["RETRO_QUEUE_NAME"] + "-hive-compare",
+            RETRO_WORKER_METRICS_PORT="0",
+        )
+        try:
+            sent = []
+            for partner, request in (
+                ("hive-one", {}),
+                (
+                    "hive-two",
+                    {
+                        "model_name": None,
+                        "model_version": None,
+                        "models": [{"name": "churn", "version": "1"}, {"name": old_model.name, "version": "1"}],
+                    },
+                ),
+            ):
+                proxy.clear()
+                job = submit(counted, partner, **request)
+                done = counted.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
+                assert done["state"] == "succeeded", (done["error"], counted.tail())
+                sent.append(proxy.statements)
+        finally:
+            counted.stop()
+    one, two = sent
+    assert len(two) == len(one) == 1 + HISTORY_DAYS, (one, two)  # the count's GROUP BY, then a SELECT per chunk
+    assert two == one  # the same statements: the old model's inputs are among the current one's
+    assert all(f"`{f.name}`" in two[-1] for f in MODEL_FEATURES)

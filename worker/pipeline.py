@@ -696,7 +696,12 @@ def _job_scorer(run: JobRun, servings: list[Serving]) -> Iterator[Scorer]:
         yield servings[0].scorer
         return
     scorer = ModelsScorer(
-        [ComparedScorer(scorer=s.scorer, column_prefix=s.each.column_prefix, label=s.each.short) for s in servings]
+        [
+            ComparedScorer(
+                scorer=s.scorer, column_prefix=s.each.column_prefix, label=s.each.short, outputs=s.each.model.outputs
+            )
+            for s in servings
+        ]
     )
     try:
         yield scorer

@@ -28,6 +28,7 @@ class ComparedScorer:
     scorer: Scorer
     column_prefix: str
     label: str
+    outputs: tuple[str, ...] = ()  # its declared outputs: its columns before it has scored a row
 
 
 class ModelsScorer:
@@ -35,6 +36,9 @@ class ModelsScorer:
 
     def __init__(self, models: Sequence[ComparedScorer]) -> None:
         self._models = list(models)
+        # Each model's columns as it first answered: a batch it refused entirely still has them (as nulls), so
+        # every part of the job has the same columns.
+        self._schemas: list[pa.Schema | None] = [None] * len(self._models)
         # Each batch's models are asked at once; the batches in flight are the pipeline's (score_concurrency).
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self._models), thread_name_prefix="score-model")
 
@@ -55,10 +59,17 @@ class ModelsScorer:
             places.append(where)
         kept = pa.array(any_scored)
         columns: dict[str, pa.Array | pa.ChunkedArray] = {}
-        for model, result, where in zip(self._models, results, places, strict=True):
+        kept_rows = int(any_scored.sum())
+        for n, (model, result, where) in enumerate(zip(self._models, results, places, strict=True)):
             take = pa.array(where[any_scored], mask=where[any_scored] < 0)
-            for name in result.scores.column_names:
-                columns[model.column_prefix + name] = result.scores.column(name).take(take)
+            if result.scores.num_columns and self._schemas[n] is None:
+                self._schemas[n] = result.scores.schema
+            schema = self._schemas[n] or pa.schema([(o, pa.float64()) for o in model.outputs])
+            for field in schema:
+                if field.name in result.scores.column_names:
+                    columns[model.column_prefix + field.name] = result.scores.column(field.name).take(take)
+                else:  # it refused every row of this batch
+                    columns[model.column_prefix + field.name] = pa.nulls(kept_rows, field.type)
         refused, reasons, labels = [], [], []
         for model, result in zip(self._models, results, strict=True):
             if result.rejected_rows.num_rows:
