@@ -18,8 +18,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, make_partner
+from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, make_partner, make_user
 from tests.old_model import OldModel, register_model_folder
+from tests.test_browser import PASSWORD, SHOTS, browser_errors, chromium, watched  # noqa: F401  (the fixtures)
 from tests.test_end_to_end import mlserver_processes_for, source_rows
 
 POPULATION_ROWS = 3_000
@@ -154,8 +155,8 @@ def test_two_versions_score_every_row_as_in_their_own_environments_and_the_repor
     assert [(m["name"], m["version"]) for m in partner_manifest["models"]] == [("churn", "1"), ("legacy_churn", "1")]
     assert "environment" not in partner_manifest["models"][0]
     lock_files = {n for n in files if n.startswith("requirements.")}
-    assert lock_files == {"requirements.churn_v1_lock", "requirements.legacy_churn_v1_lock"}
-    assert "scikit-learn==1.3.2" in blobs["requirements.legacy_churn_v1_lock"].decode()
+    assert lock_files == {"requirements.churn_v1.lock", "requirements.legacy_churn_v1.lock"}
+    assert "scikit-learn==1.3.2" in blobs["requirements.legacy_churn_v1.lock"].decode()
     if "unmatched.csv.gz" in blobs:
         assert gzip.decompress(blobs["unmatched.csv.gz"]).count(b"\n") == 1  # the header: every customer matched
 
@@ -263,3 +264,68 @@ def test_a_model_that_fails_its_check_is_left_out_with_allow_partial_and_fails_t
     assert [m["model"] for m in report["left_out"]] == [f"compare_disagrees v{version}"]
     assert manifest["models"][1]["left_out"]["error"] == "reference_mismatch"
     assert mlserver_processes_for(done["id"]) == []
+
+
+def test_an_account_manager_compares_two_models_in_the_browser_and_the_partner_reads_the_comparison(  # type: ignore[no-untyped-def]
+    stack: Stack,
+    chromium,  # noqa: F811
+    browser_errors: list[str],  # noqa: F811
+    old_model: OldModel,
+) -> None:
+    """The form with a second model, the job page with each model's rows, the comparison from a partner's link."""
+    import re
+
+    from app.db import get_session_factory
+
+    make_partner_quietly(stack, "compare-web")
+    with get_session_factory()() as session:
+        make_user(session, "am-compare", role="account_manager", partners=["compare-web"], password=PASSWORD)
+        session.commit()
+    context = watched(
+        chromium.new_context(viewport={"width": 1280, "height": 900}, base_url=stack.base_url), browser_errors
+    )
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto("/jobs/new")
+    page.fill("#username", "am-compare")
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    page.wait_for_url(re.compile(r".*/jobs/new$"))
+    page.select_option("#partner_code", "compare-web")
+    page.select_option("#model_name", "churn")
+    page.wait_for_selector('#model_ref option[value="version:1"]', state="attached")
+    page.select_option("#model_ref", "version:1")
+    page.fill("#period_start", HISTORY_START.isoformat())
+    page.fill("#period_end", (HISTORY_START + timedelta(days=HISTORY_DAYS - 1)).isoformat())
+    page.fill("#compare_with", old_model.name)  # no version: refused next to the field, the rest kept
+    page.click("button[type=submit]:has-text('Submit retro test')")
+    error = page.locator("#compare_with-error")
+    error.wait_for()
+    assert "write it as NAME/VERSION" in error.inner_text() and page.input_value("#model_ref") == "version:1"
+    page.fill("#compare_with", f"{old_model.name}/1")
+    page.screenshot(path=str(SHOTS / "new-job-compare.png"), full_page=True)
+    page.click("button[type=submit]:has-text('Submit retro test')")
+    page.wait_for_url(re.compile(r".*/jobs/[0-9a-f-]{36}$"))
+
+    rows = page.locator("#models tbody tr")
+    assert rows.count() == 2 and old_model.name in rows.nth(1).inner_text()
+    page.wait_for_function("() => document.getElementById('job-state').textContent === 'succeeded'", timeout=600_000)
+    total = f"{HISTORY_DAYS * ROWS_PER_DAY:,}"
+    assert page.inner_text("#model-0-scored") == page.inner_text("#model-1-scored") == total
+    assert "passed" in page.inner_text("#model-1-check")
+    page.screenshot(path=str(SHOTS / "job-page-compare.png"), full_page=True)
+
+    page.click("button:has-text('Create download link')")
+    url = page.input_value("#new-link-url")
+    partner = watched(chromium.new_context(viewport={"width": 1024, "height": 768}), browser_errors)
+    landing = partner.new_page()
+    landing.goto(url)
+    landing.click("#view-report")
+    landing.wait_for_url(re.compile(r".*/report\.html$"))
+    text = landing.inner_text("body")
+    assert "Comparison of the models" in text and "Pairs of models" in text
+    assert "churn v1" in text and f"{old_model.name} v1" in text
+    assert landing.locator("h1").count() == 1 and landing.locator("svg").count() >= 3
+    landing.screenshot(path=str(SHOTS / "report-compare.png"), full_page=True)
+    partner.close()
+    context.close()

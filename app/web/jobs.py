@@ -23,7 +23,7 @@ from app.core.jobs import TERMINAL_STATES, State, get_retro_test
 from app.core.periods import days_text
 from app.db import get_session, release_connection
 from app.downloads import service as links
-from app.errors import AppError, Conflict
+from app.errors import AppError, Conflict, Invalid
 from app.i18n import N_, _, translate_values
 from app.integrations.registry.mlflow import MlflowRegistry
 from app.integrations.storage.results import ResultStore
@@ -53,6 +53,7 @@ LABELS = {
     "population": N_("Population file"),
     "lookback_days": N_("Lookback days"),
     "require_full_period": N_("Full period only"),
+    "compare_with": N_("Compare with"),
     "note": N_("Note"),
 }
 # Where the API's field names land on this form; a model-level refusal ("give exactly one ...") lands on model_ref.
@@ -63,6 +64,8 @@ FIELD_OF = {
     "__root__": "model_ref",
     "as_of_column": "population",
     "outcome_column": "population",
+    "models": "compare_with",
+    "allow_partial": "compare_with",
 }
 EXPIRY_CHOICES = (1, 3, 7, 14, 30, 90, 365)
 
@@ -228,7 +231,31 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
         body["lookback_days"] = int(lookback) if re.fullmatch(r"[0-9]{1,6}", lookback) else lookback
     if form.get("require_full_period"):
         body["require_full_period"] = True
+    others = [line.strip() for line in form.get("compare_with", "").splitlines() if line.strip()]
+    if others:
+        first = {
+            k.removeprefix("model_"): body.pop(k) for k in ("model_name", "model_version", "model_alias") if k in body
+        }
+        body["models"] = [first, *(_model_line(line, n) for n, line in enumerate(others, start=2))]
+        if form.get("allow_partial"):
+            body["allow_partial"] = True
     return body
+
+
+def _model_line(line: str, n: int) -> dict[str, str]:
+    """One line of "Compare with": NAME/VERSION or NAME@ALIAS, as the CLI's --model takes it."""
+    name, at, alias = line.partition("@")
+    if at:
+        return {"name": name.strip(), "alias": alias.strip()}
+    name, slash, version = line.rpartition("/")
+    if slash and name.strip():
+        return {"name": name.strip(), "version": version.strip()}
+    raise Invalid(
+        _("model {n} ({line}): write it as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(
+            n=n, line=repr(line)
+        ),
+        field="models",
+    )
 
 
 def _error_field(field: str | None) -> str:
@@ -247,6 +274,8 @@ class JobForm(BaseModel):
     output_format: str = Field(default="", max_length=40)
     lookback_days: str = Field(default="", max_length=10)
     require_full_period: str = Field(default="", max_length=10)  # a checkbox: "1" when ticked, absent when not
+    compare_with: str = Field(default="", max_length=4000)  # other models, one per line: NAME/VERSION or NAME@ALIAS
+    allow_partial: str = Field(default="", max_length=10)  # a checkbox
     note: str = Field(default="", max_length=4000)
 
 

@@ -94,6 +94,12 @@
       cell(tr, t("took", "Took"), took(stage), "num");
       body.appendChild(tr);
     });
+    (job.models || []).forEach(function (m) {  // a comparison: each model's rows, as its chunks are committed
+      var scored = document.getElementById("model-" + m.position + "-scored");
+      var refused = document.getElementById("model-" + m.position + "-rejected");
+      if (scored) { scored.textContent = num(m.rows_scored); }
+      if (refused) { refused.textContent = num(m.rows_rejected); }
+    });
     var err = document.getElementById("job-error");
     if (job.error) {
       err.textContent = stateName(job.state) + ": " + job.error.message + " (" + job.error.code + ")";
