@@ -420,7 +420,7 @@ def list_jobs(
             str(j["id"])[:8],
             j["state"],
             j["partner_code"],
-            f"{j['model_name']}/{j['model_version']}",
+            f"{j['model_name']}/{j['model_version']}" + (f" +{len(j['models']) - 1}" if j.get("models") else ""),
             f"{j['period_start']}..{j['period_end']}",
             str(j["created_at"])[:16].replace("T", " "),
         )

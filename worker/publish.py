@@ -71,7 +71,9 @@ def publish(run: JobRun, *, models: list[JobModel], query: HistoryQuery) -> None
         files.append(_write_lock(store, prefix, tally.environment))
     for m in tally.models:  # a comparing job: each model's own environment
         if m.environment and m.environment.packages and m.error is None:
-            files.append(_write_lock(store, prefix, m.environment, name=f"requirements.{m.column_prefix.rstrip('_')}.lock"))
+            files.append(
+                _write_lock(store, prefix, m.environment, name=f"requirements.{m.column_prefix.rstrip('_')}.lock")
+            )
     # The full manifest is for staff (the API); partners' links serve the one without internal details.
     manifest = _manifest(run, model=models[0].model, query=query, tally=tally, files=files)
     with store.open_write(f"{prefix}/{INTERNAL_MANIFEST}") as fh:
@@ -340,7 +342,9 @@ def _comparison_report(
                 + "</p>"
             )
         for figures in per_model:
-            body += [f"<section>{report.heading(2, figures['model'])}", report.render_body(figures), "</section>"]
+            own = report.render_body(figures, null_rates=False)
+            body += [f"<section>{report.heading(2, figures['model'])}", own, "</section>"]
+        body.append(report.render_null_rates(per_model[0]))  # the inputs all models read: one table
         page = report.page(title=title, body="\n".join(body))
     return content, page
 

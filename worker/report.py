@@ -370,8 +370,9 @@ def page(*, title: str, body: str) -> str:
     )
 
 
-def render_body(report: dict[str, Any]) -> str:
-    """One model's figures: a summary card, the rows, quality, deciles, distribution, stability, null rates."""
+def render_body(report: dict[str, Any], *, null_rates: bool = True) -> str:
+    """One model's figures: a summary card, the rows, quality, deciles, distribution, stability, null rates (those
+    of the inputs, once for every model of a comparison: render_null_rates)."""
     rows = report["rows"]
     quality = report.get("quality")
     parts = [_summary_card(report), heading(2, _("Rows")), _explain("rows")]
@@ -436,12 +437,17 @@ def render_body(report: dict[str, Any]) -> str:
             if report["psi"]
             else "<p>" + html.escape(_("One month only.")) + "</p>",
         ]
-    parts += [
-        heading(2, _("Null rate of each model input")),
-        _explain("null"),
-        table([_("input"), _("null rate")], [[k, pct(v)] for k, v in report["null_rate"].items()]),
-    ]
+    if null_rates:
+        parts.append(render_null_rates(report))
     return "\n".join(parts)
+
+
+def render_null_rates(report: dict[str, Any]) -> str:
+    """The share of rows each model input had no value in."""
+    rates = [[k, pct(v)] for k, v in report["null_rate"].items()]
+    return "\n".join(
+        [heading(2, _("Null rate of each model input")), _explain("null"), table([_("input"), _("null rate")], rates)]
+    )
 
 
 def _summary_card(report: dict[str, Any]) -> str:

@@ -58,7 +58,14 @@ class RetroTestCreate(BaseModel):
                     "period_end": "2026-03-31",
                     "output_formats": ["parquet", "csv.gz"],
                     "note": "Q1 retro test asked for by ACME's risk team",
-                }
+                },
+                {
+                    "partner_code": "acme",
+                    "models": [{"name": "churn", "version": "6"}, {"name": "churn", "alias": "champion"}],
+                    "period_start": "2026-01-01",
+                    "period_end": "2026-03-31",
+                    "note": "is the champion better than version 6 on ACME's customers?",
+                },
             ]
         },
     )
