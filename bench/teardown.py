@@ -13,6 +13,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
@@ -39,15 +41,34 @@ def owned_processes(*, grace_s: float = 10.0) -> Iterator[None]:
 
 
 def raise_on_signals() -> None:
-    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit(143), once: later ones are ignored."""
+    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit(143), once: later ones are ignored.
+
+    A signal handler's exception lands wherever the main thread is; inside a weakref callback or a __del__ Python
+    prints "Exception ignored in" and carries on (seen: a ThreadPoolExecutor's weakref callback swallowed a Ctrl-C,
+    and the benchmark ran to its end). Such an interrupt is delivered again (sys.unraisablehook), so it ends the
+    benchmark at the next place that can raise.
+    """
+    caught: list[int] = []
 
     def interrupted(signum: int, _frame: FrameType | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        caught[:] = [signum]
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
+    previous = sys.unraisablehook
+
+    def swallowed(unraisable: sys.UnraisableHookArgs) -> None:
+        previous(unraisable)
+        if caught and isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, interrupted)
+            # From another thread, a moment later: sent now, it would be handled here, and swallowed again.
+            threading.Timer(0.05, os.kill, (os.getpid(), caught.pop())).start()
+
+    sys.unraisablehook = swallowed
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupted)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -329,3 +331,43 @@ def test_an_account_manager_compares_two_models_in_the_browser_and_the_partner_r
     landing.screenshot(path=str(SHOTS / "report-compare.png"), full_page=True)
     partner.close()
     context.close()
+
+
+def test_a_model_over_its_reject_budget_is_left_out_with_allow_partial_and_its_columns_dropped(
+    stack: Stack, history: Path, old_model: OldModel
+) -> None:
+    """NULLs in monthly_spend: the current model (no imputer) refuses those rows, the old one (gradient boosting)
+    scores them. With allow_partial, the current model is left out once past its budget: its columns, written in
+    the parts, are dropped from the result files; its refusals stay in the rejects, naming it."""
+    folder = history / "features" / "compare_nulls" / f"snapshot_date={HISTORY_START.isoformat()}"
+    folder.mkdir(parents=True)
+    table = source_rows(history).query("snapshot_date == @HISTORY_START").head(50).drop(columns=["snapshot_date"])
+    table.loc[[3, 7], "monthly_spend"] = None
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), folder / "part-0.parquet")
+    make_partner_quietly(stack, "compare-rejects")
+    body = {
+        "partner_code": "compare-rejects",
+        "models": [{"name": "churn", "version": "1"}, {"name": old_model.name, "version": "1"}],
+        "period_start": HISTORY_START.isoformat(),
+        "period_end": HISTORY_START.isoformat(),
+        "source": {"table": "features.compare_nulls"},
+        "allow_partial": True,
+    }
+    with stack.client() as c:
+        resp = c.post("/api/v1/retro-tests", json=body)
+    assert resp.status_code == 202, resp.text
+    done = stack.wait(resp.json()["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
+    assert done["state"] == "succeeded", (done["error"], stack.tail())
+    current, old = done["models"]
+    assert current["left_out"]["code"] == "too_many_rejected_rows" and current["rows_rejected"] == 2
+    assert "refused by model churn version 1" in current["left_out"]["message"]
+    assert old["left_out"] is None and old["rows_scored"] == 50
+    files = {f["name"]: f for f in done["files"]}
+    with stack.client() as c:
+        blobs = {name: c.get(f["download_url"]).content for name, f in files.items()}
+    scores = pq.read_table(io.BytesIO(blobs["scores.parquet"])).to_pandas()
+    assert len(scores) == 50 and not [c for c in scores.columns if c.startswith("churn_v1_")]
+    assert scores[f"{old_model.name}_v1_{_legacy_output(scores)}"].notna().all()
+    rejects = pacsv.read_csv(io.BytesIO(gzip.decompress(blobs["rejects.csv.gz"]))).to_pandas()
+    assert len(rejects) == 2 and set(rejects["model"]) == {"churn v1"}
+    assert json.loads(blobs["report.json"])["left_out"][0]["model"] == "churn v1"

@@ -438,18 +438,27 @@ def commit_chunk(run: JobRun, *, chunk: Chunk, output: _ChunkOutput) -> bool:
     totals = run.commit_chunk(record)
     if totals is None:
         return False
-    enforce_reject_budgets(totals, settings=run.settings)
+    enforce_reject_budgets(run, totals)
     return True
 
 
-def enforce_reject_budgets(totals: Tally, *, settings: Settings) -> None:
-    """The job's rejects within budget, and each compared model's own."""
+def enforce_reject_budgets(run: JobRun, totals: Tally) -> None:
+    """The job's rejects within budget, and each compared model's own: a model past its budget fails the job, or,
+    with allow_partial while another model is left, is left out (publishing drops its columns)."""
+    settings = run.settings
     read_total = totals.rows_total or totals.counts.read
     enforce_reject_budget(rejected=totals.counts.rejected, read_total=read_total, settings=settings)
-    for model in totals.models:
-        if model.error is None:
-            label = f"model {model.model_info.name} version {model.model_info.version}"
+    kept = [m for m in totals.models if m.error is None]
+    for model in list(kept):
+        label = f"model {model.model_info.name} version {model.model_info.version}"
+        try:
             enforce_reject_budget(rejected=model.rows_rejected, read_total=read_total, settings=settings, model=label)
+        except TooManyRejectedRows as exc:
+            if not run.spec.allow_partial or len(kept) < 2:
+                raise
+            log.warning("retro test %s: leaving out %s (allow_partial): %s", run.job_id, label, exc.detail)
+            run.record_left_out(model.position, code=exc.code, message=exc.detail)
+            kept.remove(model)
 
 
 def enforce_reject_budget(*, rejected: int, read_total: int, settings: Settings, model: str = "the model") -> None:

@@ -18,6 +18,10 @@ scoring    -> the period, chunk by chunk (consecutive days of about RETRO_CHUNK_
               helper workers score date ranges of the period against the same deployment (score_partition)
 publishing -> parts merged into the result files, a manifest, row counts reconciled
 
+A job comparing several models (issue 30) runs the same stages with each of them: one environment, reference check
+and deployment per model (started side by side), the history read once with the union of their inputs, every batch
+scored by each (app/integrations/scoring/several.py), one result file and a report comparing them.
+
 The attempt that runs the stages holds the job's lease (worker/control.py) and is the only one to give a verdict.
 Every stage takes the attempt's JobRun (worker/run.py), the one writer of the running job: `run.enter(state)`,
 `run.record_...(fact)`, `run.commit_chunk(...)`, each a short transaction of its own, never held across a call to
@@ -260,12 +264,12 @@ def prepared_model(run: JobRun, each: JobModel, *, plan: Plan) -> Iterator[Prepa
 
 
 def leave_out(run: JobRun, each: JobModel, exc: AppError, *, others: int) -> None:
-    """A compared model failed before scoring: the job goes on without it when the request allows that, some other
-    model is left and no row was scored yet (every part must have the same columns); else the job fails, naming it."""
+    """A compared model failed before scoring: the job goes on without it when the request allows that and some
+    other model is left (publishing drops any column of it an earlier attempt wrote); else the job fails, naming it."""
     if each.position is None:
         raise exc
     exc.detail = f"{each.label}: {exc.detail}"
-    if not run.spec.allow_partial or others < 1 or run.committed_keys():
+    if not run.spec.allow_partial or others < 1:
         raise exc
     log.warning("retro test %s: leaving out %s (allow_partial)", run.job_id, exc.detail)
     run.record_left_out(each.position, code=exc.code, message=exc.detail)
@@ -686,7 +690,7 @@ def score_period(run: JobRun, *, query: HistoryQuery, chunks: list[Chunk], servi
     with _job_scorer(run, servings) as scorer:
         score_chunks(run, query=query, chunks=order, scorer=scorer, live_progress=len(ranges) <= 1)
     # A helper's commit may have passed the reject budget; its own error went only to its log.
-    enforce_reject_budgets(run.tally(), settings=run.settings)
+    enforce_reject_budgets(run, run.tally())
 
 
 @contextlib.contextmanager

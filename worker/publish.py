@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.clock import utcnow
@@ -48,6 +49,8 @@ def publish(run: JobRun, *, models: list[JobModel], query: HistoryQuery) -> None
     if counts.scored + counts.rejected != counts.read:
         raise ReconciliationFailed(f"read {counts.read} rows but scored {counts.scored} and rejected {counts.rejected}")
     run.control.check()
+    left_out = {m.position for m in tally.models if m.error is not None}
+    models = [m for m in models if m.position not in left_out]  # left out while scoring: past its reject budget
     unmatched = _write_unmatched(run, query) if query.population is not None else None
     # The report reads the parts, not the merged files: it is built while they are merged (the merge is Arrow's
     # work, mostly outside the GIL; at 1M rows each takes ~0.2-0.3 s).
@@ -55,7 +58,10 @@ def publish(run: JobRun, *, models: list[JobModel], query: HistoryQuery) -> None
         reported = background.submit(
             _write_report, run, models=models, query=query, chunks=chunks, tally=tally, unmatched=unmatched
         )
-        files = [*_merge_scores(run, [c.part_path for c in chunks if c.part_path], scored=counts.scored)]
+        # A compared model left out part way (allow_partial) has no column in the result files.
+        dropped = tuple(m.column_prefix for m in tally.models if m.error is not None)
+        parts = [c.part_path for c in chunks if c.part_path]
+        files = [*_merge_scores(run, parts, scored=counts.scored, dropped=dropped)]
         reject_parts = [c.rejects_path for c in chunks if c.rejects_path]
         if reject_parts:
             rows = _merge(store, reject_parts, {"csv.gz": f"{prefix}/rejects.csv.gz"})["csv.gz"]
@@ -88,8 +94,9 @@ def publish(run: JobRun, *, models: list[JobModel], query: HistoryQuery) -> None
     store.remove_tree(f"{prefix}/parts")
 
 
-def _merge_scores(run: JobRun, parts: list[str], *, scored: int) -> list[ResultFileRecord]:
-    """scores.<format> for each of the job's formats, each checked to hold every scored row.
+def _merge_scores(run: JobRun, parts: list[str], *, scored: int, dropped: tuple[str, ...]) -> list[ResultFileRecord]:
+    """scores.<format> for each of the job's formats, each checked to hold every scored row; without the columns
+    that start with a `dropped` prefix.
 
     A job of one chunk has its scores.parquet already: its part, written in the result file's encoding
     (worker/chunks.py _PartWriter), is copied as it is.
@@ -97,12 +104,12 @@ def _merge_scores(run: JobRun, parts: list[str], *, scored: int) -> list[ResultF
     store, prefix = run.adapters.store, run.spec.prefix
     targets = {fmt: f"{prefix}/scores.{fmt}" for fmt in run.spec.output_formats}
     copied: dict[str, int] = {}
-    if len(parts) == 1 and "parquet" in targets:
+    if len(parts) == 1 and "parquet" in targets and not dropped:
         target = targets.pop("parquet")
         store.copy(parts[0], target)
         with store.open_read(target) as fh:
             copied["parquet"] = pq.ParquetFile(fh).metadata.num_rows
-    written = {**copied, **_merge(store, parts, targets)}
+    written = {**copied, **_merge(store, parts, targets, dropped=dropped)}
     files = []
     for fmt in run.spec.output_formats:
         rows = written[fmt]
@@ -375,13 +382,18 @@ def _write_lock(
     return _described(store, prefix, name=name, kind="environment", fmt="txt", rows=None)
 
 
-def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dict[str, int]:
-    """Stream Parquet parts, in order, into one file per format; returns rows written per format."""
+def _merge(
+    store: ResultStore, parts: list[str], targets: dict[str, str], *, dropped: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Stream Parquet parts, in order, into one file per format (without the columns that start with a `dropped`
+    prefix); returns rows written per format."""
     rows = dict.fromkeys(targets, 0)
     if not parts or not targets:
         return rows
     with store.open_read(parts[0]) as first:
         schema = pq.read_schema(first)
+    if dropped:
+        schema = pa.schema([f for f in schema if not f.name.startswith(dropped)])
     with contextlib.ExitStack() as stack:
         writers: dict[str, Any] = {}
         for fmt, rel in targets.items():
@@ -393,7 +405,7 @@ def _merge(store: ResultStore, parts: list[str], targets: dict[str, str]) -> dic
                 writers[fmt] = stack.enter_context(SafeCsvWriter(gz, schema))
         for rel in parts:
             with store.open_read(rel) as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536):
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=65_536, columns=schema.names):
                     for fmt, writer in writers.items():
                         writer.write_batch(batch)
                         rows[fmt] += batch.num_rows

@@ -95,7 +95,8 @@ def parts_view(con: Any, inputs: ReportInputs) -> None:
     else:  # DuckDB reads the parts where they are, through the store's own fsspec filesystem
         con.register_filesystem(store.filesystem)
         files = [store.location(p) for p in inputs.parts]
-    con.read_parquet(files).create_view("parts")
+    # By name: a compared model left out part way (allow_partial) has its columns in the earlier parts only.
+    con.read_parquet(files, union_by_name=True).create_view("parts")
 
 
 def day_column(inputs: ReportInputs) -> str:

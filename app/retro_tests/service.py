@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -354,6 +355,15 @@ def resolve_models(*, registry: ModelResolver, refs: list[ModelRef], settings: S
         seen.add((m.name, m.version))
     if len(models) > 1:
         compared_inputs(models)
+        prefixes = sorted(column_prefix(m) for m in models)
+        for first, second in itertools.pairwise(prefixes):
+            if second.startswith(first):  # "a_v1_" and "a_v1_b_v2_": one model's columns would pass for the other's
+                raise Invalid(
+                    _(
+                        "the result columns of two models would start alike ({first}, {second}); compare them in two retro tests"
+                    ).format(first=first, second=second),
+                    field="models",
+                )
     return models
 
 
