@@ -27,7 +27,6 @@ from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, sta
 from tests.conftest import HIVE_DAY as DAY
 from tests.hive_latency_proxy import HiveLatencyProxy
 from tests.hive_server import HiveServer, run_sql
-from tests.old_model import OldModel
 from tests.test_end_to_end import source_rows
 
 END = HISTORY_START + timedelta(days=HISTORY_DAYS - 1)
@@ -341,41 +340,66 @@ def test_decimal_values_are_cast_to_float(hive: HiveServer) -> None:
 
 
 def test_a_comparison_reads_the_history_with_as_many_statements_as_one_model(
-    hive: HiveServer, stack: Stack, old_model: OldModel
+    hive: HiveServer,
+    registry: dict,
+    database_url: str,  # type: ignore[type-arg]
 ) -> None:
-    """Issue 30: two models on one table read it once, with the union of their inputs, as one model's job does."""
+    """Issue 30: two models on one table read it once, with the union of their inputs, as one model's job does.
+
+    The jobs are submitted through the service and run in this process, as a worker runs them, against the Spark
+    Thrift Server through a proxy that records every statement."""
+    import uuid
+
+    from app.config import get_settings
+    from app.core.jobs import RetroTest, State
+    from app.core.partners import Partner
+    from app.core.scope import ALL_PARTNERS
+    from app.db import get_session_factory
+    from app.integrations.wiring import make_deployer, make_registry, make_result_store
+    from app.retro_tests.schemas import RetroTestCreate
+    from app.retro_tests.service import RetroTestRequest, submit_request
+    from worker.pipeline import Adapters, run_retro_test
+
+    settings = get_settings().model_copy(update={"warm_ttl_s": 0.0})
+    sessions = get_session_factory()
+    models = make_registry(settings)
+    partner = f"hive-compare-{uuid.uuid4().hex[:6]}"
+    with sessions() as s, s.begin():
+        s.add(Partner(code=partner, name=partner))
+    source = {"table": "features.customer_daily", "date_column": "snapshot_date", "id_columns": ["customer_id"]}
+    one_model = {"model_name": "churn", "model_version": "1"}
+    # "untagged" is the demo model registered once more, without source tags: the request names the source.
+    two_models = {"models": [{"name": "churn", "version": "1"}, {"name": "untagged", "version": "1"}]}
+    sent = []
     with HiveLatencyProxy(upstream_host=hive.host, upstream_port=hive.port) as proxy:
-        counted = start_stack(
-            "hive-compare",
-            RETRO_HISTORY_SOURCE="hive",
-            RETRO_HIVE_HOST=proxy.host,
-            RETRO_HIVE_PORT=str(proxy.port),
-            RETRO_QUEUE_NAME=os.environ["RETRO_QUEUE_NAME"] + "-hive-compare",
-            RETRO_WORKER_METRICS_PORT="0",
-        )
-        try:
-            sent = []
-            for partner, request in (
-                ("hive-one", {}),
-                (
-                    "hive-two",
-                    {
-                        "model_name": None,
-                        "model_version": None,
-                        "models": [{"name": "churn", "version": "1"}, {"name": old_model.name, "version": "1"}],
-                    },
-                ),
-            ):
-                proxy.clear()
-                job = submit(counted, partner, **request)
-                done = counted.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
-                assert done["state"] == "succeeded", (done["error"], counted.tail())
-                sent.append(proxy.statements)
-        finally:
-            counted.stop()
+        history = HiveSource(hive_settings(hive, host=proxy.host, port=proxy.port, database="features"))
+        for request in (one_model, two_models):
+            data = RetroTestCreate.model_validate(
+                {
+                    "partner_code": partner,
+                    "period_start": HISTORY_START.isoformat(),
+                    "period_end": END.isoformat(),
+                    "source": source,
+                    "output_formats": ["parquet"],
+                    **request,
+                }
+            )
+            with sessions() as s, s.begin():
+                asked = RetroTestRequest(data=data, actor="test", scope=ALL_PARTNERS)
+                job_id = submit_request(session=s, registry=models, settings=settings, request=asked).job.id
+            proxy.clear()
+            adapters = Adapters(
+                registry=models, source=history, deployer=make_deployer(settings), store=make_result_store(settings)
+            )
+            state = run_retro_test(job_id=job_id, sessions=sessions, adapters=adapters, settings=settings)
+            with sessions() as s:
+                job = s.get(RetroTest, job_id)
+                assert job is not None and state == State.succeeded, job.error_message if job else None
+                assert job.rows_scored == HISTORY_DAYS * ROWS_PER_DAY
+            sent.append(proxy.statements)
     one, two = sent
     assert len(two) == len(one) == 1 + HISTORY_DAYS, (one, two)  # the count's GROUP BY, then a SELECT per chunk
     # The same statements (sent in an order of their own: a chunk's query opens while the one before is read), as
-    # the old model's inputs are among the current one's.
+    # the models read the same inputs.
     assert sorted(two) == sorted(one)
     assert all(f"`{f.name}`" in statement for f in MODEL_FEATURES for statement in two if "GROUP BY" not in statement)
