@@ -197,6 +197,13 @@ def test_the_form_shows_the_apis_refusals_next_to_their_fields_and_keeps_the_inp
     assert "date" in field_error(bad_date.text, "period_start")
     bad_format = jane.post("/jobs/new", data=form_data(csrf, output_format="xlsx"))
     assert "parquet" in field_error(bad_format.text, "output_format")
+    # Comparing models (issue 30): each line of "Compare with" is checked as the API checks `models`.
+    no_first = jane.post("/jobs/new", data=form_data(csrf, model_name="", model_ref="", compare_with="churn/1"))
+    assert field_error(no_first.text, "model_name") == "Choose a model" and "churn/1</textarea>" in no_first.text
+    bad_line = jane.post("/jobs/new", data=form_data(csrf, compare_with="churn"))
+    assert "model 2 ('churn'): write it as NAME/VERSION" in field_error(bad_line.text, "compare_with")
+    twice = jane.post("/jobs/new", data=form_data(csrf, compare_with="churn/1"))
+    assert "is asked for twice" in field_error(twice.text, "compare_with")
     assert jane.get("/api/v1/retro-tests").json()["total"] == 0  # nothing was queued
 
     ok = jane.post("/jobs/new", data=form_data(csrf, output_format="parquet"), follow_redirects=False)

@@ -232,7 +232,7 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
     if form.get("require_full_period"):
         body["require_full_period"] = True
     others = [line.strip() for line in form.get("compare_with", "").splitlines() if line.strip()]
-    if others:
+    if others and "model_name" in body:  # without a first model the form says that first (submit_job)
         first = {
             k.removeprefix("model_"): body.pop(k) for k in ("model_name", "model_version", "model_alias") if k in body
         }
@@ -333,6 +333,9 @@ def submit_job(
     except (ValidationError, AppError) as exc:
         web.session.rollback()
         errors, status = form_errors(exc, _error_field)
+        if not form["model_name"]:  # the API's "give model_name ... or models", said where the form asks for it
+            errors.pop("model_ref", None)
+            errors["model_name"] = _("Choose a model")
         return _form_page(web, registry=registry, form=form, feedback=Feedback(errors=errors, status_code=status))
     suffix = "" if created else "?existing=1"
     return RedirectResponse(f"/jobs/{job.id}{suffix}", status_code=303)
