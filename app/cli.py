@@ -200,16 +200,15 @@ def api_options(
 
 
 def model_ref(text: str) -> dict[str, str]:
-    """`name/3` (a version) or `name@champion` (an alias), as MLflow writes model URIs, as a request's `models` item."""
-    name, at, alias = text.partition("@")
-    if at:
-        return {"name": name, "alias": alias}
-    name, slash, version = text.rpartition("/")
-    if not slash or not name:
+    """`name/3` (a version) or `name@champion` (an alias), as a request's `models` item."""
+    from app.retro_tests.schemas import parse_model_ref  # here: the client commands start without the service's imports
+
+    ref = parse_model_ref(text)
+    if ref is None:
         raise typer.BadParameter(
             _("{text}: give the model as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(text=repr(text))
         )
-    return {"name": name, "version": version}
+    return ref
 
 
 def day(text: str) -> str:

@@ -17,7 +17,6 @@ median. Model servers run from the worker's packages (no environment is built), 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 import uuid
@@ -44,14 +43,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    root = e2e.bench_root(args.dir, prefix="bench-compare-")
-    e2e.prepare(root, args.rows)
-    os.environ.update(
-        {"RETRO_HISTORY_DIR": str(e2e.history_dir(root, args.rows)), "RETRO_SCORE_BATCH_ROWS": str(args.batch)}
-    )
-    from app.cli import migrate_database
-
-    migrate_database()
+    root = e2e.jobs_root(args.dir, prefix="bench-compare-", rows=args.rows, batch=args.batch)
     _second_model(root)
     _partner()
     # Not counted: a first job scores each model's reference in-process (mlflow's import, seconds) and caches it,

@@ -113,6 +113,18 @@ class AnonPeak:
         self._thread.join()
 
 
+def jobs_root(folder: str, *, prefix: str, rows: int, batch: int) -> Path:
+    """The setting of a benchmark that runs whole jobs in its own process (bench/warm, bench/compare): its folder
+    and registry (bench_root), history of `rows` rows, the settings that read it, and the job database migrated."""
+    root = bench_root(folder, prefix=prefix)
+    prepare(root, rows)
+    os.environ.update({"RETRO_HISTORY_DIR": str(history_dir(root, rows)), "RETRO_SCORE_BATCH_ROWS": str(batch)})
+    from app.cli import migrate_database
+
+    migrate_database()
+    return root
+
+
 def history_dir(root: Path, rows: int) -> Path:
     return root / f"history-{rows}-{DAYS}d"
 

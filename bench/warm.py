@@ -71,20 +71,12 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import os
-
-    root = e2e.bench_root(args.dir, prefix="bench-warm-")
-    e2e.prepare(root, args.rows)
-    os.environ.update(
-        {"RETRO_HISTORY_DIR": str(e2e.history_dir(root, args.rows)), "RETRO_SCORE_BATCH_ROWS": str(args.batch)}
-    )
-    from app.cli import migrate_database
+    root = e2e.jobs_root(args.dir, prefix="bench-warm-", rows=args.rows, batch=args.batch)
     from app.config import get_settings
     from app.db import get_session_factory
     from app.integrations.wiring import make_deployer
     from worker.warm import WarmPool
 
-    migrate_database()
     stamps = _timed_scores()
     jobs: list[dict[str, Any]] = []
     settings = get_settings().model_copy(update={"warm_ttl_s": 600.0})

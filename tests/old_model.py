@@ -118,3 +118,21 @@ def old_model(registry: dict[str, str], history: Path) -> OldModel:
     frame = pd.read_parquet(expected)
     frame["snapshot_date"] = pd.to_datetime(frame["snapshot_date"]).dt.date
     return OldModel(name="legacy_churn", python=version, expected=frame, model_dir=model_dir)
+
+
+def register_disagreeing(old_model: OldModel, name: str, *, off_by: float) -> str:
+    """The old model registered as `name` with a retro.reference artifact whose expected scores are off by `off_by`
+    from what it gives in its own stack: its reference check fails. Returns the version."""
+    import tempfile
+
+    features = ["tenure_months", "monthly_spend", "data_gb", "support_calls", "late_payments"]
+    head = old_model.expected.head(25)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reference.parquet"
+        head[features].assign(expected=head["expected"] + off_by).to_parquet(path)
+        return register_model_folder(
+            name,
+            old_model.model_dir,
+            tags={"retro.reference": "reference/reference.parquet"},
+            extra={Path("reference"): path},
+        )

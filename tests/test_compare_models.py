@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import HISTORY_DAYS, HISTORY_START, ROWS_PER_DAY, Stack, make_partner, make_user
-from tests.old_model import OldModel, register_model_folder
+from tests.old_model import OldModel, register_disagreeing
 from tests.test_browser import PASSWORD, SHOTS, browser_errors, chromium, watched  # noqa: F401  (the fixtures)
 from tests.test_end_to_end import mlserver_processes_for, source_rows
 
@@ -227,19 +226,7 @@ def test_a_model_that_fails_its_check_is_left_out_with_allow_partial_and_fails_t
 ) -> None:
     """A compared model whose reference check fails: by default the job fails naming it; with allow_partial the
     other model's results are published and the job says which model was left out and why."""
-    features = ["tenure_months", "monthly_spend", "data_gb", "support_calls", "late_payments"]
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = old_model.expected.head(25)[features].assign(
-            expected=old_model.expected.head(25)["expected"] + 1e-3
-        )
-        path = Path(tmp) / "reference.parquet"
-        reference.to_parquet(path)
-        version = register_model_folder(
-            "compare_disagrees",
-            old_model.model_dir,
-            tags={"retro.reference": "reference/reference.parquet"},
-            extra={Path("reference"): path},
-        )
+    version = register_disagreeing(old_model, "compare_disagrees", off_by=1e-3)
     population = _population(history).head(500)
     models = [{"name": "churn", "version": "1"}, {"name": "compare_disagrees", "version": version}]
     strict = _submit(stack, "compare-strict", population, models=models)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import Stack, start_stack
-from tests.old_model import OldModel, register_model_folder
+from tests.old_model import OldModel, register_disagreeing, register_model_folder
 from tests.test_end_to_end import mlserver_processes_for, submit
 
 
@@ -111,19 +111,7 @@ def test_a_model_whose_requirements_cannot_be_resolved_fails_while_preparing_nam
 
 def test_a_model_that_disagrees_with_its_reference_fails_while_validating(stack: Stack, old_model: OldModel) -> None:
     """A retro.reference artifact whose expected scores are off by 1e-6 from what the model gives in its own stack."""
-    features = ["tenure_months", "monthly_spend", "data_gb", "support_calls", "late_payments"]
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = old_model.expected.head(25)[features].assign(
-            expected=old_model.expected.head(25)["expected"] + 1e-6
-        )
-        path = Path(tmp) / "reference.parquet"
-        reference.to_parquet(path)
-        version = register_model_folder(
-            "disagrees",
-            old_model.model_dir,
-            tags={"retro.reference": "reference/reference.parquet"},
-            extra={Path("reference"): path},
-        )
+    version = register_disagreeing(old_model, "disagrees", off_by=1e-6)
     job = submit(stack, "env-disagrees", model_name="disagrees", model_alias=None, model_version=version)
     done = stack.wait(job["id"], until={"succeeded", "failed", "cancelled"}, timeout_s=600)
     assert done["state"] == "failed", done

@@ -342,10 +342,12 @@ def _deploy_and_score(run: JobRun, prepared: list[Prepared], *, query: HistoryQu
             with serving_models(run, prepared, plan=plan) as started:
                 run.enter(State.validating)
                 servings: list[Serving] = []
-                for n, serving in enumerate(started):
-                    if _validated(run, serving, others=len(servings) + len(started) - n - 1):
+                standing = len(started)
+                for serving in started:
+                    if _validated(run, serving, others=standing - 1):
                         servings.append(serving)
                     else:
+                        standing -= 1
                         prepared = [p for p in prepared if p.each != serving.each]
                 for serving in servings:
                     serving.validated()

@@ -43,6 +43,18 @@ class ModelRef(BaseModel):
         return self
 
 
+def parse_model_ref(text: str) -> dict[str, str] | None:
+    """`churn/3` (a version) or `churn@champion` (an alias), as MLflow writes model URIs, as a `models` item; None
+    when the text is neither (the CLI's --model and the form's "Compare with" say so in their own way)."""
+    name, at, alias = text.partition("@")
+    if at:
+        return {"name": name.strip(), "alias": alias.strip()}
+    name, slash, version = text.rpartition("/")
+    if slash and name.strip():
+        return {"name": name.strip(), "version": version.strip()}
+    return None
+
+
 class RetroTestCreate(BaseModel):
     """A request to score a partner's history with one model version over one period."""
 

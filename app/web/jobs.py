@@ -33,7 +33,7 @@ from app.request_guard import allow_upload
 from app.retro_tests import dispatch
 from app.retro_tests import service as retro_tests
 from app.retro_tests.population import PopulationUpload, read_upload
-from app.retro_tests.schemas import JobFilters, RetroTestCreate
+from app.retro_tests.schemas import JobFilters, RetroTestCreate, parse_model_ref
 from app.retro_tests.service import RetroTestRequest
 from app.retro_tests.views import files_url, job_out
 from app.validation import QueryInt
@@ -244,18 +244,15 @@ def request_body(form: dict[str, str]) -> dict[str, Any]:
 
 def _model_line(line: str, n: int) -> dict[str, str]:
     """One line of "Compare with": NAME/VERSION or NAME@ALIAS, as the CLI's --model takes it."""
-    name, at, alias = line.partition("@")
-    if at:
-        return {"name": name.strip(), "alias": alias.strip()}
-    name, slash, version = line.rpartition("/")
-    if slash and name.strip():
-        return {"name": name.strip(), "version": version.strip()}
-    raise Invalid(
-        _("model {n} ({line}): write it as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(
-            n=n, line=repr(line)
-        ),
-        field="models",
-    )
+    ref = parse_model_ref(line)
+    if ref is None:
+        raise Invalid(
+            _("model {n} ({line}): write it as NAME/VERSION (churn/3) or NAME@ALIAS (churn@champion)").format(
+                n=n, line=repr(line)
+            ),
+            field="models",
+        )
+    return ref
 
 
 def _error_field(field: str | None) -> str:
