@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # threads each runs sync endpoints on; keep db_pool_size at least api_threads.
     api_workers: int = Field(default=2, ge=1)
     api_threads: int = Field(default=8, ge=1)
+    # A read (GET, HEAD) whose API token was checked less than this long ago in the same process reuses the check
+    # (app/auth/token_checks.py): a revocation made through another process reaches reads this much later. 0: off.
+    api_token_cache_s: float = Field(default=10.0, ge=0)
     # Celery broker. Embedded default: kombu's SQLAlchemy transport on SQLite (no server).
     broker_url: str = ""
     queue_name: str = "retrotest"

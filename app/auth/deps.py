@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service
 from app.auth.models import User
+from app.auth.token_checks import TokenCheck, recent_checks
 from app.config import get_settings
 from app.core.scope import ALL_PARTNERS, PartnerScope
 from app.db import get_session, release_connection
@@ -102,20 +103,55 @@ def session_user(request: Request, session: Session) -> User | None:
     return user
 
 
-def current_user(
+async def current_user(
     request: Request,
     session: Annotated[Session, Depends(get_session)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> User:
-    """The caller: by `Authorization: Bearer <token>`, else by the session cookie (plus X-CSRF-Token to change things)."""
+    """The caller: by `Authorization: Bearer <token>`, else by the session cookie (plus X-CSRF-Token to change things).
+
+    A read with an API token checked a moment ago in this process reuses that check (app/auth/token_checks.py):
+    no thread switch, no query. Everything else is checked on a thread, against the database.
+    """
+    if credentials is None or request.method not in SAFE_METHODS or not service.is_api_token(credentials.credentials):
+        return await run_in_threadpool(_checked_caller, request, session, credentials)
+    digest = service.secret_digest(credentials.credentials)
+    check = recent_checks().get(digest)
+    if check is None:
+        check = await run_in_threadpool(_checked_token, session, digest)
+        if check is None:
+            raise Unauthorized(_("the API token is unknown, revoked or expired, or its user is deactivated"))
+    request.state.token_scope = check.scope
+    _note_token_user(request, check.user)
+    return check.user
+
+
+def _checked_token(session: Session, digest: str) -> TokenCheck | None:
+    """The holder of a token and the partners they may see, from the database; kept for the next reads."""
+    found = service.api_token_holder(session=session, digest=digest)
+    if found is None:
+        release_connection(session)
+        return None
+    user, expires_at = found
+    check = TokenCheck(user=user, scope=service.partner_scope(session=session, user=user))
+    release_connection(session)  # and write the token's last-used time, when it was due
+    recent_checks().put(digest, check, token_expires_at=expires_at)
+    return check
+
+
+def _note_token_user(request: Request, user: User) -> None:
+    request.state.via_api_token = True
+    if user.language and "accept-language" not in request.headers:
+        set_language(user.language)  # a script's own Accept-Language wins over the profile
+
+
+def _checked_caller(request: Request, session: Session, credentials: HTTPAuthorizationCredentials | None) -> User:
     if credentials is not None:
         user = service.user_for_api_token(session=session, secret=credentials.credentials)
         release_connection(session)  # and write the token's last-used time, when it was due
         if user is None:
             raise Unauthorized(_("the API token is unknown, revoked or expired, or its user is deactivated"))
-        request.state.via_api_token = True
-        if user.language and "accept-language" not in request.headers:
-            set_language(user.language)  # a script's own Accept-Language wins over the profile
+        _note_token_user(request, user)
         return user
     user = session_user(request, session)
     release_connection(session)
@@ -158,14 +194,19 @@ def signed_in_user(request: Request, user: CurrentUser) -> User:
 SignedInUser = Annotated[User, Depends(signed_in_user)]
 
 
-async def current_scope(user: CurrentUser, session: Annotated[Session, Depends(get_session)]) -> PartnerScope:
+async def current_scope(
+    request: Request, user: CurrentUser, session: Annotated[Session, Depends(get_session)]
+) -> PartnerScope:
     """The partners the caller may see and act on.
 
-    Async, so that an admin's scope, which needs no query, costs no thread switch; an account manager's is read
-    on a thread.
+    Async, so that an admin's scope, which needs no query, costs no thread switch, nor does one read with the
+    token's check (current_user); an account manager's is otherwise read on a thread.
     """
     if user.is_admin:
         return ALL_PARTNERS
+    scope: PartnerScope | None = getattr(request.state, "token_scope", None)
+    if scope is not None:
+        return scope
     return await run_in_threadpool(_assigned_scope, session, user)
 
 

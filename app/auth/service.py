@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -258,7 +258,7 @@ def revoke_api_token(*, session: Session, user: User, token_id: uuid.UUID, actor
 # The active user of an unrevoked, unexpired token, with the token's id and last use; built once, as every API
 # request runs it.
 _TOKEN_USER = (
-    select(User, ApiToken.id, ApiToken.last_used_at)
+    select(User, ApiToken.id, ApiToken.last_used_at, ApiToken.expires_at)
     .join(ApiToken, ApiToken.user_id == User.id)
     .where(
         ApiToken.token_hash == bindparam("token_hash"),
@@ -271,16 +271,25 @@ _TOKEN_USER = (
 
 def user_for_api_token(*, session: Session, secret: str) -> User | None:
     """The active user a presented token belongs to, or None if it is unknown, revoked or expired; notes its use."""
-    if not secret.startswith(API_TOKEN_PREFIX) or len(secret) > 200:
-        return None
+    found = api_token_holder(session=session, digest=secret_digest(secret)) if is_api_token(secret) else None
+    return found[0] if found is not None else None
+
+
+def is_api_token(secret: str) -> bool:
+    """Whether secret is shaped like an API token at all (anything else is refused without a query)."""
+    return secret.startswith(API_TOKEN_PREFIX) and len(secret) <= 200
+
+
+def api_token_holder(*, session: Session, digest: str) -> tuple[User, datetime] | None:
+    """The active user of the unrevoked, unexpired token of this digest, and when the token expires; notes its use."""
     now = utcnow()
-    row = session.execute(_TOKEN_USER, {"token_hash": secret_digest(secret), "now": now}).one_or_none()
+    row = session.execute(_TOKEN_USER, {"token_hash": digest, "now": now}).one_or_none()
     if row is None:
         return None
-    user, token_id, last_used_at = row
+    user, token_id, last_used_at, expires_at = row
     if last_used_at is None or now - as_utc(last_used_at) > _LAST_USED_RESOLUTION:
         session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
-    return user
+    return user, expires_at
 
 
 def active_user(*, session: Session, user_id: uuid.UUID, generation: int) -> User | None:
