@@ -6,15 +6,17 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import ColumnElement, Row, String, cast, func, select
+from sqlalchemy import ColumnElement, Row, Select, String, bindparam, cast, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -601,6 +603,7 @@ FILE_VIEW = select(
 NEWEST_FIRST = (RetroTest.created_at.desc(), RetroTest.id)
 # A row of JOB_VIEW or FILE_VIEW, read by attribute like the ORM object it stands for.
 ViewRow = Row[*tuple[Any, ...]]
+ViewSelect = Select[*tuple[Any, ...]]
 
 
 class JobRead(NamedTuple):
@@ -614,11 +617,11 @@ class JobRead(NamedTuple):
 
 def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> JobRead:
     """What the public view of one job shows, or NotFound (also when it is another account manager's)."""
-    job = session.execute(JOB_VIEW.where(RetroTest.id == job_id)).one_or_none()
+    job = session.execute(_ONE_JOB.job, {"job_id": job_id}).one_or_none()
     if job is None or not scope.allows(job.partner_id):
         raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
-    files = _view_files(session, [job], ResultFile.retro_test_id == job_id)
-    models = _view_models(session, [job], RetroTestModel.retro_test_id == job_id)
+    files = _view_files(session, [job], _ONE_JOB.files, {"job_id": job_id})
+    models = _view_models(session, [job], _ONE_JOB.models, {"job_id": job_id})
     return JobRead(job, files.get(job.id, []), models.get(job.id, []))
 
 
@@ -629,8 +632,8 @@ def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dic
     """
     ids = list(job_ids)
     jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(ids))).all()
-    files = _view_files(session, jobs, ResultFile.retro_test_id.in_(ids))
-    models = _view_models(session, jobs, RetroTestModel.retro_test_id.in_(ids))
+    files = _view_files(session, jobs, _files_of(ResultFile.retro_test_id.in_(ids)), {})
+    models = _view_models(session, jobs, _models_of(RetroTestModel.retro_test_id.in_(ids)), {})
     return {job.id: JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs}
 
 
@@ -639,70 +642,109 @@ def list_retro_tests(
 ) -> tuple[list[JobRead], int]:
     """A page of jobs, newest first, with the total that match the filters (by default: the first 50)."""
     filters = filters or JobFilters()
-    limit, offset = filters.limit, filters.offset
-    conditions: list[ColumnElement[bool]] = []
+    params: dict[str, Any] = {"limit": filters.limit, "offset": filters.offset}
     if scope.partner_ids is not None:
-        conditions.append(RetroTest.partner_id.in_(list(scope.partner_ids)))
+        params["partner_ids"] = list(scope.partner_ids)
     if filters.partner is not None:
-        partner_id = select(Partner.id).where(Partner.code == filters.partner).scalar_subquery()
-        conditions.append(RetroTest.partner_id == partner_id)
+        params["partner"] = filters.partner
     if filters.state is not None:
-        conditions.append(RetroTest.state == filters.state)
+        params["state"] = filters.state
     if filters.model is not None:
-        conditions.append(RetroTest.model_name == filters.model)
-    if filters.id_prefix is not None:
-        conditions.append(cast(RetroTest.id, String).startswith(filters.id_prefix.lower(), autoescape=True))
-    # The page's ids first, from an index in list order, then only their rows: skipping `offset` jobs then
-    # costs index entries rather than whole rows.
-    page_ids = select(RetroTest.id).where(*conditions).order_by(*NEWEST_FIRST).limit(limit).offset(offset)
-    jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(page_ids.scalar_subquery())).order_by(*NEWEST_FIRST)).all()
-    files = _view_files(session, jobs, ResultFile.retro_test_id.in_(page_ids.scalar_subquery()))
-    models = _view_models(session, jobs, RetroTestModel.retro_test_id.in_(page_ids.scalar_subquery()))
+        params["model"] = filters.model
+    if filters.id_prefix is not None:  # as a LIKE pattern, its own wildcards escaped
+        params["id_prefix"] = re.sub(r"([/%_])", r"/\1", filters.id_prefix.lower()) + "%"
+    queries, count = _list_queries(frozenset(params))
+    jobs = session.execute(queries.job, params).all()
+    files = _view_files(session, jobs, queries.files, params)
+    models = _view_models(session, jobs, queries.models, params)
     page = [JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs]
-    return page, _total(session, conditions, page=page, limit=limit, offset=offset)
+    if 0 < len(page) < filters.limit or (filters.offset == 0 and not page):
+        return page, filters.offset + len(page)  # a page that is not full is the end of the list: the total
+    # Otherwise count, which (unlike the page, read from an index in order) visits every matching job.
+    return page, session.execute(count, params).scalar_one()
+
+
+class _ViewQueries(NamedTuple):
+    """The statements of a read of jobs' views, each built once: building a statement, and SQLAlchemy working out
+    its cache key, cost as much CPU as running it (a select of 41 columns); a statement kept with bound parameters
+    keeps its key."""
+
+    job: ViewSelect
+    files: ViewSelect
+    models: ViewSelect
+
+
+def _files_of(jobs: ColumnElement[bool]) -> ViewSelect:
+    return FILE_VIEW.where(jobs).order_by(ResultFile.retro_test_id, ResultFile.name)
+
+
+def _models_of(jobs: ColumnElement[bool]) -> ViewSelect:
+    return MODEL_VIEW.where(jobs).order_by(RetroTestModel.retro_test_id, RetroTestModel.position)
+
+
+_ONE_JOB = _ViewQueries(
+    job=JOB_VIEW.where(RetroTest.id == bindparam("job_id")),
+    files=_files_of(ResultFile.retro_test_id == bindparam("job_id")),
+    models=_models_of(RetroTestModel.retro_test_id == bindparam("job_id")),
+)
+
+
+@lru_cache(maxsize=64)
+def _list_queries(given: frozenset[str]) -> tuple[_ViewQueries, ViewSelect]:
+    """The list's statements for a combination of filters (the parameters given): the page's, and the count."""
+    conditions: list[ColumnElement[bool]] = []
+    if "partner_ids" in given:  # an account manager's partners
+        conditions.append(RetroTest.partner_id.in_(bindparam("partner_ids", expanding=True)))
+    if "partner" in given:
+        partner_id = select(Partner.id).where(Partner.code == bindparam("partner")).scalar_subquery()
+        conditions.append(RetroTest.partner_id == partner_id)
+    if "state" in given:
+        conditions.append(RetroTest.state == bindparam("state"))
+    if "model" in given:
+        conditions.append(RetroTest.model_name == bindparam("model"))
+    if "id_prefix" in given:
+        conditions.append(cast(RetroTest.id, String).like(bindparam("id_prefix"), escape="/"))
+    # The page's ids first, from an index in list order, then only their rows: skipping `offset` jobs then
+    # costs index entries rather than whole rows. The files and models are read for the same ids the same way,
+    # so that their statements too read the same for every page, and Postgres plans each once per connection
+    # (psycopg prepares statements that repeat) instead of an IN list of a different length each time.
+    page = (
+        select(RetroTest.id)
+        .where(*conditions)
+        .order_by(*NEWEST_FIRST)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+        .scalar_subquery()
+    )
+    queries = _ViewQueries(
+        job=JOB_VIEW.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
+        files=_files_of(ResultFile.retro_test_id.in_(page)),
+        models=_models_of(RetroTestModel.retro_test_id.in_(page)),
+    )
+    return queries, select(func.count()).select_from(RetroTest).where(*conditions)
 
 
 def _view_files(
-    session: Session, jobs: Sequence[ViewRow], of_jobs: ColumnElement[bool]
+    session: Session, jobs: Sequence[ViewRow], query: ViewSelect, params: Mapping[str, Any]
 ) -> dict[uuid.UUID, list[ViewRow]]:
-    """The result files of jobs (selected by of_jobs), by job id; none read when no job succeeded, as the view
-    shows only a succeeded job's files.
-
-    of_jobs selects the jobs as the query that found them did, rather than by a list of their ids: the SQL then
-    reads the same for every page, so the database plans it once per connection (psycopg prepares statements
-    that repeat) instead of planning an IN list of a different length each time.
-    """
+    """The result files of jobs (those query selects), by job id; none read when no job succeeded, as the view
+    shows only a succeeded job's files."""
     files: dict[uuid.UUID, list[ViewRow]] = {}
     if any(job.state == State.succeeded for job in jobs):
-        query = FILE_VIEW.where(of_jobs).order_by(ResultFile.retro_test_id, ResultFile.name)
-        for file in session.execute(query):
+        for file in session.execute(query, params):
             files.setdefault(file.retro_test_id, []).append(file)
     return files
 
 
 def _view_models(
-    session: Session, jobs: Sequence[ViewRow], of_jobs: ColumnElement[bool]
+    session: Session, jobs: Sequence[ViewRow], query: ViewSelect, params: Mapping[str, Any]
 ) -> dict[uuid.UUID, list[ViewRow]]:
-    """The compared models of jobs (selected by of_jobs), by job id, in order; none read when no job compares."""
+    """The compared models of jobs (those query selects), by job id, in order; none read when no job compares."""
     models: dict[uuid.UUID, list[ViewRow]] = {}
     if any(job.compared_models for job in jobs):
-        query = MODEL_VIEW.where(of_jobs).order_by(RetroTestModel.retro_test_id, RetroTestModel.position)
-        for model in session.execute(query):
+        for model in session.execute(query, params):
             models.setdefault(model.retro_test_id, []).append(model)
     return models
-
-
-def _total(
-    session: Session, conditions: Sequence[ColumnElement[bool]], *, page: Sequence[JobRead], limit: int, offset: int
-) -> int:
-    """How many jobs match the list's filters.
-
-    A page that is not full is the end of the list, so it tells the total; only otherwise count, which (unlike
-    the page, read from an index in order) visits every matching job.
-    """
-    if 0 < len(page) < limit or (offset == 0 and not page):
-        return offset + len(page)
-    return session.scalar(select(func.count()).select_from(RetroTest).where(*conditions)) or 0
 
 
 def request_cancel(*, session: Session, job_id: uuid.UUID, actor: str, scope: PartnerScope) -> RetroTest:
