@@ -556,7 +556,7 @@ JOB_VIEW = select(
     RetroTest.attempts,
     RetroTest.created_at,
     RetroTest.finished_at,
-    RetroTest.updated_at,  # not shown: what tells a changed row (views.EndedViews)
+    RetroTest.updated_at,  # not shown: what tells a changed row (views.KeptViews)
     RetroTest.stage_started,
     RetroTest.stage_log,
     RetroTest.score_protocol,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -249,14 +250,14 @@ def job_json(read: JobRead, files_at: str, *, staff: bool = False) -> bytes:
     Encoded straight from the view, without building the pydantic model first: for a page of 50 jobs the
     model's validation and serialization cost as much CPU as the views themselves (issue 32's API load). The view
     is held to RetroTestOut's schema by tests/test_view_json.py, which compares the two encodings for jobs in every
-    shape. An ended job's comes from ENDED_VIEWS once it was built.
+    shape. A job's view comes from KEPT_VIEWS once it was built (a running job's for a second).
     """
-    return ENDED_VIEWS.encoded(read, files_at, staff=staff)
+    return KEPT_VIEWS.encoded(read, files_at, staff=staff)
 
 
 def page_json(reads: Sequence[JobRead], files_at: str, *, total: int, limit: int, offset: int, staff: bool) -> bytes:
     """A page of the list as the API answers it: RetroTestPage's JSON, of job_json's items."""
-    items = b",".join(ENDED_VIEWS.encoded(read, files_at, staff=staff) for read in reads)
+    items = b",".join(KEPT_VIEWS.encoded(read, files_at, staff=staff) for read in reads)
     return b'{"items":[%s],"total":%d,"limit":%d,"offset":%d}' % (items, total, limit, offset)
 
 
@@ -265,37 +266,44 @@ def _encoded(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)
 
 
-class EndedViews:
-    """The encoded views of ended jobs, the most recently used `size` of them (per API process).
+RUNNING_VIEW_S = 1.0  # how long a running job's view is kept (KeptViews)
+
+
+class KeptViews:
+    """The encoded views of jobs, the most recently used `size` of them (per API process).
 
     Most jobs a list page shows have ended, and an ended job's view stays as it is: its row changes only through
     an update, which moves `updated_at` (the column's onupdate), and its files only when retention deletes them.
     Both are in the key, with what else the view depends on: who sees it (staff see server paths) and the
-    language (stage activity, warnings). A running job's view is built every time: its elapsed time moves on.
-    Building a view costs ~0.1 ms of CPU; a page of 50 was a third of the API's CPU under bench/api_load.
+    language (stage activity, warnings). A running job's view also changes with the clock (its elapsed time,
+    pace and time left), so it is kept for RUNNING_VIEW_S only: pages and scripts polling a list of running jobs
+    get one built at most that long ago. Building a view costs ~0.1 ms of CPU; a page of 50 was a third of the
+    API's CPU under bench/api_load.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._views: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        # key -> (the encoded view, until when it holds: None for an ended job's)
+        self._views: OrderedDict[tuple[Any, ...], tuple[bytes, float | None]] = OrderedDict()
         self._lock = threading.Lock()  # the endpoints run on several threads
 
     def encoded(self, read: JobRead, files_at: str, *, staff: bool) -> bytes:
         job, files = read.job, read.files
-        if job.state not in TERMINAL_STATES or job.finished_at is None:
-            return _encoded(job_view(read, files_at, staff=staff))
         key = (job.id, job.updated_at, staff, current_language(), files_at, tuple(f.name for f in files))
+        now = time.monotonic()
         with self._lock:
-            view = self._views.get(key)
-            if view is not None:
+            kept = self._views.get(key)
+            if kept is not None and (kept[1] is None or now < kept[1]):
                 self._views.move_to_end(key)
-                return view
+                return kept[0]
         view = _encoded(job_view(read, files_at, staff=staff))
+        ended = job.state in TERMINAL_STATES and job.finished_at is not None
         with self._lock:
-            self._views[key] = view
+            self._views[key] = (view, None if ended else now + RUNNING_VIEW_S)
+            self._views.move_to_end(key)
             while len(self._views) > self.size:
                 self._views.popitem(last=False)
         return view
 
 
-ENDED_VIEWS = EndedViews(size=4096)  # ~3 KB each
+KEPT_VIEWS = KeptViews(size=4096)  # ~3 KB each
