@@ -138,3 +138,34 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
     db_session.get(RetroTest, job.id).note = "re-checked"
     db_session.commit()
     assert shown()["note"] == "re-checked" and shown() == {**first, "note": "re-checked", "files": shown()["files"]}
+
+
+def test_a_running_job_s_view_is_kept_for_a_second_and_follows_its_row_at_once(  # type: ignore[no-untyped-def]
+    client, db_session, monkeypatch
+) -> None:
+    """Polled lists build a running job's view once a second at most; a change of its row shows at once."""
+    from app.core.jobs import RetroTest
+    from app.core.scope import ALL_PARTNERS
+    from app.retro_tests import service, views
+
+    make_partner(client, "acme")
+    job_id = _jobs_in_every_shape(db_session)[1]
+    db_session.commit()
+    clock = [1000.0]
+    monkeypatch.setattr(views.time, "monotonic", lambda: clock[0])
+    built = mock.Mock(wraps=views.job_view)
+    monkeypatch.setattr(views, "job_view", built)
+
+    def shown() -> dict:  # type: ignore[type-arg]
+        read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
+        return orjson.loads(views.job_json(read, "https://retro.example/api/v1/retro-tests", staff=False))
+
+    first = shown()
+    clock[0] += 0.9
+    assert shown() == first and built.call_count == 1  # kept: the same bytes
+    clock[0] += 0.2
+    later = shown()  # past the second: built again, the clock's fields moved on
+    assert built.call_count == 2 and later["progress"]["elapsed_s"] >= first["progress"]["elapsed_s"]
+    db_session.get(RetroTest, job_id).rows_scored = 700
+    db_session.commit()
+    assert shown()["progress"]["rows_scored"] == 700 and built.call_count == 3  # its row changed: at once
