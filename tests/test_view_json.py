@@ -82,7 +82,7 @@ def test_the_encoded_view_is_the_schema_s_json_for_jobs_in_every_shape(client, d
 
 
 def _compare_encodings(reads: list, files_at: str) -> None:  # type: ignore[type-arg]
-    from app.retro_tests import views
+    from app.retro_tests import service, views
     from app.retro_tests.schemas import RetroTestOut, RetroTestPage
 
     for staff in (True, False):
@@ -91,7 +91,9 @@ def _compare_encodings(reads: list, files_at: str) -> None:  # type: ignore[type
             assert orjson.loads(views.job_json(read, files_at, staff=staff)) == json.loads(expected)
         page = {"items": [views.job_view(r, files_at, staff=staff) for r in reads], "total": 9, "limit": 4, "offset": 0}
         expected = RetroTestPage.model_validate(page).model_dump_json()
-        encoded = views.page_json(reads, files_at, total=9, limit=4, offset=0, staff=staff)
+        keys = [service.JobKey(r.job.id, r.job.state, r.job.updated_at, r.job.finished_at, ()) for r in reads]
+        views_by_id = {r.job.id: views.job_json(r, files_at, staff=staff) for r in reads}
+        encoded = views.page_json(keys, views_by_id, total=9, limit=4, offset=0)
         assert orjson.loads(encoded) == json.loads(expected)
 
 
@@ -123,9 +125,16 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
         read = service.read_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
         return orjson.loads(views.job_json(read, files_at, staff=staff))
 
+    def listed() -> dict:  # type: ignore[type-arg]
+        """The job as the list answers it to an admin: its kept view found by its key (service.list_keys)."""
+        page = client.get("/api/v1/retro-tests", params={"partner": "acme"})
+        assert page.status_code == 200 and page.json()["total"] == 1
+        return dict(page.json()["items"][0])
+
     first = shown()
     assert shown() == first and len(first["files"]) == 2 and first["result_location"] is None
     assert shown(staff=True)["result_location"] == "/srv/retrotest/results/acme"
+    assert listed() == listed() and [f["name"] for f in listed()["files"]] == ["report.html", "scores.parquet"]
     set_language("ru")
     try:
         assert shown()["warnings"] != first["warnings"] and shown()["progress"]["activity"] == "готово"
@@ -135,9 +144,11 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
     db_session.query(ResultFile).filter_by(retro_test_id=job.id, name="report.html").delete()
     db_session.commit()
     assert [f["name"] for f in shown()["files"]] == ["scores.parquet"]
+    assert [f["name"] for f in listed()["files"]] == ["scores.parquet"]
     db_session.get(RetroTest, job.id).note = "re-checked"
     db_session.commit()
     assert shown()["note"] == "re-checked" and shown() == {**first, "note": "re-checked", "files": shown()["files"]}
+    assert listed()["note"] == "re-checked"
 
 
 def test_a_running_job_s_view_is_kept_for_a_second_and_follows_its_row_at_once(  # type: ignore[no-untyped-def]

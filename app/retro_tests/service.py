@@ -8,9 +8,9 @@ import itertools
 import json
 import re
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
@@ -631,10 +631,12 @@ def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dic
     No scope: for app/retro_tests/live.py, whose streams checked their caller with read_retro_test when they began.
     """
     ids = list(job_ids)
-    jobs = session.execute(JOB_VIEW.where(RetroTest.id.in_(ids))).all()
-    files = _view_files(session, jobs, _files_of(ResultFile.retro_test_id.in_(ids)), {})
-    models = _view_models(session, jobs, _models_of(RetroTestModel.retro_test_id.in_(ids)), {})
-    return {job.id: JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs}
+    queries = _ViewQueries(
+        job=JOB_VIEW.where(RetroTest.id.in_(ids)),
+        files=_files_of(ResultFile.retro_test_id.in_(ids)),
+        models=_models_of(RetroTestModel.retro_test_id.in_(ids)),
+    )
+    return _reads(session, queries, {})
 
 
 def list_retro_tests(
@@ -642,6 +644,53 @@ def list_retro_tests(
 ) -> tuple[list[JobRead], int]:
     """A page of jobs, newest first, with the total that match the filters (by default: the first 50)."""
     filters = filters or JobFilters()
+    params = _list_params(scope, filters)
+    queries = _list_queries(frozenset(params))
+    page = list(_reads(session, queries.page, params).values())
+    return page, _total(session, queries.total, params, listed=len(page), filters=filters)
+
+
+class JobKey(NamedTuple):
+    """What a job's kept view depends on in the database (views.KeptViews): the list reads these first, and the
+    rows of only the jobs whose view is not kept (read_listed)."""
+
+    id: uuid.UUID
+    state: State
+    updated_at: datetime
+    finished_at: datetime | None
+    files: tuple[str, ...]  # the result files a view shows: a succeeded job's, by name
+
+
+def shown_files(state: State, names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(names)) if state == State.succeeded else ()
+
+
+def list_keys(*, session: Session, scope: PartnerScope, filters: JobFilters) -> tuple[list[JobKey], int]:
+    """list_retro_tests's page as its jobs' keys, and the total."""
+    params = _list_params(scope, filters)
+    queries = _list_queries(frozenset(params))
+    keys = [
+        JobKey(job_id, state, updated_at, finished_at, shown_files(state, names.split("/") if names else ()))
+        for job_id, state, updated_at, finished_at, names in session.execute(queries.keys, params)
+    ]
+    return keys, _total(session, queries.total, params, listed=len(keys), filters=filters)
+
+
+def read_listed(
+    *, session: Session, scope: PartnerScope, filters: JobFilters, job_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, JobRead]:
+    """The reads of these jobs of a page of list_keys, by id: by their ids when they are a few of it, else by the
+    page's own statements (which read the same for any page: Postgres plans them once per connection)."""
+    if not job_ids:
+        return {}
+    if 2 * len(job_ids) <= filters.limit:
+        return read_retro_tests(session=session, job_ids=job_ids)
+    params = _list_params(scope, filters)
+    return _reads(session, _list_queries(frozenset(params)).page, params)
+
+
+def _list_params(scope: PartnerScope, filters: JobFilters) -> dict[str, Any]:
+    """The list's bound parameters: the filters given, and the page's bounds."""
     params: dict[str, Any] = {"limit": filters.limit, "offset": filters.offset}
     if scope.partner_ids is not None:
         params["partner_ids"] = list(scope.partner_ids)
@@ -653,15 +702,23 @@ def list_retro_tests(
         params["model"] = filters.model
     if filters.id_prefix is not None:  # as a LIKE pattern, its own wildcards escaped
         params["id_prefix"] = re.sub(r"([/%_])", r"/\1", filters.id_prefix.lower()) + "%"
-    queries, count = _list_queries(frozenset(params))
+    return params
+
+
+def _total(session: Session, count: ViewSelect, params: Mapping[str, Any], *, listed: int, filters: JobFilters) -> int:
+    """How many jobs match the list's filters. A page that is not full is the end of the list, so it tells the
+    total; only otherwise count, which (unlike the page, read from an index in order) visits every matching job."""
+    if 0 < listed < filters.limit or (filters.offset == 0 and not listed):
+        return filters.offset + listed
+    return int(session.execute(count, params).scalar_one())
+
+
+def _reads(session: Session, queries: _ViewQueries, params: Mapping[str, Any]) -> dict[uuid.UUID, JobRead]:
+    """The reads of the jobs the queries select, by id, in the order of queries.job."""
     jobs = session.execute(queries.job, params).all()
     files = _view_files(session, jobs, queries.files, params)
     models = _view_models(session, jobs, queries.models, params)
-    page = [JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs]
-    if 0 < len(page) < filters.limit or (filters.offset == 0 and not page):
-        return page, filters.offset + len(page)  # a page that is not full is the end of the list: the total
-    # Otherwise count, which (unlike the page, read from an index in order) visits every matching job.
-    return page, session.execute(count, params).scalar_one()
+    return {job.id: JobRead(job, files.get(job.id, []), models.get(job.id, [])) for job in jobs}
 
 
 class _ViewQueries(NamedTuple):
@@ -689,9 +746,24 @@ _ONE_JOB = _ViewQueries(
 )
 
 
+class _ListQueries(NamedTuple):
+    page: _ViewQueries
+    keys: ViewSelect  # the page's JobKeys
+    total: ViewSelect  # how many match
+
+
+# The names of a job's result files ("/"-separated: no name holds one), from the (retro_test_id, name) index:
+# retention deletes a job's files without changing its row.
+_FILE_NAMES = (
+    select(func.aggregate_strings(ResultFile.name, "/"))
+    .where(ResultFile.retro_test_id == RetroTest.id)
+    .scalar_subquery()
+)
+
+
 @lru_cache(maxsize=64)
-def _list_queries(given: frozenset[str]) -> tuple[_ViewQueries, ViewSelect]:
-    """The list's statements for a combination of filters (the parameters given): the page's, and the count."""
+def _list_queries(given: frozenset[str]) -> _ListQueries:
+    """The list's statements for a combination of filters (the parameters given)."""
     conditions: list[ColumnElement[bool]] = []
     if "partner_ids" in given:  # an account manager's partners
         conditions.append(RetroTest.partner_id.in_(bindparam("partner_ids", expanding=True)))
@@ -716,12 +788,16 @@ def _list_queries(given: frozenset[str]) -> tuple[_ViewQueries, ViewSelect]:
         .offset(bindparam("offset"))
         .scalar_subquery()
     )
-    queries = _ViewQueries(
-        job=JOB_VIEW.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
-        files=_files_of(ResultFile.retro_test_id.in_(page)),
-        models=_models_of(RetroTestModel.retro_test_id.in_(page)),
+    keys = select(RetroTest.id, RetroTest.state, RetroTest.updated_at, RetroTest.finished_at, _FILE_NAMES)
+    return _ListQueries(
+        page=_ViewQueries(
+            job=JOB_VIEW.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
+            files=_files_of(ResultFile.retro_test_id.in_(page)),
+            models=_models_of(RetroTestModel.retro_test_id.in_(page)),
+        ),
+        keys=keys.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
+        total=select(func.count()).select_from(RetroTest).where(*conditions),
     )
-    return queries, select(func.count()).select_from(RetroTest).where(*conditions)
 
 
 def _view_files(

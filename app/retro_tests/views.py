@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from app.core.periods import period_warnings
 from app.core.records import StageTimeline
 from app.i18n import N_, _, current_language
 from app.retro_tests.schemas import RetroTestOut
-from app.retro_tests.service import JobRead, ViewRow
+from app.retro_tests.service import JobKey, JobRead, ViewRow, shown_files
 
 API_PREFIX = "/api/v1/retro-tests"
 
@@ -255,9 +255,14 @@ def job_json(read: JobRead, files_at: str, *, staff: bool = False) -> bytes:
     return KEPT_VIEWS.encoded(read, files_at, staff=staff)
 
 
-def page_json(reads: Sequence[JobRead], files_at: str, *, total: int, limit: int, offset: int, staff: bool) -> bytes:
-    """A page of the list as the API answers it: RetroTestPage's JSON, of job_json's items."""
-    items = b",".join(KEPT_VIEWS.encoded(read, files_at, staff=staff) for read in reads)
+def page_json(
+    keys: Sequence[JobKey], encoded: Mapping[uuid.UUID, bytes], *, total: int, limit: int, offset: int
+) -> bytes:
+    """A page of the list as the API answers it: RetroTestPage's JSON, of job_json's items in the order of keys.
+
+    A job with no view in encoded was deleted after its key was read, and is left out.
+    """
+    items = b",".join(view for key in keys if (view := encoded.get(key.id)) is not None)
     return b'{"items":[%s],"total":%d,"limit":%d,"offset":%d}' % (items, total, limit, offset)
 
 
@@ -287,9 +292,13 @@ class KeptViews:
         self._views: OrderedDict[tuple[Any, ...], tuple[bytes, float | None]] = OrderedDict()
         self._lock = threading.Lock()  # the endpoints run on several threads
 
+    @staticmethod
+    def _key(job: ViewRow | JobKey, files: tuple[str, ...], files_at: str, staff: bool) -> tuple[Any, ...]:
+        return (job.id, job.updated_at, files, files_at, staff, current_language())
+
     def encoded(self, read: JobRead, files_at: str, *, staff: bool) -> bytes:
-        job, files = read.job, read.files
-        key = (job.id, job.updated_at, staff, current_language(), files_at, tuple(f.name for f in files))
+        job = read.job
+        key = self._key(job, shown_files(job.state, (f.name for f in read.files)), files_at, staff)
         now = time.monotonic()
         with self._lock:
             kept = self._views.get(key)
@@ -304,6 +313,19 @@ class KeptViews:
             while len(self._views) > self.size:
                 self._views.popitem(last=False)
         return view
+
+    def kept(self, keys: Sequence[JobKey], files_at: str, *, staff: bool) -> dict[uuid.UUID, bytes]:
+        """The kept views of the jobs of these keys (service.list_keys), by id: those built from the same row and
+        files, and for a running job, not too long ago."""
+        now, found = time.monotonic(), {}
+        with self._lock:
+            for job in keys:
+                key = self._key(job, job.files, files_at, staff)
+                kept = self._views.get(key)
+                if kept is not None and (kept[1] is None or now < kept[1]):
+                    self._views.move_to_end(key)
+                    found[job.id] = kept[0]
+        return found
 
 
 KEPT_VIEWS = KeptViews(size=4096)  # ~3 KB each
