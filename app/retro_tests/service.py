@@ -617,12 +617,10 @@ class JobRead(NamedTuple):
 
 def read_retro_test(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> JobRead:
     """What the public view of one job shows, or NotFound (also when it is another account manager's)."""
-    job = session.execute(_ONE_JOB.job, {"job_id": job_id}).one_or_none()
-    if job is None or not scope.allows(job.partner_id):
+    read = _reads(session, _ONE_JOB, {"job_id": job_id}).get(job_id)
+    if read is None or not scope.allows(read.job.partner_id):
         raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
-    files = _view_files(session, [job], _ONE_JOB.files, {"job_id": job_id})
-    models = _view_models(session, [job], _ONE_JOB.models, {"job_id": job_id})
-    return JobRead(job, files.get(job.id, []), models.get(job.id, []))
+    return read
 
 
 def read_retro_tests(*, session: Session, job_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, JobRead]:

@@ -301,10 +301,9 @@ class KeptViews:
         key = self._key(job, shown_files(job.state, (f.name for f in read.files)), files_at, staff)
         now = time.monotonic()
         with self._lock:
-            kept = self._views.get(key)
-            if kept is not None and (kept[1] is None or now < kept[1]):
-                self._views.move_to_end(key)
-                return kept[0]
+            kept = self._fresh(key, now)
+        if kept is not None:
+            return kept
         view = _encoded(job_view(read, files_at, staff=staff))
         ended = job.state in TERMINAL_STATES and job.finished_at is not None
         with self._lock:
@@ -320,12 +319,18 @@ class KeptViews:
         now, found = time.monotonic(), {}
         with self._lock:
             for job in keys:
-                key = self._key(job, job.files, files_at, staff)
-                kept = self._views.get(key)
-                if kept is not None and (kept[1] is None or now < kept[1]):
-                    self._views.move_to_end(key)
-                    found[job.id] = kept[0]
+                kept = self._fresh(self._key(job, job.files, files_at, staff), now)
+                if kept is not None:
+                    found[job.id] = kept
         return found
+
+    def _fresh(self, key: tuple[Any, ...], now: float) -> bytes | None:
+        """The view kept under key, if it still holds (an ended job's always); the caller holds the lock."""
+        kept = self._views.get(key)
+        if kept is None or (kept[1] is not None and now >= kept[1]):
+            return None
+        self._views.move_to_end(key)
+        return kept[0]
 
 
 KEPT_VIEWS = KeptViews(size=4096)  # ~3 KB each
