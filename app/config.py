@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # A read (GET, HEAD) whose API token was checked less than this long ago in the same process reuses the check
     # (app/auth/token_checks.py): a revocation made through another process reaches reads this much later. 0: off.
     api_token_cache_s: float = Field(default=10.0, ge=0)
+    # Job views an API process keeps encoded, in MB (app/retro_tests/views.py KeptViews; ~4 KB a job and reader):
+    # a status read or list page then reads only its jobs' keys. 0: every view is built from its row each time.
+    api_view_cache_mb: int = Field(default=48, ge=0)
     # Celery broker. Embedded default: kombu's SQLAlchemy transport on SQLite (no server).
     broker_url: str = ""
     queue_name: str = "retrotest"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
 from unittest import mock
 
 import orjson
@@ -91,7 +92,10 @@ def _compare_encodings(reads: list, files_at: str) -> None:  # type: ignore[type
             assert orjson.loads(views.job_json(read, files_at, staff=staff)) == json.loads(expected)
         page = {"items": [views.job_view(r, files_at, staff=staff) for r in reads], "total": 9, "limit": 4, "offset": 0}
         expected = RetroTestPage.model_validate(page).model_dump_json()
-        keys = [service.JobKey(r.job.id, r.job.state, r.job.updated_at, r.job.finished_at, ()) for r in reads]
+        keys = [
+            service.JobKey(r.job.id, r.job.partner_id, r.job.state, r.job.updated_at, r.job.finished_at, ())
+            for r in reads
+        ]
         views_by_id = {r.job.id: views.job_json(r, files_at, staff=staff) for r in reads}
         encoded = views.page_json(keys, views_by_id, total=9, limit=4, offset=0)
         assert orjson.loads(encoded) == json.loads(expected)
@@ -151,10 +155,11 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
     assert listed()["note"] == "re-checked"
 
 
-def test_a_running_job_s_view_is_kept_for_a_second_and_follows_its_row_at_once(  # type: ignore[no-untyped-def]
+def test_a_running_job_s_view_is_kept_with_its_clock_worked_out_at_each_read_and_follows_its_row_at_once(  # type: ignore[no-untyped-def]
     client, db_session, monkeypatch
 ) -> None:
-    """Polled lists build a running job's view once a second at most; a change of its row shows at once."""
+    """A running job's view is built once per row: later reads (status and list) work out only its elapsed time,
+    pace and time left again, for the moment they read it; a change of its row shows at once."""
     from app.core.jobs import RetroTest
     from app.core.scope import ALL_PARTNERS
     from app.retro_tests import service, views
@@ -162,21 +167,74 @@ def test_a_running_job_s_view_is_kept_for_a_second_and_follows_its_row_at_once( 
     make_partner(client, "acme")
     job_id = _jobs_in_every_shape(db_session)[1]
     db_session.commit()
-    clock = [1000.0]
-    monkeypatch.setattr(views.time, "monotonic", lambda: clock[0])
-    built = mock.Mock(wraps=views.job_view)
+    later = [0.0]
+
+    started = datetime.now(UTC)
+    monkeypatch.setattr(views, "_now", lambda: started + timedelta(seconds=later[0]))
+    build_view = views.job_view
+    built = mock.Mock(wraps=build_view)
     monkeypatch.setattr(views, "job_view", built)
+    read_whole = mock.Mock(wraps=service.read_retro_test)
+    monkeypatch.setattr(service, "read_retro_test", read_whole)
 
     def shown() -> dict:  # type: ignore[type-arg]
         read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
-        return orjson.loads(views.job_json(read, "https://retro.example/api/v1/retro-tests", staff=False))
+        return orjson.loads(views.job_json(read, views.files_url(client), staff=True))  # as the API answers the admin
 
     first = shown()
-    clock[0] += 0.9
-    assert shown() == first and built.call_count == 1  # kept: the same bytes
-    clock[0] += 0.2
-    later = shown()  # past the second: built again, the clock's fields moved on
-    assert built.call_count == 2 and later["progress"]["elapsed_s"] >= first["progress"]["elapsed_s"]
+    later[0] = 30.0
+    again = shown()
+    assert built.call_count == 1  # kept: not built again
+    elapsed = again["progress"]["elapsed_s"] - first["progress"]["elapsed_s"]
+    assert 29.9 <= elapsed <= 31.0 and again["progress"]["rows_per_s"] < first["progress"]["rows_per_s"]
+    assert again["progress"]["eta_s"] > first["progress"]["eta_s"]
+    assert {**again, "progress": first["progress"]} == first  # only the clock's fields moved
+    read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
+    assert again == json.loads(
+        views.RetroTestOut.model_validate(build_view(read, views.files_url(client), staff=True)).model_dump_json()
+    )  # as built now
+    read_whole.reset_mock()
+    one = client.get(f"/api/v1/retro-tests/{job_id}")  # a status read: its key only, the clock worked out
+    page = client.get("/api/v1/retro-tests", params={"state": "scoring"})
+    assert one.status_code == page.status_code == 200 and built.call_count == 1 and not read_whole.called
+    assert one.json()["progress"]["elapsed_s"] >= again["progress"]["elapsed_s"]
+    (listed,) = [job for job in page.json()["items"] if job["id"] == str(job_id)]
+    assert listed["progress"]["elapsed_s"] >= again["progress"]["elapsed_s"]
     db_session.get(RetroTest, job_id).rows_scored = 700
     db_session.commit()
-    assert shown()["progress"]["rows_scored"] == 700 and built.call_count == 3  # its row changed: at once
+    assert client.get(f"/api/v1/retro-tests/{job_id}").json()["progress"]["rows_scored"] == 700  # its row changed
+    assert built.call_count == 2 and read_whole.call_count == 1
+
+
+def test_kept_views_stay_within_their_budget_least_recently_used_first(client, db_session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """RETRO_API_VIEW_CACHE_MB bounds what a process keeps; past it the least recently used view goes; 0 keeps none."""
+    from app.core.scope import ALL_PARTNERS
+    from app.retro_tests import service, views
+
+    make_partner(client, "acme")
+    jobs = [succeeded_job(db_session, "acme", {"scores.parquet": b"PAR1"}).id for _ in range(3)]
+    db_session.commit()
+    kept = views.KeptViews()
+    monkeypatch.setattr(views, "_ENTRY_BYTES", 400_000)  # with 1 MB: room for two views
+    budget_mb = [1]
+    monkeypatch.setattr(views, "get_settings", lambda: SimpleNamespace(api_view_cache_mb=budget_mb[0]))
+    files_at = "https://retro.example/api/v1/retro-tests"
+    keys = {job_id: service.read_key(session=db_session, job_id=job_id, scope=ALL_PARTNERS) for job_id in jobs}
+
+    def build(job_id) -> None:  # type: ignore[no-untyped-def]
+        kept.encoded(
+            service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS), files_at, staff=False
+        )
+
+    def held() -> set:  # type: ignore[type-arg]
+        return set(kept.kept(list(keys.values()), files_at, staff=False))
+
+    build(jobs[0])
+    build(jobs[1])
+    assert held() == {jobs[0], jobs[1]}
+    assert kept.kept([keys[jobs[0]]], files_at, staff=False)  # jobs[0] used last: jobs[1] goes first
+    build(jobs[2])
+    assert held() == {jobs[0], jobs[2]}
+    budget_mb[0] = 0
+    build(jobs[1])
+    assert held() == set()

@@ -288,9 +288,15 @@ def get_retro_test(
     job_id: uuid.UUID, request: Request, session: Annotated[Session, Depends(get_session)], scope: CurrentScope
 ) -> Response:
     """One retro test with its stages, progress, error and result files."""
-    job = service.read_retro_test(session=session, job_id=job_id, scope=scope)
+    files_at, staff = views.files_url(request), scope.everything
+    key = service.read_key(session=session, job_id=job_id, scope=scope)
+    encoded = views.KEPT_VIEWS.kept([key], files_at, staff=staff).get(job_id)  # then only its key was read
+    if encoded is None:
+        encoded = views.job_json(
+            service.read_retro_test(session=session, job_id=job_id, scope=scope), files_at, staff=staff
+        )
     release_connection(session)
-    return json_response(views.job_json(job, views.files_url(request), staff=scope.everything))
+    return json_response(encoded)
 
 
 @router.get(

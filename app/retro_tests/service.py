@@ -649,10 +649,11 @@ def list_retro_tests(
 
 
 class JobKey(NamedTuple):
-    """What a job's kept view depends on in the database (views.KeptViews): the list reads these first, and the
-    rows of only the jobs whose view is not kept (read_listed)."""
+    """What a job's kept view depends on in the database (views.KeptViews): a status read and the list read these
+    first, and the rows of only the jobs whose view is not kept (read_retro_test, read_listed)."""
 
     id: uuid.UUID
+    partner_id: uuid.UUID
     state: State
     updated_at: datetime
     finished_at: datetime | None
@@ -663,15 +664,27 @@ def shown_files(state: State, names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names)) if state == State.succeeded else ()
 
 
+def read_key(*, session: Session, job_id: uuid.UUID, scope: PartnerScope) -> JobKey:
+    """One job's key, or NotFound as read_retro_test (also when it is another account manager's)."""
+    row = session.execute(_ONE_KEY, {"job_id": job_id}).first()
+    if row is None or not scope.allows(row.partner_id):
+        raise NotFound(_("no retro test with id {job_id}").format(job_id=job_id))
+    return _job_key(row)
+
+
 def list_keys(*, session: Session, scope: PartnerScope, filters: JobFilters) -> tuple[list[JobKey], int]:
     """list_retro_tests's page as its jobs' keys, and the total."""
     params = _list_params(scope, filters)
     queries = _list_queries(frozenset(params))
-    keys = [
-        JobKey(job_id, state, updated_at, finished_at, shown_files(state, names.split("/") if names else ()))
-        for job_id, state, updated_at, finished_at, names in session.execute(queries.keys, params)
-    ]
+    keys = [_job_key(row) for row in session.execute(queries.keys, params)]
     return keys, _total(session, queries.total, params, listed=len(keys), filters=filters)
+
+
+def _job_key(row: ViewRow) -> JobKey:
+    job_id, partner_id, state, updated_at, finished_at, names = row
+    return JobKey(
+        job_id, partner_id, state, updated_at, finished_at, shown_files(state, names.split("/") if names else ())
+    )
 
 
 def read_listed(
@@ -757,6 +770,10 @@ _FILE_NAMES = (
     .where(ResultFile.retro_test_id == RetroTest.id)
     .scalar_subquery()
 )
+_KEY = select(
+    RetroTest.id, RetroTest.partner_id, RetroTest.state, RetroTest.updated_at, RetroTest.finished_at, _FILE_NAMES
+)
+_ONE_KEY = _KEY.where(RetroTest.id == bindparam("job_id"))
 
 
 @lru_cache(maxsize=64)
@@ -786,14 +803,13 @@ def _list_queries(given: frozenset[str]) -> _ListQueries:
         .offset(bindparam("offset"))
         .scalar_subquery()
     )
-    keys = select(RetroTest.id, RetroTest.state, RetroTest.updated_at, RetroTest.finished_at, _FILE_NAMES)
     return _ListQueries(
         page=_ViewQueries(
             job=JOB_VIEW.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
             files=_files_of(ResultFile.retro_test_id.in_(page)),
             models=_models_of(RetroTestModel.retro_test_id.in_(page)),
         ),
-        keys=keys.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
+        keys=_KEY.where(RetroTest.id.in_(page)).order_by(*NEWEST_FIRST),
         total=select(func.count()).select_from(RetroTest).where(*conditions),
     )
 

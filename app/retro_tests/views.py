@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -64,7 +63,9 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, Any]:
+def job_view(
+    read: JobRead, files_at: str, *, staff: bool = False, starts: list[tuple[str, datetime]] | None = None
+) -> dict[str, Any]:
     """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out.
 
     Where things are on the server (file: model URIs, the result folder, paths in records) only staff (admins)
@@ -72,7 +73,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
     """
     job, files = read.job, read.files
     succeeded = job.state == State.succeeded
-    starts = _starts(job)
+    starts = _starts(job) if starts is None else starts  # when the stage log was read already
     shown = _as_is if staff else _scrubbed
     return {
         "id": job.id,
@@ -111,7 +112,7 @@ def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, 
             "chunks_total": job.chunks_total,
             "chunks_done": job.chunks_done,
             "percent": 100.0 if succeeded else _percent(job),
-            **_pace(job, starts, now=datetime.now(UTC)),
+            **_Clock(job, starts).pace(_now()),
             "activity": activity(job.state),
         },
         "days_without_history": job.days_without_history,
@@ -196,29 +197,44 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def _latest(starts: list[tuple[str, datetime]], state: str) -> datetime | None:
     return next((at for entered, at in reversed(starts) if entered == state), None)
 
 
-def _pace(job: ViewRow, starts: list[tuple[str, datetime]], *, now: datetime) -> dict[str, float | None]:
-    """Elapsed seconds since submission, and once rows flow: rows per second while scoring and the time left."""
-    end = _aware(job.finished_at) if job.finished_at is not None else now
-    elapsed = max(0.0, (end - _aware(job.created_at)).total_seconds())
-    pace: dict[str, float | None] = {"elapsed_s": round(elapsed, 1), "rows_per_s": None, "eta_s": None}
-    scoring_at = _latest(starts, State.scoring.value)
-    done = int(job.rows_scored) + int(job.rows_rejected)
-    if scoring_at is None or done == 0:
+class _Clock:
+    """What a job's elapsed time, pace and time left are worked out from: the rest of its view does not change
+    with the clock. Slots of plain values only, so that a kept one is one object to Python's garbage collector."""
+
+    __slots__ = ("created_at", "done", "finished_at", "rows_left", "scoring_at", "until")
+
+    def __init__(self, job: ViewRow, starts: list[tuple[str, datetime]]) -> None:
+        scoring_at, publishing_at = _latest(starts, State.scoring.value), _latest(starts, State.publishing.value)
+        self.created_at = _aware(job.created_at)
+        self.finished_at = _aware(job.finished_at) if job.finished_at is not None else None
+        self.scoring_at = _aware(scoring_at) if scoring_at is not None else None
+        self.until = _aware(publishing_at) if publishing_at is not None else self.finished_at  # None: now
+        self.done = int(job.rows_scored) + int(job.rows_rejected)
+        scoring = job.state == State.scoring and job.rows_total
+        self.rows_left = max(0, int(job.rows_total) - self.done) if scoring else None
+
+    def pace(self, now: datetime) -> dict[str, float | None]:
+        """Elapsed seconds since submission, and once rows flow: rows per second while scoring and the time left."""
+        elapsed = max(0.0, ((self.finished_at or now) - self.created_at).total_seconds())
+        pace: dict[str, float | None] = {"elapsed_s": round(elapsed, 1), "rows_per_s": None, "eta_s": None}
+        if self.scoring_at is None or self.done == 0:
+            return pace
+        seconds = ((self.until or now) - self.scoring_at).total_seconds()
+        if seconds <= 0:
+            return pace
+        rate = self.done / seconds
+        pace["rows_per_s"] = round(rate, 1)
+        if self.rows_left is not None:
+            pace["eta_s"] = round(self.rows_left / rate, 1)
         return pace
-    publishing_at = _latest(starts, State.publishing.value)
-    until = _aware(publishing_at) if publishing_at else end
-    seconds = (until - _aware(scoring_at)).total_seconds()
-    if seconds <= 0:
-        return pace
-    rate = done / seconds
-    pace["rows_per_s"] = round(rate, 1)
-    if job.state == State.scoring and job.rows_total:
-        pace["eta_s"] = round(max(0, int(job.rows_total) - done) / rate, 1)
-    return pace
 
 
 def _percent(job: ViewRow) -> float | None:
@@ -250,7 +266,7 @@ def job_json(read: JobRead, files_at: str, *, staff: bool = False) -> bytes:
     Encoded straight from the view, without building the pydantic model first: for a page of 50 jobs the
     model's validation and serialization cost as much CPU as the views themselves (issue 32's API load). The view
     is held to RetroTestOut's schema by tests/test_view_json.py, which compares the two encodings for jobs in every
-    shape. A job's view comes from KEPT_VIEWS once it was built (a running job's for a second).
+    shape. A job's view comes from KEPT_VIEWS once it was built.
     """
     return KEPT_VIEWS.encoded(read, files_at, staff=staff)
 
@@ -271,66 +287,101 @@ def _encoded(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)
 
 
-RUNNING_VIEW_S = 1.0  # how long a running job's view is kept (KeptViews)
+class _Running:
+    """A running job's kept view: its JSON split where its clock's fields go, and what they are worked out from."""
+
+    __slots__ = ("after", "before", "clock")
+
+    def __init__(self, view: dict[str, Any], clock: _Clock) -> None:
+        progress = {k: v for k, v in view["progress"].items() if k not in ("rows_per_s", "eta_s")}
+        progress["elapsed_s"] = _CLOCK_MARK  # where the three go: a string that no view's JSON otherwise holds
+        self.before, self.after = _encoded({**view, "progress": progress}).split(_CLOCK_MARKED, 1)
+        self.clock = clock
+
+    def now(self) -> bytes:
+        pace = self.clock.pace(_now())
+        fields = b'"elapsed_s":%b,"rows_per_s":%b,"eta_s":%b' % tuple(orjson.dumps(v) for v in pace.values())
+        return self.before + fields + self.after
+
+
+# A private-use character as a whole JSON value: a string in a view that held it would have its quotes escaped.
+_CLOCK_MARK = "\ue000"
+_CLOCK_MARKED = b'"elapsed_s":"' + _CLOCK_MARK.encode() + b'"'
+# What an entry costs beyond its JSON: its key and the dict's slot (~230 bytes by tracemalloc, with the id, time
+# and file names of the key as read from the database).
+_ENTRY_BYTES = 600
 
 
 class KeptViews:
-    """The encoded views of jobs, the most recently used `size` of them (per API process).
+    """The encoded views of jobs, the most recently used of them up to RETRO_API_VIEW_CACHE_MB (per API process).
 
-    Most jobs a list page shows have ended, and an ended job's view stays as it is: its row changes only through
-    an update, which moves `updated_at` (the column's onupdate), and its files only when retention deletes them.
-    Both are in the key, with what else the view depends on: who sees it (staff see server paths) and the
-    language (stage activity, warnings). A running job's view also changes with the clock (its elapsed time,
-    pace and time left), so it is kept for RUNNING_VIEW_S only: pages and scripts polling a list of running jobs
-    get one built at most that long ago. Building a view costs ~0.1 ms of CPU; a page of 50 was a third of the
-    API's CPU under bench/api_load.
+    A view changes only with its job's row, its result files, who reads it and the language: a row changes only
+    through an update, which moves `updated_at` (the column's onupdate), and files only when retention deletes
+    them. All of that is the key (service.JobKey), so a kept view is the view of the row as it is now. An ended
+    job's view is kept as its JSON. A running job's also changes with the clock (elapsed time, pace, time left):
+    it is kept as _Running, and those three are worked out again on every read (a few microseconds; building a
+    view from its row costs ~0.1 ms and reading the row more).
+
+    Keys and entries hold plain values (bytes, ints, times, strings) and a running job's entry two objects: a
+    cache of containers would make every full collection of Python's garbage collector walk them, and under
+    bench/api_load those collections stopped a process for 17-57 ms each, several times a minute.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # key -> (the encoded view, until when it holds: None for an ended job's)
-        self._views: OrderedDict[tuple[Any, ...], tuple[bytes, float | None]] = OrderedDict()
+    def __init__(self) -> None:
+        self._views: OrderedDict[tuple[Any, ...], bytes | _Running] = OrderedDict()
+        self._bytes = 0  # what the kept entries cost, by _size
         self._lock = threading.Lock()  # the endpoints run on several threads
 
     @staticmethod
     def _key(job: ViewRow | JobKey, files: tuple[str, ...], files_at: str, staff: bool) -> tuple[Any, ...]:
-        return (job.id, job.updated_at, files, files_at, staff, current_language())
+        return (job.id.int, job.updated_at, files, files_at, staff, current_language())
+
+    @staticmethod
+    def _size(kept: bytes | _Running) -> int:
+        held = len(kept) if isinstance(kept, bytes) else len(kept.before) + len(kept.after) + 200
+        return held + _ENTRY_BYTES
 
     def encoded(self, read: JobRead, files_at: str, *, staff: bool) -> bytes:
         job = read.job
         key = self._key(job, shown_files(job.state, (f.name for f in read.files)), files_at, staff)
-        now = time.monotonic()
         with self._lock:
-            kept = self._fresh(key, now)
+            kept = self._kept(key)
         if kept is not None:
-            return kept
-        view = _encoded(job_view(read, files_at, staff=staff))
+            return _now_of(kept)
+        starts = _starts(job)
+        view = job_view(read, files_at, staff=staff, starts=starts)
+        encoded = _encoded(view)
         ended = job.state in TERMINAL_STATES and job.finished_at is not None
-        with self._lock:
-            self._views[key] = (view, None if ended else now + RUNNING_VIEW_S)
-            self._views.move_to_end(key)
-            while len(self._views) > self.size:
-                self._views.popitem(last=False)
-        return view
+        self._keep(key, encoded if ended else _Running(view, _Clock(job, starts)))
+        return encoded
 
     def kept(self, keys: Sequence[JobKey], files_at: str, *, staff: bool) -> dict[uuid.UUID, bytes]:
-        """The kept views of the jobs of these keys (service.list_keys), by id: those built from the same row and
-        files, and for a running job, not too long ago."""
-        now, found = time.monotonic(), {}
+        """The kept views of the jobs of these keys (service.list_keys, service.read_key), by id."""
         with self._lock:
-            for job in keys:
-                kept = self._fresh(self._key(job, job.files, files_at, staff), now)
-                if kept is not None:
-                    found[job.id] = kept
-        return found
+            found = {job.id: kept for job in keys if (kept := self._kept(self._key(job, job.files, files_at, staff)))}
+        return {job_id: _now_of(kept) for job_id, kept in found.items()}
 
-    def _fresh(self, key: tuple[Any, ...], now: float) -> bytes | None:
-        """The view kept under key, if it still holds (an ended job's always); the caller holds the lock."""
+    def _kept(self, key: tuple[Any, ...]) -> bytes | _Running | None:
+        """The entry kept under key, now the most recently used; the caller holds the lock."""
         kept = self._views.get(key)
-        if kept is None or (kept[1] is not None and now >= kept[1]):
-            return None
-        self._views.move_to_end(key)
-        return kept[0]
+        if kept is not None:
+            self._views.move_to_end(key)
+        return kept
+
+    def _keep(self, key: tuple[Any, ...], kept: bytes | _Running) -> None:
+        limit = get_settings().api_view_cache_mb << 20
+        with self._lock:
+            if (old := self._views.pop(key, None)) is not None:
+                self._bytes -= self._size(old)
+            self._views[key] = kept
+            self._bytes += self._size(kept)
+            while self._bytes > limit and self._views:
+                self._bytes -= self._size(self._views.popitem(last=False)[1])
 
 
-KEPT_VIEWS = KeptViews(size=4096)  # ~3 KB each
+def _now_of(kept: bytes | _Running) -> bytes:
+    """A kept view as it reads now: an ended job's as built, a running job's with its clock's fields worked out."""
+    return kept if isinstance(kept, bytes) else kept.now()
+
+
+KEPT_VIEWS = KeptViews()
