@@ -415,5 +415,45 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
         shutil.rmtree(_shared_folder(run_id), ignore_errors=True)
 
 
+# Where the suite's time goes: the controller gathers every test step's start and end by worker and file (xdist
+# sends it each report) and, at the end, writes test-output/timeline.json and prints each worker's busy time and
+# the heaviest files. The suite is CPU-bound on 2 cores: this is what to read before moving or cutting tests.
+_TIMELINE: list[tuple[str, str, str, float, float]] = []  # worker, file, step, start, stop
+
+
+def pytest_runtest_logreport(report):  # type: ignore[no-untyped-def]
+    if hasattr(report, "start"):
+        worker = getattr(getattr(report, "node", None), "gateway", None)
+        _TIMELINE.append(
+            (getattr(worker, "id", "main"), report.nodeid.split("::")[0], report.when, report.start, report.stop)
+        )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    if hasattr(config, "workerinput") or not _TIMELINE:
+        return
+    import json
+    from collections import defaultdict
+
+    start = min(step[3] for step in _TIMELINE)
+    busy: dict[str, float] = defaultdict(float)
+    ended: dict[str, float] = defaultdict(float)
+    files: dict[str, float] = defaultdict(float)
+    for worker, file, _step, began, stopped in _TIMELINE:
+        busy[worker] += stopped - began
+        ended[worker] = max(ended[worker], stopped - start)
+        files[file] += stopped - began
+    out = ROOT / "test-output"
+    out.mkdir(exist_ok=True)
+    (out / "timeline.json").write_text(json.dumps([[w, f, s, a - start, b - start] for w, f, s, a, b in _TIMELINE]))
+    write = terminalreporter.write_line
+    write(
+        "time by worker (busy in tests / last test ended after the first began): "
+        + ", ".join(f"{w} {busy[w]:.0f} s / {ended[w]:.0f} s" for w in sorted(busy))
+    )
+    heaviest = sorted(files.items(), key=lambda item: -item[1])[:12]
+    write("heaviest files: " + ", ".join(f"{f.removeprefix('tests/')} {t:.0f} s" for f, t in heaviest))
+
+
 # The old model's stack, built once per session for every test that asks for it (one definition: tests/old_model.py).
 from tests.old_model import old_model  # noqa: E402, F401
