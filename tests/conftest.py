@@ -415,6 +415,18 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
         shutil.rmtree(_shared_folder(run_id), ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _default_language() -> Iterator[None]:
+    """Each test starts in the default language: one that switched it in the test's own thread (set_language, as
+    the auth dependency does when called directly) must not switch the tests after it (seen in CI: a kept view
+    looked up in Russian after a test that left Russian set)."""
+    from app.i18n import _current
+
+    token = _current.set(None)
+    yield
+    _current.reset(token)
+
+
 # Where the suite's time goes: the controller gathers every test step's start and end by worker and file (xdist
 # sends it each report) and, at the end, writes test-output/timeline.json and prints each worker's busy time and
 # the heaviest files. The suite is CPU-bound on 2 cores: this is what to read before moving or cutting tests.

@@ -115,7 +115,7 @@ def test_the_api_answers_the_encoded_view(client, db_session) -> None:  # type: 
 def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_language(client, db_session) -> None:  # type: ignore[no-untyped-def]
     from app.core.jobs import ResultFile, RetroTest
     from app.core.scope import ALL_PARTNERS
-    from app.i18n import set_language
+    from app.i18n import use_language
     from app.retro_tests import service, views
 
     make_partner(client, "acme")
@@ -125,13 +125,14 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
     db_session.commit()
     files_at = "https://retro.example/api/v1/retro-tests"
 
-    def shown(*, staff: bool = False) -> dict:  # type: ignore[type-arg]
+    def shown(*, staff: bool = False, language: str = "en") -> dict:  # type: ignore[type-arg]
         read = service.read_retro_test(session=db_session, job_id=job.id, scope=ALL_PARTNERS)
-        return orjson.loads(views.job_json(read, files_at, staff=staff))
+        with use_language(language):
+            return orjson.loads(views.job_json(read, files_at, staff=staff))
 
     def listed() -> dict:  # type: ignore[type-arg]
         """The job as the list answers it to an admin: its kept view found by its key (service.list_keys)."""
-        page = client.get("/api/v1/retro-tests", params={"partner": "acme"})
+        page = client.get("/api/v1/retro-tests", params={"partner": "acme"}, headers={"Accept-Language": "en"})
         assert page.status_code == 200 and page.json()["total"] == 1
         return dict(page.json()["items"][0])
 
@@ -139,11 +140,10 @@ def test_an_ended_job_s_kept_view_follows_its_row_its_files_its_reader_and_the_l
     assert shown() == first and len(first["files"]) == 2 and first["result_location"] is None
     assert shown(staff=True)["result_location"] == "/srv/retrotest/results/acme"
     assert listed() == listed() and [f["name"] for f in listed()["files"]] == ["report.html", "scores.parquet"]
-    set_language("ru")
-    try:
-        assert shown()["warnings"] != first["warnings"] and shown()["progress"]["activity"] == "готово"
-    finally:
-        set_language("en")
+    assert (
+        shown(language="ru")["warnings"] != first["warnings"]
+        and shown(language="ru")["progress"]["activity"] == "готово"
+    )
     # Retention deletes its files; then an update of its row (a note): each shows at once.
     db_session.query(ResultFile).filter_by(retro_test_id=job.id, name="report.html").delete()
     db_session.commit()
@@ -162,6 +162,7 @@ def test_a_running_job_s_view_is_kept_with_its_clock_worked_out_at_each_read_and
     pace and time left again, for the moment they read it; a change of its row shows at once."""
     from app.core.jobs import RetroTest
     from app.core.scope import ALL_PARTNERS
+    from app.i18n import use_language
     from app.retro_tests import service, views
 
     make_partner(client, "acme")
@@ -178,8 +179,10 @@ def test_a_running_job_s_view_is_kept_with_its_clock_worked_out_at_each_read_and
     monkeypatch.setattr(service, "read_retro_test", read_whole)
 
     def shown() -> dict:  # type: ignore[type-arg]
+        """The view as the API answers the admin in English (a test before may have left another language set)."""
         read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
-        return orjson.loads(views.job_json(read, views.files_url(client), staff=True))  # as the API answers the admin
+        with use_language("en"):
+            return orjson.loads(views.job_json(read, views.files_url(client), staff=True))
 
     first = shown()
     later[0] = 30.0
@@ -190,19 +193,21 @@ def test_a_running_job_s_view_is_kept_with_its_clock_worked_out_at_each_read_and
     assert again["progress"]["eta_s"] > first["progress"]["eta_s"]
     assert {**again, "progress": first["progress"]} == first  # only the clock's fields moved
     read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
-    assert again == json.loads(
-        views.RetroTestOut.model_validate(build_view(read, views.files_url(client), staff=True)).model_dump_json()
-    )  # as built now
+    with use_language("en"):
+        built_now = views.RetroTestOut.model_validate(build_view(read, views.files_url(client), staff=True))
+    assert again == json.loads(built_now.model_dump_json())
     read_whole.reset_mock()
-    one = client.get(f"/api/v1/retro-tests/{job_id}")  # a status read: its key only, the clock worked out
-    page = client.get("/api/v1/retro-tests", params={"state": "scoring"})
+    english = {"Accept-Language": "en"}
+    one = client.get(f"/api/v1/retro-tests/{job_id}", headers=english)  # a status read: its key only
+    page = client.get("/api/v1/retro-tests", params={"state": "scoring"}, headers=english)
     assert one.status_code == page.status_code == 200 and built.call_count == 1 and not read_whole.called
     assert one.json()["progress"]["elapsed_s"] >= again["progress"]["elapsed_s"]
     (listed,) = [job for job in page.json()["items"] if job["id"] == str(job_id)]
     assert listed["progress"]["elapsed_s"] >= again["progress"]["elapsed_s"]
     db_session.get(RetroTest, job_id).rows_scored = 700
     db_session.commit()
-    assert client.get(f"/api/v1/retro-tests/{job_id}").json()["progress"]["rows_scored"] == 700  # its row changed
+    changed = client.get(f"/api/v1/retro-tests/{job_id}", headers=english).json()
+    assert changed["progress"]["rows_scored"] == 700  # its row changed: at once
     assert built.call_count == 2 and read_whole.call_count == 1
 
 
