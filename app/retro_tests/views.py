@@ -324,7 +324,7 @@ class KeptViews:
 
     Keys and entries hold plain values (bytes, ints, times, strings) and a running job's entry two objects: a
     cache of containers would make every full collection of Python's garbage collector walk them, and under
-    bench/api_load those collections stopped a process for 17-57 ms each, several times a minute.
+    bench/api_load those collections stopped a process for 12-57 ms each, several times a minute.
     """
 
     def __init__(self) -> None:
