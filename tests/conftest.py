@@ -434,7 +434,7 @@ _TIMELINE: list[tuple[str, str, str, float, float]] = []  # worker, file, step, 
 
 
 def pytest_runtest_logreport(report):  # type: ignore[no-untyped-def]
-    if hasattr(report, "start"):
+    if hasattr(report, "start") and "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without xdist)
         worker = getattr(getattr(report, "node", None), "gateway", None)
         _TIMELINE.append(
             (getattr(worker, "id", "main"), report.nodeid.split("::")[0], report.when, report.start, report.stop)

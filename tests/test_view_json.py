@@ -179,7 +179,7 @@ def test_a_running_job_s_view_is_kept_with_its_clock_worked_out_at_each_read_and
     monkeypatch.setattr(service, "read_retro_test", read_whole)
 
     def shown() -> dict:  # type: ignore[type-arg]
-        """The view as the API answers the admin in English (a test before may have left another language set)."""
+        """The view as the API answers the admin, in the language the requests below ask for."""
         read = service.read_retro_test(session=db_session, job_id=job_id, scope=ALL_PARTNERS)
         with use_language("en"):
             return orjson.loads(views.job_json(read, views.files_url(client), staff=True))

@@ -63,9 +63,7 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-def job_view(
-    read: JobRead, files_at: str, *, staff: bool = False, starts: list[tuple[str, datetime]] | None = None
-) -> dict[str, Any]:
+def job_view(read: JobRead, files_at: str, *, staff: bool = False) -> dict[str, Any]:
     """The public view of a job, RetroTestOut's fields, with stage durations and progress worked out.
 
     Where things are on the server (file: model URIs, the result folder, paths in records) only staff (admins)
@@ -73,7 +71,7 @@ def job_view(
     """
     job, files = read.job, read.files
     succeeded = job.state == State.succeeded
-    starts = _starts(job) if starts is None else starts  # when the stage log was read already
+    starts = _starts(job)
     shown = _as_is if staff else _scrubbed
     return {
         "id": job.id,
@@ -338,7 +336,7 @@ class KeptViews:
 
     @staticmethod
     def _size(kept: bytes | _Running) -> int:
-        held = len(kept) if isinstance(kept, bytes) else len(kept.before) + len(kept.after) + 200
+        held = len(kept) if isinstance(kept, bytes) else len(kept.before) + len(kept.after) + 200  # and its _Clock
         return held + _ENTRY_BYTES
 
     def encoded(self, read: JobRead, files_at: str, *, staff: bool) -> bytes:
@@ -348,11 +346,10 @@ class KeptViews:
             kept = self._kept(key)
         if kept is not None:
             return _now_of(kept)
-        starts = _starts(job)
-        view = job_view(read, files_at, staff=staff, starts=starts)
+        view = job_view(read, files_at, staff=staff)
         encoded = _encoded(view)
         ended = job.state in TERMINAL_STATES and job.finished_at is not None
-        self._keep(key, encoded if ended else _Running(view, _Clock(job, starts)))
+        self._keep(key, encoded if ended else _Running(view, _Clock(job, _starts(job))))
         return encoded
 
     def kept(self, keys: Sequence[JobKey], files_at: str, *, staff: bool) -> dict[uuid.UUID, bytes]:
